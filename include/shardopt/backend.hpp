@@ -1,0 +1,169 @@
+#pragma once
+// Backend: memory by place, ordered streams, events, asynchronous copies, and the few kernels the
+// engine needs. One Backend instance serves one rank.
+//
+// Streams and ordering. Every operation that takes a Stream& is enqueued on it and runs after
+// everything enqueued before it on that stream; the call returns at once. Buffers passed to an
+// enqueued operation must stay valid, and must not be written by the host, until the operation
+// completes (synchronize on the stream or on an event recorded after it). Cross-stream ordering
+// is by record(event, a) + wait(b, event).
+//
+// Thread safety. Enqueueing onto one stream from several host threads at once is not supported;
+// different streams may be driven from different threads. allocate/free and the memory tracker
+// are thread-safe.
+//
+// Pointers. On the CPU backend every place is ordinary host memory. On the CUDA backend `device`
+// memory is GPU memory and the kernels read and write it; `pinned_host` is page-locked host memory.
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "shardopt/config.hpp"
+#include "shardopt/dtype.hpp"
+#include "shardopt/memory.hpp"
+#include "shardopt/rules.hpp"
+
+namespace shardopt {
+
+class Backend;
+
+enum class BackendKind : std::uint8_t { cpu, cuda };
+std::string_view name_of(BackendKind k) noexcept;
+
+// An owning handle to backend memory. Move-only; frees itself (and updates the tracker).
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Buffer&& o) noexcept;
+  Buffer& operator=(Buffer&& o) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer();
+
+  void* data() const noexcept { return data_; }
+  template <class T>
+  T* as() const noexcept {
+    return static_cast<T*>(data_);
+  }
+  std::size_t bytes() const noexcept { return bytes_; }
+  Place place() const noexcept { return place_; }
+  Category category() const noexcept { return category_; }
+  explicit operator bool() const noexcept { return data_ != nullptr; }
+  void reset() noexcept;
+
+ private:
+  friend class Backend;
+  Buffer(Backend* owner, void* data, std::size_t bytes, Place place, Category category) noexcept
+      : owner_(owner), data_(data), bytes_(bytes), place_(place), category_(category) {}
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  Place place_ = Place::host;
+  Category category_ = Category::other;
+};
+
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual const std::string& name() const noexcept = 0;
+};
+
+class Event {
+ public:
+  virtual ~Event() = default;
+};
+
+// Arguments of the fused optimizer update over n contiguous elements:
+//   g = load(grad[i]) * scalars.grad_scale * (scale_ptr ? *scale_ptr : 1)
+//   rule(master[i], g, state1[i], state2[i]); param_out[i] = round(master[i]) if param_out
+// If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written.
+// scale_ptr and skip_ptr point to backend (device) memory so no host round trip is needed.
+// master and the states are fp32. state2 is ignored by rules with one state.
+// In-place rules: param_out may not alias master unless param_dtype is fp32 and it is the same
+// pointer, in which case the store is skipped.
+struct UpdateArgs {
+  OptimizerKind rule = OptimizerKind::adamw;
+  StepScalars scalars;
+  float* master = nullptr;
+  float* state1 = nullptr;
+  float* state2 = nullptr;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::fp32;
+  void* param_out = nullptr;
+  DType param_dtype = DType::fp32;
+  std::size_t n = 0;
+  const float* scale_ptr = nullptr;
+  const float* skip_ptr = nullptr;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual BackendKind kind() const noexcept = 0;
+
+  // Allocates `bytes` (64-byte aligned, contents undefined) at `place`, tagged `category`.
+  // `what` names the buffer in the error raised when the allocation fails (out_of_memory, with
+  // the size asked). bytes == 0 gives an empty Buffer. Place::disk is not allocatable here.
+  Buffer allocate(std::size_t bytes, Place place, Category category, std::string_view what);
+
+  MemoryTracker& memory() noexcept { return memory_; }
+  const MemoryTracker& memory() const noexcept { return memory_; }
+
+  virtual std::unique_ptr<Stream> create_stream(std::string name) = 0;
+  virtual std::unique_ptr<Event> create_event() = 0;
+  // Marks `event` as reached once everything enqueued on `stream` so far has run.
+  virtual void record(Event& event, Stream& stream) = 0;
+  // Work enqueued on `stream` after this call waits for the last record of `event` (no-op if the
+  // event was never recorded).
+  virtual void wait(Stream& stream, Event& event) = 0;
+  // Host blocks until the event's last record is reached / until the stream is drained.
+  // If an enqueued operation failed, these rethrow its Error (once).
+  virtual void synchronize(Event& event) = 0;
+  virtual void synchronize(Stream& stream) = 0;
+
+  // Copies bytes between any two places of this backend.
+  virtual void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) = 0;
+  // Runs `fn` on the host in stream order (like cudaLaunchHostFunc). fn may throw Error: it is
+  // reported by the next synchronize of that stream.
+  virtual void host_task(Stream& stream, std::function<void()> fn) = 0;
+
+  // Kernels. n counts elements.
+  virtual void fill(void* dst, DType dtype, std::size_t n, float value, Stream& stream) = 0;
+  // dst = round(src) to dst_dtype; src and dst may be the same pointer only when dtypes match.
+  virtual void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n,
+                    Stream& stream) = 0;
+  // data *= scale, in place; *found_nonfinite is set to 1.0f if any result is not finite (it is
+  // never cleared here: zero it with fill first). scale and found_nonfinite are backend memory.
+  virtual void unscale_check(void* data, DType dtype, std::size_t n, const float* scale,
+                             float* found_nonfinite, Stream& stream) = 0;
+  // *out = sum of data[i]^2 (as float, accumulated in at least fp32 in a fixed order that does
+  // not depend on thread count, so results are reproducible). out is backend memory.
+  virtual void sum_squares(const void* data, DType dtype, std::size_t n, float* out,
+                           Stream& stream) = 0;
+  virtual void fused_update(const UpdateArgs& args, Stream& stream) = 0;
+
+ protected:
+  virtual void* raw_allocate(std::size_t bytes, Place place) = 0;  // nullptr on failure
+  virtual void raw_free(void* p, Place place) noexcept = 0;
+
+ private:
+  friend class Buffer;
+  void release(Buffer& b) noexcept;
+  MemoryTracker memory_;
+};
+
+// A pool of worker threads shared by every CPU backend (rank) of a process, so N ranks and their
+// streams never run more kernel threads than there are cores.
+class ThreadPool;
+std::shared_ptr<ThreadPool> make_thread_pool(unsigned threads = 0);  // 0: hardware concurrency
+unsigned thread_count(const ThreadPool& pool) noexcept;
+
+struct CpuBackendOptions {
+  std::shared_ptr<ThreadPool> pool;  // null: a pool of its own sized to the machine
+};
+std::unique_ptr<Backend> make_cpu_backend(CpuBackendOptions options = {});
+
+}  // namespace shardopt

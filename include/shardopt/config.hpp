@@ -1,0 +1,82 @@
+#pragma once
+// Config: everything that decides what the engine does, validated in one place.
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "shardopt/dtype.hpp"
+
+namespace shardopt {
+
+enum class OptimizerKind : std::uint8_t { adamw, adam, sgd, lion };
+std::string_view name_of(OptimizerKind k) noexcept;
+bool parse_optimizer(std::string_view text, OptimizerKind& out) noexcept;
+
+// Number of fp32 state tensors (moments) a rule keeps per parameter.
+constexpr int state_count(OptimizerKind k) noexcept {
+  return k == OptimizerKind::adamw || k == OptimizerKind::adam ? 2 : 1;
+}
+
+// Hyperparameters of one parameter group. Which fields a rule reads:
+//   adamw: lr, beta1, beta2, eps, weight_decay (decoupled: p -= lr*wd*p)
+//   adam : lr, beta1, beta2, eps, weight_decay (L2: g += wd*p)
+//   sgd  : lr, momentum, dampening, nesterov, weight_decay (L2)
+//   lion : lr, beta1, beta2, weight_decay (decoupled)
+struct Hyperparams {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;
+  float momentum = 0.9f;
+  float dampening = 0.0f;
+  bool nesterov = false;
+};
+
+enum class LossScaleMode : std::uint8_t { none, fixed, dynamic };
+
+// Loss scaling for fp16 training. With `dynamic`, a step whose gradients hold a non-finite value
+// on any rank is skipped on every rank and the scale is multiplied by `backoff` (after `hysteresis`
+// consecutive overflows, not below `min_scale`); after `growth_interval` clean steps in a row the
+// scale is multiplied by `growth_factor`.
+struct LossScaling {
+  LossScaleMode mode = LossScaleMode::none;
+  float initial_scale = 65536.0f;
+  float growth_factor = 2.0f;
+  int growth_interval = 2000;
+  float backoff = 0.5f;
+  int hysteresis = 1;
+  float min_scale = 1.0f;
+};
+
+enum class OffloadKind : std::uint8_t { none, host, nvme };
+std::string_view name_of(OffloadKind k) noexcept;
+
+struct Config {
+  int stage = 0;  // 0: DDP baseline, 1: shard optimizer state, 2: + gradients, 3: + parameters
+  DType compute_dtype = DType::fp32;  // parameters and gradients as the trainer sees them
+  DType master_dtype = DType::fp32;   // master weights and moments; fp32 only for now
+  DType reduce_dtype = DType::fp32;   // dtype gradients travel in; 16-bit sums accumulate in fp32
+  std::size_t bucket_bytes = std::size_t(25) << 20;  // min size of a unit / gradient bucket (compute dtype bytes)
+  std::size_t alignment = 64;  // elements; every rank's slice and every tensor start is a multiple of it
+
+  OptimizerKind optimizer = OptimizerKind::adamw;
+  Hyperparams hyper;  // group 0; further groups are set on the engine
+
+  LossScaling loss_scaling;
+  float max_grad_norm = 0.0f;  // global-norm clipping; 0 disables
+  int accumulation_steps = 1;  // micro-steps per step()
+
+  OffloadKind offload_optimizer = OffloadKind::none;
+  std::string nvme_dir;         // for offload_optimizer == nvme
+  bool offload_params = false;  // stage 3 only
+
+  int prefetch_units = 2;                 // stage 3: units gathered ahead (live units = 1 + this)
+  std::size_t persistence_threshold = 0;  // stage 3: units with fewer elements stay gathered
+
+  // Throws Error(invalid_argument / unsupported) naming the first offending field.
+  void validate() const;
+};
+
+}  // namespace shardopt
