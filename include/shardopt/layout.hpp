@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace shardopt {
@@ -100,6 +101,9 @@ class Layout {
   std::vector<UnitInfo> units_;
   std::size_t shard_elems_ = 0;
   std::size_t total_numel_ = 0;
+  // Name -> index, built once by build() so find_tensor/find_block are O(1).
+  std::unordered_map<std::string, int> tensor_index_;
+  std::unordered_map<std::string, int> block_index_;
 };
 
 }  // namespace shardopt

@@ -1,1 +1,173 @@
-// placeholder: being written
+#include "shardopt/config.hpp"
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "shardopt/error.hpp"
+
+namespace shardopt {
+
+std::string_view name_of(OptimizerKind k) noexcept {
+  switch (k) {
+    case OptimizerKind::adamw: return "adamw";
+    case OptimizerKind::adam: return "adam";
+    case OptimizerKind::sgd: return "sgd";
+    case OptimizerKind::lion: return "lion";
+  }
+  return "unknown";
+}
+
+bool parse_optimizer(std::string_view text, OptimizerKind& out) noexcept {
+  for (OptimizerKind k : {OptimizerKind::adamw, OptimizerKind::adam, OptimizerKind::sgd, OptimizerKind::lion}) {
+    if (text == name_of(k)) {
+      out = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string_view name_of(OffloadKind k) noexcept {
+  switch (k) {
+    case OffloadKind::none: return "none";
+    case OffloadKind::host: return "host";
+    case OffloadKind::nvme: return "nvme";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// Every message has the form "Config.<field> = <value>: <why>" so a user can find the field in
+// their own config without reading shardopt's source.
+template <class T>
+std::string describe(std::string_view field, const T& value) {
+  std::ostringstream os;
+  os.precision(9);  // enough digits to tell any two floats apart
+  os << "Config." << field << " = " << value;
+  return os.str();
+}
+
+template <class T>
+void check(bool ok, ErrorCode code, std::string_view field, const T& value, std::string_view why) {
+  if (!ok) throw Error(code, describe(field, value) + ": " + std::string(why));
+}
+
+bool is_dtype(DType t) { return t == DType::fp32 || t == DType::fp16 || t == DType::bf16; }
+
+// Enum fields are printed by name when they hold a known value and by number otherwise, so a value
+// produced by a bad cast is still reported legibly.
+std::string dtype_text(DType t) {
+  return is_dtype(t) ? std::string(name_of(t)) : std::to_string(static_cast<int>(t));
+}
+
+void check_finite(float v, std::string_view field) {
+  check(std::isfinite(v), ErrorCode::invalid_argument, field, v, "must be finite");
+}
+
+void check_beta(float v, std::string_view field) {
+  // NaN fails both comparisons, so it is rejected too.
+  check(v >= 0.0f && v < 1.0f, ErrorCode::invalid_argument, field, v, "must be in [0, 1)");
+}
+
+}  // namespace
+
+void Config::validate() const {
+  check(stage >= 0 && stage <= 3, ErrorCode::invalid_argument, "stage", stage, "must be 0, 1, 2 or 3");
+
+  check(is_dtype(compute_dtype), ErrorCode::invalid_argument, "compute_dtype", dtype_text(compute_dtype),
+        "unknown dtype");
+  check(is_dtype(master_dtype), ErrorCode::invalid_argument, "master_dtype", dtype_text(master_dtype),
+        "unknown dtype");
+  check(is_dtype(reduce_dtype), ErrorCode::invalid_argument, "reduce_dtype", dtype_text(reduce_dtype),
+        "unknown dtype");
+  check(master_dtype == DType::fp32, ErrorCode::unsupported, "master_dtype", dtype_text(master_dtype),
+        "only fp32 master weights and optimizer state are supported");
+  // Gradients travel either in fp32 or in the dtype they were computed in: converting bf16
+  // gradients to fp16 (or fp32 ones to 16 bits) for the wire loses range or precision for no gain
+  // in what the reduction can represent.
+  check(reduce_dtype == DType::fp32 || reduce_dtype == compute_dtype, ErrorCode::unsupported, "reduce_dtype",
+        dtype_text(reduce_dtype), "must be fp32 or equal to compute_dtype (" + dtype_text(compute_dtype) + ")");
+
+  check(bucket_bytes != 0, ErrorCode::invalid_argument, "bucket_bytes", bucket_bytes, "must be positive");
+  if (is_dtype(compute_dtype))
+    check(bucket_bytes >= size_of(compute_dtype), ErrorCode::invalid_argument, "bucket_bytes", bucket_bytes,
+          "must hold at least one compute_dtype element");
+  check(alignment != 0, ErrorCode::invalid_argument, "alignment", alignment, "must be positive");
+
+  const bool known_rule = optimizer == OptimizerKind::adamw || optimizer == OptimizerKind::adam ||
+                          optimizer == OptimizerKind::sgd || optimizer == OptimizerKind::lion;
+  check(known_rule, ErrorCode::invalid_argument, "optimizer", static_cast<int>(optimizer), "unknown optimizer");
+
+  // Hyperparameters: only the fields the chosen rule reads are checked, so a value left over in an
+  // unused field (e.g. momentum with adamw) does not block a valid configuration.
+  check_finite(hyper.lr, "hyper.lr");
+  check(hyper.lr >= 0.0f, ErrorCode::invalid_argument, "hyper.lr", hyper.lr, "must not be negative");
+  check_finite(hyper.weight_decay, "hyper.weight_decay");
+  if (optimizer == OptimizerKind::adamw || optimizer == OptimizerKind::adam || optimizer == OptimizerKind::lion) {
+    check_beta(hyper.beta1, "hyper.beta1");
+    check_beta(hyper.beta2, "hyper.beta2");
+  }
+  if (optimizer == OptimizerKind::adamw || optimizer == OptimizerKind::adam) {
+    // eps keeps the denominator away from 0 where the second moment is 0 (padding, dead weights).
+    check(hyper.eps > 0.0f && std::isfinite(hyper.eps), ErrorCode::invalid_argument, "hyper.eps", hyper.eps,
+          "must be positive and finite");
+  }
+  if (optimizer == OptimizerKind::sgd) {
+    check(hyper.momentum >= 0.0f && std::isfinite(hyper.momentum), ErrorCode::invalid_argument, "hyper.momentum",
+          hyper.momentum, "must be finite and not negative");
+    check(hyper.dampening >= 0.0f && hyper.dampening <= 1.0f, ErrorCode::invalid_argument, "hyper.dampening",
+          hyper.dampening, "must be in [0, 1]");
+    // Nesterov momentum is defined only with a momentum buffer and without dampening.
+    if (hyper.nesterov) {
+      check(hyper.momentum > 0.0f, ErrorCode::invalid_argument, "hyper.momentum", hyper.momentum,
+            "must be positive with hyper.nesterov");
+      check(hyper.dampening == 0.0f, ErrorCode::invalid_argument, "hyper.dampening", hyper.dampening,
+            "must be 0 with hyper.nesterov");
+    }
+  }
+
+  const LossScaling& ls = loss_scaling;
+  const bool known_mode =
+      ls.mode == LossScaleMode::none || ls.mode == LossScaleMode::fixed || ls.mode == LossScaleMode::dynamic;
+  check(known_mode, ErrorCode::invalid_argument, "loss_scaling.mode", static_cast<int>(ls.mode), "unknown mode");
+  // With mode none the scaling fields are not read, so they are not checked either. Dynamic
+  // scaling with fp32 compute is allowed: unusual, but harmless.
+  if (ls.mode != LossScaleMode::none) {
+    check(ls.initial_scale > 0.0f && std::isfinite(ls.initial_scale), ErrorCode::invalid_argument,
+          "loss_scaling.initial_scale", ls.initial_scale, "must be positive and finite");
+  }
+  if (ls.mode == LossScaleMode::dynamic) {
+    check(ls.growth_factor >= 1.0f && std::isfinite(ls.growth_factor), ErrorCode::invalid_argument,
+          "loss_scaling.growth_factor", ls.growth_factor, "must be finite and at least 1");
+    check(ls.backoff > 0.0f && ls.backoff <= 1.0f, ErrorCode::invalid_argument, "loss_scaling.backoff", ls.backoff,
+          "must be in (0, 1]");
+    check(ls.growth_interval >= 1, ErrorCode::invalid_argument, "loss_scaling.growth_interval", ls.growth_interval,
+          "must be at least 1");
+    check(ls.hysteresis >= 1, ErrorCode::invalid_argument, "loss_scaling.hysteresis", ls.hysteresis,
+          "must be at least 1");
+    check(ls.min_scale > 0.0f && std::isfinite(ls.min_scale), ErrorCode::invalid_argument, "loss_scaling.min_scale",
+          ls.min_scale, "must be positive and finite");
+  }
+
+  // NaN fails the comparison: a NaN threshold would silently disable or poison clipping.
+  check(max_grad_norm >= 0.0f && std::isfinite(max_grad_norm), ErrorCode::invalid_argument, "max_grad_norm",
+        max_grad_norm, "must be finite and not negative (0 disables clipping)");
+  check(accumulation_steps >= 1, ErrorCode::invalid_argument, "accumulation_steps", accumulation_steps,
+        "must be at least 1");
+
+  const bool known_offload = offload_optimizer == OffloadKind::none || offload_optimizer == OffloadKind::host ||
+                             offload_optimizer == OffloadKind::nvme;
+  check(known_offload, ErrorCode::invalid_argument, "offload_optimizer", static_cast<int>(offload_optimizer),
+        "unknown offload kind");
+  if (offload_optimizer == OffloadKind::nvme)
+    check(!nvme_dir.empty(), ErrorCode::invalid_argument, "nvme_dir", "\"\"",
+          "must name a directory when offload_optimizer is nvme");
+  if (offload_params)
+    check(stage == 3, ErrorCode::invalid_argument, "offload_params", "true",
+          "requires stage 3 (stage is " + std::to_string(stage) + ")");
+  check(prefetch_units >= 0, ErrorCode::invalid_argument, "prefetch_units", prefetch_units, "must not be negative");
+}
+
+}  // namespace shardopt

@@ -1,0 +1,139 @@
+#pragma once
+// Engine: the one object a trainer talks to. The same calls work at every ZeRO stage.
+//
+// Lifecycle (per rank; every rank makes the same calls in the same order):
+//   Engine e(config, backend, communicator);
+//   e.register_block({"layer0", {{"w", {out, in}}, {"b", {out}, /*group*/ 1}}});   ...
+//   e.set_group(1, no_decay_hyperparams);             // optional per-group hyperparameters
+//   e.initialize();                                   // plans and allocates everything
+//   for each step:
+//     for each micro-step (config.accumulation_steps of them):
+//       forward:  v = e.acquire(b); ... use v.params ...; e.release(b);
+//       backward: v = e.acquire(b); g = e.gradients(b); ... g[i] += dL/dparam_i ...;
+//                 e.grads_ready(b); e.release(b);        // blocks in any order, each once
+//     StepResult r = e.step();
+//
+// Gradient contract. gradients(b) returns, for each tensor of block b, a buffer in the compute
+// dtype into which the trainer ADDS the gradient of its micro-batch. It may already hold earlier
+// micro-steps' sum (stages 0-1) or be zero (stages 2-3); with accumulation_steps == 1 it is always
+// zero, so writing equals adding. The buffers are valid until grads_ready(b). The gradient the
+// rule applies is the mean over ranks and micro-steps, divided by the loss scale.
+//
+// Memory and streams. On the CPU backend every view is host memory, usable by the caller as soon
+// as the call returns. On a GPU backend views are device memory, ordered on compute_stream():
+// acquire makes that stream wait for the gather; grads_ready records the trainer's writes on it.
+//
+// Nothing is allocated after initialize(): step() and the per-block calls reuse planned buffers.
+// Thread safety: one Engine is driven by one thread at a time.
+// Errors: every misuse throws shardopt::Error naming the block, tensor or field; the engine state
+// is unchanged and it stays usable.
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+#include "shardopt/config.hpp"
+#include "shardopt/layout.hpp"
+#include "shardopt/memory.hpp"
+
+namespace shardopt {
+
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::fp32;
+  std::size_t numel = 0;
+  const Layout::TensorInfo* info = nullptr;  // name, shape, group
+  template <class T>
+  T* as() const noexcept {
+    return static_cast<T*>(data);
+  }
+};
+
+struct BlockView {
+  int block = -1;
+  std::vector<TensorView> tensors;  // in registration order
+};
+
+struct StepResult {
+  bool applied = false;       // false: skipped because a gradient was not finite on some rank
+  std::int64_t step = 0;      // updates applied so far (the optimizer's step counter)
+  float loss_scale = 1.0f;    // the scale to multiply the next loss by
+  double grad_norm = 0.0;     // global L2 norm of the mean gradient, before clipping
+  float clip_coefficient = 1; // factor applied to the gradient (1 when not clipped)
+};
+
+// Fills `count` consecutive fp32 elements of tensor `tensor` starting at `begin` (row-major
+// element index). Called only for the ranges a rank stores, possibly several times per tensor.
+using InitFn = std::function<void(const Layout::TensorInfo& tensor, std::size_t begin,
+                                  std::size_t count, float* out)>;
+
+// Seeded initializer independent of world size and stage: element i of tensor t gets
+// uniform(-a, a) from a counter-based hash of (seed, t's name, i), a = 1/sqrt(last extent) for
+// tensors of rank >= 2; tensors of rank <= 1 start at zero.
+InitFn seeded_init(std::uint64_t seed);
+
+class Engine {
+ public:
+  // config is validated here (Error on a bad field). backend and communicator must outlive the
+  // engine; the communicator's size is the data-parallel world.
+  Engine(const Config& config, Backend& backend, Communicator& communicator);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Before initialize(). Returns the block index. Names must be unique (blocks and tensors).
+  int register_block(const BlockSpec& block);
+  // Hyperparameters of a parameter group (group 0 defaults to config.hyper; other groups to
+  // group 0's unless set). Before initialize().
+  void set_group(int group, const Hyperparams& hyper);
+
+  // Plans the layout, allocates every buffer, and sets initial values (master weights from
+  // `init`, or seeded_init(0) if empty). Collective: every rank calls it.
+  void initialize(const InitFn& init = {});
+
+  const Config& config() const noexcept;
+  const Layout& layout() const;  // after initialize()
+  int rank() const noexcept;
+  int world_size() const noexcept;
+  Stream& compute_stream() noexcept;
+
+  int find_block(const std::string& name) const;  // throws if unknown
+
+  // Full compute-dtype parameters of a block (stage 3: gathers its unit, prefetching the next).
+  BlockView acquire(int block);
+  void release(int block);
+  // Where to add the block's gradients for this micro-step (see the gradient contract).
+  BlockView gradients(int block);
+  // The block's gradients for this micro-step are written. Stages 2-3 start the reduce-scatter
+  // of a unit as soon as all its blocks are ready.
+  void grads_ready(int block);
+
+  // Reduces (as needed), checks for overflow, clips, updates and redistributes parameters.
+  // Requires exactly accumulation_steps complete micro-steps. Collective.
+  StepResult step();
+  // Drops the gradients accumulated so far (the micro-step count restarts).
+  void zero_grad();
+
+  // Current fp32 master values of the elements this rank owns, through `fn(tensor, begin, count,
+  // values)` for each piece of its shard (for checkpoints and tests).
+  void read_master(const std::function<void(int tensor, std::size_t begin, std::size_t count,
+                                            const float* values)>& fn);
+  // Same for optimizer state `which` (0 or 1, up to state_count(rule)-1).
+  void read_state(int which, const std::function<void(int tensor, std::size_t begin,
+                                                      std::size_t count, const float* values)>& fn);
+
+  MemoryReport memory_report() const;
+  // Collective traffic since the last reset, per kind (see CommStats for the accounting).
+  CommStats comm_report() const;
+  void reset_comm_report();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shardopt

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds everything, and runs the whole test suite:
+#   1. the main build (CUDA code compiled when a toolkit is found; GPU tests skip without a GPU),
+#   2. a consumer project built against the *installed* package (find_package(shardopt)),
+#   3. a ThreadSanitizer build running the CPU tests (set SHARDOPT_SANITIZERS=0 to skip it).
+# Exits non-zero if anything fails.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+jobs=${JOBS:-2}
+build=${BUILD_DIR:-$root/build}
+
+"$root/scripts/install-deps.sh"
+
+echo "== build ($build)"
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build "$build" -j"$jobs"
+
+echo "== installed package + consumer"
+rm -rf "$build/install" "$build/consumer"
+cmake --install "$build" --prefix "$build/install" >/dev/null
+cmake -S "$root/examples/consumer" -B "$build/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$build/install"
+cmake --build "$build/consumer" -j"$jobs"
+"$build/consumer/shardopt_consumer"
+
+if [ "${SHARDOPT_SANITIZERS:-1}" != "0" ]; then
+  echo "== ThreadSanitizer build (CPU tests)"
+  tsan="$build-tsan"
+  cmake -S "$root" -B "$tsan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHARDOPT_CUDA=OFF \
+    -DSHARDOPT_SANITIZE=thread -DSHARDOPT_BUILD_BENCHMARKS=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF
+  cmake --build "$tsan" -j"$jobs"
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --test-dir "$tsan" -L cpu --output-on-failure -j"$jobs"
+fi
+
+echo "== test suite"
+ctest --test-dir "$build" --output-on-failure -j"$jobs"
