@@ -1,6 +1,8 @@
 #include "shardopt/config.hpp"
 
+#include <charconv>
 #include <cmath>
+#include <source_location>
 #include <sstream>
 #include <string>
 
@@ -44,14 +46,22 @@ namespace {
 template <class T>
 std::string describe(std::string_view field, const T& value) {
   std::ostringstream os;
-  os.precision(9);  // enough digits to tell any two floats apart
   os << "Config." << field << " = " << value;
   return os.str();
 }
+// Floats print as the shortest text that reads back to the same value: "1e-08", not
+// "9.99999994e-09", so the message shows what the user wrote.
+std::string describe(std::string_view field, float value) {
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof buf, value);
+  return "Config." + std::string(field) + " = " + std::string(buf, res.ptr);
+}
 
+// `where` is the caller's line, so the error points at the check that failed, not at this helper.
 template <class T>
-void check(bool ok, ErrorCode code, std::string_view field, const T& value, std::string_view why) {
-  if (!ok) throw Error(code, describe(field, value) + ": " + std::string(why));
+void check(bool ok, ErrorCode code, std::string_view field, const T& value, std::string_view why,
+           std::source_location where = std::source_location::current()) {
+  if (!ok) throw Error(code, describe(field, value) + ": " + std::string(why), where);
 }
 
 bool is_dtype(DType t) { return t == DType::fp32 || t == DType::fp16 || t == DType::bf16; }
@@ -62,13 +72,13 @@ std::string dtype_text(DType t) {
   return is_dtype(t) ? std::string(name_of(t)) : std::to_string(static_cast<int>(t));
 }
 
-void check_finite(float v, std::string_view field) {
-  check(std::isfinite(v), ErrorCode::invalid_argument, field, v, "must be finite");
+void check_finite(float v, std::string_view field, std::source_location where = std::source_location::current()) {
+  check(std::isfinite(v), ErrorCode::invalid_argument, field, v, "must be finite", where);
 }
 
-void check_beta(float v, std::string_view field) {
+void check_beta(float v, std::string_view field, std::source_location where = std::source_location::current()) {
   // NaN fails both comparisons, so it is rejected too.
-  check(v >= 0.0f && v < 1.0f, ErrorCode::invalid_argument, field, v, "must be in [0, 1)");
+  check(v >= 0.0f && v < 1.0f, ErrorCode::invalid_argument, field, v, "must be in [0, 1)", where);
 }
 
 }  // namespace
