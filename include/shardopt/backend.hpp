@@ -144,6 +144,10 @@ class Backend {
   virtual void sum_squares(const void* data, DType dtype, std::size_t n, float* out,
                            Stream& stream) = 0;
   virtual void fused_update(const UpdateArgs& args, Stream& stream) = 0;
+  // dst[i] += src[i] (src converted to float, sum rounded to fp32). Accumulates reduced gradient
+  // slices across micro-steps. dst and src must not overlap.
+  virtual void accumulate(const void* src, DType src_dtype, float* dst, std::size_t n,
+                          Stream& stream) = 0;
 
  protected:
   virtual void* raw_allocate(std::size_t bytes, Place place) = 0;  // nullptr on failure

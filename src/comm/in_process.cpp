@@ -1,1 +1,518 @@
-// placeholder: being written
+// In-process communicator: N ranks as threads of one process, each with its own backend.
+//
+// Every collective is a host task on the calling rank's stream. Inside it the rank publishes its
+// arguments in the group's slot for that collective (matched by the rank's sequence number, which
+// is the same on every rank because all ranks issue the same collectives in the same order),
+// waits until every rank has arrived, computes its part reading the other ranks' buffers directly,
+// and then waits once more until every rank has finished, so that no rank's task completes (and
+// lets its caller reuse its buffers) while another rank still reads or writes them.
+//
+// Failure model: a disagreement between ranks, a bad argument or a failed enqueue aborts the whole
+// group, like a NCCL communicator after an error. Ranks waiting for peers wake up and throw
+// Error(communication) instead of hanging; later collectives on the group throw at once.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+#include "shardopt/error.hpp"
+
+namespace shardopt {
+
+namespace {
+
+// What one rank asked for in one collective. `count` is recv_count / send_count / count.
+struct Call {
+  CollectiveKind kind = CollectiveKind::barrier;
+  const void* send = nullptr;
+  void* recv = nullptr;
+  std::size_t count = 0;
+  DType dtype = DType::fp32;
+  ReduceOp op = ReduceOp::sum;
+  int root = 0;
+};
+
+const char* op_name(ReduceOp op) noexcept {
+  switch (op) {
+    case ReduceOp::sum: return "sum";
+    case ReduceOp::avg: return "avg";
+    case ReduceOp::max: return "max";
+  }
+  return "unknown";
+}
+
+bool reduces(CollectiveKind k) noexcept {
+  return k == CollectiveKind::reduce_scatter || k == CollectiveKind::all_reduce;
+}
+
+std::string describe(const Call& c) {
+  std::string s(name_of(c.kind));
+  if (c.kind == CollectiveKind::barrier) return s + "()";
+  s += "(count=" + std::to_string(c.count) + ", " + std::string(name_of(c.dtype));
+  if (reduces(c.kind)) s += std::string(", ") + op_name(c.op);
+  if (c.kind == CollectiveKind::broadcast) s += ", root=" + std::to_string(c.root);
+  return s + ")";
+}
+
+std::string label(int rank, std::uint64_t seq, const Call& c) {
+  return "rank " + std::to_string(rank) + ", " + describe(c) + " (collective #" + std::to_string(seq) + ")";
+}
+
+const unsigned char* bytes_of(const void* p) noexcept { return static_cast<const unsigned char*>(p); }
+unsigned char* bytes_of(void* p) noexcept { return static_cast<unsigned char*>(p); }
+
+// True if [a, a+an) and [b, b+bn) share a byte. Compared as integers: the two pointers may point
+// into different objects, where relational operators on pointers are unspecified.
+bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexcept {
+  if (an == 0 || bn == 0) return false;
+  const auto x = reinterpret_cast<std::uintptr_t>(a);
+  const auto y = reinterpret_cast<std::uintptr_t>(b);
+  return x < y + bn && y < x + an;
+}
+
+// Reduction over `nsrc` sources in rank order into `ndst` destinations, a block at a time: the
+// block is accumulated in fp32 on the stack (no heap scratch), then rounded once and stored.
+// Every source element of a block is read before any destination element of it is written, which
+// is what makes the in-place forms (a destination equal to a source) safe.
+constexpr std::size_t kBlock = 1024;
+
+template <DType T, class Src, class Dst>
+void reduce_typed(int nsrc, const Src& src, int ndst, const Dst& dst, std::size_t n, ReduceOp op) noexcept {
+  float acc[kBlock];
+  for (std::size_t b = 0; b < n; b += kBlock) {
+    const std::size_t len = std::min(kBlock, n - b);
+    const void* s0 = src(0);
+    for (std::size_t i = 0; i < len; ++i) acc[i] = load_as_float(s0, T, b + i);
+    for (int q = 1; q < nsrc; ++q) {
+      const void* sq = src(q);
+      if (op == ReduceOp::max) {
+        // x != x picks up a NaN input; a NaN already in acc stays because x > NaN is false.
+        for (std::size_t i = 0; i < len; ++i) {
+          const float x = load_as_float(sq, T, b + i);
+          acc[i] = (x > acc[i] || x != x) ? x : acc[i];
+        }
+      } else {
+        for (std::size_t i = 0; i < len; ++i) acc[i] += load_as_float(sq, T, b + i);
+      }
+    }
+    if (op == ReduceOp::avg) {
+      // Divide (not multiply by 1/N) so the result is the correctly rounded fp32 quotient.
+      const float d = static_cast<float>(nsrc);
+      for (std::size_t i = 0; i < len; ++i) acc[i] = acc[i] / d;
+    }
+    for (int q = 0; q < ndst; ++q) {
+      void* dq = dst(q);
+      for (std::size_t i = 0; i < len; ++i) store_from_float(dq, T, b + i, acc[i]);
+    }
+  }
+}
+
+template <class Src, class Dst>
+void reduce(int nsrc, const Src& src, int ndst, const Dst& dst, std::size_t n, DType t, ReduceOp op) noexcept {
+  if (n == 0) return;
+  switch (t) {
+    case DType::fp32: reduce_typed<DType::fp32>(nsrc, src, ndst, dst, n, op); break;
+    case DType::fp16: reduce_typed<DType::fp16>(nsrc, src, ndst, dst, n, op); break;
+    case DType::bf16: reduce_typed<DType::bf16>(nsrc, src, ndst, dst, n, op); break;
+  }
+}
+
+}  // namespace
+
+class InProcessGroup {
+ public:
+  explicit InProcessGroup(int world_size)
+      : size_(world_size), ring_(kSlots), seq_(new std::atomic<std::uint64_t>[static_cast<std::size_t>(world_size)]),
+        bound_(static_cast<std::size_t>(world_size), false) {
+    for (std::size_t i = 0; i < kSlots; ++i) {
+      ring_[i].seq = i;
+      ring_[i].calls.resize(static_cast<std::size_t>(world_size));
+    }
+    for (int r = 0; r < world_size; ++r) seq_[r].store(0, std::memory_order_relaxed);
+  }
+
+  int size() const noexcept { return size_; }
+
+  void bind(int rank) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    require(!bound_[static_cast<std::size_t>(rank)], ErrorCode::invalid_argument,
+            "rank " + std::to_string(rank) + " of the in-process group already has a communicator");
+    bound_[static_cast<std::size_t>(rank)] = true;
+  }
+  void unbind(int rank) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bound_[static_cast<std::size_t>(rank)] = false;
+  }
+
+  // Kept in the group, not the communicator, so a communicator re-created for a rank goes on
+  // with the sequence its peers expect.
+  std::uint64_t next_seq(int rank) noexcept { return seq_[rank].fetch_add(1, std::memory_order_relaxed); }
+
+  void abort(const std::string& why) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    abort_locked(why);
+  }
+
+  // A collective's task was destroyed without running: its stream skips work after a failure
+  // until synchronize, or went away. The peers would wait for this rank forever, so abort.
+  void dropped(int rank, std::uint64_t seq, const Call& call) noexcept {
+    std::string why;
+    try {
+      why = label(rank, seq, call) + " was dropped without running (its stream had failed earlier or was destroyed)";
+    } catch (...) {
+      // No memory for the message: abort_locked still sets the flag, which is what unblocks peers.
+    }
+    abort(why);
+  }
+
+  // The body of one collective on one rank; runs on that rank's stream.
+  void run(int rank, std::uint64_t seq, const Call& call) {
+    Slot& s = ring_[seq % kSlots];
+    std::unique_lock<std::mutex> lock(mutex_);
+    // The slot may still serve collective seq - kSlots (other streams of some rank lagging).
+    cv_.wait(lock, [&] { return s.seq == seq || aborted_; });
+    if (aborted_) throw aborted_error(rank, seq, call);
+
+    s.calls[static_cast<std::size_t>(rank)] = call;
+    if (++s.arrived == size_) {
+      // The last rank to arrive checks that every rank asked for the same collective.
+      std::string why = mismatch(s, seq);
+      if (!why.empty()) {
+        s.failed = true;
+        s.error = why;
+        abort_locked(why);
+      }
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return s.arrived == size_ || aborted_; });
+    }
+    if (s.failed) throw Error(ErrorCode::communication, s.error + "; seen by rank " + std::to_string(rank));
+    // All arrived and agreed: go on even if the group aborts meanwhile, because peers now read
+    // and write this rank's buffers, so it must not return before they are done.
+    if (s.arrived != size_) throw aborted_error(rank, seq, call);
+
+    lock.unlock();
+    compute(rank, s);
+    lock.lock();
+
+    if (call.kind != CollectiveKind::barrier) {
+      if (++s.done == size_)
+        cv_.notify_all();
+      else
+        cv_.wait(lock, [&] { return s.done == size_; });
+    }
+    if (++s.left == size_) {
+      s.arrived = s.done = s.left = 0;
+      s.seq = seq + kSlots;
+      cv_.notify_all();
+    }
+  }
+
+ private:
+  static constexpr std::size_t kSlots = 64;
+
+  struct Slot {
+    std::uint64_t seq = 0;    // the collective this slot serves now
+    std::vector<Call> calls;  // by rank
+    int arrived = 0;
+    int done = 0;
+    int left = 0;
+    bool failed = false;  // never cleared: a failure aborts the group
+    std::string error;
+  };
+
+  void abort_locked(const std::string& why) noexcept {
+    if (!aborted_) {
+      aborted_ = true;
+      try {
+        abort_reason_ = why.empty() ? std::string("reason unknown") : why;
+      } catch (...) {
+        // Out of memory while copying a message: the flag alone still stops every rank.
+      }
+    }
+    cv_.notify_all();
+  }
+
+  Error aborted_error(int rank, std::uint64_t seq, const Call& call) const {
+    return Error(ErrorCode::communication, "in-process group aborted (" + abort_reason_ + "); " +
+                                               label(rank, seq, call) + " cannot complete");
+  }
+
+  std::string mismatch(const Slot& s, std::uint64_t seq) const {
+    const Call& a = s.calls[0];
+    for (int q = 1; q < size_; ++q) {
+      const Call& b = s.calls[static_cast<std::size_t>(q)];
+      const bool same = a.kind == b.kind && a.count == b.count && a.dtype == b.dtype &&
+                        (!reduces(a.kind) || a.op == b.op) &&
+                        (a.kind != CollectiveKind::broadcast || a.root == b.root);
+      if (!same) {
+        return "ranks disagree on collective #" + std::to_string(seq) + ": rank 0 issued " + describe(a) +
+               " but rank " + std::to_string(q) + " issued " + describe(b);
+      }
+    }
+    return {};
+  }
+
+  // This rank's part. Reads the published calls, which nobody writes until every rank has left.
+  void compute(int rank, const Slot& s) const noexcept {
+    const Call& me = s.calls[static_cast<std::size_t>(rank)];
+    const std::size_t es = size_of(me.dtype);
+    const std::size_t n = me.count;
+    const auto& calls = s.calls;
+    switch (me.kind) {
+      case CollectiveKind::reduce_scatter: {
+        // Rank r reduces block r of every send into its own recv; blocks of different ranks are
+        // disjoint, so the in-place form (recv inside this rank's send) only touches block r.
+        const std::size_t off = static_cast<std::size_t>(rank) * n * es;
+        reduce(
+            size_, [&](int q) { return bytes_of(calls[static_cast<std::size_t>(q)].send) + off; }, 1,
+            [&](int) { return me.recv; }, n, me.dtype, me.op);
+        break;
+      }
+      case CollectiveKind::all_reduce: {
+        // The work is split: rank r reduces chunk r of all sends and writes it into every rank's
+        // recv, so the total work is N*count instead of N*N*count. Each element is still reduced
+        // once in rank order, so every rank gets the same bits, and only rank r touches chunk r,
+        // which keeps send == recv safe without scratch memory.
+        const auto r = static_cast<std::size_t>(rank);
+        const auto world = static_cast<std::size_t>(size_);
+        const std::size_t chunk = n / world;
+        const std::size_t rem = n % world;
+        const std::size_t lo = r * chunk + std::min(r, rem);
+        const std::size_t len = chunk + (r < rem ? 1 : 0);
+        const std::size_t off = lo * es;
+        reduce(
+            size_, [&](int q) { return bytes_of(calls[static_cast<std::size_t>(q)].send) + off; }, size_,
+            [&](int q) { return bytes_of(calls[static_cast<std::size_t>(q)].recv) + off; }, len, me.dtype,
+            me.op);
+        break;
+      }
+      case CollectiveKind::all_gather: {
+        if (n == 0) break;
+        for (int q = 0; q < size_; ++q) {
+          unsigned char* dst = bytes_of(me.recv) + static_cast<std::size_t>(q) * n * es;
+          const void* src = calls[static_cast<std::size_t>(q)].send;
+          if (src != dst) std::memcpy(dst, src, n * es);  // equal in the in-place form
+        }
+        break;
+      }
+      case CollectiveKind::broadcast: {
+        const void* src = calls[static_cast<std::size_t>(me.root)].send;
+        if (n != 0 && src != me.recv) std::memcpy(me.recv, src, n * es);
+        break;
+      }
+      case CollectiveKind::barrier: break;
+    }
+  }
+
+  const int size_;
+  std::vector<Slot> ring_;
+  std::unique_ptr<std::atomic<std::uint64_t>[]> seq_;
+  std::vector<bool> bound_;
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool aborted_ = false;
+  std::string abort_reason_;
+};
+
+namespace {
+
+// "Must run exactly once": copying hands the duty to the copy (std::function may copy or move
+// its target while it is queued), so only the object the stream finally holds is armed.
+class RunOnce {
+ public:
+  RunOnce() = default;
+  RunOnce(const RunOnce& o) noexcept : armed_(std::exchange(o.armed_, false)) {}
+  RunOnce& operator=(const RunOnce&) = delete;
+  ~RunOnce() = default;
+  bool armed() const noexcept { return armed_; }
+  void disarm() const noexcept { armed_ = false; }
+
+ private:
+  mutable bool armed_ = true;
+};
+
+// The stream task of one collective. If the stream destroys it without running it, the group is
+// aborted, so the peers do not wait for this rank forever.
+struct CollectiveTask {
+  std::shared_ptr<InProcessGroup> group;
+  int rank = 0;
+  std::uint64_t seq = 0;
+  Call call;
+  RunOnce once;
+
+  void operator()() const {
+    once.disarm();
+    group->run(rank, seq, call);
+  }
+  ~CollectiveTask() {
+    if (once.armed() && group) group->dropped(rank, seq, call);
+  }
+};
+
+// The stream task that aborts the group in stream order after this rank refused a call; it aborts
+// as well if the stream drops it, since the peers are waiting either way.
+struct AbortTask {
+  std::shared_ptr<InProcessGroup> group;
+  std::string why;
+  RunOnce once;
+
+  void operator()() const {
+    once.disarm();
+    group->abort(why);
+  }
+  ~AbortTask() {
+    if (once.armed() && group) group->abort(why);
+  }
+};
+
+class InProcessCommunicator final : public Communicator {
+ public:
+  InProcessCommunicator(std::shared_ptr<InProcessGroup> group, int rank, Backend& backend)
+      : group_(std::move(group)), rank_(rank), size_(group_->size()), backend_(backend) {
+    group_->bind(rank_);
+  }
+  ~InProcessCommunicator() override { group_->unbind(rank_); }
+
+  int rank() const noexcept override { return rank_; }
+  int size() const noexcept override { return size_; }
+
+  void reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op,
+                      Stream& stream) override {
+    enqueue({CollectiveKind::reduce_scatter, send, recv, recv_count, dtype, op, 0}, stream);
+  }
+  void all_gather(const void* send, void* recv, std::size_t send_count, DType dtype, Stream& stream) override {
+    enqueue({CollectiveKind::all_gather, send, recv, send_count, dtype, ReduceOp::sum, 0}, stream);
+  }
+  void all_reduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op,
+                  Stream& stream) override {
+    enqueue({CollectiveKind::all_reduce, send, recv, count, dtype, op, 0}, stream);
+  }
+  void broadcast(const void* send, void* recv, std::size_t count, DType dtype, int root, Stream& stream) override {
+    enqueue({CollectiveKind::broadcast, send, recv, count, dtype, ReduceOp::sum, root}, stream);
+  }
+  void barrier(Stream& stream) override { enqueue({}, stream); }
+
+ private:
+  // What is wrong with this rank's own arguments, or "" if nothing.
+  std::string check(const Call& c) const {
+    const std::size_t es = size_of(c.dtype);
+    const auto world = static_cast<std::size_t>(size_);
+    const std::size_t n = c.count;
+    const bool gathers = c.kind == CollectiveKind::reduce_scatter || c.kind == CollectiveKind::all_gather;
+    if (gathers && n > SIZE_MAX / es / world)
+      return "size() * count elements overflow the address space";
+    if (c.kind != CollectiveKind::reduce_scatter && c.kind != CollectiveKind::all_gather && n > SIZE_MAX / es)
+      return "count elements overflow the address space";
+    switch (c.kind) {
+      case CollectiveKind::reduce_scatter:
+        if (n == 0) return {};
+        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
+        if (overlap(c.recv, n * es, c.send, world * n * es) && c.recv != bytes_of(c.send) + rank_ * n * es)
+          return "recv overlaps send but is not send + rank * recv_count (the only in-place form allowed)";
+        return {};
+      case CollectiveKind::all_gather:
+        if (n == 0) return {};
+        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
+        if (overlap(c.send, n * es, c.recv, world * n * es) && c.send != bytes_of(c.recv) + rank_ * n * es)
+          return "send overlaps recv but is not recv + rank * send_count (the only in-place form allowed)";
+        return {};
+      case CollectiveKind::all_reduce:
+        if (n == 0) return {};
+        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
+        if (overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
+          return "send and recv overlap without being equal";
+        return {};
+      case CollectiveKind::broadcast:
+        if (c.root < 0 || c.root >= size_)
+          return "root " + std::to_string(c.root) + " is outside [0, " + std::to_string(size_) + ")";
+        if (n == 0) return {};
+        if (!c.recv) return "recv is null";
+        if (rank_ == c.root && !c.send) return "send is null on the root";
+        if (rank_ == c.root && overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
+          return "send and recv overlap without being equal";
+        return {};
+      case CollectiveKind::barrier: return {};
+    }
+    return {};
+  }
+
+  static std::uint64_t volume(const Call& c, int world) noexcept {
+    const std::uint64_t bytes = static_cast<std::uint64_t>(c.count) * size_of(c.dtype);
+    switch (c.kind) {
+      case CollectiveKind::reduce_scatter:
+      case CollectiveKind::all_gather: return bytes * static_cast<std::uint64_t>(world);
+      case CollectiveKind::all_reduce: return 2 * bytes;
+      case CollectiveKind::broadcast: return bytes;
+      case CollectiveKind::barrier: return 0;
+    }
+    return 0;
+  }
+
+  void enqueue(const Call& c, Stream& stream) {
+    // The sequence number is taken even when the call is refused, so this rank stays in step with
+    // the peers that did issue collective #seq (they will fail on it, not on a later one).
+    const std::uint64_t seq = group_->next_seq(rank_);
+    if (std::string problem = check(c); !problem.empty()) {
+      const std::string why = label(rank_, seq, c) + ": " + problem;
+      // Abort in stream order, so this rank's earlier collectives still complete; the peers
+      // waiting on #seq then throw instead of hanging.
+      try {
+        backend_.host_task(stream, AbortTask{group_, why, {}});
+      } catch (...) {
+        group_->abort(why);
+      }
+      throw Error(ErrorCode::invalid_argument, why);
+    }
+    try {
+      backend_.host_task(stream, CollectiveTask{group_, rank_, seq, c, {}});
+    } catch (const std::exception& e) {
+      group_->abort(label(rank_, seq, c) + " could not be enqueued: " + e.what());
+      throw;
+    }
+    count(c.kind, volume(c, size_));
+  }
+
+  std::shared_ptr<InProcessGroup> group_;
+  const int rank_;
+  const int size_;
+  Backend& backend_;
+};
+
+}  // namespace
+
+std::shared_ptr<InProcessGroup> make_in_process_group(int world_size) {
+  require(world_size >= 1, ErrorCode::invalid_argument,
+          "in-process group world_size must be at least 1, got " + std::to_string(world_size));
+  // Each rank is a set of threads of this process and the group keeps world_size * 64 call
+  // records, so an absurd size is a mistake better reported than attempted.
+  constexpr int kMaxWorld = 4096;
+  require(world_size <= kMaxWorld, ErrorCode::invalid_argument,
+          "in-process group world_size " + std::to_string(world_size) + " exceeds the maximum of " +
+              std::to_string(kMaxWorld) + " ranks (threads of one process)");
+  return std::make_shared<InProcessGroup>(world_size);
+}
+
+std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InProcessGroup> group, int rank,
+                                                           Backend& backend) {
+  require(group != nullptr, ErrorCode::invalid_argument, "in-process communicator: group is null");
+  require(rank >= 0 && rank < group->size(), ErrorCode::invalid_argument,
+          "in-process communicator: rank " + std::to_string(rank) + " is outside [0, " +
+              std::to_string(group->size()) + ")");
+  require(backend.kind() == BackendKind::cpu, ErrorCode::unsupported,
+          "in-process communicator for rank " + std::to_string(rank) +
+              " needs a backend whose memory the host can address (the CPU backend), got " +
+              std::string(name_of(backend.kind())));
+  return std::make_unique<InProcessCommunicator>(std::move(group), rank, backend);
+}
+
+}  // namespace shardopt

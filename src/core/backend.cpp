@@ -48,11 +48,17 @@ void Buffer::reset() noexcept {
 namespace {
 std::string size_text(std::size_t bytes) {
   std::string s = std::to_string(bytes) + " bytes";
-  if (bytes >= (std::size_t(1) << 20)) {
-    // The exact count is for tools, the GiB figure for people reading the message.
-    const double gib = static_cast<double>(bytes) / static_cast<double>(std::size_t(1) << 30);
+  if (bytes >= 1024) {
+    // The exact count is for tools, the rounded figure for people reading the message.
+    static constexpr const char* kUnits[] = {"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    double v = static_cast<double>(bytes) / 1024.0;
+    int u = 0;
+    while (v >= 1024.0 && u < 5) {
+      v /= 1024.0;
+      ++u;
+    }
     char buf[48];
-    std::snprintf(buf, sizeof buf, " (%.3f GiB)", gib);
+    std::snprintf(buf, sizeof buf, " (%.1f %s)", v, kUnits[u]);
     s += buf;
   }
   return s;

@@ -1,1 +1,20 @@
-// placeholder: being written
+// The element-wise kernels for the baseline instruction set (x86-64: SSE2), the fallback on any CPU.
+// The source is kernels_impl.inl; see there for why it sits in a per-ISA namespace.
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/kernels.hpp"
+#include "shardopt/rules.hpp"
+
+namespace shardopt::cpu {
+
+// Defined in isa.cpp with the default flags: throws Error(invalid_argument, what).
+[[noreturn]] void kernel_failure(const char* what);
+
+namespace isa_scalar {
+#include "cpu/kernels_impl.inl"
+}  // namespace isa_scalar
+
+}  // namespace shardopt::cpu

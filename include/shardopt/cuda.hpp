@@ -1,0 +1,53 @@
+#pragma once
+// The CUDA backend and the NCCL communicator.
+//
+// This header never includes CUDA headers, so a trainer can use it from plain C++ code. Every
+// function here exists in every build: in a build without CUDA (or without NCCL, for the
+// communicator) they throw Error(unsupported) instead, and cuda_device_available() is false.
+//
+// CUDA backend. `device` memory is allocated from a stream-ordered pool private to the backend
+// (freed memory stays cached there until the backend is destroyed), `pinned_host` with
+// cudaHostAlloc, `host` with an aligned malloc. Streams are non-blocking cudaStream_t, events are
+// cudaEvent_t with timing disabled. Kernels read their pointer arguments on the device, so they
+// take device memory (or pinned host memory, which the device can address). Every call sets the
+// backend's device as current for its duration and restores the caller's afterwards. A function
+// given to host_task runs on a CUDA driver thread and must not call CUDA; an Error it throws is
+// rethrown by the next synchronize of that stream (or of an event recorded after it).
+#include <array>
+#include <memory>
+
+#include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+
+namespace shardopt {
+
+// True if this build has the CUDA backend and at least one CUDA device is usable. Never throws.
+bool cuda_device_available() noexcept;
+
+// The CUDA backend on device `device`. Throws Error(unsupported) if the library was built without
+// CUDA or no CUDA device exists, Error(invalid_argument) if `device` is not a valid ordinal.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// The opaque bootstrap token of an NCCL group: created by one rank, sent to all the others (over
+// MPI, a file, a socket) and passed to make_nccl_communicator on each.
+struct NcclUniqueId {
+  std::array<char, 128> bytes{};
+};
+
+// A fresh unique id (ncclGetUniqueId). Throws Error(unsupported) without NCCL,
+// Error(communication) if NCCL fails.
+NcclUniqueId nccl_unique_id();
+
+// Joins rank `rank` of `world` ranks to the NCCL group named by `id`. Blocks until every rank has
+// joined (call it from each rank's own thread or process). `cuda_backend` must be a CUDA backend;
+// the communicator uses its device and its streams, and must be destroyed before it.
+// Collectives are enqueued on the stream passed to each call. Sums and averages of fp16/bf16 are
+// upcast into an fp32 scratch buffer, reduced in fp32 and rounded once (NCCL would otherwise
+// accumulate in 16 bits); `avg` divides the fp32 sum by the world size. The summation order is
+// NCCL's (fixed for a given topology and NCCL version), not rank order.
+// Throws Error(unsupported) without NCCL, Error(invalid_argument) for a bad rank/world or a
+// backend that is not CUDA, Error(communication) if NCCL fails.
+std::unique_ptr<Communicator> make_nccl_communicator(const NcclUniqueId& id, int rank, int world,
+                                                     Backend& cuda_backend);
+
+}  // namespace shardopt

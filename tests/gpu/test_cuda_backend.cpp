@@ -1,0 +1,490 @@
+// The CUDA backend and the NCCL communicator, checked against the CPU backend.
+//
+// Every kernel runs on both backends over the same random inputs (never zeros, so a kernel that
+// writes nothing or zeros cannot pass), with outputs poisoned beforehand (all bits set: a NaN in
+// every dtype), for sizes 0, 1, 7 and 2^20+3 and for aligned and unaligned starts (the unaligned
+// ones force the CUDA update off its vector path). Element-wise results must match bit for bit:
+// both backends run the same rules.hpp arithmetic without FMA contraction. Without a CUDA device
+// every GPU test skips with a message saying so.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+#include "shardopt/cuda.hpp"
+#include "shardopt/error.hpp"
+#include "shardopt/rules.hpp"
+
+namespace shardopt {
+namespace {
+
+using Bytes = std::vector<std::uint8_t>;
+
+constexpr const char* kNoDevice =
+    "no CUDA device on this machine: the CUDA backend tests need a GPU (compiled, not run)";
+
+const std::vector<std::size_t>& sizes() {
+  static const std::vector<std::size_t> s = {0, 1, 7, (std::size_t(1) << 20) + 3};
+  return s;
+}
+
+// Random values of `t` in [lo, hi), each at least 0.05 from zero.
+Bytes random_array(DType t, std::size_t n, std::uint32_t seed, float lo = -2.0f, float hi = 2.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  Bytes out(n * size_of(t));
+  for (std::size_t i = 0; i < n; ++i) {
+    float x = dist(rng);
+    if (std::fabs(x) < 0.05f) x = x < 0.0f ? x - 0.05f : x + 0.05f;
+    store_from_float(out.data(), t, i, x);
+  }
+  return out;
+}
+
+Bytes poison(std::size_t bytes) { return Bytes(bytes, 0xff); }
+
+// The same bytes on the GPU and on the CPU backend, each `offset` bytes past a 64-byte aligned
+// allocation (so a non-zero offset makes the start unaligned).
+struct Mirror {
+  Buffer g, c;
+  void* gp = nullptr;
+  void* cp = nullptr;
+  std::size_t bytes = 0;
+};
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
+    gpu = make_cuda_backend(0);
+    cpu = make_cpu_backend();
+    gs = gpu->create_stream("gpu-test");
+    cs = cpu->create_stream("cpu-test");
+  }
+
+  Mirror mirror(const Bytes& init, std::size_t offset = 0) {
+    Mirror m;
+    m.bytes = init.size();
+    const std::size_t alloc = init.size() + offset + 64;
+    m.g = gpu->allocate(alloc, Place::device, Category::other, "test mirror (gpu)");
+    m.c = cpu->allocate(alloc, Place::device, Category::other, "test mirror (cpu)");
+    m.gp = static_cast<std::uint8_t*>(m.g.data()) + offset;
+    m.cp = static_cast<std::uint8_t*>(m.c.data()) + offset;
+    if (!init.empty()) {
+      gpu->copy(m.gp, init.data(), init.size(), *gs);
+      std::memcpy(m.cp, init.data(), init.size());
+    }
+    gpu->synchronize(*gs);
+    return m;
+  }
+
+  Bytes download(const void* device_ptr, std::size_t bytes) {
+    Bytes out(bytes);
+    if (bytes > 0) gpu->copy(out.data(), device_ptr, bytes, *gs);
+    gpu->synchronize(*gs);
+    return out;
+  }
+
+  void sync_both() {
+    gpu->synchronize(*gs);
+    cpu->synchronize(*cs);
+  }
+
+  // GPU bytes equal CPU bytes; on a mismatch names the first differing element.
+  void expect_same(const Mirror& m, DType t, const std::string& what) {
+    const Bytes g = download(m.gp, m.bytes);
+    if (m.bytes == 0 || std::memcmp(g.data(), m.cp, m.bytes) == 0) return;
+    const std::size_t n = m.bytes / size_of(t);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (std::memcmp(g.data() + i * size_of(t), static_cast<const std::uint8_t*>(m.cp) + i * size_of(t),
+                      size_of(t)) != 0) {
+        ADD_FAILURE() << what << ": element " << i << " of " << n << " differs: gpu "
+                      << load_as_float(g.data(), t, i) << " cpu " << load_as_float(m.cp, t, i);
+        return;
+      }
+    }
+  }
+
+  // Declared first, destroyed last: streams and buffers go before their backend.
+  std::unique_ptr<Backend> gpu, cpu;
+  std::unique_ptr<Stream> gs, cs;
+};
+
+constexpr DType kDtypes[] = {DType::fp32, DType::fp16, DType::bf16};
+
+std::string trace(std::size_t n, std::size_t off) {
+  return "n=" + std::to_string(n) + " offset=" + std::to_string(off);
+}
+
+// ---- availability (runs everywhere) --------------------------------------------------------
+
+TEST(CudaAvailability, MakeCudaBackendReportsWhatIsMissing) {
+  if (!cuda_device_available()) {
+    try {
+      (void)make_cuda_backend(0);
+      FAIL() << "make_cuda_backend succeeded without a device";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::unsupported) << e.what();
+      EXPECT_NE(e.message().find("no CUDA device"), std::string::npos) << e.what();
+    }
+    return;
+  }
+  try {
+    (void)make_cuda_backend(1 << 20);
+    FAIL() << "device 2^20 accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+  }
+}
+
+// ---- memory, streams, events, host tasks ---------------------------------------------------
+
+TEST_F(CudaBackendTest, AllocatesEveryPlaceAndAccountsIt) {
+  for (Place p : {Place::device, Place::pinned_host, Place::host}) {
+    SCOPED_TRACE(std::string(name_of(p)));
+    const std::size_t before = gpu->memory().report().current_of(Category::gradients, p);
+    {
+      Buffer b = gpu->allocate(1000, p, Category::gradients, "test buffer");
+      ASSERT_TRUE(b);
+      EXPECT_EQ(reinterpret_cast<std::uintptr_t>(b.data()) % 64, 0u);
+      EXPECT_GE(gpu->memory().report().current_of(Category::gradients, p), before + 1000);
+      const Bytes data = random_array(DType::fp32, 250, 1);
+      gpu->copy(b.data(), data.data(), 1000, *gs);
+      EXPECT_EQ(download(b.data(), 1000), data);
+    }
+    EXPECT_EQ(gpu->memory().report().current_of(Category::gradients, p), before);
+  }
+}
+
+TEST_F(CudaBackendTest, HugeAllocationIsOutOfMemoryNamingTheBuffer) {
+  try {
+    (void)gpu->allocate(std::size_t(1) << 50, Place::device, Category::parameters, "absurd buffer");
+    FAIL() << "a petabyte was allocated";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::out_of_memory) << e.what();
+    EXPECT_NE(std::string(e.what()).find("absurd buffer"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(CudaBackendTest, HostTasksRunInStreamOrderAndErrorsSurfaceOnce) {
+  Buffer pinned = gpu->allocate(4096, Place::pinned_host, Category::other, "pinned");
+  Buffer dev = gpu->allocate(4096, Place::device, Category::other, "device");
+  const Bytes data = random_array(DType::fp32, 1024, 2);
+  std::memcpy(pinned.data(), data.data(), 4096);
+  gpu->copy(dev.data(), pinned.data(), 4096, *gs);
+  gpu->fill(pinned.data(), DType::fp32, 1024, 0.5f, *gs);  // the device writes pinned memory
+  gpu->copy(pinned.data(), dev.data(), 4096, *gs);          // and gets the data back after it
+  bool saw = false;
+  gpu->host_task(*gs, [&] { saw = std::memcmp(pinned.data(), data.data(), 4096) == 0; });
+  gpu->host_task(*gs, [] { throw Error(ErrorCode::io_error, "planned failure"); });
+  try {
+    gpu->synchronize(*gs);
+    FAIL() << "the host task's error was not reported";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::io_error);
+    EXPECT_EQ(e.message(), "planned failure");
+  }
+  EXPECT_TRUE(saw);
+  EXPECT_NO_THROW(gpu->synchronize(*gs));  // reported once
+}
+
+TEST_F(CudaBackendTest, EventsOrderStreams) {
+  auto other = gpu->create_stream("other");
+  auto ev = gpu->create_event();
+  EXPECT_NO_THROW(gpu->wait(*other, *ev));  // never recorded: no-op
+  EXPECT_NO_THROW(gpu->synchronize(*ev));
+  const std::size_t n = std::size_t(1) << 22;
+  Buffer a = gpu->allocate(n * 4, Place::device, Category::other, "a");
+  Buffer b = gpu->allocate(n * 4, Place::device, Category::other, "b");
+  gpu->fill(a.data(), DType::fp32, n, 3.0f, *gs);
+  gpu->record(*ev, *gs);
+  gpu->wait(*other, *ev);
+  gpu->copy(b.data(), a.data(), n * 4, *other);
+  gpu->synchronize(*other);
+  const Bytes out = download(b.data(), n * 4);
+  for (std::size_t i = 0; i < n; i += 4099) ASSERT_EQ(load_as_float(out.data(), DType::fp32, i), 3.0f) << i;
+  EXPECT_EQ(load_as_float(out.data(), DType::fp32, n - 1), 3.0f);
+}
+
+TEST_F(CudaBackendTest, RejectsStreamsOfOtherBackends) {
+  Buffer a = gpu->allocate(64, Place::device, Category::other, "a");
+  try {
+    gpu->fill(a.data(), DType::fp32, 4, 1.0f, *cs);
+    FAIL() << "a CPU stream was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cpu-test"), std::string::npos) << e.what();
+  }
+}
+
+// ---- kernels against the CPU backend ----------------------------------------------------------
+
+TEST_F(CudaBackendTest, FillMatchesCpu) {
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes())
+      for (std::size_t off : {std::size_t(0), size_of(t)}) {
+        SCOPED_TRACE(std::string(name_of(t)) + " " + trace(n, off));
+        Mirror m = mirror(poison(n * size_of(t)), off);
+        gpu->fill(m.gp, t, n, 0.3f, *gs);  // 0.3 is inexact in every dtype: checks the rounding
+        cpu->fill(m.cp, t, n, 0.3f, *cs);
+        sync_both();
+        expect_same(m, t, "fill");
+      }
+}
+
+TEST_F(CudaBackendTest, CastMatchesCpuForEveryPair) {
+  std::uint32_t seed = 10;
+  for (DType s : kDtypes)
+    for (DType d : kDtypes)
+      for (std::size_t n : sizes())
+        for (std::size_t off : {std::size_t(0), std::size_t(2)}) {
+          SCOPED_TRACE(std::string(name_of(s)) + "->" + std::string(name_of(d)) + " " + trace(n, off));
+          Mirror src = mirror(random_array(s, n, ++seed, -70000.0f, 70000.0f), off);  // overflows fp16
+          Mirror dst = mirror(poison(n * size_of(d)), off);
+          gpu->cast(src.gp, s, dst.gp, d, n, *gs);
+          cpu->cast(src.cp, s, dst.cp, d, n, *cs);
+          sync_both();
+          expect_same(dst, d, "cast");
+          expect_same(src, s, "cast source untouched");
+        }
+}
+
+TEST_F(CudaBackendTest, UnscaleCheckMatchesCpu) {
+  std::uint32_t seed = 100;
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes())
+      for (std::size_t off : {std::size_t(0), size_of(t)}) {
+        SCOPED_TRACE(std::string(name_of(t)) + " " + trace(n, off));
+        Bytes scale(4), flag(4);
+        store_from_float(scale.data(), DType::fp32, 0, 0.37f);
+        store_from_float(flag.data(), DType::fp32, 0, 0.0f);
+        Mirror data = mirror(random_array(t, n, ++seed), off);
+        Mirror s = mirror(scale), f = mirror(flag);
+        gpu->unscale_check(data.gp, t, n, static_cast<const float*>(s.gp), static_cast<float*>(f.gp), *gs);
+        cpu->unscale_check(data.cp, t, n, static_cast<const float*>(s.cp), static_cast<float*>(f.cp), *cs);
+        sync_both();
+        expect_same(data, t, "unscaled data");
+        expect_same(f, DType::fp32, "found_nonfinite");
+        EXPECT_EQ(load_as_float(download(f.gp, 4).data(), DType::fp32, 0), 0.0f);
+      }
+}
+
+TEST_F(CudaBackendTest, UnscaleCheckFindsNonFinite) {
+  for (DType t : kDtypes) {
+    SCOPED_TRACE(std::string(name_of(t)));
+    const std::size_t n = 100003;
+    Bytes init = random_array(t, n, 7);
+    Bytes scale(4), flag(4);
+    store_from_float(scale.data(), DType::fp32, 0, 2.0f);
+    store_from_float(flag.data(), DType::fp32, 0, 0.0f);
+    Mirror s = mirror(scale);
+    {  // one infinity in the input
+      Bytes bad = init;
+      store_from_float(bad.data(), t, n - 5, INFINITY);
+      Mirror data = mirror(bad), f = mirror(flag);
+      gpu->unscale_check(data.gp, t, n, static_cast<const float*>(s.gp), static_cast<float*>(f.gp), *gs);
+      EXPECT_EQ(load_as_float(download(f.gp, 4).data(), DType::fp32, 0), 1.0f);
+    }
+    if (t == DType::fp16) {  // finite input whose scaled value overflows fp16 when stored
+      Bytes big = init;
+      store_from_float(big.data(), t, 17, 60000.0f);
+      Mirror data = mirror(big), f = mirror(flag);
+      gpu->unscale_check(data.gp, t, n, static_cast<const float*>(s.gp), static_cast<float*>(f.gp), *gs);
+      EXPECT_EQ(load_as_float(download(f.gp, 4).data(), DType::fp32, 0), 1.0f);
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, AccumulateMatchesCpu) {
+  std::uint32_t seed = 200;
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes())
+      for (std::size_t off : {std::size_t(0), std::size_t(4)}) {
+        SCOPED_TRACE(std::string(name_of(t)) + " " + trace(n, off));
+        Mirror src = mirror(random_array(t, n, ++seed), off);
+        Mirror dst = mirror(random_array(DType::fp32, n, ++seed), off);
+        gpu->accumulate(src.gp, t, static_cast<float*>(dst.gp), n, *gs);
+        cpu->accumulate(src.cp, t, static_cast<float*>(dst.cp), n, *cs);
+        sync_both();
+        expect_same(dst, DType::fp32, "accumulate");
+      }
+}
+
+TEST_F(CudaBackendTest, SumSquaresMatchesCpuAndIsDeterministic) {
+  std::uint32_t seed = 300;
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes())
+      for (std::size_t off : {std::size_t(0), size_of(t)}) {
+        SCOPED_TRACE(std::string(name_of(t)) + " " + trace(n, off));
+        Mirror data = mirror(random_array(t, n, ++seed), off);
+        Mirror out = mirror(poison(4));
+        gpu->sum_squares(data.gp, t, n, static_cast<float*>(out.gp), *gs);
+        cpu->sum_squares(data.cp, t, n, static_cast<float*>(out.cp), *cs);
+        sync_both();
+        const Bytes first = download(out.gp, 4);
+        const float g = load_as_float(first.data(), DType::fp32, 0);
+        const float c = load_as_float(out.cp, DType::fp32, 0);
+        // Both accumulate in double, in different orders: they may differ in float's last bit.
+        EXPECT_NEAR(g, c, 1e-6 * std::fabs(c)) << "gpu " << g << " cpu " << c;
+        if (n == 0) {
+          EXPECT_EQ(g, 0.0f);
+        }
+        gpu->sum_squares(data.gp, t, n, static_cast<float*>(out.gp), *gs);
+        EXPECT_EQ(download(out.gp, 4), first) << "two runs differ";
+      }
+}
+
+// Fused update: every rule x grad dtype x param dtype (or none) x size x alignment, bit-identical
+// to the CPU backend, with the scale read from device memory.
+TEST_F(CudaBackendTest, FusedUpdateIsBitIdenticalToCpu) {
+  Hyperparams h;
+  h.lr = 1e-2f;
+  h.weight_decay = 0.01f;
+  h.nesterov = true;
+  std::uint32_t seed = 1000;
+  Bytes scale(4);
+  store_from_float(scale.data(), DType::fp32, 0, 0.5f);
+  Mirror scale_m = mirror(scale);
+  const DType params[] = {DType::fp32, DType::fp16, DType::bf16, DType::fp32};  // last: no param_out
+  for (OptimizerKind rule : {OptimizerKind::adamw, OptimizerKind::adam, OptimizerKind::sgd, OptimizerKind::lion})
+    for (DType gt : kDtypes)
+      for (int pi = 0; pi < 4; ++pi)
+        for (std::size_t n : sizes())
+          for (bool unaligned : {false, true}) {
+            const DType pt = params[pi];
+            const bool has_out = pi < 3;
+            SCOPED_TRACE(std::string(name_of(rule)) + " grad " + std::string(name_of(gt)) + " param " +
+                         (has_out ? std::string(name_of(pt)) : std::string("none")) + " n=" + std::to_string(n) +
+                         (unaligned ? " unaligned" : " aligned"));
+            // Different misalignments per array: the CUDA kernel must take its scalar path.
+            const std::size_t o = unaligned ? 1 : 0;
+            Mirror master = mirror(random_array(DType::fp32, n, ++seed), 4 * o);
+            Mirror s1 = mirror(random_array(DType::fp32, n, ++seed, -0.1f, 0.1f), 8 * o);
+            Mirror s2 = mirror(random_array(DType::fp32, n, ++seed, 0.001f, 0.5f), 12 * o);  // v >= 0
+            Mirror grad = mirror(random_array(gt, n, ++seed), size_of(gt) * o);
+            Mirror out = mirror(poison(n * size_of(pt)), 2 * size_of(pt) * o);
+            UpdateArgs a;
+            a.rule = rule;
+            a.scalars = make_step_scalars(rule, h, 3, 0.7f);
+            a.grad_dtype = gt;
+            a.param_dtype = pt;
+            a.n = n;
+            UpdateArgs g = a, c = a;
+            g.master = static_cast<float*>(master.gp), c.master = static_cast<float*>(master.cp);
+            g.state1 = static_cast<float*>(s1.gp), c.state1 = static_cast<float*>(s1.cp);
+            g.state2 = static_cast<float*>(s2.gp), c.state2 = static_cast<float*>(s2.cp);
+            g.grad = grad.gp, c.grad = grad.cp;
+            g.param_out = has_out ? out.gp : nullptr, c.param_out = has_out ? out.cp : nullptr;
+            g.scale_ptr = static_cast<const float*>(scale_m.gp), c.scale_ptr = static_cast<const float*>(scale_m.cp);
+            gpu->fused_update(g, *gs);
+            cpu->fused_update(c, *cs);
+            sync_both();
+            expect_same(master, DType::fp32, "master");
+            expect_same(s1, DType::fp32, "state1");
+            expect_same(s2, DType::fp32, "state2");
+            if (has_out) expect_same(out, pt, "param_out");
+            if (HasFailure()) return;  // one clear failure, not hundreds
+          }
+}
+
+TEST_F(CudaBackendTest, FusedUpdateSkipsOnDeviceFlagAndHandlesInPlaceFp32) {
+  const std::size_t n = 4099;
+  const Hyperparams h;
+  Bytes flag(4);
+  store_from_float(flag.data(), DType::fp32, 0, 1.0f);
+  Mirror skip = mirror(flag);
+  const Bytes init = random_array(DType::fp32, n, 5);
+  Mirror master = mirror(init);
+  Mirror s1 = mirror(random_array(DType::fp32, n, 6));
+  Mirror s2 = mirror(random_array(DType::fp32, n, 7, 0.01f, 1.0f));
+  Mirror grad = mirror(random_array(DType::bf16, n, 8));
+  UpdateArgs a;
+  a.scalars = make_step_scalars(OptimizerKind::adamw, h, 1, 1.0f);
+  a.master = static_cast<float*>(master.gp);
+  a.state1 = static_cast<float*>(s1.gp);
+  a.state2 = static_cast<float*>(s2.gp);
+  a.grad = grad.gp;
+  a.grad_dtype = DType::bf16;
+  a.n = n;
+  a.skip_ptr = static_cast<const float*>(skip.gp);
+  gpu->fused_update(a, *gs);
+  EXPECT_EQ(download(master.gp, n * 4), init) << "skipped update wrote master";
+
+  // In place: param_out is master itself (fp32), nothing else to store; same result as the CPU.
+  UpdateArgs g = a, c = a;
+  g.skip_ptr = nullptr;
+  g.param_out = g.master;
+  c.master = static_cast<float*>(master.cp), c.state1 = static_cast<float*>(s1.cp);
+  c.state2 = static_cast<float*>(s2.cp), c.grad = grad.cp, c.param_out = c.master, c.skip_ptr = nullptr;
+  gpu->fused_update(g, *gs);
+  cpu->fused_update(c, *cs);
+  sync_both();
+  expect_same(master, DType::fp32, "in-place master");
+  EXPECT_NE(download(master.gp, n * 4), init);
+
+  g.param_dtype = DType::bf16;  // a 16-bit param_out may not alias master
+  EXPECT_THROW(gpu->fused_update(g, *gs), Error);
+}
+
+// ---- NCCL, world size 1 ----------------------------------------------------------------------
+
+TEST_F(CudaBackendTest, NcclWorldOfOneRunsEveryCollective) {
+  std::unique_ptr<Communicator> comm;
+  try {
+    comm = make_nccl_communicator(nccl_unique_id(), 0, 1, *gpu);
+  } catch (const Error& e) {
+    if (e.code() == ErrorCode::unsupported) GTEST_SKIP() << e.what();
+    throw;
+  }
+  ASSERT_EQ(comm->rank(), 0);
+  ASSERT_EQ(comm->size(), 1);
+  std::uint32_t seed = 500;
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes()) {
+      SCOPED_TRACE(std::string(name_of(t)) + " n=" + std::to_string(n));
+      const Bytes in = random_array(t, n, ++seed);
+      const std::size_t bytes = in.size();
+      Mirror send = mirror(in);
+      // With one rank every collective is the identity (avg divides by 1, fp32 accumulation of
+      // one 16-bit value rounds back to itself).
+      for (ReduceOp op : {ReduceOp::sum, ReduceOp::avg, ReduceOp::max}) {
+        Mirror recv = mirror(poison(bytes));
+        comm->all_reduce(send.gp, recv.gp, n, t, op, *gs);
+        EXPECT_EQ(download(recv.gp, bytes), in) << "all_reduce op " << static_cast<int>(op);
+        Mirror rs = mirror(poison(bytes));
+        comm->reduce_scatter(send.gp, rs.gp, n, t, op, *gs);
+        EXPECT_EQ(download(rs.gp, bytes), in) << "reduce_scatter op " << static_cast<int>(op);
+      }
+      Mirror ag = mirror(poison(bytes));
+      comm->all_gather(send.gp, ag.gp, n, t, *gs);
+      EXPECT_EQ(download(ag.gp, bytes), in) << "all_gather";
+      Mirror bc = mirror(poison(bytes));
+      comm->broadcast(send.gp, bc.gp, n, t, 0, *gs);
+      EXPECT_EQ(download(bc.gp, bytes), in) << "broadcast";
+      Mirror inplace = mirror(in);
+      comm->all_reduce(inplace.gp, inplace.gp, n, t, ReduceOp::avg, *gs);
+      EXPECT_EQ(download(inplace.gp, bytes), in) << "in-place all_reduce";
+    }
+  comm->barrier(*gs);
+  gpu->synchronize(*gs);
+  const CommStats st = comm->stats();
+  const auto k = [](CollectiveKind c) { return static_cast<int>(c); };
+  const std::uint64_t per = 3 * sizes().size();  // dtypes x sizes
+  EXPECT_EQ(st.calls[k(CollectiveKind::all_reduce)], per * 4);
+  EXPECT_EQ(st.calls[k(CollectiveKind::reduce_scatter)], per * 3);
+  EXPECT_EQ(st.calls[k(CollectiveKind::all_gather)], per);
+  EXPECT_EQ(st.calls[k(CollectiveKind::broadcast)], per);
+  EXPECT_EQ(st.calls[k(CollectiveKind::barrier)], 1u);
+  EXPECT_THROW(comm->broadcast(nullptr, nullptr, 0, DType::fp32, 1, *gs), Error);
+}
+
+}  // namespace
+}  // namespace shardopt
