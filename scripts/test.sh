@@ -26,7 +26,7 @@ if [ "${SHARDOPT_SANITIZERS:-1}" != "0" ]; then
   echo "== ThreadSanitizer build (CPU tests)"
   tsan="$build-tsan"
   cmake -S "$root" -B "$tsan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHARDOPT_CUDA=OFF \
-    -DSHARDOPT_SANITIZE=thread -DSHARDOPT_BUILD_BENCHMARKS=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF
+    -DSHARDOPT_SANITIZE=thread -DSHARDOPT_BUILD_BENCHMARKS=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF -DSHARDOPT_BUILD_CLI=OFF
   cmake --build "$tsan" -j"$jobs"
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --test-dir "$tsan" -L cpu --output-on-failure -j"$jobs"
 fi

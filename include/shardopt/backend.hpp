@@ -77,7 +77,8 @@ class Event {
 };
 
 // Arguments of the fused optimizer update over n contiguous elements:
-//   g = load(grad[i]) * scalars.grad_scale * (scale_ptr ? *scale_ptr : 1)
+//   g = load(grad[i]) * s, where s = scalars.grad_scale * (scale_ptr ? *scale_ptr : 1) is formed once
+//   per call (one rounding), then
 //   rule(master[i], g, state1[i], state2[i]); param_out[i] = round(master[i]) if param_out
 // If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written.
 // scale_ptr and skip_ptr point to backend (device) memory so no host round trip is needed.

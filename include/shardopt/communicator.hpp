@@ -76,5 +76,9 @@ class InProcessGroup;
 std::shared_ptr<InProcessGroup> make_in_process_group(int world_size);
 std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InProcessGroup> group,
                                                            int rank, Backend& backend);
+// Fails every pending and future collective of the group with Error(communication) naming `why`
+// (like ncclCommAbort). A rank that stops because of an error calls it so its peers, blocked in a
+// collective it will never join, fail instead of waiting forever.
+void abort_in_process_group(InProcessGroup& group, const std::string& why) noexcept;
 
 }  // namespace shardopt

@@ -515,4 +515,6 @@ std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InPro
   return std::make_unique<InProcessCommunicator>(std::move(group), rank, backend);
 }
 
+void abort_in_process_group(InProcessGroup& group, const std::string& why) noexcept { group.abort(why); }
+
 }  // namespace shardopt

@@ -28,7 +28,8 @@ struct Kernels {
   void (*cast)(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n);
   // data *= scale in place; returns true if any result is not finite.
   bool (*unscale_check)(void* data, DType dtype, std::size_t n, float scale);
-  // Sum of squares accumulated in double, in element order within the range.
+  // Sum of squares accumulated in double in a fixed order (interleaved partial sums combined in a
+  // fixed tree): the same bits on every instruction set and for every thread count.
   double (*sum_squares)(const void* data, DType dtype, std::size_t n);
 };
 

@@ -1,0 +1,33 @@
+#pragma once
+// Memory plan: every buffer the engine will allocate for a configuration, from shapes alone.
+//
+// The Engine allocates exactly this list in initialize(), so the prediction and memory_report()
+// agree by construction; what the plan cannot see is memory outside the engine (the trainer's
+// activations, the communicator's own scratch).
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "shardopt/config.hpp"
+#include "shardopt/layout.hpp"
+#include "shardopt/memory.hpp"
+
+namespace shardopt {
+
+struct PlannedBuffer {
+  std::string name;
+  std::size_t bytes = 0;
+  Category category = Category::other;
+  Place place = Place::device;
+};
+
+struct MemoryPlan {
+  std::vector<PlannedBuffer> buffers;  // per rank (every rank plans the same sizes)
+  // The report memory_report() will show after initialize(): current == peak for every entry.
+  MemoryReport report() const;
+};
+
+// Validates `config` and the blocks (as Engine would) and plans one rank's buffers.
+MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size);
+
+}  // namespace shardopt

@@ -1,0 +1,374 @@
+#pragma once
+// Test harness for the engine: N in-process ranks as threads, a synthetic trainer that writes
+// known gradients, and a float64 reference optimizer written from the algorithms' definitions
+// (not from shardopt's rules.hpp), applied to the mean gradient.
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu/thread_pool.hpp"
+#include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+#include "shardopt/engine.hpp"
+
+namespace shardopt::testing {
+
+inline std::uint64_t mix64(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+inline double unit_uniform(std::uint64_t key) {  // [0, 1)
+  return static_cast<double>(mix64(key) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// N ranks, each with its own CPU backend (sharing one kernel pool) and in-process communicator.
+struct World {
+  int n;
+  std::shared_ptr<ThreadPool> pool;
+  std::shared_ptr<InProcessGroup> group;
+  std::vector<std::unique_ptr<Backend>> backends;
+  std::vector<std::unique_ptr<Communicator>> comms;
+
+  explicit World(int world_size) : n(world_size) {
+    pool = make_thread_pool(0);
+    group = make_in_process_group(n);
+    for (int r = 0; r < n; ++r) {
+      CpuBackendOptions o;
+      o.pool = pool;
+      backends.push_back(make_cpu_backend(o));
+      comms.push_back(make_in_process_communicator(group, r, *backends.back()));
+    }
+  }
+
+  // Runs fn(rank) on one thread per rank; rethrows the first exception.
+  void run(const std::function<void(int)>& fn) {
+    std::vector<std::thread> threads;
+    std::exception_ptr first;
+    std::mutex m;
+    for (int r = 0; r < n; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          fn(r);
+        } catch (...) {
+          {
+            std::lock_guard<std::mutex> lock(m);
+            if (!first) first = std::current_exception();
+          }
+          abort_in_process_group(*group, "rank " + std::to_string(r) + " failed");
+        }
+      });
+    for (auto& t : threads) t.join();
+    if (first) std::rethrow_exception(first);
+  }
+};
+
+// A model: blocks of tensors with awkward sizes. Group 1 holds 1-D tensors (no weight decay).
+inline std::vector<BlockSpec> awkward_model() {
+  return {
+      {"embed", {{"embed.w", {37, 11}, 0}}},                           // 407: not divisible by anything useful
+      {"l0", {{"l0.w", {24, 37}, 0}, {"l0.b", {24}, 1}, {"l0.empty", {0, 5}, 0}}},
+      {"l1", {{"l1.w", {3}, 0}, {"l1.b", {1}, 1}, {"l1.s", {}, 1}}},  // smaller than the world size
+      {"big", {{"big.w", {1500}, 0}}},                                  // larger than a bucket
+      {"l2", {{"l2.w", {13, 17}, 0}, {"l2.b", {13}, 1}}},
+      {"empty", {{"empty.w", {0}, 0}}},                                // a block with no elements
+      {"head", {{"head.w", {5, 29}, 0}, {"head.b", {5}, 1}}},
+  };
+}
+
+inline std::vector<BlockSpec> tiny_tensors_model(int count) {
+  std::vector<BlockSpec> blocks;
+  for (int b = 0; b < 10; ++b) {
+    BlockSpec bs{"tiny" + std::to_string(b), {}};
+    for (int i = 0; i < count / 10; ++i)
+      bs.tensors.push_back({"t" + std::to_string(b) + "." + std::to_string(i), {1 + (i * 7 + b) % 5}, i % 2});
+    blocks.push_back(bs);
+  }
+  return blocks;
+}
+
+// The gradient rank `rank` contributes for (step, micro, tensor name, element): representable in
+// `dtype` exactly, magnitude in [0.125, 1), sign fixed per element (so Lion's sign() never sits at
+// zero), and varying across steps and ranks.
+inline float synthetic_grad(std::uint64_t seed, int step, int micro, int rank, std::uint64_t tensor_key,
+                            std::size_t i, DType dtype) {
+  const double sign = (mix64(tensor_key * 31 + i) & 1) ? 1.0 : -1.0;
+  const double mag = 0.125 + 0.875 * unit_uniform(seed ^ mix64(tensor_key + 977 * i) ^ mix64(step * 131 + micro * 7 + rank * 100003));
+  const float v = static_cast<float>(sign * mag);
+  switch (dtype) {
+    case DType::fp16: return fp16_to_float(float_to_fp16(v));
+    case DType::bf16: return bf16_to_float(float_to_bf16(v));
+    default: return v;
+  }
+}
+
+inline std::uint64_t name_key(const std::string& s) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+  return h;
+}
+
+// float64 reference optimizer over a flat list of tensors.
+struct Reference {
+  OptimizerKind kind;
+  std::map<int, Hyperparams> groups;
+  std::vector<std::vector<double>> p, m, v;
+  std::vector<int> group_of;
+  std::int64_t t = 0;
+
+  void apply(const std::vector<std::vector<double>>& grad) {
+    ++t;
+    for (std::size_t k = 0; k < p.size(); ++k) {
+      const Hyperparams& h = groups.at(group_of[k]);
+      const double lr = h.lr, b1 = h.beta1, b2 = h.beta2, eps = h.eps, wd = h.weight_decay;
+      for (std::size_t i = 0; i < p[k].size(); ++i) {
+        double& P = p[k][i];
+        double& M = m[k][i];
+        double& V = v[k][i];
+        double g = grad[k][i];
+        switch (kind) {
+          case OptimizerKind::adamw: {
+            M = b1 * M + (1 - b1) * g;
+            V = b2 * V + (1 - b2) * g * g;
+            const double mh = M / (1 - std::pow(b1, double(t)));
+            const double vh = V / (1 - std::pow(b2, double(t)));
+            P = P * (1 - lr * wd) - lr * mh / (std::sqrt(vh) + eps);
+            break;
+          }
+          case OptimizerKind::adam: {
+            g += wd * P;
+            M = b1 * M + (1 - b1) * g;
+            V = b2 * V + (1 - b2) * g * g;
+            const double mh = M / (1 - std::pow(b1, double(t)));
+            const double vh = V / (1 - std::pow(b2, double(t)));
+            P = P - lr * mh / (std::sqrt(vh) + eps);
+            break;
+          }
+          case OptimizerKind::sgd: {
+            g += wd * P;
+            M = (t == 1) ? g : h.momentum * M + (1 - h.dampening) * g;
+            P = P - lr * (h.nesterov ? g + h.momentum * M : M);
+            break;
+          }
+          case OptimizerKind::lion: {
+            const double c = b1 * M + (1 - b1) * g;
+            P = P * (1 - lr * wd) - lr * (c > 0 ? 1.0 : (c < 0 ? -1.0 : 0.0));
+            M = b2 * M + (1 - b2) * g;
+            break;
+          }
+        }
+      }
+    }
+  }
+};
+
+// One training run of the synthetic trainer on every rank, and what it left behind.
+struct RunSpec {
+  Config cfg;
+  int world = 1;
+  int steps = 20;
+  std::vector<BlockSpec> model = awkward_model();
+  Hyperparams group1;  // hyperparameters of group 1 (1-D tensors)
+  std::uint64_t seed = 7;
+  // Optional: extra factor on the gradient rank `rank` writes at (step, micro); returning a
+  // non-finite value injects an overflow.
+  std::function<float(int step, int micro, int rank)> grad_factor;
+};
+
+struct RunResult {
+  std::vector<std::vector<float>> master;     // per tensor, assembled from every rank's shard
+  std::vector<std::vector<float>> state[2];
+  std::vector<std::vector<int>> coverage;     // how many ranks reported each element
+  std::vector<std::vector<float>> params;     // per tensor, compute-dtype values rank 0 acquires, as float
+  std::vector<std::vector<StepResult>> results;  // [rank][step]
+  std::vector<MemoryReport> memory;           // per rank, after the run
+  std::vector<CommStats> comm_last_step;      // per rank, traffic of the last step alone
+  std::vector<std::string> tensor_names;
+};
+
+inline Config base_config(int stage, DType dtype, OptimizerKind rule) {
+  Config c;
+  c.stage = stage;
+  c.compute_dtype = dtype;
+  c.reduce_dtype = dtype;
+  c.optimizer = rule;
+  c.bucket_bytes = 512 * size_of(dtype);  // several units, and "big.w" larger than a bucket
+  c.alignment = 4;
+  c.prefetch_units = 1;
+  c.hyper.lr = 1e-2f;
+  c.hyper.weight_decay = 0.1f;
+  c.hyper.momentum = 0.9f;
+  if (rule == OptimizerKind::lion) c.hyper.lr = 1e-3f, c.hyper.beta2 = 0.99f;
+  return c;
+}
+
+inline Hyperparams no_decay(const Config& c) {
+  Hyperparams h = c.hyper;
+  h.weight_decay = 0.0f;
+  return h;
+}
+
+inline RunResult run_training(const RunSpec& spec) {
+  World w(spec.world);
+  RunResult out;
+  const int ntensors = [&] {
+    int n = 0;
+    for (const auto& b : spec.model) n += static_cast<int>(b.tensors.size());
+    return n;
+  }();
+  out.master.resize(ntensors);
+  out.state[0].resize(ntensors);
+  out.state[1].resize(ntensors);
+  out.coverage.resize(ntensors);
+  out.params.resize(ntensors);
+  out.results.resize(spec.world);
+  out.memory.resize(spec.world);
+  out.comm_last_step.resize(spec.world);
+  std::mutex m;
+  w.run([&](int rank) {
+    Engine e(spec.cfg, *w.backends[rank], *w.comms[rank]);
+    for (const auto& b : spec.model) e.register_block(b);
+    e.set_group(1, spec.group1);
+    e.initialize(seeded_init(spec.seed));
+    const Layout& L = e.layout();
+    const int nblocks = static_cast<int>(L.blocks().size());
+    {
+      std::lock_guard<std::mutex> lock(m);
+      if (out.tensor_names.empty()) {
+        for (int t = 0; t < ntensors; ++t) {
+          out.tensor_names.push_back(L.tensors()[t].name);
+          out.master[t].assign(L.tensors()[t].numel, std::nanf(""));
+          out.state[0][t].assign(L.tensors()[t].numel, std::nanf(""));
+          out.state[1][t].assign(L.tensors()[t].numel, std::nanf(""));
+          out.coverage[t].assign(L.tensors()[t].numel, 0);
+        }
+      }
+    }
+    const DType c = spec.cfg.compute_dtype;
+    for (int s = 0; s < spec.steps; ++s) {
+      const float scale = out.results[rank].empty() ? (spec.cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : spec.cfg.loss_scaling.initial_scale)
+                                                    : out.results[rank].back().loss_scale;
+      if (s == spec.steps - 1) e.reset_comm_report();
+      for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro) {
+        for (int b = 0; b < nblocks; ++b) {  // forward
+          e.acquire(b);
+          e.release(b);
+        }
+        for (int b = nblocks - 1; b >= 0; --b) {  // backward
+          e.acquire(b);
+          BlockView g = e.gradients(b);
+          const float f = spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f;
+          for (const TensorView& tv : g.tensors) {
+            const std::uint64_t key = name_key(tv.info->name);
+            for (std::size_t i = 0; i < tv.numel; ++i) {
+              const float v = synthetic_grad(spec.seed, s, micro, rank, key, i, c) * scale * f;
+              store_from_float(tv.data, c, i, load_as_float(tv.data, c, i) + v);
+            }
+          }
+          e.grads_ready(b);
+          e.release(b);
+        }
+      }
+      out.results[rank].push_back(e.step());
+    }
+    const CommStats cs = e.comm_report();
+    auto collect = [&](std::vector<std::vector<float>>& dst, bool count) {
+      return [&dst, &out, count, &m](int t, std::size_t begin, std::size_t n, const float* v) {
+        std::lock_guard<std::mutex> lock(m);
+        for (std::size_t i = 0; i < n; ++i) {
+          dst[t][begin + i] = v[i];
+          if (count) out.coverage[t][begin + i]++;
+        }
+      };
+    };
+    e.read_master(collect(out.master, true));
+    for (int k = 0; k < state_count(spec.cfg.optimizer); ++k) e.read_state(k, collect(out.state[k], false));
+    for (int b = 0; b < nblocks; ++b) {  // acquire is collective at stage 3: every rank calls it
+      BlockView v = e.acquire(b);
+      if (rank == 0) {
+        for (int i = 0; i < static_cast<int>(v.tensors.size()); ++i) {
+          const int t = L.blocks()[b].first_tensor + i;
+          out.params[t].resize(v.tensors[i].numel);
+          for (std::size_t k = 0; k < v.tensors[i].numel; ++k) out.params[t][k] = load_as_float(v.tensors[i].data, c, k);
+        }
+      }
+      e.release(b);
+    }
+    std::lock_guard<std::mutex> lock(m);
+    out.memory[rank] = e.memory_report();
+    out.comm_last_step[rank] = cs;
+  });
+  return out;
+}
+
+// The float64 reference run of the same spec: initial values from the same seeded initializer,
+// gradient = mean over ranks and micro-steps of the synthetic gradients, optional clipping.
+struct ReferenceRun {
+  Reference ref;
+  std::vector<double> norms;  // global gradient norm per step
+};
+
+inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& skip_steps = {}) {
+  ReferenceRun rr;
+  rr.ref.kind = spec.cfg.optimizer;
+  rr.ref.groups[0] = spec.cfg.hyper;
+  rr.ref.groups[1] = spec.group1;
+  InitFn init = seeded_init(spec.seed);
+  std::vector<std::string> names;
+  for (const auto& b : spec.model)
+    for (const auto& t : b.tensors) {
+      Layout::TensorInfo ti;
+      ti.name = t.name;
+      ti.shape = t.shape;
+      ti.numel = numel(t.shape);
+      std::vector<float> v(ti.numel);
+      if (ti.numel) init(ti, 0, ti.numel, v.data());
+      rr.ref.p.emplace_back(v.begin(), v.end());
+      rr.ref.m.emplace_back(ti.numel, 0.0);
+      rr.ref.v.emplace_back(ti.numel, 0.0);
+      rr.ref.group_of.push_back(t.group);
+      names.push_back(t.name);
+    }
+  const DType c = spec.cfg.compute_dtype;
+  const int A = spec.cfg.accumulation_steps;
+  for (int s = 0; s < spec.steps; ++s) {
+    bool skip = false;
+    for (int k : skip_steps) skip |= (k == s);
+    std::vector<std::vector<double>> g(rr.ref.p.size());
+    double sumsq = 0;
+    for (std::size_t k = 0; k < g.size(); ++k) {
+      g[k].assign(rr.ref.p[k].size(), 0.0);
+      const std::uint64_t key = name_key(names[k]);
+      for (std::size_t i = 0; i < g[k].size(); ++i) {
+        double acc = 0;
+        for (int r = 0; r < spec.world; ++r)
+          for (int micro = 0; micro < A; ++micro) acc += synthetic_grad(spec.seed, s, micro, r, key, i, c);
+        g[k][i] = acc / (spec.world * A);
+        sumsq += g[k][i] * g[k][i];
+      }
+    }
+    rr.norms.push_back(std::sqrt(sumsq));
+    if (skip) continue;
+    if (spec.cfg.max_grad_norm > 0 && rr.norms.back() > spec.cfg.max_grad_norm) {
+      const double coef = spec.cfg.max_grad_norm / (rr.norms.back() + 1e-6);
+      for (auto& t : g)
+        for (auto& x : t) x *= coef;
+    }
+    rr.ref.apply(g);
+  }
+  return rr;
+}
+
+inline double unit_roundoff(DType t) {
+  return t == DType::fp32 ? std::ldexp(1.0, -24) : t == DType::fp16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+}
+
+}  // namespace shardopt::testing
