@@ -8,6 +8,8 @@ packages=(
   cmake ninja-build g++ pkg-config
   libgtest-dev libgmock-dev          # tests
   libbenchmark-dev                   # benchmarks
+  libopenblas-dev                    # the example trainer's GEMMs
+  libcli11-dev nlohmann-json3-dev    # the shardopt command line
 )
 
 missing=()

@@ -8,6 +8,7 @@
 
 #include "engine_harness.hpp"
 #include "shardopt/error.hpp"
+#include "shardopt/estimate.hpp"
 
 using namespace shardopt;
 using namespace shardopt::testing;
@@ -251,6 +252,35 @@ TEST(Comm, VolumePerStepMatchesZeroAccounting) {
       EXPECT_LE(ar, small);
     }
   }
+}
+
+// The plan from shapes alone is what the engine allocates, byte for byte, for every stage,
+// dtype pairing, accumulation and world size; peaks include the transient initializer staging.
+TEST(Memory, PlanMatchesMemoryReportExactly) {
+  for (int stage : {0, 1, 2, 3})
+    for (int world : {1, 3})
+      for (DType reduce : {DType::bf16, DType::fp32})
+        for (int accum : {1, 2}) {
+          RunSpec spec;
+          spec.world = world;
+          spec.steps = 1;
+          spec.cfg = base_config(stage, DType::bf16, OptimizerKind::adamw);
+          spec.cfg.reduce_dtype = reduce;
+          spec.cfg.accumulation_steps = accum;
+          spec.cfg.persistence_threshold = stage == 3 ? 40 : 0;
+          spec.group1 = no_decay(spec.cfg);
+          const MemoryReport planned = plan_memory(spec.cfg, spec.model, world).report();
+          const RunResult run = run_training(spec);
+          for (int r = 0; r < world; ++r)
+            for (int c = 0; c < kCategoryCount; ++c)
+              for (int p = 0; p < kPlaceCount; ++p) {
+                SCOPED_TRACE("stage " + std::to_string(stage) + " world " + std::to_string(world) + " reduce " +
+                             std::string(name_of(reduce)) + " accum " + std::to_string(accum) + " " +
+                             std::string(name_of(Category(c))) + "/" + std::string(name_of(Place(p))));
+                EXPECT_EQ(run.memory[r].current[c][p], planned.current[c][p]);
+                EXPECT_EQ(run.memory[r].peak[c][p], planned.peak[c][p]);
+              }
+        }
 }
 
 // ------------------------------------------------------------------------------- bad input

@@ -19,11 +19,13 @@ struct PlannedBuffer {
   std::size_t bytes = 0;
   Category category = Category::other;
   Place place = Place::device;
+  bool transient = false;  // freed at the end of initialize(): part of the peak, not of current
 };
 
 struct MemoryPlan {
   std::vector<PlannedBuffer> buffers;  // per rank (every rank plans the same sizes)
-  // The report memory_report() will show after initialize(): current == peak for every entry.
+  // The report memory_report() will show right after initialize(): current holds the persistent
+  // buffers, peak also the transient ones.
   MemoryReport report() const;
 };
 

@@ -69,6 +69,20 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   add(Buf::scalars, 0, p.scalar_count, DType::fp32, Category::other, "step scalars");
   add(Buf::host_scalars, 0, p.scalar_count, DType::fp32, Category::other, "step scalars (host copy)",
       Place::pinned_host);
+  // Initial values are produced on the host in chunks of at most kInitChunk elements of one piece.
+  // Sized by the largest piece any rank owns, so every rank plans (and allocates) the same.
+  std::size_t largest = 0;
+  if (stage == 0) {
+    for (const auto& t : L.tensors()) largest = std::max(largest, t.numel);
+  } else {
+    for (int rk = 0; rk < world && largest < kInitChunk; ++rk)
+      for (const auto& piece : L.pieces(rk)) largest = std::max(largest, piece.count);
+  }
+  if (largest > 0) {
+    add(Buf::init_staging, 0, std::min(largest, kInitChunk), DType::fp32, Category::other, "initializer staging",
+        Place::host);
+    p.buffers.back().transient = true;
+  }
   return p;
 }
 
@@ -79,17 +93,17 @@ namespace shardopt {
 MemoryReport MemoryPlan::report() const {
   MemoryReport r;
   for (const auto& b : buffers) {
-    r.current[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
-    r.peak_total[static_cast<int>(b.place)] += b.bytes;
+    if (!b.transient) r.current[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
+    r.peak[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
+    r.peak_total[static_cast<int>(b.place)] += b.bytes;  // transient buffers coexist with the rest
   }
-  r.peak = r.current;
   return r;
 }
 
 MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size) {
   const detail::EnginePlan p = detail::plan_engine(config, blocks, world_size);
   MemoryPlan m;
-  for (const auto& b : p.buffers) m.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place});
+  for (const auto& b : p.buffers) m.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
   return m;
 }
 

@@ -25,7 +25,8 @@ enum class Buf : unsigned char {
   slot,           // stage 3: gathered unit `index`
   persistent,     // stage 3: unit `index` kept gathered
   scalars,        // step scalars on the device
-  host_scalars    // their host copy
+  host_scalars,   // their host copy
+  init_staging    // host staging for initial values (transient: freed by initialize)
 };
 
 struct BufferSpec {
@@ -36,6 +37,7 @@ struct BufferSpec {
   Category category = Category::other;
   Place place = Place::device;
   std::string name;
+  bool transient = false;
 };
 
 struct EnginePlan {
@@ -44,6 +46,8 @@ struct EnginePlan {
   std::size_t scalar_count = 0;
   std::vector<BufferSpec> buffers;
 };
+
+inline constexpr std::size_t kInitChunk = std::size_t(1) << 20;
 
 LayoutOptions layout_options(const Config& config, int world_size);
 EnginePlan plan_engine(const Config& config, const std::vector<BlockSpec>& blocks, int world_size);

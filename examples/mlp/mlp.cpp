@@ -1,0 +1,397 @@
+#include "mlp.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+namespace mlp {
+
+using shardopt::BlockSpec;
+using shardopt::DType;
+using shardopt::Error;
+using shardopt::ErrorCode;
+
+namespace {
+
+std::uint64_t mix(std::uint64_t x) noexcept {  // splitmix64 finalizer
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+std::size_t block_params(int h) {
+  const std::size_t H = static_cast<std::size_t>(h);
+  return 8 * H * H + 5 * H;
+}
+
+}  // namespace
+
+std::vector<BlockSpec> blocks(const Shape& s) {
+  std::vector<BlockSpec> out;
+  const std::int64_t h = s.hidden, f = 4 * std::int64_t(s.hidden);
+  for (int l = 0; l < s.layers; ++l) {
+    const std::string n = "block" + std::to_string(l);
+    out.push_back({n, {{n + ".w1", {f, h}}, {n + ".b1", {f}, 1}, {n + ".w2", {h, f}}, {n + ".b2", {h}, 1}}});
+  }
+  return out;
+}
+
+std::size_t param_count(const Shape& s) { return static_cast<std::size_t>(s.layers) * block_params(s.hidden); }
+
+std::size_t activation_bytes(const Shape& s, int batch, DType compute) {
+  const std::size_t L = s.layers, B = batch, H = s.hidden;
+  std::size_t floats = (L + 1) * B * H      // block inputs x_0..x_L
+                       + 2 * L * B * 4 * H  // a and u of every block
+                       + 3 * B * H          // dy, dx, target
+                       + B * 4 * H          // da
+                       + 2 * B * 4 * H + 2 * B * H;  // the teacher's forward scratch
+  if (compute != DType::fp32) floats += 2 * block_params(s.hidden);  // fp32 params + grads of a block
+  return floats * sizeof(float);
+}
+
+// ---- math ----------------------------------------------------------------------------------------
+
+float gelu(float a) noexcept { return 0.5f * a * (1.0f + std::erf(a * 0.70710678118654752f)); }
+
+float gelu_derivative(float a) noexcept {
+  const float cdf = 0.5f * (1.0f + std::erf(a * 0.70710678118654752f));
+  const float pdf = 0.39894228040143268f * std::exp(-0.5f * a * a);
+  return cdf + a * pdf;
+}
+
+void block_forward(int B, int h, const BlockParams& p, const float* x, float* a, float* u, float* y) {
+  const int f = 4 * h;
+  // a = x W1^T + b1
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, f, h, 1.0f, x, h, p.w1, h, 0.0f, a, f);
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < f; ++j) {
+      float& v = a[std::size_t(b) * f + j];
+      v += p.b1[j];
+      u[std::size_t(b) * f + j] = gelu(v);
+    }
+  // y = x + u W2^T + b2
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < h; ++j) y[std::size_t(b) * h + j] = x[std::size_t(b) * h + j] + p.b2[j];
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, h, f, 1.0f, u, f, p.w2, f, 1.0f, y, h);
+}
+
+void block_backward(int B, int h, const BlockParams& p, const float* x, const float* a,
+                    const float* u, const float* dy, float* dx, const BlockGrads& g, float* da) {
+  const int f = 4 * h;
+  // du = dy W2, then da = du * gelu'(a) in place
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, f, h, 1.0f, dy, h, p.w2, f, 0.0f, da, f);
+  for (std::size_t i = 0, n = std::size_t(B) * f; i < n; ++i) da[i] *= gelu_derivative(a[i]);
+  // dW2 += dy^T u, db2 += sum_b dy
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, h, f, B, 1.0f, dy, h, u, f, 1.0f, g.w2, f);
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < h; ++j) g.b2[j] += dy[std::size_t(b) * h + j];
+  // dW1 += da^T x, db1 += sum_b da
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, f, h, B, 1.0f, da, f, x, h, 1.0f, g.w1, h);
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < f; ++j) g.b1[j] += da[std::size_t(b) * f + j];
+  // dx = dy (residual path) + da W1
+  std::memcpy(dx, dy, sizeof(float) * std::size_t(B) * h);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, h, f, 1.0f, da, f, p.w1, h, 1.0f, dx, h);
+}
+
+double mse_loss(std::size_t n, const float* y, const float* target, float scale, float* dy) {
+  double sum = 0;
+  const float k = 2.0f * scale / static_cast<float>(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const float d = y[i] - target[i];
+    sum += double(d) * d;
+    dy[i] = k * d;
+  }
+  return sum / static_cast<double>(n);
+}
+
+// ---- data ----------------------------------------------------------------------------------------
+
+std::uint64_t stream_key(std::uint64_t seed, std::uint64_t a, std::uint64_t b, std::uint64_t c) noexcept {
+  return mix(mix(mix(mix(seed) ^ a) ^ b) ^ c);
+}
+
+float normal(std::uint64_t key, std::uint64_t i) noexcept {
+  // Box-Muller on two counter-based uniforms; u1 in (0, 1] so the log is finite.
+  const double u1 = static_cast<double>((mix(key + 2 * i) >> 11) + 1) * (1.0 / 9007199254740992.0);
+  const double u2 = static_cast<double>(mix(key + 2 * i + 1) >> 11) * (1.0 / 9007199254740992.0);
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+}
+
+Teacher::Teacher(const Shape& shape, std::uint64_t seed) : shape_(shape), w_(param_count(shape)) {
+  // Weights at the scale of a standard initialisation (variance 1/fan_in), biases small: the
+  // teacher's function is then as far from the student's start as a typical init is from another.
+  const std::size_t H = shape.hidden, F = 4 * H;
+  const std::size_t sizes[4] = {F * H, F, H * F, H};
+  const double scales[4] = {1.0 / std::sqrt(double(H)), 0.1, 1.0 / std::sqrt(double(F)), 0.1};
+  std::size_t off = 0;
+  for (int l = 0; l < shape.layers; ++l)
+    for (int t = 0; t < 4; ++t) {
+      const std::uint64_t key = stream_key(seed, 0x7eac4e7ull, std::uint64_t(l), std::uint64_t(t));
+      for (std::size_t i = 0; i < sizes[t]; ++i) w_[off + i] = static_cast<float>(normal(key, i) * scales[t]);
+      off += sizes[t];
+    }
+}
+
+void Teacher::forward(int B, const float* x, float* y, std::vector<float>& scratch) const {
+  const std::size_t H = shape_.hidden, F = 4 * H, rows = std::size_t(B);
+  scratch.resize(2 * rows * F + 2 * rows * H);
+  float* a = scratch.data();
+  float* u = a + rows * F;
+  float* cur = u + rows * F;
+  float* next = cur + rows * H;
+  std::memcpy(cur, x, sizeof(float) * rows * H);
+  const float* w = w_.data();
+  for (int l = 0; l < shape_.layers; ++l) {
+    const BlockParams p{w, w + F * H, w + F * H + F, w + 2 * F * H + F};
+    block_forward(B, shape_.hidden, p, cur, a, u, next);
+    std::swap(cur, next);
+    w += block_params(shape_.hidden);
+  }
+  std::memcpy(y, cur, sizeof(float) * rows * H);
+}
+
+std::uint64_t digest(const std::vector<std::vector<float>>& tensors) noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (const auto& t : tensors)
+    for (float v : t) {
+      std::uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      for (int k = 0; k < 4; ++k) h = (h ^ ((bits >> (8 * k)) & 0xffu)) * 0x100000001b3ull;
+    }
+  return h;
+}
+
+// ---- the trainer ---------------------------------------------------------------------------------
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// What each rank leaves for the per-step summary; written before the barrier, read after it.
+struct RankSlot {
+  double loss = 0;
+  shardopt::StepResult result;
+  std::size_t bytes = 0;
+};
+
+struct Shared {
+  const TrainOptions& opt;
+  const std::function<void(const StepRecord&)>& on_step;
+  const Teacher& teacher;
+  std::shared_ptr<shardopt::ThreadPool> pool;
+  std::shared_ptr<shardopt::InProcessGroup> group;
+  std::vector<RankSlot> slots;
+  TrainResult result;
+  std::mutex mutex;
+  std::exception_ptr error;
+  int phase = 0;  // 0: every rank initialised; k: step k done
+  Clock::time_point last;
+};
+
+// Runs on one thread when every rank reached the barrier: one StepRecord per step.
+struct OnPhase {
+  Shared* s;
+  void operator()() noexcept {
+    const auto now = Clock::now();
+    const double ms = std::chrono::duration<double, std::milli>(now - s->last).count();
+    s->last = now;
+    if (s->phase++ == 0 || s->error) return;
+    StepRecord r;
+    r.step = s->phase - 1;
+    for (const auto& slot : s->slots) r.loss += slot.loss;
+    r.loss /= static_cast<double>(s->slots.size());
+    r.step_ms = ms;
+    r.applied = s->slots[0].result.applied;
+    r.loss_scale = s->slots[0].result.loss_scale;
+    r.grad_norm = s->slots[0].result.grad_norm;
+    r.rank_bytes = s->slots[0].bytes;
+    if (!r.applied) ++s->result.skipped_steps;
+    try {
+      s->result.steps.push_back(r);
+      if (s->on_step) s->on_step(r);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(s->mutex);
+      if (!s->error) s->error = std::current_exception();
+    }
+  }
+};
+
+void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
+  const TrainOptions& o = s.opt;
+  const shardopt::Config& cfg = o.config;
+  const int L = o.shape.layers, h = o.shape.hidden, f = 4 * h, B = o.batch;
+  const std::size_t BH = std::size_t(B) * h, BF = std::size_t(B) * f;
+  const bool wide = cfg.compute_dtype == DType::fp32;
+
+  shardopt::CpuBackendOptions bo;
+  bo.pool = s.pool;
+  auto backend = shardopt::make_cpu_backend(bo);
+  auto comm = shardopt::make_in_process_communicator(s.group, rank, *backend);
+  shardopt::Engine engine(cfg, *backend, *comm);
+  for (const auto& b : blocks(o.shape)) engine.register_block(b);
+  shardopt::Hyperparams no_decay = cfg.hyper;
+  no_decay.weight_decay = 0.0f;  // biases
+  engine.set_group(1, no_decay);
+  engine.initialize(shardopt::seeded_init(o.seed));
+
+  // The trainer's own memory (activation_bytes() counts the same buffers).
+  std::vector<float> xs((L + 1) * BH), as(L * BF), us(L * BF), dy(BH), dx(BH), target(BH), da(BF);
+  std::vector<float> teacher_scratch;
+  std::vector<float> pw, gw;  // fp32 copies of one block's params / grads for 16-bit compute
+  if (!wide) {
+    pw.resize(block_params(h));
+    gw.resize(block_params(h));
+  }
+
+  float scale = cfg.loss_scaling.mode == shardopt::LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
+
+  // Parameters of block l as fp32 pointers: the engine's buffers, or widened copies.
+  auto params_of = [&](const shardopt::BlockView& v) {
+    if (wide) return BlockParams{v.tensors[0].as<float>(), v.tensors[1].as<float>(), v.tensors[2].as<float>(),
+                                 v.tensors[3].as<float>()};
+    std::size_t off = 0;
+    float* p[4];
+    for (int t = 0; t < 4; ++t) {
+      p[t] = pw.data() + off;
+      for (std::size_t i = 0; i < v.tensors[t].numel; ++i)
+        p[t][i] = shardopt::load_as_float(v.tensors[t].data, v.tensors[t].dtype, i);
+      off += v.tensors[t].numel;
+    }
+    return BlockParams{p[0], p[1], p[2], p[3]};
+  };
+
+  barrier.arrive_and_wait();
+  for (int step = 0; step < o.steps; ++step) {
+    if (step == o.steps - 1) engine.reset_comm_report();
+    double loss = 0;
+    for (int micro = 0; micro < cfg.accumulation_steps; ++micro) {
+      const std::uint64_t key = stream_key(o.seed + std::uint64_t(rank), 0xda7aull, std::uint64_t(step), std::uint64_t(micro));
+      for (std::size_t i = 0; i < BH; ++i) xs[i] = normal(key, i);
+      s.teacher.forward(B, xs.data(), target.data(), teacher_scratch);
+
+      for (int l = 0; l < L; ++l) {
+        const shardopt::BlockView v = engine.acquire(l);
+        block_forward(B, h, params_of(v), &xs[l * BH], &as[l * BF], &us[l * BF], &xs[(l + 1) * BH]);
+        engine.release(l);
+      }
+      loss += mse_loss(BH, &xs[L * BH], target.data(), scale, dy.data());
+
+      for (int l = L - 1; l >= 0; --l) {
+        const shardopt::BlockView v = engine.acquire(l);
+        const BlockParams p = params_of(v);
+        const shardopt::BlockView g = engine.gradients(l);
+        if (wide) {
+          const BlockGrads gr{g.tensors[0].as<float>(), g.tensors[1].as<float>(), g.tensors[2].as<float>(),
+                              g.tensors[3].as<float>()};
+          block_backward(B, h, p, &xs[l * BH], &as[l * BF], &us[l * BF], dy.data(), dx.data(), gr, da.data());
+        } else {
+          std::fill(gw.begin(), gw.end(), 0.0f);
+          float* q[4];
+          std::size_t off = 0;
+          for (int t = 0; t < 4; ++t) {
+            q[t] = gw.data() + off;
+            off += g.tensors[t].numel;
+          }
+          block_backward(B, h, p, &xs[l * BH], &as[l * BF], &us[l * BF], dy.data(), dx.data(),
+                         BlockGrads{q[0], q[1], q[2], q[3]}, da.data());
+          // Add, in the compute dtype, to what the engine's buffer already holds.
+          for (int t = 0; t < 4; ++t)
+            for (std::size_t i = 0; i < g.tensors[t].numel; ++i) {
+              const float sum = shardopt::load_as_float(g.tensors[t].data, g.tensors[t].dtype, i) + q[t][i];
+              shardopt::store_from_float(g.tensors[t].data, g.tensors[t].dtype, i, sum);
+            }
+        }
+        engine.grads_ready(l);
+        engine.release(l);
+        std::swap(dy, dx);
+      }
+    }
+    const shardopt::StepResult r = engine.step();
+    if (cfg.loss_scaling.mode != shardopt::LossScaleMode::none) scale = r.loss_scale;
+    const shardopt::MemoryReport m = engine.memory_report();
+    std::size_t bytes = 0;
+    for (int p = 0; p < shardopt::kPlaceCount; ++p) bytes += m.current_total(static_cast<shardopt::Place>(p));
+    s.slots[rank] = RankSlot{loss / cfg.accumulation_steps, r, bytes};
+    if (step == o.steps - 1) s.result.last_step_comm[rank] = engine.comm_report();
+    barrier.arrive_and_wait();
+  }
+
+  // Every rank contributes the master values it owns; together they cover every tensor.
+  std::lock_guard<std::mutex> lock(s.mutex);
+  engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
+    std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
+  });
+  s.result.memory[rank] = engine.memory_report();
+}
+
+// OpenBLAS would start its own threads in every rank's GEMMs; ranks are threads already, so give
+// it only the cores the ranks leave over (GEMM splits rows and columns, never the reduction, so the
+// thread count does not change the results).
+void set_blas_threads(int ranks) {
+#if defined(SHARDOPT_EXAMPLE_OPENBLAS)
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  openblas_set_num_threads(static_cast<int>(std::max(1u, hw / static_cast<unsigned>(ranks))));
+#else
+  (void)ranks;
+#endif
+}
+
+}  // namespace
+
+TrainResult train(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
+  auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };
+  if (o.shape.layers < 1) bad("layers must be >= 1, got " + std::to_string(o.shape.layers));
+  if (o.shape.hidden < 1) bad("hidden must be >= 1, got " + std::to_string(o.shape.hidden));
+  if (o.batch < 1) bad("batch must be >= 1, got " + std::to_string(o.batch));
+  if (o.ranks < 1) bad("ranks must be >= 1, got " + std::to_string(o.ranks));
+  if (o.steps < 1) bad("steps must be >= 1, got " + std::to_string(o.steps));
+  // The same validation the engine does, here, before any rank thread exists: a rank failing
+  // alone would leave its peers to find out through an aborted collective.
+  const std::vector<BlockSpec> specs = blocks(o.shape);
+  (void)shardopt::plan_memory(o.config, specs, o.ranks);
+
+  set_blas_threads(o.ranks);
+  const Teacher teacher(o.shape, o.seed);
+  Shared s{o, on_step, teacher, shardopt::make_thread_pool(o.threads), shardopt::make_in_process_group(o.ranks),
+           std::vector<RankSlot>(o.ranks), TrainResult{}, {}, {}, 0, Clock::now()};
+  s.result.params = param_count(o.shape);
+  s.result.activation_bytes = activation_bytes(o.shape, o.batch, o.config.compute_dtype);
+  s.result.memory.resize(o.ranks);
+  s.result.last_step_comm.resize(o.ranks);
+  for (const auto& b : specs)
+    for (const auto& t : b.tensors) {
+      s.result.tensor_names.push_back(t.name);
+      s.result.master.emplace_back(shardopt::numel(t.shape), 0.0f);
+    }
+
+  std::barrier<OnPhase> barrier(o.ranks, OnPhase{&s});
+  std::vector<std::thread> threads;
+  for (int r = 0; r < o.ranks; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        run_rank(r, s, barrier);
+      } catch (...) {
+        {
+          std::lock_guard<std::mutex> lock(s.mutex);
+          if (!s.error) s.error = std::current_exception();
+        }
+        // Peers waiting at the step barrier must not wait for this rank; peers inside a
+        // collective are released by the communicator, which aborts when this rank's goes away.
+        barrier.arrive_and_drop();
+      }
+    });
+  for (auto& t : threads) t.join();
+  if (s.error) std::rethrow_exception(s.error);
+  return std::move(s.result);
+}
+
+}  // namespace mlp

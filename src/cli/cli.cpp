@@ -1,0 +1,217 @@
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+#include "commands.hpp"
+#include "shardopt/cuda.hpp"
+#include "units.hpp"
+
+namespace shardopt::cli {
+
+void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_stage) {
+  CLI::Option* layers = sub->add_option("--layers", a.layers, "residual MLP blocks of the example model")
+                            ->check(CLI::Range(1, 100000))->capture_default_str();
+  CLI::Option* hidden = sub->add_option("--hidden", a.hidden, "hidden size h of the example model (inner 4h)")
+                            ->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  if (with_params) {
+    CLI::Option* params = sub->add_option("--params", a.params,
+                                          "model size instead of --layers/--hidden: a count such as 1.3B, 350M, 7e9 "
+                                          "(equal blocks of one tensor each)");
+    params->excludes(layers)->excludes(hidden);
+    sub->add_option("--blocks", a.blocks, "blocks the --params model is split into")
+        ->check(CLI::Range(1, 1000000))->capture_default_str()->needs(params);
+  }
+  sub->add_option("--batch", a.batch, "rows per micro-batch per rank")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  sub->add_option("--dtype", a.dtype, "compute dtype of parameters and gradients (fp16 turns on dynamic loss scaling)")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))->capture_default_str();
+  sub->add_option("--optimizer", a.optimizer, "update rule")
+      ->check(CLI::IsMember({"adamw", "adam", "sgd", "lion"}))->capture_default_str();
+  if (with_stage)
+    sub->add_option("--stage", a.stage, "ZeRO stage: 0 DDP, 1 optimizer state, 2 + gradients, 3 + parameters")
+        ->check(CLI::Range(0, 3))->capture_default_str();
+  sub->add_option("--micro-steps", a.micro_steps, "micro-steps (gradient accumulation) per step")
+      ->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  sub->add_option("--bucket", a.bucket,
+                  "min bytes of a unit / gradient bucket, e.g. 4MiB; auto: model bytes/16 as a power of two "
+                  "in [64 KiB, 25 MiB]")->capture_default_str();
+  sub->add_option("--prefetch", a.prefetch, "stage 3: units gathered ahead")->check(CLI::Range(0, 64))->capture_default_str();
+  sub->add_option("--offload", a.offload, "optimizer offload (host and nvme are not in this build yet)")
+      ->check(CLI::IsMember({"none", "host", "nvme"}))->capture_default_str();
+  sub->add_option("--nvme-dir", a.nvme_dir, "directory for --offload nvme");
+}
+
+std::size_t auto_bucket_bytes(std::uint64_t params, DType compute) {
+  const std::uint64_t bytes = params * size_of(compute) / 16;
+  std::uint64_t b = std::uint64_t(64) << 10;
+  while (b * 2 <= bytes && b * 2 <= (std::uint64_t(25) << 20)) b *= 2;
+  return static_cast<std::size_t>(b);
+}
+
+Model build_model(const ModelArgs& a) {
+  Model m;
+  if (a.params.empty()) {
+    m.example = true;
+    m.shape = {a.layers, a.hidden};
+    m.blocks = mlp::blocks(m.shape);
+    m.params = mlp::param_count(m.shape);
+    m.description = "example MLP, " + std::to_string(a.layers) + " blocks of hidden " + std::to_string(a.hidden);
+    return m;
+  }
+  const auto n = parse_count(a.params);
+  if (!n || *n == 0)
+    throw UsageError("--params: '" + a.params + "' is not a positive parameter count (e.g. 1.3B, 350M, 7e9)");
+  m.params = *n;
+  // Equal blocks (the first `rest` one element larger) so the sizes sum to exactly --params.
+  const std::uint64_t nb = std::min<std::uint64_t>(static_cast<std::uint64_t>(a.blocks), *n);
+  const std::uint64_t base = *n / nb, rest = *n % nb;
+  for (std::uint64_t b = 0; b < nb; ++b) {
+    const std::string name = "block" + std::to_string(b);
+    const auto size = static_cast<std::int64_t>(base + (b < rest ? 1 : 0));
+    m.blocks.push_back({name, {{name + ".w", {size}}}});
+  }
+  m.description = std::to_string(nb) + " equal blocks";
+  return m;
+}
+
+void check_offload(const ModelArgs& a) {
+  if (a.offload == "nvme" && a.nvme_dir.empty())
+    throw UsageError("--nvme-dir: required with --offload nvme (the directory for the optimizer state)");
+  if (!a.nvme_dir.empty() && a.offload != "nvme")
+    throw UsageError("--nvme-dir: only used with --offload nvme");
+  if (a.offload != "none")
+    throw UsageError("--offload " + a.offload + ": optimizer offload is not available in this build yet "
+                     "(use --offload none)");
+}
+
+Config build_config(const ModelArgs& a, const Model& m) {
+  Config c;
+  c.stage = a.stage;
+  if (!parse_dtype(a.dtype, c.compute_dtype)) throw UsageError("--dtype: unknown dtype '" + a.dtype + "'");
+  c.reduce_dtype = c.compute_dtype;
+  if (c.compute_dtype == DType::fp16) c.loss_scaling.mode = LossScaleMode::dynamic;
+  if (!parse_optimizer(a.optimizer, c.optimizer)) throw UsageError("--optimizer: unknown rule '" + a.optimizer + "'");
+  if (a.bucket == "auto") {
+    c.bucket_bytes = auto_bucket_bytes(m.params, c.compute_dtype);
+  } else {
+    const auto b = parse_bytes(a.bucket);
+    if (!b || *b == 0) throw UsageError("--bucket: '" + a.bucket + "' is not a size (e.g. 4MiB, 25MB, auto)");
+    c.bucket_bytes = static_cast<std::size_t>(*b);
+  }
+  c.prefetch_units = a.prefetch;
+  c.accumulation_steps = a.micro_steps;
+  return c;
+}
+
+void check_backend(const std::string& backend, const char* what) {
+  if (backend == "cpu") return;
+  if (!cuda_device_available())
+    throw UsageError("--backend cuda: the CUDA backend is not available in this build or no CUDA device was "
+                     "found (use --backend cpu)");
+  throw UsageError(std::string("--backend cuda: ") + what + " runs on the CPU backend only in this build");
+}
+
+Json bytes_json(const MemoryReport& r, bool peak) {
+  Json out = Json::object();
+  for (int p = 0; p < kPlaceCount; ++p) {
+    Json place = Json::object();
+    std::size_t sum = 0;
+    for (int c = 0; c < kCategoryCount; ++c) {
+      const std::size_t v = peak ? r.peak[c][p] : r.current[c][p];
+      place[std::string(name_of(static_cast<Category>(c)))] = v;
+      sum += v;
+    }
+    place["total"] = peak ? r.peak_total[p] : sum;
+    out[std::string(name_of(static_cast<Place>(p)))] = place;
+  }
+  return out;
+}
+
+std::string bytes_table(const MemoryReport& r, bool peak) {
+  std::vector<int> places;
+  for (int p = 0; p < kPlaceCount; ++p)
+    if (r.peak_total[p] > 0 || r.current_total(static_cast<Place>(p)) > 0) places.push_back(p);
+  if (places.empty()) places.push_back(static_cast<int>(Place::device));
+  std::ostringstream os;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%-18s", "bytes per rank");
+  os << buf;
+  for (int p : places) {
+    std::snprintf(buf, sizeof buf, "%14s", std::string(name_of(static_cast<Place>(p))).c_str());
+    os << buf;
+  }
+  os << '\n';
+  for (int c = 0; c < kCategoryCount; ++c) {
+    std::snprintf(buf, sizeof buf, "%-18s", std::string(name_of(static_cast<Category>(c))).c_str());
+    os << buf;
+    for (int p : places) {
+      std::snprintf(buf, sizeof buf, "%14s", format_bytes(double(peak ? r.peak[c][p] : r.current[c][p])).c_str());
+      os << buf;
+    }
+    os << '\n';
+  }
+  std::snprintf(buf, sizeof buf, "%-18s", "total");
+  os << buf;
+  for (int p : places) {
+    const std::size_t t = peak ? r.peak_total[p] : r.current_total(static_cast<Place>(p));
+    std::snprintf(buf, sizeof buf, "%14s", format_bytes(double(t)).c_str());
+    os << buf;
+  }
+  os << '\n';
+  return os.str();
+}
+
+int run(int argc, const char* const* argv, Io& io) {
+  CLI::App app{"shardopt: ZeRO-style sharded optimizers. Train the example model, estimate and plan memory, "
+               "benchmark the optimizer update.",
+               "shardopt"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::to_string(SHARDOPT_VERSION_MAJOR) + "." +
+                                        std::to_string(SHARDOPT_VERSION_MINOR) + "." +
+                                        std::to_string(SHARDOPT_VERSION_PATCH));
+  TrainArgs train;
+  EstimateArgs estimate;
+  PlanArgs plan;
+  BenchArgs bench;
+  CLI::App* train_cmd = add_train(app, train);
+  CLI::App* estimate_cmd = add_estimate(app, estimate);
+  CLI::App* plan_cmd = add_plan(app, plan);
+  CLI::App* bench_cmd = add_bench(app, bench);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e, io.out, io.err);
+  }
+  std::string which = "shardopt";
+  try {
+    if (train_cmd->parsed()) {
+      which += " train";
+      return run_train(train, io);
+    }
+    if (estimate_cmd->parsed()) {
+      which += " estimate";
+      return run_estimate(estimate, io);
+    }
+    if (plan_cmd->parsed()) {
+      which += " plan";
+      return run_plan(plan, io);
+    }
+    if (bench_cmd->parsed()) {
+      which += " bench update";
+      return run_bench(bench, io);
+    }
+  } catch (const UsageError& e) {
+    io.err << which << ": error: " << e.what() << "\nRun with --help for more information.\n";
+    return 2;
+  } catch (const Error& e) {
+    io.err << which << ": error: " << e.message() << " [" << to_string(e.code()) << "]\n";
+    return 1;
+  } catch (const std::exception& e) {
+    io.err << which << ": error: " << e.what() << '\n';
+    return 1;
+  }
+  io.err << "shardopt: no subcommand\n";
+  return 2;
+}
+
+}  // namespace shardopt::cli

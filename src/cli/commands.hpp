@@ -1,0 +1,115 @@
+#pragma once
+// The subcommands of the shardopt command line: their arguments and what runs them.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "cli.hpp"
+#include "mlp.hpp"
+#include "shardopt/shardopt.hpp"
+
+namespace shardopt::cli {
+
+using Json = nlohmann::ordered_json;
+
+// A mistake on the command line the parser cannot see (a flag's value valid alone but not with
+// the others, or a feature this build lacks). The message starts with the flag at fault.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The model and engine settings shared by train, estimate and plan.
+struct ModelArgs {
+  std::string params;      // a count ("1.3B"); empty: the example model (layers x hidden)
+  int layers = 4;
+  int hidden = 128;
+  int blocks = 32;         // with --params: equal blocks
+  int batch = 32;          // rows per micro-batch per rank (example model activations)
+  std::string dtype = "fp32";
+  std::string optimizer = "adamw";
+  std::string bucket = "auto";
+  int prefetch = 2;
+  int stage = 0;
+  int micro_steps = 1;
+  std::string offload = "none";
+  std::string nvme_dir;
+};
+
+struct Model {
+  std::vector<BlockSpec> blocks;
+  std::uint64_t params = 0;
+  bool example = false;  // the example MLP (so its activations are known)
+  mlp::Shape shape;
+  std::string description;
+};
+
+// Adds --params/--layers/--hidden/--blocks/--dtype/--optimizer/--bucket/--prefetch/--stage/
+// --micro-steps/--offload/--nvme-dir to `sub` (with_params: --params and --blocks too).
+void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_stage);
+Model build_model(const ModelArgs& a);
+// Checks --offload/--nvme-dir: UsageError if offload is asked for (not in this build).
+void check_offload(const ModelArgs& a);
+Config build_config(const ModelArgs& a, const Model& m);
+// "auto" bucket: 1/16 of the model's compute-dtype bytes (so a model spans ~16 units and stage 3
+// holds a fraction of it), as a power of two within [64 KiB, 25 MiB] (25 MiB: the engine default).
+std::size_t auto_bucket_bytes(std::uint64_t params, DType compute);
+
+// Peak (or planned) bytes per place and category, with "total" per place.
+Json bytes_json(const MemoryReport& r, bool peak);
+// A table of bytes per category (rows) and place (columns holding anything).
+std::string bytes_table(const MemoryReport& r, bool peak);
+
+struct TrainArgs {
+  ModelArgs model;
+  std::string backend = "cpu";
+  int ranks = 4;
+  double lr = 0;  // 0: the optimizer's default
+  double weight_decay = 0.0;
+  double clip = 0.0;
+  int steps = 100;
+  std::uint64_t seed = 1;
+  unsigned threads = 0;
+  std::string save, resume, metrics;
+  bool json = false;
+};
+CLI::App* add_train(CLI::App& app, TrainArgs& a);
+int run_train(const TrainArgs& a, Io& io);
+
+struct EstimateArgs {
+  ModelArgs model;
+  int world = 4;
+  bool json = false;
+};
+CLI::App* add_estimate(CLI::App& app, EstimateArgs& a);
+int run_estimate(const EstimateArgs& a, Io& io);
+
+struct PlanArgs {
+  ModelArgs model;
+  int gpus = 1;
+  std::string gpu_mem, host_mem, nvme, activations;
+  double headroom = 0.10;
+  bool json = false;
+};
+CLI::App* add_plan(CLI::App& app, PlanArgs& a);
+int run_plan(const PlanArgs& a, Io& io);
+
+struct BenchArgs {
+  std::string params = "16M";
+  unsigned threads = 0;
+  std::string dtype = "bf16";
+  std::string optimizer = "adamw";
+  std::string backend = "cpu";
+  int iters = 10;
+  bool json = false;
+};
+CLI::App* add_bench(CLI::App& app, BenchArgs& a);
+int run_bench(const BenchArgs& a, Io& io);
+
+// The CUDA backend check shared by train and bench (UsageError naming --backend).
+void check_backend(const std::string& backend, const char* what);
+
+}  // namespace shardopt::cli

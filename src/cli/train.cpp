@@ -1,0 +1,171 @@
+// shardopt train: the example trainer (examples/mlp) driven from the command line.
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "commands.hpp"
+#include "units.hpp"
+
+namespace shardopt::cli {
+
+CLI::App* add_train(CLI::App& app, TrainArgs& a) {
+  CLI::App* sub = app.add_subcommand(
+      "train", "Train the example model (residual MLP blocks learning a fixed teacher) over in-process ranks");
+  sub->add_option("--backend", a.backend, "cpu (cuda: not in this build)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  sub->add_option("--ranks", a.ranks, "data-parallel ranks (threads in this process)")
+      ->check(CLI::Range(1, 1024))->capture_default_str();
+  add_model_options(sub, a.model, /*with_params=*/false, /*with_stage=*/true);
+  sub->add_option("--lr", a.lr, "learning rate (default: 1e-3 adamw/adam, 1e-4 lion, 0.05 sgd)")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--weight-decay", a.weight_decay, "weight decay of the weight matrices (biases: none)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  sub->add_option("--clip", a.clip, "global gradient-norm clipping (0: off)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  sub->add_option("--steps", a.steps, "optimizer steps")->check(CLI::Range(1, 100000000))->capture_default_str();
+  sub->add_option("--seed", a.seed, "seed of the student init, the teacher and the data (rank r reads seed + r)")
+      ->capture_default_str();
+  sub->add_option("--threads", a.threads, "kernel threads shared by all ranks (0: all cores)")->capture_default_str();
+  sub->add_option("--save", a.save, "write a checkpoint to DIR (not in this build yet)");
+  sub->add_option("--resume", a.resume, "resume from the checkpoint in DIR (not in this build yet)");
+  sub->add_option("--metrics", a.metrics, "write one JSON line per step to FILE");
+  sub->add_flag("--json", a.json, "print one JSON object with the results as the last line of stdout");
+  return sub;
+}
+
+namespace {
+
+double default_lr(OptimizerKind k) {
+  switch (k) {
+    case OptimizerKind::sgd: return 0.05;
+    case OptimizerKind::lion: return 1e-4;
+    default: return 1e-3;
+  }
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string hex64(std::uint64_t v) {
+  char buf[20];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+}  // namespace
+
+int run_train(const TrainArgs& a, Io& io) {
+  check_backend(a.backend, "the example trainer");
+  check_offload(a.model);
+  if (!a.save.empty()) throw UsageError("--save: checkpoints are not available in this build yet");
+  if (!a.resume.empty()) throw UsageError("--resume: checkpoints are not available in this build yet");
+
+  const Model model = build_model(a.model);
+  mlp::TrainOptions o;
+  o.shape = model.shape;
+  o.batch = a.model.batch;
+  o.ranks = a.ranks;
+  o.steps = a.steps;
+  o.seed = a.seed;
+  o.threads = a.threads;
+  o.config = build_config(a.model, model);
+  o.config.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(o.config.optimizer));
+  o.config.hyper.weight_decay = static_cast<float>(a.weight_decay);
+  o.config.max_grad_norm = static_cast<float>(a.clip);
+
+  std::unique_ptr<std::ofstream> metrics;
+  if (!a.metrics.empty()) {
+    metrics = std::make_unique<std::ofstream>(a.metrics);
+    if (!*metrics) throw UsageError("--metrics: cannot open '" + a.metrics + "' for writing");
+  }
+
+  // With --json stdout carries only the JSON line; the human-readable output goes to stderr.
+  std::ostream& human = a.json ? io.err : io.out;
+  const bool live = a.json ? io.err_tty : io.out_tty;
+  const double samples_per_step = double(a.ranks) * o.batch * o.config.accumulation_steps;
+  human << "shardopt train: " << model.description << " (" << format_count(model.params) << " params), "
+        << a.ranks << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer
+        << " lr " << o.config.hyper.lr << ", bucket " << format_bytes(double(o.config.bucket_bytes)) << ", "
+        << a.steps << " steps\n";
+  human.flush();
+
+  const int every = std::max(1, a.steps / 10);
+  auto on_step = [&](const mlp::StepRecord& s) {
+    if (metrics) {
+      Json j;
+      j["step"] = s.step;
+      j["loss"] = s.loss;
+      j["step_ms"] = s.step_ms;
+      j["applied"] = s.applied;
+      j["loss_scale"] = s.loss_scale;
+      j["grad_norm"] = s.grad_norm;
+      *metrics << j.dump() << '\n';
+    }
+    char line[200];
+    std::snprintf(line, sizeof line, "step %d/%d  loss %.6f  %.2f ms/step  %.0f samples/s  mem/rank %s%s", s.step,
+                  a.steps, s.loss, s.step_ms, s.step_ms > 0 ? samples_per_step * 1000.0 / s.step_ms : 0.0,
+                  format_bytes(double(s.rank_bytes)).c_str(), s.applied ? "" : "  (skipped: overflow)");
+    if (live) {
+      // \r and a clear-to-end-of-line rewrite the same terminal line every step.
+      human << '\r' << line << "\x1b[K";
+      if (s.step == a.steps) human << '\n';
+      human.flush();
+    } else if (s.step % every == 0 || s.step == 1 || s.step == a.steps) {
+      human << line << '\n';
+    }
+  };
+  const mlp::TrainResult r = mlp::train(o, on_step);
+  if (metrics && !*metrics) throw UsageError("--metrics: writing '" + a.metrics + "' failed");
+
+  std::vector<double> ms;
+  for (const auto& s : r.steps) ms.push_back(s.step_ms);
+  const std::uint64_t digest = mlp::digest(r.master);
+  const double loss_first = r.steps.front().loss, loss_last = r.steps.back().loss;
+  human << "loss " << loss_first << " -> " << loss_last << " over " << a.steps << " steps (" << r.skipped_steps
+        << " skipped), median " << median(ms) << " ms/step, param digest " << hex64(digest) << "\n"
+        << "rank 0 memory (engine buffers; the trainer's activations, " << format_bytes(double(r.activation_bytes))
+        << " per rank, are outside it):\n"
+        << r.memory[0].to_string();
+  human.flush();
+
+  if (a.json) {
+    Json j;
+    j["params"] = r.params;
+    j["steps"] = a.steps;
+    j["ranks"] = a.ranks;
+    j["stage"] = o.config.stage;
+    j["dtype"] = a.model.dtype;
+    j["optimizer"] = a.model.optimizer;
+    j["layers"] = o.shape.layers;
+    j["hidden"] = o.shape.hidden;
+    j["batch"] = o.batch;
+    j["micro_steps"] = o.config.accumulation_steps;
+    j["lr"] = a.lr > 0 ? a.lr : default_lr(o.config.optimizer);
+    j["seed"] = a.seed;
+    j["bucket_bytes"] = o.config.bucket_bytes;
+    j["loss_first"] = loss_first;
+    j["loss_last"] = loss_last;
+    j["skipped_steps"] = r.skipped_steps;
+    j["param_digest"] = "fnv1a64:" + hex64(digest);
+    j["step_ms_median"] = median(ms);
+    j["samples_per_s"] = median(ms) > 0 ? samples_per_step * 1000.0 / median(ms) : 0.0;
+    const CommStats& c = r.last_step_comm[0];
+    j["comm_bytes_per_step"] = c.total_bytes();
+    Json kinds = Json::object();
+    for (int k = 0; k < kCollectiveKindCount; ++k)
+      kinds[std::string(name_of(static_cast<CollectiveKind>(k)))] = c.bytes[k];
+    j["comm_bytes_by_kind"] = kinds;
+    j["activation_bytes_per_rank"] = r.activation_bytes;
+    Json peaks = Json::array();
+    for (const auto& m : r.memory) peaks.push_back(bytes_json(m, /*peak=*/true));
+    j["peak_bytes"] = peaks;  // [rank][place][category], plus [place]["total"] (peak of the sum)
+    io.out << j.dump() << '\n';
+  }
+  return 0;
+}
+
+}  // namespace shardopt::cli

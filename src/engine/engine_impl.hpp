@@ -1,0 +1,708 @@
+#pragma once
+// Engine::Impl (internal): the engine's state and its per-stage logic, shared by the files that
+// implement Engine's calls (engine.cpp, and later checkpoint and offload code).
+//
+// Everything is planned in initialize(): the layout, every buffer, and the list of update ranges
+// (contiguous runs of this rank's elements with one parameter group). step() only walks those
+// lists. The element-wise arithmetic lives in the backend kernels; this file decides what runs
+// where and in which order.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <string>
+#include <unordered_set>
+
+#include "engine/plan.hpp"
+#include "shardopt/engine.hpp"
+#include "shardopt/error.hpp"
+
+namespace shardopt {
+
+namespace detail {
+inline std::byte* at(const Buffer& b, std::size_t elem, DType t) {
+  return static_cast<std::byte*>(b.data()) + elem * size_of(t);
+}
+}  // namespace detail
+using detail::at;
+
+struct Engine::Impl {
+  // One contiguous run of this rank's elements that is updated with one group's hyperparameters.
+  struct Range {
+    int unit = 0;
+    int group = 0;
+    std::size_t unit_begin = 0;  // first element within the unit buffer
+    std::size_t n = 0;
+    float* master = nullptr;
+    float* state[2] = {nullptr, nullptr};
+    void* grad = nullptr;
+    DType grad_dtype = DType::fp32;
+    void* param_out = nullptr;
+  };
+  // A gathered-unit buffer (stage 3).
+  struct Slot {
+    Buffer buffer;
+    int unit = -1;
+    int refs = 0;            // blocks acquired and not yet released
+    std::uint64_t last_use = 0;
+    std::unique_ptr<Event> ready;  // gather finished
+    std::unique_ptr<Event> idle;   // compute work reading it finished
+  };
+  // A gradient bucket (stages 2-3): the trainer writes one unit's gradients here.
+  struct Bucket {
+    Buffer buffer;
+    int unit = -1;
+    std::unique_ptr<Event> free;  // its last reduce-scatter finished and it is zero again
+  };
+
+  Config cfg;
+  Backend& be;
+  Communicator& comm;
+  int rank = 0, world = 1;
+  std::vector<BlockSpec> specs;
+  std::map<int, Hyperparams> groups;
+  bool initialized = false;
+
+  Layout layout;
+  DType c = DType::fp32;   // compute
+  DType r = DType::fp32;   // reduce (wire)
+  DType gs = DType::fp32;  // sharded gradient (stages 1-3)
+  int nstates = 2;
+  std::size_t S = 0;      // shard elements
+  std::vector<std::size_t> base;  // unit offset within the full (stage 0-2) buffers
+  std::size_t P = 0;      // full padded elements
+
+  std::unique_ptr<Stream> compute, side;  // side: communication and the optimizer step
+  std::unique_ptr<Event> compute_done, side_done;
+
+  Buffer params_full, grads_full, grads_reduced, master, states[2], param_shard, grad_shard;
+  Buffer reduce_buf, rs_tmp, scalars, host_scalars, init_staging;
+  std::vector<Slot> slots;
+  std::vector<int> unit_slot;  // stage 3: slot holding each unit, -1 if none
+  std::vector<Buffer> persistent;  // stage 3: units that stay gathered (empty Buffer if not)
+  std::vector<Bucket> buckets;
+  std::vector<int> unit_bucket;  // stages 2-3: bucket bound to each unit this micro-step
+  std::vector<Range> ranges;
+  std::vector<detail::BufferSpec> buffer_specs;
+
+  // micro-step bookkeeping
+  std::vector<char> block_ready;
+  std::vector<int> unit_pending;  // blocks of the unit not yet ready this micro-step
+  std::vector<int> block_acquired;
+  int ready_blocks = 0;
+  int micro_steps = 0;
+  int last_unit = -1, direction = 1;
+  std::uint64_t tick = 0;
+
+  // optimizer and loss-scaler state
+  std::int64_t step_count = 0;
+  float loss_scale = 1.0f;
+  int good_steps = 0, overflow_run = 0;
+
+  Impl(const Config& config, Backend& backend, Communicator& communicator)
+      : cfg(config), be(backend), comm(communicator) {
+    cfg.validate();
+    world = comm.size();
+    rank = comm.rank();
+    require(world >= 1, ErrorCode::invalid_argument, "communicator world size must be >= 1");
+    require(!(cfg.offload_optimizer != OffloadKind::none), ErrorCode::unsupported,
+            "offload_optimizer=" + std::string(name_of(cfg.offload_optimizer)) +
+                " is not available in this build (optimizer offload is not implemented yet)");
+    require(!cfg.offload_params, ErrorCode::unsupported,
+            "offload_params is not available in this build (parameter offload is not implemented yet)");
+    groups[0] = cfg.hyper;
+    c = cfg.compute_dtype;
+    r = cfg.reduce_dtype;
+    nstates = state_count(cfg.optimizer);
+    loss_scale = cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
+    compute = be.create_stream("shardopt.compute.r" + std::to_string(rank));
+    side = be.create_stream("shardopt.comm.r" + std::to_string(rank));
+    compute_done = be.create_event();
+    side_done = be.create_event();
+  }
+
+  void require_initialized(const char* call) const {
+    require(initialized, ErrorCode::invalid_state, std::string(call) + " before initialize()");
+  }
+  void check_block(int b, const char* call) const {
+    require_initialized(call);
+    if (b < 0 || b >= static_cast<int>(layout.blocks().size()))
+      throw Error(ErrorCode::invalid_argument, std::string(call) + ": unknown block index " +
+                                                   std::to_string(b) + " (" +
+                                                   std::to_string(layout.blocks().size()) + " blocks registered)");
+  }
+  bool host_visible() const { return be.kind() == BackendKind::cpu; }
+
+  // Makes work on `stream` (and, on the CPU backend, the caller) wait for `event`.
+  void consume(Event& event) {
+    be.wait(*compute, event);
+    if (host_visible()) be.synchronize(event);
+  }
+
+  // ---------------------------------------------------------------- planning
+  void plan() {
+    detail::EnginePlan p = detail::plan_engine(cfg, specs, world);
+    layout = std::move(p.layout);
+    gs = p.shard_grad_dtype;
+    buffer_specs = std::move(p.buffers);
+    for (const auto& t : layout.tensors())
+      if (!groups.count(t.group)) groups[t.group] = groups[0];
+    S = layout.shard_elems();
+    base.clear();
+    P = 0;
+    for (const auto& u : layout.units()) {
+      base.push_back(P);
+      P += u.padded_elems;
+    }
+  }
+
+  // Allocates the planned buffers (zero-filled: padding must read as zero) and their events.
+  void allocate() {
+    using detail::Buf;
+    const std::size_t units = layout.units().size();
+    if (cfg.stage >= 2) {
+      buckets.resize(2);
+      unit_bucket.assign(units, -1);
+    }
+    if (cfg.stage == 3) {
+      persistent.resize(units);
+      unit_slot.assign(units, -1);
+      slots.clear();
+    }
+    for (const auto& spec : buffer_specs) {
+      Buffer b = be.allocate(spec.elems * size_of(spec.dtype), spec.place, spec.category,
+                             spec.name + " (rank " + std::to_string(rank) + ")");
+      if (b) be.fill(b.data(), spec.dtype, spec.elems, 0.0f, *side);
+      switch (spec.kind) {
+        case Buf::params_full: params_full = std::move(b); break;
+        case Buf::param_shard: param_shard = std::move(b); break;
+        case Buf::master: master = std::move(b); break;
+        case Buf::state: states[spec.index] = std::move(b); break;
+        case Buf::grads_full: grads_full = std::move(b); break;
+        case Buf::grads_reduced: grads_reduced = std::move(b); break;
+        case Buf::reduce_buf: reduce_buf = std::move(b); break;
+        case Buf::grad_shard: grad_shard = std::move(b); break;
+        case Buf::bucket:
+          buckets[spec.index].buffer = std::move(b);
+          buckets[spec.index].free = be.create_event();
+          break;
+        case Buf::rs_tmp: rs_tmp = std::move(b); break;
+        case Buf::slot:
+          slots.emplace_back();
+          slots.back().buffer = std::move(b);
+          slots.back().ready = be.create_event();
+          slots.back().idle = be.create_event();
+          break;
+        case Buf::persistent: persistent[spec.index] = std::move(b); break;
+        case Buf::scalars: scalars = std::move(b); break;
+        case Buf::host_scalars: host_scalars = std::move(b); break;
+        case Buf::init_staging: init_staging = std::move(b); break;
+      }
+    }
+    be.fill(scalars.as<float>() + 1, DType::fp32, 1, 1.0f, *side);
+  }
+
+  // Where this rank's master value of unit-element `e` of unit `u` lives (e within its slice,
+  // or anywhere at stage 0).
+  float* master_at(int u, std::size_t e) const {
+    const auto& info = layout.units()[u];
+    if (cfg.stage == 0)
+      return c == DType::fp32 ? reinterpret_cast<float*>(at(params_full, base[u] + e, c))
+                              : master.as<float>() + base[u] + e;
+    const std::size_t so = info.shard_offset + (e - rank * info.slice_elems);
+    if (c != DType::fp32) return master.as<float>() + so;
+    if (cfg.stage == 3) return param_shard.as<float>() + so;
+    return reinterpret_cast<float*>(at(params_full, base[u] + e, c));
+  }
+  void* param_at(int u, std::size_t e) const {
+    const auto& info = layout.units()[u];
+    if (cfg.stage <= 2) return at(params_full, base[u] + e, c);
+    return at(param_shard, info.shard_offset + (e - rank * info.slice_elems), c);
+  }
+  float* state_at(int i, int u, std::size_t e) const {
+    const auto& info = layout.units()[u];
+    if (cfg.stage == 0) return states[i].as<float>() + base[u] + e;
+    return states[i].as<float>() + info.shard_offset + (e - rank * info.slice_elems);
+  }
+  // The reduced gradient of unit-element e, and its dtype.
+  std::pair<void*, DType> grad_at(int u, std::size_t e) const {
+    const auto& info = layout.units()[u];
+    if (cfg.stage == 0)
+      return r == c ? std::pair<void*, DType>{at(grads_full, base[u] + e, c), c}
+                    : std::pair<void*, DType>{at(grads_reduced, base[u] + e, r), r};
+    if (cfg.stage == 1 && r == c) return {at(grads_full, base[u] + e, c), c};
+    return {at(grad_shard, info.shard_offset + (e - rank * info.slice_elems), gs), gs};
+  }
+
+  void plan_ranges() {
+    ranges.clear();
+    const auto& tensors = layout.tensors();
+    for (int u = 0; u < static_cast<int>(layout.units().size()); ++u) {
+      const auto& info = layout.units()[u];
+      const std::size_t lo = cfg.stage == 0 ? 0 : rank * info.slice_elems;
+      const std::size_t hi = cfg.stage == 0 ? info.padded_elems : lo + info.slice_elems;
+      if (lo == hi) continue;
+      // tensors of this unit in order; a range breaks where the group changes
+      int first = layout.blocks()[info.first_block].first_tensor;
+      int last = first;
+      for (int b = info.first_block; b < info.first_block + info.block_count; ++b)
+        last = layout.blocks()[b].first_tensor + layout.blocks()[b].tensor_count;
+      int group = first < last ? tensors[first].group : 0;
+      for (int t = first; t < last; ++t)
+        if (tensors[t].unit_offset <= lo) group = tensors[t].group;
+      std::size_t start = lo;
+      auto emit = [&](std::size_t end) {
+        if (end <= start) return;
+        Range rg;
+        rg.unit = u;
+        rg.group = group;
+        rg.unit_begin = start;
+        rg.n = end - start;
+        rg.master = master_at(u, start);
+        for (int i = 0; i < nstates; ++i) rg.state[i] = state_at(i, u, start);
+        auto [g, gt] = grad_at(u, start);
+        rg.grad = g;
+        rg.grad_dtype = gt;
+        rg.param_out = param_at(u, start);
+        ranges.push_back(rg);
+        start = end;
+      };
+      for (int t = first; t < last; ++t) {
+        const std::size_t off = tensors[t].unit_offset;
+        if (off > lo && off < hi && tensors[t].group != group) {
+          emit(off);
+          group = tensors[t].group;
+        }
+      }
+      emit(hi);
+    }
+  }
+
+  // ---------------------------------------------------------------- initialization
+  template <class F>
+  void for_each_owned_piece(F&& f) const {
+    if (cfg.stage == 0) {
+      for (int t = 0; t < static_cast<int>(layout.tensors().size()); ++t) {
+        const auto& ti = layout.tensors()[t];
+        if (ti.numel) f(t, std::size_t{0}, ti.numel, ti.unit, ti.unit_offset);
+      }
+      return;
+    }
+    for (const auto& p : layout.pieces(rank)) {
+      const auto& ti = layout.tensors()[p.tensor];
+      f(p.tensor, p.tensor_offset, p.count, ti.unit, ti.unit_offset + p.tensor_offset);
+    }
+  }
+
+  void set_initial_values(const InitFn& init) {
+    const InitFn fn = init ? init : seeded_init(0);
+    if (!init_staging) return;  // nothing to initialize: no element is owned by any rank
+    const std::size_t kChunk = init_staging.bytes() / 4;
+    float* host = init_staging.as<float>();
+    for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
+      for (std::size_t done = 0; done < n; done += kChunk) {
+        const std::size_t k = std::min(kChunk, n - done);
+        be.synchronize(*side);  // the staging buffer is reused
+        fn(layout.tensors()[t], begin + done, k, host);
+        be.copy(master_at(u, e + done), host, k * 4, *side);
+        if (c != DType::fp32) be.cast(master_at(u, e + done), DType::fp32, param_at(u, e + done), c, k, *side);
+      }
+    });
+    be.synchronize(*side);
+    init_staging.reset();
+  }
+
+  void gather_full_params() {
+    if (cfg.stage == 1 || cfg.stage == 2) {
+      for (std::size_t u = 0; u < layout.units().size(); ++u) {
+        const auto& info = layout.units()[u];
+        std::byte* unit = at(params_full, base[u], c);
+        comm.all_gather(unit + rank * info.slice_elems * size_of(c), unit, info.slice_elems, c, *side);
+      }
+    } else if (cfg.stage == 3) {
+      for (std::size_t u = 0; u < layout.units().size(); ++u)
+        if (persistent[u]) gather_unit(static_cast<int>(u), persistent[u].data());
+    }
+  }
+
+  void gather_unit(int u, void* dst) {
+    const auto& info = layout.units()[u];
+    comm.all_gather(at(param_shard, info.shard_offset, c), dst, info.slice_elems, c, *side);
+  }
+
+  void initialize(const InitFn& init) {
+    require(!initialized, ErrorCode::invalid_state, "initialize() called twice");
+    plan();
+    try {
+      allocate();
+      plan_ranges();
+      set_initial_values(init);
+      gather_full_params();
+      be.synchronize(*side);
+    } catch (...) {
+      release_all();
+      throw;
+    }
+    block_ready.assign(layout.blocks().size(), 0);
+    block_acquired.assign(layout.blocks().size(), 0);
+    unit_pending.resize(layout.units().size());
+    reset_pending();
+    initialized = true;
+  }
+
+  void release_all() {
+    for (auto* b : {&params_full, &grads_full, &grads_reduced, &master, &states[0], &states[1], &param_shard,
+                    &grad_shard, &reduce_buf, &rs_tmp, &scalars, &host_scalars, &init_staging})
+      b->reset();
+    slots.clear();
+    persistent.clear();
+    buckets.clear();
+    ranges.clear();
+  }
+
+  void reset_pending() {
+    for (std::size_t u = 0; u < layout.units().size(); ++u) unit_pending[u] = layout.units()[u].block_count;
+    std::fill(block_ready.begin(), block_ready.end(), 0);
+    ready_blocks = 0;
+  }
+
+  // ---------------------------------------------------------------- per block
+  BlockView view_of(int b, const std::function<void*(int tensor)>& where, DType t) const {
+    BlockView v;
+    v.block = b;
+    const auto& bi = layout.blocks()[b];
+    for (int i = 0; i < bi.tensor_count; ++i) {
+      const auto& ti = layout.tensors()[bi.first_tensor + i];
+      v.tensors.push_back(TensorView{where(bi.first_tensor + i), t, ti.numel, &ti});
+    }
+    return v;
+  }
+
+  int take_slot(int u) {
+    // A free slot, else the least recently used one nobody holds. Every rank runs the same
+    // sequence of calls, so every rank picks the same slot and issues the same gathers.
+    int best = -1;
+    for (int i = 0; i < static_cast<int>(slots.size()); ++i) {
+      const Slot& s = slots[i];
+      if (s.refs > 0 || s.unit == u) continue;
+      if (best < 0 || (s.unit < 0 && slots[best].unit >= 0) ||
+          ((s.unit < 0) == (slots[best].unit < 0) && s.last_use < slots[best].last_use))
+        best = i;
+    }
+    return best;
+  }
+
+  void start_gather(int u, int i) {
+    Slot& s = slots[i];
+    if (s.unit >= 0) unit_slot[s.unit] = -1;
+    s.unit = u;
+    s.last_use = ++tick;
+    unit_slot[u] = i;
+    be.wait(*side, *s.idle);  // compute work still reading the old unit
+    gather_unit(u, s.buffer.data());
+    be.record(*s.ready, *side);
+  }
+
+  void* unit_params_stage3(int u, bool prefetch_next) {
+    if (persistent[u]) return persistent[u].data();
+    int i = unit_slot[u];
+    if (i < 0) {
+      i = take_slot(u);
+      if (i < 0)
+        throw Error(ErrorCode::invalid_state,
+                    "acquire: all " + std::to_string(slots.size()) + " gathered-unit slots are held by acquired blocks; "
+                    "release blocks first or raise Config::prefetch_units");
+      start_gather(u, i);
+    }
+    Slot& s = slots[i];
+    s.refs++;
+    s.last_use = ++tick;
+    if (prefetch_next) {
+      if (u != last_unit && last_unit >= 0) direction = u > last_unit ? 1 : -1;
+      last_unit = u;
+      const int units = static_cast<int>(layout.units().size());
+      for (int k = 1, next = u + direction; k <= cfg.prefetch_units && next >= 0 && next < units; ++k, next += direction) {
+        if (persistent[next] || unit_slot[next] >= 0) continue;
+        const int j = take_slot(u);
+        if (j < 0) break;
+        start_gather(next, j);
+      }
+    }
+    consume(*s.ready);
+    return s.buffer.data();
+  }
+
+  BlockView acquire(int b) {
+    check_block(b, "acquire");
+    const auto& bi = layout.blocks()[b];
+    void* unit = cfg.stage == 3 ? unit_params_stage3(bi.unit, true) : at(params_full, base[bi.unit], c);
+    block_acquired[b]++;
+    const auto& tensors = layout.tensors();
+    return view_of(b, [&](int t) -> void* { return static_cast<std::byte*>(unit) + tensors[t].unit_offset * size_of(c); }, c);
+  }
+
+  void release(int b) {
+    check_block(b, "release");
+    if (block_acquired[b] == 0)
+      throw Error(ErrorCode::invalid_state, "release: block '" + layout.blocks()[b].name + "' is not acquired");
+    block_acquired[b]--;
+    if (cfg.stage == 3) {
+      const int u = layout.blocks()[b].unit;
+      const int i = unit_slot[u];
+      if (i >= 0 && slots[i].refs > 0) {
+        if (--slots[i].refs == 0) be.record(*slots[i].idle, *compute);
+      }
+    }
+  }
+
+  BlockView gradients(int b) {
+    check_block(b, "gradients");
+    if (block_ready[b])
+      throw Error(ErrorCode::invalid_state, "gradients: block '" + layout.blocks()[b].name +
+                                                "' already reported grads_ready in this micro-step");
+    const auto& bi = layout.blocks()[b];
+    const int u = bi.unit;
+    std::byte* unit;
+    if (cfg.stage <= 1) {
+      unit = at(grads_full, base[u], c);
+    } else {
+      int k = unit_bucket[u];
+      if (k < 0) {
+        for (int i = 0; i < 2 && k < 0; ++i) {
+          bool taken = false;
+          for (int v : unit_bucket) taken |= (v == i);
+          if (!taken) k = i;
+        }
+        if (k < 0)
+          throw Error(ErrorCode::invalid_state, "gradients: block '" + bi.name +
+                                                    "' opens a third unit while two units' gradients are still open; "
+                                                    "report grads_ready for every block of a unit before starting another two");
+        unit_bucket[u] = k;
+        consume(*buckets[k].free);
+      }
+      unit = static_cast<std::byte*>(buckets[k].buffer.data());
+    }
+    const auto& tensors = layout.tensors();
+    return view_of(b, [&](int t) -> void* { return unit + tensors[t].unit_offset * size_of(c); }, c);
+  }
+
+  void grads_ready(int b) {
+    check_block(b, "grads_ready");
+    if (block_ready[b])
+      throw Error(ErrorCode::invalid_state,
+                  "grads_ready: block '" + layout.blocks()[b].name + "' reported twice in one micro-step");
+    if (micro_steps >= cfg.accumulation_steps)
+      throw Error(ErrorCode::invalid_state, "grads_ready: all " + std::to_string(cfg.accumulation_steps) +
+                                                " micro-steps of this step are complete; call step() first");
+    const int u = layout.blocks()[b].unit;
+    if (cfg.stage >= 2 && unit_bucket[u] < 0)
+      throw Error(ErrorCode::invalid_state, "grads_ready: block '" + layout.blocks()[b].name +
+                                                "' has no gradient buffer; call gradients() first");
+    block_ready[b] = 1;
+    ready_blocks++;
+    if (--unit_pending[u] == 0 && cfg.stage >= 2) reduce_unit_bucket(u);
+    if (ready_blocks == static_cast<int>(layout.blocks().size())) {
+      micro_steps++;
+      reset_pending();
+    }
+  }
+
+  // Stages 2-3: reduce-scatter one unit's bucket into this rank's gradient shard.
+  void reduce_unit_bucket(int u) {
+    const auto& info = layout.units()[u];
+    Bucket& bk = buckets[unit_bucket[u]];
+    be.record(*compute_done, *compute);
+    be.wait(*side, *compute_done);
+    const void* src = bk.buffer.data();
+    if (r != c) {
+      be.cast(src, c, reduce_buf.data(), r, info.padded_elems, *side);
+      src = reduce_buf.data();
+    }
+    void* shard = at(grad_shard, info.shard_offset, gs);
+    if (cfg.accumulation_steps == 1) {
+      comm.reduce_scatter(src, shard, info.slice_elems, r, ReduceOp::avg, *side);
+    } else {
+      comm.reduce_scatter(src, rs_tmp.data(), info.slice_elems, r, ReduceOp::avg, *side);
+      be.accumulate(rs_tmp.data(), r, static_cast<float*>(shard), info.slice_elems, *side);
+    }
+    be.fill(bk.buffer.data(), c, info.padded_elems, 0.0f, *side);
+    be.record(*bk.free, *side);
+    unit_bucket[u] = -1;
+  }
+
+  // ---------------------------------------------------------------- step
+  void reduce_all_stage01() {
+    be.record(*compute_done, *compute);
+    be.wait(*side, *compute_done);
+    for (std::size_t u = 0; u < layout.units().size(); ++u) {
+      const auto& info = layout.units()[u];
+      std::byte* g = at(grads_full, base[u], c);
+      if (cfg.stage == 0) {
+        if (r == c) {
+          comm.all_reduce(g, g, info.padded_elems, c, ReduceOp::avg, *side);
+        } else {
+          void* red = at(grads_reduced, base[u], r);
+          be.cast(g, c, red, r, info.padded_elems, *side);
+          comm.all_reduce(red, red, info.padded_elems, r, ReduceOp::avg, *side);
+        }
+      } else if (r == c) {
+        comm.reduce_scatter(g, g + rank * info.slice_elems * size_of(c), info.slice_elems, c, ReduceOp::avg, *side);
+      } else {
+        be.cast(g, c, reduce_buf.data(), r, info.padded_elems, *side);
+        comm.reduce_scatter(reduce_buf.data(), at(grad_shard, info.shard_offset, r), info.slice_elems, r,
+                            ReduceOp::avg, *side);
+      }
+    }
+  }
+
+  void zero_local_grads() {
+    if (cfg.stage <= 1) be.fill(grads_full.data(), c, P, 0.0f, *side);
+    if (cfg.stage >= 2 && cfg.accumulation_steps > 1) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
+  }
+
+  void update_loss_scale(bool overflow) {
+    const LossScaling& ls = cfg.loss_scaling;
+    if (ls.mode != LossScaleMode::dynamic) return;
+    if (overflow) {
+      good_steps = 0;
+      if (++overflow_run >= ls.hysteresis) {
+        loss_scale = std::max(loss_scale * ls.backoff, ls.min_scale);
+        overflow_run = 0;
+      }
+    } else {
+      overflow_run = 0;
+      if (++good_steps >= ls.growth_interval) {
+        loss_scale *= ls.growth_factor;
+        good_steps = 0;
+      }
+    }
+  }
+
+  StepResult step() {
+    require_initialized("step");
+    if (micro_steps != cfg.accumulation_steps || ready_blocks != 0) {
+      std::string missing;
+      for (std::size_t b = 0; b < block_ready.size() && missing.size() < 200; ++b)
+        if (!block_ready[b]) missing += (missing.empty() ? "" : ", ") + layout.blocks()[b].name;
+      throw Error(ErrorCode::invalid_state,
+                  "step: " + std::to_string(micro_steps) + " of " + std::to_string(cfg.accumulation_steps) +
+                      " micro-steps complete" + (ready_blocks ? "; blocks without grads_ready: " + missing : ""));
+    }
+    for (std::size_t b = 0; b < block_acquired.size(); ++b)
+      if (block_acquired[b] && cfg.stage == 3)
+        throw Error(ErrorCode::invalid_state, "step: block '" + layout.blocks()[b].name + "' is still acquired");
+
+    if (cfg.stage <= 1) reduce_all_stage01();
+
+    // Overflow check and squared norm of the (still loss-scaled, micro-step-summed) gradient.
+    float* sc = scalars.as<float>();
+    be.fill(sc, DType::fp32, 1, 0.0f, *side);
+    for (std::size_t i = 0; i < ranges.size(); ++i) {
+      const Range& rg = ranges[i];
+      be.unscale_check(rg.grad, rg.grad_dtype, rg.n, sc + 1, sc, *side);
+      be.sum_squares(rg.grad, rg.grad_dtype, rg.n, sc + 4 + i, *side);
+    }
+    float* hs = host_scalars.as<float>();
+    be.copy(hs, sc, (4 + ranges.size()) * 4, *side);
+    be.synchronize(*side);
+    double local = 0;
+    for (std::size_t i = 0; i < ranges.size(); ++i) local += hs[4 + i];
+    double sumsq = local;
+    bool overflow = hs[0] != 0.0f;
+    if (cfg.stage >= 1 && world > 1) {
+      hs[2] = static_cast<float>(local);
+      hs[3] = hs[0];
+      be.copy(sc + 2, hs + 2, 8, *side);
+      comm.all_reduce(sc + 2, sc + 2, 2, DType::fp32, ReduceOp::sum, *side);
+      be.copy(hs + 2, sc + 2, 8, *side);
+      be.synchronize(*side);
+      sumsq = hs[2];
+      overflow = hs[3] != 0.0f;
+    }
+    overflow = overflow || !std::isfinite(sumsq);
+
+    StepResult res;
+    const double inv = 1.0 / (static_cast<double>(loss_scale) * cfg.accumulation_steps);
+    res.grad_norm = overflow ? std::numeric_limits<double>::infinity() : std::sqrt(sumsq) * inv;
+    if (overflow) {
+      update_loss_scale(true);
+      zero_local_grads();
+      be.synchronize(*side);
+      micro_steps = 0;
+      res.applied = false;
+      res.step = step_count;
+      res.loss_scale = loss_scale;
+      return res;
+    }
+    double clip = 1.0;
+    if (cfg.max_grad_norm > 0 && res.grad_norm > cfg.max_grad_norm) clip = cfg.max_grad_norm / (res.grad_norm + 1e-6);
+    res.clip_coefficient = static_cast<float>(clip);
+
+    step_count++;
+    std::map<int, StepScalars> scal;
+    for (const auto& [g, h] : groups)
+      scal[g] = make_step_scalars(cfg.optimizer, h, step_count, static_cast<float>(inv * clip));
+    for (const Range& rg : ranges) {
+      UpdateArgs a;
+      a.rule = cfg.optimizer;
+      a.scalars = scal[rg.group];
+      a.master = rg.master;
+      a.state1 = rg.state[0];
+      a.state2 = rg.state[1];
+      a.grad = rg.grad;
+      a.grad_dtype = rg.grad_dtype;
+      a.param_out = rg.param_out;
+      a.param_dtype = c;
+      a.n = rg.n;
+      be.fused_update(a, *side);
+    }
+    gather_full_params();
+    if (cfg.stage == 3) {
+      for (auto& s : slots) {
+        if (s.unit >= 0) unit_slot[s.unit] = -1;
+        s.unit = -1;
+      }
+    }
+    zero_local_grads();
+    be.synchronize(*side);
+    micro_steps = 0;
+    update_loss_scale(false);
+    res.applied = true;
+    res.step = step_count;
+    res.loss_scale = loss_scale;
+    return res;
+  }
+
+  void zero_grad() {
+    require_initialized("zero_grad");
+    be.synchronize(*side);
+    zero_local_grads();
+    if (cfg.stage >= 2) {
+      for (auto& bk : buckets) be.fill(bk.buffer.data(), c, layout.max_unit_elems(), 0.0f, *side);
+      std::fill(unit_bucket.begin(), unit_bucket.end(), -1);
+      if (cfg.accumulation_steps == 1) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
+    }
+    be.synchronize(*side);
+    micro_steps = 0;
+    reset_pending();
+  }
+
+  void read(const std::function<float*(int u, std::size_t e)>& loc,
+            const std::function<void(int, std::size_t, std::size_t, const float*)>& fn) {
+    require_initialized("read");
+    be.synchronize(*side);
+    be.synchronize(*compute);
+    std::vector<float> host;
+    for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
+      host.resize(n);
+      if (n) {
+        be.copy(host.data(), loc(u, e), n * 4, *side);
+        be.synchronize(*side);
+      }
+      fn(t, begin, n, host.data());
+    });
+  }
+};
+
+
+}  // namespace shardopt

@@ -1,0 +1,207 @@
+// The shardopt command line, run in-process: parsing errors name the flag, train learns and gives
+// the same parameters at every stage, estimate predicts what train measures.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cli.hpp"
+#include "units.hpp"
+
+namespace {
+
+using nlohmann::json;
+
+struct Result {
+  int rc = 0;
+  std::string out, err;
+};
+
+Result run(std::vector<std::string> args) {
+  std::ostringstream out, err;
+  shardopt::cli::Io io{out, err, false, false};
+  std::vector<const char*> argv{"shardopt"};
+  for (const auto& a : args) argv.push_back(a.c_str());
+  Result r;
+  r.rc = shardopt::cli::run(static_cast<int>(argv.size()), argv.data(), io);
+  r.out = out.str();
+  r.err = err.str();
+  return r;
+}
+
+json last_json_line(const std::string& out) {
+  std::istringstream in(out);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (!line.empty()) last = line;
+  return json::parse(last);
+}
+
+TEST(CliUnits, ParsesSizesAndCounts) {
+  using shardopt::cli::parse_bytes;
+  using shardopt::cli::parse_count;
+  EXPECT_EQ(parse_bytes("80GiB"), 80ull << 30);
+  EXPECT_EQ(parse_bytes("512MB"), 512000000ull);
+  EXPECT_EQ(parse_bytes("1e9"), 1000000000ull);
+  EXPECT_EQ(parse_bytes("1.5 KiB"), 1536ull);
+  EXPECT_EQ(parse_bytes("4096"), 4096ull);
+  EXPECT_EQ(parse_bytes("64k"), 64000ull);
+  for (const char* bad : {"", "GiB", "80XB", "-1", "abc", "0x10", "inf", "0.3"}) EXPECT_FALSE(parse_bytes(bad)) << bad;
+  EXPECT_EQ(parse_count("1.3B"), 1300000000ull);
+  EXPECT_EQ(parse_count("350M"), 350000000ull);
+  EXPECT_EQ(parse_count("16Mi"), 16ull << 20);
+  EXPECT_EQ(parse_count("7e9"), 7000000000ull);
+  for (const char* bad : {"", "1.5", "12X", "-3", "1e30"}) EXPECT_FALSE(parse_count(bad)) << bad;
+}
+
+TEST(CliErrors, ExitNonZeroNamingTheFlag) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"train", "--no-such-flag"}, "--no-such-flag"},
+      {{"train", "--stage", "5"}, "--stage"},
+      {{"train", "--ranks", "0"}, "--ranks"},
+      {{"train", "--steps", "abc"}, "--steps"},
+      {{"train", "--lr", "-1"}, "--lr"},
+      {{"train", "--dtype", "fp64"}, "--dtype"},
+      {{"train", "--optimizer", "adagrad"}, "--optimizer"},
+      {{"train", "--offload", "nvme"}, "--nvme-dir"},
+      {{"train", "--offload", "host"}, "--offload"},
+      {{"train", "--offload", "nvme", "--nvme-dir", "/tmp"}, "--offload"},
+      {{"train", "--backend", "cuda"}, "--backend"},
+      {{"train", "--save", "/tmp/ckpt"}, "--save"},
+      {{"train", "--resume", "/tmp/ckpt"}, "--resume"},
+      {{"train", "--bucket", "lots"}, "--bucket"},
+      {{"train", "--steps", "1", "--metrics", "/nonexistent-dir/m.jsonl"}, "--metrics"},
+      {{"estimate", "--params", "many"}, "--params"},
+      {{"estimate", "--params", "1B", "--layers", "3"}, "--params"},
+      {{"estimate", "--world", "0"}, "--world"},
+      {{"plan", "--params", "1B"}, "--gpu-mem"},
+      {{"plan", "--params", "1B", "--gpu-mem", "80XB"}, "--gpu-mem"},
+      {{"plan", "--params", "1B", "--gpu-mem", "80GiB", "--host-mem", "x"}, "--host-mem"},
+      {{"bench", "update", "--params", "0"}, "--params"},
+      {{"bench", "update", "--backend", "cuda"}, "--backend"},
+  };
+  for (const auto& [args, flag] : cases) {
+    std::string cmd;
+    for (const auto& a : args) cmd += a + " ";
+    const Result r = run(args);
+    EXPECT_NE(r.rc, 0) << cmd;
+    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+  }
+}
+
+TEST(CliHelp, EverySubcommandHasHelp) {
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"--help"}, {"train", "--help"}, {"estimate", "--help"}, {"plan", "--help"}, {"bench", "update", "--help"}}) {
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 0) << args[0];
+    EXPECT_NE(r.out.find("--"), std::string::npos) << args[0];
+  }
+  EXPECT_NE(run({"train", "--help"}).out.find("--stage"), std::string::npos);
+}
+
+// One small configuration for train and estimate: three blocks in three units (16 KiB buckets),
+// so stages 2-3 cycle their two gradient buckets and stage 3 its gathered-unit slots.
+std::vector<std::string> model_flags(int stage) {
+  return {"--ranks", "4", "--stage", std::to_string(stage), "--layers", "3", "--hidden", "32", "--batch", "16",
+          "--bucket", "16KiB", "--seed", "3"};
+}
+
+struct TrainRuns : ::testing::Test {
+  static std::vector<json>& runs() {
+    static std::vector<json> r;
+    return r;
+  }
+  static void SetUpTestSuite() {
+    for (int stage = 0; stage <= 3; ++stage) {
+      auto args = model_flags(stage);
+      args.insert(args.begin(), "train");
+      for (const char* a : {"--steps", "50", "--json"}) args.push_back(a);
+      const Result r = run(args);
+      ASSERT_EQ(r.rc, 0) << r.err;
+      runs().push_back(last_json_line(r.out));
+    }
+  }
+};
+
+TEST_F(TrainRuns, LossFallsAtEveryStage) {
+  ASSERT_EQ(runs().size(), 4u);
+  for (int stage = 0; stage <= 3; ++stage) {
+    const json& j = runs()[stage];
+    EXPECT_EQ(j["steps"], 50);
+    EXPECT_EQ(j["skipped_steps"], 0);
+    EXPECT_LT(j["loss_last"].get<double>(), 0.5 * j["loss_first"].get<double>()) << "stage " << stage;
+    EXPECT_GT(j["comm_bytes_per_step"].get<double>(), 0);
+    EXPECT_EQ(j["peak_bytes"].size(), 4u);
+  }
+}
+
+// Every stage averages the same gradients in rank order and rounds once, and no clipping is on,
+// so all four must agree bit for bit (README: "stages 1-3 (and 0 without clipping)").
+TEST_F(TrainRuns, EveryStageGivesTheSameParameters) {
+  ASSERT_EQ(runs().size(), 4u);
+  EXPECT_EQ(runs()[0]["param_digest"], runs()[1]["param_digest"]);
+  EXPECT_EQ(runs()[2]["param_digest"], runs()[1]["param_digest"]);
+  EXPECT_EQ(runs()[3]["param_digest"], runs()[1]["param_digest"]);
+  // The loss curve starts from the same parameters and data at every stage.
+  EXPECT_EQ(runs()[0]["loss_first"], runs()[1]["loss_first"]);
+}
+
+// What estimate predicts is what the engine allocated: within 2 % per place and category.
+TEST_F(TrainRuns, EstimateMatchesMeasuredPeaks) {
+  ASSERT_EQ(runs().size(), 4u);
+  for (int stage = 0; stage <= 3; ++stage) {
+    auto args = model_flags(stage);
+    args.resize(args.size() - 2);  // no --seed: memory does not depend on it
+    args[0] = "--world";           // estimate's name for --ranks
+    args.insert(args.begin(), "estimate");
+    args.push_back("--json");
+    const Result r = run(args);
+    ASSERT_EQ(r.rc, 0) << r.err;
+    const json predicted = last_json_line(r.out)["bytes"];
+    for (const json& measured : runs()[stage]["peak_bytes"])
+      for (const auto& [place, cats] : predicted.items())
+        for (const auto& [cat, bytes] : cats.items()) {
+          const double p = bytes.get<double>(), m = measured[place][cat].get<double>();
+          EXPECT_LE(std::fabs(m - p), 0.02 * p) << "stage " << stage << " " << place << "/" << cat;
+        }
+  }
+}
+
+TEST(CliEstimate, ParamsSplitIntoEqualBlocksSummingToTheCount) {
+  const Result r = run({"estimate", "--params", "1000003", "--blocks", "7", "--world", "3", "--stage", "3", "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const json j = last_json_line(r.out);
+  EXPECT_EQ(j["params"], 1000003);
+  EXPECT_EQ(j["blocks"], 7);
+  EXPECT_GT(j["bytes"]["device"]["total"].get<double>(), 0);
+}
+
+TEST(CliPlan, PicksTheLowestStageThatFitsOrSaysByHowMuchNot) {
+  Result r = run({"plan", "--params", "7B", "--gpus", "8", "--gpu-mem", "80GiB", "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  json j = last_json_line(r.out);
+  EXPECT_TRUE(j["fits"].get<bool>());
+  EXPECT_EQ(j["choice"]["stage"], 1);  // 7B bf16 AdamW: stage 0 needs 16 B/param = 104 GiB
+  r = run({"plan", "--params", "70B", "--gpus", "8", "--gpu-mem", "80GiB", "--json"});
+  EXPECT_EQ(r.rc, 3);
+  j = last_json_line(r.out);
+  EXPECT_FALSE(j["fits"].get<bool>());
+  EXPECT_GT(j["over_by"].get<double>(), 0);
+  EXPECT_GT(j["min_gpus_stage3"].get<int>(), 8);
+  r = run({"plan", "--params", "70B", "--gpus", "8", "--gpu-mem", "80GiB"});
+  EXPECT_NE(r.out.find("does not fit"), std::string::npos) << r.out;
+}
+
+TEST(CliBench, UpdateReportsBandwidth) {
+  const Result r = run({"bench", "update", "--params", "64Ki", "--iters", "2", "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const json j = last_json_line(r.out);
+  EXPECT_EQ(j["bytes_per_param"], 28.0);  // bf16 AdamW
+  EXPECT_GT(j["gb_per_s_median"].get<double>(), 0);
+}
+
+}  // namespace
