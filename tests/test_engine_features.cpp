@@ -170,25 +170,29 @@ std::vector<BlockSpec> big_model() {
                       {{"layer" + std::to_string(b) + ".w", {256, 255}, 0}, {"layer" + std::to_string(b) + ".b", {256}, 1}}});
   return blocks;
 }
+double big_model_params() { return 6.0 * (256 * 255 + 256); }
+
+// bf16 everywhere, one layer per unit, two gathered-unit slots at stage 3.
+RunSpec big_model_spec(int stage, int world) {
+  RunSpec spec;
+  spec.world = world;
+  spec.steps = 2;
+  spec.model = big_model();
+  spec.cfg = base_config(stage, DType::bf16, OptimizerKind::adamw);
+  spec.cfg.bucket_bytes = 64 * 1024 * 2;
+  spec.cfg.alignment = 64;
+  spec.cfg.prefetch_units = 1;
+  spec.group1 = no_decay(spec.cfg);
+  return spec;
+}
 
 TEST(Memory, PerRankBytesMatchZeroFormulas) {
   const int N = 4;
   for (int stage : {0, 1, 2, 3}) {
     SCOPED_TRACE("stage " + std::to_string(stage));
-    RunSpec spec;
-    spec.world = N;
-    spec.steps = 2;
-    spec.model = big_model();
-    spec.cfg = base_config(stage, DType::bf16, OptimizerKind::adamw);
-    spec.cfg.bucket_bytes = 64 * 1024 * 2;  // one layer per unit
-    spec.cfg.alignment = 64;
-    spec.cfg.prefetch_units = 1;
-    spec.group1 = no_decay(spec.cfg);
+    const RunSpec spec = big_model_spec(stage, N);
     const RunResult run = run_training(spec);
-
-    double psi = 0;
-    for (const auto& b : spec.model)
-      for (const auto& t : b.tensors) psi += double(numel(t.shape));
+    const double psi = big_model_params();
     const double formula[] = {16 * psi, 4 * psi + 12 * psi / N, 2 * psi + 14 * psi / N, 16 * psi / N};
     const double unit_bytes = 2.0 * (256 * 255 + 256 + 64);  // padded unit in bf16, upper bound
     const double buffers = (stage >= 2 ? 2 * unit_bytes : 0)                   // gradient buckets
@@ -217,19 +221,8 @@ TEST(Comm, VolumePerStepMatchesZeroAccounting) {
   const int N = 4;
   for (int stage : {0, 1, 2, 3}) {
     SCOPED_TRACE("stage " + std::to_string(stage));
-    RunSpec spec;
-    spec.world = N;
-    spec.steps = 2;
-    spec.model = big_model();
-    spec.cfg = base_config(stage, DType::bf16, OptimizerKind::adamw);
-    spec.cfg.bucket_bytes = 64 * 1024 * 2;
-    spec.cfg.alignment = 64;
-    spec.cfg.prefetch_units = 1;
-    spec.group1 = no_decay(spec.cfg);
-    const RunResult run = run_training(spec);
-    double psi = 0;
-    for (const auto& b : spec.model)
-      for (const auto& t : b.tensors) psi += double(numel(t.shape));
+    const RunResult run = run_training(big_model_spec(stage, N));
+    const double psi = big_model_params();
     const CommStats& cs = run.comm_last_step[1];
     const double rs = double(cs.bytes[int(CollectiveKind::reduce_scatter)]);
     const double ag = double(cs.bytes[int(CollectiveKind::all_gather)]);
