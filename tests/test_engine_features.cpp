@@ -358,7 +358,8 @@ TEST(BadInput, ConfigErrors) {
   expect_error(ErrorCode::invalid_argument, "stage", [&] { make([](Config& c) { c.stage = 5; }); });
   expect_error(ErrorCode::invalid_argument, "bucket", [&] { make([](Config& c) { c.bucket_bytes = 0; }); });
   expect_error(ErrorCode::unsupported, "master", [&] { make([](Config& c) { c.master_dtype = DType::bf16; }); });
-  expect_error(ErrorCode::unsupported, "offload", [&] { make([](Config& c) { c.offload_optimizer = OffloadKind::host; }); });
+  // parameter offload needs optimizer offload: refused, not quietly ignored
+  expect_error(ErrorCode::unsupported, "offload", [&] { make([](Config& c) { c.stage = 3; c.offload_params = true; }); });
   EXPECT_THROW(make_in_process_group(0), Error);
 }
 

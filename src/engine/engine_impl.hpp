@@ -8,12 +8,16 @@
 // where and in which order.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <new>
 #include <limits>
 #include <map>
 #include <string>
 #include <unordered_set>
 
 #include "engine/plan.hpp"
+#include "offload/nvme_store.hpp"
+#include "offload/offload_engine.hpp"
 #include "shardopt/engine.hpp"
 #include "shardopt/error.hpp"
 
@@ -84,6 +88,11 @@ struct Engine::Impl {
   std::vector<int> unit_bucket;  // stages 2-3: bucket bound to each unit this micro-step
   std::vector<Range> ranges;
   std::vector<detail::BufferSpec> buffer_specs;
+  // offload (see the offload section below); `offloader` is declared last so it is destroyed first
+  detail::OffloadPlan oplan;
+  Buffer host_grad, io_ring, param_upload;
+  std::vector<Buffer> param_ring;
+  std::unique_ptr<Event> reduced;  // recorded on side when a gradient is ready to go down
 
   // micro-step bookkeeping
   std::vector<char> block_ready;
@@ -99,17 +108,17 @@ struct Engine::Impl {
   float loss_scale = 1.0f;
   int good_steps = 0, overflow_run = 0;
 
+  std::unique_ptr<float[]> nvme_view;
+  std::unique_ptr<offload::OffloadEngine> offloader;
+
   Impl(const Config& config, Backend& backend, Communicator& communicator)
       : cfg(config), be(backend), comm(communicator) {
     cfg.validate();
     world = comm.size();
     rank = comm.rank();
     require(world >= 1, ErrorCode::invalid_argument, "communicator world size must be >= 1");
-    require(!(cfg.offload_optimizer != OffloadKind::none), ErrorCode::unsupported,
-            "offload_optimizer=" + std::string(name_of(cfg.offload_optimizer)) +
-                " is not available in this build (optimizer offload is not implemented yet)");
-    require(!cfg.offload_params, ErrorCode::unsupported,
-            "offload_params is not available in this build (parameter offload is not implemented yet)");
+    require(!cfg.offload_params || cfg.offload_optimizer != OffloadKind::none, ErrorCode::unsupported,
+            "offload_params=true requires offload_optimizer=host or nvme (the parameter shard is updated by the CPU)");
     groups[0] = cfg.hyper;
     c = cfg.compute_dtype;
     r = cfg.reduce_dtype;
@@ -119,6 +128,7 @@ struct Engine::Impl {
     side = be.create_stream("shardopt.comm.r" + std::to_string(rank));
     compute_done = be.create_event();
     side_done = be.create_event();
+    reduced = be.create_event();
   }
 
   void require_initialized(const char* call) const {
@@ -144,6 +154,7 @@ struct Engine::Impl {
     detail::EnginePlan p = detail::plan_engine(cfg, specs, world);
     layout = std::move(p.layout);
     gs = p.shard_grad_dtype;
+    oplan = p.offload;
     buffer_specs = std::move(p.buffers);
     for (const auto& t : layout.tensors())
       if (!groups.count(t.group)) groups[t.group] = groups[0];
@@ -169,10 +180,14 @@ struct Engine::Impl {
       unit_slot.assign(units, -1);
       slots.clear();
     }
+    param_ring.clear();
     for (const auto& spec : buffer_specs) {
+      if (spec.place == Place::disk) continue;  // the NVMe store reports its file itself
       Buffer b = be.allocate(spec.elems * size_of(spec.dtype), spec.place, spec.category,
                              spec.name + " (rank " + std::to_string(rank) + ")");
-      if (b) be.fill(b.data(), spec.dtype, spec.elems, 0.0f, *side);
+      // Host places are zeroed by the host: on CUDA a fill kernel may not reach pinned memory.
+      if (b && spec.place != Place::device) std::memset(b.data(), 0, b.bytes());
+      else if (b) be.fill(b.data(), spec.dtype, spec.elems, 0.0f, *side);
       switch (spec.kind) {
         case Buf::params_full: params_full = std::move(b); break;
         case Buf::param_shard: param_shard = std::move(b); break;
@@ -197,15 +212,138 @@ struct Engine::Impl {
         case Buf::scalars: scalars = std::move(b); break;
         case Buf::host_scalars: host_scalars = std::move(b); break;
         case Buf::init_staging: init_staging = std::move(b); break;
+        case Buf::host_grad: host_grad = std::move(b); break;
+        case Buf::param_ring: param_ring.push_back(std::move(b)); break;
+        case Buf::io_ring: io_ring = std::move(b); break;
+        case Buf::param_upload: param_upload = std::move(b); break;
+        case Buf::nvme_file: break;
       }
     }
     be.fill(scalars.as<float>() + 1, DType::fp32, 1, 1.0f, *side);
+  }
+
+  // ---------------------------------------------------------------- offload
+  // With optimizer offload (host or nvme) master_at/state_at point into host memory: the pinned
+  // buffers, or for nvme into nvme_view, an address range reserved (never touched) only so those
+  // pointers stay distinct per field; read() decodes them (nvme_field) and reads the file.
+  bool offloaded() const noexcept { return oplan.enabled; }
+  bool on_nvme() const noexcept { return cfg.offload_optimizer == OffloadKind::nvme; }
+  // Index of unit-element e of unit u in the state (master and moments): the shard at stages 1-3.
+  std::size_t hoff(int u, std::size_t e) const {
+    const auto& info = layout.units()[u];
+    return cfg.stage == 0 ? base[u] + e : info.shard_offset + (e - rank * info.slice_elems);
+  }
+  float* state_base(int field) const {
+    if (on_nvme()) return nvme_view.get() + static_cast<std::size_t>(field) * oplan.state_elems;
+    return field == 0 ? master.as<float>() : states[field - 1].as<float>();
+  }
+  // nvme: which field (0 master, 1+i state i) and element a master_at/state_at pointer names.
+  std::pair<int, std::size_t> nvme_field(const float* p) const {
+    const std::size_t d = static_cast<std::size_t>(p - nvme_view.get());
+    return {static_cast<int>(d / std::max<std::size_t>(oplan.state_elems, 1)), d % std::max<std::size_t>(oplan.state_elems, 1)};
+  }
+  // Reads n fp32 values of master/state at `src` (from master_at/state_at) into host memory.
+  void read_values(const float* src, std::size_t n, float* out) {
+    if (on_nvme()) {
+      const auto [field, off_] = nvme_field(src);
+      offloader->read(field, off_, n, out);
+      return;
+    }
+    be.copy(out, src, n * 4, *side);
+    be.synchronize(*side);
+  }
+
+  // The reverse of read_values: stores n fp32 values from host memory at `dst` (from
+  // master_at/state_at). With offload the compute-dtype parameters are not touched: derive them
+  // from the same host values (round them and copy to param_at).
+  void write_values(float* dst, const float* src, std::size_t n) {
+    if (on_nvme()) {
+      const auto [field, off_] = nvme_field(dst);
+      offloader->write(field, off_, n, src);
+      return;
+    }
+    be.copy(dst, src, n * 4, *side);
+    be.synchronize(*side);
+  }
+
+  void setup_offload() {
+    if (!offloaded()) return;
+    if (on_nvme()) {
+      nvme_view.reset(new (std::nothrow) float[(1 + nstates) * std::max<std::size_t>(oplan.state_elems, 1)]);
+      require(nvme_view != nullptr, ErrorCode::out_of_memory, "nvme offload: cannot reserve address space for the state view");
+    }
+    offload::Setup st;
+    st.backend = &be;
+    st.kind = cfg.offload_optimizer;
+    st.nvme_dir = cfg.nvme_dir;
+    st.rank = rank;
+    st.world = world;
+    st.rule = cfg.optimizer;
+    st.nstates = nstates;
+    st.grad_dtype = oplan.grad_dtype;
+    st.param_dtype = c;
+    st.state_elems = oplan.state_elems;
+    st.chunk_elems = oplan.chunk_elems;
+    st.cells = oplan.cells;
+    st.cell_bytes = oplan.cell_bytes;
+    st.file_bytes = oplan.file_bytes;
+    st.ring = oplan.ring;
+    st.params_on_host = cfg.offload_params;
+    if (!on_nvme()) {
+      st.master = master.as<float>();
+      for (int i = 0; i < nstates; ++i) st.states[i] = states[i].as<float>();
+    }
+    st.host_grad = host_grad.data();
+    for (auto& b : param_ring) st.param_ring.push_back(b.data());
+    st.io_ring = io_ring.data();
+    st.io_ring_bytes = io_ring.bytes();
+    st.disk_bytes.assign(kCategoryCount, 0);
+    for (const auto& spec : buffer_specs)
+      if (spec.place == Place::disk) st.disk_bytes[static_cast<int>(spec.category)] += spec.elems * size_of(spec.dtype);
+    offloader = std::make_unique<offload::OffloadEngine>(std::move(st));
+    // The update's pieces: the ranges, cut at cell boundaries.
+    std::vector<offload::Piece> pieces;
+    for (const Range& rg : ranges) {
+      const std::size_t h = hoff(rg.unit, rg.unit_begin);
+      for (std::size_t done = 0; done < rg.n;) {
+        const std::size_t cell_end = ((h + done) / oplan.chunk_elems + 1) * oplan.chunk_elems;
+        const std::size_t k = std::min(rg.n - done, cell_end - (h + done));
+        pieces.push_back({rg.group, h + done, k, param_at(rg.unit, rg.unit_begin + done)});
+        done += k;
+      }
+    }
+    offloader->set_pieces(std::move(pieces));
+  }
+
+  // Initial values with offload: the offload engine walks its cells and asks for the master values
+  // of each (it rounds and uploads the parameters, and for nvme writes the file).
+  void set_initial_values_offloaded(const InitFn& fn) {
+    struct Owned {
+      int tensor;
+      std::size_t begin, n, off;
+    };
+    std::vector<Owned> owned;
+    for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
+      if (n) owned.push_back({t, begin, n, hoff(u, e)});
+    });
+    std::sort(owned.begin(), owned.end(), [](const Owned& a, const Owned& b) { return a.off < b.off; });
+    std::size_t j = 0;
+    offloader->initialize_values([&](std::size_t cell_begin, std::size_t n, float* m) {
+      const std::size_t cell_end = cell_begin + n;
+      while (j < owned.size() && owned[j].off + owned[j].n <= cell_begin) ++j;
+      for (std::size_t k = j; k < owned.size() && owned[k].off < cell_end; ++k) {
+        const std::size_t lo = std::max(cell_begin, owned[k].off);
+        const std::size_t hi = std::min(cell_end, owned[k].off + owned[k].n);
+        fn(layout.tensors()[owned[k].tensor], owned[k].begin + (lo - owned[k].off), hi - lo, m + (lo - cell_begin));
+      }
+    });
   }
 
   // Where this rank's master value of unit-element `e` of unit `u` lives (e within its slice,
   // or anywhere at stage 0).
   float* master_at(int u, std::size_t e) const {
     const auto& info = layout.units()[u];
+    if (offloaded()) return state_base(0) + hoff(u, e);
     if (cfg.stage == 0)
       return c == DType::fp32 ? reinterpret_cast<float*>(at(params_full, base[u] + e, c))
                               : master.as<float>() + base[u] + e;
@@ -221,6 +359,7 @@ struct Engine::Impl {
   }
   float* state_at(int i, int u, std::size_t e) const {
     const auto& info = layout.units()[u];
+    if (offloaded()) return state_base(1 + i) + hoff(u, e);
     if (cfg.stage == 0) return states[i].as<float>() + base[u] + e;
     return states[i].as<float>() + info.shard_offset + (e - rank * info.slice_elems);
   }
@@ -296,6 +435,11 @@ struct Engine::Impl {
 
   void set_initial_values(const InitFn& init) {
     const InitFn fn = init ? init : seeded_init(0);
+    if (offloaded()) {
+      set_initial_values_offloaded(fn);
+      init_staging.reset();
+      return;
+    }
     if (!init_staging) return;  // nothing to initialize: no element is owned by any rank
     const std::size_t kChunk = init_staging.bytes() / 4;
     float* host = init_staging.as<float>();
@@ -327,15 +471,25 @@ struct Engine::Impl {
 
   void gather_unit(int u, void* dst) {
     const auto& info = layout.units()[u];
+    if (cfg.offload_params) {
+      // The shard lives in pinned host memory: up to the device one slice at a time. The copy and
+      // the gather are on the same stream, so the next unit's copy waits for this gather.
+      be.copy(param_upload.data(), at(param_shard, info.shard_offset, c), info.slice_elems * size_of(c), *side);
+      comm.all_gather(param_upload.data(), dst, info.slice_elems, c, *side);
+      return;
+    }
     comm.all_gather(at(param_shard, info.shard_offset, c), dst, info.slice_elems, c, *side);
   }
 
   void initialize(const InitFn& init) {
     require(!initialized, ErrorCode::invalid_state, "initialize() called twice");
     plan();
+    // A bad NVMe directory is found before gigabytes are allocated for the other buffers.
+    if (on_nvme()) offload::NvmeStore::check_directory(cfg.nvme_dir, rank, oplan.file_bytes);
     try {
       allocate();
       plan_ranges();
+      setup_offload();
       set_initial_values(init);
       gather_full_params();
       be.synchronize(*side);
@@ -351,6 +505,18 @@ struct Engine::Impl {
   }
 
   void release_all() {
+    // Streams may still be filling the buffers below (allocate() zeroes device buffers on side).
+    for (Stream* st : {side.get(), compute.get()}) {
+      try {
+        be.synchronize(*st);
+      } catch (...) {
+        // the failure being unwound is what the caller sees; the stream is drained either way
+      }
+    }
+    offloader.reset();  // first: it may still be copying from or to the buffers below
+    nvme_view.reset();
+    for (auto* b : {&host_grad, &io_ring, &param_upload}) b->reset();
+    param_ring.clear();
     for (auto* b : {&params_full, &grads_full, &grads_reduced, &master, &states[0], &states[1], &param_shard,
                     &grad_shard, &reduce_buf, &rs_tmp, &scalars, &host_scalars, &init_staging})
       b->reset();
@@ -528,6 +694,12 @@ struct Engine::Impl {
     be.fill(bk.buffer.data(), c, info.padded_elems, 0.0f, *side);
     be.record(*bk.free, *side);
     unit_bucket[u] = -1;
+    // Offload: the unit's reduced gradient goes down as soon as the last micro-step reduced it,
+    // while backward goes on.
+    if (offloaded() && micro_steps == cfg.accumulation_steps - 1 && info.slice_elems) {
+      be.record(*reduced, *side);
+      offloader->download(at(grad_shard, info.shard_offset, gs), hoff(u, rank * info.slice_elems), info.slice_elems, *reduced);
+    }
   }
 
   // ---------------------------------------------------------------- step
@@ -592,8 +764,22 @@ struct Engine::Impl {
       if (block_acquired[b] && cfg.stage == 3)
         throw Error(ErrorCode::invalid_state, "step: block '" + layout.blocks()[b].name + "' is still acquired");
 
-    if (cfg.stage <= 1) reduce_all_stage01();
+    if (cfg.stage <= 1) {
+      reduce_all_stage01();
+      if (offloaded()) {
+        be.record(*reduced, *side);
+        for (int u = 0; u < static_cast<int>(layout.units().size()); ++u) {
+          const auto& info = layout.units()[u];
+          const std::size_t lo = cfg.stage == 0 ? 0 : rank * info.slice_elems;
+          const std::size_t n = cfg.stage == 0 ? info.padded_elems : info.slice_elems;
+          offloader->download(grad_at(u, lo).first, hoff(u, lo), n, *reduced);
+        }
+      }
+    }
 
+    // The gradient download reads what unscale_check below rewrites in place (times one): the
+    // check waits for the download, on the device, not on the host.
+    if (offloaded()) offloader->downloads_before(*side);
     // Overflow check and squared norm of the (still loss-scaled, micro-step-summed) gradient.
     float* sc = scalars.as<float>();
     be.fill(sc, DType::fp32, 1, 0.0f, *side);
@@ -625,6 +811,7 @@ struct Engine::Impl {
     const double inv = 1.0 / (static_cast<double>(loss_scale) * cfg.accumulation_steps);
     res.grad_norm = overflow ? std::numeric_limits<double>::infinity() : std::sqrt(sumsq) * inv;
     if (overflow) {
+      if (offloaded()) offloader->finish_downloads();
       update_loss_scale(true);
       zero_local_grads();
       be.synchronize(*side);
@@ -642,7 +829,20 @@ struct Engine::Impl {
     std::map<int, StepScalars> scal;
     for (const auto& [g, h] : groups)
       scal[g] = make_step_scalars(cfg.optimizer, h, step_count, static_cast<float>(inv * clip));
+    if (offloaded()) {
+      // The CPU update reads the host copy of the (still loss-scaled) gradient; the device kernels
+      // above only measured it, with a scale of one, so both copies hold the same values.
+      offloader->finish_downloads();
+      try {
+        offloader->update(scal);
+      } catch (...) {
+        step_count--;  // nvme: the file still holds the previous step (see nvme_store.hpp)
+        throw;
+      }
+      be.wait(*side, offloader->uploaded());
+    }
     for (const Range& rg : ranges) {
+      if (offloaded()) break;  // updated above
       UpdateArgs a;
       a.rule = cfg.optimizer;
       a.scalars = scal[rg.group];
@@ -676,6 +876,7 @@ struct Engine::Impl {
   void zero_grad() {
     require_initialized("zero_grad");
     be.synchronize(*side);
+    if (offloaded()) offloader->finish_downloads();
     zero_local_grads();
     if (cfg.stage >= 2) {
       for (auto& bk : buckets) be.fill(bk.buffer.data(), c, layout.max_unit_elems(), 0.0f, *side);
@@ -695,10 +896,7 @@ struct Engine::Impl {
     std::vector<float> host;
     for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
       host.resize(n);
-      if (n) {
-        be.copy(host.data(), loc(u, e), n * 4, *side);
-        be.synchronize(*side);
-      }
+      if (n) read_values(loc(u, e), n, host.data());
       fn(t, begin, n, host.data());
     });
   }

@@ -1,10 +1,16 @@
 #include "engine/plan.hpp"
 
 #include <algorithm>
+#include <atomic>
 
 #include "shardopt/error.hpp"
 
 namespace shardopt::detail {
+
+namespace {
+std::atomic<std::size_t> g_offload_chunk_override{0};
+}
+void set_offload_chunk_for_testing(std::size_t elems) noexcept { g_offload_chunk_override.store(elems); }
 
 LayoutOptions layout_options(const Config& config, int world_size) {
   LayoutOptions lo;
@@ -17,6 +23,10 @@ LayoutOptions layout_options(const Config& config, int world_size) {
 EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, int world) {
   cfg.validate();
   require(world >= 1, ErrorCode::invalid_argument, "world size must be >= 1, got " + std::to_string(world));
+  // The CPU update is what writes an offloaded parameter shard; without it the device update
+  // kernels would have to write host memory.
+  require(!cfg.offload_params || cfg.offload_optimizer != OffloadKind::none, ErrorCode::unsupported,
+          "offload_params=true requires offload_optimizer=host or nvme (the parameter shard is updated by the CPU)");
   EnginePlan p;
   p.layout = Layout::build(blocks, layout_options(cfg, world));
   const Layout& L = p.layout;
@@ -37,11 +47,58 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     p.buffers.push_back(BufferSpec{kind, index, elems, t, cat, place, std::move(name)});
   };
 
+  const bool off = cfg.offload_optimizer != OffloadKind::none;
+  const bool nvme = cfg.offload_optimizer == OffloadKind::nvme;
   if (stage <= 2) add(Buf::params_full, 0, P, c, Category::parameters, "full parameters");
+  else if (cfg.offload_params) add(Buf::param_shard, 0, S, c, Category::parameters, "parameter shard (offloaded)", Place::pinned_host);
   else add(Buf::param_shard, 0, S, c, Category::parameters, "parameter shard");
-  if (c != DType::fp32) add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights");
-  for (int i = 0; i < state_count(cfg.optimizer); ++i)
-    add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, "optimizer state " + std::to_string(i));
+  const int nst = state_count(cfg.optimizer);
+  if (!off) {
+    if (c != DType::fp32) add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights");
+    for (int i = 0; i < nst; ++i)
+      add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, "optimizer state " + std::to_string(i));
+  } else {
+    // Offloaded, the master is always its own fp32 copy (even for an fp32 compute dtype): the
+    // device parameters are only the rounded output the pipeline copies up.
+    OffloadPlan& o = p.offload;
+    o.enabled = true;
+    o.state_elems = n_state;
+    const std::size_t want = g_offload_chunk_override.load() ? g_offload_chunk_override.load() : kOffloadChunk;
+    const std::size_t capped = std::min(want, std::max<std::size_t>(n_state, 1));
+    o.chunk_elems = (capped + kNvmeAlignElems - 1) / kNvmeAlignElems * kNvmeAlignElems;
+    o.cells = (n_state + o.chunk_elems - 1) / o.chunk_elems;
+    // The gradient the update reads: stages 0-1 reduce at step() into the reduce dtype (or the
+    // compute dtype, the same when they match); stages 2-3 into the shard gradient.
+    o.grad_dtype = stage >= 2 ? gs : r;
+    o.cell_bytes = static_cast<std::size_t>(1 + nst) * o.chunk_elems * 4;
+    o.file_bytes = kNvmeHeaderBytes + 2 * o.cells * o.cell_bytes;
+    if (!nvme) {
+      add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights (offloaded)", Place::pinned_host);
+      for (int i = 0; i < nst; ++i)
+        add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state,
+            "optimizer state " + std::to_string(i) + " (offloaded)", Place::pinned_host);
+    } else {
+      // Two generations of every field on disk (see offload/nvme_store.hpp): 2x the state.
+      add(Buf::nvme_file, 0, 2 * o.cells * o.chunk_elems, DType::fp32, Category::master_weights,
+          "master weights (nvme file)", Place::disk);
+      for (int i = 0; i < nst; ++i)
+        add(Buf::nvme_file, 1 + i, 2 * o.cells * o.chunk_elems, DType::fp32, Category::optimizer_state,
+            "optimizer state " + std::to_string(i) + " (nvme file)", Place::disk);
+      add(Buf::nvme_file, 1 + nst, kNvmeHeaderBytes / 4, DType::fp32, Category::other, "nvme file header", Place::disk);
+      // One buffer for the whole ring, plus slack to align it to kNvmeAlign for O_DIRECT.
+      add(Buf::io_ring, 0, (o.ring * o.cell_bytes + kNvmeAlign) / 4, DType::fp32, Category::offload_staging,
+          "nvme I/O ring", Place::pinned_host);
+    }
+    // Down: the whole reduced gradient (copied unit by unit as soon as it is reduced, during
+    // backward at stages 2-3, so it cannot be a ring the update drains). Up: a ring of cells.
+    add(Buf::host_grad, 0, n_state, o.grad_dtype, Category::offload_staging, "gradient (host copy)", Place::pinned_host);
+    if (!cfg.offload_params)
+      for (int i = 0; i < o.ring; ++i)
+        add(Buf::param_ring, i, o.chunk_elems, c, Category::offload_staging, "parameter upload ring " + std::to_string(i),
+            Place::pinned_host);
+  }
+  if (cfg.offload_params)
+    add(Buf::param_upload, 0, max_slice, c, Category::offload_staging, "parameter slice upload");
   if (stage <= 1) add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
   if (stage == 0 && r != c) add(Buf::grads_reduced, 0, P, r, Category::communication, "gradients in reduce dtype");
   if (stage >= 1 && r != c) add(Buf::reduce_buf, 0, U, r, Category::communication, "reduce buffer");

@@ -26,7 +26,13 @@ enum class Buf : unsigned char {
   persistent,     // stage 3: unit `index` kept gathered
   scalars,        // step scalars on the device
   host_scalars,   // their host copy
-  init_staging    // host staging for initial values (transient: freed by initialize)
+  init_staging,   // host staging for initial values (transient: freed by initialize)
+  // ---- offload (offload/): see offload/offload_engine.hpp for the pipeline these serve
+  host_grad,      // optimizer offload: the reduced gradient copied down, one element per state element
+  param_ring,     // optimizer offload: updated compute-dtype chunk `index` on its way up (ring)
+  io_ring,        // nvme: aligned read/update/write buffers, all ring entries in one buffer
+  param_upload,   // offload_params: one unit slice on the device, source of the all-gather
+  nvme_file       // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
 };
 
 struct BufferSpec {
@@ -40,12 +46,36 @@ struct BufferSpec {
   bool transient = false;
 };
 
+// How the offload engine walks the state: cells of `chunk_elems` state elements, `ring` of them
+// in flight (read ahead / updated / written back or copied up).
+struct OffloadPlan {
+  bool enabled = false;
+  std::size_t state_elems = 0;   // elements of master (and of each state): S, or P at stage 0
+  std::size_t chunk_elems = 0;   // elements per cell; a multiple of kNvmeAlignElems
+  std::size_t cells = 0;
+  int ring = 3;                  // read i+1 | update i | write i-1
+  DType grad_dtype = DType::fp32;
+  std::size_t cell_bytes = 0;    // nvme: one cell on disk (master + states), 4 KiB aligned
+  std::size_t file_bytes = 0;    // nvme: header + two generations of every cell
+};
+
 struct EnginePlan {
   Layout layout;
   DType shard_grad_dtype = DType::fp32;
   std::size_t scalar_count = 0;
   std::vector<BufferSpec> buffers;
+  OffloadPlan offload;
 };
+
+// Offload cells: 1 Mi elements by default (4 MiB per fp32 field). O_DIRECT wants 4 KiB-aligned
+// offsets and sizes, so a cell is a multiple of 1024 fp32 elements.
+inline constexpr std::size_t kOffloadChunk = std::size_t(1) << 20;
+inline constexpr std::size_t kNvmeAlign = 4096;
+inline constexpr std::size_t kNvmeAlignElems = kNvmeAlign / 4;
+inline constexpr std::size_t kNvmeHeaderBytes = 2 * kNvmeAlign;  // two header slots (see nvme_store.hpp)
+// Test-only: overrides the cell size (rounded up to kNvmeAlignElems; 0 restores the default) so
+// that small test models span several cells and exercise the pipeline.
+void set_offload_chunk_for_testing(std::size_t elems) noexcept;
 
 inline constexpr std::size_t kInitChunk = std::size_t(1) << 20;
 

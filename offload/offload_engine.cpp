@@ -1,0 +1,313 @@
+#include "offload/offload_engine.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "cpu/kernels.hpp"
+#include "cpu/thread_pool.hpp"
+#include "engine/plan.hpp"
+#include "offload/nvme_store.hpp"
+#include "shardopt/error.hpp"
+
+namespace shardopt::offload {
+namespace {
+
+// Elements per parallel_for chunk of the CPU update: the CPU backend's kernel chunk, so both
+// split the same way (not that it matters for the bits: the update is element-wise).
+constexpr std::size_t kUpdateGrain = std::size_t(1) << 16;
+
+// One kernel pool per process, shared by every offload engine (rank), for the same reason the CPU
+// backend shares one: N ranks each with a machine-sized pool would oversubscribe the cores.
+std::shared_ptr<ThreadPool> shared_pool() {
+  static std::mutex m;
+  static std::weak_ptr<ThreadPool> cached;
+  std::lock_guard<std::mutex> lock(m);
+  if (auto p = cached.lock()) return p;
+  auto p = make_thread_pool(0);
+  cached = p;
+  return p;
+}
+
+std::byte* add_bytes(void* p, std::size_t elems, DType t) { return static_cast<std::byte*>(p) + elems * size_of(t); }
+
+}  // namespace
+
+TestHooks& test_hooks() noexcept {
+  static TestHooks h;
+  return h;
+}
+void arm_io_fault(bool write, long nth, bool short_io) noexcept {
+  TestHooks& h = test_hooks();
+  h.short_io = short_io;
+  h.reads = 0;
+  h.writes = 0;
+  (write ? h.fail_write_at : h.fail_read_at) = nth;
+}
+void clear_test_hooks() noexcept {
+  TestHooks& h = test_hooks();
+  h.copy_delay_us = 0;
+  h.update_delay_us = 0;
+  h.fail_read_at = 0;
+  h.fail_write_at = 0;
+  h.short_io = false;
+}
+
+OffloadEngine::OffloadEngine(Setup setup) : setup_(std::move(setup)), be_(*setup_.backend), pool_(shared_pool()) {
+  const std::string r = ".r" + std::to_string(setup_.rank);
+  down_ = be_.create_stream("shardopt.offload.down" + r);
+  up_ = be_.create_stream("shardopt.offload.up" + r);
+  uploaded_ = be_.create_event();
+  downloaded_ = be_.create_event();
+  for (int i = 0; i < setup_.ring; ++i) slot_free_.push_back(be_.create_event());
+  slot_used_.assign(setup_.ring, 0);
+  if (setup_.kind == OffloadKind::nvme) {
+    if (!setup_.io_ring || setup_.io_ring_bytes < setup_.ring * setup_.cell_bytes + detail::kNvmeAlign)
+      throw Error(ErrorCode::internal, "offload: nvme I/O ring missing or too small");
+    store_ = std::make_unique<NvmeStore>(setup_.nvme_dir, setup_.rank, setup_.world, setup_.cells,
+                                         setup_.cell_bytes, setup_.file_bytes);
+    for (std::size_t c = 0; c < setup_.disk_bytes.size(); ++c)
+      if (setup_.disk_bytes[c]) be_.memory().on_allocate(static_cast<Category>(c), Place::disk, setup_.disk_bytes[c]);
+  }
+}
+
+OffloadEngine::~OffloadEngine() {
+  try {
+    be_.synchronize(*down_);
+  } catch (...) {
+    // already reported by the step that failed; a destructor must not throw
+  }
+  try {
+    be_.synchronize(*up_);
+  } catch (...) {
+  }
+  if (store_) {
+    store_.reset();
+    for (std::size_t c = 0; c < setup_.disk_bytes.size(); ++c)
+      if (setup_.disk_bytes[c]) be_.memory().on_free(static_cast<Category>(c), Place::disk, setup_.disk_bytes[c]);
+  }
+}
+
+std::string OffloadEngine::io_mode() const {
+  if (!store_) return {};
+  return store_->direct() ? "O_DIRECT" : store_->note();
+}
+std::string OffloadEngine::file_path() const { return store_ ? store_->path() : std::string(); }
+
+std::size_t OffloadEngine::cell_elems(std::size_t cell) const noexcept {
+  return std::min(setup_.chunk_elems, setup_.state_elems - cell * setup_.chunk_elems);
+}
+
+void OffloadEngine::set_pieces(std::vector<Piece> pieces) {
+  std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.off < b.off; });
+  cell_first_.assign(setup_.cells + 1, pieces.size());
+  std::size_t k = 0;
+  for (std::size_t cell = 0; cell < setup_.cells; ++cell) {
+    cell_first_[cell] = k;
+    const std::size_t end = (cell + 1) * setup_.chunk_elems;
+    while (k < pieces.size() && pieces[k].off < end) {
+      if (pieces[k].off + pieces[k].n > end)
+        throw Error(ErrorCode::internal, "offload: update piece at " + std::to_string(pieces[k].off) + " crosses cell " +
+                                             std::to_string(cell));
+      ++k;
+    }
+  }
+  pieces_ = std::move(pieces);
+}
+
+void OffloadEngine::delay_copy(Stream& s) {
+  if (const int us = test_hooks().copy_delay_us.load(); us > 0)
+    be_.host_task(s, [us] { std::this_thread::sleep_for(std::chrono::microseconds(us)); });
+}
+
+void OffloadEngine::download(const void* device_grad, std::size_t off, std::size_t n, Event& after) {
+  if (n == 0) return;
+  be_.wait(*down_, after);
+  delay_copy(*down_);
+  be_.copy(add_bytes(setup_.host_grad, off, setup_.grad_dtype), device_grad, n * size_of(setup_.grad_dtype), *down_);
+}
+
+void OffloadEngine::finish_downloads() { be_.synchronize(*down_); }
+
+void OffloadEngine::downloads_before(Stream& stream) {
+  be_.record(*downloaded_, *down_);
+  be_.wait(stream, *downloaded_);
+}
+
+void OffloadEngine::run_pieces(std::size_t cell, float* master, float* s0, float* s1, std::size_t base, int slot,
+                               const std::map<int, StepScalars>& scalars) {
+  const cpu::Kernels& k = cpu::kernels(cpu::active_isa());
+  const DType c = setup_.param_dtype;
+  for (std::size_t i = cell_first_[cell]; i < cell_first_[cell + 1]; ++i) {
+    const Piece& p = pieces_[i];
+    UpdateArgs a;
+    a.rule = setup_.rule;
+    a.scalars = scalars.at(p.group);
+    a.master = master + (p.off - base);
+    a.state1 = s0 + (p.off - base);
+    a.state2 = s1 ? s1 + (p.off - base) : nullptr;
+    a.grad = add_bytes(setup_.host_grad, p.off, setup_.grad_dtype);
+    a.grad_dtype = setup_.grad_dtype;
+    a.param_out = setup_.params_on_host ? p.param : add_bytes(setup_.param_ring[slot], p.off - base, c);
+    a.param_dtype = c;
+    a.n = p.n;
+    pool_->parallel_for(p.n, kUpdateGrain, [&](std::size_t b, std::size_t e) { k.fused_update(cpu::slice(a, b, e - b)); });
+  }
+  if (const int us = test_hooks().update_delay_us.load(); us > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
+
+// Waits until ring slot `slot` is no longer being uploaded (its previous cell's copies are done).
+void OffloadEngine::upload_cell(std::size_t cell, int slot, bool wait_slot) {
+  if (setup_.params_on_host) return;
+  if (wait_slot) {
+    if (slot_used_[slot]) be_.synchronize(*slot_free_[slot]);
+    return;
+  }
+  const std::size_t base = cell * setup_.chunk_elems;
+  const DType c = setup_.param_dtype;
+  delay_copy(*up_);
+  for (std::size_t i = cell_first_[cell]; i < cell_first_[cell + 1]; ++i) {
+    const Piece& p = pieces_[i];
+    be_.copy(p.param, add_bytes(setup_.param_ring[slot], p.off - base, c), p.n * size_of(c), *up_);
+  }
+  be_.record(*slot_free_[slot], *up_);
+  slot_used_[slot] = 1;
+}
+
+void OffloadEngine::update(const std::map<int, StepScalars>& scalars) {
+  const std::size_t C = setup_.chunk_elems;
+  const int R = setup_.ring;
+  if (!store_) {
+    for (std::size_t cell = 0; cell < setup_.cells; ++cell) {
+      const int slot = static_cast<int>(cell % R);
+      const std::size_t base = cell * C;
+      upload_cell(cell, slot, true);
+      run_pieces(cell, setup_.master + base, setup_.states[0] + base,
+                 setup_.nstates > 1 ? setup_.states[1] + base : nullptr, base, slot, scalars);
+      upload_cell(cell, slot, false);
+    }
+    be_.record(*uploaded_, *up_);
+    return;
+  }
+  // nvme: buffer b of the I/O ring holds one cell, [master | state 0 | state 1] of C elements.
+  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(setup_.io_ring);
+  std::byte* aligned = reinterpret_cast<std::byte*>((raw + detail::kNvmeAlign - 1) / detail::kNvmeAlign * detail::kNvmeAlign);
+  auto buf = [&](int b) { return reinterpret_cast<float*>(aligned + static_cast<std::size_t>(b) * setup_.cell_bytes); };
+  try {
+    if (setup_.cells > 0) store_->submit_read(0, buf(0), 0);
+    for (std::size_t cell = 0; cell < setup_.cells; ++cell) {
+      const int b = static_cast<int>(cell % R);
+      if (cell + 1 < setup_.cells) {
+        const int nb = static_cast<int>((cell + 1) % R);
+        store_->wait_write(nb);  // cell+1-R's write used that buffer
+        store_->submit_read(cell + 1, buf(nb), nb);
+      }
+      store_->wait_read(b);
+      const int slot = static_cast<int>(cell % R);
+      upload_cell(cell, slot, true);
+      float* m = buf(b);
+      run_pieces(cell, m, m + C, setup_.nstates > 1 ? m + 2 * C : nullptr, cell * C, slot, scalars);
+      upload_cell(cell, slot, false);
+      store_->submit_write(cell, m, b);
+    }
+    for (int b = 0; b < R; ++b) store_->wait_write(b);
+    store_->commit();
+  } catch (...) {
+    store_->drain();  // nothing may still write into the ring once the caller moves on
+    be_.record(*uploaded_, *up_);
+    throw;
+  }
+  be_.record(*uploaded_, *up_);
+}
+
+float* OffloadEngine::begin_init_cell(std::size_t cell) {
+  if (!store_) return setup_.master + cell * setup_.chunk_elems;  // zero-filled at allocation
+  const std::uintptr_t raw = reinterpret_cast<std::uintptr_t>(setup_.io_ring);
+  auto* aligned = reinterpret_cast<float*>((raw + detail::kNvmeAlign - 1) / detail::kNvmeAlign * detail::kNvmeAlign);
+  std::memset(aligned, 0, setup_.cell_bytes);
+  return aligned;
+}
+
+void OffloadEngine::end_init_cell(std::size_t cell, float* master) {
+  const cpu::Kernels& k = cpu::kernels(cpu::active_isa());
+  const std::size_t base = cell * setup_.chunk_elems;
+  const DType c = setup_.param_dtype;
+  for (std::size_t i = cell_first_[cell]; i < cell_first_[cell + 1]; ++i) {
+    const Piece& p = pieces_[i];
+    if (setup_.params_on_host) {
+      k.cast(master + (p.off - base), DType::fp32, p.param, c, p.n);
+    } else {
+      k.cast(master + (p.off - base), DType::fp32, setup_.param_ring[0], c, p.n);
+      be_.copy(p.param, setup_.param_ring[0], p.n * size_of(c), *up_);
+      be_.synchronize(*up_);  // the ring slot is reused by the next piece
+    }
+  }
+  if (store_) {
+    store_->submit_write(cell, master, 0);
+    store_->wait_write(0);
+  }
+}
+
+void OffloadEngine::finish_init() {
+  if (store_) store_->commit();
+}
+
+void OffloadEngine::read(int field, std::size_t off, std::size_t n, float* out) const {
+  if (n == 0) return;
+  if (field < 0 || field > setup_.nstates || off + n > setup_.state_elems)
+    throw Error(ErrorCode::invalid_argument, "offload read: field " + std::to_string(field) + " elements [" +
+                                                 std::to_string(off) + ", " + std::to_string(off + n) + ") out of range");
+  if (!store_) {
+    const float* src = field == 0 ? setup_.master : setup_.states[field - 1];
+    std::memcpy(out, src + off, n * 4);
+    return;
+  }
+  struct Free {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<void, Free> tmp(std::aligned_alloc(detail::kNvmeAlign, setup_.cell_bytes));
+  if (!tmp) throw Error(ErrorCode::out_of_memory, "offload read: " + std::to_string(setup_.cell_bytes) + " bytes");
+  const std::size_t C = setup_.chunk_elems;
+  while (n > 0) {
+    const std::size_t cell = off / C, in = off % C, k = std::min(n, C - in);
+    store_->read_committed(cell, tmp.get());
+    std::memcpy(out, static_cast<const float*>(tmp.get()) + static_cast<std::size_t>(field) * C + in, k * 4);
+    off += k;
+    out += k;
+    n -= k;
+  }
+}
+
+void OffloadEngine::write(int field, std::size_t off, std::size_t n, const float* src) {
+  if (n == 0) return;
+  if (field < 0 || field > setup_.nstates || off + n > setup_.state_elems)
+    throw Error(ErrorCode::invalid_argument, "offload write: field " + std::to_string(field) + " elements [" +
+                                                 std::to_string(off) + ", " + std::to_string(off + n) + ") out of range");
+  if (!store_) {
+    float* dst = field == 0 ? setup_.master : setup_.states[field - 1];
+    std::memcpy(dst + off, src, n * 4);
+    return;
+  }
+  struct Free {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<void, Free> tmp(std::aligned_alloc(detail::kNvmeAlign, setup_.cell_bytes));
+  if (!tmp) throw Error(ErrorCode::out_of_memory, "offload write: " + std::to_string(setup_.cell_bytes) + " bytes");
+  const std::size_t C = setup_.chunk_elems;
+  while (n > 0) {
+    const std::size_t cell = off / C, in = off % C, k = std::min(n, C - in);
+    store_->read_committed(cell, tmp.get());
+    std::memcpy(static_cast<float*>(tmp.get()) + static_cast<std::size_t>(field) * C + in, src, k * 4);
+    store_->write_committed(cell, tmp.get());
+    off += k;
+    src += k;
+    n -= k;
+  }
+}
+
+}  // namespace shardopt::offload

@@ -1,0 +1,162 @@
+#pragma once
+// The offload engine (internal): runs the optimizer update on the host for a rank whose fp32
+// master weights and moments live in pinned host memory (OffloadKind::host) or in a file on local
+// NVMe (OffloadKind::nvme).
+//
+// Engine::Impl decides what is reduced where and hands this class
+//   - the pieces of the update: runs of state elements with one parameter group, each with the
+//     address its rounded compute-dtype output goes to (device memory, or the host parameter shard
+//     under offload_params),
+//   - the buffers planned by plan_engine (src/engine/plan.cpp) and allocated in initialize: the
+//     host gradient copy, the upload ring, the NVMe I/O ring. Nothing is allocated here later.
+//
+// The step pipeline walks the state in cells of `chunk_elems` elements:
+//   host tier: update cell i on the CPU (the shardopt::cpu kernels through a ThreadPool) while the
+//              copy stream uploads cell i-1's parameters; an upload-ring slot is reused only after
+//              the event of its previous upload (so the ring bounds the memory, not the speed).
+//   nvme tier: read cell i+1 | update cell i | write cell i-1, all three in flight at once through
+//              io_uring, into the other generation of the file, committed by a header flip at the
+//              end (NvmeStore), so a failed step leaves the previous step's state on disk.
+// The gradient comes down earlier: Impl enqueues download() per unit as soon as it is reduced.
+//
+// Same kernels and same element-wise arithmetic as the backends' fused_update, so the results are
+// bit-identical to the non-offloaded engine on the CPU backend.
+#include <atomic>
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "shardopt/backend.hpp"
+#include "shardopt/config.hpp"
+#include "shardopt/rules.hpp"
+
+namespace shardopt {
+class ThreadPool;
+}
+
+namespace shardopt::offload {
+
+class NvmeStore;
+
+// Test hooks (process-wide; tests only). Delays are applied to every offload engine: before each
+// copy enqueued on its copy streams (as a host task on that stream) and after each cell's update.
+// I/O faults count NVMe data reads and writes (and header writes) from the moment they are armed.
+struct TestHooks {
+  std::atomic<int> copy_delay_us{0};
+  std::atomic<int> update_delay_us{0};
+  std::atomic<long> fail_read_at{0};   // the Nth read from now fails (0: off)
+  std::atomic<long> fail_write_at{0};  // the Nth write from now fails (0: off)
+  std::atomic<bool> short_io{false};   // the armed fault comes back short instead of failing
+  std::atomic<long> reads{0}, writes{0};
+};
+TestHooks& test_hooks() noexcept;
+// Arms an I/O fault: the `nth` (1-based) read or write from now fails with EIO or, if `short_io`,
+// transfers only half its bytes.
+void arm_io_fault(bool write, long nth, bool short_io) noexcept;
+void clear_test_hooks() noexcept;
+
+// One run of state elements updated with one group's hyperparameters, within one cell.
+struct Piece {
+  int group = 0;
+  std::size_t off = 0;  // first state element
+  std::size_t n = 0;
+  void* param = nullptr;  // where the rounded compute-dtype values go (device, or host under offload_params)
+};
+
+struct Setup {
+  Backend* backend = nullptr;
+  OffloadKind kind = OffloadKind::host;
+  std::string nvme_dir;
+  int rank = 0, world = 1;
+  OptimizerKind rule = OptimizerKind::adamw;
+  int nstates = 2;
+  DType grad_dtype = DType::fp32, param_dtype = DType::fp32;
+  std::size_t state_elems = 0, chunk_elems = 0, cells = 0, cell_bytes = 0, file_bytes = 0;
+  int ring = 3;
+  bool params_on_host = false;  // offload_params: pieces' param pointers are host memory, written in place
+  // Buffers (owned by Impl): host tier master/states; always host_grad; upload ring unless
+  // params_on_host; the I/O ring for nvme.
+  float* master = nullptr;
+  float* states[2] = {nullptr, nullptr};
+  void* host_grad = nullptr;
+  std::vector<void*> param_ring;
+  void* io_ring = nullptr;
+  std::size_t io_ring_bytes = 0;
+  std::vector<std::size_t> disk_bytes;  // per Category index: what the store reports at Place::disk
+};
+
+class OffloadEngine {
+ public:
+  explicit OffloadEngine(Setup setup);  // nvme: checks the directory, creates the file (Error)
+  ~OffloadEngine();
+  OffloadEngine(const OffloadEngine&) = delete;
+  OffloadEngine& operator=(const OffloadEngine&) = delete;
+
+  // The update's pieces, sorted by `off` and never crossing a cell boundary. Before any step.
+  void set_pieces(std::vector<Piece> pieces);
+
+  // Copies `n` gradient elements from device memory to the host copy at state element `off`, on
+  // the download stream, after `after` (recorded by the caller on the stream that reduced them).
+  void download(const void* device_grad, std::size_t off, std::size_t n, Event& after);
+  // Host waits until every download is done.
+  void finish_downloads();
+  // Work enqueued on `stream` from now on waits for every download enqueued so far.
+  void downloads_before(Stream& stream);
+
+  // Initial values: `fill(cell_begin, n, master)` writes the master values of state elements
+  // [cell_begin, cell_begin+n) (zeros elsewhere are already there) and this class rounds them and
+  // uploads them through the pieces' param pointers; moments start at zero. nvme: written to the
+  // file's first generation and committed.
+  template <class F>
+  void initialize_values(F&& fill) {
+    for (std::size_t cell = 0; cell < setup_.cells; ++cell) {
+      float* m = begin_init_cell(cell);
+      fill(cell * setup_.chunk_elems, cell_elems(cell), m);
+      end_init_cell(cell, m);
+    }
+    finish_init();
+  }
+
+  // The pipelined update: every piece with scalars.at(piece.group). Parameters are uploaded on
+  // the upload stream; the caller makes its next work wait for `uploaded()`, recorded at the end.
+  // nvme: on an I/O error throws Error naming the file; the file keeps the previous state.
+  void update(const std::map<int, StepScalars>& scalars);
+  Event& uploaded() noexcept { return *uploaded_; }
+
+  // Reads `n` elements of field `field` (0: master, 1 + i: state i) from state element `off`
+  // into `out` (host memory). Host tier: a plain copy; nvme: from the committed generation.
+  void read(int field, std::size_t off, std::size_t n, float* out) const;
+
+  // The reverse of read(): replaces `n` elements of field `field` from `src` (host memory). Not
+  // for use during a step (checkpoint load). nvme: read-modify-write of the committed cells.
+  void write(int field, std::size_t off, std::size_t n, const float* src);
+
+  // Which I/O the NVMe tier uses ("O_DIRECT" or a note saying why buffered), empty for host.
+  std::string io_mode() const;
+  std::string file_path() const;
+
+ private:
+  std::size_t cell_elems(std::size_t cell) const noexcept;
+  float* begin_init_cell(std::size_t cell);
+  void end_init_cell(std::size_t cell, float* master);
+  void finish_init();
+  void upload_cell(std::size_t cell, int slot, bool wait_slot);
+  void run_pieces(std::size_t cell, float* master, float* s0, float* s1, std::size_t base, int slot,
+                  const std::map<int, StepScalars>& scalars);
+  void delay_copy(Stream& s);
+
+  Setup setup_;
+  Backend& be_;
+  std::shared_ptr<ThreadPool> pool_;
+  std::unique_ptr<Stream> down_, up_;
+  std::unique_ptr<Event> uploaded_, downloaded_;
+  std::vector<std::unique_ptr<Event>> slot_free_;
+  std::vector<char> slot_used_;
+  std::vector<Piece> pieces_;
+  std::vector<std::size_t> cell_first_;  // first piece of each cell (cells+1 entries)
+  std::unique_ptr<NvmeStore> store_;
+};
+
+}  // namespace shardopt::offload
