@@ -10,6 +10,10 @@ packages=(
   libbenchmark-dev                   # benchmarks
   libopenblas-dev                    # the example trainer's GEMMs
   libcli11-dev nlohmann-json3-dev    # the shardopt command line
+  libopenmpi-dev openmpi-bin         # multi-process: MPI communicator, bootstrap, mpirun tests
+  liburing-dev                       # NVMe offload (io_uring)
+  libxxhash-dev                      # checkpoint checksums (xxHash64)
+  clang-16 libfuzzer-16-dev libclang-rt-16-dev  # scripts/fuzz.sh (libFuzzer)
 )
 
 missing=()

@@ -2,7 +2,9 @@
 # Installs what is missing, builds everything, and runs the whole test suite:
 #   1. the main build (CUDA code compiled when a toolkit is found; GPU tests skip without a GPU),
 #   2. a consumer project built against the *installed* package (find_package(shardopt)),
-#   3. a ThreadSanitizer build running the CPU tests (set SHARDOPT_SANITIZERS=0 to skip it).
+#   3. a ThreadSanitizer build running the CPU tests (set SHARDOPT_SANITIZERS=0 to skip it),
+#   4. a short libFuzzer run over the checkpoint manifest parser (scripts/fuzz.sh),
+#   5. the whole suite of the main build (labels cpu, gpu — skipped without a device — and mpi).
 # Exits non-zero if anything fails.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +32,9 @@ if [ "${SHARDOPT_SANITIZERS:-1}" != "0" ]; then
   cmake --build "$tsan" -j"$jobs"
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --test-dir "$tsan" -L cpu --output-on-failure -j"$jobs"
 fi
+
+echo "== fuzzing the checkpoint manifest parser (${SHARDOPT_FUZZ_SECONDS:-20} s)"
+"$root/scripts/fuzz.sh" "${SHARDOPT_FUZZ_SECONDS:-20}"
 
 echo "== test suite"
 ctest --test-dir "$build" --output-on-failure -j"$jobs"

@@ -71,8 +71,9 @@ TEST(CliErrors, ExitNonZeroNamingTheFlag) {
       {{"train", "--offload", "host"}, "--offload"},
       {{"train", "--offload", "nvme", "--nvme-dir", "/tmp"}, "--offload"},
       {{"train", "--backend", "cuda"}, "--backend"},
-      {{"train", "--save", "/tmp/ckpt"}, "--save"},
-      {{"train", "--resume", "/tmp/ckpt"}, "--resume"},
+      // checkpoints: a directory without a manifest is not one; export needs --out
+      {{"train", "--steps", "1", "--resume", "/nonexistent-ckpt"}, "/nonexistent-ckpt/manifest.json"},
+      {{"checkpoint", "export", "/nonexistent-ckpt"}, "--out"},
       {{"train", "--bucket", "lots"}, "--bucket"},
       {{"train", "--steps", "1", "--metrics", "/nonexistent-dir/m.jsonl"}, "--metrics"},
       {{"estimate", "--params", "many"}, "--params"},

@@ -242,6 +242,7 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   no_decay.weight_decay = 0.0f;  // biases
   engine.set_group(1, no_decay);
   engine.initialize(shardopt::seeded_init(o.seed));
+  if (!o.resume_dir.empty()) engine.load(o.resume_dir);  // collective, like every engine call here
 
   // The trainer's own memory (activation_bytes() counts the same buffers).
   std::vector<float> xs((L + 1) * BH), as(L * BF), us(L * BF), dy(BH), dx(BH), target(BH), da(BF);
@@ -324,6 +325,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     if (step == o.steps - 1) s.result.last_step_comm[rank] = engine.comm_report();
     barrier.arrive_and_wait();
   }
+
+  if (!o.save_dir.empty()) engine.save(o.save_dir);  // collective: before the lock below
 
   // Every rank contributes the master values it owns; together they cover every tensor.
   std::lock_guard<std::mutex> lock(s.mutex);

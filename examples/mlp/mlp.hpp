@@ -94,6 +94,8 @@ struct TrainOptions {
   std::uint64_t seed = 1;
   unsigned threads = 0;  // kernel threads shared by all ranks (0: the machine's)
   shardopt::Config config;  // stage, dtypes, optimizer, accumulation_steps, ...
+  std::string resume_dir;   // non-empty: Engine::load from this checkpoint after initialize
+  std::string save_dir;     // non-empty: Engine::save into this directory after the last step
 };
 
 struct StepRecord {

@@ -126,6 +126,37 @@ class Engine {
   void read_state(int which, const std::function<void(int tensor, std::size_t begin,
                                                       std::size_t count, const float* values)>& fn);
 
+  // ---- checkpoints (the format: include/shardopt/checkpoint.hpp and the README)
+  // Writes this engine's state into directory `dir` (created if missing). Collective: every rank
+  // calls it with the same path, on a file system all ranks share. Saved: the fp32 master weights
+  // and every optimizer state, element for element; the step count; the loss-scaler state
+  // (scale, good_steps, overflow_run); and, for the record, world size, stage, dtypes, the rule
+  // and every group's hyperparameters. Not saved: gradients accumulated in an unfinished step
+  // (save between steps to resume bit for bit), the compute-dtype parameters (they are the
+  // master rounded, and load recomputes them).
+  // Every rank writes the elements it owns into its own file, in parallel (stage 0: the ranks
+  // split the model into equal element ranges); rank 0 then writes the manifest, last.
+  // Atomic: files are written under temporary names, fsynced and renamed, and the manifest,
+  // replaced by rename, is the commit point. Saving into a directory that already holds a
+  // checkpoint writes a new generation of files beside it and removes the old generation only
+  // after the new manifest is durable, so a crash at any point leaves the previous checkpoint or
+  // the new one, never a mix. Synchronous: returns after the commit on every rank.
+  // Errors (Error(io_error) naming the file) are thrown on every rank; the engine is unchanged
+  // and the previous checkpoint in `dir`, if any, is still the valid one.
+  void save(const std::string& dir);
+  // Replaces this engine's master weights, optimizer states, step count and (if both use the same
+  // loss-scaling mode) loss-scaler state with the checkpoint's. Collective. The checkpoint may
+  // come from any world size and stage and any compute dtype; each rank reads (pread) only the
+  // byte ranges it now owns, verifies their checksums, and commits only when every rank has
+  // verified everything it needs. The engine's own hyperparameters are kept (the checkpoint's are
+  // informational). Requires: initialize() done, no step in progress (no grads_ready since the
+  // last step()/zero_grad()), the same tensors (names and shapes) as the checkpoint, the same
+  // optimizer rule; not supported with offload_optimizer=nvme.
+  // Errors: a missing manifest, unknown format version, truncated or missing shard file, checksum
+  // mismatch, tensor name/shape mismatch or different rule throws Error naming the file and the
+  // tensor on every rank, and leaves the engine exactly as it was and usable.
+  void load(const std::string& dir);
+
   MemoryReport memory_report() const;
   // Collective traffic since the last reset, per kind (see CommStats for the accounting).
   CommStats comm_report() const;

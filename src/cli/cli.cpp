@@ -176,6 +176,8 @@ int run(int argc, const char* const* argv, Io& io) {
   CLI::App* estimate_cmd = add_estimate(app, estimate);
   CLI::App* plan_cmd = add_plan(app, plan);
   CLI::App* bench_cmd = add_bench(app, bench);
+  CheckpointArgs checkpoint;
+  const CheckpointCommands checkpoint_cmd = add_checkpoint(app, checkpoint);
 
   try {
     app.parse(argc, argv);
@@ -195,6 +197,14 @@ int run(int argc, const char* const* argv, Io& io) {
     if (plan_cmd->parsed()) {
       which += " plan";
       return run_plan(plan, io);
+    }
+    if (checkpoint_cmd.inspect->parsed()) {
+      which += " checkpoint inspect";
+      return run_checkpoint_inspect(checkpoint, io);
+    }
+    if (checkpoint_cmd.exporter->parsed()) {
+      which += " checkpoint export";
+      return run_checkpoint_export(checkpoint, io);
     }
     if (bench_cmd->parsed()) {
       which += " bench update";

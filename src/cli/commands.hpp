@@ -109,6 +109,20 @@ struct BenchArgs {
 CLI::App* add_bench(CLI::App& app, BenchArgs& a);
 int run_bench(const BenchArgs& a, Io& io);
 
+struct CheckpointArgs {
+  std::string dir, out;
+  std::string dtype = "fp32";
+  bool verify = false;
+  bool json = false;
+};
+struct CheckpointCommands {
+  CLI::App* inspect = nullptr;
+  CLI::App* exporter = nullptr;
+};
+CheckpointCommands add_checkpoint(CLI::App& app, CheckpointArgs& a);
+int run_checkpoint_inspect(const CheckpointArgs& a, Io& io);
+int run_checkpoint_export(const CheckpointArgs& a, Io& io);
+
 // The CUDA backend check shared by train and bench (UsageError naming --backend).
 void check_backend(const std::string& backend, const char* what);
 

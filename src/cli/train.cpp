@@ -26,8 +26,8 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   sub->add_option("--seed", a.seed, "seed of the student init, the teacher and the data (rank r reads seed + r)")
       ->capture_default_str();
   sub->add_option("--threads", a.threads, "kernel threads shared by all ranks (0: all cores)")->capture_default_str();
-  sub->add_option("--save", a.save, "write a checkpoint to DIR (not in this build yet)");
-  sub->add_option("--resume", a.resume, "resume from the checkpoint in DIR (not in this build yet)");
+  sub->add_option("--save", a.save, "write a checkpoint to DIR after the last step (see shardopt checkpoint inspect)");
+  sub->add_option("--resume", a.resume, "start from the checkpoint in DIR (any --ranks/--stage; same model and --optimizer)");
   sub->add_option("--metrics", a.metrics, "write one JSON line per step to FILE");
   sub->add_flag("--json", a.json, "print one JSON object with the results as the last line of stdout");
   return sub;
@@ -61,8 +61,6 @@ std::string hex64(std::uint64_t v) {
 int run_train(const TrainArgs& a, Io& io) {
   check_backend(a.backend, "the example trainer");
   check_offload(a.model);
-  if (!a.save.empty()) throw UsageError("--save: checkpoints are not available in this build yet");
-  if (!a.resume.empty()) throw UsageError("--resume: checkpoints are not available in this build yet");
 
   const Model model = build_model(a.model);
   mlp::TrainOptions o;
@@ -76,6 +74,8 @@ int run_train(const TrainArgs& a, Io& io) {
   o.config.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(o.config.optimizer));
   o.config.hyper.weight_decay = static_cast<float>(a.weight_decay);
   o.config.max_grad_norm = static_cast<float>(a.clip);
+  o.resume_dir = a.resume;
+  o.save_dir = a.save;
 
   std::unique_ptr<std::ofstream> metrics;
   if (!a.metrics.empty()) {

@@ -1,0 +1,420 @@
+// Engine::save and Engine::load (see engine.hpp for the contract, format.hpp for the format).
+//
+// The work is done by function templates over the engine's Impl: Engine::Impl is private to
+// Engine, so only Engine's members can name it; a template deduces it instead. They touch only
+// the Impl members that survive the offload work (master_at/state_at/param_at, read_values,
+// for_each_owned_piece, the backend and the communicator) and leave engine_impl.hpp alone.
+#include <dirent.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <optional>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/format.hpp"
+#include "engine/engine_impl.hpp"
+
+#ifndef SHARDOPT_LIBRARY_VERSION
+#define SHARDOPT_LIBRARY_VERSION "unknown"
+#endif
+
+namespace shardopt {
+
+namespace {
+
+using ckpt::join;
+
+// One run of consecutive elements of one tensor that this rank writes or loads.
+struct Piece {
+  int tensor = 0;
+  std::size_t begin = 0, count = 0;
+  int unit = 0;
+  std::size_t unit_elem = 0;  // unit-element of `begin`
+};
+
+std::string data_name(std::uint64_t gen, int rank) {
+  return "g" + std::to_string(gen) + ".r" + std::to_string(rank) + ".bin";
+}
+std::string sidecar_name(std::uint64_t gen, int rank) {
+  return "g" + std::to_string(gen) + ".r" + std::to_string(rank) + ".json";
+}
+// The generation a file of ours belongs to, if its name is one of ours ("g<gen>.r<rank>.<ext>").
+std::optional<std::uint64_t> generation_of(const std::string& name) {
+  if (name.size() < 6 || name[0] != 'g') return std::nullopt;
+  std::size_t i = 1;
+  std::uint64_t g = 0;
+  while (i < name.size() && name[i] >= '0' && name[i] <= '9' && i < 19) g = g * 10 + static_cast<std::uint64_t>(name[i++] - '0');
+  if (i == 1 || name.compare(i, 2, ".r") != 0) return std::nullopt;
+  i += 2;
+  const std::size_t digits = i;
+  while (i < name.size() && name[i] >= '0' && name[i] <= '9') ++i;
+  if (i == digits) return std::nullopt;
+  const std::string rest = name.substr(i);
+  for (const char* ext : {".bin", ".json", ".bin.tmp", ".json.tmp"})
+    if (rest == ext) return g;
+  return std::nullopt;
+}
+
+// Collective: every rank learns the largest value any rank passed (0 or 1 for failure flags,
+// small integers for generations: exact in fp32 below 2^24). Uses the step's scratch scalars
+// (elements 2-3 of the device scalars, as step() does), so it works on every backend.
+template <class I>
+float agree_max(I& im, float value) {
+  float* hs = im.host_scalars.template as<float>();
+  float* sc = im.scalars.template as<float>();
+  hs[2] = value;
+  im.be.copy(sc + 2, hs + 2, 4, *im.side);
+  im.comm.all_reduce(sc + 2, sc + 2, 1, DType::fp32, ReduceOp::max, *im.side);
+  im.be.copy(hs + 2, sc + 2, 4, *im.side);
+  im.be.synchronize(*im.side);
+  return hs[2];
+}
+
+// After every rank tried a phase: if any failed, every rank throws (its own error, or one saying
+// another rank failed), so no rank goes on into a collective the others skip.
+template <class I>
+void agree_or_throw(I& im, const std::optional<Error>& mine, const std::string& what) {
+  const bool any = agree_max(im, mine ? 1.0f : 0.0f) != 0.0f;
+  if (mine) throw *mine;
+  if (any) throw Error(ErrorCode::io_error, what + " failed on another rank (see that rank's error)");
+}
+
+template <class F>
+std::optional<Error> attempt(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e;
+  } catch (const std::exception& e) {
+    return Error(ErrorCode::io_error, e.what());
+  }
+  return std::nullopt;
+}
+
+// What this rank writes: its owned pieces (stages 1-3); at stage 0 every rank holds everything,
+// so the ranks split the concatenation of all tensors into equal element ranges and each writes one.
+template <class I>
+std::vector<Piece> write_pieces(const I& im) {
+  std::vector<Piece> out;
+  const auto& tensors = im.layout.tensors();
+  if (im.cfg.stage != 0) {
+    im.for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
+      if (n) out.push_back({t, begin, n, u, e});
+    });
+    return out;
+  }
+  const std::size_t total = im.layout.total_numel();
+  const std::size_t lo = total * static_cast<std::size_t>(im.rank) / static_cast<std::size_t>(im.world);
+  const std::size_t hi = total * static_cast<std::size_t>(im.rank + 1) / static_cast<std::size_t>(im.world);
+  std::size_t flat = 0;
+  for (int t = 0; t < static_cast<int>(tensors.size()); ++t) {
+    const auto& ti = tensors[t];
+    const std::size_t a = std::max(lo, flat), b = std::min(hi, flat + ti.numel);
+    if (a < b) out.push_back({t, a - flat, b - a, ti.unit, ti.unit_offset + (a - flat)});
+    flat += ti.numel;
+  }
+  return out;
+}
+
+template <class I>
+std::vector<Piece> owned_pieces(const I& im) {
+  std::vector<Piece> out;
+  im.for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
+    if (n) out.push_back({t, begin, n, u, e});
+  });
+  return out;
+}
+
+template <class I>
+float* field_at(const I& im, int field, int u, std::size_t e) {
+  return field == 0 ? im.master_at(u, e) : im.state_at(field - 1, u, e);
+}
+
+// Deletes our files of generations other than `keep`, our sidecars of `keep` (merged into the
+// manifest) and stale temporaries. Runs after the commit: a failure leaves harmless garbage that
+// the next save removes, so it is reported to no one.
+void remove_stale(const std::string& dir, std::uint64_t keep) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return;  // checked: nothing to clean if the directory cannot be listed
+  std::vector<std::string> doomed;
+  while (const dirent* ent = ::readdir(d)) {
+    const std::string name = ent->d_name;
+    if (name == std::string(ckpt::kManifestName) + ".tmp") {
+      doomed.push_back(name);
+      continue;
+    }
+    const auto g = generation_of(name);
+    if (!g) continue;
+    const bool sidecar = name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0;
+    const bool tmp = name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0;
+    if (*g != keep || sidecar || tmp) doomed.push_back(name);
+  }
+  (void)::closedir(d);  // read-only handle; nothing to lose
+  for (const auto& name : doomed) {
+    if (::unlink(join(dir, name).c_str()) != 0 && errno != ENOENT) {
+      // Deliberately ignored (see above): the checkpoint is already committed.
+    }
+  }
+}
+
+template <class I>
+void save_impl(I& im, const std::string& dir) {
+  im.require_initialized("save");
+  require(!dir.empty(), ErrorCode::invalid_argument, "save: empty checkpoint directory");
+  require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
+  im.be.synchronize(*im.side);
+  im.be.synchronize(*im.compute);
+
+  // The new generation: one past the committed one (a directory without a valid manifest starts
+  // at 1). Every rank reads the manifest; the largest proposal wins so all use the same names.
+  std::uint64_t proposal = 1;
+  try {
+    proposal = ckpt::read_manifest(dir).generation + 1;
+  } catch (const Error&) {
+    proposal = 1;  // no valid checkpoint there yet: this save creates the first
+  }
+  require(proposal < (std::uint64_t(1) << 24), ErrorCode::unsupported,
+          "save: checkpoint generation counter of '" + dir + "' exhausted; save into a new directory");
+  const auto gen = static_cast<std::uint64_t>(agree_max(im, static_cast<float>(proposal)));
+
+  const std::vector<std::string> fields = ckpt::field_names(im.cfg.optimizer);
+  const int nfields = static_cast<int>(fields.size());
+  const std::string file = data_name(gen, im.rank);
+  const std::string tmp = join(dir, file + ".tmp");
+  const std::size_t chunk = ckpt::chunk_elems();
+
+  // Phase 1, every rank: its shard file (fields one after another, each its pieces in order) and
+  // a sidecar describing it. Memory: one chunk.
+  std::optional<Error> err = attempt([&] {
+    ckpt::make_dir(dir);
+    const std::vector<Piece> pieces = write_pieces(im);
+    ckpt::Fd f = ckpt::create_write(tmp);
+    std::vector<float> buf;
+    std::uint64_t offset = 0;
+    nlohmann::json ranges = nlohmann::json::array();
+    for (int fi = 0; fi < nfields; ++fi) {
+      for (const Piece& p : pieces) {
+        nlohmann::json hashes = nlohmann::json::array();
+        for (std::size_t done = 0; done < p.count; done += chunk) {
+          const std::size_t k = std::min(chunk, p.count - done);
+          buf.resize(k);
+          im.read_values(field_at(im, fi, p.unit, p.unit_elem + done), k, buf.data());
+          hashes.push_back(ckpt::hex64(ckpt::xxh64(buf.data(), k * 4)));
+          ckpt::write_all(f, buf.data(), k * 4);
+        }
+        ranges.push_back({p.tensor, fi, p.begin, p.count, offset, hashes});
+        offset += p.count * 4;
+      }
+    }
+    ckpt::fsync_fd(f);
+    f.close();
+    ckpt::rename_file(tmp, join(dir, file));
+    nlohmann::json side = {{"file", file}, {"bytes", offset}, {"ranges", ranges}};
+    // The sidecar is only read by rank 0 before the commit; it needs no fsync of its own, but the
+    // atomic write keeps a half-written one from ever being parsed.
+    ckpt::write_file_atomic(dir, sidecar_name(gen, im.rank), side.dump());
+  });
+  if (err) (void)::unlink(tmp.c_str());  // best effort: a leftover temporary is removed by the next save
+  agree_or_throw(im, err, "save into '" + dir + "'");
+
+  // Phase 2, rank 0: merge the sidecars into the manifest and commit it.
+  if (im.rank == 0) {
+    err = attempt([&] {
+      ckpt::Manifest m;
+      m.library_version = SHARDOPT_LIBRARY_VERSION;
+      m.generation = gen;
+      m.world_size = im.world;
+      m.stage = im.cfg.stage;
+      m.compute_dtype = im.c;
+      m.master_dtype = DType::fp32;
+      m.optimizer = im.cfg.optimizer;
+      m.fields = fields;
+      m.groups = im.groups;
+      m.step = im.step_count;
+      m.loss_scale_mode = im.cfg.loss_scaling.mode;
+      m.loss_scale = im.loss_scale;
+      m.good_steps = im.good_steps;
+      m.overflow_run = im.overflow_run;
+      m.chunk = chunk;
+      const auto& tensors = im.layout.tensors();
+      for (const auto& ti : tensors) {
+        ckpt::Tensor t;
+        t.info = {ti.name, ti.shape, ti.numel, ti.group};
+        t.fields.resize(fields.size());
+        m.tensors.push_back(std::move(t));
+      }
+      for (int r = 0; r < im.world; ++r) {
+        const std::string path = join(dir, sidecar_name(gen, r));
+        nlohmann::json s = nlohmann::json::parse(ckpt::read_text(path, "rank " + std::to_string(r) + "'s save record"));
+        const int fidx = static_cast<int>(m.files.size());
+        m.files.push_back({s.at("file").get<std::string>(), s.at("bytes").get<std::uint64_t>()});
+        for (const auto& rj : s.at("ranges")) {
+          ckpt::Range rg;
+          const int t = rj.at(0).get<int>();
+          const int fi = rj.at(1).get<int>();
+          require(t >= 0 && t < static_cast<int>(tensors.size()) && fi >= 0 && fi < nfields, ErrorCode::internal,
+                  "save: '" + path + "' names an unknown tensor or field");
+          rg.begin = rj.at(2).get<std::size_t>();
+          rg.count = rj.at(3).get<std::size_t>();
+          rg.offset = rj.at(4).get<std::uint64_t>();
+          rg.file = fidx;
+          for (const auto& h : rj.at(5)) {
+            std::uint64_t v = 0;
+            require(ckpt::parse_hex64(h.get<std::string>(), v), ErrorCode::internal, "save: bad checksum in '" + path + "'");
+            rg.hashes.push_back(v);
+          }
+          m.tensors[t].fields[fi].push_back(std::move(rg));
+        }
+      }
+      for (auto& t : m.tensors)
+        for (auto& f : t.fields)
+          std::sort(f.begin(), f.end(), [](const ckpt::Range& a, const ckpt::Range& b) { return a.begin < b.begin; });
+      const std::string text = ckpt::dump_manifest(m);
+      // Our own reader must accept what we commit (ranges tile every tensor, sizes agree).
+      (void)ckpt::parse_manifest(text, join(dir, ckpt::kManifestName) + " (about to be written)");
+      ckpt::write_file_atomic(dir, ckpt::kManifestName, text);  // the commit point
+      remove_stale(dir, gen);
+    });
+  }
+  agree_or_throw(im, err, "save into '" + dir + "'");
+}
+
+template <class I>
+void load_impl(I& im, const std::string& dir) {
+  im.require_initialized("load");
+  require(im.micro_steps == 0 && im.ready_blocks == 0, ErrorCode::invalid_state,
+          "load: a step is in progress (micro-steps or blocks with grads_ready since the last step()); "
+          "call step() or zero_grad() first");
+  for (std::size_t b = 0; b < im.block_acquired.size(); ++b)
+    require(!(im.block_acquired[b] && im.cfg.stage == 3), ErrorCode::invalid_state,
+            "load: block '" + im.layout.blocks()[b].name + "' is still acquired");
+  require(!im.on_nvme(), ErrorCode::unsupported,
+          "load: checkpoints cannot be loaded into an engine with offload_optimizer=nvme yet");
+  im.be.synchronize(*im.side);
+  im.be.synchronize(*im.compute);
+
+  const int nfields = 1 + im.nstates;
+  const std::vector<Piece> pieces = owned_pieces(im);
+  // staging[field][piece]: everything this rank will own, verified before anything is committed.
+  std::vector<std::vector<std::vector<float>>> staging(nfields, std::vector<std::vector<float>>(pieces.size()));
+  ckpt::Manifest m;
+
+  std::optional<Error> err = attempt([&] {
+    m = ckpt::read_manifest(dir);
+    const std::string mpath = join(dir, ckpt::kManifestName);
+    if (m.optimizer != im.cfg.optimizer)
+      throw Error(ErrorCode::invalid_argument, "'" + mpath + "' was saved with optimizer " +
+                                                   std::string(name_of(m.optimizer)) + "; this engine uses " +
+                                                   std::string(name_of(im.cfg.optimizer)));
+    const auto& tensors = im.layout.tensors();
+    std::vector<int> map(tensors.size());
+    for (std::size_t t = 0; t < tensors.size(); ++t) {
+      const int k = m.find_tensor(tensors[t].name);
+      if (k < 0) throw Error(ErrorCode::invalid_argument, "'" + mpath + "' has no tensor '" + tensors[t].name + "'");
+      if (m.tensors[k].info.shape != tensors[t].shape) {
+        auto str = [](const std::vector<std::int64_t>& s) {
+          std::string o = "[";
+          for (std::size_t i = 0; i < s.size(); ++i) o += (i ? "," : "") + std::to_string(s[i]);
+          return o + "]";
+        };
+        throw Error(ErrorCode::invalid_argument, "'" + mpath + "': tensor '" + tensors[t].name + "' has shape " +
+                                                     str(m.tensors[k].info.shape) + " in the checkpoint but " +
+                                                     str(tensors[t].shape) + " in the engine");
+      }
+      map[t] = k;
+    }
+    for (const auto& mt : m.tensors)
+      if (im.layout.find_tensor(mt.info.name) < 0)
+        throw Error(ErrorCode::invalid_argument,
+                    "'" + mpath + "': tensor '" + mt.info.name + "' is not registered in this engine");
+
+    std::map<int, ckpt::Fd> open;
+    auto file_of = [&](int fidx, const std::string& tname) -> const ckpt::Fd& {
+      auto it = open.find(fidx);
+      if (it != open.end()) return it->second;
+      const ckpt::File& fe = m.files[fidx];
+      ckpt::Fd f = ckpt::open_read(join(dir, fe.name), "shard file (holds tensor '" + tname + "')");
+      const std::uint64_t size = ckpt::file_size(f);
+      if (size != fe.bytes)
+        throw Error(ErrorCode::io_error, (size < fe.bytes ? "truncated file '" : "wrong size of file '") + f.path() +
+                                             "': " + std::to_string(size) + " bytes, the manifest says " +
+                                             std::to_string(fe.bytes) + " (tensor '" + tname + "')");
+      return open.emplace(fidx, std::move(f)).first->second;
+    };
+
+    std::vector<float> buf;
+    for (int fi = 0; fi < nfields; ++fi) {
+      for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
+        const Piece& p = pieces[pi];
+        const ckpt::Tensor& mt = m.tensors[map[p.tensor]];
+        const std::string& tname = mt.info.name;
+        std::vector<float>& dst = staging[fi][pi];
+        dst.resize(p.count);
+        const auto& ranges = mt.fields[fi];
+        // First range that ends after p.begin (ranges tile the tensor in order).
+        auto it = std::upper_bound(ranges.begin(), ranges.end(), p.begin,
+                                   [](std::size_t v, const ckpt::Range& r) { return v < r.begin + r.count; });
+        for (; it != ranges.end() && it->begin < p.begin + p.count; ++it) {
+          const ckpt::Range& r = *it;
+          const ckpt::Fd& f = file_of(r.file, tname);
+          const std::size_t lo = std::max(p.begin, r.begin), hi = std::min(p.begin + p.count, r.begin + r.count);
+          // Only the chunks overlapping [lo, hi) are read; each is verified whole.
+          for (std::size_t c = (lo - r.begin) / m.chunk; c * m.chunk + r.begin < hi; ++c) {
+            const std::size_t cb = r.begin + c * m.chunk;
+            const std::size_t cn = std::min(m.chunk, r.begin + r.count - cb);
+            buf.resize(cn);
+            const std::string what = "tensor '" + tname + "' field '" + m.fields[fi] + "' elements [" +
+                                     std::to_string(cb) + ", " + std::to_string(cb + cn) + ")";
+            ckpt::pread_exact(f, buf.data(), cn * 4, r.offset + c * m.chunk * 4, what);
+            if (ckpt::xxh64(buf.data(), cn * 4) != r.hashes[c])
+              throw Error(ErrorCode::io_error, "checksum mismatch in '" + f.path() + "' for " + what);
+            const std::size_t a = std::max(lo, cb), b = std::min(hi, cb + cn);
+            std::memcpy(dst.data() + (a - p.begin), buf.data() + (a - cb), (b - a) * 4);
+          }
+        }
+      }
+    }
+  });
+  agree_or_throw(im, err, "load from '" + dir + "'");
+
+  // Commit: every rank verified everything it needs.
+  for (int fi = 0; fi < nfields; ++fi)
+    for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
+      const Piece& p = pieces[pi];
+      im.be.copy(field_at(im, fi, p.unit, p.unit_elem), staging[fi][pi].data(), p.count * 4, *im.side);
+    }
+  // Compute-dtype parameters: the master rounded, as initialize() and step() produce them.
+  for (const Piece& p : pieces) {
+    float* mp = im.master_at(p.unit, p.unit_elem);
+    void* pp = im.param_at(p.unit, p.unit_elem);
+    if (static_cast<void*>(mp) == pp) continue;  // fp32 compute: the master is the parameter
+    if (im.c == DType::fp32) im.be.copy(pp, mp, p.count * 4, *im.side);
+    else im.be.cast(mp, DType::fp32, pp, im.c, p.count, *im.side);
+  }
+  im.be.synchronize(*im.side);
+  im.gather_full_params();
+  if (im.cfg.stage == 3) {  // gathered units hold the old values: drop them, as step() does
+    for (auto& s : im.slots) {
+      if (s.unit >= 0) im.unit_slot[s.unit] = -1;
+      s.unit = -1;
+    }
+  }
+  im.step_count = m.step;
+  if (im.cfg.loss_scaling.mode != LossScaleMode::none && m.loss_scale_mode == im.cfg.loss_scaling.mode) {
+    im.loss_scale = m.loss_scale;
+    im.good_steps = m.good_steps;
+    im.overflow_run = m.overflow_run;
+  }
+  im.be.synchronize(*im.side);
+}
+
+}  // namespace
+
+void Engine::save(const std::string& dir) { save_impl(*impl_, dir); }
+void Engine::load(const std::string& dir) { load_impl(*impl_, dir); }
+
+}  // namespace shardopt

@@ -1,0 +1,111 @@
+#pragma once
+// Checkpoint format (internal): the manifest's in-memory form, its JSON parser and writer, and
+// the file primitives save/load/export share (checked POSIX I/O, atomic replace, checksums).
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "shardopt/checkpoint.hpp"
+#include "shardopt/config.hpp"
+
+namespace shardopt::ckpt {
+
+inline constexpr int kFormatVersion = 1;
+inline constexpr const char* kFormatName = "shardopt-checkpoint";
+inline constexpr const char* kManifestName = "manifest.json";
+
+// Checksums cover chunks of this many elements, aligned to the start of each range, so a rank
+// that owns part of a range reads only the chunks it overlaps.
+std::size_t chunk_elems() noexcept;
+// Test-only: a small chunk makes tiny test models span several chunks (0 restores the default).
+void set_chunk_elems_for_testing(std::size_t elems) noexcept;
+
+// One run of consecutive elements of one (tensor, field), stored contiguously as fp32 in a file.
+struct Range {
+  std::size_t begin = 0, count = 0;
+  int file = 0;                // index into Manifest::files
+  std::uint64_t offset = 0;    // byte offset in the file
+  std::vector<std::uint64_t> hashes;  // xxh64 per chunk of `chunk_elems` elements
+};
+
+struct Tensor {
+  CheckpointTensor info;
+  std::vector<std::vector<Range>> fields;  // [field] -> ranges sorted by begin, tiling [0, numel)
+};
+
+struct File {
+  std::string name;  // plain file name inside the checkpoint directory
+  std::uint64_t bytes = 0;
+};
+
+struct Manifest {
+  int format_version = kFormatVersion;
+  std::string library_version;
+  std::uint64_t generation = 0;
+  int world_size = 1, stage = 0;
+  DType compute_dtype = DType::fp32, master_dtype = DType::fp32;
+  OptimizerKind optimizer = OptimizerKind::adamw;
+  std::vector<std::string> fields;
+  std::map<int, Hyperparams> groups;
+  std::int64_t step = 0;
+  LossScaleMode loss_scale_mode = LossScaleMode::none;
+  float loss_scale = 1.0f;
+  int good_steps = 0, overflow_run = 0;
+  std::size_t chunk = 0;
+  std::vector<File> files;
+  std::vector<Tensor> tensors;
+
+  int find_tensor(const std::string& name) const;  // -1 if absent
+};
+
+// Field names of a rule: "master", then its states in PyTorch's names.
+std::vector<std::string> field_names(OptimizerKind rule);
+
+// Parses and fully validates a manifest (ranges tile every tensor, checksums per chunk, files
+// large enough, plain file names). `where` names the file in errors. Never crashes on any input:
+// every problem is an Error(invalid_argument).
+Manifest parse_manifest(std::string_view text, const std::string& where);
+std::string dump_manifest(const Manifest& m);
+// Reads <dir>/manifest.json and parses it; Error(io_error) naming the file if it is missing.
+Manifest read_manifest(const std::string& dir);
+
+CheckpointInfo info_of(const Manifest& m, const std::string& dir);
+
+std::uint64_t xxh64(const void* data, std::size_t bytes) noexcept;
+std::string hex64(std::uint64_t v);
+bool parse_hex64(std::string_view s, std::uint64_t& out) noexcept;
+
+// ---- checked POSIX I/O (every error names the path)
+std::string join(const std::string& dir, const std::string& name);
+class Fd {
+ public:
+  Fd() = default;
+  Fd(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  Fd(Fd&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+  Fd& operator=(Fd&& o) noexcept;
+  ~Fd();
+  int get() const noexcept { return fd_; }
+  const std::string& path() const noexcept { return path_; }
+  void close();  // checked close (write errors may surface here)
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+Fd open_read(const std::string& path, const std::string& what);  // `what`: context for the error
+Fd create_write(const std::string& path);                         // O_CREAT|O_TRUNC
+std::uint64_t file_size(const Fd& f);
+void write_all(const Fd& f, const void* data, std::size_t bytes);
+// Reads exactly `bytes` at `offset`; a short read is a truncated file (the message says so).
+void pread_exact(const Fd& f, void* data, std::size_t bytes, std::uint64_t offset, const std::string& what);
+void fsync_fd(const Fd& f);
+void fsync_dir(const std::string& dir);
+void rename_file(const std::string& from, const std::string& to);
+void make_dir(const std::string& dir);  // mkdir -p of the last component; existing is fine
+std::string read_text(const std::string& path, const std::string& what);
+// tmp file + fsync + rename + fsync(dir): after return the file is durable under `name`.
+void write_file_atomic(const std::string& dir, const std::string& name, const std::string& bytes);
+
+}  // namespace shardopt::ckpt
