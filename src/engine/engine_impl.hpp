@@ -65,6 +65,7 @@ struct Engine::Impl {
   int rank = 0, world = 1;
   std::vector<BlockSpec> specs;
   std::map<int, Hyperparams> groups;
+  std::map<int, StepScalars> step_scalars;  // per group, rewritten by every step()
   bool initialized = false;
 
   Layout layout;
@@ -158,6 +159,7 @@ struct Engine::Impl {
     buffer_specs = std::move(p.buffers);
     for (const auto& t : layout.tensors())
       if (!groups.count(t.group)) groups[t.group] = groups[0];
+    for (const auto& g : groups) step_scalars[g.first] = StepScalars{};
     S = layout.shard_elems();
     base.clear();
     P = 0;
@@ -826,7 +828,7 @@ struct Engine::Impl {
     res.clip_coefficient = static_cast<float>(clip);
 
     step_count++;
-    std::map<int, StepScalars> scal;
+    std::map<int, StepScalars>& scal = step_scalars;  // keys made in plan(): no allocation here
     for (const auto& [g, h] : groups)
       scal[g] = make_step_scalars(cfg.optimizer, h, step_count, static_cast<float>(inv * clip));
     if (offloaded()) {
