@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -68,8 +72,13 @@ TEST(CliErrors, ExitNonZeroNamingTheFlag) {
       {{"train", "--dtype", "fp64"}, "--dtype"},
       {{"train", "--optimizer", "adagrad"}, "--optimizer"},
       {{"train", "--offload", "nvme"}, "--nvme-dir"},
-      {{"train", "--offload", "host"}, "--offload"},
-      {{"train", "--offload", "nvme", "--nvme-dir", "/tmp"}, "--offload"},
+      {{"train", "--offload", "host", "--nvme-dir", "/tmp"}, "--nvme-dir"},
+      {{"train", "--offload", "disk"}, "--offload"},
+      {{"train", "--stage", "2", "--offload", "host", "--offload-params"}, "--offload-params"},
+      {{"train", "--stage", "3", "--offload-params"}, "--offload-params"},
+      {{"estimate", "--stage", "1", "--offload", "host", "--offload-params"}, "--offload-params"},
+      {{"plan", "--params", "1B", "--gpu-mem", "80GiB", "--offload", "host"}, "--offload"},
+      {{"plan", "--params", "1B", "--gpu-mem", "80GiB", "--nvme", "lots"}, "--nvme"},
       {{"train", "--backend", "cuda"}, "--backend"},
       // checkpoints: a directory without a manifest is not one; export needs --out
       {{"train", "--steps", "1", "--resume", "/nonexistent-ckpt"}, "/nonexistent-ckpt/manifest.json"},
@@ -172,6 +181,76 @@ TEST_F(TrainRuns, EstimateMatchesMeasuredPeaks) {
   }
 }
 
+// Optimizer offload moves the update to the CPU but must not change a bit of the result.
+json train_few_steps(int stage, std::vector<std::string> extra) {
+  auto args = model_flags(stage);
+  args.insert(args.begin(), "train");
+  for (const char* a : {"--steps", "5", "--json"}) args.push_back(a);
+  args.insert(args.end(), extra.begin(), extra.end());
+  const Result r = run(args);
+  EXPECT_EQ(r.rc, 0) << r.err;
+  if (r.rc != 0) return json::object();
+  return last_json_line(r.out);
+}
+
+TEST(CliOffload, HostAtStage2GivesTheSameParameters) {
+  const json none = train_few_steps(2, {"--offload", "none"});
+  const json host = train_few_steps(2, {"--offload", "host"});
+  ASSERT_TRUE(none.contains("param_digest") && host.contains("param_digest"));
+  EXPECT_EQ(host["offload"], "host");
+  EXPECT_EQ(host["param_digest"], none["param_digest"]);
+  EXPECT_EQ(host["loss_last"], none["loss_last"]);
+  // The master weights and moments live in pinned host memory.
+  EXPECT_GT(host["peak_bytes"][0]["pinned_host"]["optimizer_state"].get<double>(), 0);
+  EXPECT_EQ(none["peak_bytes"][0]["pinned_host"]["optimizer_state"].get<double>(), 0);
+}
+
+TEST(CliOffload, NvmeAtStage3GivesTheSameParameters) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/shardopt-cli-nvme-XXXXXX";
+  ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+  const std::string dir = pattern;
+  const json none = train_few_steps(3, {});
+  const json nvme = train_few_steps(3, {"--offload", "nvme", "--nvme-dir", dir});
+  const json nvme_params = train_few_steps(3, {"--offload", "nvme", "--nvme-dir", dir, "--offload-params"});
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(none.contains("param_digest") && nvme.contains("param_digest") && nvme_params.contains("param_digest"));
+  EXPECT_EQ(nvme["offload"], "nvme");
+  EXPECT_EQ(nvme["param_digest"], none["param_digest"]);
+  EXPECT_EQ(nvme_params["param_digest"], none["param_digest"]);
+  EXPECT_TRUE(nvme_params["offload_params"].get<bool>());
+}
+
+TEST(CliOffload, EstimateMovesStateOffTheDevice) {
+  const std::vector<std::string> base = {"estimate", "--params", "100M", "--world", "4", "--stage", "2",
+                                         "--dtype", "bf16", "--json"};
+  auto with = [&](std::vector<std::string> extra) {
+    auto args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    return r.rc == 0 ? last_json_line(r.out) : json::object();
+  };
+  const json none = with({}), host = with({"--offload", "host"}), nvme = with({"--offload", "nvme", "--nvme-dir", "/x"});
+  ASSERT_TRUE(none.contains("bytes") && host.contains("bytes") && nvme.contains("bytes"));
+  const double dev_none = none["bytes"]["device"]["total"].get<double>();
+  const double dev_host = host["bytes"]["device"]["total"].get<double>();
+  EXPECT_LT(dev_host, dev_none);
+  // Without offload pinned host memory holds only a few step scalars.
+  EXPECT_LT(none["bytes"]["pinned_host"]["total"].get<double>(), 4096);
+  // fp32 master + two moments of the rank's quarter: 12 bytes per parameter / 4.
+  EXPECT_GE(host["bytes"]["pinned_host"]["total"].get<double>(), 12.0 * 100e6 / 4);
+  EXPECT_EQ(host["bytes"]["disk"]["total"].get<double>(), 0);
+  // NVMe: the state goes to disk (two generations), not to pinned host memory.
+  EXPECT_GE(nvme["bytes"]["disk"]["total"].get<double>(), 2 * 12.0 * 100e6 / 4);
+  EXPECT_LT(nvme["bytes"]["device"]["total"].get<double>(), dev_none);
+  // The table shows the places that hold anything.
+  const Result text = run({"estimate", "--params", "100M", "--world", "4", "--stage", "2", "--offload", "host"});
+  ASSERT_EQ(text.rc, 0) << text.err;
+  EXPECT_NE(text.out.find("pinned_host"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("offload host"), std::string::npos) << text.out;
+}
+
 TEST(CliEstimate, ParamsSplitIntoEqualBlocksSummingToTheCount) {
   const Result r = run({"estimate", "--params", "1000003", "--blocks", "7", "--world", "3", "--stage", "3", "--json"});
   ASSERT_EQ(r.rc, 0) << r.err;
@@ -187,14 +266,59 @@ TEST(CliPlan, PicksTheLowestStageThatFitsOrSaysByHowMuchNot) {
   json j = last_json_line(r.out);
   EXPECT_TRUE(j["fits"].get<bool>());
   EXPECT_EQ(j["choice"]["stage"], 1);  // 7B bf16 AdamW: stage 0 needs 16 B/param = 104 GiB
-  r = run({"plan", "--params", "70B", "--gpus", "8", "--gpu-mem", "80GiB", "--json"});
+  EXPECT_EQ(j["choice"]["offload"], "none");
+  EXPECT_FALSE(j["offload_considered"].get<bool>());
+  // Neither the GPUs nor (with offload) the host memory and NVMe space hold 70B.
+  const std::vector<std::string> small = {"plan", "--params", "70B", "--gpus", "8", "--gpu-mem", "80GiB",
+                                          "--host-mem", "256GiB", "--nvme", "500GB"};
+  auto args = small;
+  args.push_back("--json");
+  r = run(args);
   EXPECT_EQ(r.rc, 3);
   j = last_json_line(r.out);
   EXPECT_FALSE(j["fits"].get<bool>());
+  EXPECT_TRUE(j["offload_considered"].get<bool>());
   EXPECT_GT(j["over_by"].get<double>(), 0);
   EXPECT_GT(j["min_gpus_stage3"].get<int>(), 8);
-  r = run({"plan", "--params", "70B", "--gpus", "8", "--gpu-mem", "80GiB"});
+  r = run(small);
   EXPECT_NE(r.out.find("does not fit"), std::string::npos) << r.out;
+}
+
+// 7B bf16 AdamW on one 40 GiB GPU: stage 3 alone needs 16 B/param there, but with the 12 B/param
+// of fp32 state in host memory stage 2 needs ~4 B/param (≈ 26 GiB).
+TEST(CliPlan, PicksHostOffloadWhenTheGpusAreTooSmall) {
+  const std::vector<std::string> base = {"plan", "--params", "7B", "--gpus", "1", "--gpu-mem", "40GiB", "--json"};
+  auto plan = [&](std::vector<std::string> extra) {
+    auto args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    return std::make_pair(r.rc, last_json_line(r.out));
+  };
+  auto [rc, j] = plan({"--host-mem", "512GiB"});
+  ASSERT_EQ(rc, 0);
+  ASSERT_TRUE(j["fits"].get<bool>());
+  for (const json& row : j["stages"])
+    if (row["offload"] == "none") {
+      EXPECT_FALSE(row["fits"].get<bool>()) << row.dump();
+    }
+  EXPECT_EQ(j["choice"]["offload"], "host");
+  EXPECT_EQ(j["choice"]["stage"], 2);
+  EXPECT_FALSE(j["choice"]["offload_params"].get<bool>());
+  EXPECT_LE(j["choice"]["host_bytes_all_gpus"].get<double>(), 512.0 * (1ull << 30));
+  EXPECT_GE(j["choice"]["host_bytes_all_gpus"].get<double>(), 12.0 * 7e9);
+  // Too little host memory for the state: NVMe (checked against --nvme) instead.
+  std::tie(rc, j) = plan({"--host-mem", "64GiB", "--nvme", "1TB"});
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(j["choice"]["offload"], "nvme");
+  EXPECT_GE(j["choice"]["disk_bytes_all_gpus"].get<double>(), 2 * 12.0 * 7e9);
+  // And neither: nothing fits.
+  std::tie(rc, j) = plan({"--host-mem", "64GiB", "--nvme", "100GB"});
+  EXPECT_EQ(rc, 3);
+  EXPECT_FALSE(j["fits"].get<bool>());
+  // The human-readable answer names the flags to use.
+  const Result text = run({"plan", "--params", "7B", "--gpus", "1", "--gpu-mem", "40GiB", "--host-mem", "512GiB"});
+  EXPECT_EQ(text.rc, 0);
+  EXPECT_NE(text.out.find("--stage 2 --offload host"), std::string::npos) << text.out;
 }
 
 TEST(CliBench, UpdateReportsBandwidth) {

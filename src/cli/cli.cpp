@@ -35,9 +35,14 @@ void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_
                   "min bytes of a unit / gradient bucket, e.g. 4MiB; auto: model bytes/16 as a power of two "
                   "in [64 KiB, 25 MiB]")->capture_default_str();
   sub->add_option("--prefetch", a.prefetch, "stage 3: units gathered ahead")->check(CLI::Range(0, 64))->capture_default_str();
-  sub->add_option("--offload", a.offload, "optimizer offload (host and nvme are not in this build yet)")
+  sub->add_option("--offload", a.offload,
+                  "optimizer offload: none; host (fp32 master weights and moments in pinned host memory, "
+                  "updated on the CPU); nvme (the same in one file per rank under --nvme-dir)")
       ->check(CLI::IsMember({"none", "host", "nvme"}))->capture_default_str();
-  sub->add_option("--nvme-dir", a.nvme_dir, "directory for --offload nvme");
+  sub->add_option("--nvme-dir", a.nvme_dir, "directory for the optimizer-state files of --offload nvme (required there)");
+  if (with_stage)
+    sub->add_flag("--offload-params", a.offload_params,
+                  "stage 3 with --offload host|nvme: keep the parameter shard in pinned host memory too");
 }
 
 std::size_t auto_bucket_bytes(std::uint64_t params, DType compute) {
@@ -78,9 +83,19 @@ void check_offload(const ModelArgs& a) {
     throw UsageError("--nvme-dir: required with --offload nvme (the directory for the optimizer state)");
   if (!a.nvme_dir.empty() && a.offload != "nvme")
     throw UsageError("--nvme-dir: only used with --offload nvme");
-  if (a.offload != "none")
-    throw UsageError("--offload " + a.offload + ": optimizer offload is not available in this build yet "
-                     "(use --offload none)");
+  if (a.offload_params && a.stage != 3)
+    throw UsageError("--offload-params: only at --stage 3 (the parameter shard exists there only; stage is " +
+                     std::to_string(a.stage) + ")");
+  if (a.offload_params && a.offload == "none")
+    throw UsageError("--offload-params: needs --offload host or nvme (the CPU update writes the offloaded shard)");
+}
+
+bool parse_offload(const std::string& text, OffloadKind& out) {
+  if (text == "none") out = OffloadKind::none;
+  else if (text == "host") out = OffloadKind::host;
+  else if (text == "nvme") out = OffloadKind::nvme;
+  else return false;
+  return true;
 }
 
 Config build_config(const ModelArgs& a, const Model& m) {
@@ -99,6 +114,9 @@ Config build_config(const ModelArgs& a, const Model& m) {
   }
   c.prefetch_units = a.prefetch;
   c.accumulation_steps = a.micro_steps;
+  if (!parse_offload(a.offload, c.offload_optimizer)) throw UsageError("--offload: unknown kind '" + a.offload + "'");
+  c.nvme_dir = a.nvme_dir;
+  c.offload_params = a.offload_params;
   return c;
 }
 

@@ -37,6 +37,7 @@ struct ModelArgs {
   int micro_steps = 1;
   std::string offload = "none";
   std::string nvme_dir;
+  bool offload_params = false;  // --offload-params (train and estimate; stage 3 with offload)
 };
 
 struct Model {
@@ -48,11 +49,14 @@ struct Model {
 };
 
 // Adds --params/--layers/--hidden/--blocks/--dtype/--optimizer/--bucket/--prefetch/--stage/
-// --micro-steps/--offload/--nvme-dir to `sub` (with_params: --params and --blocks too).
+// --micro-steps/--offload/--nvme-dir to `sub` (with_params: --params and --blocks too; with_stage:
+// --stage and --offload-params).
 void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_stage);
 Model build_model(const ModelArgs& a);
-// Checks --offload/--nvme-dir: UsageError if offload is asked for (not in this build).
+// Checks --offload/--nvme-dir/--offload-params together: UsageError naming the flag at fault
+// (--nvme-dir with and only with nvme; --offload-params at stage 3 with host or nvme offload).
 void check_offload(const ModelArgs& a);
+bool parse_offload(const std::string& text, OffloadKind& out);
 Config build_config(const ModelArgs& a, const Model& m);
 // "auto" bucket: 1/16 of the model's compute-dtype bytes (so a model spans ~16 units and stage 3
 // holds a fraction of it), as a power of two within [64 KiB, 25 MiB] (25 MiB: the engine default).

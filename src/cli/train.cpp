@@ -90,6 +90,8 @@ int run_train(const TrainArgs& a, Io& io) {
   human << "shardopt train: " << model.description << " (" << format_count(model.params) << " params), "
         << a.ranks << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer
         << " lr " << o.config.hyper.lr << ", bucket " << format_bytes(double(o.config.bucket_bytes)) << ", "
+        << (a.model.offload == "none" ? "" : "offload " + a.model.offload +
+                                                 (a.model.offload_params ? " (+ parameters)" : "") + ", ")
         << a.steps << " steps\n";
   human.flush();
 
@@ -147,6 +149,8 @@ int run_train(const TrainArgs& a, Io& io) {
     j["lr"] = a.lr > 0 ? a.lr : default_lr(o.config.optimizer);
     j["seed"] = a.seed;
     j["bucket_bytes"] = o.config.bucket_bytes;
+    j["offload"] = a.model.offload;
+    j["offload_params"] = a.model.offload_params;
     j["loss_first"] = loss_first;
     j["loss_last"] = loss_last;
     j["skipped_steps"] = r.skipped_steps;

@@ -490,6 +490,9 @@ struct Engine::Impl {
     if (on_nvme()) offload::NvmeStore::check_directory(cfg.nvme_dir, rank, oplan.file_bytes);
     try {
       allocate();
+      // allocate() zero-fills on the side stream; initial values are written by the host and, with
+      // offload, by other streams, which must not race with (and be wiped by) those fills.
+      be.synchronize(*side);
       plan_ranges();
       setup_offload();
       set_initial_values(init);
