@@ -255,8 +255,21 @@ TEST_F(Checkpoint, SigkillDuringSaveAlwaysLeavesALoadableCheckpoint) {
   TmpDir dir;
   const Config cfg = base_config(2, DType::fp32, OptimizerKind::adamw);
   with_world(2, cfg, [&](Engine& e, int) { e.save(dir.str()); });  // a first valid checkpoint
+  // How long the child needs for start-up + load + one train-and-save cycle here (much longer under
+  // a sanitizer): kill times are drawn around it so that some kills land after a commit and many
+  // land inside a save, on any machine.
+  const auto t0 = std::chrono::steady_clock::now();
+  with_world(2, cfg, [&](Engine& e, int rank) {
+    e.load(dir.str());
+    float scale = 1;
+    train(e, rank, 0, 1, 7, scale);
+    e.save(dir.str());
+  });
+  const int cycle_us = static_cast<int>(
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count());
   std::mt19937 rng(12345);
-  std::int64_t last_step = 0;
+  const std::int64_t parent_step = inspect_checkpoint(dir.str()).step;
+  std::int64_t last_step = parent_step;
   int kills_during_save = 0;
   for (int round = 0; round < 30; ++round) {
     const pid_t pid = ::fork();
@@ -277,7 +290,8 @@ TEST_F(Checkpoint, SigkillDuringSaveAlwaysLeavesALoadableCheckpoint) {
       }
       ::_exit(0);
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(std::uniform_int_distribution<int>(2000, 40000)(rng)));
+    std::this_thread::sleep_for(
+        std::chrono::microseconds(std::uniform_int_distribution<int>(cycle_us / 2, 4 * cycle_us + 2000)(rng)));
     ASSERT_EQ(::kill(pid, SIGKILL), 0);
     int status = 0;
     ASSERT_EQ(::waitpid(pid, &status, 0), pid);
@@ -291,7 +305,7 @@ TEST_F(Checkpoint, SigkillDuringSaveAlwaysLeavesALoadableCheckpoint) {
     last_step = info.step;
     with_world(3, base_config(3, DType::fp32, OptimizerKind::adamw), [&](Engine& e, int) { e.load(dir.str()); });
   }
-  EXPECT_GT(last_step, 0) << "the child never committed a save: the kills tested nothing";
+  EXPECT_GT(last_step, parent_step) << "no child ever committed a save: the kills tested nothing";
   std::printf("[ crash    ] 30 kills, %d left partial files behind, last committed step %lld\n", kills_during_save,
               static_cast<long long>(last_step));
 }
