@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "comm/collective.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/communicator.hpp"
 #include "shardopt/error.hpp"
@@ -29,101 +30,14 @@ namespace shardopt {
 
 namespace {
 
-// What one rank asked for in one collective. `count` is recv_count / send_count / count.
-struct Call {
-  CollectiveKind kind = CollectiveKind::barrier;
-  const void* send = nullptr;
-  void* recv = nullptr;
-  std::size_t count = 0;
-  DType dtype = DType::fp32;
-  ReduceOp op = ReduceOp::sum;
-  int root = 0;
-};
-
-const char* op_name(ReduceOp op) noexcept {
-  switch (op) {
-    case ReduceOp::sum: return "sum";
-    case ReduceOp::avg: return "avg";
-    case ReduceOp::max: return "max";
-  }
-  return "unknown";
-}
-
-bool reduces(CollectiveKind k) noexcept {
-  return k == CollectiveKind::reduce_scatter || k == CollectiveKind::all_reduce;
-}
-
-std::string describe(const Call& c) {
-  std::string s(name_of(c.kind));
-  if (c.kind == CollectiveKind::barrier) return s + "()";
-  s += "(count=" + std::to_string(c.count) + ", " + std::string(name_of(c.dtype));
-  if (reduces(c.kind)) s += std::string(", ") + op_name(c.op);
-  if (c.kind == CollectiveKind::broadcast) s += ", root=" + std::to_string(c.root);
-  return s + ")";
-}
-
-std::string label(int rank, std::uint64_t seq, const Call& c) {
-  return "rank " + std::to_string(rank) + ", " + describe(c) + " (collective #" + std::to_string(seq) + ")";
-}
-
-const unsigned char* bytes_of(const void* p) noexcept { return static_cast<const unsigned char*>(p); }
-unsigned char* bytes_of(void* p) noexcept { return static_cast<unsigned char*>(p); }
-
-// True if [a, a+an) and [b, b+bn) share a byte. Compared as integers: the two pointers may point
-// into different objects, where relational operators on pointers are unspecified.
-bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexcept {
-  if (an == 0 || bn == 0) return false;
-  const auto x = reinterpret_cast<std::uintptr_t>(a);
-  const auto y = reinterpret_cast<std::uintptr_t>(b);
-  return x < y + bn && y < x + an;
-}
-
-// Reduction over `nsrc` sources in rank order into `ndst` destinations, a block at a time: the
-// block is accumulated in fp32 on the stack (no heap scratch), then rounded once and stored.
-// Every source element of a block is read before any destination element of it is written, which
-// is what makes the in-place forms (a destination equal to a source) safe.
-constexpr std::size_t kBlock = 1024;
-
-template <DType T, class Src, class Dst>
-void reduce_typed(int nsrc, const Src& src, int ndst, const Dst& dst, std::size_t n, ReduceOp op) noexcept {
-  float acc[kBlock];
-  for (std::size_t b = 0; b < n; b += kBlock) {
-    const std::size_t len = std::min(kBlock, n - b);
-    const void* s0 = src(0);
-    for (std::size_t i = 0; i < len; ++i) acc[i] = load_as_float(s0, T, b + i);
-    for (int q = 1; q < nsrc; ++q) {
-      const void* sq = src(q);
-      if (op == ReduceOp::max) {
-        // x != x picks up a NaN input; a NaN already in acc stays because x > NaN is false.
-        for (std::size_t i = 0; i < len; ++i) {
-          const float x = load_as_float(sq, T, b + i);
-          acc[i] = (x > acc[i] || x != x) ? x : acc[i];
-        }
-      } else {
-        for (std::size_t i = 0; i < len; ++i) acc[i] += load_as_float(sq, T, b + i);
-      }
-    }
-    if (op == ReduceOp::avg) {
-      // Divide (not multiply by 1/N) so the result is the correctly rounded fp32 quotient.
-      const float d = static_cast<float>(nsrc);
-      for (std::size_t i = 0; i < len; ++i) acc[i] = acc[i] / d;
-    }
-    for (int q = 0; q < ndst; ++q) {
-      void* dq = dst(q);
-      for (std::size_t i = 0; i < len; ++i) store_from_float(dq, T, b + i, acc[i]);
-    }
-  }
-}
-
-template <class Src, class Dst>
-void reduce(int nsrc, const Src& src, int ndst, const Dst& dst, std::size_t n, DType t, ReduceOp op) noexcept {
-  if (n == 0) return;
-  switch (t) {
-    case DType::fp32: reduce_typed<DType::fp32>(nsrc, src, ndst, dst, n, op); break;
-    case DType::fp16: reduce_typed<DType::fp16>(nsrc, src, ndst, dst, n, op); break;
-    case DType::bf16: reduce_typed<DType::bf16>(nsrc, src, ndst, dst, n, op); break;
-  }
-}
+using comm::Call;
+using comm::RunOnce;
+using comm::bytes_of;
+using comm::label;
+using comm::overlap;
+using comm::reduce;
+using comm::reduces;
+using comm::describe;
 
 }  // namespace
 
@@ -166,7 +80,7 @@ class InProcessGroup {
   void dropped(int rank, std::uint64_t seq, const Call& call) noexcept {
     std::string why;
     try {
-      why = label(rank, seq, call) + " was dropped without running (its stream had failed earlier or was destroyed)";
+      why = label("rank", rank, seq, call) + " was dropped without running (its stream had failed earlier or was destroyed)";
     } catch (...) {
       // No memory for the message: abort_locked still sets the flag, which is what unblocks peers.
     }
@@ -243,7 +157,7 @@ class InProcessGroup {
 
   Error aborted_error(int rank, std::uint64_t seq, const Call& call) const {
     return Error(ErrorCode::communication, "in-process group aborted (" + abort_reason_ + "); " +
-                                               label(rank, seq, call) + " cannot complete");
+                                               label("rank", rank, seq, call) + " cannot complete");
   }
 
   std::string mismatch(const Slot& s, std::uint64_t seq) const {
@@ -326,20 +240,6 @@ class InProcessGroup {
 
 namespace {
 
-// "Must run exactly once": copying hands the duty to the copy (std::function may copy or move
-// its target while it is queued), so only the object the stream finally holds is armed.
-class RunOnce {
- public:
-  RunOnce() = default;
-  RunOnce(const RunOnce& o) noexcept : armed_(std::exchange(o.armed_, false)) {}
-  RunOnce& operator=(const RunOnce&) = delete;
-  ~RunOnce() = default;
-  bool armed() const noexcept { return armed_; }
-  void disarm() const noexcept { armed_ = false; }
-
- private:
-  mutable bool armed_ = true;
-};
 
 // The stream task of one collective. If the stream destroys it without running it, the group is
 // aborted, so the peers do not wait for this rank forever.
@@ -403,67 +303,12 @@ class InProcessCommunicator final : public Communicator {
   void barrier(Stream& stream) override { enqueue({}, stream); }
 
  private:
-  // What is wrong with this rank's own arguments, or "" if nothing.
-  std::string check(const Call& c) const {
-    const std::size_t es = size_of(c.dtype);
-    const auto world = static_cast<std::size_t>(size_);
-    const std::size_t n = c.count;
-    const bool gathers = c.kind == CollectiveKind::reduce_scatter || c.kind == CollectiveKind::all_gather;
-    if (gathers && n > SIZE_MAX / es / world)
-      return "size() * count elements overflow the address space";
-    if (c.kind != CollectiveKind::reduce_scatter && c.kind != CollectiveKind::all_gather && n > SIZE_MAX / es)
-      return "count elements overflow the address space";
-    switch (c.kind) {
-      case CollectiveKind::reduce_scatter:
-        if (n == 0) return {};
-        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
-        if (overlap(c.recv, n * es, c.send, world * n * es) && c.recv != bytes_of(c.send) + rank_ * n * es)
-          return "recv overlaps send but is not send + rank * recv_count (the only in-place form allowed)";
-        return {};
-      case CollectiveKind::all_gather:
-        if (n == 0) return {};
-        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
-        if (overlap(c.send, n * es, c.recv, world * n * es) && c.send != bytes_of(c.recv) + rank_ * n * es)
-          return "send overlaps recv but is not recv + rank * send_count (the only in-place form allowed)";
-        return {};
-      case CollectiveKind::all_reduce:
-        if (n == 0) return {};
-        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
-        if (overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
-          return "send and recv overlap without being equal";
-        return {};
-      case CollectiveKind::broadcast:
-        if (c.root < 0 || c.root >= size_)
-          return "root " + std::to_string(c.root) + " is outside [0, " + std::to_string(size_) + ")";
-        if (n == 0) return {};
-        if (!c.recv) return "recv is null";
-        if (rank_ == c.root && !c.send) return "send is null on the root";
-        if (rank_ == c.root && overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
-          return "send and recv overlap without being equal";
-        return {};
-      case CollectiveKind::barrier: return {};
-    }
-    return {};
-  }
-
-  static std::uint64_t volume(const Call& c, int world) noexcept {
-    const std::uint64_t bytes = static_cast<std::uint64_t>(c.count) * size_of(c.dtype);
-    switch (c.kind) {
-      case CollectiveKind::reduce_scatter:
-      case CollectiveKind::all_gather: return bytes * static_cast<std::uint64_t>(world);
-      case CollectiveKind::all_reduce: return 2 * bytes;
-      case CollectiveKind::broadcast: return bytes;
-      case CollectiveKind::barrier: return 0;
-    }
-    return 0;
-  }
-
   void enqueue(const Call& c, Stream& stream) {
     // The sequence number is taken even when the call is refused, so this rank stays in step with
     // the peers that did issue collective #seq (they will fail on it, not on a later one).
     const std::uint64_t seq = group_->next_seq(rank_);
-    if (std::string problem = check(c); !problem.empty()) {
-      const std::string why = label(rank_, seq, c) + ": " + problem;
+    if (std::string problem = comm::check_call(c, rank_, size_); !problem.empty()) {
+      const std::string why = label("rank", rank_, seq, c) + ": " + problem;
       // Abort in stream order, so this rank's earlier collectives still complete; the peers
       // waiting on #seq then throw instead of hanging.
       try {
@@ -476,10 +321,10 @@ class InProcessCommunicator final : public Communicator {
     try {
       backend_.host_task(stream, CollectiveTask{group_, rank_, seq, c, {}});
     } catch (const std::exception& e) {
-      group_->abort(label(rank_, seq, c) + " could not be enqueued: " + e.what());
+      group_->abort(label("rank", rank_, seq, c) + " could not be enqueued: " + e.what());
       throw;
     }
-    count(c.kind, volume(c, size_));
+    count(c.kind, comm::volume(c, size_));
   }
 
   std::shared_ptr<InProcessGroup> group_;

@@ -30,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "comm/collective.hpp"
 #include "shardopt/error.hpp"
 
 #if SHARDOPT_HAS_MPI
@@ -100,15 +101,13 @@ MpiSession::~MpiSession() {
 
 namespace {
 
-struct Call {
-  CollectiveKind kind = CollectiveKind::barrier;
-  const void* send = nullptr;
-  void* recv = nullptr;
-  std::size_t count = 0;
-  DType dtype = DType::fp32;
-  ReduceOp op = ReduceOp::sum;
-  int root = 0;
-};
+using comm::Call;
+using comm::RunOnce;
+using comm::bytes_of;
+using comm::describe;
+using comm::overlap;
+using comm::reduces;
+
 
 // What every rank sends every peer before a collective. Sent as raw bytes: every process runs
 // the same build, so the layout is the same everywhere.
@@ -120,33 +119,11 @@ struct Descriptor {
   std::uint8_t aborted = 0;  // the sender's group is aborted: this collective fails everywhere
 };
 
-const char* op_name(ReduceOp op) noexcept {
-  switch (op) {
-    case ReduceOp::sum: return "sum";
-    case ReduceOp::avg: return "avg";
-    case ReduceOp::max: return "max";
-  }
-  return "unknown";
-}
-
-bool reduces(CollectiveKind k) noexcept { return k == CollectiveKind::reduce_scatter || k == CollectiveKind::all_reduce; }
-
-std::string describe(CollectiveKind kind, std::size_t count, DType dtype, ReduceOp op, int root) {
-  std::string s(name_of(kind));
-  if (kind == CollectiveKind::barrier) return s + "()";
-  s += "(count=" + std::to_string(count) + ", " + std::string(name_of(dtype));
-  if (reduces(kind)) s += std::string(", ") + op_name(op);
-  if (kind == CollectiveKind::broadcast) s += ", root=" + std::to_string(root);
-  return s + ")";
-}
-std::string describe(const Call& c) { return describe(c.kind, c.count, c.dtype, c.op, c.root); }
 std::string describe(const Descriptor& d) {
   return describe(static_cast<CollectiveKind>(d.kind), d.count, static_cast<DType>(d.dtype), static_cast<ReduceOp>(d.op), d.root);
 }
 
-std::string label(int rank, std::uint64_t seq, const Call& c) {
-  return "MPI rank " + std::to_string(rank) + ", " + describe(c) + " (collective #" + std::to_string(seq) + ")";
-}
+std::string label(int rank, std::uint64_t seq, const Call& c) { return comm::label("MPI rank", rank, seq, c); }
 
 Descriptor descriptor_of(std::uint64_t seq, const Call& c, bool aborted) {
   Descriptor d;
@@ -166,55 +143,11 @@ bool same_collective(const Descriptor& a, const Descriptor& b) noexcept {
          (k != CollectiveKind::broadcast || a.root == b.root);
 }
 
-const unsigned char* bytes_of(const void* p) noexcept { return static_cast<const unsigned char*>(p); }
-unsigned char* bytes_of(void* p) noexcept { return static_cast<unsigned char*>(p); }
-
-bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexcept {
-  if (an == 0 || bn == 0) return false;
-  const auto x = reinterpret_cast<std::uintptr_t>(a);
-  const auto y = reinterpret_cast<std::uintptr_t>(b);
-  return x < y + bn && y < x + an;
-}
-
-// The same arithmetic as the in-process communicator: start from source 0, add (or max) sources
-// 1..N-1 in rank order in fp32, divide by N for avg, round once. A block is read from every
-// source before any destination element of it is written, so a destination may alias a source.
-constexpr std::size_t kBlock = 1024;
-
-template <DType T, class Src>
-void reduce_typed(int nsrc, const Src& src, void* dst, std::size_t n, ReduceOp op) noexcept {
-  float acc[kBlock];
-  for (std::size_t b = 0; b < n; b += kBlock) {
-    const std::size_t len = std::min(kBlock, n - b);
-    const void* s0 = src(0);
-    for (std::size_t i = 0; i < len; ++i) acc[i] = load_as_float(s0, T, b + i);
-    for (int q = 1; q < nsrc; ++q) {
-      const void* sq = src(q);
-      if (op == ReduceOp::max) {
-        for (std::size_t i = 0; i < len; ++i) {
-          const float x = load_as_float(sq, T, b + i);
-          acc[i] = (x > acc[i] || x != x) ? x : acc[i];  // a NaN input wins and stays
-        }
-      } else {
-        for (std::size_t i = 0; i < len; ++i) acc[i] += load_as_float(sq, T, b + i);
-      }
-    }
-    if (op == ReduceOp::avg) {
-      const float d = static_cast<float>(nsrc);
-      for (std::size_t i = 0; i < len; ++i) acc[i] = acc[i] / d;
-    }
-    for (std::size_t i = 0; i < len; ++i) store_from_float(dst, T, b + i, acc[i]);
-  }
-}
-
+// The in-process communicator's reduction (comm/collective.hpp), into one destination: the same
+// bits on both.
 template <class Src>
 void reduce(int nsrc, const Src& src, void* dst, std::size_t n, DType t, ReduceOp op) noexcept {
-  if (n == 0) return;
-  switch (t) {
-    case DType::fp32: reduce_typed<DType::fp32>(nsrc, src, dst, n, op); break;
-    case DType::fp16: reduce_typed<DType::fp16>(nsrc, src, dst, n, op); break;
-    case DType::bf16: reduce_typed<DType::bf16>(nsrc, src, dst, n, op); break;
-  }
+  comm::reduce(nsrc, src, 1, [dst](int) { return dst; }, n, t, op);
 }
 
 // MPI counts are int: large buffers travel as several messages of at most 1 GiB with the same
@@ -474,17 +407,6 @@ class MpiGroup {
 
 // "Must run exactly once": copying hands the duty to the copy (std::function may copy or move
 // its target while it is queued), so only the object the stream finally holds is armed.
-class RunOnce {
- public:
-  RunOnce() = default;
-  RunOnce(const RunOnce& o) noexcept : armed_(std::exchange(o.armed_, false)) {}
-  RunOnce& operator=(const RunOnce&) = delete;
-  bool armed() const noexcept { return armed_; }
-  void disarm() const noexcept { armed_ = false; }
-
- private:
-  mutable bool armed_ = true;
-};
 
 struct CollectiveTask {
   std::shared_ptr<MpiGroup> group;
@@ -547,61 +469,10 @@ class MpiCommunicator final : public Communicator {
   void barrier(Stream& stream) override { enqueue({}, stream); }
 
  private:
-  std::string check(const Call& c) const {
-    const std::size_t es = size_of(c.dtype);
-    const auto world = static_cast<std::size_t>(size());
-    const std::size_t n = c.count;
-    const std::size_t r = static_cast<std::size_t>(rank());
-    const bool gathers = c.kind == CollectiveKind::reduce_scatter || c.kind == CollectiveKind::all_gather;
-    if (gathers && n > SIZE_MAX / es / world) return "size() * count elements overflow the address space";
-    if (!gathers && n > SIZE_MAX / es) return "count elements overflow the address space";
-    switch (c.kind) {
-      case CollectiveKind::reduce_scatter:
-        if (n == 0) return {};
-        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
-        if (overlap(c.recv, n * es, c.send, world * n * es) && c.recv != bytes_of(c.send) + r * n * es)
-          return "recv overlaps send but is not send + rank * recv_count (the only in-place form allowed)";
-        return {};
-      case CollectiveKind::all_gather:
-        if (n == 0) return {};
-        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
-        if (overlap(c.send, n * es, c.recv, world * n * es) && c.send != bytes_of(c.recv) + r * n * es)
-          return "send overlaps recv but is not recv + rank * send_count (the only in-place form allowed)";
-        return {};
-      case CollectiveKind::all_reduce:
-        if (n == 0) return {};
-        if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
-        if (overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv) return "send and recv overlap without being equal";
-        return {};
-      case CollectiveKind::broadcast:
-        if (c.root < 0 || c.root >= size()) return "root " + std::to_string(c.root) + " is outside [0, " + std::to_string(size()) + ")";
-        if (n == 0) return {};
-        if (!c.recv) return "recv is null";
-        if (rank() == c.root && !c.send) return "send is null on the root";
-        if (rank() == c.root && overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
-          return "send and recv overlap without being equal";
-        return {};
-      case CollectiveKind::barrier: return {};
-    }
-    return {};
-  }
-
-  static std::uint64_t volume(const Call& c, int world) noexcept {
-    const std::uint64_t bytes = static_cast<std::uint64_t>(c.count) * size_of(c.dtype);
-    switch (c.kind) {
-      case CollectiveKind::reduce_scatter:
-      case CollectiveKind::all_gather: return bytes * static_cast<std::uint64_t>(world);
-      case CollectiveKind::all_reduce: return 2 * bytes;
-      case CollectiveKind::broadcast: return bytes;
-      case CollectiveKind::barrier: return 0;
-    }
-    return 0;
-  }
-
   void enqueue(const Call& c, Stream& stream) {
     // Taken even for a refused call, so this rank stays in step with peers that issued #seq.
     const std::uint64_t seq = group_->next_seq();
-    if (std::string problem = check(c); !problem.empty()) {
+    if (std::string problem = comm::check_call(c, rank(), size()); !problem.empty()) {
       const std::string why = label(rank(), seq, c) + ": " + problem;
       try {
         backend_.host_task(stream, RefusedTask{group_, seq, c, why, {}});
@@ -612,7 +483,7 @@ class MpiCommunicator final : public Communicator {
     }
     // A failed enqueue destroys the task unrun, whose destructor tells the peers.
     backend_.host_task(stream, CollectiveTask{group_, seq, c, {}});
-    count(c.kind, volume(c, size()));
+    count(c.kind, comm::volume(c, size()));
   }
 
   std::shared_ptr<MpiGroup> group_;

@@ -1,0 +1,94 @@
+#include "comm/collective.hpp"
+
+#include <cstdint>
+
+namespace shardopt::comm {
+
+const char* op_name(ReduceOp op) noexcept {
+  switch (op) {
+    case ReduceOp::sum: return "sum";
+    case ReduceOp::avg: return "avg";
+    case ReduceOp::max: return "max";
+  }
+  return "unknown";
+}
+
+bool reduces(CollectiveKind k) noexcept {
+  return k == CollectiveKind::reduce_scatter || k == CollectiveKind::all_reduce;
+}
+
+std::string describe(CollectiveKind kind, std::size_t count, DType dtype, ReduceOp op, int root) {
+  std::string s(name_of(kind));
+  if (kind == CollectiveKind::barrier) return s + "()";
+  s += "(count=" + std::to_string(count) + ", " + std::string(name_of(dtype));
+  if (reduces(kind)) s += std::string(", ") + op_name(op);
+  if (kind == CollectiveKind::broadcast) s += ", root=" + std::to_string(root);
+  return s + ")";
+}
+
+std::string label(const char* who, int rank, std::uint64_t seq, const Call& c) {
+  return std::string(who) + " " + std::to_string(rank) + ", " + describe(c) + " (collective #" + std::to_string(seq) + ")";
+}
+
+bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexcept {
+  if (an == 0 || bn == 0) return false;
+  const auto x = reinterpret_cast<std::uintptr_t>(a);
+  const auto y = reinterpret_cast<std::uintptr_t>(b);
+  return x < y + bn && y < x + an;
+}
+
+std::string check_call(const Call& c, int rank, int size) {
+  const std::size_t es = size_of(c.dtype);
+  const auto world = static_cast<std::size_t>(size);
+  const std::size_t n = c.count;
+  const bool gathers = c.kind == CollectiveKind::reduce_scatter || c.kind == CollectiveKind::all_gather;
+  if (gathers && n > SIZE_MAX / es / world)
+    return "size() * count elements overflow the address space";
+  if (c.kind != CollectiveKind::reduce_scatter && c.kind != CollectiveKind::all_gather && n > SIZE_MAX / es)
+    return "count elements overflow the address space";
+  switch (c.kind) {
+    case CollectiveKind::reduce_scatter:
+      if (n == 0) return {};
+      if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
+      if (overlap(c.recv, n * es, c.send, world * n * es) && c.recv != bytes_of(c.send) + rank * n * es)
+        return "recv overlaps send but is not send + rank * recv_count (the only in-place form allowed)";
+      return {};
+    case CollectiveKind::all_gather:
+      if (n == 0) return {};
+      if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
+      if (overlap(c.send, n * es, c.recv, world * n * es) && c.send != bytes_of(c.recv) + rank * n * es)
+        return "send overlaps recv but is not recv + rank * send_count (the only in-place form allowed)";
+      return {};
+    case CollectiveKind::all_reduce:
+      if (n == 0) return {};
+      if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
+      if (overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
+        return "send and recv overlap without being equal";
+      return {};
+    case CollectiveKind::broadcast:
+      if (c.root < 0 || c.root >= size)
+        return "root " + std::to_string(c.root) + " is outside [0, " + std::to_string(size) + ")";
+      if (n == 0) return {};
+      if (!c.recv) return "recv is null";
+      if (rank == c.root && !c.send) return "send is null on the root";
+      if (rank == c.root && overlap(c.send, n * es, c.recv, n * es) && c.send != c.recv)
+        return "send and recv overlap without being equal";
+      return {};
+    case CollectiveKind::barrier: return {};
+  }
+  return {};
+}
+
+std::uint64_t volume(const Call& c, int world) noexcept {
+  const std::uint64_t bytes = static_cast<std::uint64_t>(c.count) * size_of(c.dtype);
+  switch (c.kind) {
+    case CollectiveKind::reduce_scatter:
+    case CollectiveKind::all_gather: return bytes * static_cast<std::uint64_t>(world);
+    case CollectiveKind::all_reduce: return 2 * bytes;
+    case CollectiveKind::broadcast: return bytes;
+    case CollectiveKind::barrier: return 0;
+  }
+  return 0;
+}
+
+}  // namespace shardopt::comm

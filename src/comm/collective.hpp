@@ -1,0 +1,109 @@
+#pragma once
+// What the host-memory communicators (in-process and MPI) share (internal): the description of one
+// collective call, the argument checks, the ZeRO volume accounting, and the rank-order reduction
+// whose bits both must produce.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "shardopt/communicator.hpp"
+#include "shardopt/dtype.hpp"
+
+namespace shardopt::comm {
+
+// What one rank asked for in one collective. `count` is recv_count / send_count / count.
+struct Call {
+  CollectiveKind kind = CollectiveKind::barrier;
+  const void* send = nullptr;
+  void* recv = nullptr;
+  std::size_t count = 0;
+  DType dtype = DType::fp32;
+  ReduceOp op = ReduceOp::sum;
+  int root = 0;
+};
+
+const char* op_name(ReduceOp op) noexcept;
+bool reduces(CollectiveKind k) noexcept;
+std::string describe(CollectiveKind kind, std::size_t count, DType dtype, ReduceOp op, int root);
+inline std::string describe(const Call& c) { return describe(c.kind, c.count, c.dtype, c.op, c.root); }
+// "<who> <rank>, <call> (collective #<seq>)"
+std::string label(const char* who, int rank, std::uint64_t seq, const Call& c);
+
+inline const unsigned char* bytes_of(const void* p) noexcept { return static_cast<const unsigned char*>(p); }
+inline unsigned char* bytes_of(void* p) noexcept { return static_cast<unsigned char*>(p); }
+
+// True if [a, a+an) and [b, b+bn) share a byte. Compared as integers: the two pointers may point
+// into different objects, where relational operators on pointers are unspecified.
+bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexcept;
+
+// What is wrong with rank `rank`'s own arguments in a world of `size`, or "" if nothing.
+std::string check_call(const Call& c, int rank, int size);
+
+// Bytes in the ZeRO accounting of communicator.hpp.
+std::uint64_t volume(const Call& c, int world) noexcept;
+
+// "Must run exactly once": copying hands the duty to the copy (std::function may copy or move
+// its target while it is queued), so only the object the stream finally holds is armed.
+class RunOnce {
+ public:
+  RunOnce() = default;
+  RunOnce(const RunOnce& o) noexcept : armed_(std::exchange(o.armed_, false)) {}
+  RunOnce& operator=(const RunOnce&) = delete;
+  ~RunOnce() = default;
+  bool armed() const noexcept { return armed_; }
+  void disarm() const noexcept { armed_ = false; }
+
+ private:
+  mutable bool armed_ = true;
+};
+
+// Reduction over `nsrc` sources in rank order into `ndst` destinations, a block at a time: the
+// block is accumulated in fp32 on the stack (no heap scratch), divided by N for avg, then rounded
+// once and stored. Every source element of a block is read before any destination element of it is
+// written, which is what makes the in-place forms (a destination equal to a source) safe.
+inline constexpr std::size_t kReduceBlock = 1024;
+
+template <DType T, class Src, class Dst>
+void reduce_typed(int nsrc, const Src& src, int ndst, const Dst& dst, std::size_t n, ReduceOp op) noexcept {
+  float acc[kReduceBlock];
+  for (std::size_t b = 0; b < n; b += kReduceBlock) {
+    const std::size_t len = std::min(kReduceBlock, n - b);
+    const void* s0 = src(0);
+    for (std::size_t i = 0; i < len; ++i) acc[i] = load_as_float(s0, T, b + i);
+    for (int q = 1; q < nsrc; ++q) {
+      const void* sq = src(q);
+      if (op == ReduceOp::max) {
+        // x != x picks up a NaN input; a NaN already in acc stays because x > NaN is false.
+        for (std::size_t i = 0; i < len; ++i) {
+          const float x = load_as_float(sq, T, b + i);
+          acc[i] = (x > acc[i] || x != x) ? x : acc[i];
+        }
+      } else {
+        for (std::size_t i = 0; i < len; ++i) acc[i] += load_as_float(sq, T, b + i);
+      }
+    }
+    if (op == ReduceOp::avg) {
+      // Divide (not multiply by 1/N) so the result is the correctly rounded fp32 quotient.
+      const float d = static_cast<float>(nsrc);
+      for (std::size_t i = 0; i < len; ++i) acc[i] = acc[i] / d;
+    }
+    for (int q = 0; q < ndst; ++q) {
+      void* dq = dst(q);
+      for (std::size_t i = 0; i < len; ++i) store_from_float(dq, T, b + i, acc[i]);
+    }
+  }
+}
+
+template <class Src, class Dst>
+void reduce(int nsrc, const Src& src, int ndst, const Dst& dst, std::size_t n, DType t, ReduceOp op) noexcept {
+  if (n == 0) return;
+  switch (t) {
+    case DType::fp32: reduce_typed<DType::fp32>(nsrc, src, ndst, dst, n, op); break;
+    case DType::fp16: reduce_typed<DType::fp16>(nsrc, src, ndst, dst, n, op); break;
+    case DType::bf16: reduce_typed<DType::bf16>(nsrc, src, ndst, dst, n, op); break;
+  }
+}
+
+}  // namespace shardopt::comm
