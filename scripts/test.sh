@@ -2,7 +2,8 @@
 # Installs what is missing, builds everything, and runs the whole test suite:
 #   1. the main build (CUDA code compiled when a toolkit is found; GPU tests skip without a GPU),
 #   2. a consumer project built against the *installed* package (find_package(shardopt)),
-#   3. a ThreadSanitizer build running the CPU tests (set SHARDOPT_SANITIZERS=0 to skip it),
+#   3. ThreadSanitizer and AddressSanitizer+UBSan builds running the CPU tests (set
+#      SHARDOPT_SANITIZERS=0 to skip both),
 #   4. a short libFuzzer run over the checkpoint manifest parser (scripts/fuzz.sh),
 #   5. the whole suite of the main build (labels cpu, gpu — skipped without a device — and mpi).
 # Exits non-zero if anything fails.
@@ -31,6 +32,15 @@ if [ "${SHARDOPT_SANITIZERS:-1}" != "0" ]; then
     -DSHARDOPT_SANITIZE=thread -DSHARDOPT_BUILD_BENCHMARKS=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF -DSHARDOPT_BUILD_CLI=OFF
   cmake --build "$tsan" -j"$jobs"
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --test-dir "$tsan" -L cpu --output-on-failure -j"$jobs"
+
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer build (CPU tests)"
+  asan="$build-asan"
+  cmake -S "$root" -B "$asan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHARDOPT_CUDA=OFF \
+    -DSHARDOPT_SANITIZE="address;undefined" -DSHARDOPT_BUILD_BENCHMARKS=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF \
+    -DSHARDOPT_BUILD_CLI=OFF
+  cmake --build "$asan" -j"$jobs"
+  ASAN_OPTIONS="detect_leaks=1" UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1" \
+    ctest --test-dir "$asan" -L cpu --output-on-failure -j"$jobs"
 fi
 
 echo "== fuzzing the checkpoint manifest parser (${SHARDOPT_FUZZ_SECONDS:-20} s)"

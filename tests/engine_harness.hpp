@@ -4,6 +4,7 @@
 // (not from shardopt's rules.hpp), applied to the mean gradient.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <map>
@@ -108,6 +109,11 @@ inline float synthetic_grad(std::uint64_t seed, int step, int micro, int rank, s
     case DType::bf16: return bf16_to_float(float_to_bf16(v));
     default: return v;
   }
+}
+
+// Bit equality of two float vectors (memcmp may not be handed the null data() of an empty one).
+inline bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 inline std::uint64_t name_key(const std::string& s) {

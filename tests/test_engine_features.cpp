@@ -25,9 +25,9 @@ double max_abs_diff(const RunResult& a, const ReferenceRun& rr) {
 
 void expect_same_bits(const RunResult& a, const RunResult& b, int nstates) {
   for (std::size_t t = 0; t < a.master.size(); ++t) {
-    EXPECT_EQ(0, std::memcmp(a.master[t].data(), b.master[t].data(), a.master[t].size() * 4)) << a.tensor_names[t];
+    EXPECT_TRUE(same_bits(a.master[t], b.master[t])) << a.tensor_names[t];
     for (int k = 0; k < nstates; ++k)
-      EXPECT_EQ(0, std::memcmp(a.state[k][t].data(), b.state[k][t].data(), a.state[k][t].size() * 4))
+      EXPECT_TRUE(same_bits(a.state[k][t], b.state[k][t]))
           << "state " << k << " of " << a.tensor_names[t];
   }
 }

@@ -145,12 +145,12 @@ TEST(Oracle, ThousandTinyTensors) {
 void expect_bitwise_equal(const RunResult& a, const RunResult& b, int nstates, const std::string& what) {
   ASSERT_EQ(a.master.size(), b.master.size());
   for (std::size_t t = 0; t < a.master.size(); ++t) {
-    ASSERT_EQ(0, std::memcmp(a.master[t].data(), b.master[t].data(), a.master[t].size() * 4))
+    ASSERT_TRUE(same_bits(a.master[t], b.master[t]))
         << what << ": master of " << a.tensor_names[t];
     for (int k = 0; k < nstates; ++k)
-      ASSERT_EQ(0, std::memcmp(a.state[k][t].data(), b.state[k][t].data(), a.state[k][t].size() * 4))
+      ASSERT_TRUE(same_bits(a.state[k][t], b.state[k][t]))
           << what << ": state " << k << " of " << a.tensor_names[t];
-    ASSERT_EQ(0, std::memcmp(a.params[t].data(), b.params[t].data(), a.params[t].size() * 4))
+    ASSERT_TRUE(same_bits(a.params[t], b.params[t]))
         << what << ": parameters of " << a.tensor_names[t];
   }
 }

@@ -63,7 +63,7 @@ bool same_bits(const std::vector<std::vector<float>>& a, const std::vector<std::
     return false;
   }
   for (std::size_t t = 0; t < a.size(); ++t) {
-    if (a[t].size() != b[t].size() || std::memcmp(a[t].data(), b[t].data(), a[t].size() * 4) != 0) {
+    if (!shardopt::testing::same_bits(a[t], b[t])) {
       std::size_t i = 0;
       while (i < a[t].size() && i < b[t].size() && std::memcmp(&a[t][i], &b[t][i], 4) == 0) ++i;
       ADD_FAILURE() << what << " of " << names[t] << " differs first at element " << i << ": "

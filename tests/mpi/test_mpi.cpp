@@ -235,10 +235,6 @@ RunResult mpi_training(const RunSpec& spec, Communicator& comm, Backend& be) {
   return out;
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-}
-
 struct EngineCase {
   int stage;
   DType dtype;
