@@ -176,6 +176,31 @@ struct Reference {
   }
 };
 
+// One micro-step of the synthetic trainer on this rank: forward acquires and releases every block,
+// backward adds the rank's synthetic gradient times `scale` (the loss scale, and any injected
+// factor) into each block's gradient view in reverse order.
+inline void synthetic_micro_step(Engine& e, int rank, int step, int micro, std::uint64_t seed, float scale) {
+  const DType c = e.config().compute_dtype;
+  const int nblocks = static_cast<int>(e.layout().blocks().size());
+  for (int b = 0; b < nblocks; ++b) {
+    e.acquire(b);
+    e.release(b);
+  }
+  for (int b = nblocks - 1; b >= 0; --b) {
+    e.acquire(b);
+    BlockView g = e.gradients(b);
+    for (const TensorView& tv : g.tensors) {
+      const std::uint64_t key = name_key(tv.info->name);
+      for (std::size_t i = 0; i < tv.numel; ++i) {
+        const float v = synthetic_grad(seed, step, micro, rank, key, i, c) * scale;
+        store_from_float(tv.data, c, i, load_as_float(tv.data, c, i) + v);
+      }
+    }
+    e.grads_ready(b);
+    e.release(b);
+  }
+}
+
 // One training run of the synthetic trainer on every rank, and what it left behind.
 struct RunSpec {
   Config cfg;
@@ -263,26 +288,9 @@ inline RunResult run_training(const RunSpec& spec) {
       const float scale = out.results[rank].empty() ? (spec.cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : spec.cfg.loss_scaling.initial_scale)
                                                     : out.results[rank].back().loss_scale;
       if (s == spec.steps - 1) e.reset_comm_report();
-      for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro) {
-        for (int b = 0; b < nblocks; ++b) {  // forward
-          e.acquire(b);
-          e.release(b);
-        }
-        for (int b = nblocks - 1; b >= 0; --b) {  // backward
-          e.acquire(b);
-          BlockView g = e.gradients(b);
-          const float f = spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f;
-          for (const TensorView& tv : g.tensors) {
-            const std::uint64_t key = name_key(tv.info->name);
-            for (std::size_t i = 0; i < tv.numel; ++i) {
-              const float v = synthetic_grad(spec.seed, s, micro, rank, key, i, c) * scale * f;
-              store_from_float(tv.data, c, i, load_as_float(tv.data, c, i) + v);
-            }
-          }
-          e.grads_ready(b);
-          e.release(b);
-        }
-      }
+      for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro)
+        synthetic_micro_step(e, rank, s, micro, spec.seed,
+                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f));
       out.results[rank].push_back(e.step());
     }
     const CommStats cs = e.comm_report();

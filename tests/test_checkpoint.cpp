@@ -60,25 +60,9 @@ struct Snapshot {
 // so a resumed run sees the same gradients as an uninterrupted one). `scale`: the loss scale to
 // use for the first step; updated from each StepResult.
 std::vector<StepResult> train(Engine& e, int rank, int first, int steps, std::uint64_t seed, float& scale) {
-  const DType c = e.config().compute_dtype;
-  const int nblocks = static_cast<int>(e.layout().blocks().size());
   std::vector<StepResult> out;
   for (int s = first; s < first + steps; ++s) {
-    for (int b = 0; b < nblocks; ++b) {
-      e.acquire(b);
-      e.release(b);
-    }
-    for (int b = nblocks - 1; b >= 0; --b) {
-      e.acquire(b);
-      BlockView g = e.gradients(b);
-      for (const TensorView& tv : g.tensors) {
-        const std::uint64_t key = name_key(tv.info->name);
-        for (std::size_t i = 0; i < tv.numel; ++i)
-          store_from_float(tv.data, c, i, load_as_float(tv.data, c, i) + synthetic_grad(seed, s, 0, rank, key, i, c) * scale);
-      }
-      e.grads_ready(b);
-      e.release(b);
-    }
+    synthetic_micro_step(e, rank, s, 0, seed, scale);
     out.push_back(e.step());
     scale = out.back().loss_scale;
   }

@@ -157,25 +157,8 @@ RunResult mpi_training(const RunSpec& spec, Communicator& comm, Backend& be) {
   for (int s = 0; s < spec.steps; ++s) {
     const float scale = results.empty() ? (spec.cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : spec.cfg.loss_scaling.initial_scale)
                                         : results.back().loss_scale;
-    for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro) {
-      for (int b = 0; b < nblocks; ++b) {
-        e.acquire(b);
-        e.release(b);
-      }
-      for (int b = nblocks - 1; b >= 0; --b) {
-        e.acquire(b);
-        BlockView g = e.gradients(b);
-        for (const TensorView& tv : g.tensors) {
-          const std::uint64_t key = name_key(tv.info->name);
-          for (std::size_t i = 0; i < tv.numel; ++i) {
-            const float v = synthetic_grad(spec.seed, s, micro, rank, key, i, c) * scale;
-            store_from_float(tv.data, c, i, load_as_float(tv.data, c, i) + v);
-          }
-        }
-        e.grads_ready(b);
-        e.release(b);
-      }
-    }
+    for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro)
+      synthetic_micro_step(e, rank, s, micro, spec.seed, scale);
     results.push_back(e.step());
   }
   // Records: [which:int32][tensor:int32][begin:u64][count:u64][floats...]; which 0 master, 1-2 state, 3 params.
