@@ -14,6 +14,7 @@
 #include <string>
 #include <utility>
 
+#include "comm/collective.hpp"
 #include "cuda/cuda_internal.hpp"
 #include "shardopt/cuda.hpp"
 #include "shardopt/rules.hpp"
@@ -228,6 +229,37 @@ __global__ void __launch_bounds__(kThreads)
 template <DType S>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(const storage_t<S>* src, float* dst, std::size_t n) {
   for (std::size_t i = thread_index(); i < n; i += grid_stride()) dst[i] = dst[i] + to_float<S>(src[i]);
+}
+
+// Backend::reduce. The pointer arrays travel by value in the kernel parameters (about 1 KiB), so the
+// caller's arrays may go away as soon as the launch returns.
+struct ReduceKernelArgs {
+  const void* srcs[Backend::kMaxReduceOperands];
+  void* dsts[Backend::kMaxReduceOperands];
+  int nsrc;
+  int ndst;
+  std::size_t n;
+  ReduceOp op;
+};
+
+// The arithmetic of comm::reduce_typed (the host communicators), element by element: fp32
+// accumulation in source order, a true division for avg, one rounding. Each thread reads every
+// source of element i before writing any destination of it, which makes the in-place form safe.
+template <DType T>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(ReduceKernelArgs a) {
+  for (std::size_t i = thread_index(); i < a.n; i += grid_stride()) {
+    float acc = to_float<T>(static_cast<const storage_t<T>*>(a.srcs[0])[i]);
+    for (int q = 1; q < a.nsrc; ++q) {
+      const float x = to_float<T>(static_cast<const storage_t<T>*>(a.srcs[q])[i]);
+      if (a.op == ReduceOp::max)
+        acc = (x > acc || x != x) ? x : acc;  // a NaN wins, as on the host
+      else
+        acc = acc + x;
+    }
+    if (a.op == ReduceOp::avg) acc = acc / static_cast<float>(a.nsrc);
+    const storage_t<T> r = from_float<T>(acc);
+    for (int q = 0; q < a.ndst; ++q) static_cast<storage_t<T>*>(a.dsts[q])[i] = r;
+  }
 }
 
 // The non-finite check looks at the stored value: a finite product that rounds to infinity in
@@ -451,6 +483,13 @@ void require_pointer(const void* p, std::size_t n, const char* op, const char* a
                 std::string(op) + ": " + arg + " is null but " + std::to_string(n) + " elements were asked");
 }
 
+void require_operand_count(int count, const char* arg) {
+  if (count < 1 || count > Backend::kMaxReduceOperands)
+    throw Error(ErrorCode::invalid_argument, std::string("reduce: ") + arg + " = " + std::to_string(count) +
+                                                 " is outside [1, " + std::to_string(Backend::kMaxReduceOperands) +
+                                                 "]");
+}
+
 // ---- the backend ----------------------------------------------------------------------------
 
 class CudaBackend final : public Backend {
@@ -610,8 +649,8 @@ class CudaBackend final : public Backend {
     CudaStream& s = own(stream, "unscale_check");
     if (n == 0) return;
     require_pointer(data, n, "unscale_check", "data");
-    require_pointer(scale, n, "unscale_check", "scale");
-    require_pointer(found_nonfinite, n, "unscale_check", "found_nonfinite");
+    require_pointer(scale, 1, "unscale_check", "scale");
+    require_pointer(found_nonfinite, 1, "unscale_check", "found_nonfinite");
     DeviceGuard guard(device_);
     const unsigned grid = grid_for(n, sm_count_);
     switch (dtype) {
@@ -675,6 +714,39 @@ class CudaBackend final : public Backend {
     }
     check_launch("accumulate_kernel", "accumulating " + count_text(n, src_dtype) + " into fp32 on stream '" +
                                           s.name() + "'");
+  }
+
+  void reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n, DType dtype,
+              ReduceOp op, Stream& stream) override {
+    CudaStream& s = own(stream, "reduce");
+    require_operand_count(nsrc, "nsrc");
+    require_operand_count(ndst, "ndst");
+    if (n == 0) return;
+    require_pointer(srcs, n, "reduce", "srcs");
+    require_pointer(dsts, n, "reduce", "dsts");
+    ReduceKernelArgs a{};
+    for (int q = 0; q < nsrc; ++q) {
+      require_pointer(srcs[q], n, "reduce", ("srcs[" + std::to_string(q) + "]").c_str());
+      a.srcs[q] = srcs[q];
+    }
+    for (int q = 0; q < ndst; ++q) {
+      require_pointer(dsts[q], n, "reduce", ("dsts[" + std::to_string(q) + "]").c_str());
+      a.dsts[q] = dsts[q];
+    }
+    a.nsrc = nsrc;
+    a.ndst = ndst;
+    a.n = n;
+    a.op = op;
+    DeviceGuard guard(device_);
+    const unsigned grid = grid_for(n, sm_count_);
+    switch (dtype) {
+      case DType::fp32: reduce_kernel<DType::fp32><<<grid, kThreads, 0, s.handle()>>>(a); break;
+      case DType::fp16: reduce_kernel<DType::fp16><<<grid, kThreads, 0, s.handle()>>>(a); break;
+      case DType::bf16: reduce_kernel<DType::bf16><<<grid, kThreads, 0, s.handle()>>>(a); break;
+    }
+    check_launch("reduce_kernel", std::string("reducing (") + comm::op_name(op) + ") " + std::to_string(nsrc) +
+                                      " sources of " + count_text(n, dtype) + " into " + std::to_string(ndst) +
+                                      " destinations on stream '" + s.name() + "'");
   }
 
   void fused_update(const UpdateArgs& args, Stream& stream) override {
@@ -843,15 +915,19 @@ void launch_divide_cast(const float* src, void* dst, DType dst_dtype, std::size_
 
 namespace shardopt {
 
-bool cuda_device_available() noexcept {
+int cuda_device_count() noexcept {
   int count = 0;
   const cudaError_t st = cudaGetDeviceCount(&count);
   if (st != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
-  return count > 0;
+  return count;
 }
+
+bool cuda_device_available() noexcept { return cuda_device_count() > 0; }
+
+int cuda_device_of(const Backend& backend) { return cuda_impl::device_of(backend, "cuda_device_of"); }
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   int count = 0;

@@ -8,10 +8,15 @@
 namespace shardopt {
 
 bool cuda_device_available() noexcept { return false; }
+int cuda_device_count() noexcept { return 0; }
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   throw Error(ErrorCode::unsupported, "no CUDA device " + std::to_string(device) +
                                           ": shardopt was built without CUDA (configure with SHARDOPT_CUDA=ON)");
+}
+
+int cuda_device_of(const Backend&) {
+  throw Error(ErrorCode::unsupported, "cuda_device_of: shardopt was built without CUDA, so no backend is a CUDA one");
 }
 
 NcclUniqueId nccl_unique_id() {

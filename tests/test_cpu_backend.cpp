@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <cstring>
 #include <future>
+#include <initializer_list>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <set>
@@ -807,6 +809,371 @@ TEST(CpuStress, KernelsFromManyRanksOnOneSmallPool) {
     });
   for (auto& h : hosts) h.join();
   for (int r = 0; r < kRanks; ++r) EXPECT_EQ(ok[r], 1) << "rank " << r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduce, checked against two references written here from the contract in backend.hpp: a plain
+// fp32 loop (the result must equal it bit for bit) and a float64 reduction (the result must lie
+// within the error the fp32 accumulation and the final rounding allow).
+
+using Bytes = std::vector<unsigned char>;
+
+constexpr ReduceOp kReduceOps[] = {ReduceOp::sum, ReduceOp::avg, ReduceOp::max};
+constexpr int kSourceCounts[] = {1, 2, 3, 8, 64};
+constexpr std::size_t kReduceBig = 3 * (std::size_t(1) << 16) + 5;  // crosses kernel chunks, ragged end
+constexpr std::size_t kReduceInPlace = (std::size_t(1) << 16) + 5;  // one chunk boundary
+
+const char* op_text(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum: return "sum";
+    case ReduceOp::avg: return "avg";
+    case ReduceOp::max: return "max";
+  }
+  return "?";
+}
+
+std::string reduce_trace(DType t, ReduceOp op, int nsrc, int ndst, std::size_t n) {
+  return std::string(name_of(t)) + " " + op_text(op) + " nsrc=" + std::to_string(nsrc) +
+         " ndst=" + std::to_string(ndst) + " n=" + std::to_string(n);
+}
+
+// Random values of `t` with magnitudes in [1/64, 2) and random signs: never zero, so a kernel that
+// writes zeros or skips a source cannot pass. (splitmix64: the sources add up to tens of millions
+// of values, where std::mt19937 with a distribution would dominate the test's time.)
+Bytes random_nonzero(DType t, std::size_t n, unsigned seed) {
+  std::uint64_t state = seed;
+  Bytes out(n * size_of(t));
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float mag = 1.0f / 64 + static_cast<float>(z >> 40) * 0x1p-24f * (2.0f - 1.0f / 64);
+    store_from_float(out.data(), t, i, (z & 1) != 0 ? -mag : mag);
+  }
+  return out;
+}
+
+std::vector<Bytes> random_sources(DType t, int nsrc, std::size_t n, unsigned seed) {
+  std::vector<Bytes> srcs;
+  for (int q = 0; q < nsrc; ++q) srcs.push_back(random_nonzero(t, n, seed + static_cast<unsigned>(q)));
+  return srcs;
+}
+
+// The contract's arithmetic, element by element, in the most literal form.
+Bytes plain_reduce(const std::vector<Bytes>& srcs, DType t, ReduceOp op, std::size_t n) {
+  Bytes out(n * size_of(t));
+  for (std::size_t i = 0; i < n; ++i) {
+    float acc = load_as_float(srcs[0].data(), t, i);
+    for (std::size_t q = 1; q < srcs.size(); ++q) {
+      const float x = load_as_float(srcs[q].data(), t, i);
+      if (op == ReduceOp::max)
+        acc = (x > acc || x != x) ? x : acc;
+      else
+        acc = acc + x;
+    }
+    if (op == ReduceOp::avg) acc = acc / static_cast<float>(srcs.size());
+    store_from_float(out.data(), t, i, acc);
+  }
+  return out;
+}
+
+double unit_roundoff(DType t) {
+  switch (t) {
+    case DType::fp32: return 0x1p-24;
+    case DType::fp16: return 0x1p-11;
+    case DType::bf16: return 0x1p-8;
+  }
+  return 1.0;
+}
+
+double half_min_subnormal(DType t) {
+  switch (t) {
+    case DType::fp32: return 0x1p-150;
+    case DType::fp16: return 0x1p-25;
+    case DType::bf16: return 0x1p-134;
+  }
+  return 1.0;
+}
+
+// What a reduction of `srcs` must give: the bits of the plain loop, and the float64 value with
+// the error the fp32 accumulation and the final rounding allow (max rounds nothing: bound 0).
+struct Expected {
+  Bytes bits;
+  std::vector<double> ref, bound;
+};
+
+Expected expect_reduction(const std::vector<Bytes>& srcs, DType t, ReduceOp op, std::size_t n) {
+  Expected e{plain_reduce(srcs, t, op, n), std::vector<double>(n), std::vector<double>(n)};
+  const double nsrc = static_cast<double>(srcs.size());
+  const double u = unit_roundoff(t);
+  for (std::size_t i = 0; i < n; ++i) {
+    double sum = 0.0, abs_sum = 0.0, mx = -std::numeric_limits<double>::infinity();
+    for (const Bytes& s : srcs) {
+      const double x = load_as_float(s.data(), t, i);
+      sum += x;
+      abs_sum += std::fabs(x);
+      mx = std::max(mx, x);
+    }
+    if (op == ReduceOp::max) {
+      e.ref[i] = mx;
+      e.bound[i] = 0.0;
+      continue;
+    }
+    const double scale = op == ReduceOp::avg ? 1.0 / nsrc : 1.0;
+    e.ref[i] = sum * scale;
+    // nsrc - 1 fp32 additions (and one division) of at most 2^-24 of the partial sums each, then
+    // one rounding to `t`.
+    e.bound[i] = nsrc * 0x1p-24 * abs_sum * scale * (1.0 + u) + u * std::fabs(e.ref[i]) + half_min_subnormal(t);
+  }
+  return e;
+}
+
+// Every destination holds the expected reduction; reports the first bad element of each.
+void check_reduced(const Expected& want, const std::vector<const unsigned char*>& dsts, DType t, std::size_t n) {
+  const std::size_t es = size_of(t);
+  for (std::size_t d = 0; d < dsts.size(); ++d) {
+    SCOPED_TRACE("destination " + std::to_string(d));
+    for (std::size_t i = 0; i < n; ++i) {
+      if (std::memcmp(dsts[d] + i * es, want.bits.data() + i * es, es) != 0) {
+        ADD_FAILURE() << "element " << i << " of " << n << ": got " << load_as_float(dsts[d], t, i)
+                      << ", the plain fp32 loop gives " << load_as_float(want.bits.data(), t, i);
+        break;
+      }
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      const double got = load_as_float(dsts[d], t, i);
+      if (!(std::fabs(got - want.ref[i]) <= want.bound[i])) {
+        ADD_FAILURE() << "element " << i << " of " << n << ": got " << got << ", float64 reference "
+                      << want.ref[i] << ", allowed error " << want.bound[i];
+        break;
+      }
+    }
+  }
+}
+
+void check_reduced(const std::vector<Bytes>& srcs, const std::vector<const unsigned char*>& dsts, DType t,
+                   ReduceOp op, std::size_t n) {
+  check_reduced(expect_reduction(srcs, t, op, n), dsts, t, n);
+}
+
+// Holds a stream until released (or destroyed), so that whatever is enqueued behind it runs only
+// after the test has done something on the host.
+class Gate {
+ public:
+  Gate(Backend& b, Stream& s) {
+    std::shared_future<void> opened = open_.get_future().share();
+    b.host_task(s, [opened] { opened.wait(); });
+  }
+  Gate(const Gate&) = delete;
+  Gate& operator=(const Gate&) = delete;
+  ~Gate() { release(); }
+  void release() {
+    if (!released_) open_.set_value();
+    released_ = true;
+  }
+
+ private:
+  std::promise<void> open_;
+  bool released_ = false;
+};
+
+enum class InPlace { none, one, all };
+
+// Reduces copies of `srcs` into `ndst` destinations poisoned with 0xff (NaN in every dtype), then
+// checks them. in_place: none: separate destinations; one: destination 0 is the middle source;
+// all: destination q is source q (all-reduce, ndst == nsrc). The pointer arrays are overwritten
+// with pointers to a decoy before the stream may run the task, so a task that reads the caller's
+// arrays instead of its own copies writes the decoy and leaves the poison in the destinations.
+void run_reduce(Backend& b, Stream& s, const std::vector<Bytes>& srcs, const Expected& want, int ndst, DType t,
+                ReduceOp op, std::size_t n, InPlace in_place) {
+  const int nsrc = static_cast<int>(srcs.size());
+  SCOPED_TRACE(reduce_trace(t, op, nsrc, ndst, n));
+  std::vector<Bytes> work = srcs;  // what the call reduces; some may be destinations too
+  std::vector<int> source_of(static_cast<std::size_t>(ndst), -1);  // the source a destination is
+  if (in_place == InPlace::one) source_of[0] = nsrc / 2;
+  if (in_place == InPlace::all)
+    for (int d = 0; d < ndst; ++d) source_of[static_cast<std::size_t>(d)] = d;
+  std::vector<Bytes> own;  // destinations that are not sources
+  for (int q : source_of)
+    if (q < 0) own.emplace_back(n * size_of(t), 0xff);
+  std::vector<unsigned char*> dst_bytes;
+  std::vector<bool> written(srcs.size(), false);
+  std::size_t k = 0;
+  for (int q : source_of) {
+    if (q >= 0) written[static_cast<std::size_t>(q)] = true;
+    dst_bytes.push_back(q >= 0 ? work[static_cast<std::size_t>(q)].data() : own[k++].data());
+  }
+  std::vector<const void*> src_ptrs;
+  std::vector<void*> dst_ptrs;
+  for (Bytes& w : work) src_ptrs.push_back(w.data());
+  for (unsigned char* p : dst_bytes) dst_ptrs.push_back(p);
+
+  Bytes decoy(n * size_of(t) + 1, 0);
+  {
+    Gate gate(b, s);
+    b.reduce(src_ptrs.data(), nsrc, dst_ptrs.data(), ndst, n, t, op, s);
+    std::fill(src_ptrs.begin(), src_ptrs.end(), decoy.data());
+    std::fill(dst_ptrs.begin(), dst_ptrs.end(), decoy.data());
+  }
+  b.synchronize(s);
+  check_reduced(want, {dst_bytes.begin(), dst_bytes.end()}, t, n);
+  for (std::size_t q = 0; q < srcs.size(); ++q) {
+    if (!written[q]) {
+      EXPECT_TRUE(work[q] == srcs[q]) << "source " << q << " was modified";
+    }
+  }
+}
+
+// Every dtype x size x source count x op, destinations 1 and 3 (or, for InPlace::all, one per
+// source), the sources drawn afresh per case from `seed`.
+void reduce_sweep(InPlace mode, std::initializer_list<std::size_t> sizes, unsigned seed) {
+  auto b = backend_with(2);
+  auto s = b->create_stream("reduce");
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes)
+      for (int nsrc : kSourceCounts) {
+        const auto srcs = random_sources(t, nsrc, n, seed += 100);
+        for (ReduceOp op : kReduceOps) {
+          const Expected want = expect_reduction(srcs, t, op, n);
+          if (mode == InPlace::all)
+            run_reduce(*b, *s, srcs, want, nsrc, t, op, n, mode);
+          else
+            for (int ndst : {1, 3}) run_reduce(*b, *s, srcs, want, ndst, t, op, n, mode);
+        }
+        if (::testing::Test::HasFailure()) return;  // the first failing case, not hundreds
+      }
+}
+
+TEST(CpuReduce, MatchesPlainLoopAndFloat64Reference) {
+  reduce_sweep(InPlace::none, {std::size_t(0), std::size_t(1), std::size_t(7), kReduceBig}, 1000);
+}
+
+TEST(CpuReduce, InPlaceIntoOneOfTheSources) { reduce_sweep(InPlace::one, {std::size_t(7), kReduceInPlace}, 2000); }
+
+TEST(CpuReduce, InPlaceEveryDestinationIsItsSourceAsAllReduceDoes) {
+  reduce_sweep(InPlace::all, {std::size_t(7), kReduceInPlace}, 3000);
+}
+
+TEST(CpuReduce, MaxPropagatesNaNFromAnySource) {
+  auto b = backend_with(2);
+  auto s = b->create_stream("reduce");
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (DType t : kDtypes)
+    for (int nsrc : {2, 3, 8}) {
+      auto srcs = random_sources(t, nsrc, kReduceBig, 4000 + static_cast<unsigned>(nsrc));
+      // A NaN first (a NaN accumulator must stay), last (a NaN operand must win), in the middle,
+      // and a large value after a NaN (it must not replace it).
+      for (std::size_t i = 0; i < kReduceBig; i += 5) store_from_float(srcs.front().data(), t, i, nan);
+      for (std::size_t i = 0; i < kReduceBig; i += 7) store_from_float(srcs.back().data(), t, i, -nan);
+      for (std::size_t i = 3; i < kReduceBig; i += 11)
+        store_from_float(srcs[static_cast<std::size_t>(nsrc / 2)].data(), t, i, nan);
+      for (std::size_t i = 0; i < kReduceBig; i += 5) store_from_float(srcs.back().data(), t, i, 1000.0f);
+      Bytes out(kReduceBig * size_of(t), 0xff);
+      std::vector<const void*> in;
+      for (const Bytes& x : srcs) in.push_back(x.data());
+      void* dst = out.data();
+      b->reduce(in.data(), nsrc, &dst, 1, kReduceBig, t, ReduceOp::max, *s);
+      b->synchronize(*s);
+      SCOPED_TRACE(reduce_trace(t, ReduceOp::max, nsrc, 1, kReduceBig));
+      std::size_t wrong = 0, nans = 0;
+      for (std::size_t i = 0; i < kReduceBig; ++i) {
+        bool any_nan = false;
+        for (const Bytes& x : srcs) any_nan |= std::isnan(load_as_float(x.data(), t, i));
+        const bool got_nan = std::isnan(load_as_float(out.data(), t, i));
+        nans += got_nan ? 1 : 0;
+        if (got_nan != any_nan && wrong++ == 0)
+          ADD_FAILURE() << "element " << i << ": a NaN among the sources is " << any_nan << ", the result is "
+                        << load_as_float(out.data(), t, i);
+      }
+      EXPECT_EQ(wrong, 0u);
+      EXPECT_GT(nans, kReduceBig / 5);
+      EXPECT_TRUE(out == plain_reduce(srcs, t, ReduceOp::max, kReduceBig)) << "NaN bits differ from the plain loop";
+    }
+}
+
+TEST(CpuReduce, PointerArraysMayBeFreedWhenTheCallReturns) {
+  auto b = backend_with(2);
+  auto s = b->create_stream("reduce");
+  const DType t = DType::bf16;
+  const int nsrc = 8, ndst = 3;
+  const auto srcs = random_sources(t, nsrc, kReduceBig, 5000);
+  std::vector<Bytes> dsts(ndst, Bytes(kReduceBig * size_of(t), 0xff));
+  {
+    Gate gate(*b, *s);
+    // Heap arrays freed before the task can run: under AddressSanitizer a task that kept the
+    // caller's arrays is a use after free.
+    auto in = std::make_unique<const void*[]>(nsrc);
+    auto out = std::make_unique<void*[]>(ndst);
+    for (int q = 0; q < nsrc; ++q) in[static_cast<std::size_t>(q)] = srcs[static_cast<std::size_t>(q)].data();
+    for (int q = 0; q < ndst; ++q) out[static_cast<std::size_t>(q)] = dsts[static_cast<std::size_t>(q)].data();
+    b->reduce(in.get(), nsrc, out.get(), ndst, kReduceBig, t, ReduceOp::avg, *s);
+    in.reset();
+    out.reset();
+  }
+  b->synchronize(*s);
+  check_reduced(srcs, {dsts[0].data(), dsts[1].data(), dsts[2].data()}, t, ReduceOp::avg, kReduceBig);
+}
+
+TEST(CpuReduce, ZeroElementsDoNothing) {
+  auto b = backend_with(2);
+  auto s = b->create_stream("reduce");
+  Bytes src(16, 0x3c), dst(16, 0xff);
+  const void* in[] = {src.data(), nullptr};
+  void* out[] = {dst.data()};
+  b->reduce(in, 2, out, 1, 0, DType::fp16, ReduceOp::sum, *s);
+  b->reduce(nullptr, 1, nullptr, 1, 0, DType::fp32, ReduceOp::avg, *s);  // null is fine with n == 0
+  b->synchronize(*s);
+  EXPECT_TRUE(dst == Bytes(16, 0xff));
+}
+
+TEST(CpuReduce, BadArgumentsAreInvalidArgumentNamingTheProblem) {
+  auto b = backend_with(2);
+  auto s = b->create_stream("reduce");
+  const std::size_t n = 5;
+  std::vector<Bytes> srcs(Backend::kMaxReduceOperands + 1, random_nonzero(DType::fp32, n, 6000));
+  Bytes dst(n * 4, 0xff);
+  std::vector<const void*> in;
+  for (const Bytes& x : srcs) in.push_back(x.data());
+  std::vector<void*> out(Backend::kMaxReduceOperands + 1, dst.data());
+  const auto expect_invalid = [&](const std::string& what, const std::vector<std::string>& named,
+                                  const auto& call) {
+    SCOPED_TRACE(what);
+    try {
+      call();
+      ADD_FAILURE() << what << " did not throw";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+      for (const std::string& word : named) EXPECT_NE(e.message().find(word), std::string::npos) << e.what();
+    }
+  };
+  const DType f = DType::fp32;
+  const ReduceOp sum = ReduceOp::sum;
+  expect_invalid("nsrc 0", {"nsrc", "0"}, [&] { b->reduce(in.data(), 0, out.data(), 1, n, f, sum, *s); });
+  expect_invalid("nsrc 65", {"nsrc", "65"}, [&] { b->reduce(in.data(), 65, out.data(), 1, n, f, sum, *s); });
+  expect_invalid("nsrc -1", {"nsrc", "-1"}, [&] { b->reduce(in.data(), -1, out.data(), 1, n, f, sum, *s); });
+  expect_invalid("ndst 0", {"ndst", "0"}, [&] { b->reduce(in.data(), 2, out.data(), 0, n, f, sum, *s); });
+  expect_invalid("ndst 65", {"ndst", "65"}, [&] { b->reduce(in.data(), 2, out.data(), 65, n, f, sum, *s); });
+  expect_invalid("nsrc 0 with n 0", {"nsrc"}, [&] { b->reduce(in.data(), 0, out.data(), 1, 0, f, sum, *s); });
+  in[1] = nullptr;
+  expect_invalid("null source", {"srcs[1]", "null"}, [&] { b->reduce(in.data(), 3, out.data(), 1, n, f, sum, *s); });
+  in[1] = srcs[1].data();
+  out[2] = nullptr;
+  expect_invalid("null destination", {"dsts[2]", "null"},
+                 [&] { b->reduce(in.data(), 3, out.data(), 3, n, f, sum, *s); });
+  out[2] = dst.data();
+  expect_invalid("null source array", {"srcs", "null"}, [&] { b->reduce(nullptr, 3, out.data(), 1, n, f, sum, *s); });
+  expect_invalid("null destination array", {"dsts", "null"},
+                 [&] { b->reduce(in.data(), 3, nullptr, 1, n, f, sum, *s); });
+  ForeignStream foreign;
+  expect_invalid("foreign stream", {"foreign"}, [&] { b->reduce(in.data(), 2, out.data(), 1, n, f, sum, foreign); });
+  // Nothing was enqueued, and the limits themselves are accepted.
+  b->synchronize(*s);
+  EXPECT_TRUE(dst == Bytes(n * 4, 0xff));
+  b->reduce(in.data(), Backend::kMaxReduceOperands, out.data(), 1, n, f, sum, *s);
+  b->synchronize(*s);
+  check_reduced(std::vector<Bytes>(srcs.begin(), srcs.begin() + Backend::kMaxReduceOperands), {dst.data()}, f, sum,
+                n);
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ class CountingBackend final : public Backend {
   void sum_squares(const void*, DType, std::size_t, float*, Stream&) override {}
   void fused_update(const UpdateArgs&, Stream&) override {}
   void accumulate(const void*, DType, float*, std::size_t, Stream&) override {}
+  void reduce(const void* const*, int, void* const*, int, std::size_t, DType, ReduceOp, Stream&) override {}
 
  protected:
   void* raw_allocate(std::size_t bytes, Place) override {

@@ -21,6 +21,7 @@
 #include <string>
 #include <string_view>
 
+#include "shardopt/communicator.hpp"
 #include "shardopt/config.hpp"
 #include "shardopt/dtype.hpp"
 #include "shardopt/memory.hpp"
@@ -149,6 +150,21 @@ class Backend {
   // slices across micro-steps. dst and src must not overlap.
   virtual void accumulate(const void* src, DType src_dtype, float* dst, std::size_t n,
                           Stream& stream) = 0;
+  // Element-wise reduction across buffers: the kernel behind collectives whose ranks share one
+  // backend address space (in-process ranks on one GPU). For every i < n:
+  //   acc = float(srcs[0][i]); then for q = 1..nsrc-1 in that order:
+  //     sum/avg: acc = acc + float(srcs[q][i])            (fp32 additions, one rounding each)
+  //     max:     acc = (x > acc || x != x) ? x : acc       (x = float(srcs[q][i]); a NaN wins)
+  //   avg: acc = acc / nsrc (a division, not a multiplication by 1/nsrc);
+  //   the value round(acc) to `dtype` is stored into dsts[0][i], ..., dsts[ndst-1][i].
+  // These are the bits the host communicators produce. Every source element i is read before any
+  // destination element i is written, so a destination may be one of the sources (in place);
+  // otherwise destinations overlap neither the sources nor each other. The pointer arrays
+  // themselves are read during the call and may go away when it returns.
+  // 1 <= nsrc, ndst <= kMaxReduceOperands; n == 0 does nothing.
+  static constexpr int kMaxReduceOperands = 64;
+  virtual void reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n,
+                      DType dtype, ReduceOp op, Stream& stream) = 0;
 
  protected:
   virtual void* raw_allocate(std::size_t bytes, Place place) = 0;  // nullptr on failure

@@ -23,10 +23,16 @@ namespace shardopt {
 
 // True if this build has the CUDA backend and at least one CUDA device is usable. Never throws.
 bool cuda_device_available() noexcept;
+// How many CUDA devices this process can use (0 in a build without CUDA). Never throws.
+int cuda_device_count() noexcept;
 
 // The CUDA backend on device `device`. Throws Error(unsupported) if the library was built without
 // CUDA or no CUDA device exists, Error(invalid_argument) if `device` is not a valid ordinal.
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// The device ordinal of a CUDA backend. Throws Error(invalid_argument) if `backend` is not a
+// CUDA backend (Error(unsupported) in a build without CUDA).
+int cuda_device_of(const Backend& backend);
 
 // The opaque bootstrap token of an NCCL group: created by one rank, sent to all the others (over
 // MPI, a file, a socket) and passed to make_nccl_communicator on each.

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "comm/collective.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
 #include "shardopt/backend.hpp"
@@ -245,6 +246,13 @@ void require_ptr(const void* p, std::size_t n, const char* op, const char* arg) 
   if (p == nullptr && n != 0)
     throw Error(ErrorCode::invalid_argument,
                 std::string(op) + ": '" + arg + "' is null but n = " + std::to_string(n));
+}
+
+void require_operand_count(int count, const char* arg) {
+  if (count < 1 || count > Backend::kMaxReduceOperands)
+    throw Error(ErrorCode::invalid_argument, std::string("reduce: ") + arg + " = " + std::to_string(count) +
+                                                 " is outside [1, " + std::to_string(Backend::kMaxReduceOperands) +
+                                                 "]");
 }
 
 template <class P>
@@ -475,6 +483,32 @@ class CpuBackend final : public Backend {
                 break;
               }
             }
+          });
+        },
+        false);
+  }
+
+  void reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n, DType dtype,
+              ReduceOp op, Stream& stream) override {
+    StreamCore& sc = core_of(stream);
+    require_operand_count(nsrc, "nsrc");
+    require_operand_count(ndst, "ndst");
+    if (n == 0) return;
+    require_ptr(srcs, n, "reduce", "srcs");
+    require_ptr(dsts, n, "reduce", "dsts");
+    for (int q = 0; q < nsrc; ++q) require_ptr(srcs[q], n, "reduce", ("srcs[" + std::to_string(q) + "]").c_str());
+    for (int q = 0; q < ndst; ++q) require_ptr(dsts[q], n, "reduce", ("dsts[" + std::to_string(q) + "]").c_str());
+    // The caller's pointer arrays may be gone by the time the task runs: the task owns copies.
+    sc.enqueue(
+        [pool = pool_, in = std::vector<const void*>(srcs, srcs + nsrc),
+         out = std::vector<void*>(dsts, dsts + ndst), n, dtype, op] {
+          const int ni = static_cast<int>(in.size());
+          const int no = static_cast<int>(out.size());
+          // Elements are independent, so chunking changes nothing in the bits.
+          pool->parallel_for(n, kKernelChunk, [&](std::size_t b, std::size_t e) {
+            comm::reduce(
+                ni, [&](int q) { return offset(in[static_cast<std::size_t>(q)], b, dtype); }, no,
+                [&](int q) { return offset(out[static_cast<std::size_t>(q)], b, dtype); }, e - b, dtype, op);
           });
         },
         false);

@@ -8,6 +8,7 @@
 // every GPU test skips with a message saying so.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -432,6 +433,142 @@ TEST_F(CudaBackendTest, FusedUpdateSkipsOnDeviceFlagAndHandlesInPlaceFp32) {
 
   g.param_dtype = DType::bf16;  // a 16-bit param_out may not alias master
   EXPECT_THROW(gpu->fused_update(g, *gs), Error);
+}
+
+// ---- reduce: the arithmetic of the host communicators, bit for bit --------------------------
+
+constexpr ReduceOp kReduceOps[] = {ReduceOp::sum, ReduceOp::avg, ReduceOp::max};
+
+std::string reduce_trace(DType t, ReduceOp op, int nsrc, std::size_t n, std::size_t off) {
+  static const char* const kOpNames[] = {"sum", "avg", "max"};
+  return std::string(name_of(t)) + " " + kOpNames[static_cast<int>(op)] + " nsrc=" + std::to_string(nsrc) + " " +
+         trace(n, off);
+}
+
+// Runs the same reduce on both backends. The pointer arrays are scrubbed right after each call
+// and before any synchronize: the backends must have taken copies.
+void reduce_both(Backend& gpu, Stream& gs, Backend& cpu, Stream& cs, const std::vector<Mirror*>& srcs,
+                 const std::vector<Mirror*>& dsts, std::size_t n, DType t, ReduceOp op) {
+  const int nsrc = static_cast<int>(srcs.size()), ndst = static_cast<int>(dsts.size());
+  std::vector<const void*> g_in, c_in;
+  std::vector<void*> g_out, c_out;
+  for (const Mirror* m : srcs) g_in.push_back(m->gp), c_in.push_back(m->cp);
+  for (const Mirror* m : dsts) g_out.push_back(m->gp), c_out.push_back(m->cp);
+  gpu.reduce(g_in.data(), nsrc, g_out.data(), ndst, n, t, op, gs);
+  cpu.reduce(c_in.data(), nsrc, c_out.data(), ndst, n, t, op, cs);
+  std::fill(g_in.begin(), g_in.end(), nullptr);
+  std::fill(g_out.begin(), g_out.end(), nullptr);
+  std::fill(c_in.begin(), c_in.end(), nullptr);
+  std::fill(c_out.begin(), c_out.end(), nullptr);
+}
+
+TEST_F(CudaBackendTest, ReduceMatchesCpu) {
+  std::uint32_t seed = 2000;
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes())
+      for (std::size_t off : {std::size_t(0), size_of(t)})
+        for (int nsrc : {1, 3, 8}) {
+          std::vector<Mirror> srcs;
+          std::vector<Bytes> inputs;
+          for (int q = 0; q < nsrc; ++q) {
+            inputs.push_back(random_array(t, n, ++seed));
+            // A different misalignment per source (the kernel must not assume any).
+            srcs.push_back(mirror(inputs.back(), off * static_cast<std::size_t>(q % 3)));
+          }
+          std::vector<Mirror*> sp;
+          for (Mirror& m : srcs) sp.push_back(&m);
+          for (ReduceOp op : kReduceOps) {
+            SCOPED_TRACE(reduce_trace(t, op, nsrc, n, off));
+            Mirror d0 = mirror(poison(n * size_of(t)), off), d1 = mirror(poison(n * size_of(t)));
+            reduce_both(*gpu, *gs, *cpu, *cs, sp, {&d0, &d1}, n, t, op);
+            sync_both();
+            expect_same(d0, t, "destination 0");
+            expect_same(d1, t, "destination 1");
+            for (int q = 0; q < nsrc; ++q)
+              EXPECT_EQ(download(srcs[static_cast<std::size_t>(q)].gp, inputs[static_cast<std::size_t>(q)].size()),
+                        inputs[static_cast<std::size_t>(q)])
+                  << "source " << q << " was modified";
+            if (HasFailure()) return;  // one clear failure, not hundreds
+          }
+        }
+}
+
+TEST_F(CudaBackendTest, ReduceInPlaceMatchesCpu) {
+  std::uint32_t seed = 3000;
+  for (DType t : kDtypes)
+    for (std::size_t n : sizes())
+      for (std::size_t off : {std::size_t(0), size_of(t)})
+        for (int nsrc : {1, 3, 8}) {
+          std::vector<Bytes> inputs;
+          for (int q = 0; q < nsrc; ++q) inputs.push_back(random_array(t, n, ++seed));
+          for (ReduceOp op : kReduceOps)
+            for (bool all : {false, true}) {
+              // all: destination q is source q (as all-reduce does); else the middle source is
+              // the only destination besides a separate one.
+              SCOPED_TRACE(reduce_trace(t, op, nsrc, n, off) + (all ? " every source in place" : " one in place"));
+              std::vector<Mirror> srcs;
+              for (const Bytes& in : inputs) srcs.push_back(mirror(in, off));
+              Mirror extra = mirror(poison(n * size_of(t)), off);
+              std::vector<Mirror*> sp, dp;
+              for (Mirror& m : srcs) sp.push_back(&m);
+              if (all)
+                dp = sp;
+              else
+                dp = {&srcs[static_cast<std::size_t>(nsrc / 2)], &extra};
+              reduce_both(*gpu, *gs, *cpu, *cs, sp, dp, n, t, op);
+              sync_both();
+              for (std::size_t d = 0; d < dp.size(); ++d) expect_same(*dp[d], t, "destination " + std::to_string(d));
+              if (HasFailure()) return;
+            }
+        }
+}
+
+TEST_F(CudaBackendTest, ReduceMaxPropagatesNaNLikeCpu) {
+  const std::size_t n = 100003;
+  for (DType t : kDtypes) {
+    SCOPED_TRACE(std::string(name_of(t)));
+    std::vector<Bytes> inputs;
+    for (int q = 0; q < 3; ++q) inputs.push_back(random_array(t, n, 4000 + static_cast<std::uint32_t>(q)));
+    for (std::size_t i = 0; i < n; i += 5) store_from_float(inputs[0].data(), t, i, NAN);   // NaN accumulator
+    for (std::size_t i = 0; i < n; i += 7) store_from_float(inputs[2].data(), t, i, -NAN);  // NaN operand
+    for (std::size_t i = 0; i < n; i += 5) store_from_float(inputs[1].data(), t, i, 1000.0f);
+    std::vector<Mirror> srcs;
+    for (const Bytes& b : inputs) srcs.push_back(mirror(b));
+    Mirror dst = mirror(poison(n * size_of(t)));
+    reduce_both(*gpu, *gs, *cpu, *cs, {&srcs[0], &srcs[1], &srcs[2]}, {&dst}, n, t, ReduceOp::max);
+    sync_both();
+    expect_same(dst, t, "max with NaNs");
+    const Bytes got = download(dst.gp, n * size_of(t));
+    EXPECT_TRUE(std::isnan(load_as_float(got.data(), t, 0)));
+    EXPECT_TRUE(std::isnan(load_as_float(got.data(), t, 7)));
+  }
+}
+
+TEST_F(CudaBackendTest, ReduceRejectsBadArgumentsLikeCpu) {
+  Mirror a = mirror(random_array(DType::fp32, 4, 1)), d = mirror(poison(16));
+  std::vector<const void*> in(Backend::kMaxReduceOperands + 1, a.gp);
+  std::vector<void*> out(Backend::kMaxReduceOperands + 1, d.gp);
+  const auto expect_invalid = [&](const char* word, int nsrc, int ndst, std::size_t n) {
+    try {
+      gpu->reduce(in.data(), nsrc, out.data(), ndst, n, DType::fp32, ReduceOp::sum, *gs);
+      ADD_FAILURE() << word << ": no error";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+      EXPECT_NE(e.message().find(word), std::string::npos) << e.what();
+    }
+  };
+  expect_invalid("nsrc", 0, 1, 4);
+  expect_invalid("nsrc", Backend::kMaxReduceOperands + 1, 1, 4);
+  expect_invalid("ndst", 1, 0, 4);
+  expect_invalid("ndst", 1, Backend::kMaxReduceOperands + 1, 4);
+  in[1] = nullptr;
+  expect_invalid("srcs[1]", 2, 1, 4);
+  gpu->reduce(in.data(), 2, out.data(), 1, 0, DType::fp32, ReduceOp::sum, *gs);  // n == 0: nothing
+  in[1] = a.gp;
+  out[0] = nullptr;
+  expect_invalid("dsts[0]", 2, 1, 4);
+  gpu->synchronize(*gs);
+  EXPECT_EQ(download(d.gp, 16), poison(16));
 }
 
 // ---- NCCL, world size 1 ----------------------------------------------------------------------
