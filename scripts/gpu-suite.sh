@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, for a machine that has one:
 #   1. configure with CUDA ON (arch 90 unless CUDA_ARCH says otherwise) and build,
-#   2. ctest -L gpu,
-#   3. the GPU test binary under compute-sanitizer memcheck and racecheck,
+#   2. ctest -L gpu (the CUDA backend against the CPU one, and the engine oracle on the GPU),
+#   3. the GPU test binaries under compute-sanitizer memcheck (the engine's on a subset of its
+#      matrix: every stage, one rank and three ranks on the GPU) and racecheck,
 #   4. bench_gpu_update (fused AdamW vs its memcpy floor) and, if torch is installed,
 #      scripts/bench_torch_adamw.py on the same parameter count, with the ratio.
 # All output goes to the directory given as $1 (default: $OUT, else ./gpu-results): one log per
@@ -44,7 +45,7 @@ generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 step configure cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DSHARDOPT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DSHARDOPT_BUILD_EXAMPLES=OFF
-step build cmake --build "$build" -j"$jobs" --target test_cuda_backend bench_gpu_update
+step build cmake --build "$build" -j"$jobs" --target test_cuda_backend test_engine_cuda bench_gpu_update
 
 test_bin="$build/tests/test_cuda_backend"
 step ctest-gpu ctest --test-dir "$build" -L gpu --output-on-failure
@@ -55,6 +56,8 @@ if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-s
   # cudaMalloc as an API error) and NCCL (its own transport memory is outside what memcheck models).
   step memcheck "$cs" --tool memcheck --leak-check full --error-exitcode 1 "$test_bin" --gtest_brief=1 \
     --gtest_filter='-*HugeAllocation*:*Nccl*'
+  step memcheck-engine "$cs" --tool memcheck --leak-check full --error-exitcode 1 "$build/tests/test_engine_cuda" \
+    --gtest_brief=1 --gtest_filter='*CudaOracle*_world1_*adamw*:*CudaOracle*_world3_bf16_*:*CudaEngine*'
   step racecheck "$cs" --tool racecheck --error-exitcode 1 "$test_bin" --gtest_brief=1 \
     --gtest_filter='*SumSquares*:*FusedUpdate*:*Unscale*'
 else

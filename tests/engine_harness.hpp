@@ -2,6 +2,7 @@
 // Test harness for the engine: N in-process ranks as threads, a synthetic trainer that writes
 // known gradients, and a float64 reference optimizer written from the algorithms' definitions
 // (not from shardopt's rules.hpp), applied to the mean gradient.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include "cpu/thread_pool.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/communicator.hpp"
+#include "shardopt/cuda.hpp"
 #include "shardopt/engine.hpp"
 
 namespace shardopt::testing {
@@ -31,46 +33,119 @@ inline double unit_uniform(std::uint64_t key) {  // [0, 1)
   return static_cast<double>(mix64(key) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-// N ranks, each with its own CPU backend (sharing one kernel pool) and in-process communicator.
+// Where the ranks of a test world run and how they talk.
+enum class WorldKind {
+  cpu,          // CPU backends, in-process communicator over host tasks
+  cpu_kernels,  // CPU backends, in-process communicator over the backends' kernels and events
+  cuda,         // CUDA backends on device 0, in-process communicator over their kernels and events
+  cuda_nccl,    // CUDA backends, NCCL communicator (rank r on device r mod the device count)
+};
+
+inline const char* name_of(WorldKind k) {
+  switch (k) {
+    case WorldKind::cpu: return "cpu";
+    case WorldKind::cpu_kernels: return "cpu_kernels";
+    case WorldKind::cuda: return "cuda";
+    case WorldKind::cuda_nccl: return "cuda_nccl";
+  }
+  return "?";
+}
+
+// Runs fn(rank) on one thread per rank; returns the first exception (null if none). `on_failure`
+// runs on a failing rank's thread (to abort the group, so its peers do not wait for it).
+inline std::exception_ptr run_on_threads(int n, const std::function<void(int)>& fn,
+                                         const std::function<void(int)>& on_failure = {}) {
+  std::vector<std::thread> threads;
+  std::exception_ptr first;
+  std::mutex m;
+  for (int r = 0; r < n; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        fn(r);
+      } catch (...) {
+        {
+          std::lock_guard<std::mutex> lock(m);
+          if (!first) first = std::current_exception();
+        }
+        if (on_failure) on_failure(r);
+      }
+    });
+  for (auto& t : threads) t.join();
+  return first;
+}
+
+// N ranks, each with its own backend (CPU backends share one kernel pool) and communicator.
 struct World {
   int n;
+  WorldKind kind;
   std::shared_ptr<ThreadPool> pool;
-  std::shared_ptr<InProcessGroup> group;
+  std::shared_ptr<InProcessGroup> group;  // null for NCCL
   std::vector<std::unique_ptr<Backend>> backends;
   std::vector<std::unique_ptr<Communicator>> comms;
 
-  explicit World(int world_size) : n(world_size) {
-    pool = make_thread_pool(0);
-    group = make_in_process_group(n);
+  explicit World(int world_size, WorldKind k = WorldKind::cpu) : n(world_size), kind(k) {
+    const bool on_cuda = kind == WorldKind::cuda || kind == WorldKind::cuda_nccl;
+    if (!on_cuda) pool = make_thread_pool(0);
     for (int r = 0; r < n; ++r) {
-      CpuBackendOptions o;
-      o.pool = pool;
-      backends.push_back(make_cpu_backend(o));
-      comms.push_back(make_in_process_communicator(group, r, *backends.back()));
+      if (on_cuda) {
+        backends.push_back(make_cuda_backend(kind == WorldKind::cuda_nccl ? r % std::max(cuda_device_count(), 1) : 0));
+      } else {
+        CpuBackendOptions o;
+        o.pool = pool;
+        backends.push_back(make_cpu_backend(o));
+      }
     }
+    comms.resize(static_cast<std::size_t>(n));
+    if (kind == WorldKind::cuda_nccl) {
+      // Every rank joins from its own thread: make_nccl_communicator blocks until all have.
+      const NcclUniqueId id = nccl_unique_id();
+      if (std::exception_ptr e = run_on_threads(n, [&](int r) {
+            comms[static_cast<std::size_t>(r)] = make_nccl_communicator(id, r, n, *backends[static_cast<std::size_t>(r)]);
+          }))
+        std::rethrow_exception(e);
+      return;
+    }
+    group = make_in_process_group(
+        n, kind == WorldKind::cpu ? InProcessTransport::host_tasks : InProcessTransport::backend_kernels);
+    for (int r = 0; r < n; ++r)
+      comms[static_cast<std::size_t>(r)] = make_in_process_communicator(group, r, *backends[static_cast<std::size_t>(r)]);
   }
 
   // Runs fn(rank) on one thread per rank; rethrows the first exception.
   void run(const std::function<void(int)>& fn) {
-    std::vector<std::thread> threads;
-    std::exception_ptr first;
-    std::mutex m;
-    for (int r = 0; r < n; ++r)
-      threads.emplace_back([&, r] {
-        try {
-          fn(r);
-        } catch (...) {
-          {
-            std::lock_guard<std::mutex> lock(m);
-            if (!first) first = std::current_exception();
-          }
-          abort_in_process_group(*group, "rank " + std::to_string(r) + " failed");
-        }
-      });
-    for (auto& t : threads) t.join();
+    std::exception_ptr first = run_on_threads(n, fn, [&](int r) {
+      if (group) abort_in_process_group(*group, "rank " + std::to_string(r) + " failed");
+    });
     if (first) std::rethrow_exception(first);
   }
 };
+
+// The elements of an engine view, read from the host whatever memory holds them. `be` is the
+// engine's backend, or null when the views are host memory: then a memcpy, else a copy ordered on
+// the engine's compute stream (the views of a GPU backend are device memory).
+inline bool host_views(const Backend* be) { return be == nullptr || be->kind() == BackendKind::cpu; }
+
+inline std::vector<unsigned char> read_view(Backend* be, Engine& e, const TensorView& tv) {
+  std::vector<unsigned char> host(tv.numel * size_of(tv.dtype));
+  if (host.empty()) return host;
+  if (host_views(be)) {
+    std::memcpy(host.data(), tv.data, host.size());
+  } else {
+    be->copy(host.data(), tv.data, host.size(), e.compute_stream());
+    be->synchronize(e.compute_stream());
+  }
+  return host;
+}
+
+inline void write_view(Backend* be, Engine& e, const TensorView& tv, const std::vector<unsigned char>& host) {
+  if (host.empty()) return;
+  if (host_views(be)) {
+    std::memcpy(tv.data, host.data(), host.size());
+  } else {
+    be->copy(tv.data, host.data(), host.size(), e.compute_stream());
+    be->synchronize(e.compute_stream());  // `host` goes away when the caller returns
+  }
+}
 
 // A model: blocks of tensors with awkward sizes. Group 1 holds 1-D tensors (no weight decay).
 inline std::vector<BlockSpec> awkward_model() {
@@ -178,8 +253,9 @@ struct Reference {
 
 // One micro-step of the synthetic trainer on this rank: forward acquires and releases every block,
 // backward adds the rank's synthetic gradient times `scale` (the loss scale, and any injected
-// factor) into each block's gradient view in reverse order.
-inline void synthetic_micro_step(Engine& e, int rank, int step, int micro, std::uint64_t seed, float scale) {
+// factor) into each block's gradient view in reverse order. `be`: as for read_view.
+inline void synthetic_micro_step(Engine& e, int rank, int step, int micro, std::uint64_t seed, float scale,
+                                 Backend* be = nullptr) {
   const DType c = e.config().compute_dtype;
   const int nblocks = static_cast<int>(e.layout().blocks().size());
   for (int b = 0; b < nblocks; ++b) {
@@ -191,10 +267,12 @@ inline void synthetic_micro_step(Engine& e, int rank, int step, int micro, std::
     BlockView g = e.gradients(b);
     for (const TensorView& tv : g.tensors) {
       const std::uint64_t key = name_key(tv.info->name);
+      std::vector<unsigned char> host = read_view(be, e, tv);
       for (std::size_t i = 0; i < tv.numel; ++i) {
         const float v = synthetic_grad(seed, step, micro, rank, key, i, c) * scale;
-        store_from_float(tv.data, c, i, load_as_float(tv.data, c, i) + v);
+        store_from_float(host.data(), c, i, load_as_float(host.data(), c, i) + v);
       }
+      write_view(be, e, tv, host);
     }
     e.grads_ready(b);
     e.release(b);
@@ -212,6 +290,7 @@ struct RunSpec {
   // Optional: extra factor on the gradient rank `rank` writes at (step, micro); returning a
   // non-finite value injects an overflow.
   std::function<float(int step, int micro, int rank)> grad_factor;
+  WorldKind where = WorldKind::cpu;
 };
 
 struct RunResult {
@@ -248,7 +327,7 @@ inline Hyperparams no_decay(const Config& c) {
 }
 
 inline RunResult run_training(const RunSpec& spec) {
-  World w(spec.world);
+  World w(spec.world, spec.where);
   RunResult out;
   const int ntensors = [&] {
     int n = 0;
@@ -290,7 +369,8 @@ inline RunResult run_training(const RunSpec& spec) {
       if (s == spec.steps - 1) e.reset_comm_report();
       for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro)
         synthetic_micro_step(e, rank, s, micro, spec.seed,
-                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f));
+                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f),
+                             w.backends[rank].get());
       out.results[rank].push_back(e.step());
     }
     const CommStats cs = e.comm_report();
@@ -310,8 +390,9 @@ inline RunResult run_training(const RunSpec& spec) {
       if (rank == 0) {
         for (int i = 0; i < static_cast<int>(v.tensors.size()); ++i) {
           const int t = L.blocks()[b].first_tensor + i;
+          const std::vector<unsigned char> host = read_view(w.backends[rank].get(), e, v.tensors[i]);
           out.params[t].resize(v.tensors[i].numel);
-          for (std::size_t k = 0; k < v.tensors[i].numel; ++k) out.params[t][k] = load_as_float(v.tensors[i].data, c, k);
+          for (std::size_t k = 0; k < v.tensors[i].numel; ++k) out.params[t][k] = load_as_float(host.data(), c, k);
         }
       }
       e.release(b);

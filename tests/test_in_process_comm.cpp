@@ -1,6 +1,12 @@
 // The in-process communicator, gloo style: N ranks as threads of this test process, each with its
 // own CPU backend and stream. Expected values are computed here in double (or, where the contract
 // fixes the fp32 rank-order arithmetic, in float in rank order) and compared bit for bit.
+//
+// This file is built twice: test_in_process_comm runs it over the host_tasks transport and
+// test_in_process_comm_kernels (SHARDOPT_TEST_BACKEND_KERNELS) over backend_kernels, the
+// transport that serves several ranks on one GPU, here driven by the CPU backend's kernels and
+// events. The expected bits are the same; where the two transports report a failure differently,
+// the test says so.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -30,6 +36,12 @@ namespace {
 
 using namespace std::chrono_literals;
 
+#ifdef SHARDOPT_TEST_BACKEND_KERNELS
+constexpr InProcessTransport kTransport = InProcessTransport::backend_kernels;
+#else
+constexpr InProcessTransport kTransport = InProcessTransport::host_tasks;
+#endif
+
 std::shared_ptr<ThreadPool> shared_pool() {
   static std::shared_ptr<ThreadPool> pool = make_thread_pool(2);
   return pool;
@@ -37,7 +49,7 @@ std::shared_ptr<ThreadPool> shared_pool() {
 
 // N ranks: backend, two streams and a communicator each.
 struct World {
-  explicit World(int n) : group(make_in_process_group(n)) {
+  explicit World(int n) : group(make_in_process_group(n, kTransport)) {
     for (int r = 0; r < n; ++r) {
       CpuBackendOptions opt;
       opt.pool = shared_pool();
@@ -596,27 +608,35 @@ TEST(InProcessComm, StatsCountCallsAndZeroVolume) {
 // ---------------------------------------------------------------------------------------------
 // Failures: disagreements between ranks and bad arguments raise errors on every rank, never hang.
 
-// Every rank runs `issue`, then synchronizes; `expect(rank)` gives the error code its
-// synchronize must raise. Afterwards the group is aborted: a further barrier fails too.
+// A failure of the group reaches a rank from the collective call itself (backend_kernels, which
+// meets the peers when the call is issued) or from the next synchronize of its stream
+// (host_tasks, which meets them in stream order): expect it from one of the two.
+void expect_comm_failure(const std::function<void()>& issue, Backend& be, Stream& st, const std::string& context,
+                         const std::string& must_mention = "") {
+  try {
+    issue();
+    be.synchronize(st);
+    ADD_FAILURE() << context << ": no error from the call or the synchronize after it";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::communication) << context << ": " << e.what();
+    if (!must_mention.empty()) {
+      EXPECT_NE(e.message().find(must_mention), std::string::npos) << context << ": " << e.message();
+    }
+  }
+}
+
+// Every rank runs `issue`; each must see a communication error naming `must_mention`.
+// Afterwards the group is aborted: a further barrier fails too.
 void expect_group_failure(int n, const std::function<void(World&, int)>& issue, const std::string& what,
                           const std::string& must_mention = "") {
   World w(n);
   run_ranks(
       n,
       [&](int r) {
-        issue(w, r);
-        try {
-          w.backend(r).synchronize(w.stream(r));
-          ADD_FAILURE() << what << ": rank " << r << " synchronized without an error";
-        } catch (const Error& e) {
-          EXPECT_EQ(e.code(), ErrorCode::communication) << what << ": rank " << r << ": " << e.what();
-          if (!must_mention.empty()) {
-            EXPECT_NE(e.message().find(must_mention), std::string::npos) << what << ": " << e.message();
-          }
-        }
-        w.comm(r).barrier(w.stream(r));
-        expect_code([&] { w.backend(r).synchronize(w.stream(r)); }, ErrorCode::communication,
-                    what + ": barrier after the abort on rank " + std::to_string(r));
+        expect_comm_failure([&] { issue(w, r); }, w.backend(r), w.stream(r),
+                            what + ": rank " + std::to_string(r), must_mention);
+        expect_comm_failure([&] { w.comm(r).barrier(w.stream(r)); }, w.backend(r), w.stream(r),
+                            what + ": barrier after the abort on rank " + std::to_string(r));
       },
       60s);
 }
@@ -680,9 +700,9 @@ TEST(InProcessComm, BadArgumentOnOneRankFailsThePeersInStreamOrder) {
           }
           EXPECT_NO_THROW(w.backend(r).synchronize(st));
         } else {
-          w.comm(r).all_reduce(x.data(), x.data(), c, DType::fp32, ReduceOp::sum, st);
-          expect_code([&] { w.backend(r).synchronize(st); }, ErrorCode::communication,
-                      "peer of the rank with a null pointer, rank " + std::to_string(r));
+          expect_comm_failure([&] { w.comm(r).all_reduce(x.data(), x.data(), c, DType::fp32, ReduceOp::sum, st); },
+                              w.backend(r), st, "peer of the rank with a null pointer, rank " + std::to_string(r),
+                              "send is null");
         }
         for (std::size_t i = 0; i < c; ++i) EXPECT_EQ(y[i], 10.0f) << "first all_reduce, rank " << r;
       },
@@ -733,9 +753,8 @@ TEST(InProcessComm, BadArgumentsAreRejected) {
             expect_code([&] { b.call(w.comm(0), w.stream(0), x.data(), y.data()); }, ErrorCode::invalid_argument, b.name);
             EXPECT_NO_THROW(w.backend(0).synchronize(w.stream(0))) << b.name;
           } else {
-            w.comm(1).broadcast(x.data(), y.data(), c, DType::fp32, 0, w.stream(1));
-            expect_code([&] { w.backend(1).synchronize(w.stream(1)); }, ErrorCode::communication,
-                        std::string("peer of ") + b.name);
+            expect_comm_failure([&] { w.comm(1).broadcast(x.data(), y.data(), c, DType::fp32, 0, w.stream(1)); },
+                                w.backend(1), w.stream(1), std::string("peer of ") + b.name);
           }
         },
         60s);
@@ -752,8 +771,11 @@ TEST(InProcessComm, BadArgumentsAreRejected) {
 }
 
 TEST(InProcessComm, FailedStreamDropsCollectiveAndPeersDoNotHang) {
-  // A task that fails before the collective makes the CPU stream skip the collective; the peers
-  // must get an error rather than wait for a rank that will never arrive.
+  // A task that fails before the collective makes the CPU stream skip what follows it. With
+  // host_tasks that is the collective itself: the peers must get an error rather than wait for a
+  // rank that will never arrive. With backend_kernels the rank met its peers when it issued the
+  // call, and only its own share is skipped: as with NCCL, the failure is that rank's alone, and
+  // what matters is that nobody hangs.
   const int n = 3;
   World w(n);
   run_ranks(
@@ -762,6 +784,10 @@ TEST(InProcessComm, FailedStreamDropsCollectiveAndPeersDoNotHang) {
         std::vector<float> x(4, 1.0f);
         if (r == 1) w.backend(r).host_task(w.stream(r), [] { throw Error(ErrorCode::io_error, "injected failure"); });
         w.comm(r).all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(r));
+        if (kTransport == InProcessTransport::backend_kernels && r != 1) {
+          EXPECT_NO_THROW(w.backend(r).synchronize(w.stream(r))) << "rank " << r;
+          return;
+        }
         try {
           w.backend(r).synchronize(w.stream(r));
           ADD_FAILURE() << "rank " << r << " synchronized without an error";
@@ -770,6 +796,28 @@ TEST(InProcessComm, FailedStreamDropsCollectiveAndPeersDoNotHang) {
         }
       },
       60s);
+}
+
+TEST(InProcessComm, TransportChoiceAndLimits) {
+  EXPECT_EQ(name_of(InProcessTransport::automatic), "automatic");
+  EXPECT_EQ(name_of(InProcessTransport::host_tasks), "host_tasks");
+  EXPECT_EQ(name_of(InProcessTransport::backend_kernels), "backend_kernels");
+  expect_code([] { make_in_process_group(2, static_cast<InProcessTransport>(9)); }, ErrorCode::invalid_argument,
+              "unknown transport");
+  auto backend = make_cpu_backend(CpuBackendOptions{shared_pool()});
+  // The reduce kernel takes at most kMaxReduceOperands sources: a larger group is refused when a
+  // rank binds, with a message naming the limit, instead of failing in the middle of a step.
+  auto big = make_in_process_group(Backend::kMaxReduceOperands + 1, InProcessTransport::backend_kernels);
+  try {
+    make_in_process_communicator(big, 0, *backend);
+    ADD_FAILURE() << "a backend_kernels group of " << Backend::kMaxReduceOperands + 1 << " ranks was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::unsupported) << e.what();
+    EXPECT_NE(e.message().find(std::to_string(Backend::kMaxReduceOperands)), std::string::npos) << e.message();
+  }
+  // The same size over host_tasks is fine.
+  auto big_host = make_in_process_group(Backend::kMaxReduceOperands + 1, InProcessTransport::host_tasks);
+  EXPECT_NO_THROW(make_in_process_communicator(big_host, 0, *backend));
 }
 
 }  // namespace

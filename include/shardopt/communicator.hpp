@@ -69,11 +69,37 @@ class Communicator {
   CommStats stats_;
 };
 
-// N ranks as threads of one process over host-addressable memory (the CPU backend).
-// The group is shared by its communicators; create it once, then one communicator per rank,
-// each bound to that rank's backend (whose streams run the collectives).
+// N ranks as threads of one process, each with its own backend. The group is shared by its
+// communicators; create it once, then one communicator per rank, bound to that rank's backend
+// (whose streams run the collectives). Every rank of a group uses the same transport:
+//
+//   host_tasks       each collective is a host task on the rank's stream that, once every rank
+//                    has reached it, reads and writes the peers' buffers directly. Host memory
+//                    only (the CPU backend).
+//   backend_kernels  each collective is made of the backend's own copy and reduce kernels on the
+//                    rank's stream, ordered against the peers' streams with events: the rank waits
+//                    for the peers' inputs, computes its share, and does not go on until the peers
+//                    are done with its buffers. Nothing runs on the host in stream order, so it
+//                    serves device memory: several ranks on one GPU (CUDA backends on the same
+//                    device; NCCL refuses two ranks on one device). At most
+//                    Backend::kMaxReduceOperands ranks. The issuing thread blocks in each call
+//                    until every rank has issued it (a rendezvous at enqueue time, not a device
+//                    synchronization), so each rank must be driven by its own thread.
+//   automatic        host_tasks for CPU backends, backend_kernels for CUDA backends.
+//
+// Both transports reduce in rank order with the same arithmetic, so they give the same bits.
+// Failures of the group (a peer's refused argument, ranks that disagree on a collective, an abort)
+// reach a rank through the next synchronize of its stream with host_tasks, and are thrown by the
+// collective call itself with backend_kernels, which meets the peers when the call is issued. A
+// stream that failed earlier on one rank skips that rank's collective with host_tasks (its peers
+// then fail instead of waiting); with backend_kernels only that rank's share is lost and the
+// error is that rank's alone, as with NCCL.
+enum class InProcessTransport : std::uint8_t { automatic, host_tasks, backend_kernels };
+std::string_view name_of(InProcessTransport t) noexcept;
+
 class InProcessGroup;
-std::shared_ptr<InProcessGroup> make_in_process_group(int world_size);
+std::shared_ptr<InProcessGroup> make_in_process_group(
+    int world_size, InProcessTransport transport = InProcessTransport::automatic);
 std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InProcessGroup> group,
                                                            int rank, Backend& backend);
 // Fails every pending and future collective of the group with Error(communication) naming `why`

@@ -1,11 +1,18 @@
 // In-process communicator: N ranks as threads of one process, each with its own backend.
 //
-// Every collective is a host task on the calling rank's stream. Inside it the rank publishes its
-// arguments in the group's slot for that collective (matched by the rank's sequence number, which
-// is the same on every rank because all ranks issue the same collectives in the same order),
-// waits until every rank has arrived, computes its part reading the other ranks' buffers directly,
-// and then waits once more until every rank has finished, so that no rank's task completes (and
-// lets its caller reuse its buffers) while another rank still reads or writes them.
+// Collectives are matched across ranks by the rank's sequence number (the same on every rank,
+// because all ranks issue the same collectives in the same order) in a ring of slots. Both
+// transports meet the same way: a rank publishes its arguments in the slot, waits until every rank
+// has arrived, does its share reading (and for all_reduce writing) the other ranks' buffers, and
+// waits once more until every rank has done its share, so that no rank lets its caller reuse its
+// buffers while another rank still reads or writes them. They differ in where that happens:
+//
+//   host_tasks       inside a host task on the rank's stream, in stream order; the share is
+//                    computed on the host.
+//   backend_kernels  on the issuing thread, at enqueue time; the share is the backend's reduce and
+//                    copy kernels on the rank's stream, made to wait for the peers' "ready" events
+//                    (recorded where each peer issued the call), and the rank's stream then waits
+//                    for the peers' "done" events. The host never waits for the device.
 //
 // Failure model: a disagreement between ranks, a bad argument or a failed enqueue aborts the whole
 // group, like a NCCL communicator after an error. Ranks waiting for peers wake up and throw
@@ -24,6 +31,7 @@
 #include "comm/collective.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/communicator.hpp"
+#include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
 
 namespace shardopt {
@@ -43,23 +51,57 @@ using comm::describe;
 
 class InProcessGroup {
  public:
-  explicit InProcessGroup(int world_size)
-      : size_(world_size), ring_(kSlots), seq_(new std::atomic<std::uint64_t>[static_cast<std::size_t>(world_size)]),
+  static constexpr std::size_t kSlots = 64;
+
+  InProcessGroup(int world_size, InProcessTransport transport)
+      : size_(world_size), requested_(transport), ring_(kSlots),
+        seq_(new std::atomic<std::uint64_t>[static_cast<std::size_t>(world_size)]),
         bound_(static_cast<std::size_t>(world_size), false) {
     for (std::size_t i = 0; i < kSlots; ++i) {
       ring_[i].seq = i;
       ring_[i].calls.resize(static_cast<std::size_t>(world_size));
+      ring_[i].ready.resize(static_cast<std::size_t>(world_size), nullptr);
+      ring_[i].done_event.resize(static_cast<std::size_t>(world_size), nullptr);
     }
     for (int r = 0; r < world_size; ++r) seq_[r].store(0, std::memory_order_relaxed);
   }
 
   int size() const noexcept { return size_; }
 
-  void bind(int rank) {
+  // Binds `rank` to `backend` and returns the transport the group runs on. The first rank bound
+  // fixes the transport (automatic: by its backend's kind), the backend kind and, for CUDA, the
+  // device; every later rank must agree.
+  InProcessTransport bind(int rank, Backend& backend) {
+    const BackendKind kind = backend.kind();
+    const int device = kind == BackendKind::cuda ? cuda_device_of(backend) : -1;
+    const InProcessTransport want =
+        requested_ != InProcessTransport::automatic
+            ? requested_
+            : (kind == BackendKind::cpu ? InProcessTransport::host_tasks : InProcessTransport::backend_kernels);
+    const std::string who = "in-process communicator for rank " + std::to_string(rank);
+    require(want != InProcessTransport::host_tasks || kind == BackendKind::cpu, ErrorCode::unsupported,
+            who + ": the host_tasks transport reads the peers' buffers on the host, which needs host memory (the "
+                  "CPU backend), got the " + std::string(name_of(kind)) + " backend; use backend_kernels");
+    require(want != InProcessTransport::backend_kernels || size_ <= Backend::kMaxReduceOperands,
+            ErrorCode::unsupported,
+            who + ": the backend_kernels transport serves at most " + std::to_string(Backend::kMaxReduceOperands) +
+                " ranks (the reduce kernel's operands), the group has " + std::to_string(size_));
     std::lock_guard<std::mutex> lock(mutex_);
     require(!bound_[static_cast<std::size_t>(rank)], ErrorCode::invalid_argument,
             "rank " + std::to_string(rank) + " of the in-process group already has a communicator");
+    if (bound_once_) {
+      require(kind == kind_, ErrorCode::invalid_argument,
+              who + ": its backend is " + std::string(name_of(kind)) + " but the group's ranks use " +
+                  std::string(name_of(kind_)) + " backends (every rank of a group must use the same kind)");
+      require(device == device_, ErrorCode::invalid_argument,
+              who + ": its backend is on CUDA device " + std::to_string(device) + " but the group's ranks are on device " +
+                  std::to_string(device_) + " (ranks on different GPUs need the NCCL communicator)");
+    }
+    bound_once_ = true;
+    kind_ = kind;
+    device_ = device;
     bound_[static_cast<std::size_t>(rank)] = true;
+    return want;
   }
   void unbind(int rank) noexcept {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -123,6 +165,100 @@ class InProcessGroup {
       else
         cv_.wait(lock, [&] { return s.done == size_; });
     }
+    leave(s, seq);
+  }
+
+  // One collective on one rank over the backend_kernels transport; runs on the issuing thread.
+  // `ready` and `done` are this rank's events for the slot of `seq` (not re-recorded before every
+  // rank has left that slot, so the peers' waits on them always see this collective's records).
+  void run_kernels(int rank, std::uint64_t seq, const Call& call, Backend& be, Stream& st, Event& ready,
+                   Event& done) {
+    Slot& s = ring_[seq % kSlots];
+    const auto me = static_cast<std::size_t>(rank);
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return s.seq == seq || aborted_; });
+    if (aborted_) throw aborted_error(rank, seq, call);
+    lock.unlock();
+    try {
+      be.record(ready, st);  // this rank's inputs, and its earlier use of its outputs, are done here
+    } catch (const std::exception& e) {
+      abort(label("rank", rank, seq, call) + " could not be enqueued: " + e.what());
+      throw;
+    }
+    lock.lock();
+    s.calls[me] = call;
+    s.ready[me] = &ready;
+    s.done_event[me] = &done;
+    if (++s.arrived == size_) {
+      std::string why = mismatch(s, seq);
+      if (!why.empty()) {
+        s.failed = true;
+        s.error = why;
+        abort_locked(why);
+      }
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return s.arrived == size_ || aborted_; });
+    }
+    if (s.failed) throw Error(ErrorCode::communication, s.error + "; seen by rank " + std::to_string(rank));
+    // Past this point the peers enqueue work on this rank's buffers: take part to the end even if
+    // the group aborts meanwhile (as in run()).
+    if (s.arrived != size_) throw aborted_error(rank, seq, call);
+    lock.unlock();
+
+    std::string failure;
+    try {
+      for (int q = 0; q < size_; ++q)
+        if (q != rank) be.wait(st, *s.ready[static_cast<std::size_t>(q)]);
+      if (call.kind != CollectiveKind::barrier) {
+        enqueue_share(rank, s, be, st);
+        be.record(done, st);
+      }
+    } catch (const std::exception& e) {
+      failure = label("rank", rank, seq, call) + " failed while enqueueing its share: " + e.what();
+    }
+
+    lock.lock();
+    if (!failure.empty()) abort_locked(failure);
+    if (call.kind != CollectiveKind::barrier) {
+      if (++s.done == size_)
+        cv_.notify_all();
+      else
+        cv_.wait(lock, [&] { return s.done == size_; });
+      lock.unlock();
+      // The caller may reuse this rank's buffers once its stream has passed this point: make it
+      // wait until every peer's share (which reads, and for all_reduce writes, them) has run.
+      if (failure.empty()) {
+        try {
+          for (int q = 0; q < size_; ++q)
+            if (q != rank) be.wait(st, *s.done_event[static_cast<std::size_t>(q)]);
+        } catch (const std::exception& e) {
+          failure = label("rank", rank, seq, call) + " could not order its stream after its peers: " + e.what();
+        }
+      }
+      lock.lock();
+      if (!failure.empty()) abort_locked(failure);
+    }
+    leave(s, seq);
+    if (!failure.empty()) throw Error(ErrorCode::communication, failure);
+  }
+
+ private:
+  struct Slot {
+    std::uint64_t seq = 0;    // the collective this slot serves now
+    std::vector<Call> calls;  // by rank
+    std::vector<Event*> ready;       // backend_kernels: by rank, recorded where the rank issued the call
+    std::vector<Event*> done_event;  // backend_kernels: by rank, recorded after the rank's share
+    int arrived = 0;
+    int done = 0;
+    int left = 0;
+    bool failed = false;  // never cleared: a failure aborts the group
+    std::string error;
+  };
+
+  // Called with the lock held by every rank as it finishes with slot `s`; the last one frees it
+  // for collective seq + kSlots.
+  void leave(Slot& s, std::uint64_t seq) {
     if (++s.left == size_) {
       s.arrived = s.done = s.left = 0;
       s.seq = seq + kSlots;
@@ -130,18 +266,59 @@ class InProcessGroup {
     }
   }
 
- private:
-  static constexpr std::size_t kSlots = 64;
+  // all_reduce's split of the work: rank r reduces elements [lo, lo + len) of every rank's buffers.
+  std::pair<std::size_t, std::size_t> all_reduce_chunk(int rank, std::size_t n) const noexcept {
+    const auto r = static_cast<std::size_t>(rank);
+    const auto world = static_cast<std::size_t>(size_);
+    const std::size_t chunk = n / world;
+    const std::size_t rem = n % world;
+    return {r * chunk + std::min(r, rem), chunk + (r < rem ? 1 : 0)};
+  }
 
-  struct Slot {
-    std::uint64_t seq = 0;    // the collective this slot serves now
-    std::vector<Call> calls;  // by rank
-    int arrived = 0;
-    int done = 0;
-    int left = 0;
-    bool failed = false;  // never cleared: a failure aborts the group
-    std::string error;
-  };
+  // backend_kernels: this rank's share, enqueued on its stream (which already waits for every
+  // peer's inputs). The same partition of the work as compute(), as kernels.
+  void enqueue_share(int rank, const Slot& s, Backend& be, Stream& st) const {
+    const Call& me = s.calls[static_cast<std::size_t>(rank)];
+    const std::size_t es = size_of(me.dtype);
+    const std::size_t n = me.count;
+    if (n == 0) return;
+    const auto& calls = s.calls;
+    const void* srcs[Backend::kMaxReduceOperands];
+    void* dsts[Backend::kMaxReduceOperands];
+    switch (me.kind) {
+      case CollectiveKind::reduce_scatter: {
+        const std::size_t off = static_cast<std::size_t>(rank) * n * es;
+        for (int q = 0; q < size_; ++q) srcs[q] = bytes_of(calls[static_cast<std::size_t>(q)].send) + off;
+        dsts[0] = me.recv;
+        be.reduce(srcs, size_, dsts, 1, n, me.dtype, me.op, st);
+        break;
+      }
+      case CollectiveKind::all_reduce: {
+        const auto [lo, len] = all_reduce_chunk(rank, n);
+        if (len == 0) break;
+        for (int q = 0; q < size_; ++q) {
+          srcs[q] = bytes_of(calls[static_cast<std::size_t>(q)].send) + lo * es;
+          dsts[q] = bytes_of(calls[static_cast<std::size_t>(q)].recv) + lo * es;
+        }
+        be.reduce(srcs, size_, dsts, size_, len, me.dtype, me.op, st);
+        break;
+      }
+      case CollectiveKind::all_gather: {
+        for (int q = 0; q < size_; ++q) {
+          unsigned char* dst = bytes_of(me.recv) + static_cast<std::size_t>(q) * n * es;
+          const void* src = calls[static_cast<std::size_t>(q)].send;
+          if (src != dst) be.copy(dst, src, n * es, st);
+        }
+        break;
+      }
+      case CollectiveKind::broadcast: {
+        const void* src = calls[static_cast<std::size_t>(me.root)].send;
+        if (src != me.recv) be.copy(me.recv, src, n * es, st);
+        break;
+      }
+      case CollectiveKind::barrier: break;
+    }
+  }
 
   void abort_locked(const std::string& why) noexcept {
     if (!aborted_) {
@@ -196,12 +373,7 @@ class InProcessGroup {
         // recv, so the total work is N*count instead of N*N*count. Each element is still reduced
         // once in rank order, so every rank gets the same bits, and only rank r touches chunk r,
         // which keeps send == recv safe without scratch memory.
-        const auto r = static_cast<std::size_t>(rank);
-        const auto world = static_cast<std::size_t>(size_);
-        const std::size_t chunk = n / world;
-        const std::size_t rem = n % world;
-        const std::size_t lo = r * chunk + std::min(r, rem);
-        const std::size_t len = chunk + (r < rem ? 1 : 0);
+        const auto [lo, len] = all_reduce_chunk(rank, n);
         const std::size_t off = lo * es;
         reduce(
             size_, [&](int q) { return bytes_of(calls[static_cast<std::size_t>(q)].send) + off; }, size_,
@@ -228,9 +400,14 @@ class InProcessGroup {
   }
 
   const int size_;
+  const InProcessTransport requested_;
   std::vector<Slot> ring_;
   std::unique_ptr<std::atomic<std::uint64_t>[]> seq_;
   std::vector<bool> bound_;
+  // Fixed by the first bind (under mutex_).
+  bool bound_once_ = false;
+  BackendKind kind_ = BackendKind::cpu;
+  int device_ = -1;
 
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -279,7 +456,18 @@ class InProcessCommunicator final : public Communicator {
  public:
   InProcessCommunicator(std::shared_ptr<InProcessGroup> group, int rank, Backend& backend)
       : group_(std::move(group)), rank_(rank), size_(group_->size()), backend_(backend) {
-    group_->bind(rank_);
+    transport_ = group_->bind(rank_, backend_);
+    if (transport_ == InProcessTransport::backend_kernels) {
+      try {
+        for (std::size_t i = 0; i < InProcessGroup::kSlots; ++i) {
+          ready_.push_back(backend_.create_event());
+          done_.push_back(backend_.create_event());
+        }
+      } catch (...) {
+        group_->unbind(rank_);
+        throw;
+      }
+    }
   }
   ~InProcessCommunicator() override { group_->unbind(rank_); }
 
@@ -309,6 +497,12 @@ class InProcessCommunicator final : public Communicator {
     const std::uint64_t seq = group_->next_seq(rank_);
     if (std::string problem = comm::check_call(c, rank_, size_); !problem.empty()) {
       const std::string why = label("rank", rank_, seq, c) + ": " + problem;
+      if (transport_ == InProcessTransport::backend_kernels) {
+        // Everything this rank issued before is fully enqueued already: abort now, which wakes
+        // the peers waiting for it at collective #seq.
+        group_->abort(why);
+        throw Error(ErrorCode::invalid_argument, why);
+      }
       // Abort in stream order, so this rank's earlier collectives still complete; the peers
       // waiting on #seq then throw instead of hanging.
       try {
@@ -318,11 +512,16 @@ class InProcessCommunicator final : public Communicator {
       }
       throw Error(ErrorCode::invalid_argument, why);
     }
-    try {
-      backend_.host_task(stream, CollectiveTask{group_, rank_, seq, c, {}});
-    } catch (const std::exception& e) {
-      group_->abort(label("rank", rank_, seq, c) + " could not be enqueued: " + e.what());
-      throw;
+    if (transport_ == InProcessTransport::backend_kernels) {
+      const std::size_t slot = seq % InProcessGroup::kSlots;
+      group_->run_kernels(rank_, seq, c, backend_, stream, *ready_[slot], *done_[slot]);
+    } else {
+      try {
+        backend_.host_task(stream, CollectiveTask{group_, rank_, seq, c, {}});
+      } catch (const std::exception& e) {
+        group_->abort(label("rank", rank_, seq, c) + " could not be enqueued: " + e.what());
+        throw;
+      }
     }
     count(c.kind, comm::volume(c, size_));
   }
@@ -331,11 +530,23 @@ class InProcessCommunicator final : public Communicator {
   const int rank_;
   const int size_;
   Backend& backend_;
+  InProcessTransport transport_ = InProcessTransport::host_tasks;
+  // backend_kernels: this rank's events, one pair per slot of the group's ring.
+  std::vector<std::unique_ptr<Event>> ready_, done_;
 };
 
 }  // namespace
 
-std::shared_ptr<InProcessGroup> make_in_process_group(int world_size) {
+std::string_view name_of(InProcessTransport t) noexcept {
+  switch (t) {
+    case InProcessTransport::automatic: return "automatic";
+    case InProcessTransport::host_tasks: return "host_tasks";
+    case InProcessTransport::backend_kernels: return "backend_kernels";
+  }
+  return "unknown";
+}
+
+std::shared_ptr<InProcessGroup> make_in_process_group(int world_size, InProcessTransport transport) {
   require(world_size >= 1, ErrorCode::invalid_argument,
           "in-process group world_size must be at least 1, got " + std::to_string(world_size));
   // Each rank is a set of threads of this process and the group keeps world_size * 64 call
@@ -344,7 +555,11 @@ std::shared_ptr<InProcessGroup> make_in_process_group(int world_size) {
   require(world_size <= kMaxWorld, ErrorCode::invalid_argument,
           "in-process group world_size " + std::to_string(world_size) + " exceeds the maximum of " +
               std::to_string(kMaxWorld) + " ranks (threads of one process)");
-  return std::make_shared<InProcessGroup>(world_size);
+  require(transport == InProcessTransport::automatic || transport == InProcessTransport::host_tasks ||
+              transport == InProcessTransport::backend_kernels,
+          ErrorCode::invalid_argument,
+          "in-process group: unknown transport " + std::to_string(static_cast<int>(transport)));
+  return std::make_shared<InProcessGroup>(world_size, transport);
 }
 
 std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InProcessGroup> group, int rank,
@@ -353,10 +568,6 @@ std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InPro
   require(rank >= 0 && rank < group->size(), ErrorCode::invalid_argument,
           "in-process communicator: rank " + std::to_string(rank) + " is outside [0, " +
               std::to_string(group->size()) + ")");
-  require(backend.kind() == BackendKind::cpu, ErrorCode::unsupported,
-          "in-process communicator for rank " + std::to_string(rank) +
-              " needs a backend whose memory the host can address (the CPU backend), got " +
-              std::string(name_of(backend.kind())));
   return std::make_unique<InProcessCommunicator>(std::move(group), rank, backend);
 }
 
