@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "shardopt/cuda.hpp"
 #include "units.hpp"
 
 namespace {
@@ -92,7 +93,6 @@ TEST(CliErrors, ExitNonZeroNamingTheFlag) {
       {{"plan", "--params", "1B", "--gpu-mem", "80XB"}, "--gpu-mem"},
       {{"plan", "--params", "1B", "--gpu-mem", "80GiB", "--host-mem", "x"}, "--host-mem"},
       {{"bench", "update", "--params", "0"}, "--params"},
-      {{"bench", "update", "--backend", "cuda"}, "--backend"},
   };
   for (const auto& [args, flag] : cases) {
     std::string cmd;
@@ -100,6 +100,24 @@ TEST(CliErrors, ExitNonZeroNamingTheFlag) {
     const Result r = run(args);
     EXPECT_NE(r.rc, 0) << cmd;
     EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+  }
+}
+
+// --backend cuda: without a device both commands say so; with one, bench update runs on it and
+// train (whose model has no CUDA path) says that instead.
+TEST(CliErrors, BackendCuda) {
+  const Result train = run({"train", "--backend", "cuda", "--steps", "1"});
+  EXPECT_NE(train.rc, 0);
+  const Result bench = run({"bench", "update", "--backend", "cuda", "--params", "1M", "--iters", "2"});
+  if (!shardopt::cuda_device_available()) {
+    for (const Result* r : {&train, &bench}) {
+      EXPECT_NE(r->rc, 0);
+      EXPECT_NE(r->err.find("no CUDA device"), std::string::npos) << r->err;
+    }
+  } else {
+    EXPECT_NE(train.err.find("CPU backend only"), std::string::npos) << train.err;
+    EXPECT_EQ(bench.rc, 0) << bench.err;
+    EXPECT_NE(bench.out.find("CUDA device 0"), std::string::npos) << bench.out;
   }
 }
 

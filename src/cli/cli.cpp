@@ -120,12 +120,12 @@ Config build_config(const ModelArgs& a, const Model& m) {
   return c;
 }
 
-void check_backend(const std::string& backend, const char* what) {
+void check_backend(const std::string& backend, const char* what, bool cuda_supported) {
   if (backend == "cpu") return;
   if (!cuda_device_available())
-    throw UsageError("--backend cuda: the CUDA backend is not available in this build or no CUDA device was "
-                     "found (use --backend cpu)");
-  throw UsageError(std::string("--backend cuda: ") + what + " runs on the CPU backend only in this build");
+    throw UsageError("--backend cuda: no CUDA device (none was found, or this build has no CUDA backend); "
+                     "use --backend cpu");
+  if (!cuda_supported) throw UsageError(std::string("--backend cuda: ") + what + " runs on the CPU backend only");
 }
 
 Json bytes_json(const MemoryReport& r, bool peak) {

@@ -128,6 +128,7 @@ int run_checkpoint_inspect(const CheckpointArgs& a, Io& io);
 int run_checkpoint_export(const CheckpointArgs& a, Io& io);
 
 // The CUDA backend check shared by train and bench (UsageError naming --backend).
-void check_backend(const std::string& backend, const char* what);
+// Refuses --backend cuda with a usage error saying why: no device, or `what` has no CUDA path.
+void check_backend(const std::string& backend, const char* what, bool cuda_supported = false);
 
 }  // namespace shardopt::cli

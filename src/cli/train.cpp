@@ -12,7 +12,7 @@ namespace shardopt::cli {
 CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   CLI::App* sub = app.add_subcommand(
       "train", "Train the example model (residual MLP blocks learning a fixed teacher) over in-process ranks");
-  sub->add_option("--backend", a.backend, "cpu (cuda: not in this build)")
+  sub->add_option("--backend", a.backend, "cpu (the example model's matrix products have no CUDA path)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   sub->add_option("--ranks", a.ranks, "data-parallel ranks (threads in this process)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
