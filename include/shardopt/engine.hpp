@@ -114,6 +114,9 @@ class Engine {
 
   // Reduces (as needed), checks for overflow, clips, updates and redistributes parameters.
   // Requires exactly accumulation_steps complete micro-steps. Collective.
+  // Synchronous: to return the StepResult the host waits for the overflow flag and the squared
+  // gradient norm (and their all-reduce across ranks), and returns once the update and the
+  // parameter gathers have run; so on a GPU a step cannot be captured in a CUDA graph.
   StepResult step();
   // Drops the gradients accumulated so far (the micro-step count restarts).
   void zero_grad();
