@@ -138,23 +138,7 @@ class InProcessGroup {
     if (aborted_) throw aborted_error(rank, seq, call);
 
     s.calls[static_cast<std::size_t>(rank)] = call;
-    if (++s.arrived == size_) {
-      // The last rank to arrive checks that every rank asked for the same collective.
-      std::string why = mismatch(s, seq);
-      if (!why.empty()) {
-        s.failed = true;
-        s.error = why;
-        abort_locked(why);
-      }
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return s.arrived == size_ || aborted_; });
-    }
-    if (s.failed) throw Error(ErrorCode::communication, s.error + "; seen by rank " + std::to_string(rank));
-    // All arrived and agreed: go on even if the group aborts meanwhile, because peers now read
-    // and write this rank's buffers, so it must not return before they are done.
-    if (s.arrived != size_) throw aborted_error(rank, seq, call);
-
+    arrive(s, rank, seq, call, lock);
     lock.unlock();
     compute(rank, s);
     lock.lock();
@@ -189,21 +173,7 @@ class InProcessGroup {
     s.calls[me] = call;
     s.ready[me] = &ready;
     s.done_event[me] = &done;
-    if (++s.arrived == size_) {
-      std::string why = mismatch(s, seq);
-      if (!why.empty()) {
-        s.failed = true;
-        s.error = why;
-        abort_locked(why);
-      }
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return s.arrived == size_ || aborted_; });
-    }
-    if (s.failed) throw Error(ErrorCode::communication, s.error + "; seen by rank " + std::to_string(rank));
-    // Past this point the peers enqueue work on this rank's buffers: take part to the end even if
-    // the group aborts meanwhile (as in run()).
-    if (s.arrived != size_) throw aborted_error(rank, seq, call);
+    arrive(s, rank, seq, call, lock);
     lock.unlock();
 
     std::string failure;
@@ -255,6 +225,27 @@ class InProcessGroup {
     bool failed = false;  // never cleared: a failure aborts the group
     std::string error;
   };
+
+  // Called with the lock held by every rank once its call is published in slot `s`: counts it in
+  // and waits until every rank has arrived; the last to arrive checks that all asked for the same
+  // collective. Throws if they disagree or the group aborts first. Once all have arrived and
+  // agreed the rank must go on to the end even if the group aborts meanwhile, because its peers
+  // now read and write its buffers.
+  void arrive(Slot& s, int rank, std::uint64_t seq, const Call& call, std::unique_lock<std::mutex>& lock) {
+    if (++s.arrived == size_) {
+      std::string why = mismatch(s, seq);
+      if (!why.empty()) {
+        s.failed = true;
+        s.error = why;
+        abort_locked(why);
+      }
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return s.arrived == size_ || aborted_; });
+    }
+    if (s.failed) throw Error(ErrorCode::communication, s.error + "; seen by rank " + std::to_string(rank));
+    if (s.arrived != size_) throw aborted_error(rank, seq, call);
+  }
 
   // Called with the lock held by every rank as it finishes with slot `s`; the last one frees it
   // for collective seq + kSlots.
