@@ -483,13 +483,6 @@ void require_pointer(const void* p, std::size_t n, const char* op, const char* a
                 std::string(op) + ": " + arg + " is null but " + std::to_string(n) + " elements were asked");
 }
 
-void require_operand_count(int count, const char* arg) {
-  if (count < 1 || count > Backend::kMaxReduceOperands)
-    throw Error(ErrorCode::invalid_argument, std::string("reduce: ") + arg + " = " + std::to_string(count) +
-                                                 " is outside [1, " + std::to_string(Backend::kMaxReduceOperands) +
-                                                 "]");
-}
-
 // ---- the backend ----------------------------------------------------------------------------
 
 class CudaBackend final : public Backend {
@@ -719,20 +712,12 @@ class CudaBackend final : public Backend {
   void reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n, DType dtype,
               ReduceOp op, Stream& stream) override {
     CudaStream& s = own(stream, "reduce");
-    require_operand_count(nsrc, "nsrc");
-    require_operand_count(ndst, "ndst");
+    if (std::string problem = comm::check_reduce(srcs, nsrc, dsts, ndst, n, dtype); !problem.empty())
+      throw Error(ErrorCode::invalid_argument, problem);
     if (n == 0) return;
-    require_pointer(srcs, n, "reduce", "srcs");
-    require_pointer(dsts, n, "reduce", "dsts");
     ReduceKernelArgs a{};
-    for (int q = 0; q < nsrc; ++q) {
-      require_pointer(srcs[q], n, "reduce", ("srcs[" + std::to_string(q) + "]").c_str());
-      a.srcs[q] = srcs[q];
-    }
-    for (int q = 0; q < ndst; ++q) {
-      require_pointer(dsts[q], n, "reduce", ("dsts[" + std::to_string(q) + "]").c_str());
-      a.dsts[q] = dsts[q];
-    }
+    std::copy(srcs, srcs + nsrc, a.srcs);
+    std::copy(dsts, dsts + ndst, a.dsts);
     a.nsrc = nsrc;
     a.ndst = ndst;
     a.n = n;

@@ -1165,6 +1165,21 @@ TEST(CpuReduce, BadArgumentsAreInvalidArgumentNamingTheProblem) {
   expect_invalid("null source array", {"srcs", "null"}, [&] { b->reduce(nullptr, 3, out.data(), 1, n, f, sum, *s); });
   expect_invalid("null destination array", {"dsts", "null"},
                  [&] { b->reduce(in.data(), 3, nullptr, 1, n, f, sum, *s); });
+  // A destination may be exactly one of the sources, but not overlap one partially, and
+  // destinations may not overlap each other (the result would depend on the order of stores).
+  {
+    Bytes wide((n + 1) * 4, 0xff);
+    std::vector<const void*> two = {wide.data(), srcs[1].data()};
+    std::vector<void*> shifted = {wide.data() + 4};
+    expect_invalid("destination inside a source", {"dsts[0]", "srcs[0]", "overlaps"},
+                   [&] { b->reduce(two.data(), 2, shifted.data(), 1, n, f, sum, *s); });
+    std::vector<void*> pair = {dst.data(), dst.data()};
+    expect_invalid("two equal destinations", {"dsts[0]", "dsts[1]", "overlap"},
+                   [&] { b->reduce(in.data(), 2, pair.data(), 2, n, f, sum, *s); });
+    pair = {wide.data(), wide.data() + 4};
+    expect_invalid("overlapping destinations", {"dsts[0]", "dsts[1]", "overlap"},
+                   [&] { b->reduce(in.data(), 2, pair.data(), 2, n, f, sum, *s); });
+  }
   ForeignStream foreign;
   expect_invalid("foreign stream", {"foreign"}, [&] { b->reduce(in.data(), 2, out.data(), 1, n, f, sum, foreign); });
   // Nothing was enqueued, and the limits themselves are accepted.

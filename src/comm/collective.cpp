@@ -1,6 +1,10 @@
 #include "comm/collective.hpp"
 
 #include <cstdint>
+#include <string>
+#include <utility>
+
+#include "shardopt/backend.hpp"
 
 namespace shardopt::comm {
 
@@ -35,6 +39,34 @@ bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexc
   const auto x = reinterpret_cast<std::uintptr_t>(a);
   const auto y = reinterpret_cast<std::uintptr_t>(b);
   return x < y + bn && y < x + an;
+}
+
+std::string check_reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n, DType t) {
+  const int most = Backend::kMaxReduceOperands;
+  for (const auto& [count, name] : {std::pair{nsrc, "nsrc"}, std::pair{ndst, "ndst"}})
+    if (count < 1 || count > most)
+      return std::string("reduce: ") + name + " = " + std::to_string(count) + " is outside [1, " +
+             std::to_string(most) + "]";
+  if (n == 0) return {};
+  const std::string tail = " is null but n = " + std::to_string(n);
+  if (srcs == nullptr) return "reduce: srcs" + tail;
+  if (dsts == nullptr) return "reduce: dsts" + tail;
+  const auto name = [](const char* what, int q) { return std::string(what) + "[" + std::to_string(q) + "]"; };
+  for (int q = 0; q < nsrc; ++q)
+    if (srcs[q] == nullptr) return "reduce: " + name("srcs", q) + tail;
+  for (int q = 0; q < ndst; ++q)
+    if (dsts[q] == nullptr) return "reduce: " + name("dsts", q) + tail;
+  const std::size_t bytes = n * size_of(t);
+  for (int d = 0; d < ndst; ++d) {
+    for (int q = 0; q < nsrc; ++q)
+      if (dsts[d] != srcs[q] && overlap(dsts[d], bytes, srcs[q], bytes))
+        return "reduce: " + name("dsts", d) + " overlaps " + name("srcs", q) +
+               " without being equal to it (the only in-place form allowed)";
+    for (int e = d + 1; e < ndst; ++e)
+      if (overlap(dsts[d], bytes, dsts[e], bytes))
+        return "reduce: " + name("dsts", d) + " and " + name("dsts", e) + " overlap";
+  }
+  return {};
 }
 
 std::string check_call(const Call& c, int rank, int size) {

@@ -41,6 +41,11 @@ bool overlap(const void* a, std::size_t an, const void* b, std::size_t bn) noexc
 // What is wrong with rank `rank`'s own arguments in a world of `size`, or "" if nothing.
 std::string check_call(const Call& c, int rank, int size);
 
+// What is wrong with the operands of Backend::reduce (backend.hpp), or "" if nothing: counts
+// outside [1, Backend::kMaxReduceOperands] (checked even for n == 0), null arrays or pointers,
+// destinations that overlap a source without being exactly that source, or overlap each other.
+std::string check_reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n, DType t);
+
 // Bytes in the ZeRO accounting of communicator.hpp.
 std::uint64_t volume(const Call& c, int world) noexcept;
 

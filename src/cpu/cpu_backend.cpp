@@ -248,13 +248,6 @@ void require_ptr(const void* p, std::size_t n, const char* op, const char* arg) 
                 std::string(op) + ": '" + arg + "' is null but n = " + std::to_string(n));
 }
 
-void require_operand_count(int count, const char* arg) {
-  if (count < 1 || count > Backend::kMaxReduceOperands)
-    throw Error(ErrorCode::invalid_argument, std::string("reduce: ") + arg + " = " + std::to_string(count) +
-                                                 " is outside [1, " + std::to_string(Backend::kMaxReduceOperands) +
-                                                 "]");
-}
-
 template <class P>
 P offset(P base, std::size_t elements, DType t) noexcept {
   using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<P>>, const unsigned char, unsigned char>;
@@ -491,13 +484,9 @@ class CpuBackend final : public Backend {
   void reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n, DType dtype,
               ReduceOp op, Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_operand_count(nsrc, "nsrc");
-    require_operand_count(ndst, "ndst");
+    if (std::string problem = comm::check_reduce(srcs, nsrc, dsts, ndst, n, dtype); !problem.empty())
+      throw Error(ErrorCode::invalid_argument, problem);
     if (n == 0) return;
-    require_ptr(srcs, n, "reduce", "srcs");
-    require_ptr(dsts, n, "reduce", "dsts");
-    for (int q = 0; q < nsrc; ++q) require_ptr(srcs[q], n, "reduce", ("srcs[" + std::to_string(q) + "]").c_str());
-    for (int q = 0; q < ndst; ++q) require_ptr(dsts[q], n, "reduce", ("dsts[" + std::to_string(q) + "]").c_str());
     // The caller's pointer arrays may be gone by the time the task runs: the task owns copies.
     sc.enqueue(
         [pool = pool_, in = std::vector<const void*>(srcs, srcs + nsrc),

@@ -565,6 +565,8 @@ TEST_F(CudaBackendTest, ReduceRejectsBadArgumentsLikeCpu) {
   expect_invalid("srcs[1]", 2, 1, 4);
   gpu->reduce(in.data(), 2, out.data(), 1, 0, DType::fp32, ReduceOp::sum, *gs);  // n == 0: nothing
   in[1] = a.gp;
+  out[0] = static_cast<std::uint8_t*>(a.gp) + 4;  // inside source 0 without being it
+  expect_invalid("overlaps", 2, 1, 3);
   out[0] = nullptr;
   expect_invalid("dsts[0]", 2, 1, 4);
   gpu->synchronize(*gs);
