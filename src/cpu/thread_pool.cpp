@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "shardopt/error.hpp"
@@ -172,8 +173,11 @@ void ThreadPool::parallel_for(std::size_t n, std::size_t grain,
   }
   std::exception_ptr error;
   {
+    // Moved out, not copied: a worker may still hold the job and drop it last, and the exception
+    // must then not go with it. (The exception's reference count lives in the uninstrumented
+    // C++ runtime, so ThreadSanitizer cannot see that release as ordered after our reads of it.)
     std::lock_guard<std::mutex> lock(job->mutex);
-    error = job->error;
+    error = std::exchange(job->error, nullptr);
   }
   if (error) std::rethrow_exception(error);
 }
