@@ -41,16 +41,6 @@ enum class WorldKind {
   cuda_nccl,    // CUDA backends, NCCL communicator (rank r on device r mod the device count)
 };
 
-inline const char* name_of(WorldKind k) {
-  switch (k) {
-    case WorldKind::cpu: return "cpu";
-    case WorldKind::cpu_kernels: return "cpu_kernels";
-    case WorldKind::cuda: return "cuda";
-    case WorldKind::cuda_nccl: return "cuda_nccl";
-  }
-  return "?";
-}
-
 // Runs fn(rank) on one thread per rank; returns the first exception (null if none). `on_failure`
 // runs on a failing rank's thread (to abort the group, so its peers do not wait for it).
 inline std::exception_ptr run_on_threads(int n, const std::function<void(int)>& fn,
@@ -77,13 +67,12 @@ inline std::exception_ptr run_on_threads(int n, const std::function<void(int)>& 
 // N ranks, each with its own backend (CPU backends share one kernel pool) and communicator.
 struct World {
   int n;
-  WorldKind kind;
   std::shared_ptr<ThreadPool> pool;
   std::shared_ptr<InProcessGroup> group;  // null for NCCL
   std::vector<std::unique_ptr<Backend>> backends;
   std::vector<std::unique_ptr<Communicator>> comms;
 
-  explicit World(int world_size, WorldKind k = WorldKind::cpu) : n(world_size), kind(k) {
+  explicit World(int world_size, WorldKind kind = WorldKind::cpu) : n(world_size) {
     const bool on_cuda = kind == WorldKind::cuda || kind == WorldKind::cuda_nccl;
     if (!on_cuda) pool = make_thread_pool(0);
     for (int r = 0; r < n; ++r) {
