@@ -15,9 +15,11 @@
 #include <utility>
 
 #include "comm/collective.hpp"
+#include "core/step_control_check.hpp"
 #include "cuda/cuda_internal.hpp"
 #include "shardopt/cuda.hpp"
 #include "shardopt/rules.hpp"
+#include "shardopt/step_control.hpp"
 
 namespace shardopt::cuda_impl {
 
@@ -314,8 +316,15 @@ __global__ void __launch_bounds__(kThreads) sum_squares_final_kernel(const doubl
   if (threadIdx.x == 0) *out = static_cast<float>(total);
 }
 
+// Step control (step_control.hpp): scalar work, one thread, so the result is the CPU backend's.
+__global__ void step_totals_kernel(const float* partials, std::size_t count, const float* flag, float* totals) {
+  rules::step_totals(partials, count, flag, totals);
+}
+__global__ void step_control_kernel(StepControlArgs a) { rules::step_control(a); }
+
 struct UpdateKernelArgs {
   StepScalars scalars;
+  const StepScalars* scalars_ptr;  // replaces `scalars` when set (computed by step_control_kernel)
   float* master;
   float* state1;
   float* state2;
@@ -375,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
   // Read on the device so an overflow found by an earlier kernel skips the step with no host
   // round trip.
   if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) return;
-  StepScalars s = a.scalars;
+  StepScalars s = a.scalars_ptr != nullptr ? *a.scalars_ptr : a.scalars;
   if (a.scale_ptr != nullptr) s.grad_scale = s.grad_scale * *a.scale_ptr;
   // (state_count() is host-only constexpr; spelled out here for device code)
   constexpr bool kTwoStates = R == OptimizerKind::adamw || R == OptimizerKind::adam;
@@ -734,6 +743,27 @@ class CudaBackend final : public Backend {
                                       " destinations on stream '" + s.name() + "'");
   }
 
+  void step_totals(const float* partials, std::size_t count, const float* flag, float* totals,
+                   Stream& stream) override {
+    CudaStream& s = own(stream, "step_totals");
+    require_pointer(partials, count, "step_totals", "partials");
+    require_pointer(flag, 1, "step_totals", "flag");
+    require_pointer(totals, 2, "step_totals", "totals");
+    DeviceGuard guard(device_);
+    step_totals_kernel<<<1, 1, 0, s.handle()>>>(partials, count, flag, totals);
+    check_launch("step_totals_kernel", "adding " + std::to_string(count) + " partial sums of squares on stream '" +
+                                           s.name() + "'");
+  }
+
+  void step_control(const StepControlArgs& args, Stream& stream) override {
+    CudaStream& s = own(stream, "step_control");
+    detail::check_step_control(args);
+    DeviceGuard guard(device_);
+    step_control_kernel<<<1, 1, 0, s.handle()>>>(args);
+    check_launch("step_control_kernel", "deciding the step for " + std::to_string(args.groups) +
+                                            " parameter groups on stream '" + s.name() + "'");
+  }
+
   void fused_update(const UpdateArgs& args, Stream& stream) override {
     CudaStream& s = own(stream, "fused_update");
     if (args.n == 0) return;
@@ -751,6 +781,7 @@ class CudaBackend final : public Backend {
 
     UpdateKernelArgs a{};
     a.scalars = args.scalars;
+    a.scalars_ptr = args.scalars_ptr;
     a.master = args.master;
     a.state1 = args.state1;
     a.state2 = two ? args.state2 : nullptr;

@@ -41,6 +41,8 @@ class CountingBackend final : public Backend {
   void fused_update(const UpdateArgs&, Stream&) override {}
   void accumulate(const void*, DType, float*, std::size_t, Stream&) override {}
   void reduce(const void* const*, int, void* const*, int, std::size_t, DType, ReduceOp, Stream&) override {}
+  void step_totals(const float*, std::size_t, const float*, float*, Stream&) override {}
+  void step_control(const StepControlArgs&, Stream&) override {}
 
  protected:
   void* raw_allocate(std::size_t bytes, Place) override {

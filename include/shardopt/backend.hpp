@@ -26,6 +26,7 @@
 #include "shardopt/dtype.hpp"
 #include "shardopt/memory.hpp"
 #include "shardopt/rules.hpp"
+#include "shardopt/step_control.hpp"
 
 namespace shardopt {
 
@@ -81,14 +82,17 @@ class Event {
 //   g = load(grad[i]) * s, where s = scalars.grad_scale * (scale_ptr ? *scale_ptr : 1) is formed once
 //   per call (one rounding), then
 //   rule(master[i], g, state1[i], state2[i]); param_out[i] = round(master[i]) if param_out
+// If scalars_ptr is non-null, *scalars_ptr as it is when the kernel runs replaces `scalars`.
 // If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written.
-// scale_ptr and skip_ptr point to backend (device) memory so no host round trip is needed.
+// scalars_ptr, scale_ptr and skip_ptr point to backend (device) memory, so values computed by
+// earlier work on the stream are used with no host round trip.
 // master and the states are fp32. state2 is ignored by rules with one state.
 // In-place rules: param_out may not alias master unless param_dtype is fp32 and it is the same
 // pointer, in which case the store is skipped.
 struct UpdateArgs {
   OptimizerKind rule = OptimizerKind::adamw;
   StepScalars scalars;
+  const StepScalars* scalars_ptr = nullptr;
   float* master = nullptr;
   float* state1 = nullptr;
   float* state2 = nullptr;
@@ -165,6 +169,12 @@ class Backend {
   static constexpr int kMaxReduceOperands = 64;
   virtual void reduce(const void* const* srcs, int nsrc, void* const* dsts, int ndst, std::size_t n,
                       DType dtype, ReduceOp op, Stream& stream) = 0;
+  // The step-control functions of step_control.hpp, run in stream order on backend memory:
+  // rules::step_totals(partials, count, flag, totals) (totals: 2 floats; count may be 0) and
+  // rules::step_control(args). Every pointer is backend memory and is read when the work runs.
+  virtual void step_totals(const float* partials, std::size_t count, const float* flag, float* totals,
+                           Stream& stream) = 0;
+  virtual void step_control(const StepControlArgs& args, Stream& stream) = 0;
 
  protected:
   virtual void* raw_allocate(std::size_t bytes, Place place) = 0;  // nullptr on failure

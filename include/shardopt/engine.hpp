@@ -114,10 +114,28 @@ class Engine {
 
   // Reduces (as needed), checks for overflow, clips, updates and redistributes parameters.
   // Requires exactly accumulation_steps complete micro-steps. Collective.
-  // Synchronous: to return the StepResult the host waits for the overflow flag and the squared
-  // gradient norm (and their all-reduce across ranks), and returns once the update and the
-  // parameter gathers have run; so on a GPU a step cannot be captured in a CUDA graph.
+  // step() is step_async(), then a wait for the step's work to finish, then last_result():
+  // when it returns, the update and the parameter gathers have run.
   StepResult step();
+  // The same step, enqueued without waiting on the host: the non-finite check, the gradient norm
+  // (all-reduced across ranks), the clip coefficient, the loss scaler and every group's step
+  // scalars are computed by the backend in stream order (include/shardopt/step_control.hpp), and
+  // the update kernels read them, and the skip flag, from backend memory. compute_stream() is
+  // made to wait for the whole step, so work the trainer enqueues there afterwards sees the new
+  // parameters; on the CPU backend the next acquire()/gradients() waits for it on the host. With
+  // no offload, and a communicator whose collectives are stream work (NCCL), a step on a GPU has
+  // no host synchronization and can be captured in a CUDA graph. With optimizer offload the CPU
+  // update needs the decisions on the host, so step_async() waits for them (and for the update).
+  // Errors of enqueued work surface at the next synchronizing call (step(), last_result(),
+  // save(), read_master(), ...). Same preconditions and argument errors as step().
+  void step_async();
+  // The StepResult of the last step (applied = false and step = 0 before the first one). Waits
+  // only until that step's decisions are known, not for its update.
+  StepResult last_result();
+  // Backend memory holding the current loss scale (one float) for a loss kernel to read in stream
+  // order: each step rewrites it on the engine's side stream, before compute_stream() resumes.
+  // Stays valid for the engine's lifetime. After initialize().
+  const float* loss_scale_buffer() const;
   // Drops the gradients accumulated so far (the micro-step count restarts).
   void zero_grad();
 

@@ -1,8 +1,9 @@
 #pragma once
 // Optimizer rules: one element-wise update per rule, the same function on CPU and GPU.
 //
-// StepScalars holds everything a rule needs for one step, computed once on the host (in double,
-// then rounded to float) from the group's Hyperparams and the step number. `grad_scale` folds loss
+// StepScalars holds everything a rule needs for one step, computed once per step (in double, then
+// rounded to float) from the group's Hyperparams and the step number: on the host, or on the device
+// by the step-control kernel (step_control.hpp); both run the same function and get the same bits. `grad_scale` folds loss
 // unscaling and clipping into one multiply of the incoming gradient. The update functions take
 // fp32 master weight and moments by reference and update them in place; they contain no branches
 // on data, so a loop over them vectorizes.
@@ -27,7 +28,8 @@ struct StepScalars {
   float grad_scale = 1;     // gradient multiplier: 1/loss_scale * clip coefficient
 };
 
-// `step` counts from 1 (the first applied update).
+// `step` counts from 1 (the first applied update). Throws Error(invalid_argument) for step < 1,
+// an lr that is negative or not finite, or an unknown kind; then computes step_scalars() below.
 StepScalars make_step_scalars(OptimizerKind kind, const Hyperparams& h, std::int64_t step,
                               float grad_scale);
 
@@ -40,6 +42,73 @@ SHARDOPT_HD inline float sqrt_f(float x) {
   return std::sqrt(x);
 #endif
 }
+
+SHARDOPT_HD inline double sqrt_d(double x) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// x^n for n >= 0 by repeated squaring: only correctly rounded multiplications, so host and device
+// agree bit for bit (a library pow() may differ between them in the last place). For the bias
+// corrections the error, at most about 2*log2(n) double roundings, vanishes in the final rounding
+// to float.
+SHARDOPT_HD inline double pow_int(double x, std::int64_t n) {
+  double r = 1.0;
+  while (n > 0) {
+    if (n & 1) r *= x;
+    x *= x;
+    n >>= 1;
+  }
+  return r;
+}
+
+SHARDOPT_HD inline float one_minus(float b) { return static_cast<float>(1.0 - static_cast<double>(b)); }
+
+}  // namespace rules
+
+// The scalars of step `step` (>= 1) without argument checks: what make_step_scalars returns, and
+// what the step-control kernel computes on the device. An unknown kind leaves the rule fields at
+// their defaults.
+SHARDOPT_HD inline StepScalars step_scalars(OptimizerKind kind, const Hyperparams& h, std::int64_t step,
+                                            float grad_scale) {
+  StepScalars s;
+  s.lr = h.lr;
+  s.weight_decay = h.weight_decay;
+  s.grad_scale = grad_scale;
+  switch (kind) {
+    case OptimizerKind::adamw:
+    case OptimizerKind::adam:
+      s.beta1 = h.beta1;
+      s.beta2 = h.beta2;
+      s.eps = h.eps;
+      s.one_minus_beta1 = rules::one_minus(h.beta1);
+      s.one_minus_beta2 = rules::one_minus(h.beta2);
+      s.bias_correction1 = static_cast<float>(1.0 / (1.0 - rules::pow_int(static_cast<double>(h.beta1), step)));
+      s.bias_correction2_sqrt =
+          static_cast<float>(1.0 / rules::sqrt_d(1.0 - rules::pow_int(static_cast<double>(h.beta2), step)));
+      break;
+    case OptimizerKind::sgd:
+      s.momentum = h.momentum;
+      s.one_minus_dampening = rules::one_minus(h.dampening);
+      s.nesterov = h.nesterov;
+      s.first_step = (step == 1);
+      break;
+    case OptimizerKind::lion:
+      // Lion interpolates with beta1 for the update direction and with beta2 for the momentum it
+      // keeps; it has no bias correction, so those stay 1.
+      s.beta1 = h.beta1;
+      s.beta2 = h.beta2;
+      s.one_minus_beta1 = rules::one_minus(h.beta1);
+      s.one_minus_beta2 = rules::one_minus(h.beta2);
+      break;
+  }
+  return s;
+}
+
+namespace rules {
 
 // AdamW: decoupled weight decay.
 SHARDOPT_HD inline void adamw(float& p, float g, float& m, float& v, const StepScalars& s) {

@@ -61,11 +61,11 @@ std::optional<std::uint64_t> generation_of(const std::string& name) {
 
 // Collective: every rank learns the largest value any rank passed (0 or 1 for failure flags,
 // small integers for generations: exact in fp32 below 2^24). Uses the step's scratch scalars
-// (elements 2-3 of the device scalars, as step() does), so it works on every backend.
+// (elements 2-3 of the fp32 scalars, the step's totals), so it works on every backend.
 template <class I>
 float agree_max(I& im, float value) {
-  float* hs = im.host_scalars.template as<float>();
-  float* sc = im.scalars.template as<float>();
+  float* hs = im.host_floats();
+  float* sc = im.dev_floats();
   hs[2] = value;
   im.be.copy(sc + 2, hs + 2, 4, *im.side);
   im.comm.all_reduce(sc + 2, sc + 2, 1, DType::fp32, ReduceOp::max, *im.side);
@@ -168,6 +168,7 @@ void save_impl(I& im, const std::string& dir) {
   require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
   im.be.synchronize(*im.side);
   im.be.synchronize(*im.compute);
+  im.settle_state();
 
   // The new generation: one past the committed one (a directory without a valid manifest starts
   // at 1). Every rank reads the manifest; the largest proposal wins so all use the same names.
@@ -234,11 +235,11 @@ void save_impl(I& im, const std::string& dir) {
       m.optimizer = im.cfg.optimizer;
       m.fields = fields;
       m.groups = im.groups;
-      m.step = im.step_count;
+      m.step = im.host_state.step;
       m.loss_scale_mode = im.cfg.loss_scaling.mode;
-      m.loss_scale = im.loss_scale;
-      m.good_steps = im.good_steps;
-      m.overflow_run = im.overflow_run;
+      m.loss_scale = im.host_state.loss_scale;
+      m.good_steps = im.host_state.good_steps;
+      m.overflow_run = im.host_state.overflow_run;
       m.chunk = chunk;
       const auto& tensors = im.layout.tensors();
       for (const auto& ti : tensors) {
@@ -403,13 +404,14 @@ void load_impl(I& im, const std::string& dir) {
       s.unit = -1;
     }
   }
-  im.step_count = m.step;
+  im.settle_state();
+  im.host_state.step = m.step;
   if (im.cfg.loss_scaling.mode != LossScaleMode::none && m.loss_scale_mode == im.cfg.loss_scaling.mode) {
-    im.loss_scale = m.loss_scale;
-    im.good_steps = m.good_steps;
-    im.overflow_run = m.overflow_run;
+    im.host_state.loss_scale = m.loss_scale;
+    im.host_state.good_steps = m.good_steps;
+    im.host_state.overflow_run = m.overflow_run;
   }
-  im.be.synchronize(*im.side);
+  im.push_state();  // synchronizes side
 }
 
 }  // namespace

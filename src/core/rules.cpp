@@ -25,10 +25,6 @@ std::string describe_lr(OptimizerKind kind, float lr) {
   return os.str();
 }
 
-// Scalars are derived in double and rounded once to float, so each one carries at most half an
-// ulp of error however large `step` grows (beta^t in float would lose digits as t grows).
-float to_float(double x) { return static_cast<float>(x); }
-
 }  // namespace
 
 StepScalars make_step_scalars(OptimizerKind kind, const Hyperparams& h, std::int64_t step,
@@ -37,45 +33,17 @@ StepScalars make_step_scalars(OptimizerKind kind, const Hyperparams& h, std::int
   // NaN fails the comparison, so it is rejected together with negative values.
   if (!(std::isfinite(h.lr) && h.lr >= 0.0f)) throw Error(ErrorCode::invalid_argument, describe_lr(kind, h.lr));
 
-  StepScalars s;
-  s.lr = h.lr;
-  s.weight_decay = h.weight_decay;
-  s.grad_scale = grad_scale;
-  const double t = static_cast<double>(step);
-
   switch (kind) {
     case OptimizerKind::adamw:
-    case OptimizerKind::adam: {
-      s.beta1 = h.beta1;
-      s.beta2 = h.beta2;
-      s.eps = h.eps;
-      s.one_minus_beta1 = to_float(1.0 - static_cast<double>(h.beta1));
-      s.one_minus_beta2 = to_float(1.0 - static_cast<double>(h.beta2));
-      s.bias_correction1 = to_float(1.0 / (1.0 - std::pow(static_cast<double>(h.beta1), t)));
-      s.bias_correction2_sqrt = to_float(1.0 / std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), t)));
-      break;
-    }
-    case OptimizerKind::sgd: {
-      s.momentum = h.momentum;
-      s.one_minus_dampening = to_float(1.0 - static_cast<double>(h.dampening));
-      s.nesterov = h.nesterov;
-      s.first_step = (step == 1);
-      break;
-    }
-    case OptimizerKind::lion: {
-      // Lion interpolates with beta1 for the update direction and with beta2 for the momentum it
-      // keeps; it has no bias correction, so those stay 1.
-      s.beta1 = h.beta1;
-      s.beta2 = h.beta2;
-      s.one_minus_beta1 = to_float(1.0 - static_cast<double>(h.beta1));
-      s.one_minus_beta2 = to_float(1.0 - static_cast<double>(h.beta2));
-      break;
-    }
-    default:
-      throw Error(ErrorCode::invalid_argument,
-                  "make_step_scalars: unknown OptimizerKind " + std::to_string(static_cast<int>(kind)));
+    case OptimizerKind::adam:
+    case OptimizerKind::sgd:
+    case OptimizerKind::lion:
+      // Scalars are derived in double and rounded once to float, so each one carries at most about
+      // half an ulp of error however large `step` grows (beta^t in float would lose digits).
+      return step_scalars(kind, h, step, grad_scale);
   }
-  return s;
+  throw Error(ErrorCode::invalid_argument,
+              "make_step_scalars: unknown OptimizerKind " + std::to_string(static_cast<int>(kind)));
 }
 
 }  // namespace shardopt

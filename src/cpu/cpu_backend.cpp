@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "comm/collective.hpp"
+#include "core/step_control_check.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
 #include "shardopt/backend.hpp"
@@ -439,7 +440,9 @@ class CpuBackend final : public Backend {
         [pool = pool_, k = k_, a = args] {
           if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) return;
           UpdateArgs run = a;
+          if (run.scalars_ptr != nullptr) run.scalars = *run.scalars_ptr;
           if (run.scale_ptr != nullptr) run.scalars.grad_scale *= *run.scale_ptr;
+          run.scalars_ptr = nullptr;
           run.scale_ptr = nullptr;
           run.skip_ptr = nullptr;
           pool->parallel_for(run.n, kKernelChunk, [&](std::size_t b, std::size_t e) {
@@ -447,6 +450,21 @@ class CpuBackend final : public Backend {
           });
         },
         false);
+  }
+
+  void step_totals(const float* partials, std::size_t count, const float* flag, float* totals,
+                   Stream& stream) override {
+    StreamCore& sc = core_of(stream);
+    require_ptr(partials, count, "step_totals", "partials");
+    require_ptr(flag, 1, "step_totals", "flag");
+    require_ptr(totals, 2, "step_totals", "totals");
+    sc.enqueue([partials, count, flag, totals] { rules::step_totals(partials, count, flag, totals); }, false);
+  }
+
+  void step_control(const StepControlArgs& args, Stream& stream) override {
+    StreamCore& sc = core_of(stream);
+    detail::check_step_control(args);
+    sc.enqueue([a = args] { rules::step_control(a); }, false);
   }
 
   void accumulate(const void* src, DType src_dtype, float* dst, std::size_t n, Stream& stream) override {

@@ -71,6 +71,12 @@ void Engine::release(int block) { impl_->release(block); }
 BlockView Engine::gradients(int block) { return impl_->gradients(block); }
 void Engine::grads_ready(int block) { impl_->grads_ready(block); }
 StepResult Engine::step() { return impl_->step(); }
+void Engine::step_async() { impl_->step_async(); }
+StepResult Engine::last_result() { return impl_->last_result(); }
+const float* Engine::loss_scale_buffer() const {
+  impl_->require_initialized("loss_scale_buffer");
+  return &impl_->dev_state()->loss_scale;
+}
 void Engine::zero_grad() { impl_->zero_grad(); }
 
 void Engine::read_master(const std::function<void(int, std::size_t, std::size_t, const float*)>& fn) {

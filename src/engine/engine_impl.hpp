@@ -35,6 +35,7 @@ struct Engine::Impl {
   struct Range {
     int unit = 0;
     int group = 0;
+    int slot = 0;  // index of the group in control_gids (its step-control slot)
     std::size_t unit_begin = 0;  // first element within the unit buffer
     std::size_t n = 0;
     float* master = nullptr;
@@ -65,7 +66,7 @@ struct Engine::Impl {
   int rank = 0, world = 1;
   std::vector<BlockSpec> specs;
   std::map<int, Hyperparams> groups;
-  std::map<int, StepScalars> step_scalars;  // per group, rewritten by every step()
+  std::map<int, StepScalars> step_scalars;  // per group: the host copy the offload update reads
   bool initialized = false;
 
   Layout layout;
@@ -79,6 +80,8 @@ struct Engine::Impl {
 
   std::unique_ptr<Stream> compute, side;  // side: communication and the optimizer step
   std::unique_ptr<Event> compute_done, side_done;
+  std::unique_ptr<Event> step_done;     // recorded on side at the end of every step
+  std::unique_ptr<Event> result_ready;  // the step's StepState has reached host_scalars
 
   Buffer params_full, grads_full, grads_reduced, master, states[2], param_shard, grad_shard;
   Buffer reduce_buf, rs_tmp, scalars, host_scalars, init_staging;
@@ -104,10 +107,14 @@ struct Engine::Impl {
   int last_unit = -1, direction = 1;
   std::uint64_t tick = 0;
 
-  // optimizer and loss-scaler state
-  std::int64_t step_count = 0;
-  float loss_scale = 1.0f;
-  int good_steps = 0, overflow_run = 0;
+  // Optimizer and loss-scaler state. The StepState in `scalars` (backend memory) is the truth:
+  // every step updates it in stream order. `host_state` is its host copy, current when
+  // result_pending is false (settle_state() makes it so).
+  detail::ControlLayout ctl;
+  std::vector<int> control_gids;  // group of each step-control slot
+  StepState host_state;
+  bool result_pending = false;  // a step ran since host_state was read
+  bool step_in_flight = false;  // CPU backend: the host has not yet waited for the last step
 
   std::unique_ptr<float[]> nvme_view;
   std::unique_ptr<offload::OffloadEngine> offloader;
@@ -124,12 +131,14 @@ struct Engine::Impl {
     c = cfg.compute_dtype;
     r = cfg.reduce_dtype;
     nstates = state_count(cfg.optimizer);
-    loss_scale = cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
+    host_state.loss_scale = cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
     compute = be.create_stream("shardopt.compute.r" + std::to_string(rank));
     side = be.create_stream("shardopt.comm.r" + std::to_string(rank));
     compute_done = be.create_event();
     side_done = be.create_event();
     reduced = be.create_event();
+    step_done = be.create_event();
+    result_ready = be.create_event();
   }
 
   void require_initialized(const char* call) const {
@@ -157,6 +166,8 @@ struct Engine::Impl {
     gs = p.shard_grad_dtype;
     oplan = p.offload;
     buffer_specs = std::move(p.buffers);
+    ctl = p.control;
+    control_gids = detail::control_groups(layout);
     for (const auto& t : layout.tensors())
       if (!groups.count(t.group)) groups[t.group] = groups[0];
     for (const auto& g : groups) step_scalars[g.first] = StepScalars{};
@@ -221,7 +232,47 @@ struct Engine::Impl {
         case Buf::nvme_file: break;
       }
     }
-    be.fill(scalars.as<float>() + 1, DType::fp32, 1, 1.0f, *side);
+    be.fill(dev_floats() + 1, DType::fp32, 1, 1.0f, *side);
+    // The step-control block: the initial StepState and every group's hyperparameters.
+    for (std::size_t i = 0; i < control_gids.size(); ++i)
+      host_control<Hyperparams>(ctl.hyper)[i] = groups.at(control_gids[i]);
+    push_state();
+  }
+
+  // ---------------------------------------------------------------- step control block
+  template <class T>
+  T* host_control(std::size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<std::byte*>(host_scalars.data()) + offset);
+  }
+  template <class T>
+  T* dev_control(std::size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<std::byte*>(scalars.data()) + offset);
+  }
+  float* dev_floats() const { return dev_control<float>(ctl.floats); }
+  float* host_floats() const { return host_control<float>(ctl.floats); }
+  StepState* dev_state() const { return dev_control<StepState>(0); }
+
+  // host_state and the hyperparameters -> backend memory (in order on side; host_scalars is free
+  // to reuse when this returns).
+  void push_state() {
+    *host_control<StepState>(0) = host_state;
+    be.copy(scalars.data(), host_scalars.data(), ctl.scalars, *side);
+    be.synchronize(*side);
+    result_pending = false;
+  }
+  // Makes host_state current: waits for the last step's result (not for its update).
+  void settle_state() {
+    if (!result_pending) return;
+    be.synchronize(*result_ready);
+    host_state = *host_control<StepState>(0);
+    result_pending = false;
+  }
+  // CPU backend: the host reads and writes views directly, so it waits for the last step to end.
+  // (On a GPU compute_stream() already waits for it.)
+  void settle_host() {
+    if (!step_in_flight) return;
+    if (host_visible()) be.synchronize(*step_done);
+    step_in_flight = false;
   }
 
   // ---------------------------------------------------------------- offload
@@ -417,6 +468,9 @@ struct Engine::Impl {
       }
       emit(hi);
     }
+    for (Range& rg : ranges)
+      rg.slot = static_cast<int>(std::lower_bound(control_gids.begin(), control_gids.end(), rg.group) -
+                                 control_gids.begin());
   }
 
   // ---------------------------------------------------------------- initialization
@@ -605,6 +659,7 @@ struct Engine::Impl {
 
   BlockView acquire(int b) {
     check_block(b, "acquire");
+    settle_host();
     const auto& bi = layout.blocks()[b];
     void* unit = cfg.stage == 3 ? unit_params_stage3(bi.unit, true) : at(params_full, base[bi.unit], c);
     block_acquired[b]++;
@@ -628,6 +683,7 @@ struct Engine::Impl {
 
   BlockView gradients(int b) {
     check_block(b, "gradients");
+    settle_host();
     if (block_ready[b])
       throw Error(ErrorCode::invalid_state, "gradients: block '" + layout.blocks()[b].name +
                                                 "' already reported grads_ready in this micro-step");
@@ -737,25 +793,9 @@ struct Engine::Impl {
     if (cfg.stage >= 2 && cfg.accumulation_steps > 1) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
   }
 
-  void update_loss_scale(bool overflow) {
-    const LossScaling& ls = cfg.loss_scaling;
-    if (ls.mode != LossScaleMode::dynamic) return;
-    if (overflow) {
-      good_steps = 0;
-      if (++overflow_run >= ls.hysteresis) {
-        loss_scale = std::max(loss_scale * ls.backoff, ls.min_scale);
-        overflow_run = 0;
-      }
-    } else {
-      overflow_run = 0;
-      if (++good_steps >= ls.growth_interval) {
-        loss_scale *= ls.growth_factor;
-        good_steps = 0;
-      }
-    }
-  }
-
-  StepResult step() {
+  // Enqueues a whole step on side and returns without waiting on the host, except with offload
+  // (the CPU update needs the step's decisions on the host).
+  void step_async() {
     require_initialized("step");
     if (micro_steps != cfg.accumulation_steps || ready_blocks != 0) {
       std::string missing;
@@ -768,6 +808,10 @@ struct Engine::Impl {
     for (std::size_t b = 0; b < block_acquired.size(); ++b)
       if (block_acquired[b] && cfg.stage == 3)
         throw Error(ErrorCode::invalid_state, "step: block '" + layout.blocks()[b].name + "' is still acquired");
+    // Offload: the step is synchronous anyway; the state before it is what a failed CPU update
+    // restores.
+    if (offloaded()) settle_state();
+    const StepState before = host_state;
 
     if (cfg.stage <= 1) {
       reduce_all_stage01();
@@ -785,83 +829,71 @@ struct Engine::Impl {
     // The gradient download reads what unscale_check below rewrites in place (times one): the
     // check waits for the download, on the device, not on the host.
     if (offloaded()) offloader->downloads_before(*side);
-    // Overflow check and squared norm of the (still loss-scaled, micro-step-summed) gradient.
-    float* sc = scalars.as<float>();
+    // Overflow check and squared norm of the (still loss-scaled, micro-step-summed) gradient,
+    // summed over ranks, then the step's decisions: all in backend memory, in stream order.
+    float* sc = dev_floats();
     be.fill(sc, DType::fp32, 1, 0.0f, *side);
     for (std::size_t i = 0; i < ranges.size(); ++i) {
       const Range& rg = ranges[i];
       be.unscale_check(rg.grad, rg.grad_dtype, rg.n, sc + 1, sc, *side);
       be.sum_squares(rg.grad, rg.grad_dtype, rg.n, sc + 4 + i, *side);
     }
-    float* hs = host_scalars.as<float>();
-    be.copy(hs, sc, (4 + ranges.size()) * 4, *side);
-    be.synchronize(*side);
-    double local = 0;
-    for (std::size_t i = 0; i < ranges.size(); ++i) local += hs[4 + i];
-    double sumsq = local;
-    bool overflow = hs[0] != 0.0f;
-    if (cfg.stage >= 1 && world > 1) {
-      hs[2] = static_cast<float>(local);
-      hs[3] = hs[0];
-      be.copy(sc + 2, hs + 2, 8, *side);
-      comm.all_reduce(sc + 2, sc + 2, 2, DType::fp32, ReduceOp::sum, *side);
-      be.copy(hs + 2, sc + 2, 8, *side);
-      be.synchronize(*side);
-      sumsq = hs[2];
-      overflow = hs[3] != 0.0f;
-    }
-    overflow = overflow || !std::isfinite(sumsq);
+    be.step_totals(sc + 4, ranges.size(), sc, sc + 2, *side);
+    // Stage 0 reduced whole gradients: every rank already holds the global norm.
+    if (cfg.stage >= 1 && world > 1) comm.all_reduce(sc + 2, sc + 2, 2, DType::fp32, ReduceOp::sum, *side);
+    StepControlArgs ca;
+    ca.rule = cfg.optimizer;
+    ca.totals = sc + 2;
+    ca.state = dev_state();
+    ca.hyper = dev_control<Hyperparams>(ctl.hyper);
+    ca.scalars = dev_control<StepScalars>(ctl.scalars);
+    ca.groups = static_cast<int>(control_gids.size());
+    ca.accumulation_steps = cfg.accumulation_steps;
+    ca.max_grad_norm = cfg.max_grad_norm;
+    ca.loss_scaling = cfg.loss_scaling;
+    be.step_control(ca, *side);
 
-    StepResult res;
-    const double inv = 1.0 / (static_cast<double>(loss_scale) * cfg.accumulation_steps);
-    res.grad_norm = overflow ? std::numeric_limits<double>::infinity() : std::sqrt(sumsq) * inv;
-    if (overflow) {
-      if (offloaded()) offloader->finish_downloads();
-      update_loss_scale(true);
-      zero_local_grads();
-      be.synchronize(*side);
-      micro_steps = 0;
-      res.applied = false;
-      res.step = step_count;
-      res.loss_scale = loss_scale;
-      return res;
-    }
-    double clip = 1.0;
-    if (cfg.max_grad_norm > 0 && res.grad_norm > cfg.max_grad_norm) clip = cfg.max_grad_norm / (res.grad_norm + 1e-6);
-    res.clip_coefficient = static_cast<float>(clip);
-
-    step_count++;
-    std::map<int, StepScalars>& scal = step_scalars;  // keys made in plan(): no allocation here
-    for (const auto& [g, h] : groups)
-      scal[g] = make_step_scalars(cfg.optimizer, h, step_count, static_cast<float>(inv * clip));
     if (offloaded()) {
-      // The CPU update reads the host copy of the (still loss-scaled) gradient; the device kernels
-      // above only measured it, with a scale of one, so both copies hold the same values.
+      be.copy(host_scalars.data(), scalars.data(), ctl.floats, *side);
+      be.synchronize(*side);
+      host_state = *host_control<StepState>(0);
+      result_pending = false;
       offloader->finish_downloads();
-      try {
-        offloader->update(scal);
-      } catch (...) {
-        step_count--;  // nvme: the file still holds the previous step (see nvme_store.hpp)
-        throw;
+      if (host_state.applied) {
+        // The CPU update reads the host copy of the (still loss-scaled) gradient; the device
+        // kernels above only measured it, with a scale of one, so both copies hold the same values.
+        const StepScalars* hsc = host_control<StepScalars>(ctl.scalars);
+        for (std::size_t i = 0; i < control_gids.size(); ++i) step_scalars[control_gids[i]] = hsc[i];
+        try {
+          offloader->update(step_scalars);
+        } catch (...) {
+          // nvme: the file still holds the previous step (see nvme_store.hpp); so does the state.
+          host_state = before;
+          push_state();
+          throw;
+        }
+        be.wait(*side, offloader->uploaded());
       }
-      be.wait(*side, offloader->uploaded());
+    } else {
+      for (const Range& rg : ranges) {
+        UpdateArgs a;
+        a.rule = cfg.optimizer;
+        a.scalars_ptr = dev_control<StepScalars>(ctl.scalars) + rg.slot;
+        a.skip_ptr = &dev_state()->skip;
+        a.master = rg.master;
+        a.state1 = rg.state[0];
+        a.state2 = rg.state[1];
+        a.grad = rg.grad;
+        a.grad_dtype = rg.grad_dtype;
+        a.param_out = rg.param_out;
+        a.param_dtype = c;
+        a.n = rg.n;
+        be.fused_update(a, *side);
+      }
     }
-    for (const Range& rg : ranges) {
-      if (offloaded()) break;  // updated above
-      UpdateArgs a;
-      a.rule = cfg.optimizer;
-      a.scalars = scal[rg.group];
-      a.master = rg.master;
-      a.state1 = rg.state[0];
-      a.state2 = rg.state[1];
-      a.grad = rg.grad;
-      a.grad_dtype = rg.grad_dtype;
-      a.param_out = rg.param_out;
-      a.param_dtype = c;
-      a.n = rg.n;
-      be.fused_update(a, *side);
-    }
-    gather_full_params();
+    // A skipped step left the parameters as they were: gathering them again changes nothing (the
+    // device does not tell the host it skipped, so the gathers are enqueued either way).
+    if (!offloaded() || host_state.applied) gather_full_params();
     if (cfg.stage == 3) {
       for (auto& s : slots) {
         if (s.unit >= 0) unit_slot[s.unit] = -1;
@@ -869,13 +901,34 @@ struct Engine::Impl {
       }
     }
     zero_local_grads();
-    be.synchronize(*side);
+    if (!offloaded()) {
+      be.copy(host_scalars.data(), scalars.data(), sizeof(StepState), *side);
+      be.record(*result_ready, *side);
+      result_pending = true;
+    }
+    be.record(*step_done, *side);
+    be.wait(*compute, *step_done);
+    step_in_flight = true;
     micro_steps = 0;
-    update_loss_scale(false);
-    res.applied = true;
-    res.step = step_count;
-    res.loss_scale = loss_scale;
+  }
+
+  StepResult last_result() {
+    require_initialized("last_result");
+    settle_state();
+    StepResult res;
+    res.applied = host_state.applied != 0;
+    res.step = host_state.step;
+    res.loss_scale = host_state.loss_scale;
+    res.grad_norm = host_state.grad_norm;
+    res.clip_coefficient = host_state.clip_coefficient;
     return res;
+  }
+
+  StepResult step() {
+    step_async();
+    be.synchronize(*side);
+    step_in_flight = false;
+    return last_result();
   }
 
   void zero_grad() {

@@ -4,6 +4,7 @@
 #include <atomic>
 
 #include "shardopt/error.hpp"
+#include "shardopt/step_control.hpp"
 
 namespace shardopt::detail {
 
@@ -18,6 +19,25 @@ LayoutOptions layout_options(const Config& config, int world_size) {
   lo.alignment = config.alignment;
   lo.bucket_elems = std::max<std::size_t>(1, config.bucket_bytes / size_of(config.compute_dtype));
   return lo;
+}
+
+ControlLayout control_layout(std::size_t groups, std::size_t float_count) noexcept {
+  const auto up = [](std::size_t b) { return (b + 63) / 64 * 64; };
+  ControlLayout c;
+  c.groups = groups;
+  c.hyper = up(sizeof(StepState));
+  c.scalars = c.hyper + up(groups * sizeof(Hyperparams));
+  c.floats = c.scalars + up(groups * sizeof(StepScalars));
+  c.float_count = float_count;
+  return c;
+}
+
+std::vector<int> control_groups(const Layout& layout) {
+  std::vector<int> g{0};
+  for (const auto& t : layout.tensors()) g.push_back(t.group);
+  std::sort(g.begin(), g.end());
+  g.erase(std::unique(g.begin(), g.end()), g.end());
+  return g;
 }
 
 EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, int world) {
@@ -120,11 +140,10 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
       for (int i = 0; i <= cfg.prefetch_units; ++i)
         add(Buf::slot, i, U, c, Category::parameters, "gathered unit slot " + std::to_string(i));
   }
-  // [0] non-finite flag, [1] constant one, [2..3] the global (sumsq, flag) pair, then one partial
-  // sum of squares per update range (at most one per tensor plus one per unit).
-  p.scalar_count = 4 + L.tensors().size() + L.units().size();
-  add(Buf::scalars, 0, p.scalar_count, DType::fp32, Category::other, "step scalars");
-  add(Buf::host_scalars, 0, p.scalar_count, DType::fp32, Category::other, "step scalars (host copy)",
+  // At most one update range per tensor plus one per unit.
+  p.control = control_layout(control_groups(L).size(), 4 + L.tensors().size() + L.units().size());
+  add(Buf::scalars, 0, p.control.total_floats(), DType::fp32, Category::other, "step scalars");
+  add(Buf::host_scalars, 0, p.control.total_floats(), DType::fp32, Category::other, "step scalars (host copy)",
       Place::pinned_host);
   // Initial values are produced on the host in chunks of at most kInitChunk elements of one piece.
   // Sized by the largest piece any rank owns, so every rank plans (and allocates) the same.

@@ -24,8 +24,8 @@ enum class Buf : unsigned char {
   rs_tmp,         // stages 2-3 with accumulation: one reduce-scatter slice
   slot,           // stage 3: gathered unit `index`
   persistent,     // stage 3: unit `index` kept gathered
-  scalars,        // step scalars on the device
-  host_scalars,   // their host copy
+  scalars,        // step control block and step scalars on the device (see ControlLayout)
+  host_scalars,   // their host copy (pinned)
   init_staging,   // host staging for initial values (transient: freed by initialize)
   // ---- offload (offload/): see offload/offload_engine.hpp for the pipeline these serve
   host_grad,      // optimizer offload: the reduced gradient copied down, one element per state element
@@ -59,10 +59,28 @@ struct OffloadPlan {
   std::size_t file_bytes = 0;    // nvme: header + two generations of every cell
 };
 
+// The scalars buffers: first the step-control block (StepState, then each parameter group's
+// Hyperparams, then each group's StepScalars, every part 64-byte aligned), then `floats` fp32
+// scalars: [0] non-finite flag, [1] constant one, [2..3] the totals (sum of squares, flag) that
+// the ranks all-reduce, then one partial sum of squares per update range.
+struct ControlLayout {
+  std::size_t groups = 0;
+  std::size_t hyper = 0;    // byte offsets
+  std::size_t scalars = 0;
+  std::size_t floats = 0;   // byte offset of the fp32 scalars
+  std::size_t float_count = 0;
+  std::size_t total_floats() const noexcept { return floats / 4 + float_count; }
+};
+ControlLayout control_layout(std::size_t groups, std::size_t float_count) noexcept;
+
+// Parameter groups in the order of their step-control slots: group 0 and every group a tensor
+// uses, ascending.
+std::vector<int> control_groups(const Layout& layout);
+
 struct EnginePlan {
   Layout layout;
   DType shard_grad_dtype = DType::fp32;
-  std::size_t scalar_count = 0;
+  ControlLayout control;
   std::vector<BufferSpec> buffers;
   OffloadPlan offload;
 };
