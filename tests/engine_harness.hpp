@@ -280,6 +280,10 @@ struct RunSpec {
   // non-finite value injects an overflow.
   std::function<float(int step, int micro, int rank)> grad_factor;
   WorldKind where = WorldKind::cpu;
+  // Drive the steps with step_async(): the loss scale for the next step comes from
+  // loss_scale_buffer() (read in stream order), and last_result() is asked for after the last
+  // step only (results then holds that one StepResult per rank).
+  bool async = false;
 };
 
 struct RunResult {
@@ -288,6 +292,7 @@ struct RunResult {
   std::vector<std::vector<int>> coverage;     // how many ranks reported each element
   std::vector<std::vector<float>> params;     // per tensor, compute-dtype values rank 0 acquires, as float
   std::vector<std::vector<StepResult>> results;  // [rank][step]
+  std::vector<std::vector<float>> scales_seen;    // [rank][step]: loss_scale_buffer() after the step
   std::vector<MemoryReport> memory;           // per rank, after the run
   std::vector<CommStats> comm_last_step;      // per rank, traffic of the last step alone
   std::vector<std::string> tensor_names;
@@ -329,6 +334,7 @@ inline RunResult run_training(const RunSpec& spec) {
   out.coverage.resize(ntensors);
   out.params.resize(ntensors);
   out.results.resize(spec.world);
+  out.scales_seen.resize(spec.world);
   out.memory.resize(spec.world);
   out.comm_last_step.resize(spec.world);
   std::mutex m;
@@ -352,16 +358,30 @@ inline RunResult run_training(const RunSpec& spec) {
       }
     }
     const DType c = spec.cfg.compute_dtype;
+    Backend& be = *w.backends[rank];
     for (int s = 0; s < spec.steps; ++s) {
-      const float scale = out.results[rank].empty() ? (spec.cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : spec.cfg.loss_scaling.initial_scale)
-                                                    : out.results[rank].back().loss_scale;
+      const float scale = out.scales_seen[rank].empty() ? (spec.cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : spec.cfg.loss_scaling.initial_scale)
+                                                        : out.scales_seen[rank].back();
       if (s == spec.steps - 1) e.reset_comm_report();
       for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro)
         synthetic_micro_step(e, rank, s, micro, spec.seed,
-                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f),
-                             w.backends[rank].get());
-      out.results[rank].push_back(e.step());
+                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f), &be);
+      if (spec.async) {
+        e.step_async();
+      } else {
+        out.results[rank].push_back(e.step());
+      }
+      // The documented way to read the scale on any backend: in order on compute_stream(). An
+      // asynchronous run with a constant scale does not read it, so nothing but the engine's own
+      // ordering makes the next micro-step wait for this step.
+      float seen = scale;
+      if (!spec.async || spec.cfg.loss_scaling.mode == LossScaleMode::dynamic) {
+        be.copy(&seen, e.loss_scale_buffer(), sizeof seen, e.compute_stream());
+        be.synchronize(e.compute_stream());
+      }
+      out.scales_seen[rank].push_back(seen);
     }
+    if (spec.async && spec.steps > 0) out.results[rank].push_back(e.last_result());
     const CommStats cs = e.comm_report();
     auto collect = [&](std::vector<std::vector<float>>& dst, bool count) {
       return [&dst, &out, count, &m](int t, std::size_t begin, std::size_t n, const float* v) {
