@@ -93,6 +93,19 @@ CudaStream::~CudaStream() {
   (void)cudaGetLastError();
 }
 
+unsigned long long capture_id(cudaStream_t stream, std::string_view name) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  check(cudaStreamGetCaptureInfo(stream, &status, &id), "cudaStreamGetCaptureInfo",
+        "asking whether stream '" + std::string(name) + "' is being captured");
+  return status == cudaStreamCaptureStatusActive ? id : 0;
+}
+
+unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned long long recorded_in) {
+  const unsigned long long capture = capture_id(stream, name);
+  return capture != 0 && recorded_in != capture ? cudaEventWaitExternal : cudaEventWaitDefault;
+}
+
 CudaStream& cuda_stream(Stream& stream, std::string_view what) {
   auto* s = dynamic_cast<CudaStream*>(&stream);
   if (s == nullptr)
@@ -128,10 +141,20 @@ class CudaEvent final : public Event {
     std::lock_guard<std::mutex> lock(mutex_);
     return slot_;
   }
+  // The id of the stream capture its last record joined (0: recorded outside any capture).
+  void set_capture(unsigned long long id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    capture_ = id;
+  }
+  unsigned long long capture() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return capture_;
+  }
 
  private:
   mutable std::mutex mutex_;
   std::shared_ptr<ErrorSlot> slot_;
+  unsigned long long capture_ = 0;
   int device_;
   cudaEvent_t event_ = nullptr;
 };
@@ -552,15 +575,23 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device_);
     check(cudaEventRecord(e.handle(), s.handle()), "cudaEventRecord", "recording an event on stream '" + s.name() + "'");
     e.set_slot(s.errors());
+    e.set_capture(capture_id(s.handle(), s.name()));
   }
 
+  // While `stream` is being captured into a CUDA graph, an event recorded outside that capture
+  // (by earlier, eager work: the previous step's "bucket free", say) is waited on as an external
+  // event node: at each launch the graph waits for that event's last real record. A plain wait
+  // would be an error (CUDA does not let a capture depend on uncaptured work).
   void wait(Stream& stream, Event& event) override {
     CudaEvent& e = cuda_event(event, "wait");
     CudaStream& s = own(stream, "wait");
     DeviceGuard guard(device_);
-    check(cudaStreamWaitEvent(s.handle(), e.handle(), 0), "cudaStreamWaitEvent",
+    check(cudaStreamWaitEvent(s.handle(), e.handle(), wait_flags(s.handle(), s.name(), e.capture())),
+          "cudaStreamWaitEvent",
           "making stream '" + s.name() + "' wait for an event");
   }
+
+
 
   void synchronize(Event& event) override {
     CudaEvent& e = cuda_event(event, "synchronize");
@@ -944,6 +975,10 @@ int cuda_device_count() noexcept {
 bool cuda_device_available() noexcept { return cuda_device_count() > 0; }
 
 int cuda_device_of(const Backend& backend) { return cuda_impl::device_of(backend, "cuda_device_of"); }
+
+void* cuda_stream_handle(Stream& stream) {
+  return static_cast<void*>(cuda_impl::cuda_stream(stream, "cuda_stream_handle").handle());
+}
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   int count = 0;

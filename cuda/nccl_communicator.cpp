@@ -192,8 +192,8 @@ class NcclCommunicator final : public Communicator {
   // (rare: the scratch only grows, in steps of kScratchGranule elements).
   float* acquire_scratch(std::size_t elems, CudaStream& s) {
     if (scratch_used_)
-      check(cudaStreamWaitEvent(s.handle(), scratch_free_, 0), "cudaStreamWaitEvent",
-            "ordering the NCCL fp32 scratch on stream '" + s.name() + "'");
+      check(cudaStreamWaitEvent(s.handle(), scratch_free_, wait_flags(s.handle(), s.name(), scratch_capture_)),
+            "cudaStreamWaitEvent", "ordering the NCCL fp32 scratch on stream '" + s.name() + "'");
     if (elems > scratch_elems_) {
       if (scratch_used_)
         check(cudaEventSynchronize(scratch_free_), "cudaEventSynchronize", "waiting to grow the NCCL fp32 scratch");
@@ -211,6 +211,7 @@ class NcclCommunicator final : public Communicator {
   void release_scratch(CudaStream& s) {
     check(cudaEventRecord(scratch_free_, s.handle()), "cudaEventRecord",
           "marking the NCCL fp32 scratch free on stream '" + s.name() + "'");
+    scratch_capture_ = capture_id(s.handle(), s.name());
     scratch_used_ = true;
   }
 
@@ -225,6 +226,7 @@ class NcclCommunicator final : public Communicator {
   std::size_t scratch_elems_ = 0;
   cudaEvent_t scratch_free_ = nullptr;  // recorded after the scratch's last use
   bool scratch_used_ = false;
+  unsigned long long scratch_capture_ = 0;  // the capture its last record joined (0: none)
 };
 
 }  // namespace

@@ -19,6 +19,11 @@ int cuda_device_of(const Backend&) {
   throw Error(ErrorCode::unsupported, "cuda_device_of: shardopt was built without CUDA, so no backend is a CUDA one");
 }
 
+void* cuda_stream_handle(Stream& stream) {
+  throw Error(ErrorCode::unsupported, "cuda_stream_handle(stream '" + stream.name() +
+                                          "'): shardopt was built without CUDA, so no stream is a CUDA one");
+}
+
 NcclUniqueId nccl_unique_id() {
   throw Error(ErrorCode::unsupported, "nccl_unique_id: shardopt was built without CUDA and NCCL");
 }

@@ -34,6 +34,12 @@ std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 // CUDA backend (Error(unsupported) in a build without CUDA).
 int cuda_device_of(const Backend& backend);
 
+// The cudaStream_t behind a stream of a CUDA backend, as void* (cast it back), so a trainer can
+// launch its own kernels on, say, Engine::compute_stream(), or capture a step into a CUDA graph.
+// The stream stays owned by the backend. Throws Error(invalid_argument) if `stream` is not a CUDA
+// backend's (Error(unsupported) in a build without CUDA).
+void* cuda_stream_handle(Stream& stream);
+
 // The opaque bootstrap token of an NCCL group: created by one rank, sent to all the others (over
 // MPI, a file, a socket) and passed to make_nccl_communicator on each.
 struct NcclUniqueId {

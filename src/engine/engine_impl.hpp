@@ -812,6 +812,10 @@ struct Engine::Impl {
     // restores.
     if (offloaded()) settle_state();
     const StepState before = host_state;
+    // The step runs on side, after everything the trainer enqueued on compute (this also makes
+    // side join a CUDA graph capture begun on compute_stream()).
+    be.record(*compute_done, *compute);
+    be.wait(*side, *compute_done);
 
     if (cfg.stage <= 1) {
       reduce_all_stage01();

@@ -23,6 +23,7 @@
 #include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/rules.hpp"
+#include "shardopt/step_control.hpp"
 
 namespace shardopt {
 namespace {
@@ -433,6 +434,110 @@ TEST_F(CudaBackendTest, FusedUpdateSkipsOnDeviceFlagAndHandlesInPlaceFp32) {
 
   g.param_dtype = DType::bf16;  // a 16-bit param_out may not alias master
   EXPECT_THROW(gpu->fused_update(g, *gs), Error);
+}
+
+// ---- step control: the step's decisions on the device, bit for bit ---------------------------
+
+// A run of steps with random totals (finite, flagged, infinite, NaN) through step_totals and
+// step_control on both backends, a dynamic loss scaler and clipping; after every step the state
+// and the scalars of both groups must have the same bits, and an update fed by pointer must too.
+TEST_F(CudaBackendTest, StepControlMatchesCpuBitForBit) {
+  constexpr std::size_t kState = 0, kHyper = 256, kScalars = 512, kFloats = 1024;
+  constexpr int kParts = 37, kGroups = 2;
+  Bytes block(4096, 0);
+  StepState init;
+  init.loss_scale = 1024.0f;
+  std::memcpy(block.data() + kState, &init, sizeof init);
+  Hyperparams hyper[kGroups];
+  hyper[1].beta1 = 0.8f, hyper[1].beta2 = 0.95f, hyper[1].lr = 3e-3f, hyper[1].weight_decay = 0.0f;
+  std::memcpy(block.data() + kHyper, hyper, sizeof hyper);
+  Mirror ctl = mirror(block);
+  const std::size_t n = 5003;
+  Mirror master = mirror(random_array(DType::fp32, n, 21));
+  Mirror s1 = mirror(random_array(DType::fp32, n, 22, -0.01f, 0.01f));
+  Mirror s2 = mirror(random_array(DType::fp32, n, 23, 0.0f, 1e-4f));
+  Mirror grad = mirror(random_array(DType::fp16, n, 24, -64.0f, 64.0f));
+  Mirror out = mirror(poison(n * 2));
+  const auto at = [](const Mirror& m, bool on_gpu, std::size_t off) {
+    return static_cast<std::uint8_t*>(on_gpu ? m.gp : m.cp) + off;
+  };
+
+  std::mt19937 rng(77);
+  int skipped = 0;
+  for (int step = 0; step < 200; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const int kind = static_cast<int>(rng() % 10);
+    Bytes floats(4 * (3 + kParts));
+    store_from_float(floats.data(), DType::fp32, 0, kind == 7 ? 1.0f : 0.0f);
+    for (int k = 0; k < kParts; ++k) {
+      const float v = kind == 8 && k == 3 ? INFINITY : kind == 9 && k == 5 ? NAN
+                                                     : std::ldexp(static_cast<float>(rng() % 1000 + 1), static_cast<int>(rng() % 20));
+      store_from_float(floats.data(), DType::fp32, 3 + k, v);
+    }
+    skipped += kind >= 7;
+    for (bool on_gpu : {true, false}) {
+      Backend& be = on_gpu ? *gpu : *cpu;
+      Stream& st = on_gpu ? *gs : *cs;
+      auto* fl = reinterpret_cast<float*>(at(ctl, on_gpu, kFloats));
+      be.copy(fl, floats.data(), floats.size(), st);
+      be.step_totals(fl + 3, kParts, fl, fl + 1, st);
+      StepControlArgs a;
+      a.rule = OptimizerKind::adamw;
+      a.totals = fl + 1;
+      a.state = reinterpret_cast<StepState*>(at(ctl, on_gpu, kState));
+      a.hyper = reinterpret_cast<const Hyperparams*>(at(ctl, on_gpu, kHyper));
+      a.scalars = reinterpret_cast<StepScalars*>(at(ctl, on_gpu, kScalars));
+      a.groups = kGroups;
+      a.accumulation_steps = 3;
+      a.max_grad_norm = 40.0f;
+      a.loss_scaling.mode = LossScaleMode::dynamic;
+      a.loss_scaling.growth_interval = 4;
+      a.loss_scaling.hysteresis = 2;
+      be.step_control(a, st);
+      UpdateArgs u;
+      u.rule = OptimizerKind::adamw;
+      u.scalars_ptr = a.scalars + (step % kGroups);
+      u.skip_ptr = &a.state->skip;
+      u.master = reinterpret_cast<float*>(at(master, on_gpu, 0));
+      u.state1 = reinterpret_cast<float*>(at(s1, on_gpu, 0));
+      u.state2 = reinterpret_cast<float*>(at(s2, on_gpu, 0));
+      u.grad = at(grad, on_gpu, 0);
+      u.grad_dtype = DType::fp16;
+      u.param_out = at(out, on_gpu, 0);
+      u.param_dtype = DType::bf16;
+      u.n = n;
+      be.fused_update(u, st);
+    }
+    sync_both();
+    const Bytes g = download(ctl.gp, 4096);
+    StepState gs_state, cs_state;
+    std::memcpy(&gs_state, g.data() + kState, sizeof gs_state);
+    std::memcpy(&cs_state, at(ctl, false, kState), sizeof cs_state);
+    EXPECT_EQ(gs_state.step, cs_state.step);
+    EXPECT_EQ(std::memcmp(&gs_state.grad_norm, &cs_state.grad_norm, 8), 0) << gs_state.grad_norm << " vs " << cs_state.grad_norm;
+    EXPECT_EQ(gs_state.loss_scale, cs_state.loss_scale);
+    EXPECT_EQ(std::memcmp(&gs_state.clip_coefficient, &cs_state.clip_coefficient, 4), 0);
+    EXPECT_EQ(gs_state.good_steps, cs_state.good_steps);
+    EXPECT_EQ(gs_state.overflow_run, cs_state.overflow_run);
+    EXPECT_EQ(gs_state.skip, cs_state.skip);
+    EXPECT_EQ(gs_state.applied, cs_state.applied);
+    EXPECT_EQ(std::memcmp(g.data() + kFloats, at(ctl, false, kFloats), 12), 0) << "flag and totals";
+    for (int k = 0; k < kGroups; ++k) {
+      StepScalars a, b;
+      std::memcpy(&a, g.data() + kScalars + k * sizeof(StepScalars), sizeof a);
+      std::memcpy(&b, at(ctl, false, kScalars + k * sizeof(StepScalars)), sizeof b);
+      if (cs_state.step == 0) continue;  // nothing applied yet: never written
+      EXPECT_EQ(a.grad_scale, b.grad_scale) << "group " << k;
+      EXPECT_EQ(a.bias_correction1, b.bias_correction1) << "group " << k;
+      EXPECT_EQ(a.bias_correction2_sqrt, b.bias_correction2_sqrt) << "group " << k;
+      EXPECT_EQ(a.one_minus_beta1, b.one_minus_beta1) << "group " << k;
+      EXPECT_EQ(a.one_minus_beta2, b.one_minus_beta2) << "group " << k;
+    }
+    expect_same(master, DType::fp32, "master");
+    expect_same(out, DType::bf16, "param_out");
+    if (::testing::Test::HasFailure()) return;  // one step's report is enough
+  }
+  EXPECT_GT(skipped, 30);
 }
 
 // ---- reduce: the arithmetic of the host communicators, bit for bit --------------------------
