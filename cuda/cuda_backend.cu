@@ -103,7 +103,9 @@ unsigned long long capture_id(cudaStream_t stream, std::string_view name) {
 
 unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned long long recorded_in) {
   const unsigned long long capture = capture_id(stream, name);
-  return capture != 0 && recorded_in != capture ? cudaEventWaitExternal : cudaEventWaitDefault;
+  // An event recorded in another capture is left to CUDA to refuse: turning that wait into an
+  // external one would silently drop the ordering.
+  return capture != 0 && recorded_in == 0 ? cudaEventWaitExternal : cudaEventWaitDefault;
 }
 
 CudaStream& cuda_stream(Stream& stream, std::string_view what) {
@@ -578,7 +580,7 @@ class CudaBackend final : public Backend {
     e.set_capture(capture_id(s.handle(), s.name()));
   }
 
-  // While `stream` is being captured into a CUDA graph, an event recorded outside that capture
+  // While `stream` is being captured into a CUDA graph, an event recorded outside any capture
   // (by earlier, eager work: the previous step's "bucket free", say) is waited on as an external
   // event node: at each launch the graph waits for that event's last real record. A plain wait
   // would be an error (CUDA does not let a capture depend on uncaptured work).

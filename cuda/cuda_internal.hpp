@@ -75,9 +75,10 @@ CudaStream& cuda_stream(Stream& stream, std::string_view what);
 
 // CUDA graph capture. capture_id: the id of the capture `stream` is part of, 0 if it is not being
 // captured. wait_flags: the flags for cudaStreamWaitEvent(stream, e) where e's last record joined
-// capture `recorded_in` (0: recorded outside any capture). A capture may not depend on work
-// outside it, so such a wait becomes an external event node (cudaEventWaitExternal): at each
-// launch the graph waits for the event's last real record.
+// capture `recorded_in` (0: recorded outside any capture). A capture may not depend on uncaptured
+// work, so while `stream` is captured a wait on an event recorded outside any capture becomes an
+// external event node (cudaEventWaitExternal): at each launch the graph waits for that event's
+// last real record. A wait on an event of another capture keeps its flags, and CUDA refuses it.
 unsigned long long capture_id(cudaStream_t stream, std::string_view name);
 unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned long long recorded_in);
 
