@@ -593,8 +593,6 @@ class CudaBackend final : public Backend {
           "making stream '" + s.name() + "' wait for an event");
   }
 
-
-
   void synchronize(Event& event) override {
     CudaEvent& e = cuda_event(event, "synchronize");
     DeviceGuard guard(device_);
