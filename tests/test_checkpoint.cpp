@@ -2,6 +2,7 @@
 // under SIGKILL, every bad input, and the safetensors export read back by a reader written here.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -230,7 +231,9 @@ TEST_F(Checkpoint, SavingAgainReplacesTheGenerationAndInspectDescribesIt) {
   std::vector<std::string> names;
   for (const auto& ent : fs::directory_iterator(dir.path)) names.push_back(ent.path().filename().string());
   std::sort(names.begin(), names.end());
-  EXPECT_EQ(names, (std::vector<std::string>{"g2.r0.bin", "g2.r1.bin", "manifest.json"})) << "old generation left behind";
+  // "lock" is the saver's lock file (kept: removing a lock file others may have open races).
+  EXPECT_EQ(names, (std::vector<std::string>{"g2.r0.bin", "g2.r1.bin", "lock", "manifest.json"}))
+      << "old generation left behind";
   EXPECT_NO_THROW(verify_checkpoint(dir.str()));
 }
 
@@ -347,6 +350,30 @@ TEST_F(Checkpoint, BadInputIsAClearErrorAndLeavesTheEngineUsable) {
                    {"checksum mismatch", ".r0.bin", "tensor '"}});
   cases.push_back({"missing shard file", [](const fs::path& d) { fs::remove(file_of_rank(d, 1)); },
                    {"does not exist", ".r1.bin", "tensor '"}});
+  // Edits the manifest's own checksum cannot miss: a field that changes meaning, and two
+  // same-sized tensors' data ranges swapped (each range's data checksums still match its bytes).
+  cases.push_back({"edited step", [](const fs::path& d) { edit_manifest(d, [](auto& j) { j["step"] = 9; }); },
+                   {"manifest.json", "checksum does not match"}});
+  cases.push_back({"swapped data ranges",
+                   [](const fs::path& d) {
+                     edit_manifest(d, [](auto& j) {
+                       auto& t = j["tensors"];
+                       for (std::size_t a = 0; a < t.size(); ++a)
+                         for (std::size_t b = a + 1; b < t.size(); ++b)
+                           if (t[a]["numel"] == t[b]["numel"] && t[a]["numel"] != 0) {
+                             std::swap(t[a]["data"], t[b]["data"]);
+                             return;
+                           }
+                       throw std::runtime_error("the test model has no two tensors of one size");
+                     });
+                   },
+                   {"manifest.json", "checksum does not match"}});
+  cases.push_back({"manifest replaced by a FIFO",
+                   [](const fs::path& d) {
+                     fs::remove(d / "manifest.json");
+                     if (::mkfifo((d / "manifest.json").c_str(), 0644) != 0) throw std::runtime_error("mkfifo failed");
+                   },
+                   {"manifest.json", "not a regular file", "FIFO"}});
   BadCase rename{"tensor name mismatch", [](const fs::path&) {}, {"manifest.json", "no tensor 'l2.weight'"}};
   rename.model[4].tensors[0].name = "l2.weight";
   cases.push_back(rename);
@@ -397,6 +424,130 @@ TEST_F(Checkpoint, BadInputIsAClearErrorAndLeavesTheEngineUsable) {
     EXPECT_TRUE(before == after) << "a failed load changed the engine";
     EXPECT_TRUE(trained == control) << "training after a failed load differs from training without it";
   }
+}
+
+// ---------------------------------------------------------------- one saver at a time
+TEST_F(Checkpoint, ASecondSaverIsRefusedAndTheFirstCheckpointSurvives) {
+  TmpDir dir;
+  const Config cfg = base_config(2, DType::fp32, OptimizerKind::adamw);
+  Snapshot saved;
+  std::mutex mu;
+  with_world(2, cfg, [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 2, 5, scale);
+    e.save(dir.str());
+    snapshot_into(e, saved, mu);
+  });
+  const CheckpointInfo first = inspect_checkpoint(dir.str());
+  {
+    // Another saver holds the directory (a lock taken through its own open file, as a second
+    // process or a second job in this process would).
+    const ckpt::DirLock holder = ckpt::lock_dir(dir.str(), "held by the test's other saver");
+    ASSERT_TRUE(holder.held());
+    std::vector<std::string> errors(2);
+    with_world(2, cfg, [&](Engine& e, int rank) {
+      float scale = 1;
+      train(e, rank, 0, 3, 6, scale);
+      try {
+        e.save(dir.str());
+      } catch (const Error& err) {
+        errors[rank] = err.message();
+      }
+    });
+    EXPECT_NE(errors[0].find("being written by another saver"), std::string::npos) << errors[0];
+    EXPECT_NE(errors[0].find("held by the test's other saver"), std::string::npos) << errors[0];
+    EXPECT_FALSE(errors[1].empty()) << "rank 1 went on saving while rank 0 was refused";
+  }
+  // Untouched: same generation and step, every byte verifies, and it loads to the saved values.
+  const CheckpointInfo after = inspect_checkpoint(dir.str());
+  EXPECT_EQ(after.generation, first.generation);
+  EXPECT_EQ(after.step, first.step);
+  EXPECT_NO_THROW(verify_checkpoint(dir.str()));
+  Snapshot loaded;
+  with_world(2, cfg, [&](Engine& e, int) {
+    e.load(dir.str());
+    snapshot_into(e, loaded, mu);
+  });
+  EXPECT_TRUE(loaded == saved);
+  // Released: the next save goes through.
+  with_world(2, cfg, [&](Engine& e, int) { e.save(dir.str()); });
+  EXPECT_EQ(inspect_checkpoint(dir.str()).generation, first.generation + 1);
+}
+
+TEST_F(Checkpoint, ExportRefusesToWriteInsideTheCheckpointItReads) {
+  TmpDir dir;
+  with_world(2, base_config(2, DType::fp32, OptimizerKind::adamw), [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 1, 5, scale);
+    e.save(dir.str());
+  });
+  const std::string shard = file_of_rank(dir.path, 0).filename().string();
+  fs::create_directories(dir.path / "sub");
+  TmpDir out;
+  fs::create_symlink(dir.path, out.path / "link");
+  for (const std::string& target : {dir.str(shard), dir.str("manifest.json"), dir.str("model.safetensors"),
+                                    dir.str("sub/model.safetensors"), (out.path / "link" / shard).string(),
+                                    dir.str() + "/../" + dir.path.filename().string() + "/manifest.json"}) {
+    SCOPED_TRACE(target);
+    try {
+      export_safetensors(dir.str(), target, DType::bf16);
+      ADD_FAILURE() << "export wrote into the checkpoint it reads";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(e.message().find("inside the checkpoint directory"), std::string::npos) << e.message();
+    }
+    EXPECT_NO_THROW(verify_checkpoint(dir.str()));
+  }
+  EXPECT_FALSE(fs::exists(dir.path / "model.safetensors"));
+  EXPECT_NO_THROW(export_safetensors(dir.str(), (out.path / "model.safetensors").string(), DType::bf16));
+  EXPECT_TRUE(fs::exists(out.path / "model.safetensors"));
+}
+
+TEST_F(Checkpoint, ManifestChecksumCoversEveryFieldAndVersion1StillLoads) {
+  TmpDir dir;
+  with_world(2, base_config(1, DType::fp32, OptimizerKind::adamw), [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 2, 5, scale);
+    e.save(dir.str());
+  });
+  std::ifstream in(dir.path / "manifest.json");
+  const nlohmann::json good = nlohmann::json::parse(in);
+  ASSERT_EQ(good["format_version"], 2);
+  ASSERT_TRUE(good.contains("manifest_xxh64"));
+  // Whitespace and key order are not content: the same manifest dumped differently parses.
+  EXPECT_NO_THROW(ckpt::parse_manifest(good.dump(), "m"));
+  EXPECT_NO_THROW(ckpt::parse_manifest(good.dump(4), "m"));
+  // Any change of any value is refused (one edit per top-level member and per tensor member).
+  int edits = 0;
+  for (auto it = good.begin(); it != good.end(); ++it) {
+    if (it.key() == "manifest_xxh64" || it.key() == "format_version" || it.key() == "format") continue;
+    nlohmann::json j = good;
+    auto& v = j[it.key()];
+    if (v.is_number_integer()) v = v.get<std::int64_t>() + 1;
+    else if (v.is_number()) v = v.get<double>() * 2 + 1;
+    else if (v.is_string()) v = v.get<std::string>() + "x";
+    else if (v.is_array() && !v.empty()) v.erase(v.size() - 1);
+    else if (v.is_object() && !v.empty()) v.erase(v.begin());
+    else continue;
+    ++edits;
+    SCOPED_TRACE(it.key());
+    EXPECT_THROW(ckpt::parse_manifest(j.dump(1), "m"), Error);
+  }
+  EXPECT_GE(edits, 10);
+  nlohmann::json shape = good;
+  auto& s0 = shape["tensors"][0]["shape"];
+  if (s0.size() == 2) std::swap(s0[0], s0[1]);
+  else s0.push_back(1);
+  EXPECT_THROW(ckpt::parse_manifest(shape.dump(1), "m"), Error) << "a changed shape of the same size passed";
+  // A version 1 manifest (written before the checksum existed) is still read.
+  nlohmann::json v1 = good;
+  v1.erase("manifest_xxh64");
+  v1["format_version"] = 1;
+  EXPECT_NO_THROW(ckpt::parse_manifest(v1.dump(1), "m"));
+  // Version 2 without its checksum is damage, not an old file.
+  nlohmann::json missing = good;
+  missing.erase("manifest_xxh64");
+  EXPECT_THROW(ckpt::parse_manifest(missing.dump(1), "m"), Error);
 }
 
 // ---------------------------------------------------------------- manifest parser robustness

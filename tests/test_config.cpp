@@ -214,6 +214,7 @@ TEST(Config, EveryErrorNamesItsField) {
       {"offload kind out of enum", [](Config& c) { c.offload_optimizer = static_cast<OffloadKind>(3); },
        "offload_optimizer", "3"},
       {"prefetch_units -1", [](Config& c) { c.prefetch_units = -1; }, "prefetch_units", "-1"},
+      {"prefetch_units 1e9", [](Config& c) { c.prefetch_units = 1000000000; }, "prefetch_units", "at most 64"},
   };
   for (const Case& c : cases) expect_invalid(c);
 }
@@ -268,6 +269,7 @@ TEST(Config, UnusualButValid) {
     c.offload_params = true;
   });
   expect_valid("prefetch 0", [](Config& c) { c.prefetch_units = 0; });
+  expect_valid("prefetch 64", [](Config& c) { c.prefetch_units = shardopt::kMaxPrefetchUnits; });
   expect_valid("max_grad_norm 1", [](Config& c) { c.max_grad_norm = 1.0f; });
   expect_valid("alignment 1, bucket 2 bytes, fp16", [](Config& c) {
     c.alignment = 1;

@@ -49,7 +49,8 @@ std::shared_ptr<ThreadPool> shared_pool() {
 
 // N ranks: backend, two streams and a communicator each.
 struct World {
-  explicit World(int n) : group(make_in_process_group(n, kTransport)) {
+  explicit World(int n, std::chrono::milliseconds timeout = kDefaultCollectiveTimeout)
+      : group(make_in_process_group(n, kTransport, timeout)) {
     for (int r = 0; r < n; ++r) {
       CpuBackendOptions opt;
       opt.pool = shared_pool();
@@ -806,6 +807,123 @@ TEST(InProcessComm, FailedStreamDropsCollectiveAndPeersDoNotHang) {
         }
       },
       60s);
+}
+
+// No wait is unbounded: a rank that never issues a collective its peers wait for (it stalls, or
+// stops issuing) makes them fail within the group's timeout, naming the collective and the rank.
+TEST(InProcessComm, ARankThatNeverArrivesTimesOutEveryPeerNamingIt) {
+  const int n = 3;
+  World w(n, 300ms);
+  std::vector<std::string> errors(n);
+  std::vector<double> waited(n, 0);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool peers_done = false;
+  run_ranks(
+      n,
+      [&](int r) {
+        std::vector<float> x(4, 1.0f);
+        w.comm(r).all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(r));
+        w.backend(r).synchronize(w.stream(r));
+        if (r == 2) {
+          // Stalls (never issues the second all_reduce) until the peers have given up.
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait_for(lock, 30s, [&] { return peers_done; });
+          return;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+          w.comm(r).all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(r));
+          w.backend(r).synchronize(w.stream(r));
+        } catch (const Error& e) {
+          errors[static_cast<std::size_t>(r)] = e.message();
+          EXPECT_EQ(e.code(), ErrorCode::communication);
+        }
+        try {
+          w.backend(r).synchronize(w.stream(r));  // drained either way
+        } catch (const Error&) {
+        }
+        waited[static_cast<std::size_t>(r)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::lock_guard<std::mutex> lock(mu);
+        if (r == 1) {
+          peers_done = true;
+          cv.notify_all();
+        }
+      },
+      60s);
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const std::string& e = errors[static_cast<std::size_t>(r)];
+    // Rank 0 or 1 times out first and names the absent rank and the collective; the other is
+    // woken by the abort, whose reason carries the same text.
+    EXPECT_NE(e.find("timed out after 0.3 s"), std::string::npos) << e;
+    EXPECT_NE(e.find("rank 2 did not arrive"), std::string::npos) << e;
+    EXPECT_NE(e.find("collective #1"), std::string::npos) << e;
+    EXPECT_NE(e.find("all_reduce"), std::string::npos) << e;
+    EXPECT_LT(waited[static_cast<std::size_t>(r)], 20.0);
+  }
+  // The group is aborted: the stalled rank's next collective fails at once instead of waiting.
+  std::vector<float> x(4, 1.0f);
+  expect_comm_failure([&] { w.comm(2).all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(2)); },
+                      w.backend(2), w.stream(2), "the stalled rank after the abort", "timed out");
+}
+
+// A rank whose communicator is destroyed (its thread returned, threw and caught, or simply
+// stopped) leaves the group: a peer that issues one more collective than it fails at once,
+// naming it, instead of waiting for the timeout.
+TEST(InProcessComm, ARankThatLeavesFailsItsPeersAtOnceNamingIt) {
+  const int n = 3;
+  World w(n);  // the default ten-minute timeout: only the departure can end this test in time
+  std::vector<std::string> errors(n);
+  std::mutex mu;
+  std::condition_variable cv;
+  int left = 0;
+  run_ranks(
+      n,
+      [&](int r) {
+        std::vector<float> x(4, 1.0f);
+        w.comm(r).all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(r));
+        w.backend(r).synchronize(w.stream(r));
+        if (r == 1) {
+          w.comms[1].reset();  // leaves after one collective
+          std::lock_guard<std::mutex> lock(mu);
+          ++left;
+          cv.notify_all();
+          return;
+        }
+        if (r == 2) {  // issues the extra collective only once rank 1 is gone
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait(lock, [&] { return left == 1; });
+        }
+        try {
+          w.comm(r).all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(r));
+          w.backend(r).synchronize(w.stream(r));
+        } catch (const Error& e) {
+          errors[static_cast<std::size_t>(r)] = e.message();
+        }
+        try {
+          w.backend(r).synchronize(w.stream(r));
+        } catch (const Error&) {
+        }
+      },
+      60s);
+  for (int r : {0, 2}) {
+    const std::string& e = errors[static_cast<std::size_t>(r)];
+    EXPECT_NE(e.find("rank 1 left the group"), std::string::npos) << "rank " << r << ": " << e;
+  }
+  // A communicator created again for rank 1 is a new member: the aborted group stays aborted.
+  EXPECT_THROW(
+      {
+        std::vector<float> x(4, 1.0f);
+        auto again = make_in_process_communicator(w.group, 1, w.backend(1));
+        again->all_reduce(x.data(), x.data(), 4, DType::fp32, ReduceOp::sum, w.stream(1));
+        w.backend(1).synchronize(w.stream(1));
+      },
+      Error);
+}
+
+TEST(InProcessComm, ATimeoutMustBePositive) {
+  EXPECT_THROW(make_in_process_group(2, kTransport, std::chrono::milliseconds(0)), Error);
 }
 
 TEST(InProcessComm, TransportChoiceAndLimits) {

@@ -61,7 +61,8 @@ void verify_checkpoint(const std::string& dir);
 // then every tensor's data in manifest (registration) order, converted to `dtype` (fp32, bf16 or
 // fp16, rounded to nearest even). Streaming: memory is one checksum chunk, whatever the model's
 // size; every chunk is verified before it is written. The file appears atomically (written under
-// a temporary name, fsynced, renamed); on error `out_file` is left as it was.
+// a temporary name, fsynced, renamed); on error `out_file` is left as it was. An `out_file` inside
+// `checkpoint_dir` (after resolving links) is refused with Error(invalid_argument).
 void export_safetensors(const std::string& checkpoint_dir, const std::string& out_file,
                         DType dtype = DType::fp32);
 

@@ -10,6 +10,7 @@
 // send == recv + rank*send_count; all_reduce and broadcast allow send == recv.
 // Every rank must issue the same collectives in the same order (as with MPI and NCCL).
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -97,9 +98,18 @@ class Communicator {
 enum class InProcessTransport : std::uint8_t { automatic, host_tasks, backend_kernels };
 std::string_view name_of(InProcessTransport t) noexcept;
 
+// No wait of the group is unbounded: a rank that waits longer than `timeout` for its peers to
+// reach a collective aborts the group, and every rank gets Error(communication) naming the
+// collective (#sequence, kind, count) and the ranks that did not arrive. A rank whose
+// communicator is destroyed leaves the group: the collectives it issued before still complete,
+// and any later one fails on every peer at once, naming it (a communicator created again for
+// that rank before then rejoins where it left off).
+inline constexpr std::chrono::milliseconds kDefaultCollectiveTimeout{std::chrono::minutes(10)};
+
 class InProcessGroup;
 std::shared_ptr<InProcessGroup> make_in_process_group(
-    int world_size, InProcessTransport transport = InProcessTransport::automatic);
+    int world_size, InProcessTransport transport = InProcessTransport::automatic,
+    std::chrono::milliseconds timeout = kDefaultCollectiveTimeout);
 std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InProcessGroup> group,
                                                            int rank, Backend& backend);
 // Fails every pending and future collective of the group with Error(communication) naming `why`

@@ -53,6 +53,9 @@ struct LossScaling {
 enum class OffloadKind : std::uint8_t { none, host, nvme };
 std::string_view name_of(OffloadKind k) noexcept;
 
+// Config::prefetch_units at most this (each prefetched unit is a slot of the largest unit's size).
+inline constexpr int kMaxPrefetchUnits = 64;
+
 struct Config {
   int stage = 0;  // 0: DDP baseline, 1: shard optimizer state, 2: + gradients, 3: + parameters
   DType compute_dtype = DType::fp32;  // parameters and gradients as the trainer sees them
@@ -72,7 +75,7 @@ struct Config {
   std::string nvme_dir;         // for offload_optimizer == nvme
   bool offload_params = false;  // stage 3 only
 
-  int prefetch_units = 2;                 // stage 3: units gathered ahead (live units = 1 + this)
+  int prefetch_units = 2;                 // stage 3: units gathered ahead (live units = 1 + this), 0..64
   std::size_t persistence_threshold = 0;  // stage 3: units with fewer elements stay gathered
 
   // Throws Error(invalid_argument / unsupported) naming the first offending field.

@@ -162,6 +162,10 @@ class Engine {
   // checkpoint writes a new generation of files beside it and removes the old generation only
   // after the new manifest is durable, so a crash at any point leaves the previous checkpoint or
   // the new one, never a mix. Synchronous: returns after the commit on every rank.
+  // One saver at a time: rank 0 holds an exclusive lock (flock on `dir`/lock) for the whole save;
+  // a second job saving into the same directory meanwhile gets Error(io_error) naming the holder
+  // (pid, host, since when) on every one of its ranks, before it writes anything. The manifest
+  // carries a checksum of its own content (format version 2), so an edited manifest is refused.
   // Errors (Error(io_error) naming the file) are thrown on every rank; the engine is unchanged
   // and the previous checkpoint in `dir`, if any, is still the valid one.
   void save(const std::string& dir);

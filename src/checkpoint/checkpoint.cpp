@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <optional>
 
@@ -161,6 +162,17 @@ void remove_stale(const std::string& dir, std::uint64_t keep) {
   }
 }
 
+// What a second saver is told about the lock's holder.
+std::string lock_holder() {
+  char host[256] = {};
+  if (::gethostname(host, sizeof host - 1) != 0) std::strcpy(host, "unknown host");
+  const std::time_t now = std::time(nullptr);
+  char when[32] = {};
+  std::tm tm{};
+  if (::gmtime_r(&now, &tm)) std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return "held by pid " + std::to_string(::getpid()) + " on " + host + " since " + when;
+}
+
 template <class I>
 void save_impl(I& im, const std::string& dir) {
   im.require_initialized("save");
@@ -169,6 +181,18 @@ void save_impl(I& im, const std::string& dir) {
   im.be.synchronize(*im.side);
   im.be.synchronize(*im.compute);
   im.settle_state();
+
+  // Phase 0, rank 0: one saver at a time per directory. The lock is taken before the generation
+  // is read, so two savers can never pick the same names; a second saver fails here, on every one
+  // of its ranks, before it writes anything.
+  ckpt::DirLock lock;
+  std::optional<Error> err;
+  if (im.rank == 0)
+    err = attempt([&] {
+      ckpt::make_dir(dir);
+      lock = ckpt::lock_dir(dir, lock_holder());
+    });
+  agree_or_throw(im, err, "save into '" + dir + "'");
 
   // The new generation: one past the committed one (a directory without a valid manifest starts
   // at 1). Every rank reads the manifest; the largest proposal wins so all use the same names.
@@ -190,7 +214,7 @@ void save_impl(I& im, const std::string& dir) {
 
   // Phase 1, every rank: its shard file (fields one after another, each its pieces in order) and
   // a sidecar describing it. Memory: one chunk.
-  std::optional<Error> err = attempt([&] {
+  err = attempt([&] {
     ckpt::make_dir(dir);
     const std::vector<Piece> pieces = write_pieces(im);
     ckpt::Fd f = ckpt::create_write(tmp);

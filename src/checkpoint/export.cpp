@@ -1,4 +1,6 @@
 // Reading a checkpoint without an engine: inspect, verify, and export to safetensors.
+#include <climits>
+#include <cstdlib>
 #include <unistd.h>
 
 #include <algorithm>
@@ -44,6 +46,34 @@ void stream_field(const ckpt::Manifest& m, const std::string& dir, const ckpt::T
   }
 }
 
+// The directory a path's file lives in, resolved (symbolic links, "..", relative paths); empty if
+// it does not exist (then nothing can be written there anyway, and creating the file says so).
+std::string resolved_parent(const std::string& file) {
+  const std::size_t slash = file.find_last_of('/');
+  const std::string parent = slash == std::string::npos ? "." : (slash == 0 ? "/" : file.substr(0, slash));
+  char buf[PATH_MAX];
+  return ::realpath(parent.c_str(), buf) ? std::string(buf) : std::string();
+}
+
+// Refuses an output file inside the checkpoint being read: a name like "g1.r0.bin" or
+// "manifest.json" there would replace the data the export reads, and any other file would still
+// be written into a directory the library owns.
+void require_outside(const std::string& checkpoint_dir, const std::string& out_file) {
+  char buf[PATH_MAX];
+  if (!::realpath(checkpoint_dir.c_str(), buf)) return;  // read_manifest reports a missing directory
+  const std::string ckpt_dir = buf;
+  std::string where = resolved_parent(out_file);
+  // An existing output that is a link into the checkpoint would be replaced through its target's
+  // directory only if followed; rename() replaces the link itself, but refuse it all the same.
+  if (::realpath(out_file.c_str(), buf)) {
+    const std::string target = resolved_parent(buf);
+    if (!target.empty() && (target == ckpt_dir || target.rfind(ckpt_dir + "/", 0) == 0)) where = target;
+  }
+  if (!where.empty() && (where == ckpt_dir || where.rfind(ckpt_dir + "/", 0) == 0))
+    throw Error(ErrorCode::invalid_argument, "export: the output '" + out_file + "' is inside the checkpoint directory '" +
+                                                 checkpoint_dir + "' it reads; write it somewhere else");
+}
+
 const char* safetensors_dtype(DType t) {
   return t == DType::fp32 ? "F32" : t == DType::fp16 ? "F16" : "BF16";
 }
@@ -63,6 +93,7 @@ void verify_checkpoint(const std::string& dir) {
 
 void export_safetensors(const std::string& checkpoint_dir, const std::string& out_file, DType dtype) {
   require(!out_file.empty(), ErrorCode::invalid_argument, "export_safetensors: empty output file name");
+  require_outside(checkpoint_dir, out_file);
   const ckpt::Manifest m = ckpt::read_manifest(checkpoint_dir);
 
   // Header: tensors in manifest order, back to back (safetensors wants the offsets to tile the

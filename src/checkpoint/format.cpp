@@ -2,6 +2,7 @@
 #include "checkpoint/format.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,6 +29,15 @@ std::string sys_error(const std::string& what, const std::string& path) {
 }
 
 using Json = nlohmann::json;
+
+// The manifest's checksum: xxh64 of its compact JSON with sorted keys, without the checksum
+// member itself. Parsing and dumping is stable (shortest round-trip numbers), so the writer and
+// every reader compute it over the same bytes whatever whitespace or key order the file has.
+std::uint64_t manifest_checksum(Json j) {
+  j.erase(kManifestChecksumKey);
+  const std::string canonical = j.dump();
+  return XXH64(canonical.data(), canonical.size(), 0);
+}
 
 [[noreturn]] void bad(const std::string& where, const std::string& msg) {
   throw Error(ErrorCode::invalid_argument, where + ": " + msg);
@@ -127,10 +137,20 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
     if (fmt != kFormatName) bad(where, "\"format\" is '" + fmt + "', not '" + kFormatName + "'");
     m.format_version = as_int(member(j, "format_version", where, "manifest"), where, "format_version", 0,
                               std::numeric_limits<int>::max());
-    if (m.format_version != kFormatVersion)
+    if (m.format_version < 1 || m.format_version > kFormatVersion)
       throw Error(ErrorCode::unsupported, where + ": unknown checkpoint format version " +
-                                              std::to_string(m.format_version) + " (this shardopt reads version " +
+                                              std::to_string(m.format_version) + " (this shardopt reads versions 1 to " +
                                               std::to_string(kFormatVersion) + ")");
+    // From version 2 the manifest carries a checksum of its own canonical content, so an edited
+    // step, shape or range (which the data checksums cannot see) is caught. Version 1 had none.
+    if (m.format_version >= 2) {
+      const Json& sum = member(j, kManifestChecksumKey, where, "manifest");
+      std::uint64_t stored = 0;
+      if (!sum.is_string() || !parse_hex64(sum.get_ref<const std::string&>(), stored))
+        bad(where, std::string("\"") + kManifestChecksumKey + "\" is not 16 lowercase hex digits");
+      if (stored != manifest_checksum(j))
+        bad(where, "the manifest's checksum does not match its content (the manifest was edited or damaged)");
+    }
     m.library_version = as_str(member(j, "library_version", where, "manifest"), where, "library_version");
     m.generation = as_u64(member(j, "generation", where, "manifest"), where, "generation");
     m.world_size = as_int(member(j, "world_size", where, "manifest"), where, "world_size", 1, 1 << 24);
@@ -319,6 +339,7 @@ std::string dump_manifest(const Manifest& m) {
     tensors.push_back(tj);
   }
   j["tensors"] = tensors;
+  j[kManifestChecksumKey] = hex64(manifest_checksum(Json::parse(j.dump())));
   return j.dump(1) + "\n";
 }
 
@@ -380,12 +401,56 @@ void Fd::close() {
 }
 
 Fd open_read(const std::string& path, const std::string& what) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears. The
+  // flag means nothing for the regular files that pass the check below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) throw Error(ErrorCode::io_error, "missing " + what + ": '" + path + "' does not exist");
     throw Error(ErrorCode::io_error, sys_error("cannot open " + what, path));
   }
-  return Fd(fd, path);
+  Fd f(fd, path);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw Error(ErrorCode::io_error, sys_error("cannot stat", path));
+  if (!S_ISREG(st.st_mode))
+    throw Error(ErrorCode::io_error, "cannot read " + what + ": '" + path + "' is not a regular file (" +
+                                         (S_ISDIR(st.st_mode)    ? "a directory"
+                                          : S_ISFIFO(st.st_mode) ? "a FIFO"
+                                          : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                                          : S_ISSOCK(st.st_mode) ? "a socket"
+                                                                 : "not a file") +
+                                         ")");
+  return f;
+}
+
+DirLock lock_dir(const std::string& dir, const std::string& who) {
+  const std::string path = join(dir, kLockName);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0644);
+  if (fd < 0) throw Error(ErrorCode::io_error, sys_error("cannot open the checkpoint lock", path));
+  Fd f(fd, path);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+    throw Error(ErrorCode::io_error, "checkpoint lock '" + path + "' is not a regular file");
+  // flock, not fcntl locks: flock locks belong to the open file, so two savers in one process
+  // (in-process ranks of two jobs) exclude each other too.
+  while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK) {
+      std::string holder(512, '\0');
+      const ssize_t n = ::pread(fd, holder.data(), holder.size(), 0);
+      holder.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
+      while (!holder.empty() && (holder.back() == '\n' || holder.back() == '\0')) holder.pop_back();
+      throw Error(ErrorCode::io_error, "checkpoint directory '" + dir + "' is being written by another saver (" +
+                                           (holder.empty() ? std::string("holder unknown") : holder) +
+                                           "); it was left untouched. Wait for that save, or save elsewhere");
+    }
+    throw Error(ErrorCode::io_error, sys_error("cannot lock", path));
+  }
+  // Who holds it, for the error a second saver gets. Best effort: the lock is what excludes.
+  if (::ftruncate(fd, 0) == 0) {
+    const std::string text = who + "\n";
+    (void)!::pwrite(fd, text.data(), text.size(), 0);
+  }
+  return DirLock(std::move(f));
 }
 Fd create_write(const std::string& path) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

@@ -13,9 +13,12 @@
 
 namespace shardopt::ckpt {
 
-inline constexpr int kFormatVersion = 1;
+// Version 2 added the manifest's own checksum; version 1 checkpoints (without it) still load.
+inline constexpr int kFormatVersion = 2;
 inline constexpr const char* kFormatName = "shardopt-checkpoint";
 inline constexpr const char* kManifestName = "manifest.json";
+inline constexpr const char* kManifestChecksumKey = "manifest_xxh64";
+inline constexpr const char* kLockName = "lock";
 
 // Checksums cover chunks of this many elements, aligned to the start of each range, so a rank
 // that owns part of a range reads only the chunks it overlaps.
@@ -94,8 +97,22 @@ class Fd {
   int fd_ = -1;
   std::string path_;
 };
-Fd open_read(const std::string& path, const std::string& what);  // `what`: context for the error
+// Opens a regular file for reading; anything else (FIFO, device, directory) is Error(io_error)
+// naming it, without blocking. `what`: context for the error.
+Fd open_read(const std::string& path, const std::string& what);
 Fd create_write(const std::string& path);                         // O_CREAT|O_TRUNC
+// An exclusive lock on <dir>/lock (flock), held while the object lives. `who` (pid, host, time) is
+// written into the file so a second saver's error names the holder. Never blocks: a held lock is
+// Error(io_error) naming the directory and the holder. The lock file stays after release.
+class DirLock {
+ public:
+  DirLock() = default;
+  explicit DirLock(Fd f) : fd_(std::move(f)) {}
+  bool held() const noexcept { return fd_.get() >= 0; }
+ private:
+  Fd fd_;  // closing it releases the lock
+};
+DirLock lock_dir(const std::string& dir, const std::string& who);
 std::uint64_t file_size(const Fd& f);
 void write_all(const Fd& f, const void* data, std::size_t bytes);
 // Reads exactly `bytes` at `offset`; a short read is a truncated file (the message says so).

@@ -19,6 +19,7 @@
 // Error(communication) instead of hanging; later collectives on the group throw at once.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -53,12 +54,14 @@ class InProcessGroup {
  public:
   static constexpr std::size_t kSlots = 64;
 
-  InProcessGroup(int world_size, InProcessTransport transport)
-      : size_(world_size), requested_(transport), ring_(kSlots),
+  InProcessGroup(int world_size, InProcessTransport transport, std::chrono::milliseconds timeout)
+      : size_(world_size), requested_(transport), timeout_(timeout), ring_(kSlots),
         seq_(new std::atomic<std::uint64_t>[static_cast<std::size_t>(world_size)]),
-        bound_(static_cast<std::size_t>(world_size), false) {
+        bound_(static_cast<std::size_t>(world_size), false),
+        left_at_(static_cast<std::size_t>(world_size), kNotLeft) {
     for (std::size_t i = 0; i < kSlots; ++i) {
       ring_[i].seq = i;
+      ring_[i].present.resize(static_cast<std::size_t>(world_size), 0);
       ring_[i].calls.resize(static_cast<std::size_t>(world_size));
       ring_[i].ready.resize(static_cast<std::size_t>(world_size), nullptr);
       ring_[i].done_event.resize(static_cast<std::size_t>(world_size), nullptr);
@@ -101,11 +104,17 @@ class InProcessGroup {
     kind_ = kind;
     device_ = device;
     bound_[static_cast<std::size_t>(rank)] = true;
+    left_at_[static_cast<std::size_t>(rank)] = kNotLeft;  // a communicator re-created for the rank goes on
     return want;
   }
+  // The rank's communicator is gone. Collectives it already issued still run (their tasks hold the
+  // group); any later one its peers wait for, or start, fails at once naming it, unless a new
+  // communicator binds the rank first.
   void unbind(int rank) noexcept {
     std::lock_guard<std::mutex> lock(mutex_);
     bound_[static_cast<std::size_t>(rank)] = false;
+    left_at_[static_cast<std::size_t>(rank)] = seq_[rank].load(std::memory_order_relaxed);
+    cv_.notify_all();
   }
 
   // Kept in the group, not the communicator, so a communicator re-created for a rank goes on
@@ -134,8 +143,7 @@ class InProcessGroup {
     Slot& s = ring_[seq % kSlots];
     std::unique_lock<std::mutex> lock(mutex_);
     // The slot may still serve collective seq - kSlots (other streams of some rank lagging).
-    cv_.wait(lock, [&] { return s.seq == seq || aborted_; });
-    if (aborted_) throw aborted_error(rank, seq, call);
+    wait_for_slot(s, rank, seq, call, lock);
 
     s.calls[static_cast<std::size_t>(rank)] = call;
     arrive(s, rank, seq, call, lock);
@@ -160,8 +168,7 @@ class InProcessGroup {
     Slot& s = ring_[seq % kSlots];
     const auto me = static_cast<std::size_t>(rank);
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return s.seq == seq || aborted_; });
-    if (aborted_) throw aborted_error(rank, seq, call);
+    wait_for_slot(s, rank, seq, call, lock);
     lock.unlock();
     try {
       be.record(ready, st);  // this rank's inputs, and its earlier use of its outputs, are done here
@@ -214,8 +221,11 @@ class InProcessGroup {
   }
 
  private:
+  static constexpr std::uint64_t kNotLeft = ~std::uint64_t(0);
+
   struct Slot {
     std::uint64_t seq = 0;    // the collective this slot serves now
+    std::vector<char> present;  // by rank: arrived at `seq`
     std::vector<Call> calls;  // by rank
     std::vector<Event*> ready;       // backend_kernels: by rank, recorded where the rank issued the call
     std::vector<Event*> done_event;  // backend_kernels: by rank, recorded after the rank's share
@@ -232,6 +242,7 @@ class InProcessGroup {
   // agreed the rank must go on to the end even if the group aborts meanwhile, because its peers
   // now read and write its buffers.
   void arrive(Slot& s, int rank, std::uint64_t seq, const Call& call, std::unique_lock<std::mutex>& lock) {
+    s.present[static_cast<std::size_t>(rank)] = 1;
     if (++s.arrived == size_) {
       std::string why = mismatch(s, seq);
       if (!why.empty()) {
@@ -241,7 +252,19 @@ class InProcessGroup {
       }
       cv_.notify_all();
     } else {
-      cv_.wait(lock, [&] { return s.arrived == size_ || aborted_; });
+      const auto deadline = std::chrono::steady_clock::now() + timeout_;
+      for (;;) {
+        if (s.arrived == size_ || aborted_) break;
+        if (std::string gone = departed(s, seq); !gone.empty()) {
+          abort_locked(label("rank", rank, seq, call) + " cannot complete: " + gone);
+          break;
+        }
+        if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && s.arrived != size_ && !aborted_) {
+          abort_locked(label("rank", rank, seq, call) + " timed out after " + seconds(timeout_) + ": " + absent(s) +
+                       " did not arrive");
+          break;
+        }
+      }
     }
     if (s.failed) throw Error(ErrorCode::communication, s.error + "; seen by rank " + std::to_string(rank));
     if (s.arrived != size_) throw aborted_error(rank, seq, call);
@@ -252,6 +275,7 @@ class InProcessGroup {
   void leave(Slot& s, std::uint64_t seq) {
     if (++s.left == size_) {
       s.arrived = s.done = s.left = 0;
+      std::fill(s.present.begin(), s.present.end(), 0);
       s.seq = seq + kSlots;
       cv_.notify_all();
     }
@@ -328,6 +352,44 @@ class InProcessGroup {
                                                label("rank", rank, seq, call) + " cannot complete");
   }
 
+  // Waits (lock held) until slot `s` serves collective `seq`; it may still serve seq - kSlots while
+  // some rank lags. Bounded like every wait of the group.
+  void wait_for_slot(Slot& s, int rank, std::uint64_t seq, const Call& call, std::unique_lock<std::mutex>& lock) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    while (s.seq != seq && !aborted_) {
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && s.seq != seq && !aborted_)
+        abort_locked(label("rank", rank, seq, call) + " timed out after " + seconds(timeout_) +
+                     " waiting for collective #" + std::to_string(seq - kSlots) + " to finish: " + absent(ring_[seq % kSlots]) +
+                     " did not arrive there");
+    }
+    if (aborted_) throw aborted_error(rank, seq, call);
+  }
+
+  // The ranks not present in slot `s`, for a message ("rank 2", "ranks 1, 3").
+  std::string absent(const Slot& s) const {
+    std::string out;
+    int n = 0;
+    for (int q = 0; q < size_; ++q)
+      if (!s.present[static_cast<std::size_t>(q)]) out += (n++ ? ", " : "") + std::to_string(q);
+    return (n == 1 ? "rank " : "ranks ") + out;
+  }
+
+  // Non-empty if a rank that has not arrived at collective `seq` has left the group before
+  // issuing it (its communicator was destroyed): it never will.
+  std::string departed(const Slot& s, std::uint64_t seq) const {
+    for (int q = 0; q < size_; ++q) {
+      const auto i = static_cast<std::size_t>(q);
+      if (!s.present[i] && left_at_[i] != kNotLeft && left_at_[i] <= seq)
+        return "rank " + std::to_string(q) + " left the group (its communicator was destroyed) after issuing " +
+               std::to_string(left_at_[i]) + " collectives, without joining this one";
+    }
+    return {};
+  }
+
+  static std::string seconds(std::chrono::milliseconds t) {
+    return std::to_string(t.count() / 1000) + "." + std::to_string(t.count() % 1000 / 100) + " s";
+  }
+
   std::string mismatch(const Slot& s, std::uint64_t seq) const {
     const Call& a = s.calls[0];
     for (int q = 1; q < size_; ++q) {
@@ -392,9 +454,11 @@ class InProcessGroup {
 
   const int size_;
   const InProcessTransport requested_;
+  const std::chrono::milliseconds timeout_;
   std::vector<Slot> ring_;
   std::unique_ptr<std::atomic<std::uint64_t>[]> seq_;
   std::vector<bool> bound_;
+  std::vector<std::uint64_t> left_at_;  // by rank: its sequence number when it left, or kNotLeft
   // Fixed by the first bind (under mutex_).
   bool bound_once_ = false;
   BackendKind kind_ = BackendKind::cpu;
@@ -537,7 +601,10 @@ std::string_view name_of(InProcessTransport t) noexcept {
   return "unknown";
 }
 
-std::shared_ptr<InProcessGroup> make_in_process_group(int world_size, InProcessTransport transport) {
+std::shared_ptr<InProcessGroup> make_in_process_group(int world_size, InProcessTransport transport,
+                                                      std::chrono::milliseconds timeout) {
+  require(timeout.count() > 0, ErrorCode::invalid_argument,
+          "in-process group timeout must be positive, got " + std::to_string(timeout.count()) + " ms");
   require(world_size >= 1, ErrorCode::invalid_argument,
           "in-process group world_size must be at least 1, got " + std::to_string(world_size));
   // Each rank is a set of threads of this process and the group keeps world_size * 64 call
@@ -550,7 +617,7 @@ std::shared_ptr<InProcessGroup> make_in_process_group(int world_size, InProcessT
               transport == InProcessTransport::backend_kernels,
           ErrorCode::invalid_argument,
           "in-process group: unknown transport " + std::to_string(static_cast<int>(transport)));
-  return std::make_shared<InProcessGroup>(world_size, transport);
+  return std::make_shared<InProcessGroup>(world_size, transport, timeout);
 }
 
 std::unique_ptr<Communicator> make_in_process_communicator(std::shared_ptr<InProcessGroup> group, int rank,

@@ -178,6 +178,10 @@ void Config::validate() const {
     check(stage == 3, ErrorCode::invalid_argument, "offload_params", "true",
           "requires stage 3 (stage is " + std::to_string(stage) + ")");
   check(prefetch_units >= 0, ErrorCode::invalid_argument, "prefetch_units", prefetch_units, "must not be negative");
+  // Each prefetched unit is a device slot the size of the largest unit; far fewer already hide
+  // the gathers, so a huge value is a mistake (it would plan billions of buffers).
+  check(prefetch_units <= kMaxPrefetchUnits, ErrorCode::invalid_argument, "prefetch_units", prefetch_units,
+        "must be at most " + std::to_string(kMaxPrefetchUnits));
 }
 
 }  // namespace shardopt
