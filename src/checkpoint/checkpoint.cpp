@@ -75,13 +75,38 @@ float agree_max(I& im, float value) {
   return hs[2];
 }
 
-// After every rank tried a phase: if any failed, every rank throws (its own error, or one saying
-// another rank failed), so no rank goes on into a collective the others skip.
+// After every rank tried a phase: if any failed, every rank throws, so no rank goes on into a
+// collective the others skip. They all throw the error of the lowest-numbered rank that failed
+// (its code and message, prefixed with its rank on the others), so a user who reads any one rank's
+// output sees the cause. The message travels by a broadcast through a small buffer allocated only
+// on this failure path (tagged Category::other); a longer message is cut.
 template <class I>
 void agree_or_throw(I& im, const std::optional<Error>& mine, const std::string& what) {
   const bool any = agree_max(im, mine ? 1.0f : 0.0f) != 0.0f;
-  if (mine) throw *mine;
-  if (any) throw Error(ErrorCode::io_error, what + " failed on another rank (see that rank's error)");
+  if (!any) return;
+  if (im.world == 1) throw *mine;
+  const int first = im.world - static_cast<int>(agree_max(im, mine ? static_cast<float>(im.world - im.rank) : 0.0f));
+  constexpr std::size_t kBytes = 1024;  // a multiple of 4: broadcast as fp32 words, bit for bit
+  Buffer dev = im.be.allocate(kBytes, Place::device, Category::other, "checkpoint error message");
+  Buffer host = im.be.allocate(kBytes, Place::pinned_host, Category::other, "checkpoint error message (host)");
+  auto* h = static_cast<char*>(host.data());
+  std::memset(h, 0, kBytes);
+  if (im.rank == first) {
+    const auto code = static_cast<std::uint32_t>(mine->code());
+    std::memcpy(h, &code, 4);
+    std::memcpy(h + 4, mine->message().data(), std::min(mine->message().size(), kBytes - 5));
+  }
+  im.be.copy(dev.data(), h, kBytes, *im.side);
+  im.comm.broadcast(dev.data(), dev.data(), kBytes / 4, DType::fp32, first, *im.side);
+  im.be.copy(h, dev.data(), kBytes, *im.side);
+  im.be.synchronize(*im.side);
+  if (im.rank == first) throw *mine;
+  std::uint32_t code = 0;
+  std::memcpy(&code, h, 4);
+  h[kBytes - 1] = '\0';
+  const bool known = code <= static_cast<std::uint32_t>(ErrorCode::internal);
+  throw Error(known ? static_cast<ErrorCode>(code) : ErrorCode::io_error,
+              what + " failed on rank " + std::to_string(first) + ": " + std::string(h + 4));
 }
 
 template <class F>
