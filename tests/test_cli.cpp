@@ -61,6 +61,35 @@ TEST(CliUnits, ParsesSizesAndCounts) {
   EXPECT_EQ(parse_count("16Mi"), 16ull << 20);
   EXPECT_EQ(parse_count("7e9"), 7000000000ull);
   for (const char* bad : {"", "1.5", "12X", "-3", "1e30"}) EXPECT_FALSE(parse_count(bad)) << bad;
+  // Too large is told apart from malformed.
+  using shardopt::cli::too_large;
+  for (const char* big : {"1e30", "99999999999999999999999", "9.3e18", "10000000TiB"}) EXPECT_TRUE(too_large(big, true)) << big;
+  for (const char* big : {"1e30", "99999999999999999999999", "10000000000T"}) EXPECT_TRUE(too_large(big, false)) << big;
+  for (const char* ok : {"", "GiB", "80XB", "-1", "abc", "0x10", "1e18", "80GiB"}) EXPECT_FALSE(too_large(ok, true)) << ok;
+  EXPECT_FALSE(too_large("1e30X", false));
+}
+
+// Sizes and counts past what the planner can represent say "too large" instead of wrapping
+// around in 64-bit arithmetic (2^60 parameters once came out as "stage 0 fits in 464 B").
+TEST(CliErrors, TooLargeSizesAndCountsSaySo) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"plan", "--params", "1152921504606846976", "--gpu-mem", "1GiB"}, "--params: '1152921504606846976' is too large"},
+      {{"estimate", "--params", "300T"}, "--params: '300T' is too large"},
+      {{"plan", "--params", "1B", "--gpu-mem", "1e30"}, "--gpu-mem: '1e30' is too large"},
+      {{"plan", "--params", "1B", "--gpu-mem", "80GiB", "--host-mem", "99999999999999999999999"}, "--host-mem"},
+      {{"train", "--steps", "1", "--bucket", "1e25"}, "--bucket: '1e25' is too large"},
+  };
+  for (const auto& [args, text] : cases) {
+    std::string cmd;
+    for (const auto& a : args) cmd += a + " ";
+    const Result r = run(args);
+    EXPECT_NE(r.rc, 0) << cmd;
+    EXPECT_NE(r.err.find(text), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_EQ(r.err.find("not a size"), std::string::npos) << cmd << "-> " << r.err;
+  }
+  // The largest accepted count still plans without overflow: every figure is finite and positive.
+  const Result ok = run({"estimate", "--params", "281474976710656", "--stage", "3", "--world", "8", "--json"});
+  ASSERT_EQ(ok.rc, 0) << ok.err;
 }
 
 TEST(CliErrors, ExitNonZeroNamingTheFlag) {

@@ -63,6 +63,8 @@ Model build_model(const ModelArgs& a) {
     return m;
   }
   const auto n = parse_count(a.params);
+  if (too_large(a.params, /*bytes=*/false) || (n && *n > kMaxParams))
+    throw UsageError("--params: '" + a.params + "' is too large (at most " + format_count(kMaxParams) + " parameters)");
   if (!n || *n == 0)
     throw UsageError("--params: '" + a.params + "' is not a positive parameter count (e.g. 1.3B, 350M, 7e9)");
   m.params = *n;
@@ -109,6 +111,7 @@ Config build_config(const ModelArgs& a, const Model& m) {
     c.bucket_bytes = auto_bucket_bytes(m.params, c.compute_dtype);
   } else {
     const auto b = parse_bytes(a.bucket);
+    if (too_large(a.bucket, /*bytes=*/true)) throw UsageError("--bucket: '" + a.bucket + "' is too large");
     if (!b || *b == 0) throw UsageError("--bucket: '" + a.bucket + "' is not a size (e.g. 4MiB, 25MB, auto)");
     c.bucket_bytes = static_cast<std::size_t>(*b);
   }

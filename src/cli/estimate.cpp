@@ -59,6 +59,8 @@ double offloaded_formula(const Config& c, double psi, int world) {
 std::optional<std::uint64_t> size_arg(const std::string& text, const char* flag) {
   if (text.empty()) return std::nullopt;
   const auto v = parse_bytes(text);
+  if (too_large(text, /*bytes=*/true))
+    throw UsageError(std::string(flag) + ": '" + text + "' is too large (at most 2^63 bytes)");
   if (!v) throw UsageError(std::string(flag) + ": '" + text + "' is not a size (e.g. 80GiB, 512MB, 1e9)");
   return v;
 }

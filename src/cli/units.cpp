@@ -37,23 +37,51 @@ std::optional<std::uint64_t> to_integer(double v) {
   return static_cast<std::uint64_t>(r);
 }
 
+// The multiplier of a unit, or 0 if it is not one (bytes: sizes; otherwise: counts).
+double unit_scale(const std::string& u, bool bytes) {
+  if (bytes) {
+    if (u.empty() || u == "b") return 1;
+    if (u == "k" || u == "kb") return 1e3;
+    if (u == "m" || u == "mb") return 1e6;
+    if (u == "g" || u == "gb") return 1e9;
+    if (u == "t" || u == "tb") return 1e12;
+    if (u == "ki" || u == "kib") return 1024.0;
+    if (u == "mi" || u == "mib") return 1024.0 * 1024;
+    if (u == "gi" || u == "gib") return 1024.0 * 1024 * 1024;
+    if (u == "ti" || u == "tib") return 1024.0 * 1024 * 1024 * 1024;
+    return 0;
+  }
+  if (u.empty()) return 1;
+  if (u == "k") return 1e3;
+  if (u == "m") return 1e6;
+  if (u == "b" || u == "g") return 1e9;
+  if (u == "t") return 1e12;
+  if (u == "ki") return 1024.0;
+  if (u == "mi") return 1024.0 * 1024;
+  if (u == "gi") return 1024.0 * 1024 * 1024;
+  return 0;
+}
+
 }  // namespace
+
+bool too_large(std::string_view text, bool bytes) {
+  double v = 0;
+  std::string u;
+  if (!split_number(text, v, u)) {
+    // strtod gives inf for digits beyond double's range: still a number, only too large.
+    const std::string s = lower(text);
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+  }
+  const double k = unit_scale(u, bytes);
+  return k != 0 && v * k >= 9.2e18;
+}
 
 std::optional<std::uint64_t> parse_bytes(std::string_view text) {
   double v = 0;
   std::string u;
   if (!split_number(text, v, u)) return std::nullopt;
-  double k = 0;
-  if (u.empty() || u == "b") k = 1;
-  else if (u == "k" || u == "kb") k = 1e3;
-  else if (u == "m" || u == "mb") k = 1e6;
-  else if (u == "g" || u == "gb") k = 1e9;
-  else if (u == "t" || u == "tb") k = 1e12;
-  else if (u == "ki" || u == "kib") k = 1024.0;
-  else if (u == "mi" || u == "mib") k = 1024.0 * 1024;
-  else if (u == "gi" || u == "gib") k = 1024.0 * 1024 * 1024;
-  else if (u == "ti" || u == "tib") k = 1024.0 * 1024 * 1024 * 1024;
-  else return std::nullopt;
+  const double k = unit_scale(u, /*bytes=*/true);
+  if (k == 0) return std::nullopt;
   return to_integer(v * k);
 }
 
@@ -61,16 +89,8 @@ std::optional<std::uint64_t> parse_count(std::string_view text) {
   double v = 0;
   std::string u;
   if (!split_number(text, v, u)) return std::nullopt;
-  double k = 0;
-  if (u.empty()) k = 1;
-  else if (u == "k") k = 1e3;
-  else if (u == "m") k = 1e6;
-  else if (u == "b" || u == "g") k = 1e9;
-  else if (u == "t") k = 1e12;
-  else if (u == "ki") k = 1024.0;
-  else if (u == "mi") k = 1024.0 * 1024;
-  else if (u == "gi") k = 1024.0 * 1024 * 1024;
-  else return std::nullopt;
+  const double k = unit_scale(u, /*bytes=*/false);
+  if (k == 0) return std::nullopt;
   return to_integer(v * k);
 }
 

@@ -18,6 +18,14 @@ std::optional<std::uint64_t> parse_bytes(std::string_view text);
 // powers of 1024. nullopt if malformed, negative, fractional after scaling, or beyond 2^63.
 std::optional<std::uint64_t> parse_count(std::string_view text);
 
+// True if `text` is a well-formed number with a unit that parse_bytes (bytes = true) or
+// parse_count accepts, only too large to represent: the caller says "too large", not "malformed".
+bool too_large(std::string_view text, bool bytes);
+
+// The largest --params the planning commands accept (2^48): per-parameter byte counts of any
+// stage then stay far below 2^64.
+inline constexpr std::uint64_t kMaxParams = std::uint64_t(1) << 48;
+
 // 1536 -> "1.5 KiB"; below 1 KiB in bytes ("512 B").
 std::string format_bytes(double bytes);
 // 1234567 -> "1,234,567".
