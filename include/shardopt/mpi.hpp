@@ -8,6 +8,7 @@
 // Threads. The communicator runs its collectives on the stream threads of the backend while the
 // caller's thread may use MPI too (the MPI bootstrap, the trainer's own calls), so it needs
 // MPI_THREAD_MULTIPLE. MpiSession asks for it; make_mpi_communicator checks what MPI provided.
+#include <chrono>
 #include <memory>
 
 #include "shardopt/backend.hpp"
@@ -64,8 +65,19 @@ class MpiSession {
 // Messages are matched by the collective's sequence number, so collectives issued on different
 // streams may run concurrently without MPI's call-order matching mixing them up.
 //
+// Bounded waits: a rank that waits longer than `timeout` for its peers' descriptors (a peer
+// stalled, returned from main, or issued one collective fewer) aborts the communicator and
+// fails with Error(communication) naming the collective and the ranks that did not arrive; its
+// peers, if they later reach that collective, fail on the aborted descriptor or their own
+// timeout. Once every rank has arrived the data moves without a deadline (a peer that dies
+// then is the launcher's to handle: mpirun ends the job). MPI itself cannot be interrupted, so a
+// trainer that catches such an error should leave through MPI_Abort (or exit non-zero under
+// mpirun) rather than call further collectives.
+//
 // Throws Error(unsupported) without MPI, for a non-CPU backend, or if MPI does not provide
-// MPI_THREAD_MULTIPLE; Error(invalid_state) if MPI is not initialized (create an MpiSession).
-std::unique_ptr<Communicator> make_mpi_communicator(Backend& backend);
+// MPI_THREAD_MULTIPLE; Error(invalid_state) if MPI is not initialized (create an MpiSession);
+// Error(invalid_argument) for a timeout that is not positive.
+std::unique_ptr<Communicator> make_mpi_communicator(
+    Backend& backend, std::chrono::milliseconds timeout = kDefaultCollectiveTimeout);
 
 }  // namespace shardopt

@@ -21,12 +21,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -47,7 +49,7 @@ MpiSession::MpiSession(int*, char***) {
   throw Error(ErrorCode::unsupported, "MpiSession: shardopt was built without MPI (find_package(MPI) failed at configure time)");
 }
 MpiSession::~MpiSession() = default;
-std::unique_ptr<Communicator> make_mpi_communicator(Backend&) {
+std::unique_ptr<Communicator> make_mpi_communicator(Backend&, std::chrono::milliseconds) {
   throw Error(ErrorCode::unsupported, "make_mpi_communicator: shardopt was built without MPI (find_package(MPI) failed at configure time)");
 }
 
@@ -158,7 +160,8 @@ constexpr std::size_t kMaxMessage = std::size_t(1) << 30;
 // destroyed while its collectives are still queued.
 class MpiGroup {
  public:
-  MpiGroup(MPI_Comm comm, int rank, int size, int tag_ub) : comm_(comm), rank_(rank), size_(size) {
+  MpiGroup(MPI_Comm comm, int rank, int size, int tag_ub, std::chrono::milliseconds timeout)
+      : comm_(comm), rank_(rank), size_(size), timeout_(timeout) {
     // Three tags per collective: descriptor, first data phase, second data phase.
     tag_span_ = static_cast<std::uint64_t>(tag_ub) / 3;
   }
@@ -242,25 +245,90 @@ class MpiGroup {
  private:
   int tag(std::uint64_t seq, int phase) const noexcept { return static_cast<int>((seq % tag_span_) * 3 + static_cast<std::uint64_t>(phase)); }
 
-  void post_send(const void* p, std::size_t bytes, int peer, int t, std::vector<MPI_Request>& reqs) {
+  // Requests in flight, each with its peer, so a timeout can say whom it waited for.
+  struct Pending {
+    std::vector<MPI_Request> reqs;
+    std::vector<int> peer;
+    std::vector<char> recv;  // 1: a receive (cancelled on timeout), 0: a send
+    void reserve(std::size_t n) {
+      reqs.reserve(n);
+      peer.reserve(n);
+      recv.reserve(n);
+    }
+  };
+
+  void post_send(const void* p, std::size_t bytes, int peer, int t, Pending& pend) {
     for (std::size_t off = 0; off < bytes; off += kMaxMessage) {
       const int n = static_cast<int>(std::min(kMaxMessage, bytes - off));
-      reqs.emplace_back();
-      check(MPI_Isend(bytes_of(p) + off, n, MPI_BYTE, peer, t, comm_, &reqs.back()), "MPI_Isend to rank " + std::to_string(peer));
+      pend.reqs.emplace_back();
+      pend.peer.push_back(peer);
+      pend.recv.push_back(0);
+      check(MPI_Isend(bytes_of(p) + off, n, MPI_BYTE, peer, t, comm_, &pend.reqs.back()), "MPI_Isend to rank " + std::to_string(peer));
     }
   }
-  void post_recv(void* p, std::size_t bytes, int peer, int t, std::vector<MPI_Request>& reqs) {
+  void post_recv(void* p, std::size_t bytes, int peer, int t, Pending& pend) {
     for (std::size_t off = 0; off < bytes; off += kMaxMessage) {
       const int n = static_cast<int>(std::min(kMaxMessage, bytes - off));
-      reqs.emplace_back();
-      check(MPI_Irecv(bytes_of(p) + off, n, MPI_BYTE, peer, t, comm_, &reqs.back()), "MPI_Irecv from rank " + std::to_string(peer));
+      pend.reqs.emplace_back();
+      pend.peer.push_back(peer);
+      pend.recv.push_back(1);
+      check(MPI_Irecv(bytes_of(p) + off, n, MPI_BYTE, peer, t, comm_, &pend.reqs.back()), "MPI_Irecv from rank " + std::to_string(peer));
     }
   }
-  void wait_all(std::vector<MPI_Request>& reqs, const char* what) {
-    const int rc = MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE);
-    reqs.clear();
-    check(rc, what);
+  // Waits for every request of `pend` within the group's timeout. Past it: the pending receives
+  // are cancelled, the pending sends released, the group aborts, and this rank throws naming the
+  // collective and the ranks it still waited for. A message that never had a peer to match it
+  // is never read or written by MPI after that; buffers MPI may still touch are the caller's.
+  void wait_all(Pending& pend, std::uint64_t seq, const Call& call, const char* what) {
+    if (wait_all_until(pend.reqs, what)) {
+      pend.peer.clear();
+      pend.recv.clear();
+      return;
+    }
+    std::vector<char> late(static_cast<std::size_t>(size_), 0);
+    for (std::size_t i = 0; i < pend.reqs.size(); ++i) {
+      MPI_Request& r = pend.reqs[i];
+      if (r == MPI_REQUEST_NULL) continue;
+      late[static_cast<std::size_t>(pend.peer[i])] = 1;
+      if (pend.recv[i]) MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    }
+    std::string missing;
+    int n = 0;
+    for (int q = 0; q < size_; ++q)
+      if (late[static_cast<std::size_t>(q)]) missing += (n++ ? ", " : "") + std::to_string(q);
+    const std::string why = label(rank_, seq, call) + " timed out after " + std::to_string(timeout_.count()) + " ms in its " +
+                            what + ": " + (n == 1 ? "rank " : "ranks ") + missing +
+                            " did not arrive (stalled, exited, or issued a different number of collectives)";
+    abort(why);
+    throw Error(ErrorCode::communication, "MPI " + why);
   }
+  // MPI_Waitall with a deadline: tests the requests, sleeping a little longer each time (up to
+  // 1 ms), until all completed (true; the requests are then MPI_REQUEST_NULL) or the group's
+  // timeout passed (false; completed ones are MPI_REQUEST_NULL, pending ones left for the caller).
+  bool wait_all_until(std::vector<MPI_Request>& reqs, const char* what) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    std::chrono::microseconds nap(1);
+    for (;;) {
+      int done = 0;
+      check(MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE), what);
+      if (done) {
+        reqs.clear();
+        return true;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        // Testall leaves the array as it was when not all completed: find which did.
+        for (MPI_Request& r : reqs) {
+          int flag = 0;
+          if (r != MPI_REQUEST_NULL) check(MPI_Test(&r, &flag, MPI_STATUS_IGNORE), what);
+        }
+        return false;
+      }
+      std::this_thread::sleep_for(nap);
+      nap = std::min(nap * 2, std::chrono::microseconds(1000));
+    }
+  }
+
   void check(int rc, const std::string& what) {
     if (rc == MPI_SUCCESS) return;
     const std::string why = "MPI rank " + std::to_string(rank_) + ": " + what + " failed: " + detail_mpi::mpi_error_text(rc);
@@ -268,18 +336,34 @@ class MpiGroup {
     throw Error(ErrorCode::communication, why);
   }
 
+  // Every rank's descriptor of collective #seq, within the timeout. This is where a rank that
+  // never issues the collective (it stalled, returned, or issued one collective fewer) is seen:
+  // past the deadline the group aborts and this rank throws, naming the ranks whose descriptors
+  // never came. Their receives are cancelled; the descriptors (this rank's, which peers may still
+  // receive, and the receive buffers) move to orphans_, which lives as long as the group.
   void exchange_descriptors(std::uint64_t seq, const Call& call) {
     const bool was_aborted = aborted();
-    const Descriptor mine = descriptor_of(seq, call, was_aborted);
-    std::vector<Descriptor> theirs(static_cast<std::size_t>(size_));
-    std::vector<MPI_Request> reqs;
-    reqs.reserve(static_cast<std::size_t>(2 * size_));
+    // [q]: rank q's; [size]: mine. On the heap so that, after a timeout, the buffers MPI may still
+    // write (a cancel that lost the race) or read (a send not yet taken) stay where they are.
+    auto owned = std::make_unique<std::vector<Descriptor>>(static_cast<std::size_t>(size_) + 1);
+    std::vector<Descriptor>& box = *owned;
+    Descriptor& mine = box.back();
+    mine = descriptor_of(seq, call, was_aborted);
+    Pending pend;
+    pend.reserve(static_cast<std::size_t>(2 * size_));
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
-      post_recv(&theirs[static_cast<std::size_t>(q)], sizeof(Descriptor), q, tag(seq, 0), reqs);
-      post_send(&mine, sizeof(Descriptor), q, tag(seq, 0), reqs);
+      post_recv(&box[static_cast<std::size_t>(q)], sizeof(Descriptor), q, tag(seq, 0), pend);
+      post_send(&mine, sizeof(Descriptor), q, tag(seq, 0), pend);
     }
-    wait_all(reqs, "descriptor exchange");
+    try {
+      wait_all(pend, seq, call, "descriptor exchange");
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(orphans_mutex_);
+      orphan_boxes_.push_back(std::move(owned));
+      throw;
+    }
+    std::vector<Descriptor> theirs(box.begin(), box.end() - 1);
     theirs[static_cast<std::size_t>(rank_)] = mine;
     if (was_aborted)
       throw Error(ErrorCode::communication, "MPI communicator aborted (" + reason() + "); " + label(rank_, seq, call) + " cannot complete");
@@ -319,13 +403,13 @@ class MpiGroup {
     const std::size_t bytes = c.count * size_of(c.dtype);
     if (bytes == 0) return;
     unsigned char* tmp = scratch(bytes * static_cast<std::size_t>(size_ - 1)).data();
-    std::vector<MPI_Request> reqs;
+    Pending reqs;
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       post_recv(tmp + slot(q) * bytes, bytes, q, tag(seq, 1), reqs);
       post_send(bytes_of(c.send) + static_cast<std::size_t>(q) * bytes, bytes, q, tag(seq, 1), reqs);
     }
-    wait_all(reqs, "reduce_scatter exchange");
+    wait_all(reqs, seq, c, "reduce_scatter exchange");
     const unsigned char* own = bytes_of(c.send) + static_cast<std::size_t>(rank_) * bytes;
     reduce(size_, [&](int q) -> const void* { return q == rank_ ? own : tmp + slot(q) * bytes; }, c.recv, c.count, c.dtype, c.op);
   }
@@ -333,7 +417,7 @@ class MpiGroup {
   void all_gather(std::uint64_t seq, const Call& c) {
     const std::size_t bytes = c.count * size_of(c.dtype);
     if (bytes == 0) return;
-    std::vector<MPI_Request> reqs;
+    Pending reqs;
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       post_recv(bytes_of(c.recv) + static_cast<std::size_t>(q) * bytes, bytes, q, tag(seq, 1), reqs);
@@ -341,7 +425,7 @@ class MpiGroup {
     }
     unsigned char* mine = bytes_of(c.recv) + static_cast<std::size_t>(rank_) * bytes;
     if (c.send != mine) std::memcpy(mine, c.send, bytes);  // equal in the in-place form
-    wait_all(reqs, "all_gather exchange");
+    wait_all(reqs, seq, c, "all_gather exchange");
   }
 
   void all_reduce(std::uint64_t seq, const Call& c) {
@@ -357,14 +441,14 @@ class MpiGroup {
     auto len = [&](int q) { return n / world + (static_cast<std::size_t>(q) < n % world ? 1 : 0); };
     const std::size_t my_bytes = len(rank_) * es;
     unsigned char* tmp = scratch(my_bytes * (world - 1)).data();
-    std::vector<MPI_Request> reqs;
+    Pending reqs;
     // Phase 1: every rank sends chunk q of its input to rank q, which reduces it.
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       post_recv(tmp + slot(q) * my_bytes, my_bytes, q, tag(seq, 1), reqs);
       post_send(bytes_of(c.send) + lo(q) * es, len(q) * es, q, tag(seq, 1), reqs);
     }
-    wait_all(reqs, "all_reduce reduce phase");
+    wait_all(reqs, seq, c, "all_reduce reduce phase");
     // The sends above have completed, so with send == recv chunks q != rank may now be
     // overwritten; this rank's chunk of send was never sent and is read before it is written.
     const unsigned char* own = bytes_of(c.send) + lo(rank_) * es;
@@ -376,13 +460,13 @@ class MpiGroup {
       post_recv(bytes_of(c.recv) + lo(q) * es, len(q) * es, q, tag(seq, 2), reqs);
       post_send(out, my_bytes, q, tag(seq, 2), reqs);
     }
-    wait_all(reqs, "all_reduce gather phase");
+    wait_all(reqs, seq, c, "all_reduce gather phase");
   }
 
   void broadcast(std::uint64_t seq, const Call& c) {
     const std::size_t bytes = c.count * size_of(c.dtype);
     if (bytes == 0) return;
-    std::vector<MPI_Request> reqs;
+    Pending reqs;
     if (rank_ == c.root) {
       for (int q = 0; q < size_; ++q)
         if (q != rank_) post_send(c.send, bytes, q, tag(seq, 1), reqs);
@@ -390,12 +474,13 @@ class MpiGroup {
     } else {
       post_recv(c.recv, bytes, c.root, tag(seq, 1), reqs);
     }
-    wait_all(reqs, "broadcast");
+    wait_all(reqs, seq, c, "broadcast");
   }
 
   MPI_Comm comm_;
   const int rank_;
   const int size_;
+  const std::chrono::milliseconds timeout_;
   std::uint64_t tag_span_ = 1;
   std::atomic<std::uint64_t> seq_{0};
   mutable std::mutex mutex_;
@@ -403,6 +488,7 @@ class MpiGroup {
   std::string reason_;
   std::mutex orphans_mutex_;
   std::list<Descriptor> orphans_;  // a list: elements never move while MPI may read them
+  std::vector<std::unique_ptr<std::vector<Descriptor>>> orphan_boxes_;  // timed-out exchanges
 };
 
 // "Must run exactly once": copying hands the duty to the copy (std::function may copy or move
@@ -492,7 +578,9 @@ class MpiCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_mpi_communicator(Backend& backend) {
+std::unique_ptr<Communicator> make_mpi_communicator(Backend& backend, std::chrono::milliseconds timeout) {
+  require(timeout.count() > 0, ErrorCode::invalid_argument,
+          "make_mpi_communicator: timeout must be positive, got " + std::to_string(timeout.count()) + " ms");
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -517,7 +605,7 @@ std::unique_ptr<Communicator> make_mpi_communicator(Backend& backend) {
   int* tag_ub = nullptr;
   MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &flag);
   const int ub = (flag && tag_ub) ? *tag_ub : 32767;  // 32767 is the least the standard allows
-  auto group = std::make_shared<MpiGroup>(comm, rank, size, ub);
+  auto group = std::make_shared<MpiGroup>(comm, rank, size, ub, timeout);
   return std::make_unique<MpiCommunicator>(std::move(group), backend);
 }
 
