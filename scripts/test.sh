@@ -24,6 +24,12 @@ cmake --install "$build" --prefix "$build/install" >/dev/null
 cmake -S "$root/examples/consumer" -B "$build/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$build/install"
 cmake --build "$build/consumer" -j"$jobs"
 "$build/consumer/shardopt_consumer"
+# A C trainer built the Makefile way: the C interface through pkg-config, no CMake.
+pc="$build/install/lib/pkgconfig"
+[ -d "$pc" ] || pc=$(dirname "$(find "$build/install" -name shardopt_c.pc | head -1)")
+cc -std=c99 -O1 -o "$build/consumer/c_consumer" "$root/tests/capi/test_capi.c" \
+  $(PKG_CONFIG_PATH="$pc" pkg-config --cflags --libs shardopt_c) -lpthread -lm
+LD_LIBRARY_PATH="$(PKG_CONFIG_PATH="$pc" pkg-config --variable=libdir shardopt_c)" "$build/consumer/c_consumer" | tail -1
 
 if [ "${SHARDOPT_SANITIZERS:-1}" != "0" ]; then
   echo "== ThreadSanitizer build (CPU tests)"

@@ -1,0 +1,179 @@
+/* shardopt.h: the C interface of shardopt (C99; usable from C, C++, and any language with a C FFI:
+ * Python ctypes, Rust, Zig, Go cgo).
+ *
+ * Conventions
+ * - Every function returns a shardopt_status; SHARDOPT_SUCCESS is 0. On failure nothing the call
+ *   would have changed is changed, and shardopt_last_error() returns the message (which names
+ *   the argument, block, tensor, file or rank at fault). No C++ exception crosses this boundary.
+ * - Objects are opaque handles created by *_create and released by *_destroy (destroying NULL is
+ *   a no-op). A handle that others use must outlive them: backend and communicator outlive the
+ *   engine; a group outlives its communicators.
+ * - Strings passed in are copied; strings returned stay valid until the next call on the same
+ *   thread (last error) or for the life of the library (status names, version).
+ * - Thread safety: one engine is driven by one thread at a time; distinct engines (the ranks of
+ *   an in-process group) are driven from distinct threads concurrently. The last error is kept
+ *   per thread.
+ * - Link: the shared library libshardopt_c (CMake target shardopt::shardopt_c, pkg-config
+ *   shardopt_c) exports exactly these symbols.
+ *
+ * The calls mirror the C++ Engine (include/shardopt/engine.hpp), which documents the contracts in
+ * full: the per-stage behaviour, the gradient contract, streams, and what is saved. */
+#ifndef SHARDOPT_SHARDOPT_H
+#define SHARDOPT_SHARDOPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define SHARDOPT_C_API __attribute__((visibility("default")))
+#else
+#define SHARDOPT_C_API
+#endif
+
+/* The interface's version: raised whenever a declaration here changes incompatibly. A program
+ * compiled against this header can check at run time that the library it loaded agrees. */
+#define SHARDOPT_ABI_VERSION 1
+
+typedef enum shardopt_status {
+  SHARDOPT_SUCCESS = 0,
+  SHARDOPT_INVALID_ARGUMENT = 1, /* a value passed is out of range or inconsistent */
+  SHARDOPT_INVALID_STATE = 2,    /* the call is not allowed now (e.g. add_block after initialize) */
+  SHARDOPT_OUT_OF_MEMORY = 3,    /* an allocation failed; the message names what and how much */
+  SHARDOPT_IO_ERROR = 4,         /* a file operation failed; the message names the file */
+  SHARDOPT_COMMUNICATION = 5,    /* a collective failed, timed out, or ranks disagree */
+  SHARDOPT_UNSUPPORTED = 6,      /* valid, but this build or backend cannot serve it */
+  SHARDOPT_INTERNAL = 7          /* a bug in shardopt; please report the message */
+} shardopt_status;
+
+/* Element types of views (the compute dtype of the configuration). */
+typedef enum shardopt_dtype { SHARDOPT_FP32 = 0, SHARDOPT_BF16 = 1, SHARDOPT_FP16 = 2 } shardopt_dtype;
+
+SHARDOPT_C_API int shardopt_abi_version(void);
+SHARDOPT_C_API const char* shardopt_version(void);
+SHARDOPT_C_API const char* shardopt_status_string(shardopt_status status);
+/* The message of the last failed call on this thread ("" if none failed yet). */
+SHARDOPT_C_API const char* shardopt_last_error(void);
+
+/* ---- configuration ---------------------------------------------------------------------------
+ * Created with the C++ defaults (stage 0, fp32, AdamW, lr 1e-3, ...). Values are given as text,
+ * by the names the command line uses, so this interface does not change when a field is added:
+ *   stage 0..3 | compute_dtype, reduce_dtype fp32|bf16|fp16 | optimizer (a rule's name, e.g.
+ *   adamw, adam, sgd, lion) | lr, beta1, beta2, eps, weight_decay, momentum, dampening (numbers) |
+ *   nesterov 0|1 | max_grad_norm | accumulation_steps | bucket_bytes | alignment |
+ *   loss_scaling none|fixed|dynamic | initial_scale | offload_optimizer none|host|nvme | nvme_dir |
+ *   offload_params 0|1 | prefetch_units | persistence_threshold
+ * An unknown key or a malformed value is SHARDOPT_INVALID_ARGUMENT naming it; ranges are checked
+ * when the engine is created (the same checks as the C++ Config::validate). */
+typedef struct shardopt_config shardopt_config;
+SHARDOPT_C_API shardopt_status shardopt_config_create(shardopt_config** out);
+SHARDOPT_C_API void shardopt_config_destroy(shardopt_config* config);
+SHARDOPT_C_API shardopt_status shardopt_config_set(shardopt_config* config, const char* key, const char* value);
+
+/* ---- backends and communicators ------------------------------------------------------------- */
+typedef struct shardopt_backend shardopt_backend;
+/* The CPU backend; its kernels share one process-wide thread pool (threads = 0: one per core). */
+SHARDOPT_C_API shardopt_status shardopt_backend_create_cpu(shardopt_backend** out);
+/* The CUDA backend on `device`; SHARDOPT_UNSUPPORTED in a build without CUDA or without a GPU. */
+SHARDOPT_C_API shardopt_status shardopt_backend_create_cuda(int device, shardopt_backend** out);
+SHARDOPT_C_API void shardopt_backend_destroy(shardopt_backend* backend);
+
+/* N ranks as threads of this process. Every wait is bounded by `timeout_ms` (0: ten minutes). */
+typedef struct shardopt_group shardopt_group;
+SHARDOPT_C_API shardopt_status shardopt_group_create(int world_size, int64_t timeout_ms, shardopt_group** out);
+SHARDOPT_C_API void shardopt_group_destroy(shardopt_group* group);
+/* Fails every pending and future collective of the group (a rank that gives up calls it). */
+SHARDOPT_C_API void shardopt_group_abort(shardopt_group* group, const char* why);
+
+typedef struct shardopt_comm shardopt_comm;
+SHARDOPT_C_API shardopt_status shardopt_comm_create_in_process(shardopt_group* group, int rank, shardopt_backend* backend,
+                                                               shardopt_comm** out);
+/* All processes of MPI_COMM_WORLD (MPI initialized with MPI_THREAD_MULTIPLE by the caller). */
+SHARDOPT_C_API shardopt_status shardopt_comm_create_mpi(shardopt_backend* backend, shardopt_comm** out);
+SHARDOPT_C_API void shardopt_comm_destroy(shardopt_comm* comm);
+
+/* ---- the engine ------------------------------------------------------------------------------ */
+typedef struct shardopt_engine shardopt_engine;
+
+typedef struct shardopt_tensor_desc {
+  const char* name;      /* unique across the model */
+  int ndim;              /* 0..8 */
+  const int64_t* shape;  /* ndim extents, row-major */
+  int group;             /* parameter group (hyperparameters); 0 by default */
+} shardopt_tensor_desc;
+
+typedef struct shardopt_view {
+  void* data;           /* host memory (CPU backend) or device memory (CUDA backend) */
+  shardopt_dtype dtype; /* the compute dtype */
+  size_t numel;
+} shardopt_view;
+
+typedef struct shardopt_step_result {
+  int applied;            /* 0: skipped because a gradient was not finite on some rank */
+  int64_t step;           /* updates applied so far */
+  float loss_scale;       /* multiply the next loss by this */
+  double grad_norm;       /* global L2 norm of the mean gradient, before clipping */
+  float clip_coefficient; /* 1 when not clipped */
+} shardopt_step_result;
+
+/* Fills `count` fp32 values of tensor `tensor` (its index in registration order, `name` its
+ * name) from row-major element `begin`. Called only for the ranges this rank stores. */
+typedef void (*shardopt_init_fn)(void* user, int tensor, const char* name, size_t begin, size_t count, float* out);
+/* Receives `count` fp32 values of tensor `tensor` from element `begin` (read_master). */
+typedef void (*shardopt_values_fn)(void* user, int tensor, size_t begin, size_t count, const float* values);
+
+SHARDOPT_C_API shardopt_status shardopt_engine_create(const shardopt_config* config, shardopt_backend* backend,
+                                                      shardopt_comm* comm, shardopt_engine** out);
+SHARDOPT_C_API void shardopt_engine_destroy(shardopt_engine* engine);
+/* Before initialize. `block_index` (may be NULL) receives the block's index. */
+SHARDOPT_C_API shardopt_status shardopt_engine_add_block(shardopt_engine* engine, const char* name, int ntensors,
+                                                         const shardopt_tensor_desc* tensors, int* block_index);
+/* Before initialize: group `group`'s hyperparameters, starting from group 0's, with one key
+ * (lr, beta1, beta2, eps, weight_decay, momentum, dampening, nesterov) set to `value`. */
+SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine, int group, const char* key,
+                                                         const char* value);
+/* Collective. `init` NULL: the seeded initializer with `seed` (independent of world and stage). */
+SHARDOPT_C_API shardopt_status shardopt_engine_initialize(shardopt_engine* engine, shardopt_init_fn init, void* user,
+                                                          uint64_t seed);
+SHARDOPT_C_API shardopt_status shardopt_engine_rank(const shardopt_engine* engine, int* rank, int* world_size);
+SHARDOPT_C_API shardopt_status shardopt_engine_block_tensors(const shardopt_engine* engine, int block, int* ntensors);
+
+/* The block's parameters (stage 3: gathered). `views` has room for `capacity` entries; the
+ * block's tensor count must fit. Valid until release(block); at stages 0-2 the addresses are
+ * the same for the engine's life, at stage 3 they may change at every acquire. */
+SHARDOPT_C_API shardopt_status shardopt_engine_acquire(shardopt_engine* engine, int block, shardopt_view* views,
+                                                       int capacity);
+SHARDOPT_C_API shardopt_status shardopt_engine_release(shardopt_engine* engine, int block);
+/* Where to ADD this micro-step's gradients (see engine.hpp's gradient contract); valid until
+ * grads_ready(block). */
+SHARDOPT_C_API shardopt_status shardopt_engine_gradients(shardopt_engine* engine, int block, shardopt_view* views,
+                                                         int capacity);
+SHARDOPT_C_API shardopt_status shardopt_engine_grads_ready(shardopt_engine* engine, int block);
+/* Collective. `result` may be NULL. */
+SHARDOPT_C_API shardopt_status shardopt_engine_step(shardopt_engine* engine, shardopt_step_result* result);
+SHARDOPT_C_API shardopt_status shardopt_engine_step_async(shardopt_engine* engine);
+SHARDOPT_C_API shardopt_status shardopt_engine_last_result(shardopt_engine* engine, shardopt_step_result* result);
+SHARDOPT_C_API shardopt_status shardopt_engine_zero_grad(shardopt_engine* engine);
+/* This rank's fp32 master values, piece by piece (for checks and custom checkpoints). */
+SHARDOPT_C_API shardopt_status shardopt_engine_read_master(shardopt_engine* engine, shardopt_values_fn fn, void* user);
+
+/* Collective checkpoints (format and guarantees: include/shardopt/checkpoint.hpp). */
+SHARDOPT_C_API shardopt_status shardopt_engine_save(shardopt_engine* engine, const char* dir);
+SHARDOPT_C_API shardopt_status shardopt_engine_load(shardopt_engine* engine, const char* dir);
+/* The checkpoint's master weights as one safetensors file; dtype "fp32", "bf16" or "fp16". */
+SHARDOPT_C_API shardopt_status shardopt_export_safetensors(const char* checkpoint_dir, const char* out_file,
+                                                           const char* dtype);
+
+/* Bytes this rank's engine holds now and at most so far, summed over every category, at one
+ * place: 0 device, 1 pinned host, 2 host, 3 disk. */
+SHARDOPT_C_API shardopt_status shardopt_engine_memory(const shardopt_engine* engine, int place, size_t* current,
+                                                      size_t* peak);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SHARDOPT_SHARDOPT_H */

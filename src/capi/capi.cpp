@@ -1,0 +1,489 @@
+// The C interface (include/shardopt/shardopt.h): opaque handles over the C++ objects, every call
+// wrapped so that no exception crosses into C, and a per-thread last-error message.
+#include "shardopt/shardopt.h"
+
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <new>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "shardopt/shardopt.hpp"
+
+struct shardopt_config {
+  shardopt::Config cfg;
+};
+struct shardopt_backend {
+  std::unique_ptr<shardopt::Backend> be;
+};
+struct shardopt_group {
+  std::shared_ptr<shardopt::InProcessGroup> group;
+};
+struct shardopt_comm {
+  std::unique_ptr<shardopt::Communicator> comm;
+};
+struct shardopt_engine {
+  std::unique_ptr<shardopt::Engine> engine;
+  std::vector<int> block_tensors;  // per block, for the capacity checks
+  std::map<int, shardopt::Hyperparams> groups;  // set through shardopt_engine_set_group
+  std::map<std::string, int> tensor_index;      // name -> registration order, for the init callback
+};
+
+namespace {
+
+using shardopt::ErrorCode;
+
+thread_local std::string t_last_error;
+
+shardopt_status status_of(ErrorCode c) noexcept {
+  switch (c) {
+    case ErrorCode::invalid_argument: return SHARDOPT_INVALID_ARGUMENT;
+    case ErrorCode::invalid_state: return SHARDOPT_INVALID_STATE;
+    case ErrorCode::out_of_memory: return SHARDOPT_OUT_OF_MEMORY;
+    case ErrorCode::io_error: return SHARDOPT_IO_ERROR;
+    case ErrorCode::communication: return SHARDOPT_COMMUNICATION;
+    case ErrorCode::unsupported: return SHARDOPT_UNSUPPORTED;
+    case ErrorCode::internal: return SHARDOPT_INTERNAL;
+  }
+  return SHARDOPT_INTERNAL;
+}
+
+shardopt_status fail(shardopt_status s, const char* message) noexcept {
+  try {
+    t_last_error = message;
+  } catch (...) {
+    // No memory for the message: the status alone must do.
+  }
+  return s;
+}
+
+// Runs `f` and turns whatever it throws into a status and the thread's last error.
+template <class F>
+shardopt_status guarded(F&& f) noexcept {
+  try {
+    f();
+    return SHARDOPT_SUCCESS;
+  } catch (const shardopt::Error& e) {
+    return fail(status_of(e.code()), e.what());
+  } catch (const std::bad_alloc&) {
+    return fail(SHARDOPT_OUT_OF_MEMORY, "out of host memory");
+  } catch (const std::exception& e) {
+    return fail(SHARDOPT_INTERNAL, e.what());
+  } catch (...) {
+    return fail(SHARDOPT_INTERNAL, "unknown exception");
+  }
+}
+
+void need(const void* p, const char* what) {
+  if (!p) throw shardopt::Error(ErrorCode::invalid_argument, std::string(what) + " is NULL");
+}
+
+std::string text_of(const char* s, const char* what) {
+  need(s, what);
+  return s;
+}
+
+float parse_float(const std::string& key, const std::string& v) {
+  char* end = nullptr;
+  errno = 0;
+  const float f = std::strtof(v.c_str(), &end);
+  if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE || !std::isfinite(f))
+    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not a finite number");
+  return f;
+}
+long long parse_int(const std::string& key, const std::string& v) {
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE)
+    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not an integer");
+  return n;
+}
+int parse_int32(const std::string& key, const std::string& v) {
+  const long long n = parse_int(key, v);
+  if (n < -2147483647LL || n > 2147483647LL)
+    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': " + v + " is out of range");
+  return static_cast<int>(n);
+}
+std::size_t parse_size(const std::string& key, const std::string& v) {
+  const long long n = parse_int(key, v);
+  if (n < 0) throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': " + v + " is negative");
+  return static_cast<std::size_t>(n);
+}
+bool parse_bool(const std::string& key, const std::string& v) {
+  if (v == "1" || v == "true") return true;
+  if (v == "0" || v == "false") return false;
+  throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not 0/1/true/false");
+}
+shardopt::DType parse_dtype(const std::string& key, const std::string& v) {
+  shardopt::DType t{};
+  if (!shardopt::parse_dtype(v, t))
+    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not a dtype (fp32, bf16, fp16)");
+  return t;
+}
+
+// One hyperparameter; false if `key` is not one.
+bool set_hyper(shardopt::Hyperparams& h, const std::string& key, const std::string& v) {
+  if (key == "lr") h.lr = parse_float(key, v);
+  else if (key == "beta1") h.beta1 = parse_float(key, v);
+  else if (key == "beta2") h.beta2 = parse_float(key, v);
+  else if (key == "eps") h.eps = parse_float(key, v);
+  else if (key == "weight_decay") h.weight_decay = parse_float(key, v);
+  else if (key == "momentum") h.momentum = parse_float(key, v);
+  else if (key == "dampening") h.dampening = parse_float(key, v);
+  else if (key == "nesterov") h.nesterov = parse_bool(key, v);
+  else return false;
+  return true;
+}
+
+void set_config(shardopt::Config& c, const std::string& key, const std::string& v) {
+  using namespace shardopt;
+  if (set_hyper(c.hyper, key, v)) return;
+  if (key == "stage") c.stage = parse_int32(key, v);
+  else if (key == "compute_dtype") c.compute_dtype = parse_dtype(key, v);
+  else if (key == "reduce_dtype") c.reduce_dtype = parse_dtype(key, v);
+  else if (key == "optimizer") {
+    if (!parse_optimizer(v, c.optimizer))
+      throw Error(ErrorCode::invalid_argument, "'optimizer': '" + v + "' is not a known rule");
+  } else if (key == "max_grad_norm") c.max_grad_norm = parse_float(key, v);
+  else if (key == "accumulation_steps") c.accumulation_steps = parse_int32(key, v);
+  else if (key == "bucket_bytes") c.bucket_bytes = parse_size(key, v);
+  else if (key == "alignment") c.alignment = parse_size(key, v);
+  else if (key == "loss_scaling") {
+    if (v == "none") c.loss_scaling.mode = LossScaleMode::none;
+    else if (v == "fixed") c.loss_scaling.mode = LossScaleMode::fixed;
+    else if (v == "dynamic") c.loss_scaling.mode = LossScaleMode::dynamic;
+    else throw Error(ErrorCode::invalid_argument, "'loss_scaling': '" + v + "' is not none, fixed or dynamic");
+  } else if (key == "initial_scale") c.loss_scaling.initial_scale = parse_float(key, v);
+  else if (key == "offload_optimizer") {
+    if (v == "none") c.offload_optimizer = OffloadKind::none;
+    else if (v == "host") c.offload_optimizer = OffloadKind::host;
+    else if (v == "nvme") c.offload_optimizer = OffloadKind::nvme;
+    else throw Error(ErrorCode::invalid_argument, "'offload_optimizer': '" + v + "' is not none, host or nvme");
+  } else if (key == "nvme_dir") c.nvme_dir = v;
+  else if (key == "offload_params") c.offload_params = parse_bool(key, v);
+  else if (key == "prefetch_units") c.prefetch_units = parse_int32(key, v);
+  else if (key == "persistence_threshold") c.persistence_threshold = parse_size(key, v);
+  else throw Error(ErrorCode::invalid_argument, "unknown configuration key '" + key + "'");
+}
+
+shardopt::Engine& engine_of(shardopt_engine* e) {
+  need(e, "engine");
+  return *e->engine;
+}
+
+void fill_views(int block, const shardopt::BlockView& v, shardopt_view* views, int capacity) {
+  const int n = static_cast<int>(v.tensors.size());
+  if (n > capacity)
+    throw shardopt::Error(ErrorCode::invalid_argument, "block " + std::to_string(block) + " has " + std::to_string(n) +
+                                                           " tensors but the views array holds " + std::to_string(capacity));
+  for (int i = 0; i < n; ++i) {
+    const auto& t = v.tensors[static_cast<std::size_t>(i)];
+    views[i].data = t.data;
+    views[i].dtype = t.dtype == shardopt::DType::fp32   ? SHARDOPT_FP32
+                     : t.dtype == shardopt::DType::bf16 ? SHARDOPT_BF16
+                                                        : SHARDOPT_FP16;
+    views[i].numel = t.numel;
+  }
+}
+
+// The checks a view call does before touching the engine, so a too-small array changes nothing
+// (acquire at stage 3 would otherwise gather and hold the unit).
+void check_views(shardopt_engine* e, int block, const shardopt_view* views, int capacity) {
+  need(e, "engine");
+  need(views, "views");
+  if (block < 0 || block >= static_cast<int>(e->block_tensors.size()))
+    throw shardopt::Error(ErrorCode::invalid_argument, "block index " + std::to_string(block) + " is out of range [0, " +
+                                                           std::to_string(e->block_tensors.size()) + ")");
+  const int n = e->block_tensors[static_cast<std::size_t>(block)];
+  if (n > capacity)
+    throw shardopt::Error(ErrorCode::invalid_argument, "block " + std::to_string(block) + " has " + std::to_string(n) +
+                                                           " tensors but the views array holds " + std::to_string(capacity));
+}
+
+void put_result(const shardopt::StepResult& r, shardopt_step_result* out) {
+  if (!out) return;
+  out->applied = r.applied ? 1 : 0;
+  out->step = r.step;
+  out->loss_scale = r.loss_scale;
+  out->grad_norm = r.grad_norm;
+  out->clip_coefficient = r.clip_coefficient;
+}
+
+}  // namespace
+
+extern "C" {
+
+int shardopt_abi_version(void) { return SHARDOPT_ABI_VERSION; }
+
+const char* shardopt_version(void) {
+#define SHARDOPT_STR2(x) #x
+#define SHARDOPT_STR(x) SHARDOPT_STR2(x)
+  return SHARDOPT_STR(SHARDOPT_VERSION_MAJOR) "." SHARDOPT_STR(SHARDOPT_VERSION_MINOR) "." SHARDOPT_STR(
+      SHARDOPT_VERSION_PATCH);
+#undef SHARDOPT_STR
+#undef SHARDOPT_STR2
+}
+
+const char* shardopt_status_string(shardopt_status s) {
+  switch (s) {
+    case SHARDOPT_SUCCESS: return "success";
+    case SHARDOPT_INVALID_ARGUMENT: return "invalid argument";
+    case SHARDOPT_INVALID_STATE: return "invalid state";
+    case SHARDOPT_OUT_OF_MEMORY: return "out of memory";
+    case SHARDOPT_IO_ERROR: return "I/O error";
+    case SHARDOPT_COMMUNICATION: return "communication error";
+    case SHARDOPT_UNSUPPORTED: return "unsupported";
+    case SHARDOPT_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+const char* shardopt_last_error(void) { return t_last_error.c_str(); }
+
+shardopt_status shardopt_config_create(shardopt_config** out) {
+  return guarded([&] {
+    need(out, "out");
+    *out = new shardopt_config{};
+  });
+}
+void shardopt_config_destroy(shardopt_config* c) { delete c; }
+shardopt_status shardopt_config_set(shardopt_config* c, const char* key, const char* value) {
+  return guarded([&] {
+    need(c, "config");
+    const std::string k = text_of(key, "key"), v = text_of(value, "value");
+    shardopt::Config copy = c->cfg;  // a failed set leaves the configuration as it was
+    set_config(copy, k, v);
+    c->cfg = copy;
+  });
+}
+
+shardopt_status shardopt_backend_create_cpu(shardopt_backend** out) {
+  return guarded([&] {
+    need(out, "out");
+    auto b = std::make_unique<shardopt_backend>();
+    b->be = shardopt::make_cpu_backend();
+    *out = b.release();
+  });
+}
+shardopt_status shardopt_backend_create_cuda(int device, shardopt_backend** out) {
+  return guarded([&] {
+    need(out, "out");
+    auto b = std::make_unique<shardopt_backend>();
+    b->be = shardopt::make_cuda_backend(device);
+    *out = b.release();
+  });
+}
+void shardopt_backend_destroy(shardopt_backend* b) { delete b; }
+
+shardopt_status shardopt_group_create(int world_size, int64_t timeout_ms, shardopt_group** out) {
+  return guarded([&] {
+    need(out, "out");
+    if (timeout_ms < 0)
+      throw shardopt::Error(ErrorCode::invalid_argument, "timeout_ms must not be negative, got " + std::to_string(timeout_ms));
+    const auto timeout = timeout_ms == 0 ? shardopt::kDefaultCollectiveTimeout : std::chrono::milliseconds(timeout_ms);
+    auto g = std::make_unique<shardopt_group>();
+    g->group = shardopt::make_in_process_group(world_size, shardopt::InProcessTransport::automatic, timeout);
+    *out = g.release();
+  });
+}
+void shardopt_group_destroy(shardopt_group* g) { delete g; }
+void shardopt_group_abort(shardopt_group* g, const char* why) {
+  if (!g) return;
+  try {
+    shardopt::abort_in_process_group(*g->group, why ? why : "aborted through the C interface");
+  } catch (...) {
+    // abort_in_process_group is noexcept; only building the string could throw.
+  }
+}
+
+shardopt_status shardopt_comm_create_in_process(shardopt_group* g, int rank, shardopt_backend* b, shardopt_comm** out) {
+  return guarded([&] {
+    need(g, "group");
+    need(b, "backend");
+    need(out, "out");
+    auto c = std::make_unique<shardopt_comm>();
+    c->comm = shardopt::make_in_process_communicator(g->group, rank, *b->be);
+    *out = c.release();
+  });
+}
+shardopt_status shardopt_comm_create_mpi(shardopt_backend* b, shardopt_comm** out) {
+  return guarded([&] {
+    need(b, "backend");
+    need(out, "out");
+    auto c = std::make_unique<shardopt_comm>();
+    c->comm = shardopt::make_mpi_communicator(*b->be);
+    *out = c.release();
+  });
+}
+void shardopt_comm_destroy(shardopt_comm* c) { delete c; }
+
+shardopt_status shardopt_engine_create(const shardopt_config* c, shardopt_backend* b, shardopt_comm* m,
+                                       shardopt_engine** out) {
+  return guarded([&] {
+    need(c, "config");
+    need(b, "backend");
+    need(m, "comm");
+    need(out, "out");
+    auto e = std::make_unique<shardopt_engine>();
+    e->engine = std::make_unique<shardopt::Engine>(c->cfg, *b->be, *m->comm);
+    *out = e.release();
+  });
+}
+void shardopt_engine_destroy(shardopt_engine* e) { delete e; }
+
+shardopt_status shardopt_engine_add_block(shardopt_engine* e, const char* name, int ntensors,
+                                          const shardopt_tensor_desc* tensors, int* block_index) {
+  return guarded([&] {
+    shardopt::Engine& eng = engine_of(e);
+    shardopt::BlockSpec spec;
+    spec.name = text_of(name, "block name");
+    if (ntensors < 0) throw shardopt::Error(ErrorCode::invalid_argument, "block '" + spec.name + "': negative tensor count");
+    if (ntensors > 0) need(tensors, "tensors");
+    for (int i = 0; i < ntensors; ++i) {
+      const shardopt_tensor_desc& d = tensors[i];
+      shardopt::TensorSpec t;
+      t.name = text_of(d.name, "tensor name");
+      if (d.ndim < 0 || d.ndim > 8)
+        throw shardopt::Error(ErrorCode::invalid_argument, "tensor '" + t.name + "': ndim " + std::to_string(d.ndim) +
+                                                               " is outside [0, 8]");
+      if (d.ndim > 0) need(d.shape, "tensor shape");
+      t.shape.assign(d.shape, d.shape + d.ndim);
+      t.group = d.group;
+      spec.tensors.push_back(std::move(t));
+    }
+    std::vector<std::string> names;
+    for (const auto& t : spec.tensors) names.push_back(t.name);
+    const int index = eng.register_block(spec);
+    e->block_tensors.push_back(ntensors);
+    for (const auto& n : names) e->tensor_index.emplace(n, static_cast<int>(e->tensor_index.size()));
+    if (block_index) *block_index = index;
+  });
+}
+
+shardopt_status shardopt_engine_set_group(shardopt_engine* e, int group, const char* key, const char* value) {
+  return guarded([&] {
+    shardopt::Engine& eng = engine_of(e);
+    const std::string k = text_of(key, "key"), v = text_of(value, "value");
+    // Start from what the group has: group 0's hyperparameters until it is set here.
+    auto it = e->groups.find(group);
+    shardopt::Hyperparams h = it != e->groups.end() ? it->second : eng.config().hyper;
+    if (!set_hyper(h, k, v))
+      throw shardopt::Error(ErrorCode::invalid_argument, "'" + k + "' is not a hyperparameter (lr, beta1, beta2, eps, "
+                                                             "weight_decay, momentum, dampening, nesterov)");
+    eng.set_group(group, h);
+    e->groups[group] = h;
+  });
+}
+
+shardopt_status shardopt_engine_initialize(shardopt_engine* e, shardopt_init_fn init, void* user, uint64_t seed) {
+  return guarded([&] {
+    shardopt::Engine& eng = engine_of(e);
+    if (!init) {
+      eng.initialize(shardopt::seeded_init(seed));
+      return;
+    }
+    // The callback gets the tensor's index: registration order, as the layout numbers them.
+    const auto& index = e->tensor_index;
+    eng.initialize([&index, init, user](const shardopt::Layout::TensorInfo& t, std::size_t begin, std::size_t count,
+                                        float* out) {
+      const auto it = index.find(t.name);
+      init(user, it == index.end() ? -1 : it->second, t.name.c_str(), begin, count, out);
+    });
+  });
+}
+
+shardopt_status shardopt_engine_rank(const shardopt_engine* e, int* rank, int* world_size) {
+  return guarded([&] {
+    need(e, "engine");
+    if (rank) *rank = e->engine->rank();
+    if (world_size) *world_size = e->engine->world_size();
+  });
+}
+
+shardopt_status shardopt_engine_block_tensors(const shardopt_engine* e, int block, int* ntensors) {
+  return guarded([&] {
+    need(e, "engine");
+    need(ntensors, "ntensors");
+    if (block < 0 || block >= static_cast<int>(e->block_tensors.size()))
+      throw shardopt::Error(ErrorCode::invalid_argument, "block index " + std::to_string(block) + " is out of range");
+    *ntensors = e->block_tensors[static_cast<std::size_t>(block)];
+  });
+}
+
+shardopt_status shardopt_engine_acquire(shardopt_engine* e, int block, shardopt_view* views, int capacity) {
+  return guarded([&] {
+    check_views(e, block, views, capacity);
+    fill_views(block, e->engine->acquire(block), views, capacity);
+  });
+}
+shardopt_status shardopt_engine_release(shardopt_engine* e, int block) {
+  return guarded([&] { engine_of(e).release(block); });
+}
+shardopt_status shardopt_engine_gradients(shardopt_engine* e, int block, shardopt_view* views, int capacity) {
+  return guarded([&] {
+    check_views(e, block, views, capacity);
+    fill_views(block, e->engine->gradients(block), views, capacity);
+  });
+}
+shardopt_status shardopt_engine_grads_ready(shardopt_engine* e, int block) {
+  return guarded([&] { engine_of(e).grads_ready(block); });
+}
+shardopt_status shardopt_engine_step(shardopt_engine* e, shardopt_step_result* result) {
+  return guarded([&] { put_result(engine_of(e).step(), result); });
+}
+shardopt_status shardopt_engine_step_async(shardopt_engine* e) {
+  return guarded([&] { engine_of(e).step_async(); });
+}
+shardopt_status shardopt_engine_last_result(shardopt_engine* e, shardopt_step_result* result) {
+  return guarded([&] {
+    need(result, "result");
+    put_result(engine_of(e).last_result(), result);
+  });
+}
+shardopt_status shardopt_engine_zero_grad(shardopt_engine* e) {
+  return guarded([&] { engine_of(e).zero_grad(); });
+}
+shardopt_status shardopt_engine_read_master(shardopt_engine* e, shardopt_values_fn fn, void* user) {
+  return guarded([&] {
+    if (!fn) throw shardopt::Error(ErrorCode::invalid_argument, "fn is NULL");
+    engine_of(e).read_master([fn, user](int t, std::size_t begin, std::size_t count, const float* v) {
+      fn(user, t, begin, count, v);
+    });
+  });
+}
+
+shardopt_status shardopt_engine_save(shardopt_engine* e, const char* dir) {
+  return guarded([&] { engine_of(e).save(text_of(dir, "dir")); });
+}
+shardopt_status shardopt_engine_load(shardopt_engine* e, const char* dir) {
+  return guarded([&] { engine_of(e).load(text_of(dir, "dir")); });
+}
+shardopt_status shardopt_export_safetensors(const char* checkpoint_dir, const char* out_file, const char* dtype) {
+  return guarded([&] {
+    const std::string d = text_of(dtype, "dtype");
+    shardopt::export_safetensors(text_of(checkpoint_dir, "checkpoint_dir"), text_of(out_file, "out_file"),
+                                 parse_dtype("dtype", d));
+  });
+}
+
+shardopt_status shardopt_engine_memory(const shardopt_engine* e, int place, size_t* current, size_t* peak) {
+  return guarded([&] {
+    need(e, "engine");
+    if (place < 0 || place >= shardopt::kPlaceCount)
+      throw shardopt::Error(ErrorCode::invalid_argument, "place " + std::to_string(place) + " is outside [0, " +
+                                                             std::to_string(shardopt::kPlaceCount) + ")");
+    const shardopt::MemoryReport r = e->engine->memory_report();
+    const auto p = static_cast<shardopt::Place>(place);
+    if (current) *current = r.current_total(p);
+    if (peak) *peak = r.peak_total[static_cast<std::size_t>(place)];
+  });
+}
+
+}  // extern "C"
