@@ -209,6 +209,110 @@ TEST_F(Checkpoint, ResumeIsBitExact) {
   }
 }
 
+// ---------------------------------------------------------------- background saves
+// save_async captures the state at the call; training goes on while the files are written; the
+// checkpoint then holds exactly that state (bit for bit, loadable at another world size and
+// stage), and resuming from it continues exactly like an uninterrupted run.
+TEST_F(Checkpoint, AsyncSaveHoldsTheStateAtTheCallWhileTrainingGoesOn) {
+  const Config cfg = base_config(2, DType::bf16, OptimizerKind::adamw);
+  TmpDir dir;
+  Snapshot at_save, at_end, reference_end, loaded, resumed_end;
+  std::mutex mu;
+  std::vector<std::size_t> staging_in_flight(2), staging_after(2), owned(2);
+  // An uninterrupted run of 8 steps, for the resume comparison.
+  with_world(2, cfg, [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 8, 9, scale);
+    snapshot_into(e, reference_end, mu);
+  });
+  with_world(2, cfg, [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 5, 9, scale);
+    snapshot_into(e, at_save, mu);
+    const std::size_t before = e.memory_report().current_of(Category::other, Place::host);
+    e.save_async(dir.str());
+    EXPECT_TRUE(e.save_in_flight());
+    staging_in_flight[rank] = e.memory_report().current_of(Category::other, Place::host) - before;
+    e.read_master([&](int, std::size_t, std::size_t n, const float*) { owned[rank] += n; });
+    train(e, rank, 5, 3, 9, scale);  // goes on while the writer runs
+    e.wait_save();
+    EXPECT_FALSE(e.save_in_flight());
+    staging_after[rank] = e.memory_report().current_of(Category::other, Place::host) - before;
+    snapshot_into(e, at_end, mu);
+  });
+  for (int r = 0; r < 2; ++r) {
+    // Stage 2 owns a shard: the staging is that shard's master + 2 moments, nothing more.
+    EXPECT_EQ(staging_in_flight[r], owned[r] * 3 * 4) << "rank " << r;
+    EXPECT_EQ(staging_after[r], 0u) << "rank " << r << ": staging kept after wait_save";
+  }
+  EXPECT_FALSE(at_save == at_end) << "training did not change anything after the save";
+  EXPECT_EQ(inspect_checkpoint(dir.str()).step, 5);
+  EXPECT_NO_THROW(verify_checkpoint(dir.str()));
+  with_world(3, base_config(3, DType::bf16, OptimizerKind::adamw), [&](Engine& e, int) {
+    e.load(dir.str());
+    snapshot_into(e, loaded, mu);
+  });
+  EXPECT_TRUE(loaded == at_save) << "the asynchronous checkpoint does not hold the state at save_async()";
+  with_world(2, cfg, [&](Engine& e, int rank) {
+    e.load(dir.str());
+    float scale = 1;
+    train(e, rank, 5, 3, 9, scale);
+    snapshot_into(e, resumed_end, mu);
+  }, 4321);
+  EXPECT_TRUE(resumed_end == reference_end) << "5 steps + async save/load + 3 steps differ from 8 steps";
+}
+
+// A checkpoint loads into an engine whose optimizer state lives on NVMe: the same values as a
+// load without offload, and training from there gives the same bits (offload is bit-identical).
+TEST_F(Checkpoint, LoadsIntoAnNvmeOffloadedEngine) {
+  TmpDir dir, nvme;
+  const Config plain = base_config(2, DType::bf16, OptimizerKind::adamw);
+  Config on_nvme = plain;
+  on_nvme.offload_optimizer = OffloadKind::nvme;
+  on_nvme.nvme_dir = nvme.str();
+  with_world(2, plain, [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 4, 5, scale);
+    e.save(dir.str());
+  });
+  Snapshot loaded_plain, loaded_nvme, trained_plain, trained_nvme;
+  std::mutex mu;
+  for (const Config* cfg : {&plain, static_cast<const Config*>(&on_nvme)}) {
+    const bool nv = cfg == &on_nvme;
+    with_world(2, *cfg, [&](Engine& e, int rank) {
+      e.load(dir.str());
+      snapshot_into(e, nv ? loaded_nvme : loaded_plain, mu);
+      float scale = 1;
+      train(e, rank, 4, 3, 5, scale);
+      snapshot_into(e, nv ? trained_nvme : trained_plain, mu);
+    }, 99);
+  }
+  EXPECT_TRUE(loaded_nvme == loaded_plain) << "the NVMe-offloaded engine loaded other values";
+  EXPECT_TRUE(trained_nvme == trained_plain) << "training after an NVMe load differs from training after a plain load";
+}
+
+TEST_F(Checkpoint, AsyncSaveErrorsReachEveryRankAndTheEngineGoesOn) {
+  TmpDir dir;
+  const std::string blocked = dir.str("file");
+  std::ofstream(blocked) << "not a directory";
+  std::vector<std::string> errors(2);
+  with_world(2, base_config(1, DType::fp32, OptimizerKind::sgd), [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 1, 3, scale);
+    try {
+      e.save_async(blocked + "/ckpt");  // a path under a regular file: mkdir fails on rank 0
+    } catch (const Error& err) {
+      errors[rank] = err.message();
+    }
+    EXPECT_FALSE(e.save_in_flight());
+    train(e, rank, 1, 1, 3, scale);
+    e.save_async(dir.str("ok"));  // a good save afterwards works
+    e.wait_save();
+  });
+  for (int r = 0; r < 2; ++r) EXPECT_NE(errors[r].find("ckpt"), std::string::npos) << "rank " << r << ": " << errors[r];
+  EXPECT_EQ(inspect_checkpoint(dir.str("ok")).step, 2);
+}
+
 TEST_F(Checkpoint, SavingAgainReplacesTheGenerationAndInspectDescribesIt) {
   TmpDir dir;
   with_world(2, base_config(1, DType::bf16, OptimizerKind::sgd), [&](Engine& e, int rank) {
@@ -269,7 +373,13 @@ TEST_F(Checkpoint, SigkillDuringSaveAlwaysLeavesALoadableCheckpoint) {
           float scale = 1;
           for (int s = 0;; ++s) {
             train(e, rank, s, 1, 7, scale);
-            e.save(dir.str());
+            if (s % 2) {
+              e.save(dir.str());
+            } else {  // a background save with a step taken while it writes
+              e.save_async(dir.str());
+              train(e, rank, ++s, 1, 7, scale);
+              e.wait_save();
+            }
           }
         });
       } catch (...) {

@@ -176,11 +176,28 @@ class Engine {
   // verified everything it needs. The engine's own hyperparameters are kept (the checkpoint's are
   // informational). Requires: initialize() done, no step in progress (no grads_ready since the
   // last step()/zero_grad()), the same tensors (names and shapes) as the checkpoint, the same
-  // optimizer rule; not supported with offload_optimizer=nvme.
+  // optimizer rule. With offload_optimizer=nvme the verified values are written into the rank's
+  // NVMe state file; an I/O error during that write (after every rank verified the checkpoint)
+  // leaves the state partly loaded, and the error says so.
   // Errors: a missing manifest, unknown format version, truncated or missing shard file, checksum
   // mismatch, tensor name/shape mismatch or different rule throws Error naming the file and the
   // tensor on every rank, and leaves the engine exactly as it was and usable.
   void load(const std::string& dir);
+
+  // Background checkpoints. save_async(dir) does what save(dir) does, but returns as soon as this
+  // rank's values are captured: it takes the lock and agrees on the generation (collective, as
+  // save), copies this rank's share of the master weights and optimizer states into one host
+  // staging buffer (memory_report() counts it as Category::other at Place::host while the save is
+  // in flight: (1 + states) x 4 bytes per owned element), and a thread of its own writes the
+  // shard file from that copy while training goes on. wait_save() (collective) waits for the
+  // writers and commits the manifest on rank 0; until then the previous checkpoint in `dir`
+  // stays the valid one, with the same crash guarantees as save(). save(), save_async(), load()
+  // and the destructor first finish a save in flight (the destructor without committing it).
+  // The checkpoint holds the state as it was at save_async(): steps taken meanwhile are not in
+  // it. Errors of the write surface at wait_save(), on every rank.
+  void save_async(const std::string& dir);
+  void wait_save();
+  bool save_in_flight() const noexcept;
 
   MemoryReport memory_report() const;
   // Collective traffic since the last reset, per kind (see CommStats for the accounting).
@@ -189,7 +206,12 @@ class Engine {
 
  private:
   struct Impl;
+  struct AsyncSave;
+  struct AsyncSaveDeleter {
+    void operator()(AsyncSave* a) const noexcept;
+  };
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<AsyncSave, AsyncSaveDeleter> async_save_;  // after impl_: destroyed first
 };
 
 }  // namespace shardopt

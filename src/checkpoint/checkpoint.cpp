@@ -13,6 +13,7 @@
 #include <ctime>
 #include <map>
 #include <optional>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -198,29 +199,35 @@ std::string lock_holder() {
   return "held by pid " + std::to_string(::getpid()) + " on " + host + " since " + when;
 }
 
-template <class I>
-void save_impl(I& im, const std::string& dir) {
-  im.require_initialized("save");
-  require(!dir.empty(), ErrorCode::invalid_argument, "save: empty checkpoint directory");
-  require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
-  im.be.synchronize(*im.side);
-  im.be.synchronize(*im.compute);
-  im.settle_state();
+// Everything a save needs once the engine's values are captured: where, under which generation,
+// the lock, what this rank writes, and the manifest's engine-wide fields as they were when the
+// save began (an asynchronous save commits them after training went on).
+struct SaveJob {
+  std::string dir;
+  std::uint64_t gen = 0;
+  ckpt::DirLock lock;  // rank 0 only
+  std::vector<std::string> fields;
+  std::vector<Piece> pieces;
+  std::size_t chunk = 0;
+  ckpt::Manifest head;  // engine-wide fields; files and tensors are filled at the commit
+  std::vector<Layout::TensorInfo> tensors;
+  int rank = 0, world = 1;
+};
 
-  // Phase 0, rank 0: one saver at a time per directory. The lock is taken before the generation
-  // is read, so two savers can never pick the same names; a second saver fails here, on every one
-  // of its ranks, before it writes anything.
-  ckpt::DirLock lock;
+// Phase 0 and the generation: rank 0 takes the directory's lock (a second saver fails here, on
+// every one of its ranks, before anything is written), then every rank agrees on the new
+// generation: one past the committed one, read after the lock so two savers never pick the same.
+template <class I>
+SaveJob begin_save(I& im, const std::string& dir) {
+  SaveJob job;
+  job.dir = dir;
   std::optional<Error> err;
   if (im.rank == 0)
     err = attempt([&] {
       ckpt::make_dir(dir);
-      lock = ckpt::lock_dir(dir, lock_holder());
+      job.lock = ckpt::lock_dir(dir, lock_holder());
     });
   agree_or_throw(im, err, "save into '" + dir + "'");
-
-  // The new generation: one past the committed one (a directory without a valid manifest starts
-  // at 1). Every rank reads the manifest; the largest proposal wins so all use the same names.
   std::uint64_t proposal = 1;
   try {
     proposal = ckpt::read_manifest(dir).generation + 1;
@@ -229,30 +236,53 @@ void save_impl(I& im, const std::string& dir) {
   }
   require(proposal < (std::uint64_t(1) << 24), ErrorCode::unsupported,
           "save: checkpoint generation counter of '" + dir + "' exhausted; save into a new directory");
-  const auto gen = static_cast<std::uint64_t>(agree_max(im, static_cast<float>(proposal)));
+  job.gen = static_cast<std::uint64_t>(agree_max(im, static_cast<float>(proposal)));
+  job.fields = ckpt::field_names(im.cfg.optimizer);
+  job.pieces = write_pieces(im);
+  job.chunk = ckpt::chunk_elems();
+  job.rank = im.rank;
+  job.world = im.world;
+  ckpt::Manifest& m = job.head;
+  m.library_version = SHARDOPT_LIBRARY_VERSION;
+  m.generation = job.gen;
+  m.world_size = im.world;
+  m.stage = im.cfg.stage;
+  m.compute_dtype = im.c;
+  m.master_dtype = DType::fp32;
+  m.optimizer = im.cfg.optimizer;
+  m.fields = job.fields;
+  m.groups = im.groups;
+  m.step = im.host_state.step;
+  m.loss_scale_mode = im.cfg.loss_scaling.mode;
+  m.loss_scale = im.host_state.loss_scale;
+  m.good_steps = im.host_state.good_steps;
+  m.overflow_run = im.host_state.overflow_run;
+  m.chunk = job.chunk;
+  job.tensors = im.layout.tensors();
+  return job;
+}
 
-  const std::vector<std::string> fields = ckpt::field_names(im.cfg.optimizer);
-  const int nfields = static_cast<int>(fields.size());
-  const std::string file = data_name(gen, im.rank);
-  const std::string tmp = join(dir, file + ".tmp");
-  const std::size_t chunk = ckpt::chunk_elems();
-
-  // Phase 1, every rank: its shard file (fields one after another, each its pieces in order) and
-  // a sidecar describing it. Memory: one chunk.
-  err = attempt([&] {
-    ckpt::make_dir(dir);
-    const std::vector<Piece> pieces = write_pieces(im);
+// Phase 1, every rank, no collective (it may run on a writer thread): its shard file (fields one
+// after another, each its pieces in order) and a sidecar describing it. `values(field, piece,
+// offset, n, out)` supplies the data. Memory: one chunk.
+template <class Values>
+std::optional<Error> write_shard(const SaveJob& job, Values&& values) {
+  const std::string file = data_name(job.gen, job.rank);
+  const std::string tmp = join(job.dir, file + ".tmp");
+  std::optional<Error> err = attempt([&] {
+    if (job.rank != 0) ckpt::make_dir(job.dir);
     ckpt::Fd f = ckpt::create_write(tmp);
     std::vector<float> buf;
     std::uint64_t offset = 0;
     nlohmann::json ranges = nlohmann::json::array();
-    for (int fi = 0; fi < nfields; ++fi) {
-      for (const Piece& p : pieces) {
+    for (int fi = 0; fi < static_cast<int>(job.fields.size()); ++fi) {
+      for (std::size_t pi = 0; pi < job.pieces.size(); ++pi) {
+        const Piece& p = job.pieces[pi];
         nlohmann::json hashes = nlohmann::json::array();
-        for (std::size_t done = 0; done < p.count; done += chunk) {
-          const std::size_t k = std::min(chunk, p.count - done);
+        for (std::size_t done = 0; done < p.count; done += job.chunk) {
+          const std::size_t k = std::min(job.chunk, p.count - done);
           buf.resize(k);
-          im.read_values(field_at(im, fi, p.unit, p.unit_elem + done), k, buf.data());
+          values(fi, pi, done, k, buf.data());
           hashes.push_back(ckpt::hex64(ckpt::xxh64(buf.data(), k * 4)));
           ckpt::write_all(f, buf.data(), k * 4);
         }
@@ -262,43 +292,34 @@ void save_impl(I& im, const std::string& dir) {
     }
     ckpt::fsync_fd(f);
     f.close();
-    ckpt::rename_file(tmp, join(dir, file));
+    ckpt::rename_file(tmp, join(job.dir, file));
     nlohmann::json side = {{"file", file}, {"bytes", offset}, {"ranges", ranges}};
     // The sidecar is only read by rank 0 before the commit; it needs no fsync of its own, but the
     // atomic write keeps a half-written one from ever being parsed.
-    ckpt::write_file_atomic(dir, sidecar_name(gen, im.rank), side.dump());
+    ckpt::write_file_atomic(job.dir, sidecar_name(job.gen, job.rank), side.dump());
   });
   if (err) (void)::unlink(tmp.c_str());  // best effort: a leftover temporary is removed by the next save
-  agree_or_throw(im, err, "save into '" + dir + "'");
+  return err;
+}
 
-  // Phase 2, rank 0: merge the sidecars into the manifest and commit it.
+// Phase 2, rank 0: merge the sidecars into the manifest and commit it; then every rank learns
+// the outcome.
+template <class I>
+void commit_save(I& im, SaveJob& job) {
+  std::optional<Error> err;
   if (im.rank == 0) {
     err = attempt([&] {
-      ckpt::Manifest m;
-      m.library_version = SHARDOPT_LIBRARY_VERSION;
-      m.generation = gen;
-      m.world_size = im.world;
-      m.stage = im.cfg.stage;
-      m.compute_dtype = im.c;
-      m.master_dtype = DType::fp32;
-      m.optimizer = im.cfg.optimizer;
-      m.fields = fields;
-      m.groups = im.groups;
-      m.step = im.host_state.step;
-      m.loss_scale_mode = im.cfg.loss_scaling.mode;
-      m.loss_scale = im.host_state.loss_scale;
-      m.good_steps = im.host_state.good_steps;
-      m.overflow_run = im.host_state.overflow_run;
-      m.chunk = chunk;
-      const auto& tensors = im.layout.tensors();
+      ckpt::Manifest m = job.head;
+      const auto& tensors = job.tensors;
+      const int nfields = static_cast<int>(job.fields.size());
       for (const auto& ti : tensors) {
         ckpt::Tensor t;
         t.info = {ti.name, ti.shape, ti.numel, ti.group};
-        t.fields.resize(fields.size());
+        t.fields.resize(job.fields.size());
         m.tensors.push_back(std::move(t));
       }
-      for (int r = 0; r < im.world; ++r) {
-        const std::string path = join(dir, sidecar_name(gen, r));
+      for (int r = 0; r < job.world; ++r) {
+        const std::string path = join(job.dir, sidecar_name(job.gen, r));
         nlohmann::json s = nlohmann::json::parse(ckpt::read_text(path, "rank " + std::to_string(r) + "'s save record"));
         const int fidx = static_cast<int>(m.files.size());
         m.files.push_back({s.at("file").get<std::string>(), s.at("bytes").get<std::uint64_t>()});
@@ -325,12 +346,29 @@ void save_impl(I& im, const std::string& dir) {
           std::sort(f.begin(), f.end(), [](const ckpt::Range& a, const ckpt::Range& b) { return a.begin < b.begin; });
       const std::string text = ckpt::dump_manifest(m);
       // Our own reader must accept what we commit (ranges tile every tensor, sizes agree).
-      (void)ckpt::parse_manifest(text, join(dir, ckpt::kManifestName) + " (about to be written)");
-      ckpt::write_file_atomic(dir, ckpt::kManifestName, text);  // the commit point
-      remove_stale(dir, gen);
+      (void)ckpt::parse_manifest(text, join(job.dir, ckpt::kManifestName) + " (about to be written)");
+      ckpt::write_file_atomic(job.dir, ckpt::kManifestName, text);  // the commit point
+      remove_stale(job.dir, job.gen);
     });
   }
+  agree_or_throw(im, err, "save into '" + job.dir + "'");
+}
+
+template <class I>
+void save_impl(I& im, const std::string& dir) {
+  im.require_initialized("save");
+  require(!dir.empty(), ErrorCode::invalid_argument, "save: empty checkpoint directory");
+  require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
+  im.be.synchronize(*im.side);
+  im.be.synchronize(*im.compute);
+  im.settle_state();
+  SaveJob job = begin_save(im, dir);
+  const std::optional<Error> err = write_shard(job, [&](int fi, std::size_t pi, std::size_t done, std::size_t k, float* out) {
+    const Piece& p = job.pieces[pi];
+    im.read_values(field_at(im, fi, p.unit, p.unit_elem + done), k, out);
+  });
   agree_or_throw(im, err, "save into '" + dir + "'");
+  commit_save(im, job);
 }
 
 template <class I>
@@ -342,8 +380,6 @@ void load_impl(I& im, const std::string& dir) {
   for (std::size_t b = 0; b < im.block_acquired.size(); ++b)
     require(!(im.block_acquired[b] && im.cfg.stage == 3), ErrorCode::invalid_state,
             "load: block '" + im.layout.blocks()[b].name + "' is still acquired");
-  require(!im.on_nvme(), ErrorCode::unsupported,
-          "load: checkpoints cannot be loaded into an engine with offload_optimizer=nvme yet");
   im.be.synchronize(*im.side);
   im.be.synchronize(*im.compute);
 
@@ -432,18 +468,43 @@ void load_impl(I& im, const std::string& dir) {
   agree_or_throw(im, err, "load from '" + dir + "'");
 
   // Commit: every rank verified everything it needs.
-  for (int fi = 0; fi < nfields; ++fi)
+  if (im.on_nvme()) {
+    // The state lives in the rank's NVMe file: written through the offload engine (read-modify-
+    // write of the committed cells, synced). An I/O error here leaves that file partly loaded:
+    // the error says so, and the engine must not be trained on.
+    try {
+      for (int fi = 0; fi < nfields; ++fi)
+        for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
+          const Piece& p = pieces[pi];
+          im.write_values(field_at(im, fi, p.unit, p.unit_elem), staging[fi][pi].data(), p.count);
+        }
+    } catch (const Error& e) {
+      throw Error(e.code(), "load from '" + dir + "': writing the loaded state into this rank's NVMe file failed (" +
+                                e.message() + "); the engine's state is now partly loaded: load again or start over");
+    }
+    // Compute-dtype parameters from the loaded masters, rounded on the host as the update rounds.
+    std::vector<unsigned char> conv;
     for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
       const Piece& p = pieces[pi];
-      im.be.copy(field_at(im, fi, p.unit, p.unit_elem), staging[fi][pi].data(), p.count * 4, *im.side);
+      conv.resize(p.count * size_of(im.c));
+      for (std::size_t i = 0; i < p.count; ++i) store_from_float(conv.data(), im.c, i, staging[0][pi][i]);
+      im.be.copy(im.param_at(p.unit, p.unit_elem), conv.data(), conv.size(), *im.side);
+      im.be.synchronize(*im.side);  // conv is reused for the next piece
     }
-  // Compute-dtype parameters: the master rounded, as initialize() and step() produce them.
-  for (const Piece& p : pieces) {
-    float* mp = im.master_at(p.unit, p.unit_elem);
-    void* pp = im.param_at(p.unit, p.unit_elem);
-    if (static_cast<void*>(mp) == pp) continue;  // fp32 compute: the master is the parameter
-    if (im.c == DType::fp32) im.be.copy(pp, mp, p.count * 4, *im.side);
-    else im.be.cast(mp, DType::fp32, pp, im.c, p.count, *im.side);
+  } else {
+    for (int fi = 0; fi < nfields; ++fi)
+      for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
+        const Piece& p = pieces[pi];
+        im.be.copy(field_at(im, fi, p.unit, p.unit_elem), staging[fi][pi].data(), p.count * 4, *im.side);
+      }
+    // Compute-dtype parameters: the master rounded, as initialize() and step() produce them.
+    for (const Piece& p : pieces) {
+      float* mp = im.master_at(p.unit, p.unit_elem);
+      void* pp = im.param_at(p.unit, p.unit_elem);
+      if (static_cast<void*>(mp) == pp) continue;  // fp32 compute: the master is the parameter
+      if (im.c == DType::fp32) im.be.copy(pp, mp, p.count * 4, *im.side);
+      else im.be.cast(mp, DType::fp32, pp, im.c, p.count, *im.side);
+    }
   }
   im.be.synchronize(*im.side);
   im.gather_full_params();
@@ -465,7 +526,87 @@ void load_impl(I& im, const std::string& dir) {
 
 }  // namespace
 
-void Engine::save(const std::string& dir) { save_impl(*impl_, dir); }
-void Engine::load(const std::string& dir) { load_impl(*impl_, dir); }
+// An asynchronous save in flight: the values captured at save_async(), the job, and the thread
+// writing this rank's shard file from them.
+struct Engine::AsyncSave {
+  SaveJob job;
+  Buffer staging;                   // [field][piece] fp32, fields one after another
+  std::vector<std::size_t> offset;  // start of each piece within one field's run
+  std::size_t field_elems = 0;
+  std::thread writer;
+  std::optional<Error> err;  // the writer's outcome, read after join
+};
+
+void Engine::AsyncSaveDeleter::operator()(AsyncSave* a) const noexcept {
+  // An engine destroyed with a save in flight: the shard file is finished (or abandoned on
+  // error) but never committed, since the commit is collective. The previous checkpoint stays
+  // the valid one; the next save removes the leftovers.
+  if (a && a->writer.joinable()) a->writer.join();
+  delete a;
+}
+
+void Engine::save(const std::string& dir) {
+  wait_save();
+  save_impl(*impl_, dir);
+}
+
+void Engine::save_async(const std::string& dir) {
+  wait_save();
+  Impl& im = *impl_;
+  im.require_initialized("save_async");
+  require(!dir.empty(), ErrorCode::invalid_argument, "save_async: empty checkpoint directory");
+  require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save_async: only fp32 master weights are supported");
+  im.be.synchronize(*im.side);
+  im.be.synchronize(*im.compute);
+  im.settle_state();
+  std::unique_ptr<AsyncSave, AsyncSaveDeleter> a(new AsyncSave);
+  a->job = begin_save(im, dir);
+  // The snapshot: every value this rank writes, copied now so training may change them at once.
+  // Staging is the one extra buffer (this rank's share of master and states), in host memory,
+  // counted in memory_report() as "other" while the save is in flight.
+  std::size_t n = 0;
+  for (const Piece& p : a->job.pieces) {
+    a->offset.push_back(n);
+    n += p.count;
+  }
+  a->field_elems = n;
+  const std::size_t nfields = a->job.fields.size();
+  std::optional<Error> err = attempt([&] {
+    a->staging = im.be.allocate(nfields * n * 4, Place::host, Category::other, "asynchronous checkpoint staging");
+    float* st = a->staging.as<float>();
+    for (std::size_t fi = 0; fi < nfields; ++fi)
+      for (std::size_t pi = 0; pi < a->job.pieces.size(); ++pi) {
+        const Piece& p = a->job.pieces[pi];
+        if (p.count)
+          im.read_values(field_at(im, static_cast<int>(fi), p.unit, p.unit_elem), p.count, st + fi * n + a->offset[pi]);
+      }
+  });
+  agree_or_throw(im, err, "save_async into '" + dir + "'");
+  AsyncSave* raw = a.get();
+  raw->writer = std::thread([raw] {
+    const float* st = raw->staging.as<float>();
+    raw->err = write_shard(raw->job, [&](int fi, std::size_t pi, std::size_t done, std::size_t k, float* out) {
+      std::memcpy(out, st + static_cast<std::size_t>(fi) * raw->field_elems + raw->offset[pi] + done, k * 4);
+    });
+  });
+  async_save_ = std::move(a);
+}
+
+bool Engine::save_in_flight() const noexcept { return async_save_ != nullptr; }
+
+void Engine::wait_save() {
+  if (!async_save_) return;
+  // Whatever happens below, this save is over: the staging and the lock go with it.
+  std::unique_ptr<AsyncSave, AsyncSaveDeleter> a = std::move(async_save_);
+  a->writer.join();
+  Impl& im = *impl_;
+  agree_or_throw(im, a->err, "save_async into '" + a->job.dir + "'");
+  commit_save(im, a->job);
+}
+
+void Engine::load(const std::string& dir) {
+  wait_save();
+  load_impl(*impl_, dir);
+}
 
 }  // namespace shardopt
