@@ -291,6 +291,41 @@ TEST_F(Checkpoint, LoadsIntoAnNvmeOffloadedEngine) {
   EXPECT_TRUE(trained_nvme == trained_plain) << "training after an NVMe load differs from training after a plain load";
 }
 
+// The trainer's own record travels with the checkpoint (sync and async), is covered by the
+// manifest checksum, and bad records are refused before anything is written.
+TEST_F(Checkpoint, TrainerMetadataRoundTrips) {
+  TmpDir a, b;
+  const std::string meta = R"({"data_position": 1234567, "run": "ünïcode ok"})";
+  std::vector<std::string> got_a(2), got_b(2), got_none(2), refused(2);
+  with_world(2, base_config(2, DType::fp32, OptimizerKind::adamw), [&](Engine& e, int rank) {
+    float scale = 1;
+    train(e, rank, 0, 1, 3, scale);
+    e.save(a.str(), meta);
+    e.save_async(b.str(), meta + " async");
+    e.wait_save();
+    try {
+      e.save(a.str(), std::string("\xff\xfe not utf-8"));
+    } catch (const Error& err) {
+      refused[rank] = err.message();
+    }
+    got_a[rank] = e.load(a.str());
+    got_b[rank] = e.load(b.str());
+  });
+  TmpDir c;
+  with_world(2, base_config(1, DType::fp32, OptimizerKind::adamw), [&](Engine& e, int rank) {
+    e.save(c.str());
+    got_none[rank] = e.load(c.str());
+  }, 7);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(got_none[r], "");
+    EXPECT_EQ(got_a[r], meta);
+    EXPECT_EQ(got_b[r], meta + " async");
+    EXPECT_NE(refused[r].find("UTF-8"), std::string::npos) << refused[r];
+  }
+  EXPECT_EQ(inspect_checkpoint(a.str()).trainer_metadata, meta);
+  EXPECT_EQ(inspect_checkpoint(a.str()).generation, 1u) << "a refused save wrote a generation";
+}
+
 TEST_F(Checkpoint, AsyncSaveErrorsReachEveryRankAndTheEngineGoesOn) {
   TmpDir dir;
   const std::string blocked = dir.str("file");

@@ -47,6 +47,7 @@ struct CheckpointInfo {
   std::size_t total_numel = 0;
   std::size_t files = 0;                  // shard files
   std::uint64_t bytes = 0;                // bytes of the shard files
+  std::string trainer_metadata;           // what the trainer passed to save() ("" if nothing)
 };
 
 // Reads and validates the manifest of `dir` (not the shard files: see verify_checkpoint).

@@ -168,7 +168,10 @@ class Engine {
   // carries a checksum of its own content (format version 2), so an edited manifest is refused.
   // Errors (Error(io_error) naming the file) are thrown on every rank; the engine is unchanged
   // and the previous checkpoint in `dir`, if any, is still the valid one.
-  void save(const std::string& dir);
+  // `trainer_metadata`: a record of the trainer's own (its data position, a run name; UTF-8 text
+  // of at most 1 MiB, e.g. JSON) kept in the manifest, covered by its checksum, and returned by
+  // load(). Rank 0's is the one kept.
+  void save(const std::string& dir, const std::string& trainer_metadata = {});
   // Replaces this engine's master weights, optimizer states, step count and (if both use the same
   // loss-scaling mode) loss-scaler state with the checkpoint's. Collective. The checkpoint may
   // come from any world size and stage and any compute dtype; each rank reads (pread) only the
@@ -182,7 +185,8 @@ class Engine {
   // Errors: a missing manifest, unknown format version, truncated or missing shard file, checksum
   // mismatch, tensor name/shape mismatch or different rule throws Error naming the file and the
   // tensor on every rank, and leaves the engine exactly as it was and usable.
-  void load(const std::string& dir);
+  // Returns the trainer metadata the checkpoint was saved with ("" if none).
+  std::string load(const std::string& dir);
 
   // Background checkpoints. save_async(dir) does what save(dir) does, but returns as soon as this
   // rank's values are captured: it takes the lock and agrees on the generation (collective, as
@@ -195,7 +199,7 @@ class Engine {
   // and the destructor first finish a save in flight (the destructor without committing it).
   // The checkpoint holds the state as it was at save_async(): steps taken meanwhile are not in
   // it. Errors of the write surface at wait_save(), on every rank.
-  void save_async(const std::string& dir);
+  void save_async(const std::string& dir, const std::string& trainer_metadata = {});
   void wait_save();
   bool save_in_flight() const noexcept;
 

@@ -218,7 +218,15 @@ struct SaveJob {
 // every one of its ranks, before anything is written), then every rank agrees on the new
 // generation: one past the committed one, read after the lock so two savers never pick the same.
 template <class I>
-SaveJob begin_save(I& im, const std::string& dir) {
+SaveJob begin_save(I& im, const std::string& dir, const std::string& metadata) {
+  require(metadata.size() <= ckpt::kMaxTrainerMetadata, ErrorCode::invalid_argument,
+          "save: trainer metadata of " + std::to_string(metadata.size()) + " bytes is too large (at most " +
+              std::to_string(ckpt::kMaxTrainerMetadata) + ")");
+  try {
+    (void)nlohmann::json(metadata).dump();  // the manifest is JSON: its strings are UTF-8
+  } catch (const nlohmann::json::exception&) {
+    throw Error(ErrorCode::invalid_argument, "save: trainer metadata is not valid UTF-8 text");
+  }
   SaveJob job;
   job.dir = dir;
   std::optional<Error> err;
@@ -258,6 +266,7 @@ SaveJob begin_save(I& im, const std::string& dir) {
   m.good_steps = im.host_state.good_steps;
   m.overflow_run = im.host_state.overflow_run;
   m.chunk = job.chunk;
+  m.trainer_metadata = metadata;
   job.tensors = im.layout.tensors();
   return job;
 }
@@ -355,14 +364,14 @@ void commit_save(I& im, SaveJob& job) {
 }
 
 template <class I>
-void save_impl(I& im, const std::string& dir) {
+void save_impl(I& im, const std::string& dir, const std::string& metadata) {
   im.require_initialized("save");
   require(!dir.empty(), ErrorCode::invalid_argument, "save: empty checkpoint directory");
   require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
   im.be.synchronize(*im.side);
   im.be.synchronize(*im.compute);
   im.settle_state();
-  SaveJob job = begin_save(im, dir);
+  SaveJob job = begin_save(im, dir, metadata);
   const std::optional<Error> err = write_shard(job, [&](int fi, std::size_t pi, std::size_t done, std::size_t k, float* out) {
     const Piece& p = job.pieces[pi];
     im.read_values(field_at(im, fi, p.unit, p.unit_elem + done), k, out);
@@ -372,7 +381,7 @@ void save_impl(I& im, const std::string& dir) {
 }
 
 template <class I>
-void load_impl(I& im, const std::string& dir) {
+std::string load_impl(I& im, const std::string& dir) {
   im.require_initialized("load");
   require(im.micro_steps == 0 && im.ready_blocks == 0, ErrorCode::invalid_state,
           "load: a step is in progress (micro-steps or blocks with grads_ready since the last step()); "
@@ -522,6 +531,7 @@ void load_impl(I& im, const std::string& dir) {
     im.host_state.overflow_run = m.overflow_run;
   }
   im.push_state();  // synchronizes side
+  return m.trainer_metadata;
 }
 
 }  // namespace
@@ -545,12 +555,12 @@ void Engine::AsyncSaveDeleter::operator()(AsyncSave* a) const noexcept {
   delete a;
 }
 
-void Engine::save(const std::string& dir) {
+void Engine::save(const std::string& dir, const std::string& trainer_metadata) {
   wait_save();
-  save_impl(*impl_, dir);
+  save_impl(*impl_, dir, trainer_metadata);
 }
 
-void Engine::save_async(const std::string& dir) {
+void Engine::save_async(const std::string& dir, const std::string& metadata) {
   wait_save();
   Impl& im = *impl_;
   im.require_initialized("save_async");
@@ -560,7 +570,7 @@ void Engine::save_async(const std::string& dir) {
   im.be.synchronize(*im.compute);
   im.settle_state();
   std::unique_ptr<AsyncSave, AsyncSaveDeleter> a(new AsyncSave);
-  a->job = begin_save(im, dir);
+  a->job = begin_save(im, dir, metadata);
   // The snapshot: every value this rank writes, copied now so training may change them at once.
   // Staging is the one extra buffer (this rank's share of master and states), in host memory,
   // counted in memory_report() as "other" while the save is in flight.
@@ -604,9 +614,9 @@ void Engine::wait_save() {
   commit_save(im, a->job);
 }
 
-void Engine::load(const std::string& dir) {
+std::string Engine::load(const std::string& dir) {
   wait_save();
-  load_impl(*impl_, dir);
+  return load_impl(*impl_, dir);
 }
 
 }  // namespace shardopt

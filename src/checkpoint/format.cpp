@@ -209,6 +209,10 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
     m.overflow_run = as_int(member(ls, "overflow_run", where, "loss_scaler"), where, "loss_scaler.overflow_run", 0,
                             std::numeric_limits<int>::max());
     m.chunk = as_u64(member(j, "chunk_elems", where, "manifest"), where, "chunk_elems");
+    if (j.contains("trainer_metadata")) {  // optional: absent in version 1 and when never given
+      m.trainer_metadata = as_str(j.at("trainer_metadata"), where, "trainer_metadata");
+      if (m.trainer_metadata.size() > kMaxTrainerMetadata) bad(where, "\"trainer_metadata\" is too large");
+    }
     if (m.chunk == 0 || m.chunk > (std::size_t(1) << 30)) bad(where, "chunk_elems out of range");
 
     const Json& files = member(j, "files", where, "manifest");
@@ -314,6 +318,7 @@ std::string dump_manifest(const Manifest& m) {
                       {"good_steps", m.good_steps},
                       {"overflow_run", m.overflow_run}};
   j["chunk_elems"] = m.chunk;
+  if (!m.trainer_metadata.empty()) j["trainer_metadata"] = m.trainer_metadata;
   nlohmann::ordered_json files = nlohmann::ordered_json::array();
   for (const File& f : m.files) files.push_back({{"name", f.name}, {"bytes", f.bytes}});
   j["files"] = files;
@@ -370,6 +375,7 @@ CheckpointInfo info_of(const Manifest& m, const std::string& dir) {
   }
   i.files = m.files.size();
   for (const File& f : m.files) i.bytes += f.bytes;
+  i.trainer_metadata = m.trainer_metadata;
   return i;
 }
 

@@ -19,6 +19,8 @@ inline constexpr const char* kFormatName = "shardopt-checkpoint";
 inline constexpr const char* kManifestName = "manifest.json";
 inline constexpr const char* kManifestChecksumKey = "manifest_xxh64";
 inline constexpr const char* kLockName = "lock";
+// A trainer's own record (data position, run name, ...), kept small: it lives in the manifest.
+inline constexpr std::size_t kMaxTrainerMetadata = std::size_t(1) << 20;
 
 // Checksums cover chunks of this many elements, aligned to the start of each range, so a rank
 // that owns part of a range reads only the chunks it overlaps.
@@ -58,6 +60,7 @@ struct Manifest {
   float loss_scale = 1.0f;
   int good_steps = 0, overflow_run = 0;
   std::size_t chunk = 0;
+  std::string trainer_metadata;  // opaque to the library, at most kMaxTrainerMetadata bytes
   std::vector<File> files;
   std::vector<Tensor> tensors;
 
