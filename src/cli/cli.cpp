@@ -196,6 +196,10 @@ int run(int argc, const char* const* argv, Io& io) {
   CLI::App* bench_cmd = add_bench(app, bench);
   CheckpointArgs checkpoint;
   const CheckpointCommands checkpoint_cmd = add_checkpoint(app, checkpoint);
+  GenerateArgs generate;
+  CLI::App* generate_cmd = add_generate(app, generate);
+  TokenizeArgs tokenize;
+  CLI::App* tokenize_cmd = add_tokenize(app, tokenize);
 
   try {
     app.parse(argc, argv);
@@ -206,6 +210,9 @@ int run(int argc, const char* const* argv, Io& io) {
   try {
     if (train_cmd->parsed()) {
       which += " train";
+      train.gpt.batch_given = train_cmd->count("--batch") > 0;
+      train.gpt.layers_given = train_cmd->count("--layers") > 0;
+      train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
       return run_train(train, io);
     }
     if (estimate_cmd->parsed()) {
@@ -223,6 +230,14 @@ int run(int argc, const char* const* argv, Io& io) {
     if (checkpoint_cmd.exporter->parsed()) {
       which += " checkpoint export";
       return run_checkpoint_export(checkpoint, io);
+    }
+    if (generate_cmd->parsed()) {
+      which += " generate";
+      return run_generate(generate, io);
+    }
+    if (tokenize_cmd->parsed()) {
+      which += " tokenize";
+      return run_tokenize(tokenize, io);
     }
     if (bench_cmd->parsed()) {
       which += " bench update";
