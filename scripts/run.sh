@@ -21,6 +21,6 @@ fi
 data="$build/corpus.bin"
 [ "$data" -nt "$root/data/corpus.txt" ] || "$shardopt" tokenize --bytes "$root/data/corpus.txt" "$data"
 "$shardopt" train --model gpt --preset tiny --data "$data" --seq 64 --batch 4 --ranks 4 --stage "$stage" \
-  --steps "$steps" --lr 3e-3 --save "$build/gpt-demo" "$@"
+  --steps "$steps" --clip 1 --save "$build/gpt-demo" "$@"
 echo "--- a sample from the trained model (shardopt generate):"
 "$shardopt" generate --checkpoint "$build/gpt-demo" --prompt "In the morning, " --tokens 160 --temperature 0.7
