@@ -108,6 +108,29 @@ TEST_F(Fixture, TrainsAndReportsThroughputAndMfu) {
   EXPECT_NE(r.err.find("MFU"), std::string::npos);
 }
 
+// estimate --model gpt: the GPT's blocks (GPT-2 small's published count) and its trainer's
+// activations, added to the engine's in-memory bytes for the whole process.
+TEST_F(Fixture, EstimatesTheGptAndItsActivations) {
+  const Result r = run({"estimate", "--model", "gpt", "--preset", "small", "--seq", "128", "--batch", "2", "--world",
+                        "2", "--stage", "3", "--dtype", "bf16", "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const json j = last_json_line(r.out);
+  EXPECT_EQ(j["params"].get<std::size_t>(), 124439808u);
+  EXPECT_EQ(j["blocks"].get<std::size_t>(), 14u);  // embeddings, 12 layers, final norm
+  const std::size_t act = j["activation_bytes_per_rank"].get<std::size_t>();
+  // At least the logits (seq * batch * vocab floats) and the residual stream of 13 layer inputs.
+  EXPECT_GE(act, (128u * 2 * 50257 + 13u * 128 * 2 * 768) * 4);
+  std::size_t engine = 0;
+  for (const char* place : {"device", "pinned_host", "host"}) engine += j["bytes"][place]["total"].get<std::size_t>();
+  EXPECT_EQ(j["memory_bytes_per_rank"].get<std::size_t>(), engine + act);
+  const Result rc = run({"estimate", "--model", "gpt", "--preset", "small", "--seq", "128", "--recompute", "--json"});
+  ASSERT_EQ(rc.rc, 0) << rc.err;
+  EXPECT_LT(last_json_line(rc.out)["activation_bytes_per_rank"].get<std::size_t>(),
+            last_json_line(run({"estimate", "--model", "gpt", "--preset", "small", "--seq", "128", "--json"}).out)
+                ["activation_bytes_per_rank"].get<std::size_t>());
+  EXPECT_NE(run({"estimate", "--model", "gpt", "--params", "1B"}).err.find("--params"), std::string::npos);
+}
+
 // Resuming continues the data where it stopped: 3 + 3 steps give the 6-step run's losses.
 TEST_F(Fixture, ResumeContinuesTheData) {
   const std::string ck = (dir / "ck").string();

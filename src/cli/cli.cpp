@@ -217,6 +217,9 @@ int run(int argc, const char* const* argv, Io& io) {
     }
     if (estimate_cmd->parsed()) {
       which += " estimate";
+      estimate.gpt.batch_given = estimate_cmd->count("--batch") > 0;
+      estimate.gpt.layers_given = estimate_cmd->count("--layers") > 0;
+      estimate.gpt.hidden_given = estimate_cmd->count("--hidden") > 0;
       return run_estimate(estimate, io);
     }
     if (plan_cmd->parsed()) {

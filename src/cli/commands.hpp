@@ -98,6 +98,11 @@ struct TrainArgs {
 CLI::App* add_train(CLI::App& app, TrainArgs& a);
 int run_train(const TrainArgs& a, Io& io);
 void add_gpt_train_options(CLI::App* train, GptArgs& g);
+// The GPT shape flags alone (--model --preset --heads --vocab --positions --seq --recompute).
+void add_gpt_shape_options(CLI::App* sub, GptArgs& g);
+// The model of --model gpt (UsageError naming the flag at fault) and its trainer's bytes per rank.
+Model build_gpt_model(const GptArgs& g, const ModelArgs& m);
+std::size_t gpt_activation_bytes(const GptArgs& g, const ModelArgs& m, DType compute);
 int run_train_gpt(const TrainArgs& a, Io& io);
 
 struct GenerateArgs {
@@ -124,6 +129,7 @@ int run_gpt_export(const std::string& dir, const std::string& out, DType dtype, 
 
 struct EstimateArgs {
   ModelArgs model;
+  GptArgs gpt;  // --model gpt: the GPT's blocks, and its trainer's activations at --seq/--batch
   int world = 4;
   bool json = false;
 };
