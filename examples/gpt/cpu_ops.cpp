@@ -223,6 +223,16 @@ void CpuOps<T>::gelu_backward(T* din, const T* in, const T* dout, std::size_t n)
 }
 
 template <class T>
+void CpuOps<T>::zero(T* p, std::size_t n) const {
+  std::fill(p, p + n, T(0));
+}
+
+template <class T>
+void CpuOps<T>::copy(T* dst, const T* src, std::size_t n) const {
+  std::copy(src, src + n, dst);
+}
+
+template <class T>
 void CpuOps<T>::residual_forward(T* out, const T* a, const T* b, std::size_t n) const {
   for (std::size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }

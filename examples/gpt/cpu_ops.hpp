@@ -30,6 +30,8 @@ class CpuOps final : public Ops<T> {
                           int NH) const override;
   void gelu_forward(T* out, const T* in, std::size_t n) const override;
   void gelu_backward(T* din, const T* in, const T* dout, std::size_t n) const override;
+  void zero(T* p, std::size_t n) const override;
+  void copy(T* dst, const T* src, std::size_t n) const override;
   void residual_forward(T* out, const T* a, const T* b, std::size_t n) const override;
   double cross_entropy(T* dlogits, const T* logits, const std::int32_t* targets, int N, int V,
                        double scale) const override;

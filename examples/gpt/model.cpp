@@ -189,21 +189,21 @@ void layer_backward(const Ops<T>& ops, const Shape& s, int B, int Tn, const Laye
   T* dbig2 = dbig + 4 * NC;
   T* dp = dbig2 + 4 * NC;
   // MLP half: y = res2 + c_proj(gelu(c_fc(ln_2(res2)))).
-  std::copy(dy, dy + NC, dres2);
-  std::fill(dbig, dbig + 4 * NC, T(0));
+  ops.copy(dres2, dy, NC);
+  ops.zero(dbig, 4 * NC);
   ops.matmul_backward(dbig, g.fcproj_w, g.fcproj_b, dy, a.fch_gelu, p.fcproj_w, N, 4 * C, C, WeightLayout::in_out);
-  std::fill(dbig2, dbig2 + 4 * NC, T(0));
+  ops.zero(dbig2, 4 * NC);
   ops.gelu_backward(dbig2, a.fch, dbig, 4 * NC);
-  std::fill(dsmall, dsmall + NC, T(0));
+  ops.zero(dsmall, NC);
   ops.matmul_backward(dsmall, g.fc_w, g.fc_b, dbig2, a.ln2, p.fc_w, N, C, 4 * C, WeightLayout::in_out);
   ops.layernorm_backward(dres2, g.ln2_w, g.ln2_b, dsmall, a.res2, p.ln2_w, a.ln2_mean, a.ln2_rstd, N, C);
   // Attention half: res2 = x + c_proj(attention(c_attn(ln_1(x)))).
   ops.residual_forward(dx, dx, dres2, NC);
-  std::fill(dsmall, dsmall + NC, T(0));
+  ops.zero(dsmall, NC);
   ops.matmul_backward(dsmall, g.proj_w, g.proj_b, dres2, a.atty, p.proj_w, N, C, C, WeightLayout::in_out);
-  std::fill(dbig, dbig + 3 * NC, T(0));
+  ops.zero(dbig, 3 * NC);
   ops.attention_backward(dbig, dsmall, a.qkv, a.att, dp, B, Tn, C, s.heads);
-  std::fill(dsmall, dsmall + NC, T(0));
+  ops.zero(dsmall, NC);
   ops.matmul_backward(dsmall, g.qkv_w, g.qkv_b, dbig, a.ln1, p.qkv_w, N, C, 3 * C, WeightLayout::in_out);
   ops.layernorm_backward(dx, g.ln1_w, g.ln1_b, dsmall, x, p.ln1_w, a.ln1_mean, a.ln1_rstd, N, C);
 }

@@ -82,8 +82,11 @@ template <class T>
 void layer_backward(const Ops<T>& ops, const Shape& s, int B, int Tn, const Layer<const T>& p, const Layer<T>& g,
                     const T* x_in, const LayerActs<T>& a, const T* dx_out, T* dx_in, T* scratch);
 
-// The whole model on flat parameters in registration order (no engine): the reference the
-// tests differentiate, and what `generate` runs. tokens and targets are [B, Tn]. Returns the
+// layer_forward and layer_backward touch memory only through `ops`, so they run on whatever
+// memory the ops work on (host for CpuOps, device for CudaOps).
+//
+// The whole model on flat parameters in registration order (no engine; host memory, CPU ops):
+// the reference the tests differentiate, and what `generate` runs. tokens and targets are [B, Tn]. Returns the
 // mean loss; with grads non-null ADDS the gradient of scale * mean loss into it. When logits is
 // non-null the last position's logits [B, V] are copied there.
 template <class T>

@@ -59,6 +59,11 @@ class Ops {
   virtual void gelu_forward(T* out, const T* in, std::size_t n) const = 0;
   virtual void gelu_backward(T* din, const T* in, const T* dout, std::size_t n) const = 0;
 
+  // p[0, n) = 0, and dst[0, n) = src[0, n) (the model code never touches memory but through ops,
+  // so it runs unchanged on device buffers).
+  virtual void zero(T* p, std::size_t n) const = 0;
+  virtual void copy(T* dst, const T* src, std::size_t n) const = 0;
+
   // out = a + b, element-wise (out may alias a or b).
   virtual void residual_forward(T* out, const T* a, const T* b, std::size_t n) const = 0;
 

@@ -287,8 +287,8 @@ int run_generate(const GenerateArgs& a, Io& io) {
   }
   std::string text = a.prompt;
   for (auto t : out) {
-    // Bytes as text; a token outside a byte, or a control byte other than newline and tab, as <id>.
-    if (t < 256 && (t >= 32 || t == '\n' || t == '\t')) text += static_cast<char>(t);
+    // Printable ASCII (and newline, tab) as text; any other token as <id>.
+    if (t < 127 && (t >= 32 || t == '\n' || t == '\t')) text += static_cast<char>(t);
     else text += "<" + std::to_string(t) + ">";
   }
   io.out << text << '\n';
