@@ -188,12 +188,28 @@ const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
+namespace {
+bool dtype_of(const std::string& name, shardopt::DType& dt) {
+  if (name == "F32") dt = shardopt::DType::fp32;
+  else if (name == "BF16") dt = shardopt::DType::bf16;
+  else if (name == "F16") dt = shardopt::DType::fp16;
+  else return false;
+  return true;
+}
+}  // namespace
+
+void SafetensorsFile::check(const SafetensorsEntry& e, const std::string& name, std::size_t numel) const {
+  shardopt::DType dt;
+  if (!dtype_of(e.dtype, dt))
+    bad_file(path_ + ": tensor '" + name + "' has dtype " + e.dtype + " (supported: F32, BF16, F16)");
+  if (e.end - e.begin != numel * shardopt::size_of(dt))
+    bad_file(path_ + ": tensor '" + name + "' holds " + std::to_string(e.end - e.begin) + " bytes, its shape needs " +
+             std::to_string(numel * shardopt::size_of(dt)));
+}
+
 void SafetensorsFile::read(const SafetensorsEntry& e, std::size_t begin, std::size_t count, float* out) const {
   shardopt::DType dt;
-  if (e.dtype == "F32") dt = shardopt::DType::fp32;
-  else if (e.dtype == "BF16") dt = shardopt::DType::bf16;
-  else if (e.dtype == "F16") dt = shardopt::DType::fp16;
-  else bad_file(path_ + ": tensor dtype " + e.dtype + " is not supported (F32, BF16, F16)");
+  if (!dtype_of(e.dtype, dt)) bad_file(path_ + ": tensor dtype " + e.dtype + " is not supported (F32, BF16, F16)");
   const std::size_t es = shardopt::size_of(dt);
   const std::uint64_t n = (e.end - e.begin) / es;
   if (begin > n || count > n - begin) bad_file(path_ + ": element range past a tensor's end");

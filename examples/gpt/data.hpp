@@ -74,6 +74,9 @@ class SafetensorsFile {
   // The entry for `name`, also found without its "transformer." prefix (Hugging Face's GPT-2
   // files on the Hub name tensors without it); nullptr if neither exists.
   const SafetensorsEntry* find(const std::string& name) const;
+  // Checks that `e` is F32, BF16 or F16 and holds exactly `numel` elements (Error naming `name`
+  // and the file otherwise).
+  void check(const SafetensorsEntry& e, const std::string& name, std::size_t numel) const;
   // Elements [begin, begin + count) of tensor `e`, converted to fp32.
   void read(const SafetensorsEntry& e, std::size_t begin, std::size_t count, float* out) const;
 
