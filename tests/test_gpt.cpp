@@ -302,6 +302,31 @@ TEST(GptData, RanksReadContiguousSlicesOfTheGlobalBatch) {
   EXPECT_THROW(gpt::batch_offset(50, 0, 0, 1, 0, 1, 6, 16), shardopt::Error);
 }
 
+// A safetensors file whose tensor holds fewer bytes than its shape needs, or an unsupported
+// dtype, is refused naming the tensor; names resolve with or without "transformer.".
+TEST(GptData, SafetensorsEntriesAreChecked) {
+  TempDir d;
+  const std::string header = R"({"wte.weight":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]},)"
+                             R"("h.0.attn.bias":{"dtype":"I64","shape":[1],"data_offsets":[20,28]}})";
+  {
+    std::ofstream f(d.path / "m.safetensors", std::ios::binary);
+    const std::uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header << std::string(28, '\0');
+  }
+  const gpt::SafetensorsFile f((d.path / "m.safetensors").string());
+  const gpt::SafetensorsEntry* e = f.find("transformer.wte.weight");
+  ASSERT_NE(e, nullptr);
+  try {
+    f.check(*e, "transformer.wte.weight", 6);
+    FAIL() << "no error";
+  } catch (const shardopt::Error& ex) {
+    EXPECT_NE(std::string(ex.what()).find("transformer.wte.weight"), std::string::npos) << ex.what();
+  }
+  EXPECT_THROW(f.check(*f.find("h.0.attn.bias"), "h.0.attn.bias", 1), shardopt::Error);
+  EXPECT_EQ(f.find("transformer.nothing"), nullptr);
+}
+
 // ---- the engine-driven trainer ------------------------------------------------------------------
 
 gpt::TrainOptions tiny(const std::string& data, int stage, int ranks, int batch) {
