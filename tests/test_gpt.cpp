@@ -361,48 +361,69 @@ std::pair<double, std::size_t> compare(const gpt::TrainResult& a, const gpt::Tra
 // One SGD step (no momentum on the first step, no weight decay) is p - lr * g. With two ranks
 // at stage 3 the engine-driven pass (blocks gathered one at a time, the tied embedding's
 // gradient buffer open across the whole backward) must give the mean gradient over both ranks'
-// slices, which is the float64 reference model's gradient on the whole global batch.
+// slices, which is the float64 reference model's gradient on the whole global batch; with two
+// micro-steps, on both global batches (the second follows the first in the file).
 TEST(GptTrain, OneSgdStepIsTheReferenceGradientStep) {
   TempDir d;
   const std::string data = make_tokens(d.path / "t.bin", 5000);
-  auto o = tiny(data, 3, 2, 2);
-  o.steps = 1;
-  o.config.optimizer = shardopt::OptimizerKind::sgd;
-  o.config.hyper.lr = 0.5f;
-  o.config.hyper.weight_decay = 0.0f;
-  const auto r = gpt::train(o);
+  for (int micro : {1, 2})
+    for (auto dtype : {shardopt::DType::fp32, shardopt::DType::bf16}) {
+      SCOPED_TRACE("micro-steps " + std::to_string(micro) + ", " + std::string(shardopt::name_of(dtype)));
+      auto o = tiny(data, 3, 2, 2);
+      o.steps = 1;
+      o.config.optimizer = shardopt::OptimizerKind::sgd;
+      o.config.hyper.lr = 0.5f;
+      o.config.hyper.weight_decay = 0.0f;
+      o.config.accumulation_steps = micro;
+      o.config.compute_dtype = o.config.reduce_dtype = dtype;
+      const auto r = gpt::train(o);
 
-  // The reference: the initial values (the same InitFn), the global batch's tokens.
-  const gpt::Shape& s = o.shape;
-  std::vector<double> p;
-  const auto init = gpt::init(s, o.seed);
-  for (const auto& b : gpt::blocks(s))
-    for (const auto& t : b.tensors) {
-      shardopt::Layout::TensorInfo info;
-      info.name = t.name;
-      info.shape = t.shape;
-      info.numel = shardopt::numel(t.shape);
-      std::vector<float> v(info.numel);
-      init(info, 0, v.size(), v.data());
-      p.insert(p.end(), v.begin(), v.end());
-    }
-  const int B = o.ranks * o.batch, T = o.seq;
-  std::vector<std::int32_t> tok(B * T + 1);
-  gpt::TokenFile(data).read(gpt::batch_offset(5000, 0, 0, 1, 0, 1, B, T), tok.size(), tok.data());
-  std::vector<double> g(p.size(), 0.0);
-  const double loss = gpt::model_forward_backward<double>(ops64, s, B, T, p.data(), g.data(), tok.data(), tok.data() + 1);
-  EXPECT_NEAR(r.steps[0].loss, loss, 1e-5 * loss);
+      // The reference: the initial values (the same InitFn), the global batches' tokens. With
+      // bf16 the engine computes from the master rounded to bf16: so does the reference.
+      const gpt::Shape& s = o.shape;
+      std::vector<double> p;
+      const auto init = gpt::init(s, o.seed);
+      for (const auto& b : gpt::blocks(s))
+        for (const auto& t : b.tensors) {
+          shardopt::Layout::TensorInfo info;
+          info.name = t.name;
+          info.shape = t.shape;
+          info.numel = shardopt::numel(t.shape);
+          std::vector<float> v(info.numel);
+          init(info, 0, v.size(), v.data());
+          p.insert(p.end(), v.begin(), v.end());
+        }
+      std::vector<double> p16 = p;
+      if (dtype == shardopt::DType::bf16)
+        for (auto& v : p16) {
+          std::uint16_t h = 0;
+          shardopt::store_from_float(&h, dtype, 0, static_cast<float>(v));
+          v = shardopt::load_as_float(&h, dtype, 0);
+        }
+      const int B = o.ranks * o.batch * micro, T = o.seq;
+      std::vector<std::int32_t> tok(B * T + 1);
+      gpt::TokenFile(data).read(gpt::batch_offset(5000, 0, 0, micro, 0, 1, B / micro, T), tok.size(), tok.data());
+      std::vector<double> g(p.size(), 0.0);
+      const double loss =
+          gpt::model_forward_backward<double>(ops64, s, B, T, p16.data(), g.data(), tok.data(), tok.data() + 1);
+      const double loss_tol = dtype == shardopt::DType::fp32 ? 1e-5 : 1e-3;
+      EXPECT_NEAR(r.steps[0].loss, loss, loss_tol * loss);
 
-  std::size_t k = 0;
-  double gmax = 0;
-  for (double v : g) gmax = std::max(gmax, std::fabs(v));
-  for (std::size_t t = 0; t < r.master.size(); ++t)
-    for (std::size_t i = 0; i < r.master[t].size(); ++i, ++k) {
-      const double want = p[k] - double(o.config.hyper.lr) * g[k];
-      // float gradients: relative 1e-5 of the largest gradient, times lr; plus the final rounding.
-      ASSERT_NEAR(r.master[t][i], want, 0.5 * 1e-5 * gmax + 2e-7 * std::fabs(want)) << r.tensor_names[t] << "[" << i << "]";
+      std::size_t k = 0;
+      double gmax = 0;
+      for (double v : g) gmax = std::max(gmax, std::fabs(v));
+      // fp32: float gradients, relative 1e-5 of the largest, times lr, plus the final rounding.
+      // bf16: the activations are fp32 but each block's gradient is rounded to bf16 when added
+      // into the engine's buffer (twice for the tied embedding, once per micro-step): 2^-8.
+      const double rel = dtype == shardopt::DType::fp32 ? 1e-5 : 1.2e-2;
+      for (std::size_t t = 0; t < r.master.size(); ++t)
+        for (std::size_t i = 0; i < r.master[t].size(); ++i, ++k) {
+          const double want = p[k] - double(o.config.hyper.lr) * g[k];
+          ASSERT_NEAR(r.master[t][i], want, 0.5 * rel * gmax + 2e-7 * std::fabs(want))
+              << r.tensor_names[t] << "[" << i << "]";
+        }
+      EXPECT_EQ(k, p.size());
     }
-  EXPECT_EQ(k, p.size());
 }
 
 // Stages 0 and 1 average the gradients in rank order and round once (all-reduce against
