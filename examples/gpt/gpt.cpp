@@ -49,6 +49,7 @@ struct RankSlot {
 
 struct Shared {
   const TrainOptions& opt;
+  const RankEnvFactory& make_env;
   const std::function<void(const StepRecord&)>& on_step;
   const TokenFile& data;
   const SafetensorsFile* init_file;
@@ -152,13 +153,15 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   const int L = sh.layers, C = sh.hidden, V = sh.vocab, B = o.batch, Tn = o.seq, N = B * Tn;
   const std::size_t NC = std::size_t(N) * C, AE = layer_acts_elems(sh, B, Tn);
   const bool wide = cfg.compute_dtype == DType::fp32;
-  const CpuOps<float> ops;
 
-  shardopt::CpuBackendOptions bo;
-  bo.pool = s.pool;
-  auto backend = shardopt::make_cpu_backend(bo);
+  const std::unique_ptr<RankEnv> env = s.make_env(rank, s.pool);
+  auto backend = env->backend();
   auto comm = shardopt::make_in_process_communicator(s.group, rank, *backend);
   shardopt::Engine engine(cfg, *backend, *comm);
+  env->bind(engine);
+  const Ops<float>& ops = env->ops();
+  if (!wide && !env->host_memory())
+    throw Error(ErrorCode::unsupported, "gpt: 16-bit compute needs host memory (the fp32 widening runs on the host)");
   for (const auto& b : blocks(sh)) engine.register_block(b);
   shardopt::Hyperparams no_decay = cfg.hyper;
   no_decay.weight_decay = 0.0f;
@@ -174,15 +177,24 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   if (!o.resume_dir.empty()) engine.load(o.resume_dir);
 
   // The trainer's memory (activation_bytes() counts the same buffers).
+  // The buffers live where the ops work (host memory, or device memory on a GPU).
   std::vector<std::int32_t> tok(std::size_t(N) + 1);
-  std::vector<float> xs((L + 1) * NC), acts((o.recompute ? 1 : L) * AE), lnf(NC), stats(2 * std::size_t(N)),
-      logits(std::size_t(N) * V), dl(NC), dxa(NC), dxb(NC), scratch(layer_scratch_elems(sh, B, Tn));
-  std::vector<float> pw, gw;
+  std::int32_t* const tok_dev = env->ints(tok.size());
+  float* const xs = env->floats((L + 1) * NC);
+  float* const acts = env->floats((o.recompute ? 1 : L) * AE);
+  float* const lnf = env->floats(NC);
+  float* const stats = env->floats(2 * std::size_t(N));
+  float* const logits = env->floats(std::size_t(N) * V);
+  float* const dl = env->floats(NC);
+  float* const dxa = env->floats(NC);
+  float* const dxb = env->floats(NC);
+  float* const scratch = env->floats(layer_scratch_elems(sh, B, Tn));
+  std::vector<float> pw, gw;  // 16-bit compute (host memory only): one block widened to fp32
   if (!wide) {
     pw.resize(max_block_params(sh));
     gw.resize(max_block_params(sh));
   }
-  auto acts_of = [&](int l) { return layer_acts_at(&acts[(o.recompute ? 0 : l) * AE], sh, B, Tn); };
+  auto acts_of = [&](int l) { return layer_acts_at(acts + (o.recompute ? 0 : l) * AE, sh, B, Tn); };
   const int E = embed_block(), F = final_block(sh);
 
   float scale = cfg.loss_scaling.mode == shardopt::LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
@@ -195,13 +207,14 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     for (int micro = 0; micro < cfg.accumulation_steps; ++micro) {
       s.data.read(batch_offset(s.data.size(), first_step + step, micro, cfg.accumulation_steps, rank, o.ranks, B, Tn),
                   tok.size(), tok.data());
-      const std::int32_t* inputs = tok.data();
-      const std::int32_t* targets = tok.data() + 1;
+      env->upload(tok_dev, tok.data(), tok.size());
+      const std::int32_t* inputs = tok_dev;
+      const std::int32_t* targets = tok_dev + 1;
 
       // ---- forward
       {
         const Ptrs p = widen(engine.acquire(E), wide, pw);
-        ops.embed_forward(xs.data(), inputs, p.t[0], p.t[1], B, Tn, C);
+        ops.embed_forward(xs, inputs, p.t[0], p.t[1], B, Tn, C);
         engine.release(E);
       }
       for (int l = 0; l < L; ++l) {
@@ -211,32 +224,32 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
       }
       {
         const Ptrs p = widen(engine.acquire(F), wide, pw);
-        ops.layernorm_forward(lnf.data(), stats.data(), stats.data() + N, &xs[L * NC], p.t[0], p.t[1], N, C);
+        ops.layernorm_forward(lnf, stats, stats + N, &xs[L * NC], p.t[0], p.t[1], N, C);
         engine.release(F);
       }
       // ---- LM head (tied: block E again) and loss; its backward opens E's gradient buffer,
       // which stays open until the embedding's backward adds into it last.
       {
         const Ptrs p = widen(engine.acquire(E), wide, pw);
-        ops.matmul_forward(logits.data(), lnf.data(), p.t[0], nullptr, N, C, V, WeightLayout::out_in);
-        loss += ops.cross_entropy(logits.data(), logits.data(), targets, N, V, scale) / N;
+        ops.matmul_forward(logits, lnf, p.t[0], nullptr, N, C, V, WeightLayout::out_in);
+        loss += ops.cross_entropy(logits, logits, targets, N, V, scale) / N;
         const shardopt::BlockView g = engine.gradients(E);
         const Ptrs gp = grad_ptrs(g, wide, gw);
-        std::fill(dl.begin(), dl.end(), 0.0f);
-        ops.matmul_backward(dl.data(), gp.t[0], nullptr, logits.data(), lnf.data(), p.t[0], N, C, V,
+        ops.zero(dl, NC);
+        ops.matmul_backward(dl, gp.t[0], nullptr, logits, lnf, p.t[0], N, C, V,
                             WeightLayout::out_in);
         if (!wide) add_narrow(g, gw.data());
         engine.release(E);
       }
       // ---- backward
-      float* dx = dxa.data();
-      float* dnext = dxb.data();
+      float* dx = dxa;
+      float* dnext = dxb;
       {
         const Ptrs p = widen(engine.acquire(F), wide, pw);
         const shardopt::BlockView g = engine.gradients(F);
         const Ptrs gp = grad_ptrs(g, wide, gw);
-        std::fill(dx, dx + NC, 0.0f);
-        ops.layernorm_backward(dx, gp.t[0], gp.t[1], dl.data(), &xs[L * NC], p.t[0], stats.data(), stats.data() + N,
+        ops.zero(dx, NC);
+        ops.layernorm_backward(dx, gp.t[0], gp.t[1], dl, &xs[L * NC], p.t[0], stats, stats + N,
                                N, C);
         if (!wide) add_narrow(g, gw.data());
         engine.grads_ready(F);
@@ -248,8 +261,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
         if (o.recompute) layer_forward(ops, sh, B, Tn, p, &xs[l * NC], acts_of(l), &xs[(l + 1) * NC]);
         const shardopt::BlockView g = engine.gradients(b);
         const Ptrs gp = grad_ptrs(g, wide, gw);
-        std::fill(dnext, dnext + NC, 0.0f);
-        layer_backward(ops, sh, B, Tn, p, layer_of<float>(gp), &xs[l * NC], acts_of(l), dx, dnext, scratch.data());
+        ops.zero(dnext, NC);
+        layer_backward(ops, sh, B, Tn, p, layer_of<float>(gp), &xs[l * NC], acts_of(l), dx, dnext, scratch);
         if (!wide) add_narrow(g, gw.data());
         engine.grads_ready(b);
         engine.release(b);
@@ -294,7 +307,41 @@ std::size_t activation_bytes(const Shape& s, int batch, int seq, DType compute, 
   return floats * sizeof(float) + (N + 1) * sizeof(std::int32_t);
 }
 
+namespace {
+
+// The CPU: host memory, CpuOps<float>, the CPU backend on the shared kernel pool.
+class CpuEnv final : public RankEnv {
+ public:
+  explicit CpuEnv(std::shared_ptr<shardopt::ThreadPool> pool) : pool_(std::move(pool)) {}
+  std::unique_ptr<shardopt::Backend> backend() override {
+    shardopt::CpuBackendOptions bo;
+    bo.pool = pool_;
+    return shardopt::make_cpu_backend(bo);
+  }
+  void bind(shardopt::Engine&) override {}
+  const Ops<float>& ops() const override { return ops_; }
+  float* floats(std::size_t n) override { return floats_.emplace_back(n).data(); }
+  std::int32_t* ints(std::size_t n) override { return ints_.emplace_back(n).data(); }
+  void upload(std::int32_t* dst, const std::int32_t* src, std::size_t n) override { std::copy(src, src + n, dst); }
+  bool host_memory() const override { return true; }
+
+ private:
+  std::shared_ptr<shardopt::ThreadPool> pool_;
+  CpuOps<float> ops_;
+  std::vector<std::vector<float>> floats_;
+  std::vector<std::vector<std::int32_t>> ints_;
+};
+
+}  // namespace
+
 TrainResult train(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
+  return train_with(o, on_step, [](int, std::shared_ptr<shardopt::ThreadPool> pool) -> std::unique_ptr<RankEnv> {
+    return std::make_unique<CpuEnv>(std::move(pool));
+  });
+}
+
+TrainResult train_with(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step,
+                       const RankEnvFactory& make_env) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };
   validate(o.shape);
   if (o.seq < 1 || o.seq > o.shape.max_seq)
@@ -338,7 +385,7 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   set_blas_threads(static_cast<int>(std::max(1u, hw / static_cast<unsigned>(o.ranks))));
 
-  Shared s{o, on_step, data, init_file.get(), shardopt::make_thread_pool(o.threads),
+  Shared s{o, make_env, on_step, data, init_file.get(), shardopt::make_thread_pool(o.threads),
            shardopt::make_in_process_group(o.ranks), std::vector<RankSlot>(o.ranks), TrainResult{}, {}, {}, 0,
            Clock::now()};
   s.result.params = param_count(o.shape);

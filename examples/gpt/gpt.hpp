@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,29 @@ std::size_t activation_bytes(const Shape& s, int batch, int seq, shardopt::DType
 // the vocabulary, --init-from's tensors and shapes) before any rank starts, then runs the ranks.
 // on_step is called once per step, in order, from one thread. Throws the first rank's Error.
 TrainResult train(const TrainOptions& options, const std::function<void(const StepRecord&)>& on_step = {});
+
+// Where one rank runs: its backend, its ops, and the memory they work on. train() uses the CPU
+// (host memory, CpuOps, the CPU backend); cuda/train_cuda.hpp the GPU. Calls come in this order
+// from the rank's own thread: backend(), bind(engine) once the engine exists, then ops(),
+// floats(), ints() and upload() (buffers stay valid until the RankEnv is destroyed, after the
+// engine). A 16-bit compute dtype needs host_memory() (the fp32 widening runs on the host).
+class RankEnv {
+ public:
+  virtual ~RankEnv() = default;
+  virtual std::unique_ptr<shardopt::Backend> backend() = 0;
+  virtual void bind(shardopt::Engine& engine) = 0;
+  virtual const Ops<float>& ops() const = 0;
+  virtual float* floats(std::size_t n) = 0;
+  virtual std::int32_t* ints(std::size_t n) = 0;
+  // Copies n tokens from host memory to dst (the env's memory); src may be reused on return.
+  virtual void upload(std::int32_t* dst, const std::int32_t* src, std::size_t n) = 0;
+  virtual bool host_memory() const = 0;
+};
+using RankEnvFactory =
+    std::function<std::unique_ptr<RankEnv>(int rank, std::shared_ptr<shardopt::ThreadPool> cpu_pool)>;
+// train() with each rank's environment from `make_env` (same validation and results).
+TrainResult train_with(const TrainOptions& options, const std::function<void(const StepRecord&)>& on_step,
+                       const RankEnvFactory& make_env);
 
 // model_config.json, written beside a checkpoint by train(): the shape, which the checkpoint's
 // tensor shapes alone do not give (the number of heads).
