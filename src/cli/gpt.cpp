@@ -12,6 +12,9 @@
 #include "data.hpp"
 #include "gpt.hpp"
 #include "units.hpp"
+#if defined(SHARDOPT_CLI_GPT_CUDA)
+#include "cuda/train_cuda.hpp"
+#endif
 
 namespace shardopt::cli {
 
@@ -98,7 +101,15 @@ std::size_t gpt_activation_bytes(const GptArgs& g, const ModelArgs& m, DType com
 }
 
 int run_train_gpt(const TrainArgs& a, Io& io) {
+#if defined(SHARDOPT_CLI_GPT_CUDA)
+  check_backend(a.backend, "the GPT trainer", /*cuda_supported=*/true);
+#else
   check_backend(a.backend, "the GPT trainer");
+#endif
+  const bool cuda = a.backend == "cuda";
+  if (cuda && a.model.dtype != "fp32")
+    throw UsageError("--dtype: the GPT trainer on --backend cuda keeps fp32 parameters (its GEMMs run in bf16 with "
+                     "fp32 accumulation); use --dtype fp32");
   check_offload(a.model);
   const GptArgs& g = a.gpt;
   if (g.data.empty()) throw UsageError("--data: required with --model gpt (a token file; see shardopt tokenize)");
@@ -143,7 +154,13 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   // run (the better of the two: on a shared machine the other one may have been disturbed).
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   const int gm = std::min(1024, std::max(512, o.batch * o.seq)), gk = std::min(4096, std::max(512, o.shape.hidden));
-  double peak = gpt::measure_sgemm_gflops(gm, 4 * gk, gk, static_cast<int>(hw), 8);
+  auto measure_peak = [&] {
+#if defined(SHARDOPT_CLI_GPT_CUDA)
+    if (cuda) return gpt::measure_cublas_gflops(std::max(gm, 4096), 4 * gk, gk, 8);
+#endif
+    return gpt::measure_sgemm_gflops(gm, 4 * gk, gk, static_cast<int>(hw), 8);
+  };
+  double peak = measure_peak();
   const double fpt = gpt::flops_per_token(o.shape, o.seq);
   const double tokens_per_step = double(a.ranks) * o.batch * o.seq * o.config.accumulation_steps;
 
@@ -153,8 +170,9 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
         << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer << " lr "
         << o.config.hyper.lr << (o.recompute ? ", recompute" : "")
         << (a.model.offload == "none" ? "" : ", offload " + a.model.offload) << ", " << a.steps << " steps\n"
-        << "data " << g.data << (g.init_from.empty() ? "" : ", init from " + g.init_from) << "; sgemm peak "
-        << static_cast<long>(peak) << " GFLOP/s (" << hw << " threads, measured now)\n";
+        << "data " << g.data << (g.init_from.empty() ? "" : ", init from " + g.init_from) << "; " << (cuda ? "cuBLAS bf16" : "sgemm") << " peak "
+        << static_cast<long>(peak) << " GFLOP/s (" << (cuda ? "CUDA device 0" : std::to_string(hw) + " threads")
+        << ", measured now)\n";
   human.flush();
 
   const int every = std::max(1, a.steps / 10);
@@ -185,11 +203,15 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
       human.flush();
     }
   };
+#if defined(SHARDOPT_CLI_GPT_CUDA)
+  const gpt::TrainResult r = cuda ? gpt::train_cuda(o, on_step) : gpt::train(o, on_step);
+#else
   const gpt::TrainResult r = gpt::train(o, on_step);
+#endif
   if (metrics && !*metrics) throw UsageError("--metrics: writing '" + a.metrics + "' failed");
-  const double peak_after = gpt::measure_sgemm_gflops(gm, 4 * gk, gk, static_cast<int>(hw), 8);
+  const double peak_after = measure_peak();
   if (peak_after > peak) {
-    human << "sgemm peak after training " << static_cast<long>(peak_after) << " GFLOP/s (the live line used "
+    human << "GEMM peak after training " << static_cast<long>(peak_after) << " GFLOP/s (the live line used "
           << static_cast<long>(peak) << ")\n";
     peak = peak_after;
   }
@@ -201,7 +223,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   const double mfu = peak > 0 ? fpt * tps / (peak * 1e9) : 0.0;
   human << "loss " << r.steps.front().loss << " -> " << r.steps.back().loss << " over " << a.steps << " steps ("
         << r.skipped_steps << " skipped), median " << med << " ms/step, " << static_cast<long>(tps) << " tok/s, MFU "
-        << 100.0 * mfu << "% of the measured sgemm peak\n"
+        << 100.0 * mfu << "% of the measured GEMM peak\n"
         << "rank 0 memory (engine buffers; the trainer's activations and workspace, "
         << format_bytes(double(r.activation_bytes)) << " per rank, are outside it):\n"
         << r.memory[0].to_string();
@@ -233,7 +255,8 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
     j["step_ms_median"] = med;
     j["tokens_per_s"] = tps;
     j["flops_per_token"] = fpt;
-    j["sgemm_peak_gflops"] = peak;
+    j["backend"] = a.backend;
+    j["gemm_peak_gflops"] = peak;
     j["mfu"] = mfu;
     j["activation_bytes_per_rank"] = r.activation_bytes;
     Json peaks = Json::array();

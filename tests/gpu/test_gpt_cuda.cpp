@@ -7,11 +7,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <string>
 #include <vector>
 
 #include "cpu_ops.hpp"
 #include "cuda/cuda_ops.hpp"
+#include "cuda/train_cuda.hpp"
+#include "data.hpp"
 #include "model.hpp"
+#include "shardopt/cuda.hpp"
 
 namespace {
 
@@ -171,6 +176,60 @@ TEST(GptCudaOps, TransformerLayerMatchesTheCpu) {
   expect_close(gy.get(), y, 1e-5, "layer out");
   expect_close(gdx.get(), dx, 1e-5, "layer dx");
   expect_close(gg.get(), g, 1e-5, "layer dparams");
+}
+
+gpt::TrainOptions tiny_run(const std::string& data) {
+  gpt::TrainOptions o;
+  o.shape = {2, 2, 32, 128, 16};
+  o.seq = 16;
+  o.batch = 2;
+  o.ranks = 2;
+  o.steps = 3;
+  o.data = data;
+  o.config.stage = 3;
+  o.config.bucket_bytes = 16 << 10;
+  o.config.optimizer = shardopt::OptimizerKind::sgd;
+  o.config.hyper.lr = 0.1f;
+  o.collect_master = true;
+  return o;
+}
+
+std::string token_file() {
+  const auto path = std::filesystem::temp_directory_path() / "shardopt-gpt-cuda-test.bin";
+  std::vector<std::uint16_t> t(4000);
+  for (std::size_t i = 0; i < t.size(); ++i) t[i] = static_cast<std::uint16_t>("the cat sat on the mat. "[i % 24]);
+  gpt::write_token_file(path.string(), t);
+  return path.string();
+}
+
+// Runs on every machine: without a device (or with a 16-bit compute dtype) the CUDA trainer
+// refuses before any rank starts.
+TEST(GptCudaTrain, RefusesWhatItCannotRun) {
+  auto o = tiny_run(token_file());
+  if (!shardopt::cuda_device_available()) {
+    try {
+      gpt::train_cuda(o);
+      FAIL() << "no error";
+    } catch (const shardopt::Error& e) {
+      EXPECT_EQ(e.code(), shardopt::ErrorCode::unsupported) << e.what();
+    }
+    return;
+  }
+  o.config.compute_dtype = o.config.reduce_dtype = shardopt::DType::bf16;
+  EXPECT_THROW(gpt::train_cuda(o), shardopt::Error);
+}
+
+// Two ranks on one GPU at stage 3 against the CPU trainer on the same data: the same losses and
+// parameters up to the bf16 rounding of the GPU's GEMM inputs.
+TEST(GptCudaTrain, MatchesTheCpuTrainer) {
+  SKIP_WITHOUT_DEVICE();
+  const auto o = tiny_run(token_file());
+  const auto c = gpt::train(o);
+  const auto g = gpt::train_cuda(o);
+  ASSERT_EQ(g.steps.size(), c.steps.size());
+  for (std::size_t i = 0; i < c.steps.size(); ++i) EXPECT_NEAR(g.steps[i].loss, c.steps[i].loss, 1e-2 * c.steps[i].loss);
+  for (std::size_t t = 0; t < c.master.size(); ++t) expect_close(g.master[t], c.master[t], 1e-2, c.tensor_names[t].c_str());
+  EXPECT_LT(g.steps.back().loss, g.steps.front().loss);
 }
 
 }  // namespace
