@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
@@ -448,7 +449,7 @@ Shape read_model_config(const std::string& dir) {
   }
 }
 
-void write_hf_config(const std::string& path, const Shape& s) {
+void write_hf_config(const std::string& path, const Shape& s, DType dtype) {
   nlohmann::ordered_json j;
   j["architectures"] = {"GPT2LMHeadModel"};
   j["model_type"] = "gpt2";
@@ -469,7 +470,7 @@ void write_hf_config(const std::string& path, const Shape& s) {
   j["tie_word_embeddings"] = true;
   j["bos_token_id"] = s.vocab - 1;
   j["eos_token_id"] = s.vocab - 1;
-  j["torch_dtype"] = "float32";
+  j["torch_dtype"] = dtype == DType::bf16 ? "bfloat16" : dtype == DType::fp16 ? "float16" : "float32";
   std::ofstream f(path, std::ios::trunc);
   f << j.dump(2) << '\n';
   if (!f.flush()) throw Error(ErrorCode::io_error, path + ": write failed");
@@ -486,7 +487,9 @@ std::vector<std::int32_t> generate(const std::string& dir, const std::vector<std
   // The master weights through the streaming exporter, then into one flat array (generation
   // runs on one thread without an engine; the model is small enough to sample from).
   namespace fs = std::filesystem;
-  const fs::path tmp = fs::temp_directory_path() / ("shardopt-generate-" + std::to_string(::getpid()) + ".safetensors");
+  static std::atomic<unsigned> calls{0};  // distinct files for concurrent calls in one process
+  const fs::path tmp = fs::temp_directory_path() / ("shardopt-generate-" + std::to_string(::getpid()) + "-" +
+                                                    std::to_string(calls.fetch_add(1)) + ".safetensors");
   shardopt::export_safetensors(dir, tmp.string(), DType::fp32);
   std::vector<float> params(param_count(s));
   try {

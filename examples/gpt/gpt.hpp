@@ -100,8 +100,9 @@ TrainResult train_with(const TrainOptions& options, const std::function<void(con
 // tensor shapes alone do not give (the number of heads).
 void write_model_config(const std::string& dir, const Shape& s);
 Shape read_model_config(const std::string& dir);
-// Hugging Face's config.json for GPT2LMHeadModel with this shape (fp32, dropout off).
-void write_hf_config(const std::string& path, const Shape& s);
+// Hugging Face's config.json for GPT2LMHeadModel with this shape (dropout off); torch_dtype names
+// the exported tensors' type (fp32, bf16 or fp16).
+void write_hf_config(const std::string& path, const Shape& s, shardopt::DType dtype = shardopt::DType::fp32);
 
 // Samples `count` tokens after `prompt` from the model in checkpoint `dir` (its fp32 master
 // weights): temperature 0 is greedy, otherwise softmax(logits / temperature), seeded. The

@@ -344,7 +344,7 @@ int run_gpt_export(const std::string& dir, const std::string& out, DType dtype, 
   fs::create_directories(out);
   const std::string weights = (fs::path(out) / "model.safetensors").string();
   export_safetensors(dir, weights, dtype);
-  gpt::write_hf_config((fs::path(out) / "config.json").string(), s);
+  gpt::write_hf_config((fs::path(out) / "config.json").string(), s, dtype);
   io.out << "wrote " << weights << " and " << (fs::path(out) / "config.json").string()
          << " (transformers.GPT2LMHeadModel.from_pretrained loads the directory)\n";
   return 0;
