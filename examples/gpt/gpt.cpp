@@ -305,7 +305,7 @@ std::size_t activation_bytes(const Shape& s, int batch, int seq, DType compute, 
   std::size_t floats = (L + 1) * N * C + (recompute ? 1 : L) * layer_acts_elems(s, batch, seq) +
                        N * C + 2 * N + N * std::size_t(s.vocab) + 3 * N * C + layer_scratch_elems(s, batch, seq);
   if (compute != DType::fp32) floats += 2 * max_block_params(s);
-  return floats * sizeof(float) + (N + 1) * sizeof(std::int32_t);
+  return floats * sizeof(float) + 2 * (N + 1) * sizeof(std::int32_t);  // tokens read, and where the ops see them
 }
 
 namespace {
