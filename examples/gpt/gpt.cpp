@@ -96,55 +96,75 @@ struct Ptrs {
   float* t[12] = {};
 };
 
-// fp32 pointers to an acquired block's parameters: the engine's own buffers in fp32, otherwise
-// the block widened into `work` (the bounded fp32 workspace, tensors back to back).
-Ptrs widen(const shardopt::BlockView& v, bool wide, std::vector<float>& work) {
-  Ptrs p;
-  std::size_t off = 0;
-  for (std::size_t k = 0; k < v.tensors.size(); ++k) {
-    const auto& t = v.tensors[k];
-    if (wide) {
-      p.t[k] = t.as<float>();
-      continue;
-    }
-    for (std::size_t i = 0; i < t.numel; ++i) work[off + i] = shardopt::load_as_float(t.data, t.dtype, i);
-    p.t[k] = work.data() + off;
-    off += t.numel;
-  }
-  return p;
-}
+// How a block's 16-bit parameters become fp32 and its fp32 gradients go back into the engine's
+// 16-bit buffers: host loops where the memory is the host's (the CPU), otherwise the backend's
+// cast and accumulate kernels on the engine's compute stream, where the ops run too.
+struct Widening {
+  bool wide;                // fp32 compute: the engine's buffers are used as they are
+  bool host;                // host memory: plain loops
+  shardopt::Backend* backend;
+  shardopt::Stream* stream;
+  float* pw;                // the bounded fp32 workspace for one block's parameters
+  float* gw;                // and for its gradients
 
-// Where backward adds a block's fp32 gradients: the engine's buffers in fp32, otherwise zeroed
-// segments of `work` that add_narrow() then adds into the engine's 16-bit buffers.
-Ptrs grad_ptrs(const shardopt::BlockView& g, bool wide, std::vector<float>& work) {
-  Ptrs p;
-  std::size_t off = 0;
-  for (std::size_t k = 0; k < g.tensors.size(); ++k) {
-    const auto& t = g.tensors[k];
-    if (wide) {
-      p.t[k] = t.as<float>();
-      continue;
+  // fp32 pointers to an acquired block's parameters (tensors back to back in pw).
+  Ptrs params(const shardopt::BlockView& v) const {
+    Ptrs p;
+    std::size_t off = 0;
+    for (std::size_t k = 0; k < v.tensors.size(); ++k) {
+      const auto& t = v.tensors[k];
+      if (wide) {
+        p.t[k] = t.as<float>();
+        continue;
+      }
+      if (host)
+        for (std::size_t i = 0; i < t.numel; ++i) pw[off + i] = shardopt::load_as_float(t.data, t.dtype, i);
+      else if (t.numel)
+        backend->cast(t.data, t.dtype, pw + off, DType::fp32, t.numel, *stream);
+      p.t[k] = pw + off;
+      off += t.numel;
     }
-    std::fill_n(work.data() + off, t.numel, 0.0f);
-    p.t[k] = work.data() + off;
-    off += t.numel;
+    return p;
   }
-  return p;
-}
+
+  // Where backward adds a block's fp32 gradients: the engine's buffers in fp32, otherwise zeroed
+  // segments of gw that add() then adds into the engine's 16-bit buffers.
+  Ptrs grads(const shardopt::BlockView& g, const Ops<float>& ops) const {
+    Ptrs p;
+    std::size_t off = 0;
+    for (std::size_t k = 0; k < g.tensors.size(); ++k) {
+      const auto& t = g.tensors[k];
+      if (wide) {
+        p.t[k] = t.as<float>();
+        continue;
+      }
+      ops.zero(gw + off, t.numel);
+      p.t[k] = gw + off;
+      off += t.numel;
+    }
+    return p;
+  }
+
+  // Adds gw into the engine's 16-bit gradient buffers of block view g (no-op in fp32).
+  void add(const shardopt::BlockView& g) const {
+    if (wide) return;
+    std::size_t off = 0;
+    for (const auto& t : g.tensors) {
+      if (host) {
+        for (std::size_t i = 0; i < t.numel; ++i)
+          shardopt::store_from_float(t.data, t.dtype, i, shardopt::load_as_float(t.data, t.dtype, i) + gw[off + i]);
+      } else if (t.numel) {
+        backend->accumulate(t.data, t.dtype, gw + off, t.numel, *stream);  // gw += what the buffer holds
+        backend->cast(gw + off, DType::fp32, t.data, t.dtype, t.numel, *stream);
+      }
+      off += t.numel;
+    }
+  }
+};
 
 template <class T>
 Layer<T> layer_of(const Ptrs& p) {
   return Layer<T>{p.t[0], p.t[1], p.t[2], p.t[3], p.t[4], p.t[5], p.t[6], p.t[7], p.t[8], p.t[9], p.t[10], p.t[11]};
-}
-
-// Adds an fp32 gradient (contiguous, registration order) into the engine's 16-bit buffers.
-void add_narrow(const shardopt::BlockView& g, const float* src) {
-  std::size_t off = 0;
-  for (const auto& t : g.tensors) {
-    for (std::size_t i = 0; i < t.numel; ++i)
-      shardopt::store_from_float(t.data, t.dtype, i, shardopt::load_as_float(t.data, t.dtype, i) + src[off + i]);
-    off += t.numel;
-  }
 }
 
 void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
@@ -161,8 +181,6 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   shardopt::Engine engine(cfg, *backend, *comm);
   env->bind(engine);
   const Ops<float>& ops = env->ops();
-  if (!wide && !env->host_memory())
-    throw Error(ErrorCode::unsupported, "gpt: 16-bit compute needs host memory (the fp32 widening runs on the host)");
   for (const auto& b : blocks(sh)) engine.register_block(b);
   shardopt::Hyperparams no_decay = cfg.hyper;
   no_decay.weight_decay = 0.0f;
@@ -190,11 +208,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   float* const dxa = env->floats(NC);
   float* const dxb = env->floats(NC);
   float* const scratch = env->floats(layer_scratch_elems(sh, B, Tn));
-  std::vector<float> pw, gw;  // 16-bit compute (host memory only): one block widened to fp32
-  if (!wide) {
-    pw.resize(max_block_params(sh));
-    gw.resize(max_block_params(sh));
-  }
+  const Widening w{wide, env->host_memory(), backend.get(), &engine.compute_stream(),
+                   wide ? nullptr : env->floats(max_block_params(sh)), wide ? nullptr : env->floats(max_block_params(sh))};
   auto acts_of = [&](int l) { return layer_acts_at(acts + (o.recompute ? 0 : l) * AE, sh, B, Tn); };
   const int E = embed_block(), F = final_block(sh);
 
@@ -214,66 +229,66 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
 
       // ---- forward
       {
-        const Ptrs p = widen(engine.acquire(E), wide, pw);
+        const Ptrs p = w.params(engine.acquire(E));
         ops.embed_forward(xs, inputs, p.t[0], p.t[1], B, Tn, C);
         engine.release(E);
       }
       for (int l = 0; l < L; ++l) {
-        const Ptrs p = widen(engine.acquire(layer_block(l)), wide, pw);
+        const Ptrs p = w.params(engine.acquire(layer_block(l)));
         layer_forward(ops, sh, B, Tn, layer_of<const float>(p), &xs[l * NC], acts_of(l), &xs[(l + 1) * NC]);
         engine.release(layer_block(l));
       }
       {
-        const Ptrs p = widen(engine.acquire(F), wide, pw);
+        const Ptrs p = w.params(engine.acquire(F));
         ops.layernorm_forward(lnf, stats, stats + N, &xs[L * NC], p.t[0], p.t[1], N, C);
         engine.release(F);
       }
       // ---- LM head (tied: block E again) and loss; its backward opens E's gradient buffer,
       // which stays open until the embedding's backward adds into it last.
       {
-        const Ptrs p = widen(engine.acquire(E), wide, pw);
+        const Ptrs p = w.params(engine.acquire(E));
         ops.matmul_forward(logits, lnf, p.t[0], nullptr, N, C, V, WeightLayout::out_in);
         loss += ops.cross_entropy(logits, logits, targets, N, V, scale) / N;
         const shardopt::BlockView g = engine.gradients(E);
-        const Ptrs gp = grad_ptrs(g, wide, gw);
+        const Ptrs gp = w.grads(g, ops);
         ops.zero(dl, NC);
         ops.matmul_backward(dl, gp.t[0], nullptr, logits, lnf, p.t[0], N, C, V,
                             WeightLayout::out_in);
-        if (!wide) add_narrow(g, gw.data());
+        w.add(g);
         engine.release(E);
       }
       // ---- backward
       float* dx = dxa;
       float* dnext = dxb;
       {
-        const Ptrs p = widen(engine.acquire(F), wide, pw);
+        const Ptrs p = w.params(engine.acquire(F));
         const shardopt::BlockView g = engine.gradients(F);
-        const Ptrs gp = grad_ptrs(g, wide, gw);
+        const Ptrs gp = w.grads(g, ops);
         ops.zero(dx, NC);
         ops.layernorm_backward(dx, gp.t[0], gp.t[1], dl, &xs[L * NC], p.t[0], stats, stats + N,
                                N, C);
-        if (!wide) add_narrow(g, gw.data());
+        w.add(g);
         engine.grads_ready(F);
         engine.release(F);
       }
       for (int l = L - 1; l >= 0; --l) {
         const int b = layer_block(l);
-        const Layer<const float> p = layer_of<const float>(widen(engine.acquire(b), wide, pw));
+        const Layer<const float> p = layer_of<const float>(w.params(engine.acquire(b)));
         if (o.recompute) layer_forward(ops, sh, B, Tn, p, &xs[l * NC], acts_of(l), &xs[(l + 1) * NC]);
         const shardopt::BlockView g = engine.gradients(b);
-        const Ptrs gp = grad_ptrs(g, wide, gw);
+        const Ptrs gp = w.grads(g, ops);
         ops.zero(dnext, NC);
         layer_backward(ops, sh, B, Tn, p, layer_of<float>(gp), &xs[l * NC], acts_of(l), dx, dnext, scratch);
-        if (!wide) add_narrow(g, gw.data());
+        w.add(g);
         engine.grads_ready(b);
         engine.release(b);
         std::swap(dx, dnext);
       }
       {
         const shardopt::BlockView g = engine.gradients(E);
-        const Ptrs gp = grad_ptrs(g, wide, gw);
+        const Ptrs gp = w.grads(g, ops);
         ops.embed_backward(gp.t[0], gp.t[1], dx, inputs, B, Tn, C);
-        if (!wide) add_narrow(g, gw.data());
+        w.add(g);
         engine.grads_ready(E);
       }
     }

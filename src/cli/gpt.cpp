@@ -107,9 +107,6 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   check_backend(a.backend, "the GPT trainer");
 #endif
   const bool cuda = a.backend == "cuda";
-  if (cuda && a.model.dtype != "fp32")
-    throw UsageError("--dtype: the GPT trainer on --backend cuda keeps fp32 parameters (its GEMMs run in bf16 with "
-                     "fp32 accumulation); use --dtype fp32");
   check_offload(a.model);
   const GptArgs& g = a.gpt;
   if (g.data.empty()) throw UsageError("--data: required with --model gpt (a token file; see shardopt tokenize)");

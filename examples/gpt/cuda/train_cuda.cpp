@@ -63,10 +63,6 @@ class CudaEnv final : public RankEnv {
 TrainResult train_cuda(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
   if (!shardopt::cuda_device_available())
     throw shardopt::Error(shardopt::ErrorCode::unsupported, "gpt: no CUDA device (or a build without the CUDA backend)");
-  if (o.config.compute_dtype != shardopt::DType::fp32)
-    throw shardopt::Error(shardopt::ErrorCode::unsupported,
-                          "gpt: the CUDA trainer computes in fp32 (its GEMMs in bf16 on tensor cores); compute dtype " +
-                              std::string(shardopt::name_of(o.config.compute_dtype)) + " runs on the CPU only");
   return train_with(o, on_step, [](int, std::shared_ptr<shardopt::ThreadPool>) -> std::unique_ptr<RankEnv> {
     return std::make_unique<CudaEnv>();
   });

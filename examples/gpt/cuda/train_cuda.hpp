@@ -2,9 +2,10 @@
 // The GPT trainer on a CUDA device: the same loop as gpt::train (gpt.hpp), every rank an
 // in-process rank on device 0 with the CUDA backend, the ops of cuda_ops.hpp (cuBLAS products in
 // bf16 with fp32 accumulation) on Engine::compute_stream(), activations in device memory.
-// Compute dtype fp32 only for now (the 16-bit widening of gpt::train runs on the host).
-// Errors: Error(unsupported) without a CUDA device or with a 16-bit compute dtype, before any
-// rank starts; otherwise as gpt::train.
+// With a 16-bit compute dtype each acquired block is widened to an fp32 device workspace and its
+// fp32 gradients added back by the backend's cast and accumulate kernels, as on the CPU.
+// Errors: Error(unsupported) without a CUDA device, before any rank starts; otherwise as
+// gpt::train.
 #include "gpt.hpp"
 
 namespace gpt {
