@@ -15,9 +15,12 @@ CheckpointCommands add_checkpoint(CLI::App& app, CheckpointArgs& a) {
   c.inspect->add_option("dir", a.dir, "checkpoint directory")->required();
   c.inspect->add_flag("--verify", a.verify, "also read every shard file and check every checksum");
   c.inspect->add_flag("--json", a.json, "print one JSON object");
-  c.exporter = ck->add_subcommand("export", "Write the master weights as one .safetensors file (streaming)");
+  c.exporter = ck->add_subcommand("export", "Write the master weights as one .safetensors file (streaming); a GPT "
+                                            "checkpoint as a Hugging Face model directory");
   c.exporter->add_option("dir", a.dir, "checkpoint directory")->required();
-  c.exporter->add_option("--out", a.out, "output .safetensors file")->required();
+  c.exporter->add_option("--out", a.out,
+                         "output .safetensors file; for a GPT checkpoint, a directory (model.safetensors and "
+                         "config.json) unless it ends in .safetensors")->required();
   c.exporter->add_option("--dtype", a.dtype, "element type of the exported tensors")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))->capture_default_str();
   return c;
@@ -68,6 +71,9 @@ int run_checkpoint_inspect(const CheckpointArgs& a, Io& io) {
 int run_checkpoint_export(const CheckpointArgs& a, Io& io) {
   DType dt = DType::fp32;
   if (!parse_dtype(a.dtype, dt)) throw UsageError("--dtype: unknown dtype '" + a.dtype + "'");
+  const std::string ext = ".safetensors";
+  const bool file = a.out.size() >= ext.size() && a.out.compare(a.out.size() - ext.size(), ext.size(), ext) == 0;
+  if (!file && is_gpt_checkpoint(a.dir)) return run_gpt_export(a.dir, a.out, dt, io);
   export_safetensors(a.dir, a.out, dt);
   io.out << "wrote " << a.out << " (" << a.dtype << ")\n";
   return 0;

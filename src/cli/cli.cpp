@@ -199,6 +199,10 @@ int run(int argc, const char* const* argv, Io& io) {
   CLI::App* bench_cmd = add_bench(app, bench);
   CheckpointArgs checkpoint;
   const CheckpointCommands checkpoint_cmd = add_checkpoint(app, checkpoint);
+  GenerateArgs generate;
+  CLI::App* generate_cmd = add_generate(app, generate);
+  TokenizeArgs tokenize;
+  CLI::App* tokenize_cmd = add_tokenize(app, tokenize);
 
   try {
     app.parse(argc, argv);
@@ -209,10 +213,16 @@ int run(int argc, const char* const* argv, Io& io) {
   try {
     if (train_cmd->parsed()) {
       which += " train";
+      train.gpt.batch_given = train_cmd->count("--batch") > 0;
+      train.gpt.layers_given = train_cmd->count("--layers") > 0;
+      train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
       return run_train(train, io);
     }
     if (estimate_cmd->parsed()) {
       which += " estimate";
+      estimate.gpt.batch_given = estimate_cmd->count("--batch") > 0;
+      estimate.gpt.layers_given = estimate_cmd->count("--layers") > 0;
+      estimate.gpt.hidden_given = estimate_cmd->count("--hidden") > 0;
       return run_estimate(estimate, io);
     }
     if (plan_cmd->parsed()) {
@@ -226,6 +236,14 @@ int run(int argc, const char* const* argv, Io& io) {
     if (checkpoint_cmd.exporter->parsed()) {
       which += " checkpoint export";
       return run_checkpoint_export(checkpoint, io);
+    }
+    if (generate_cmd->parsed()) {
+      which += " generate";
+      return run_generate(generate, io);
+    }
+    if (tokenize_cmd->parsed()) {
+      which += " tokenize";
+      return run_tokenize(tokenize, io);
     }
     if (bench_cmd->parsed()) {
       which += " bench update";

@@ -67,8 +67,23 @@ Json bytes_json(const MemoryReport& r, bool peak);
 // A table of bytes per category (rows) and place (columns holding anything).
 std::string bytes_table(const MemoryReport& r, bool peak);
 
+// train --model gpt (src/cli/gpt.cpp).
+struct GptArgs {
+  std::string model = "mlp";
+  std::string preset;       // empty: --layers/--heads/--hidden/--vocab/--positions
+  int heads = 4;
+  int vocab = 256;
+  int positions = 0;        // 0: --seq
+  int seq = 64;
+  std::string data, init_from;
+  bool recompute = false;
+  // Whether the shared flags were given (their defaults are the MLP's).
+  bool batch_given = false, layers_given = false, hidden_given = false;
+};
+
 struct TrainArgs {
   ModelArgs model;
+  GptArgs gpt;
   std::string backend = "cpu";
   int ranks = 4;
   double lr = 0;  // 0: the optimizer's default
@@ -82,9 +97,39 @@ struct TrainArgs {
 };
 CLI::App* add_train(CLI::App& app, TrainArgs& a);
 int run_train(const TrainArgs& a, Io& io);
+void add_gpt_train_options(CLI::App* train, GptArgs& g);
+// The GPT shape flags alone (--model --preset --heads --vocab --positions --seq --recompute).
+void add_gpt_shape_options(CLI::App* sub, GptArgs& g);
+// The model of --model gpt (UsageError naming the flag at fault) and its trainer's bytes per rank.
+Model build_gpt_model(const GptArgs& g, const ModelArgs& m);
+std::size_t gpt_activation_bytes(const GptArgs& g, const ModelArgs& m, DType compute);
+int run_train_gpt(const TrainArgs& a, Io& io);
+
+struct GenerateArgs {
+  std::string checkpoint, prompt;
+  int tokens = 200;
+  double temperature = 0.8;
+  std::uint64_t seed = 1;
+  bool ids = false;
+};
+CLI::App* add_generate(CLI::App& app, GenerateArgs& a);
+int run_generate(const GenerateArgs& a, Io& io);
+
+struct TokenizeArgs {
+  bool bytes = false;
+  std::string in, out;
+};
+CLI::App* add_tokenize(CLI::App& app, TokenizeArgs& a);
+int run_tokenize(const TokenizeArgs& a, Io& io);
+
+// A checkpoint written by train --model gpt (it has model_config.json beside its manifest).
+bool is_gpt_checkpoint(const std::string& dir);
+// Writes OUT/model.safetensors and OUT/config.json (Hugging Face GPT2LMHeadModel).
+int run_gpt_export(const std::string& dir, const std::string& out, DType dtype, Io& io);
 
 struct EstimateArgs {
   ModelArgs model;
+  GptArgs gpt;  // --model gpt: the GPT's blocks, and its trainer's activations at --seq/--batch
   int world = 4;
   bool json = false;
 };

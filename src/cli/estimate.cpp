@@ -75,6 +75,7 @@ CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
   CLI::App* sub = app.add_subcommand(
       "estimate", "Predict the bytes per rank, by place and category, that the engine allocates (plan_memory)");
   add_model_options(sub, a.model, /*with_params=*/true, /*with_stage=*/true);
+  add_gpt_shape_options(sub, a.gpt);
   sub->add_option("--world", a.world, "data-parallel ranks")->check(CLI::Range(1, 1 << 20))->capture_default_str();
   sub->add_flag("--json", a.json, "print one JSON object as the last line");
   return sub;
@@ -82,13 +83,21 @@ CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
 
 int run_estimate(const EstimateArgs& a, Io& io) {
   check_offload(a.model);
-  const Model model = build_model(a.model);
+  const bool gpt = a.gpt.model == "gpt";
+  const Model model = gpt ? build_gpt_model(a.gpt, a.model) : build_model(a.model);
   const Config cfg = build_config(a.model, model);
   const MemoryPlan plan = plan_memory(cfg, model.blocks, a.world);
   const MemoryReport rep = plan.report();
   const double formula = zero_formula(cfg, double(model.params), a.world);
   const double offloaded = offloaded_formula(cfg, double(model.params), a.world);
-  const std::size_t act = model.example ? mlp::activation_bytes(model.shape, a.model.batch, cfg.compute_dtype) : 0;
+  const std::size_t act = gpt ? gpt_activation_bytes(a.gpt, a.model, cfg.compute_dtype)
+                          : model.example ? mlp::activation_bytes(model.shape, a.model.batch, cfg.compute_dtype)
+                                          : 0;
+  // What one rank's process holds in memory: the engine's buffers in every place but disk, plus
+  // the trainer's activations and workspace (not the CUDA context, allocator slack, libraries).
+  std::size_t in_memory = act;
+  for (int p = 0; p < kPlaceCount; ++p)
+    if (static_cast<Place>(p) != Place::disk) in_memory += rep.peak_total[p];
 
   if (a.json) {
     Json j;
@@ -110,7 +119,10 @@ int run_estimate(const EstimateArgs& a, Io& io) {
     j["buffers"] = bufs;
     j["zero_formula_bytes"] = formula;  // device
     if (cfg.offload_optimizer != OffloadKind::none) j["zero_formula_offloaded_bytes"] = offloaded;
-    if (model.example) j["activation_bytes_per_rank"] = act;
+    if (model.example || gpt) {
+      j["activation_bytes_per_rank"] = act;
+      j["memory_bytes_per_rank"] = in_memory;  // engine (all places but disk) + activations
+    }
     j["not_included"] = Json(std::vector<std::string>(std::begin(kNotIncluded), std::end(kNotIncluded)));
     io.out << j.dump() << '\n';
     return 0;
@@ -144,6 +156,11 @@ int run_estimate(const EstimateArgs& a, Io& io) {
   if (model.example)
     os << "the example trainer's activations at --batch " << a.model.batch << ": " << format_bytes(double(act))
        << " per rank\n";
+  if (gpt)
+    os << "the GPT trainer's activations and workspace at --seq " << a.gpt.seq << " x --batch "
+       << (a.gpt.batch_given ? a.model.batch : 4) << (a.gpt.recompute ? ", recompute" : "") << ": "
+       << format_bytes(double(act)) << " per rank; with the engine's buffers in memory (all but disk): "
+       << format_bytes(double(in_memory)) << " per rank\n";
   return 0;
 }
 

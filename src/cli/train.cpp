@@ -30,6 +30,7 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   sub->add_option("--resume", a.resume, "start from the checkpoint in DIR (any --ranks/--stage; same model and --optimizer)");
   sub->add_option("--metrics", a.metrics, "write one JSON line per step to FILE");
   sub->add_flag("--json", a.json, "print one JSON object with the results as the last line of stdout");
+  add_gpt_train_options(sub, a.gpt);
   return sub;
 }
 
@@ -59,6 +60,7 @@ std::string hex64(std::uint64_t v) {
 }  // namespace
 
 int run_train(const TrainArgs& a, Io& io) {
+  if (a.gpt.model == "gpt") return run_train_gpt(a, io);
   check_backend(a.backend, "the example trainer");
   check_offload(a.model);
 
