@@ -5,10 +5,18 @@
 //   early-return  rank 2 stops issuing collectives (it caught an error and returned from its
 //                 training loop, as a trainer's main would) while its peers go on;
 //   stall         rank 0 sleeps past the timeout before its next collective.
+//   init-throw    rank 2's initializer throws inside Engine::initialize(): the others must fail
+//                 within the timeout instead of waiting in initialize's collectives.
+//   kill DIR      engines train and save a checkpoint into DIR, then rank 1 SIGKILLs itself in
+//                 the middle of a step. The job must end (mpirun takes it down; this binary
+//                 exits non-zero) within the deadline, and the checkpoint in DIR stays intact:
+//                 CTest runs it through a script that checks both.
 //
 // Each rank checks its own outcome (error or not, its text, how long it took); main() combines
 // the verdicts over MPI_COMM_WORLD, which the aborted communicator (a duplicate) does not affect.
 #include <mpi.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -18,6 +26,7 @@
 #include <vector>
 
 #include "shardopt/backend.hpp"
+#include "shardopt/engine.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/mpi.hpp"
 
@@ -92,8 +101,46 @@ int main(int argc, char** argv) {
         const Outcome o = one_collective(*comm, *be, *st);
         // The peers time out naming rank 0; rank 0, arriving late, finds them gone.
         expect_error(o, rank, {"timed out", rank == 0 ? "ranks 1, 2 did not arrive" : "rank 0 did not arrive"});
+      } else if (which == "init-throw" || which == "kill") {
+        Config cfg;
+        cfg.stage = 2;
+        std::vector<BlockSpec> model;
+        for (int b = 0; b < 3; ++b) model.push_back({"b" + std::to_string(b), {{"w" + std::to_string(b), {64, 33}}}});
+        const auto t0 = Clock::now();
+        Outcome o;
+        try {
+          Engine e(cfg, *be, *comm);
+          for (const auto& b : model) e.register_block(b);
+          const InitFn base = seeded_init(3);
+          e.initialize([&](const Layout::TensorInfo& t, std::size_t begin, std::size_t n, float* out) {
+            if (which == "init-throw" && rank == 2) throw Error(ErrorCode::io_error, "rank 2 could not read its initial weights");
+            base(t, begin, n, out);
+          });
+          for (int step = 1; step <= 6; ++step) {
+            if (which == "kill" && step == 3) e.save(argc > 2 ? argv[2] : "faults-ckpt");
+            for (int b = 2; b >= 0; --b) {
+              BlockView g = e.gradients(b);
+              for (auto& t : g.tensors) std::fill(t.as<float>(), t.as<float>() + t.numel, 0.25f * static_cast<float>(step));
+              e.grads_ready(b);
+              if (which == "kill" && step == 5 && rank == 1 && b == 1) ::raise(SIGKILL);  // mid-step, mid-backward
+            }
+            e.step();
+          }
+        } catch (const Error& e) {
+          o.threw = true;
+          o.message = e.message();
+        }
+        o.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+        if (which == "init-throw") {
+          if (rank == 2) expect(o.threw && o.message.find("initial weights") != std::string::npos, rank, "own error: " + o.message);
+          else expect_error(o, rank, {"rank 2"});
+        } else {
+          // Reached only if mpirun did not take the job down: the survivors must have failed.
+          expect_error(o, rank, {"did not arrive"});
+          ++failures;  // a killed job must end non-zero
+        }
       } else {
-        std::fprintf(stderr, "unknown case '%s' (extra, early-return, stall)\n", which.c_str());
+        std::fprintf(stderr, "unknown case '%s' (extra, early-return, stall, init-throw, kill)\n", which.c_str());
         ++failures;
       }
     }
