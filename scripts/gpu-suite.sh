@@ -187,9 +187,11 @@ if [ -n "$others" ]; then
 fi
 # gtest's own totals per run, and the name of every failed or skipped test (only the NCCL ranks
 # that need more GPUs than this machine has may skip).
-awk '{ line = $0; sub(/ \([0-9]+ ms\)$/, "", line) }
-     line ~ /^\[==========\] .* ran\./ || line ~ /^\[  (PASSED|SKIPPED|FAILED) +\] / {
-       if (line ~ /ran\./ || line ~ /\] [0-9]+ tests?[.,]/ || !seen[line]++) print "   " line }' "$results/ctest-gpu.log" |
+awk '{ line = $0; sub(/ \([0-9]+ ms\)$/, "", line); sub(/, where GetParam\(\) = .*/, "", line) }
+     line ~ /^\[==========\] .* ran\./ || line ~ /^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]+ tests?[.,]/ {
+       print "   " line; next }
+     line ~ /^\[  (SKIPPED|FAILED) +\] / && !seen[line]++ { if (++names <= 40) print "   " line; else more++ }
+     END { if (more) print "   ... and " more " more failed or skipped tests (ctest-gpu.log)" }' "$results/ctest-gpu.log" |
   tee -a "$summary"
 
 # ---- benchmarks ---------------------------------------------------------------------------------
