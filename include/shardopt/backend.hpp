@@ -134,7 +134,7 @@ class Backend {
   // The CPU backend never captures. After the capture, an event last recorded inside it marks
   // work that runs at every launch of the graph: waiting on it is a no-op and synchronizing on it
   // waits for the whole device (see shardopt/cuda.hpp).
-  virtual bool capturing(Stream& stream) { return false; }
+  virtual bool capturing(Stream& /*stream*/) { return false; }
 
   // Copies bytes between any two places of this backend.
   virtual void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) = 0;

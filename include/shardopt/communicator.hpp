@@ -65,7 +65,7 @@ class Communicator {
   // CUDA-graph capture, inside which nothing can be allocated, and after which the graph keeps
   // the scratch's address (so it never moves once captured). Calls with smaller counts are
   // no-ops. Not thread-safe against collectives in flight on the host. Default: nothing to do.
-  virtual void reserve(std::size_t count, DType dtype) {}
+  virtual void reserve(std::size_t /*count*/, DType /*dtype*/) {}
 
   CommStats stats() const;
   void reset_stats();
