@@ -26,8 +26,8 @@ cmake --build "$build" -j"$jobs"
 if command -v nvcc >/dev/null; then
   echo "== GPU targets from the GPU bundle (system packages hidden)"
   "$root/scripts/gpu-bundle.sh" "$root/.gpu-bundle"
-  BUILD_DIR="$build-gpu" JOBS="$jobs" CAP_SCALE=6 SUITE_BUDGET=2400 \
-    "$root/scripts/gpu-suite.sh" --build-only "$build-gpu/suite"
+  BUILD_DIR="$build-gpu-bundle" JOBS="$jobs" CAP_SCALE=6 SUITE_BUDGET=2400 \
+    "$root/scripts/gpu-suite.sh" --build-only "$build-gpu-bundle/suite"
 fi
 
 echo "== installed package + consumer"
