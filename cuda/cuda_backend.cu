@@ -9,12 +9,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <utility>
 
 #include "comm/collective.hpp"
+#include "core/pointer_check.hpp"
 #include "core/step_control_check.hpp"
 #include "cuda/cuda_internal.hpp"
 #include "shardopt/cuda.hpp"
@@ -106,6 +109,20 @@ unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned lon
   // An event recorded in another capture is left to CUDA to refuse: turning that wait into an
   // external one would silently drop the ordering.
   return capture != 0 && recorded_in == 0 ? cudaEventWaitExternal : cudaEventWaitDefault;
+}
+
+void stream_wait(cudaStream_t stream, std::string_view name, cudaEvent_t event, unsigned long long recorded_in) {
+  const unsigned long long capture = capture_id(stream, name);
+  if (recorded_in != 0 && recorded_in != capture) return;  // its capture is over: see cuda_internal.hpp
+  check(cudaStreamWaitEvent(stream, event, capture != 0 && recorded_in == 0 ? cudaEventWaitExternal : cudaEventWaitDefault),
+        "cudaStreamWaitEvent", "making stream '" + std::string(name) + "' wait for an event");
+}
+
+void host_wait(cudaEvent_t event, unsigned long long recorded_in, std::string_view doing) {
+  if (recorded_in != 0)
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize", std::string(doing) + " (an event last recorded in a CUDA-graph capture)");
+  else
+    check(cudaEventSynchronize(event), "cudaEventSynchronize", doing);
 }
 
 CudaStream& cuda_stream(Stream& stream, std::string_view what) {
@@ -449,12 +466,51 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
 
 // ---- launch helpers -------------------------------------------------------------------------
 
-// Grid for a grid-stride loop over `work` items: enough blocks to fill every SM (8 blocks of 256
-// threads each is full occupancy on recent GPUs), never more than the work needs.
-unsigned grid_for(std::size_t work, int sm_count) {
+// Grid for a grid-stride loop over `work` items: every SM filled with as many blocks as can be
+// resident at once (`resident` for the whole device), never more than the work needs.
+unsigned grid_for(std::size_t work, std::size_t resident) {
   const std::size_t needed = (work + kThreads - 1) / kThreads;
-  const std::size_t cap = static_cast<std::size_t>(std::max(sm_count, 1)) * 8;
-  return static_cast<unsigned>(std::max<std::size_t>(1, std::min(needed, cap)));
+  return static_cast<unsigned>(std::max<std::size_t>(1, std::min(needed, std::max<std::size_t>(resident, 1))));
+}
+
+constexpr int kCachedDevices = 64;
+
+// Multiprocessors of `device`, asked once per device.
+int sm_count_of(int device) {
+  static std::array<std::atomic<int>, kCachedDevices> cache{};
+  if (device < 0 || device >= kCachedDevices) return 1;
+  int v = cache[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v < 1) {
+      (void)cudaGetLastError();
+      v = 1;
+    }
+    cache[static_cast<std::size_t>(device)].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// The grid of `Kernel` over `work` items on the current device. How many blocks of kThreads fit
+// on one SM depends on the kernel's registers (the fused updates use 36-40, so 6 blocks of 256
+// threads fit on sm_90, not 8): the occupancy calculator says, once per kernel and device. A grid
+// of exactly one full wave avoids a partial second wave.
+template <auto Kernel>
+unsigned grid_of(std::size_t work) {
+  static std::array<std::atomic<int>, kCachedDevices> cache{};  // resident blocks per SM; 0: not asked
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kCachedDevices) {
+    (void)cudaGetLastError();
+    return grid_for(work, 1024);  // no device to ask: enough blocks for any current GPU
+  }
+  int per_sm = cache[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0) != cudaSuccess || per_sm < 1) {
+      (void)cudaGetLastError();
+      per_sm = 1;
+    }
+    cache[static_cast<std::size_t>(device)].store(per_sm, std::memory_order_relaxed);
+  }
+  return grid_for(work, static_cast<std::size_t>(sm_count_of(device)) * static_cast<std::size_t>(per_sm));
 }
 
 void check_launch(const char* kernel, std::string_view doing) {
@@ -466,44 +522,66 @@ bool aligned(const void* p, std::size_t bytes) {
 }
 
 template <OptimizerKind R, DType G>
-void launch_update_p(const UpdateKernelArgs& a, DType param_dtype, bool store, unsigned grid, cudaStream_t s) {
+void launch_update_p(const UpdateKernelArgs& a, DType param_dtype, bool store, std::size_t work, cudaStream_t s) {
   if (!store) {
-    fused_update_kernel<R, G, DType::fp32, false><<<grid, kThreads, 0, s>>>(a);
+    constexpr auto k = fused_update_kernel<R, G, DType::fp32, false>;
+    k<<<grid_of<k>(work), kThreads, 0, s>>>(a);
     return;
   }
   switch (param_dtype) {
-    case DType::fp32: fused_update_kernel<R, G, DType::fp32, true><<<grid, kThreads, 0, s>>>(a); break;
-    case DType::fp16: fused_update_kernel<R, G, DType::fp16, true><<<grid, kThreads, 0, s>>>(a); break;
-    case DType::bf16: fused_update_kernel<R, G, DType::bf16, true><<<grid, kThreads, 0, s>>>(a); break;
+    case DType::fp32: {
+      constexpr auto k = fused_update_kernel<R, G, DType::fp32, true>;
+      k<<<grid_of<k>(work), kThreads, 0, s>>>(a);
+      break;
+    }
+    case DType::fp16: {
+      constexpr auto k = fused_update_kernel<R, G, DType::fp16, true>;
+      k<<<grid_of<k>(work), kThreads, 0, s>>>(a);
+      break;
+    }
+    case DType::bf16: {
+      constexpr auto k = fused_update_kernel<R, G, DType::bf16, true>;
+      k<<<grid_of<k>(work), kThreads, 0, s>>>(a);
+      break;
+    }
   }
 }
 
 template <OptimizerKind R>
-void launch_update_g(const UpdateKernelArgs& a, DType grad_dtype, DType param_dtype, bool store, unsigned grid,
+void launch_update_g(const UpdateKernelArgs& a, DType grad_dtype, DType param_dtype, bool store, std::size_t work,
                      cudaStream_t s) {
   switch (grad_dtype) {
-    case DType::fp32: launch_update_p<R, DType::fp32>(a, param_dtype, store, grid, s); break;
-    case DType::fp16: launch_update_p<R, DType::fp16>(a, param_dtype, store, grid, s); break;
-    case DType::bf16: launch_update_p<R, DType::bf16>(a, param_dtype, store, grid, s); break;
+    case DType::fp32: launch_update_p<R, DType::fp32>(a, param_dtype, store, work, s); break;
+    case DType::fp16: launch_update_p<R, DType::fp16>(a, param_dtype, store, work, s); break;
+    case DType::bf16: launch_update_p<R, DType::bf16>(a, param_dtype, store, work, s); break;
   }
 }
 
 template <DType T>
-void launch_unscale(void* data, std::size_t n, const float* scale, float* found, unsigned grid, cudaStream_t s) {
-  unscale_check_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<storage_t<T>*>(data), n, scale, found);
+void launch_unscale(void* data, std::size_t n, const float* scale, float* found, cudaStream_t s) {
+  constexpr auto k = unscale_check_kernel<T>;
+  k<<<grid_of<k>(n), kThreads, 0, s>>>(static_cast<storage_t<T>*>(data), n, scale, found);
 }
 
 template <DType S>
-void launch_cast_from(const void* src, void* dst, DType dst_dtype, std::size_t n, unsigned grid, cudaStream_t s) {
+void launch_cast_from(const void* src, void* dst, DType dst_dtype, std::size_t n, cudaStream_t s) {
   const auto* in = static_cast<const storage_t<S>*>(src);
   switch (dst_dtype) {
-    case DType::fp32: cast_kernel<S, DType::fp32><<<grid, kThreads, 0, s>>>(in, static_cast<float*>(dst), n); break;
-    case DType::fp16:
-      cast_kernel<S, DType::fp16><<<grid, kThreads, 0, s>>>(in, static_cast<std::uint16_t*>(dst), n);
+    case DType::fp32: {
+      constexpr auto k = cast_kernel<S, DType::fp32>;
+      k<<<grid_of<k>(n), kThreads, 0, s>>>(in, static_cast<float*>(dst), n);
       break;
-    case DType::bf16:
-      cast_kernel<S, DType::bf16><<<grid, kThreads, 0, s>>>(in, static_cast<std::uint16_t*>(dst), n);
+    }
+    case DType::fp16: {
+      constexpr auto k = cast_kernel<S, DType::fp16>;
+      k<<<grid_of<k>(n), kThreads, 0, s>>>(in, static_cast<std::uint16_t*>(dst), n);
       break;
+    }
+    case DType::bf16: {
+      constexpr auto k = cast_kernel<S, DType::bf16>;
+      k<<<grid_of<k>(n), kThreads, 0, s>>>(in, static_cast<std::uint16_t*>(dst), n);
+      break;
+    }
   }
 }
 
@@ -511,11 +589,9 @@ std::string count_text(std::size_t n, DType t) {
   return std::to_string(n) + " " + std::string(name_of(t)) + " elements";
 }
 
-void require_pointer(const void* p, std::size_t n, const char* op, const char* arg) {
-  if (p == nullptr && n > 0)
-    throw Error(ErrorCode::invalid_argument,
-                std::string(op) + ": " + arg + " is null but " + std::to_string(n) + " elements were asked");
-}
+// Null or misaligned: an Error before anything is launched, never a misaligned-address fault
+// that would poison the context (core/pointer_check.hpp).
+using detail::require_elements;
 
 // ---- the backend ----------------------------------------------------------------------------
 
@@ -583,21 +659,27 @@ class CudaBackend final : public Backend {
   // While `stream` is being captured into a CUDA graph, an event recorded outside any capture
   // (by earlier, eager work: the previous step's "bucket free", say) is waited on as an external
   // event node: at each launch the graph waits for that event's last real record. A plain wait
-  // would be an error (CUDA does not let a capture depend on uncaptured work).
+  // would be an error (CUDA does not let a capture depend on uncaptured work). An event last
+  // recorded in a capture that is over has no real record: the wait is skipped, and
+  // synchronize(event) waits for the device (stream_wait, host_wait in cuda_internal.hpp).
   void wait(Stream& stream, Event& event) override {
     CudaEvent& e = cuda_event(event, "wait");
     CudaStream& s = own(stream, "wait");
     DeviceGuard guard(device_);
-    check(cudaStreamWaitEvent(s.handle(), e.handle(), wait_flags(s.handle(), s.name(), e.capture())),
-          "cudaStreamWaitEvent",
-          "making stream '" + s.name() + "' wait for an event");
+    stream_wait(s.handle(), s.name(), e.handle(), e.capture());
   }
 
   void synchronize(Event& event) override {
     CudaEvent& e = cuda_event(event, "synchronize");
     DeviceGuard guard(device_);
-    check(cudaEventSynchronize(e.handle()), "cudaEventSynchronize", "waiting for an event");
+    host_wait(e.handle(), e.capture(), "waiting for an event");
     if (const auto slot = e.slot()) slot->rethrow_once();
+  }
+
+  bool capturing(Stream& stream) override {
+    CudaStream& s = own(stream, "capturing");
+    DeviceGuard guard(device_);
+    return capture_id(s.handle(), s.name()) != 0;
   }
 
   void synchronize(Stream& stream) override {
@@ -610,8 +692,8 @@ class CudaBackend final : public Backend {
   void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) override {
     CudaStream& s = own(stream, "copy");
     if (bytes == 0) return;
-    require_pointer(dst, bytes, "copy", "dst");
-    require_pointer(src, bytes, "copy", "src");
+    require_elements(dst, bytes, 1, "copy", "dst");
+    require_elements(src, bytes, 1, "copy", "src");
     DeviceGuard guard(device_);
     // cudaMemcpyDefault: unified addressing tells the direction from the pointers themselves.
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s.handle()), "cudaMemcpyAsync",
@@ -630,19 +712,18 @@ class CudaBackend final : public Backend {
   void fill(void* dst, DType dtype, std::size_t n, float value, Stream& stream) override {
     CudaStream& s = own(stream, "fill");
     if (n == 0) return;
-    require_pointer(dst, n, "fill", "dst");
+    require_elements(dst, n, dtype, "fill", "dst");
     DeviceGuard guard(device_);
-    const unsigned grid = grid_for(n, sm_count_);
     switch (dtype) {
       case DType::fp32:
-        fill_kernel<DType::fp32><<<grid, kThreads, 0, s.handle()>>>(static_cast<float*>(dst), n, value);
+        fill_kernel<DType::fp32><<<grid_of<fill_kernel<DType::fp32>>(n), kThreads, 0, s.handle()>>>(static_cast<float*>(dst), n, value);
         break;
       case DType::fp16:
-        fill_kernel<DType::fp16><<<grid, kThreads, 0, s.handle()>>>(static_cast<std::uint16_t*>(dst), n,
+        fill_kernel<DType::fp16><<<grid_of<fill_kernel<DType::fp16>>(n), kThreads, 0, s.handle()>>>(static_cast<std::uint16_t*>(dst), n,
                                                                      float_to_fp16(value));
         break;
       case DType::bf16:
-        fill_kernel<DType::bf16><<<grid, kThreads, 0, s.handle()>>>(static_cast<std::uint16_t*>(dst), n,
+        fill_kernel<DType::bf16><<<grid_of<fill_kernel<DType::bf16>>(n), kThreads, 0, s.handle()>>>(static_cast<std::uint16_t*>(dst), n,
                                                                      float_to_bf16(value));
         break;
     }
@@ -652,8 +733,8 @@ class CudaBackend final : public Backend {
   void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n, Stream& stream) override {
     CudaStream& s = own(stream, "cast");
     if (n == 0) return;
-    require_pointer(src, n, "cast", "src");
-    require_pointer(dst, n, "cast", "dst");
+    require_elements(src, n, src_dtype, "cast", "src");
+    require_elements(dst, n, dst_dtype, "cast", "dst");
     if (src == dst && src_dtype != dst_dtype)
       throw Error(ErrorCode::invalid_argument, "cast from " + std::string(name_of(src_dtype)) + " to " +
                                                    std::string(name_of(dst_dtype)) +
@@ -668,11 +749,10 @@ class CudaBackend final : public Backend {
               doing);
       return;
     }
-    const unsigned grid = grid_for(n, sm_count_);
     switch (src_dtype) {
-      case DType::fp32: launch_cast_from<DType::fp32>(src, dst, dst_dtype, n, grid, s.handle()); break;
-      case DType::fp16: launch_cast_from<DType::fp16>(src, dst, dst_dtype, n, grid, s.handle()); break;
-      case DType::bf16: launch_cast_from<DType::bf16>(src, dst, dst_dtype, n, grid, s.handle()); break;
+      case DType::fp32: launch_cast_from<DType::fp32>(src, dst, dst_dtype, n, s.handle()); break;
+      case DType::fp16: launch_cast_from<DType::fp16>(src, dst, dst_dtype, n, s.handle()); break;
+      case DType::bf16: launch_cast_from<DType::bf16>(src, dst, dst_dtype, n, s.handle()); break;
     }
     check_launch("cast_kernel", doing);
   }
@@ -681,23 +761,22 @@ class CudaBackend final : public Backend {
                      Stream& stream) override {
     CudaStream& s = own(stream, "unscale_check");
     if (n == 0) return;
-    require_pointer(data, n, "unscale_check", "data");
-    require_pointer(scale, 1, "unscale_check", "scale");
-    require_pointer(found_nonfinite, 1, "unscale_check", "found_nonfinite");
+    require_elements(data, n, dtype, "unscale_check", "data");
+    require_elements(scale, 1, DType::fp32, "unscale_check", "scale");
+    require_elements(found_nonfinite, 1, DType::fp32, "unscale_check", "found_nonfinite");
     DeviceGuard guard(device_);
-    const unsigned grid = grid_for(n, sm_count_);
     switch (dtype) {
-      case DType::fp32: launch_unscale<DType::fp32>(data, n, scale, found_nonfinite, grid, s.handle()); break;
-      case DType::fp16: launch_unscale<DType::fp16>(data, n, scale, found_nonfinite, grid, s.handle()); break;
-      case DType::bf16: launch_unscale<DType::bf16>(data, n, scale, found_nonfinite, grid, s.handle()); break;
+      case DType::fp32: launch_unscale<DType::fp32>(data, n, scale, found_nonfinite, s.handle()); break;
+      case DType::fp16: launch_unscale<DType::fp16>(data, n, scale, found_nonfinite, s.handle()); break;
+      case DType::bf16: launch_unscale<DType::bf16>(data, n, scale, found_nonfinite, s.handle()); break;
     }
     check_launch("unscale_check_kernel", "unscaling " + count_text(n, dtype) + " on stream '" + s.name() + "'");
   }
 
   void sum_squares(const void* data, DType dtype, std::size_t n, float* out, Stream& stream) override {
     CudaStream& s = own(stream, "sum_squares");
-    require_pointer(data, n, "sum_squares", "data");
-    require_pointer(out, 1, "sum_squares", "out");
+    require_elements(data, n, dtype, "sum_squares", "data");
+    require_elements(out, 1, DType::fp32, "sum_squares", "out");
     DeviceGuard guard(device_);
     const std::string doing = "summing squares of " + count_text(n, dtype) + " on stream '" + s.name() + "'";
     // The grid is a function of n alone (not of the SM count): that is what makes the result the
@@ -728,21 +807,20 @@ class CudaBackend final : public Backend {
   void accumulate(const void* src, DType src_dtype, float* dst, std::size_t n, Stream& stream) override {
     CudaStream& s = own(stream, "accumulate");
     if (n == 0) return;
-    require_pointer(src, n, "accumulate", "src");
-    require_pointer(dst, n, "accumulate", "dst");
+    require_elements(src, n, src_dtype, "accumulate", "src");
+    require_elements(dst, n, DType::fp32, "accumulate", "dst");
     DeviceGuard guard(device_);
-    const unsigned grid = grid_for(n, sm_count_);
     switch (src_dtype) {
       case DType::fp32:
-        accumulate_kernel<DType::fp32><<<grid, kThreads, 0, s.handle()>>>(static_cast<const float*>(src), dst, n);
+        accumulate_kernel<DType::fp32><<<grid_of<accumulate_kernel<DType::fp32>>(n), kThreads, 0, s.handle()>>>(static_cast<const float*>(src), dst, n);
         break;
       case DType::fp16:
         accumulate_kernel<DType::fp16>
-            <<<grid, kThreads, 0, s.handle()>>>(static_cast<const std::uint16_t*>(src), dst, n);
+            <<<grid_of<accumulate_kernel<DType::fp16>>(n), kThreads, 0, s.handle()>>>(static_cast<const std::uint16_t*>(src), dst, n);
         break;
       case DType::bf16:
         accumulate_kernel<DType::bf16>
-            <<<grid, kThreads, 0, s.handle()>>>(static_cast<const std::uint16_t*>(src), dst, n);
+            <<<grid_of<accumulate_kernel<DType::bf16>>(n), kThreads, 0, s.handle()>>>(static_cast<const std::uint16_t*>(src), dst, n);
         break;
     }
     check_launch("accumulate_kernel", "accumulating " + count_text(n, src_dtype) + " into fp32 on stream '" +
@@ -763,11 +841,10 @@ class CudaBackend final : public Backend {
     a.n = n;
     a.op = op;
     DeviceGuard guard(device_);
-    const unsigned grid = grid_for(n, sm_count_);
     switch (dtype) {
-      case DType::fp32: reduce_kernel<DType::fp32><<<grid, kThreads, 0, s.handle()>>>(a); break;
-      case DType::fp16: reduce_kernel<DType::fp16><<<grid, kThreads, 0, s.handle()>>>(a); break;
-      case DType::bf16: reduce_kernel<DType::bf16><<<grid, kThreads, 0, s.handle()>>>(a); break;
+      case DType::fp32: reduce_kernel<DType::fp32><<<grid_of<reduce_kernel<DType::fp32>>(n), kThreads, 0, s.handle()>>>(a); break;
+      case DType::fp16: reduce_kernel<DType::fp16><<<grid_of<reduce_kernel<DType::fp16>>(n), kThreads, 0, s.handle()>>>(a); break;
+      case DType::bf16: reduce_kernel<DType::bf16><<<grid_of<reduce_kernel<DType::bf16>>(n), kThreads, 0, s.handle()>>>(a); break;
     }
     check_launch("reduce_kernel", std::string("reducing (") + comm::op_name(op) + ") " + std::to_string(nsrc) +
                                       " sources of " + count_text(n, dtype) + " into " + std::to_string(ndst) +
@@ -777,9 +854,9 @@ class CudaBackend final : public Backend {
   void step_totals(const float* partials, std::size_t count, const float* flag, float* totals,
                    Stream& stream) override {
     CudaStream& s = own(stream, "step_totals");
-    require_pointer(partials, count, "step_totals", "partials");
-    require_pointer(flag, 1, "step_totals", "flag");
-    require_pointer(totals, 2, "step_totals", "totals");
+    require_elements(partials, count, DType::fp32, "step_totals", "partials");
+    require_elements(flag, 1, DType::fp32, "step_totals", "flag");
+    require_elements(totals, 2, DType::fp32, "step_totals", "totals");
     DeviceGuard guard(device_);
     step_totals_kernel<<<1, 1, 0, s.handle()>>>(partials, count, flag, totals);
     check_launch("step_totals_kernel", "adding " + std::to_string(count) + " partial sums of squares on stream '" +
@@ -799,10 +876,12 @@ class CudaBackend final : public Backend {
     CudaStream& s = own(stream, "fused_update");
     if (args.n == 0) return;
     const bool two = state_count(args.rule) == 2;
-    require_pointer(args.master, args.n, "fused_update", "master");
-    require_pointer(args.state1, args.n, "fused_update", "state1");
-    if (two) require_pointer(args.state2, args.n, "fused_update", "state2");
-    require_pointer(args.grad, args.n, "fused_update", "grad");
+    require_elements(args.master, args.n, DType::fp32, "fused_update", "master");
+    require_elements(args.state1, args.n, DType::fp32, "fused_update", "state1");
+    if (two) require_elements(args.state2, args.n, DType::fp32, "fused_update", "state2");
+    require_elements(args.grad, args.n, args.grad_dtype, "fused_update", "grad");
+    if (args.param_out != nullptr)
+      require_elements(args.param_out, args.n, args.param_dtype, "fused_update", "param_out");
     // An fp32 param_out that is the master itself needs no store (the documented in-place case).
     const bool store =
         args.param_out != nullptr && !(args.param_dtype == DType::fp32 && args.param_out == static_cast<void*>(args.master));
@@ -827,19 +906,19 @@ class CudaBackend final : public Backend {
                (!store || aligned(a.param_out, 4 * size_of(args.param_dtype)));
 
     DeviceGuard guard(device_);
-    const unsigned grid = grid_for(a.vector ? (a.n + 3) / 4 : a.n, sm_count_);
+    const std::size_t work = a.vector ? (a.n + 3) / 4 : a.n;
     switch (args.rule) {
       case OptimizerKind::adamw:
-        launch_update_g<OptimizerKind::adamw>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
+        launch_update_g<OptimizerKind::adamw>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
         break;
       case OptimizerKind::adam:
-        launch_update_g<OptimizerKind::adam>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
+        launch_update_g<OptimizerKind::adam>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
         break;
       case OptimizerKind::sgd:
-        launch_update_g<OptimizerKind::sgd>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
+        launch_update_g<OptimizerKind::sgd>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
         break;
       case OptimizerKind::lion:
-        launch_update_g<OptimizerKind::lion>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
+        launch_update_g<OptimizerKind::lion>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
         break;
     }
     check_launch("fused_update_kernel", "updating " + std::to_string(args.n) + " parameters with " +
@@ -941,17 +1020,15 @@ int device_of(const Backend& backend, std::string_view what) {
 void launch_divide_cast(const float* src, void* dst, DType dst_dtype, std::size_t n, float divisor,
                         cudaStream_t stream) {
   if (n == 0) return;
-  // Not tied to a backend, so no SM count: 1024 blocks of 256 threads fill any current GPU.
-  const unsigned grid = static_cast<unsigned>(std::min<std::size_t>((n + kThreads - 1) / kThreads, 1024));
   switch (dst_dtype) {
     case DType::fp32:
-      divide_cast_kernel<DType::fp32><<<grid, kThreads, 0, stream>>>(src, static_cast<float*>(dst), n, divisor);
+      divide_cast_kernel<DType::fp32><<<grid_of<divide_cast_kernel<DType::fp32>>(n), kThreads, 0, stream>>>(src, static_cast<float*>(dst), n, divisor);
       break;
     case DType::fp16:
-      divide_cast_kernel<DType::fp16><<<grid, kThreads, 0, stream>>>(src, static_cast<std::uint16_t*>(dst), n, divisor);
+      divide_cast_kernel<DType::fp16><<<grid_of<divide_cast_kernel<DType::fp16>>(n), kThreads, 0, stream>>>(src, static_cast<std::uint16_t*>(dst), n, divisor);
       break;
     case DType::bf16:
-      divide_cast_kernel<DType::bf16><<<grid, kThreads, 0, stream>>>(src, static_cast<std::uint16_t*>(dst), n, divisor);
+      divide_cast_kernel<DType::bf16><<<grid_of<divide_cast_kernel<DType::bf16>>(n), kThreads, 0, stream>>>(src, static_cast<std::uint16_t*>(dst), n, divisor);
       break;
   }
   check_launch("divide_cast_kernel", "rounding " + std::to_string(n) + " fp32 reduction results to " +

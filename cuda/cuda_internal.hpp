@@ -82,6 +82,20 @@ CudaStream& cuda_stream(Stream& stream, std::string_view what);
 unsigned long long capture_id(cudaStream_t stream, std::string_view name);
 unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned long long recorded_in);
 
+// The lifecycle of an event recorded inside a capture. CUDA keeps no real record of such an event:
+// the work it marks runs at every launch of the graph, and an eager wait or synchronize on it is
+// an error. Once its capture is over (this process captures on one stream at a time; a concurrent
+// capture on another thread is indistinguishable from a finished one), shardopt treats it so:
+//   stream_wait: skipped. Whatever the event marked runs inside graph launches, and the engine
+//     makes every stream that later uses such an event join the stream the graph is launched on
+//     (compute_stream()) first, so stream order already covers it.
+//   host_wait: waits for the whole device, i.e. for every graph launched so far.
+// Otherwise they are cudaStreamWaitEvent (with wait_flags) and cudaEventSynchronize. Neither may be
+// called on a stream or from a thread that is capturing, except stream_wait on the capturing
+// stream itself. `recorded_in` is the capture id of the event's last record (0: outside any).
+void stream_wait(cudaStream_t stream, std::string_view name, cudaEvent_t event, unsigned long long recorded_in);
+void host_wait(cudaEvent_t event, unsigned long long recorded_in, std::string_view doing);
+
 // The device ordinal of a CUDA backend; Error(invalid_argument) if `backend` is not one.
 int device_of(const Backend& backend, std::string_view what);
 

@@ -1,76 +1,236 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go, for a machine that has one:
-#   1. configure with CUDA ON (arch 90 unless CUDA_ARCH says otherwise) and build,
-#   2. ctest -L gpu (the CUDA backend against the CPU one, and the engine oracle on the GPU),
-#   3. the GPU test binaries under compute-sanitizer memcheck (the engine's on a subset of its
-#      matrix: every stage, one rank and three ranks on the GPU) and racecheck,
-#   4. bench_gpu_update (fused AdamW vs its memcpy floor) and, if torch is installed,
-#      scripts/bench_torch_adamw.py on the same parameter count, with the ratio.
-# All output goes to the directory given as $1 (default: $OUT, else ./gpu-results): one log per
-# step plus summary.txt. Every step runs even if an earlier one failed; the exit status is
-# non-zero if any step failed. Environment: BUILD_DIR, CUDA_ARCH, JOBS, BENCH_PARAMS (default 1e9).
+# Everything that needs a GPU, in one call, on a bare GPU machine (docs/gpu.md):
+#
+#   scripts/gpu-suite.sh [--quick | --build-only] [RESULTS_DIR]
+#
+# Needs the working tree, the ignored folder .gpu-bundle (scripts/gpu-bundle.sh: GoogleTest sources,
+# header-only libraries) and the image: CUDA (nvcc), CMake, a host compiler, NCCL (the CUDA
+# toolkit's, or the nvidia-nccl wheel of the image's python3). Nothing is downloaded.
+#
+# Steps, most valuable first, each with its own time cap and one log under RESULTS_DIR (default
+# $OUT, else ./gpu-results); summary.txt there says what ran, how it ended and the key figures:
+#   build.log            configure (CUDA on, sm_$CUDA_ARCH, NCCL required, no CLI/examples) + build
+#   ctest-gpu.log        the gpu-labelled tests, every test as it ends: the CUDA backend against the
+#                        CPU one, the engine's GPU tests (bits against the CPU, CUDA-graph capture),
+#                        then the oracle matrix with every rank on the GPU
+#   bench.log            bench_gpu_update (fused AdamW against a device-to-device copy), then
+#                        PyTorch's fused AdamW on the same parameter count
+#   memcheck.log         compute-sanitizer memcheck over both GPU test binaries (subsets)
+#   racecheck.log        compute-sanitizer racecheck over the reduction kernels
+#   ncu.log              Nsight Compute on the fused update (occupancy, throughput)
+# --quick: build, the gpu-labelled tests and bench_gpu_update only (for a rerun after a fix).
+# --build-only: configure and build only, needs no GPU (CI runs this to keep the bundle complete).
+#
+# A GPU machine that is missing a GPU or NCCL fails at once, loudly (exit 2). The tests run with
+# SHARDOPT_REQUIRE_GPU=1: a GPU test that would skip for want of a device or of NCCL fails.
+# compute-sanitizer and ncu work on the Firecracker runtime only, not under gVisor: the suite
+# says which runtime it is on and runs them only where they can work.
+# The whole suite stays inside SUITE_BUDGET seconds (default 470, under 8 minutes); a step is cut
+# at its own cap or at what is left of the budget, whichever is first; a step that cannot start
+# with at least 20 s left is reported as not run. Every step runs even if an earlier one failed
+# (except after a failed build). Exit status: 0 if every step passed, 1 otherwise, 2 if the machine
+# lacks a GPU or NCCL.
+# Environment: BUILD_DIR (default build-gpu), BUILD_TYPE (RelWithDebInfo), CUDA_ARCH (90), JOBS (all
+# cores), BENCH_PARAMS (1e9), SUITE_BUDGET, CAP_SCALE (multiplies each step's cap; default 1),
+# GPU_BUNDLE (default .gpu-bundle).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-results=${1:-${OUT:-$PWD/gpu-results}}
+mode=full
+results=""
+for a in "$@"; do
+  case "$a" in
+    --quick) mode=quick ;;
+    --build-only) mode=build-only ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { print }' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) echo "gpu-suite: unknown option $a" >&2; exit 2 ;;
+    *) results=$a ;;
+  esac
+done
+results=${results:-${OUT:-$PWD/gpu-results}}
 build=${BUILD_DIR:-$root/build-gpu}
 arch=${CUDA_ARCH:-90}
 jobs=${JOBS:-$(nproc)}
 params=${BENCH_PARAMS:-1e9}
+budget=${SUITE_BUDGET:-470}
+bundle=${GPU_BUNDLE:-$root/.gpu-bundle}
+cap_scale=${CAP_SCALE:-1}  # multiplies every step's cap (CI's 2-core build needs more than 16 cores do)
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
 summary="$results/summary.txt"
 : >"$summary"
 failed=0
+suite_start=$SECONDS
 
-# step <name> <command...>: runs it with output to $results/<name>.log (and the console).
+say() { echo "$*" | tee -a "$summary"; }
+
+# step <name> <log> <cap seconds> <command...>: runs the command under `timeout`, capped at
+# min(cap, what is left of the budget), appending its output to $results/<log> and the console.
+# Records "<name>: ok|FAILED (exit N)|TIMED OUT after N s|not run (...)" in the summary.
 step() {
-  local name=$1
-  shift
-  echo "== $name: $*" | tee -a "$summary"
+  local name=$1 log=$2 cap=$3
+  shift 3
+  local left=$((budget - (SECONDS - suite_start)))
+  if [ "$left" -lt 20 ]; then
+    say "== $name: not run (only $left s left of the $budget s budget)"
+    failed=1
+    return 1
+  fi
+  cap=$((cap * cap_scale))
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "== $name (cap $cap s): $*" | tee -a "$results/$log"
   local start=$SECONDS
-  "$@" 2>&1 | tee "$results/$name.log"
+  timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$results/$log"
   local rc=${PIPESTATUS[0]}
-  echo "   -> exit $rc after $((SECONDS - start)) s" | tee -a "$summary"
-  [ "$rc" -eq 0 ] || failed=1
+  local took=$((SECONDS - start))
+  if [ "$rc" -eq 0 ]; then
+    say "== $name: ok ($took s)"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    say "== $name: TIMED OUT after $took s (cap $cap s)"
+    failed=1
+  else
+    say "== $name: FAILED (exit $rc, $took s)"
+    failed=1
+  fi
   return "$rc"
 }
 
-{
-  echo "host: $(hostname)  date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi not available"
-  nvcc --version 2>&1 | tail -1 || true
-} | tee "$results/machine.txt"
+# ---- the machine ------------------------------------------------------------------------------
+say "gpu-suite ($mode) $(date -u +%FT%TZ) on $(uname -n), kernel $(uname -r), $(nproc) cores"
+gpu_ok=0
+if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+  gpu_ok=1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$summary"
+fi
+say "nvcc: $(nvcc --version 2>/dev/null | tail -1 || echo 'not found')"
+say "cmake: $(cmake --version 2>/dev/null | head -1)"
 
-generator=()
-command -v ninja >/dev/null && generator=(-G Ninja)
-step configure cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DSHARDOPT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DSHARDOPT_BUILD_EXAMPLES=OFF
-step build cmake --build "$build" -j"$jobs" --target test_cuda_backend test_engine_cuda bench_gpu_update
+# The runtime decides whether compute-sanitizer and ncu can work (docs/gpu.md): gVisor reports
+# a 4.4.0 kernel and says so in /proc/version or dmesg; Firecracker kernels are named *-fc-*.
+runtime=unknown
+if grep -qi gvisor /proc/version 2>/dev/null || dmesg 2>/dev/null | head -5 | grep -qi gvisor ||
+   [ "$(uname -r)" = "4.4.0" ]; then
+  runtime=gvisor
+elif uname -r | grep -q -- '-fc-' || grep -qi firecracker /proc/cmdline 2>/dev/null ||
+     (command -v systemd-detect-virt >/dev/null && systemd-detect-virt 2>/dev/null | grep -q kvm); then
+  runtime=firecracker
+fi
+say "runtime: $runtime (compute-sanitizer and ncu: $([ "$runtime" = gvisor ] && echo 'not usable under gVisor' || echo 'expected to work'))"
 
-test_bin="$build/tests/test_cuda_backend"
-step ctest-gpu ctest --test-dir "$build" -L gpu --output-on-failure
+# NCCL: the CUDA toolkit's (or NCCL_ROOT's), else the nvidia-nccl wheel of the image's python3,
+# whose library is libnccl.so.2 with no libnccl.so link: it is linked by its full path.
+nccl_inc="" nccl_lib=""
+for d in ${NCCL_ROOT:-} ${CUDA_HOME:-} /usr/local/cuda /usr; do
+  [ -f "$d/include/nccl.h" ] || continue
+  for l in "$d"/lib64/libnccl.so "$d"/lib/libnccl.so "$d"/lib/x86_64-linux-gnu/libnccl.so "$d"/lib64/libnccl.so.2 \
+           "$d"/lib/libnccl.so.2 "$d"/lib/x86_64-linux-gnu/libnccl.so.2; do
+    if [ -f "$l" ]; then nccl_inc=$d/include nccl_lib=$l; break 2; fi
+  done
+done
+if [ -z "$nccl_lib" ] && command -v python3 >/dev/null; then
+  wheel=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+  if [ -n "$wheel" ] && [ -f "$wheel/include/nccl.h" ] && [ -f "$wheel/lib/libnccl.so.2" ]; then
+    nccl_inc=$wheel/include nccl_lib=$wheel/lib/libnccl.so.2
+  fi
+fi
+say "nccl: ${nccl_lib:-not found}"
 
-if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
-  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  # Left out of memcheck: the deliberate out-of-memory test (the sanitizer counts the failed
-  # cudaMalloc as an API error) and NCCL (its own transport memory is outside what memcheck models).
-  step memcheck "$cs" --tool memcheck --leak-check full --error-exitcode 1 "$test_bin" --gtest_brief=1 \
-    --gtest_filter='-*HugeAllocation*:*Nccl*'
-  step memcheck-engine "$cs" --tool memcheck --leak-check full --error-exitcode 1 "$build/tests/test_engine_cuda" \
-    --gtest_brief=1 --gtest_filter='*CudaOracle*_world1_*adamw*:*CudaOracle*_world3_bf16_*:*CudaEngine*'
-  step racecheck "$cs" --tool racecheck --error-exitcode 1 "$test_bin" --gtest_brief=1 \
-    --gtest_filter='*SumSquares*:*FusedUpdate*:*Unscale*'
-else
-  echo "== compute-sanitizer not found: memcheck/racecheck not run" | tee -a "$summary"
-  failed=1
+if [ "$mode" != build-only ]; then
+  [ "$gpu_ok" = 1 ] || { say "gpu-suite: FAILED: no GPU (nvidia-smi -L lists none): nothing here can be tested"; exit 2; }
+  [ -n "$nccl_lib" ] || { say "gpu-suite: FAILED: no NCCL (neither the CUDA toolkit's nor python3's nvidia-nccl wheel)"; exit 2; }
+fi
+[ -f "$bundle/googletest/CMakeLists.txt" ] ||
+  { say "gpu-suite: FAILED: no bundle at $bundle (run scripts/gpu-bundle.sh here first and carry it)"; exit 2; }
+
+# ---- build --------------------------------------------------------------------------------------
+# Only what the GPU checks need: no command line, no examples (their libraries are not on the
+# image); the bundle's GoogleTest is built along with the tests, its headers come first.
+# CMAKE_POLICY_VERSION_MINIMUM: the bundled GoogleTest asks for an old CMake policy level that
+# CMake 4 refuses otherwise. -lineinfo: compute-sanitizer reports name source lines.
+cfg=(-S "$root" -B "$build" -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}" -DSHARDOPT_CUDA=ON
+     -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_CUDA_FLAGS=-lineinfo
+     -DSHARDOPT_BUILD_CLI=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF -DSHARDOPT_MPI=OFF
+     -DSHARDOPT_GTEST_SOURCE_DIR="$bundle/googletest" -DCMAKE_PREFIX_PATH="$bundle"
+     -DCMAKE_POLICY_VERSION_MINIMUM=3.5)
+command -v ninja >/dev/null && cfg+=(-G Ninja)
+command -v ccache >/dev/null && cfg+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+if [ -n "$nccl_lib" ]; then
+  cfg+=(-DSHARDOPT_NCCL=ON -DNCCL_INCLUDE_DIR="$nccl_inc" -DNCCL_LIBRARY="$nccl_lib")
+fi
+# --build-only is CI's check that the bundle is complete: the system's copies of what the bundle
+# brings (and of what the GPU image lacks) are hidden from CMake's searches.
+# ("/" too: /lib is /usr/lib on merged-/usr systems, and CMake derives prefixes from PATH.)
+[ "$mode" = build-only ] && cfg+=(-DCMAKE_IGNORE_PREFIX_PATH="/usr;/usr/local;/" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
+targets=(test_cuda_backend test_engine_cuda bench_gpu_update)
+
+step configure build.log 90 cmake "${cfg[@]}" || { say "gpu-suite: configure failed, nothing else runs"; exit 1; }
+step build build.log 300 cmake --build "$build" -j"$jobs" --target "${targets[@]}" ||
+  { say "gpu-suite: build failed, nothing else runs"; exit 1; }
+if [ "$mode" = build-only ]; then
+  say "== built in $((SECONDS - suite_start)) s (failed=$failed)"
+  exit "$failed"
 fi
 
-step bench-gpu-update "$build/bench/bench_gpu_update" --params "$params"
-ms_per_1b=$(sed -n 's/^RESULT .*ms_per_1B=\([0-9.]*\).*/\1/p' "$results/bench-gpu-update.log" | tail -1)
+# ---- the GPU tests ------------------------------------------------------------------------------
+export SHARDOPT_REQUIRE_GPU=1
+# The gpu label's binaries run directly (ctest would pass --gtest_brief=1 and a step cut by its
+# cap would then leave no trace of what passed): the backend's kernels first (fast, and what
+# everything else stands on), then the engine's own GPU tests (bits against the CPU, CUDA-graph
+# capture), then the oracle matrix on the GPU, each capped on its own. A gpu-labelled test that
+# is neither binary runs through ctest after them.
+gpu_tests=$(ctest --test-dir "$build" -N -L gpu | sed -n 's/^ *Test *#[0-9]*: //p')
+step test-cuda-backend ctest-gpu.log 120 "$build/tests/test_cuda_backend"
+step test-engine-cuda ctest-gpu.log 150 "$build/tests/test_engine_cuda" --gtest_filter='-*CudaOracle*'
+step test-engine-oracle ctest-gpu.log 200 "$build/tests/test_engine_cuda" --gtest_filter='*CudaOracle*'
+others=$(echo "$gpu_tests" | grep -v -x -e test_cuda_backend -e test_engine_cuda | paste -sd'|' || true)
+if [ -n "$others" ]; then
+  step ctest-gpu-others ctest-gpu.log 120 ctest --test-dir "$build" -L gpu -R "^($others)\$" --output-on-failure
+fi
+# gtest's own totals per run, and the name of every failed or skipped test (only the NCCL ranks
+# that need more GPUs than this machine has may skip).
+awk '{ line = $0; sub(/ \([0-9]+ ms\)$/, "", line); sub(/, where GetParam\(\) = .*/, "", line) }
+     line ~ /^\[==========\] .* ran\./ || line ~ /^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]+ tests?[.,]/ {
+       print "   " line; next }
+     line ~ /^\[  (SKIPPED|FAILED) +\] / && !seen[line]++ { if (++names <= 40) print "   " line; else more++ }
+     END { if (more) print "   ... and " more " more failed or skipped tests (ctest-gpu.log)" }' "$results/ctest-gpu.log" |
+  tee -a "$summary"
+
+# ---- benchmarks ---------------------------------------------------------------------------------
+step bench-gpu-update bench.log 90 "$build/bench/bench_gpu_update" --params "$params"
+ms_per_1b=$(sed -n 's/^RESULT .*ms_per_1B=\([0-9.]*\).*/\1/p' "$results/bench.log" | tail -1)
+grep -E '^(RESULT|fused|floor|update time|copy)' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
+if [ "$mode" = quick ]; then
+  say "== quick suite done in $((SECONDS - suite_start)) s (failed=$failed); logs in $results"
+  exit "$failed"
+fi
 torch_args=(--params "$params")
 [ -n "$ms_per_1b" ] && torch_args+=(--shardopt-ms-per-1b "$ms_per_1b")
-step bench-torch-adamw python3 "$root/scripts/bench_torch_adamw.py" "${torch_args[@]}"
+step bench-torch-adamw bench.log 90 python3 "$root/scripts/bench_torch_adamw.py" "${torch_args[@]}"
+grep -E '^(torch|shardopt /)' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
 
-grep -h -E '^(RESULT|fused|floor|update time|torch|shardopt /)' "$results"/bench-*.log >>"$summary" 2>/dev/null
-echo "== results in $results (failed=$failed)" | tee -a "$summary"
+# ---- sanitizers and counters (Firecracker only) -------------------------------------------------
+cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ "$runtime" = gvisor ]; then
+  say "== memcheck, racecheck, ncu: not run (gVisor runtime: compute-sanitizer and ncu do not work there)"
+elif [ ! -x "$cs" ]; then
+  say "== memcheck, racecheck: FAILED: compute-sanitizer not found"
+  failed=1
+else
+  # Left out of memcheck: the deliberate out-of-memory test (the sanitizer reports the failed
+  # cudaMalloc as an API error) and everything NCCL (its transport memory is outside what memcheck
+  # models): the NCCL test of the backend binary and the NCCL oracle and graph tests of the engine.
+  step memcheck memcheck.log 100 "$cs" --tool memcheck --leak-check full --error-exitcode 1 \
+    "$build/tests/test_cuda_backend" --gtest_brief=1 --gtest_filter='-*HugeAllocation*:*Nccl*'
+  step memcheck-engine memcheck.log 100 "$cs" --tool memcheck --leak-check full --error-exitcode 1 \
+    "$build/tests/test_engine_cuda" --gtest_brief=1 \
+    --gtest_filter='*CudaOracle*_world1_bf16_adamw:*CudaOracle*_world3_bf16_adamw:CudaEngine.SameBitsAsCpu:CudaEngine.NoDevice*'
+  step racecheck racecheck.log 60 "$cs" --tool racecheck --error-exitcode 1 "$build/tests/test_cuda_backend" \
+    --gtest_brief=1 --gtest_filter='*SumSquares*:*FusedUpdate*:*Unscale*:*StepTotals*'
+fi
+if [ "$runtime" != gvisor ] && command -v ncu >/dev/null; then
+  # Occupancy and memory throughput of the fused update (a 1e8-parameter run, one launch profiled).
+  step ncu ncu.log 60 ncu --clock-control none --kernel-name regex:fused_update --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats "$build/bench/bench_gpu_update" --params 1e8 --iters 2 --warmup 1
+fi
+
+say "== suite done in $((SECONDS - suite_start)) s (failed=$failed); logs in $results"
 exit "$failed"

@@ -129,6 +129,12 @@ class Backend {
   // If an enqueued operation failed, these rethrow its Error (once).
   virtual void synchronize(Event& event) = 0;
   virtual void synchronize(Stream& stream) = 0;
+  // True while work enqueued on `stream` is recorded into a graph instead of running (CUDA stream
+  // capture; cudaStreamBeginCapture on cuda_stream_handle(stream), or on a stream it joined).
+  // The CPU backend never captures. After the capture, an event last recorded inside it marks
+  // work that runs at every launch of the graph: waiting on it is a no-op and synchronizing on it
+  // waits for the whole device (see shardopt/cuda.hpp).
+  virtual bool capturing(Stream& /*stream*/) { return false; }
 
   // Copies bytes between any two places of this backend.
   virtual void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) = 0;

@@ -59,6 +59,15 @@ class Communicator {
                          Stream& stream) = 0;
   virtual void barrier(Stream& stream) = 0;
 
+  // Prepares for sum/avg reductions (reduce_scatter's full count, all_reduce's count) of up to
+  // `count` elements of `dtype`, so that none of them allocates memory later: a communicator that
+  // reduces through scratch memory (NCCL's fp32 accumulation of 16-bit data) allocates it here.
+  // Engine::initialize() calls it with the largest reduction the engine issues. It matters for a
+  // CUDA-graph capture, inside which nothing can be allocated, and after which the graph keeps
+  // the scratch's address (so it never moves once captured). Calls with smaller counts are
+  // no-ops. Not thread-safe against collectives in flight on the host. Default: nothing to do.
+  virtual void reserve(std::size_t /*count*/, DType /*dtype*/) {}
+
   CommStats stats() const;
   void reset_stats();
 

@@ -57,8 +57,18 @@ NcclUniqueId nccl_unique_id();
 // upcast into an fp32 scratch buffer, reduced in fp32 and rounded once (NCCL would otherwise
 // accumulate in 16 bits); `avg` divides the fp32 sum by the world size. The summation order is
 // NCCL's (fixed for a given topology and NCCL version), not rank order.
+// Failures never hang a rank. Joining waits at most SHARDOPT_NCCL_TIMEOUT seconds (default 300)
+// for the other ranks (a rank that fails before joining makes the others throw). A watchdog
+// thread polls NCCL's asynchronous error and the collectives in flight; on an error, or a
+// collective not complete after the timeout (a peer died or stopped), it aborts the communicator
+// (ncclCommAbort, which stops this rank's NCCL kernels) and the failure is an Error(communication)
+// thrown by the next synchronize of every stream that ran a collective and by every later call of
+// the communicator. Collectives enqueued inside a CUDA-graph capture are not watched.
+// 16-bit sums and averages need an fp32 scratch of their full count: reserve() it before a
+// CUDA-graph capture (Engine::initialize does); inside a capture, or once a captured graph uses
+// it, it cannot grow (Error(invalid_state)).
 // Throws Error(unsupported) without NCCL, Error(invalid_argument) for a bad rank/world or a
-// backend that is not CUDA, Error(communication) if NCCL fails.
+// backend that is not CUDA, Error(communication) if NCCL fails or the group does not form in time.
 std::unique_ptr<Communicator> make_nccl_communicator(const NcclUniqueId& id, int rank, int world,
                                                      Backend& cuda_backend);
 

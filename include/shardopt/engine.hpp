@@ -128,9 +128,21 @@ class Engine {
   // update needs the decisions on the host, so step_async() waits for them (and for the update).
   // Errors of enqueued work surface at the next synchronizing call (step(), last_result(),
   // save(), read_master(), ...). Same preconditions and argument errors as step().
+  //
+  // CUDA graphs. Capture one whole iteration (acquire ... grads_ready ... step_async()) with
+  // cudaStreamBeginCapture on cuda_stream_handle(compute_stream()), and launch the graph on that
+  // same stream. At least one whole iteration must have run eagerly first (NCCL connections and
+  // anything made at first use are not capturable): a capture before it is refused with
+  // Error(invalid_state) by acquire() or step_async(), state untouched. The graph owns nothing:
+  // it uses the engine's buffers, events and the communicator's reduction scratch (reserved at
+  // initialize(), and never moved once captured), so the engine must outlive it. Eager calls
+  // after launches are fine (they order themselves after compute_stream(), where the graph runs),
+  // and so is a second capture.
   void step_async();
   // The StepResult of the last step (applied = false and step = 0 before the first one). Waits
-  // only until that step's decisions are known, not for its update.
+  // only until that step's decisions are known, not for its update. After a captured step it
+  // waits for the device and returns the result of the last launch of the graph (each launch
+  // copies its StepState to host memory), every time it is called; not during a capture.
   StepResult last_result();
   // Backend memory holding the current loss scale (one float) for a loss kernel to read in stream
   // order: each step rewrites it on the engine's side stream, before compute_stream() resumes.

@@ -56,6 +56,15 @@ std::string check_reduce(const void* const* srcs, int nsrc, void* const* dsts, i
     if (srcs[q] == nullptr) return "reduce: " + name("srcs", q) + tail;
   for (int q = 0; q < ndst; ++q)
     if (dsts[q] == nullptr) return "reduce: " + name("dsts", q) + tail;
+  // A GPU faults on an element not aligned to its size (core/pointer_check.hpp): refuse it on
+  // every backend alike.
+  const std::size_t es = size_of(t);
+  const auto misaligned = [es](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % es != 0; };
+  const std::string not_aligned = " is not a multiple of its element size (" + std::to_string(es) + " bytes)";
+  for (int q = 0; q < nsrc; ++q)
+    if (misaligned(srcs[q])) return "reduce: " + name("srcs", q) + not_aligned;
+  for (int q = 0; q < ndst; ++q)
+    if (misaligned(dsts[q])) return "reduce: " + name("dsts", q) + not_aligned;
   const std::size_t bytes = n * size_of(t);
   for (int d = 0; d < ndst; ++d) {
     for (int q = 0; q < nsrc; ++q)

@@ -1,4 +1,6 @@
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "core/step_control_check.hpp"
@@ -25,6 +27,14 @@ void check_step_control(const StepControlArgs& a) {
   if (a.groups < 0) bad("groups = " + std::to_string(a.groups) + " (must be >= 0)");
   if (a.groups > 0 && a.hyper == nullptr) bad("'hyper' is null but groups = " + std::to_string(a.groups));
   if (a.groups > 0 && a.scalars == nullptr) bad("'scalars' is null but groups = " + std::to_string(a.groups));
+  // Each pointer is dereferenced as its type on the device, which faults when it is not aligned.
+  const auto misaligned = [](const void* p, std::size_t align) {
+    return reinterpret_cast<std::uintptr_t>(p) % align != 0;
+  };
+  if (misaligned(a.totals, alignof(float))) bad("'totals' is not aligned for float");
+  if (misaligned(a.state, alignof(StepState))) bad("'state' is not aligned for StepState");
+  if (a.groups > 0 && misaligned(a.hyper, alignof(Hyperparams))) bad("'hyper' is not aligned for Hyperparams");
+  if (a.groups > 0 && misaligned(a.scalars, alignof(StepScalars))) bad("'scalars' is not aligned for StepScalars");
   if (a.accumulation_steps < 1)
     bad("accumulation_steps = " + std::to_string(a.accumulation_steps) + " (must be >= 1)");
   if (!(std::isfinite(a.max_grad_norm) && a.max_grad_norm >= 0.0f))

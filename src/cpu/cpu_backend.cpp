@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "comm/collective.hpp"
+#include "core/pointer_check.hpp"
 #include "core/step_control_check.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
@@ -243,11 +244,8 @@ const std::shared_ptr<EventCore>& core_of(Event& e) {
   return ce->core();
 }
 
-void require_ptr(const void* p, std::size_t n, const char* op, const char* arg) {
-  if (p == nullptr && n != 0)
-    throw Error(ErrorCode::invalid_argument,
-                std::string(op) + ": '" + arg + "' is null but n = " + std::to_string(n));
-}
+// Null or not element-aligned: an Error, as on the GPU (core/pointer_check.hpp says why).
+using detail::require_elements;
 
 template <class P>
 P offset(P base, std::size_t elements, DType t) noexcept {
@@ -331,8 +329,8 @@ class CpuBackend final : public Backend {
   void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) override {
     StreamCore& sc = core_of(stream);
     if (bytes == 0) return;
-    require_ptr(dst, bytes, "copy", "dst");
-    require_ptr(src, bytes, "copy", "src");
+    require_elements(dst, bytes, 1, "copy", "dst");
+    require_elements(src, bytes, 1, "copy", "src");
     if (dst == src) return;
     std::shared_ptr<ThreadPool> pool = pool_;
     sc.enqueue(
@@ -356,7 +354,7 @@ class CpuBackend final : public Backend {
 
   void fill(void* dst, DType dtype, std::size_t n, float value, Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_ptr(dst, n, "fill", "dst");
+    require_elements(dst, n, dtype, "fill", "dst");
     if (n == 0) return;
     sc.enqueue(
         [pool = pool_, k = k_, dst, dtype, n, value] {
@@ -370,8 +368,8 @@ class CpuBackend final : public Backend {
   void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n,
             Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_ptr(src, n, "cast", "src");
-    require_ptr(dst, n, "cast", "dst");
+    require_elements(src, n, src_dtype, "cast", "src");
+    require_elements(dst, n, dst_dtype, "cast", "dst");
     if (n == 0) return;
     if (src == dst && src_dtype != dst_dtype)
       throw Error(ErrorCode::invalid_argument, "cast: src and dst are the same pointer but the dtypes differ (" +
@@ -389,9 +387,9 @@ class CpuBackend final : public Backend {
   void unscale_check(void* data, DType dtype, std::size_t n, const float* scale, float* found_nonfinite,
                      Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_ptr(data, n, "unscale_check", "data");
-    require_ptr(scale, 1, "unscale_check", "scale");
-    require_ptr(found_nonfinite, 1, "unscale_check", "found_nonfinite");
+    require_elements(data, n, dtype, "unscale_check", "data");
+    require_elements(scale, 1, DType::fp32, "unscale_check", "scale");
+    require_elements(found_nonfinite, 1, DType::fp32, "unscale_check", "found_nonfinite");
     if (n == 0) return;
     sc.enqueue(
         [pool = pool_, k = k_, data, dtype, n, scale, found_nonfinite] {
@@ -408,8 +406,8 @@ class CpuBackend final : public Backend {
 
   void sum_squares(const void* data, DType dtype, std::size_t n, float* out, Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_ptr(data, n, "sum_squares", "data");
-    require_ptr(out, 1, "sum_squares", "out");
+    require_elements(data, n, dtype, "sum_squares", "data");
+    require_elements(out, 1, DType::fp32, "sum_squares", "out");
     sc.enqueue(
         [pool = pool_, k = k_, data, dtype, n, out] {
           std::vector<double> partial(chunk_count(n), 0.0);
@@ -427,10 +425,11 @@ class CpuBackend final : public Backend {
   void fused_update(const UpdateArgs& args, Stream& stream) override {
     StreamCore& sc = core_of(stream);
     const std::size_t n = args.n;
-    require_ptr(args.master, n, "fused_update", "master");
-    require_ptr(args.state1, n, "fused_update", "state1");
-    if (state_count(args.rule) == 2) require_ptr(args.state2, n, "fused_update", "state2");
-    require_ptr(args.grad, n, "fused_update", "grad");
+    require_elements(args.master, n, DType::fp32, "fused_update", "master");
+    require_elements(args.state1, n, DType::fp32, "fused_update", "state1");
+    if (state_count(args.rule) == 2) require_elements(args.state2, n, DType::fp32, "fused_update", "state2");
+    require_elements(args.grad, n, args.grad_dtype, "fused_update", "grad");
+    if (args.param_out != nullptr) require_elements(args.param_out, n, args.param_dtype, "fused_update", "param_out");
     if (n == 0) return;
     if (args.param_out != nullptr && args.param_out == static_cast<void*>(args.master) &&
         args.param_dtype != DType::fp32)
@@ -455,9 +454,9 @@ class CpuBackend final : public Backend {
   void step_totals(const float* partials, std::size_t count, const float* flag, float* totals,
                    Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_ptr(partials, count, "step_totals", "partials");
-    require_ptr(flag, 1, "step_totals", "flag");
-    require_ptr(totals, 2, "step_totals", "totals");
+    require_elements(partials, count, DType::fp32, "step_totals", "partials");
+    require_elements(flag, 1, DType::fp32, "step_totals", "flag");
+    require_elements(totals, 2, DType::fp32, "step_totals", "totals");
     sc.enqueue([partials, count, flag, totals] { rules::step_totals(partials, count, flag, totals); }, false);
   }
 
@@ -469,8 +468,8 @@ class CpuBackend final : public Backend {
 
   void accumulate(const void* src, DType src_dtype, float* dst, std::size_t n, Stream& stream) override {
     StreamCore& sc = core_of(stream);
-    require_ptr(src, n, "accumulate", "src");
-    require_ptr(dst, n, "accumulate", "dst");
+    require_elements(src, n, src_dtype, "accumulate", "src");
+    require_elements(dst, n, DType::fp32, "accumulate", "dst");
     if (n == 0) return;
     sc.enqueue(
         [pool = pool_, src, src_dtype, dst, n] {

@@ -106,6 +106,7 @@ struct Engine::Impl {
   int micro_steps = 0;
   int last_unit = -1, direction = 1;
   std::uint64_t tick = 0;
+  bool side_joined_iteration = false;  // stage 3: side waited on compute since the last step
 
   // Optimizer and loss-scaler state. The StepState in `scalars` (backend memory) is the truth:
   // every step updates it in stream order. `host_state` is its host copy, current when
@@ -114,6 +115,8 @@ struct Engine::Impl {
   std::vector<int> control_gids;  // group of each step-control slot
   StepState host_state;
   bool result_pending = false;  // a step ran since host_state was read
+  bool result_captured = false;  // the last step was captured into a graph (settle_state)
+  std::uint64_t eager_steps = 0;  // steps that ran eagerly (not captured): capture needs one
   bool step_in_flight = false;  // CPU backend: the host has not yet waited for the last step
 
   std::unique_ptr<float[]> nvme_view;
@@ -260,12 +263,24 @@ struct Engine::Impl {
     be.synchronize(*side);
     result_pending = false;
   }
-  // Makes host_state current: waits for the last step's result (not for its update).
+  // Makes host_state current: waits for the last step's result (not for its update). After a
+  // step captured into a CUDA graph, every launch of the graph copies its StepState to
+  // host_scalars (pinned memory): the state is read from there each time, after waiting for the
+  // device (result_ready's last record was a captured one, so synchronizing on it waits for every
+  // launch so far).
   void settle_state() {
-    if (!result_pending) return;
+    if (!result_pending && !result_captured) return;
     be.synchronize(*result_ready);
     host_state = *host_control<StepState>(0);
     result_pending = false;
+  }
+  // A CUDA-graph capture begun before any eager step would capture work that is done only once,
+  // at first use (NCCL's connections, lazily made buffers): refused, with the state left as it was.
+  void require_warm_for_capture(const char* call) {
+    if (eager_steps > 0 || !be.capturing(*compute)) return;
+    throw Error(ErrorCode::invalid_state,
+                std::string(call) + ": compute_stream() is being captured into a CUDA graph before any eager step; "
+                "run one whole iteration (ending in step() or step_async()) eagerly first, then capture");
   }
   // CPU backend: the host reads and writes views directly, so it waits for the last step to end.
   // (On a GPU compute_stream() already waits for it.)
@@ -544,6 +559,9 @@ struct Engine::Impl {
     if (on_nvme()) offload::NvmeStore::check_directory(cfg.nvme_dir, rank, oplan.file_bytes);
     try {
       allocate();
+      // Every gradient reduction is at most one padded unit of the reduce dtype: a communicator
+      // that reduces through scratch memory sizes it now, never inside a step (or a capture).
+      comm.reserve(layout.max_unit_elems(), r);
       // allocate() zero-fills on the side stream; initial values are written by the host and, with
       // offload, by other streams, which must not race with (and be wiped by) those fills.
       be.synchronize(*side);
@@ -623,6 +641,14 @@ struct Engine::Impl {
     s.unit = u;
     s.last_use = ++tick;
     unit_slot[u] = i;
+    // The first gather of an iteration makes side join compute: inside a CUDA-graph capture begun
+    // on compute_stream() this is what puts side (and so the gathers) into the graph; without it
+    // the gathers would run once, eagerly, at capture time and every replay would read stale slots.
+    if (!side_joined_iteration) {
+      be.record(*compute_done, *compute);
+      be.wait(*side, *compute_done);
+      side_joined_iteration = true;
+    }
     be.wait(*side, *s.idle);  // compute work still reading the old unit
     gather_unit(u, s.buffer.data());
     be.record(*s.ready, *side);
@@ -659,6 +685,7 @@ struct Engine::Impl {
 
   BlockView acquire(int b) {
     check_block(b, "acquire");
+    require_warm_for_capture("acquire");
     settle_host();
     const auto& bi = layout.blocks()[b];
     void* unit = cfg.stage == 3 ? unit_params_stage3(bi.unit, true) : at(params_full, base[bi.unit], c);
@@ -808,6 +835,8 @@ struct Engine::Impl {
     for (std::size_t b = 0; b < block_acquired.size(); ++b)
       if (block_acquired[b] && cfg.stage == 3)
         throw Error(ErrorCode::invalid_state, "step: block '" + layout.blocks()[b].name + "' is still acquired");
+    require_warm_for_capture("step");
+    const bool captured = be.capturing(*compute);
     // Offload: the step is synchronous anyway; the state before it is what a failed CPU update
     // restores.
     if (offloaded()) settle_state();
@@ -909,9 +938,12 @@ struct Engine::Impl {
       be.copy(host_scalars.data(), scalars.data(), sizeof(StepState), *side);
       be.record(*result_ready, *side);
       result_pending = true;
+      result_captured = captured;
     }
+    if (!captured) eager_steps++;
     be.record(*step_done, *side);
     be.wait(*compute, *step_done);
+    side_joined_iteration = false;
     step_in_flight = true;
     micro_steps = 0;
   }

@@ -6,11 +6,14 @@
 // ones force the CUDA update off its vector path). Element-wise results must match bit for bit:
 // both backends run the same rules.hpp arithmetic without FMA contraction. Without a CUDA device
 // every GPU test skips with a message saying so.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -18,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/gpu_required.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/communicator.hpp"
 #include "shardopt/cuda.hpp"
@@ -65,7 +69,7 @@ struct Mirror {
 class CudaBackendTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
+    if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
     gpu = make_cuda_backend(0);
     cpu = make_cpu_backend();
     gs = gpu->create_stream("gpu-test");
@@ -247,16 +251,56 @@ TEST_F(CudaBackendTest, CastMatchesCpuForEveryPair) {
   for (DType s : kDtypes)
     for (DType d : kDtypes)
       for (std::size_t n : sizes())
-        for (std::size_t off : {std::size_t(0), std::size_t(2)}) {
-          SCOPED_TRACE(std::string(name_of(s)) + "->" + std::string(name_of(d)) + " " + trace(n, off));
-          Mirror src = mirror(random_array(s, n, ++seed, -70000.0f, 70000.0f), off);  // overflows fp16
-          Mirror dst = mirror(poison(n * size_of(d)), off);
+        for (std::size_t k : {std::size_t(0), std::size_t(1)}) {
+          // Offsets of one element of each side's own type: a GPU cannot load an element that is
+          // not aligned to its size (that is an Error, tested in MisalignedElementIsAnError).
+          const std::size_t src_off = k * size_of(s), dst_off = k * size_of(d);
+          SCOPED_TRACE(std::string(name_of(s)) + "->" + std::string(name_of(d)) + " " + trace(n, src_off) +
+                       " dst offset " + std::to_string(dst_off));
+          Mirror src = mirror(random_array(s, n, ++seed, -70000.0f, 70000.0f), src_off);  // overflows fp16
+          Mirror dst = mirror(poison(n * size_of(d)), dst_off);
           gpu->cast(src.gp, s, dst.gp, d, n, *gs);
           cpu->cast(src.cp, s, dst.cp, d, n, *cs);
           sync_both();
           expect_same(dst, d, "cast");
           expect_same(src, s, "cast source untouched");
         }
+}
+
+// An element not aligned to its size would fault on the device (cudaErrorMisalignedAddress, which
+// poisons the context for every later test): the backend refuses it first with an Error, as the
+// CPU backend does, and the context stays usable.
+TEST_F(CudaBackendTest, MisalignedElementIsAnError) {
+  Mirror buf = mirror(poison(64 * 4));
+  Mirror f = mirror(random_array(DType::fp32, 16, 3));
+  auto* odd = static_cast<std::uint8_t*>(buf.gp) + 2;  // 2 mod 4: misaligned for fp32 only
+  const auto refused = [&](const char* what, auto&& call) {
+    try {
+      call();
+      ADD_FAILURE() << what << ": a misaligned pointer was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << what << ": " << e.what();
+      EXPECT_NE(e.message().find("element size"), std::string::npos) << e.what();
+    }
+  };
+  auto* fl = static_cast<float*>(f.gp);
+  refused("fill", [&] { gpu->fill(odd, DType::fp32, 8, 1.0f, *gs); });
+  refused("fill bf16 at 1", [&] { gpu->fill(odd - 1, DType::bf16, 8, 1.0f, *gs); });
+  refused("cast src", [&] { gpu->cast(odd, DType::fp32, fl, DType::bf16, 8, *gs); });
+  refused("cast dst", [&] { gpu->cast(fl, DType::bf16, odd, DType::fp32, 8, *gs); });
+  refused("accumulate", [&] { gpu->accumulate(fl, DType::fp32, reinterpret_cast<float*>(odd), 8, *gs); });
+  UpdateArgs a;
+  a.master = reinterpret_cast<float*>(odd);
+  a.state1 = fl;
+  a.state2 = fl + 4;
+  a.grad = fl + 8;
+  a.n = 4;
+  refused("fused_update", [&] { gpu->fused_update(a, *gs); });
+  gpu->synchronize(*gs);  // no sticky error
+  EXPECT_EQ(download(buf.gp, buf.bytes), poison(buf.bytes)) << "a refused call wrote memory";
+  gpu->fill(odd + 2, DType::fp32, 8, 0.25f, *gs);  // element-aligned: fine
+  const Bytes back = download(odd + 2, 32);
+  for (std::size_t i = 0; i < 8; ++i) EXPECT_EQ(load_as_float(back.data(), DType::fp32, i), 0.25f);
 }
 
 TEST_F(CudaBackendTest, UnscaleCheckMatchesCpu) {
@@ -685,7 +729,7 @@ TEST_F(CudaBackendTest, NcclWorldOfOneRunsEveryCollective) {
   try {
     comm = make_nccl_communicator(nccl_unique_id(), 0, 1, *gpu);
   } catch (const Error& e) {
-    if (e.code() == ErrorCode::unsupported) GTEST_SKIP() << e.what();
+    if (e.code() == ErrorCode::unsupported) SHARDOPT_SKIP_OR_FAIL(e.what());
     throw;
   }
   ASSERT_EQ(comm->rank(), 0);
@@ -728,6 +772,79 @@ TEST_F(CudaBackendTest, NcclWorldOfOneRunsEveryCollective) {
   EXPECT_EQ(st.calls[k(CollectiveKind::broadcast)], per);
   EXPECT_EQ(st.calls[k(CollectiveKind::barrier)], 1u);
   EXPECT_THROW(comm->broadcast(nullptr, nullptr, 0, DType::fp32, 1, *gs), Error);
+}
+
+// A rank whose peers never join does not hang: the group's formation times out into an Error.
+// World 2 with only rank 0 created (one GPU is enough: rank 1 never starts).
+TEST_F(CudaBackendTest, NcclGroupThatNeverFormsIsAnErrorNotAHang) {
+  NcclUniqueId id;
+  try {
+    id = nccl_unique_id();
+  } catch (const Error& e) {
+    if (e.code() == ErrorCode::unsupported) SHARDOPT_SKIP_OR_FAIL(e.what());
+    throw;
+  }
+  ::setenv("SHARDOPT_NCCL_TIMEOUT", "3", 1);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    auto comm = make_nccl_communicator(id, 0, 2, *gpu);
+    ADD_FAILURE() << "a group of 2 formed with one rank";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::communication) << e.what();
+    EXPECT_NE(e.message().find("did not form"), std::string::npos) << e.what();
+  }
+  ::unsetenv("SHARDOPT_NCCL_TIMEOUT");
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(waited, 30.0) << "the timeout was 3 s";
+  // The device is still usable.
+  Mirror after = mirror(poison(16));
+  gpu->fill(after.gp, DType::fp32, 4, 1.0f, *gs);
+  EXPECT_EQ(load_as_float(download(after.gp, 16).data(), DType::fp32, 3), 1.0f);
+}
+
+// The fp32 scratch of 16-bit NCCL reductions never grows inside a capture (no allocation or host
+// wait is possible there) and never moves once a captured graph uses it: an Error each time;
+// reserve() sizes it beforehand.
+TEST_F(CudaBackendTest, NcclScratchIsReservedNeverGrownInACapture) {
+  std::unique_ptr<Communicator> comm;
+  try {
+    comm = make_nccl_communicator(nccl_unique_id(), 0, 1, *gpu);
+  } catch (const Error& e) {
+    if (e.code() == ErrorCode::unsupported) SHARDOPT_SKIP_OR_FAIL(e.what());
+    throw;
+  }
+  const std::size_t n = 3000;
+  const Bytes in = random_array(DType::bf16, n, 77);
+  Mirror send = mirror(in), recv = mirror(poison(in.size()));
+  auto handle = static_cast<cudaStream_t>(cuda_stream_handle(*gs));
+  const auto capture = [&](bool expect_refused) -> cudaGraph_t {
+    EXPECT_EQ(cudaStreamBeginCapture(handle, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    try {
+      comm->all_reduce(send.gp, recv.gp, n, DType::bf16, ReduceOp::avg, *gs);
+      if (expect_refused) ADD_FAILURE() << "the scratch grew inside a capture";
+    } catch (const Error& e) {
+      if (!expect_refused) ADD_FAILURE() << e.what();
+      EXPECT_EQ(e.code(), ErrorCode::invalid_state) << e.what();
+    }
+    cudaGraph_t g = nullptr;
+    EXPECT_EQ(cudaStreamEndCapture(handle, &g), cudaSuccess);
+    return g;
+  };
+  if (cudaGraph_t g = capture(true)) cudaGraphDestroy(g);
+  comm->reserve(n, DType::bf16);
+  cudaGraph_t g = capture(false);
+  ASSERT_NE(g, nullptr);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+  EXPECT_EQ(cudaGraphLaunch(exec, handle), cudaSuccess);
+  EXPECT_EQ(cudaStreamSynchronize(handle), cudaSuccess);
+  EXPECT_EQ(download(recv.gp, in.size()), in) << "world 1: the average is the input";
+  // The graph holds the scratch's address: it cannot move any more, not even outside a capture.
+  EXPECT_THROW(comm->reserve(4 * n, DType::bf16), Error);
+  comm->all_reduce(send.gp, recv.gp, n, DType::bf16, ReduceOp::avg, *gs);  // fits: fine eagerly
+  gpu->synchronize(*gs);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(g);
 }
 
 }  // namespace

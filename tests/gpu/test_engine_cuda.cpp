@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine_oracle.hpp"
+#include "gpu/gpu_required.hpp"
 #include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
 
@@ -37,7 +38,7 @@ bool nccl_built() {
 class CudaOracle : public ::testing::TestWithParam<OracleParam> {
  protected:
   void SetUp() override {
-    if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
+    if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
   }
 };
 
@@ -52,8 +53,8 @@ INSTANTIATE_TEST_SUITE_P(Matrix, CudaOracle, oracle_matrix({1, 2, 3, 4, 8}), ora
 class NcclOracle : public ::testing::TestWithParam<OracleParam> {
  protected:
   void SetUp() override {
-    if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
-    if (!nccl_built()) GTEST_SKIP() << "this build has no NCCL communicator (NCCL was not found at configure time)";
+    if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
+    if (!nccl_built()) SHARDOPT_SKIP_OR_FAIL("this build has no NCCL communicator (NCCL was not found at configure time)");
     const int world = std::get<1>(GetParam());
     if (world > cuda_device_count())
       GTEST_SKIP() << "NCCL needs one GPU per rank: world " << world << " on " << cuda_device_count() << " device(s)";
@@ -73,7 +74,7 @@ INSTANTIATE_TEST_SUITE_P(Matrix, NcclOracle, oracle_matrix({1, 2}), oracle_name)
 // The whole run, bits of master weights, both optimizer states and the compute-dtype parameters,
 // against the CPU backend.
 TEST(CudaEngine, SameBitsAsCpu) {
-  if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
+  if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
   for (int stage : {0, 1, 2, 3})
     for (int world : {1, 3})
       for (DType dtype : {DType::fp32, DType::bf16, DType::fp16}) {
@@ -89,7 +90,7 @@ TEST(CudaEngine, SameBitsAsCpu) {
 
 // Gradient accumulation over micro-steps and a 16-bit compute dtype reduced in fp32 on the GPU.
 TEST(CudaEngine, AccumulationAndFp32Reduce) {
-  if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
+  if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
   for (int stage : {0, 1, 2, 3}) {
     RunSpec spec = oracle_spec(stage, 3, DType::bf16, OptimizerKind::adamw, WorldKind::cuda);
     spec.cfg.reduce_dtype = DType::fp32;
@@ -100,13 +101,19 @@ TEST(CudaEngine, AccumulationAndFp32Reduce) {
   }
 }
 
-// One training iteration with no host wait: forward acquires every block, backward copies a fixed
-// device-resident gradient into every gradient view on compute_stream(), then step_async().
-void device_iteration(Engine& e, Backend& be, const std::vector<Buffer>& grads) {
+// One training iteration with no host wait: forward acquires every block and copies what it
+// reads (the parameters) into `seen` on compute_stream(), backward copies a fixed device-resident
+// gradient into every gradient view there, then step_async().
+void device_iteration(Engine& e, Backend& be, const std::vector<Buffer>& grads, const std::vector<Buffer>& seen) {
   const Layout& L = e.layout();
   const int nblocks = static_cast<int>(L.blocks().size());
   for (int b = 0; b < nblocks; ++b) {
-    e.acquire(b);
+    const BlockView p = e.acquire(b);
+    for (std::size_t i = 0; i < p.tensors.size(); ++i) {
+      const TensorView& tv = p.tensors[i];
+      if (tv.numel)
+        be.copy(seen[L.blocks()[b].first_tensor + i].data(), tv.data, tv.numel * size_of(tv.dtype), e.compute_stream());
+    }
     e.release(b);
   }
   for (int b = nblocks - 1; b >= 0; --b) {
@@ -122,17 +129,25 @@ void device_iteration(Engine& e, Backend& be, const std::vector<Buffer>& grads) 
   e.step_async();
 }
 
-// Master weights after a warm-up iteration and `iterations` more: run eagerly, or captured once
-// into a CUDA graph (which does not run it) and launched `iterations` times.
-std::vector<std::vector<float>> graph_or_eager_run(const Config& cfg, int iterations, bool graph) {
+// What a run leaves: master weights, the parameters the last forward read (compute dtype, as
+// floats), and last_result().
+struct GraphRun {
+  std::vector<std::vector<float>> master, forward;
+  StepResult result;
+};
+
+// A warm-up iteration and `iterations` more: run eagerly, or captured once into a CUDA graph
+// (which does not run it) and launched `iterations` times.
+GraphRun graph_or_eager_run(const Config& cfg, int iterations, bool graph) {
   auto be = make_cuda_backend(0);
   auto comm = make_nccl_communicator(nccl_unique_id(), 0, 1, *be);
   Engine e(cfg, *be, *comm);
   for (const auto& b : awkward_model()) e.register_block(b);
   e.initialize(seeded_init(4));
   const Layout& L = e.layout();
-  std::vector<Buffer> grads;
+  std::vector<Buffer> grads, seen;
   for (const auto& t : L.tensors()) {
+    seen.push_back(be->allocate(t.numel * size_of(cfg.compute_dtype), Place::device, Category::other, "forward " + t.name));
     std::vector<unsigned char> host(t.numel * size_of(cfg.compute_dtype));
     for (std::size_t i = 0; i < t.numel; ++i)
       store_from_float(host.data(), cfg.compute_dtype, i,
@@ -141,22 +156,25 @@ std::vector<std::vector<float>> graph_or_eager_run(const Config& cfg, int iterat
     if (!host.empty()) be->copy(grads.back().data(), host.data(), host.size(), e.compute_stream());
     be->synchronize(e.compute_stream());
   }
-  device_iteration(e, *be, grads);  // warm-up: NCCL and anything lazily made is ready before a capture
+  device_iteration(e, *be, grads, seen);  // warm-up: NCCL and anything lazily made is ready before a capture
   be->synchronize(e.compute_stream());
+  const StepResult warm = e.last_result();
   if (!graph) {
-    for (int i = 0; i < iterations; ++i) device_iteration(e, *be, grads);
+    for (int i = 0; i < iterations + 2; ++i) device_iteration(e, *be, grads, seen);
   } else {
     auto cs = static_cast<cudaStream_t>(cuda_stream_handle(e.compute_stream()));
     cudaGraph_t g = nullptr;
     EXPECT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
     try {
-      device_iteration(e, *be, grads);
+      device_iteration(e, *be, grads, seen);
     } catch (const std::exception& ex) {
       ADD_FAILURE() << "capturing an iteration failed: " << ex.what();
     }
     const cudaError_t end = cudaStreamEndCapture(cs, &g);
     EXPECT_EQ(end, cudaSuccess) << cudaGetErrorString(end);
     if (end != cudaSuccess || g == nullptr) return {};
+    // Still the warm-up's result: the capture ran nothing.
+    EXPECT_EQ(e.last_result().step, warm.step);
     cudaGraphExec_t exec = nullptr;
     const cudaError_t inst = cudaGraphInstantiate(&exec, g, 0);
     EXPECT_EQ(inst, cudaSuccess) << cudaGetErrorString(inst);
@@ -164,20 +182,55 @@ std::vector<std::vector<float>> graph_or_eager_run(const Config& cfg, int iterat
     EXPECT_EQ(cudaStreamSynchronize(cs), cudaSuccess);
     if (exec) cudaGraphExecDestroy(exec);
     cudaGraphDestroy(g);
+    // An eager iteration after the launches (its waits on events last recorded in the capture),
+    // then a second capture, launched once.
+    device_iteration(e, *be, grads, seen);
+    cudaGraph_t g2 = nullptr;
+    EXPECT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    try {
+      device_iteration(e, *be, grads, seen);
+    } catch (const std::exception& ex) {
+      ADD_FAILURE() << "capturing a second iteration failed: " << ex.what();
+    }
+    const cudaError_t end2 = cudaStreamEndCapture(cs, &g2);
+    EXPECT_EQ(end2, cudaSuccess) << cudaGetErrorString(end2);
+    if (end2 != cudaSuccess || g2 == nullptr) return {};
+    cudaGraphExec_t exec2 = nullptr;
+    const cudaError_t inst2 = cudaGraphInstantiate(&exec2, g2, 0);
+    EXPECT_EQ(inst2, cudaSuccess) << cudaGetErrorString(inst2);
+    if (inst2 == cudaSuccess) {
+      EXPECT_EQ(cudaGraphLaunch(exec2, cs), cudaSuccess);
+    }
+    EXPECT_EQ(cudaStreamSynchronize(cs), cudaSuccess);
+    if (exec2) cudaGraphExecDestroy(exec2);
+    cudaGraphDestroy(g2);
   }
-  std::vector<std::vector<float>> master(L.tensors().size());
-  for (std::size_t t = 0; t < L.tensors().size(); ++t) master[t].assign(L.tensors()[t].numel, std::nanf(""));
+  GraphRun run;
+  run.result = e.last_result();
+  run.master.resize(L.tensors().size());
+  for (std::size_t t = 0; t < L.tensors().size(); ++t) run.master[t].assign(L.tensors()[t].numel, std::nanf(""));
   e.read_master([&](int t, std::size_t begin, std::size_t n, const float* v) {
-    std::copy(v, v + n, master[static_cast<std::size_t>(t)].begin() + static_cast<std::ptrdiff_t>(begin));
+    std::copy(v, v + n, run.master[static_cast<std::size_t>(t)].begin() + static_cast<std::ptrdiff_t>(begin));
   });
-  return master;
+  for (std::size_t t = 0; t < L.tensors().size(); ++t) {
+    std::vector<unsigned char> host(L.tensors()[t].numel * size_of(cfg.compute_dtype));
+    if (!host.empty()) be->copy(host.data(), seen[t].data(), host.size(), e.compute_stream());
+    be->synchronize(e.compute_stream());
+    std::vector<float> values(L.tensors()[t].numel);
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] = load_as_float(host.data(), cfg.compute_dtype, i);
+    run.forward.push_back(std::move(values));
+  }
+  return run;
 }
 
 // The promise: with NCCL, step_async() never waits on the host, so a whole iteration
-// (gathers, reduce-scatters, norm, clipping, loss scaler, update) can be captured and replayed.
+// (gathers, reduce-scatters, norm, clipping, loss scaler, update) can be captured and replayed:
+// launches of the graph, then an eager iteration, then a second capture, give the bits of as many
+// eager iterations, in the master weights and in what each forward reads; last_result() after
+// launches is the last launch's.
 TEST(CudaEngine, StepCapturedInACudaGraphReplaysLikeEagerSteps) {
-  if (!cuda_device_available()) GTEST_SKIP() << kNoDevice;
-  if (!nccl_built()) GTEST_SKIP() << "this build has no NCCL communicator (NCCL was not found at configure time)";
+  if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
+  if (!nccl_built()) SHARDOPT_SKIP_OR_FAIL("this build has no NCCL communicator (NCCL was not found at configure time)");
   for (int stage : {0, 1, 2, 3}) {
     SCOPED_TRACE("stage " + std::to_string(stage));
     Config cfg = base_config(stage, DType::fp16, OptimizerKind::adamw);
@@ -185,22 +238,60 @@ TEST(CudaEngine, StepCapturedInACudaGraphReplaysLikeEagerSteps) {
     cfg.loss_scaling.initial_scale = 8.0f;
     cfg.loss_scaling.growth_interval = 2;  // the scale changes between replays
     cfg.max_grad_norm = 1.0f;              // and the gradient is clipped
-    const auto eager = graph_or_eager_run(cfg, 4, false);
-    const auto replayed = graph_or_eager_run(cfg, 4, true);
-    ASSERT_EQ(eager.size(), replayed.size());
-    for (std::size_t t = 0; t < eager.size(); ++t) EXPECT_TRUE(same_bits(eager[t], replayed[t])) << "tensor " << t;
+    const GraphRun eager = graph_or_eager_run(cfg, 4, false);
+    const GraphRun replayed = graph_or_eager_run(cfg, 4, true);
+    ASSERT_EQ(eager.master.size(), replayed.master.size());
+    ASSERT_EQ(eager.forward.size(), replayed.forward.size());
+    for (std::size_t t = 0; t < eager.master.size(); ++t) {
+      EXPECT_TRUE(same_bits(eager.master[t], replayed.master[t])) << "master of tensor " << t;
+      // What the last forward read: at stage 3 the gathered parameters, which a replay must gather
+      // again (stale slots from an earlier launch would differ after 4 updates).
+      EXPECT_TRUE(same_bits(eager.forward[t], replayed.forward[t])) << "parameters forward read, tensor " << t;
+    }
+    // last_result() after launches: the last launch's step.
+    EXPECT_GT(eager.result.step, 0);
+    EXPECT_EQ(replayed.result.step, eager.result.step);
+    EXPECT_EQ(replayed.result.loss_scale, eager.result.loss_scale);
+    EXPECT_EQ(replayed.result.grad_norm, eager.result.grad_norm);
+    EXPECT_EQ(replayed.result.applied, eager.result.applied);
   }
 }
 
-// The CUDA backend refused where there is no device: a clear error, not a crash.
-TEST(CudaEngine, NoDeviceIsAClearError) {
-  if (cuda_device_available()) GTEST_SKIP() << "a CUDA device is present: nothing to refuse";
+// A capture begun before any eager step is refused by the engine (acquire), with nothing changed.
+TEST(CudaEngine, CaptureBeforeAnEagerStepIsRefused) {
+  if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
+  auto be = make_cuda_backend(0);
+  auto comm = make_in_process_communicator(make_in_process_group(1), 0, *be);
+  Engine e(base_config(3, DType::bf16, OptimizerKind::adamw), *be, *comm);
+  for (const auto& b : awkward_model()) e.register_block(b);
+  e.initialize(seeded_init(4));
+  auto cs = static_cast<cudaStream_t>(cuda_stream_handle(e.compute_stream()));
+  ASSERT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   try {
-    (void)make_cuda_backend(0);
-    ADD_FAILURE() << "make_cuda_backend succeeded without a device";
+    (void)e.acquire(0);
+    ADD_FAILURE() << "acquire accepted a capture before any eager step";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), ErrorCode::invalid_state) << err.what();
+  }
+  cudaGraph_t g = nullptr;
+  EXPECT_EQ(cudaStreamEndCapture(cs, &g), cudaSuccess);
+  if (g) cudaGraphDestroy(g);
+  synthetic_micro_step(e, 0, 0, 0, 7, 1.0f, be.get());  // the engine is still usable
+  EXPECT_EQ(e.step().step, 1);
+}
+
+// The CUDA backend refused where it cannot exist: without a device, any ordinal; with devices,
+// an ordinal past the last one. A clear error either way, not a crash.
+TEST(CudaEngine, NoDeviceOrBadOrdinalIsAClearError) {
+  const bool have = cuda_device_available();
+  try {
+    (void)make_cuda_backend(have ? cuda_device_count() : 0);
+    ADD_FAILURE() << "make_cuda_backend succeeded for a device that does not exist";
   } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::unsupported) << e.what();
-    EXPECT_NE(e.message().find("no CUDA device"), std::string::npos) << e.message();
+    EXPECT_EQ(e.code(), have ? ErrorCode::invalid_argument : ErrorCode::unsupported) << e.what();
+    if (!have) {
+      EXPECT_NE(e.message().find("no CUDA device"), std::string::npos) << e.message();
+    }
   }
 }
 
