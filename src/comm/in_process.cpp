@@ -110,11 +110,30 @@ class InProcessGroup {
   // The rank's communicator is gone. Collectives it already issued still run (their tasks hold the
   // group); any later one its peers wait for, or start, fails at once naming it, unless a new
   // communicator binds the rank first.
-  void unbind(int rank) noexcept {
-    std::lock_guard<std::mutex> lock(mutex_);
+  //
+  // With backend_kernels the peers wait on this rank's events (owned by its communicator) after
+  // the rank itself is done with a collective, so before they go the rank waits until every peer
+  // has left each of its last kSlots collectives (bounded by the timeout; a collective that
+  // never had every rank arrive never references the events).
+  void unbind(int rank, bool events_in_use) noexcept {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const std::uint64_t issued = seq_[rank].load(std::memory_order_relaxed);
     bound_[static_cast<std::size_t>(rank)] = false;
-    left_at_[static_cast<std::size_t>(rank)] = seq_[rank].load(std::memory_order_relaxed);
+    left_at_[static_cast<std::size_t>(rank)] = issued;
     cv_.notify_all();
+    if (!events_in_use) return;
+    const auto settled = [&] {
+      for (std::uint64_t k = issued > kSlots ? issued - kSlots : 0; k < issued; ++k) {
+        const Slot& sl = ring_[k % kSlots];
+        if (sl.seq > k) continue;                                // every rank left it
+        if (sl.seq < k) continue;                                // the rank never got to publish in it
+        if (sl.failed) continue;                                 // ranks disagreed: nobody went on
+        if (sl.seq == k && sl.arrived < size_ && (aborted_ || sl.arrived == 0)) continue;  // never met
+        return false;
+      }
+      return true;
+    };
+    (void)cv_.wait_until(lock, std::chrono::steady_clock::now() + timeout_, settled);
   }
 
   // Kept in the group, not the communicator, so a communicator re-created for a rank goes on
@@ -519,12 +538,12 @@ class InProcessCommunicator final : public Communicator {
           done_.push_back(backend_.create_event());
         }
       } catch (...) {
-        group_->unbind(rank_);
+        group_->unbind(rank_, false);
         throw;
       }
     }
   }
-  ~InProcessCommunicator() override { group_->unbind(rank_); }
+  ~InProcessCommunicator() override { group_->unbind(rank_, transport_ == InProcessTransport::backend_kernels); }
 
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return size_; }
