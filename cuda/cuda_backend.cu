@@ -361,17 +361,11 @@ struct UpdateKernelArgs {
   bool vector;  // every pointer is aligned for 4-element vector access
 };
 
+// The very element functions the CPU backend runs (shardopt/rules/<rule>.hpp), so the arithmetic
+// is the same.
 template <OptimizerKind R>
 __device__ __forceinline__ void apply_rule(float& p, float g, float& s1, float& s2, const StepScalars& s) {
-  // The very functions the CPU backend runs (rules.hpp), so the arithmetic is the same.
-  if constexpr (R == OptimizerKind::adamw)
-    rules::adamw(p, g, s1, s2, s);
-  else if constexpr (R == OptimizerKind::adam)
-    rules::adam(p, g, s1, s2, s);
-  else if constexpr (R == OptimizerKind::sgd)
-    rules::sgd(p, g, s1, s);
-  else
-    rules::lion(p, g, s1, s);
+  rule_t<R>::update(p, g, s1, s2, s);
 }
 
 // Four consecutive elements of a 16-bit buffer as one 8-byte load/store (little-endian: element 0
@@ -411,8 +405,7 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
   if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) return;
   StepScalars s = a.scalars_ptr != nullptr ? *a.scalars_ptr : a.scalars;
   if (a.scale_ptr != nullptr) s.grad_scale = s.grad_scale * *a.scale_ptr;
-  // (state_count() is host-only constexpr; spelled out here for device code)
-  constexpr bool kTwoStates = R == OptimizerKind::adamw || R == OptimizerKind::adam;
+  constexpr bool kTwoStates = rule_t<R>::states == 2;
   const auto* grad = static_cast<const storage_t<G>*>(a.grad);
   auto* out = static_cast<storage_t<P>*>(a.param_out);
   const std::size_t stride = grid_stride();
@@ -798,6 +791,9 @@ class CudaBackend final : public Backend {
   void fused_update(const UpdateArgs& args, Stream& stream) override {
     CudaStream& s = own(stream, "fused_update");
     if (args.n == 0) return;
+    if (state_count(args.rule) == 0)
+      throw Error(ErrorCode::invalid_argument,
+                  "fused_update: unknown rule " + std::to_string(static_cast<int>(args.rule)));
     const bool two = state_count(args.rule) == 2;
     require_pointer(args.master, args.n, "fused_update", "master");
     require_pointer(args.state1, args.n, "fused_update", "state1");
@@ -829,18 +825,12 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device_);
     const unsigned grid = grid_for(a.vector ? (a.n + 3) / 4 : a.n, sm_count_);
     switch (args.rule) {
-      case OptimizerKind::adamw:
-        launch_update_g<OptimizerKind::adamw>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
-        break;
-      case OptimizerKind::adam:
-        launch_update_g<OptimizerKind::adam>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
-        break;
-      case OptimizerKind::sgd:
-        launch_update_g<OptimizerKind::sgd>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
-        break;
-      case OptimizerKind::lion:
-        launch_update_g<OptimizerKind::lion>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle());
-        break;
+#define SHARDOPT_RULE_CUDA_UPDATE(id, Rule)                                                                   \
+  case OptimizerKind::id:                                                                                    \
+    launch_update_g<OptimizerKind::id>(a, args.grad_dtype, args.param_dtype, store, grid, s.handle()); \
+    break;
+      SHARDOPT_RULES(SHARDOPT_RULE_CUDA_UPDATE)
+#undef SHARDOPT_RULE_CUDA_UPDATE
     }
     check_launch("fused_update_kernel", "updating " + std::to_string(args.n) + " parameters with " +
                                             std::string(name_of(args.rule)) + " on stream '" + s.name() + "'");

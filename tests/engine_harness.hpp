@@ -11,8 +11,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cpu/thread_pool.hpp"
@@ -188,7 +190,12 @@ inline std::uint64_t name_key(const std::string& s) {
 
 // float64 reference optimizer over a flat list of tensors.
 struct Reference {
+  // The float64 element step of a rule this file does not spell out (a rule's own oracle test,
+  // tests/rules/, passes it): p, m, v, the mean gradient, the group's hyperparameters, step t >= 1.
+  using ElementStep = std::function<void(double& p, double& m, double& v, double g, const Hyperparams& h,
+                                         std::int64_t t)>;
   OptimizerKind kind;
+  ElementStep other_rule;
   std::map<int, Hyperparams> groups;
   std::vector<std::vector<double>> p, m, v;
   std::vector<int> group_of;
@@ -234,6 +241,10 @@ struct Reference {
             M = b2 * M + (1 - b2) * g;
             break;
           }
+          default:
+            if (!other_rule) throw std::logic_error("Reference: no float64 step for rule " + std::string(name_of(kind)));
+            other_rule(P, M, V, g, h, t);
+            break;
         }
       }
     }
@@ -420,9 +431,11 @@ struct ReferenceRun {
   std::vector<double> norms;  // global gradient norm per step
 };
 
-inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& skip_steps = {}) {
+inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& skip_steps = {},
+                                  Reference::ElementStep other_rule = {}) {
   ReferenceRun rr;
   rr.ref.kind = spec.cfg.optimizer;
+  rr.ref.other_rule = std::move(other_rule);
   rr.ref.groups[0] = spec.cfg.hyper;
   rr.ref.groups[1] = spec.group1;
   InitFn init = seeded_init(spec.seed);

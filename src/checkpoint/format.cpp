@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardopt/error.hpp"
+#include "shardopt/rules.hpp"
 
 namespace shardopt::ckpt {
 
@@ -86,13 +87,12 @@ int Manifest::find_tensor(const std::string& name) const {
 }
 
 std::vector<std::string> field_names(OptimizerKind rule) {
-  switch (rule) {
-    case OptimizerKind::adamw:
-    case OptimizerKind::adam: return {"master", "exp_avg", "exp_avg_sq"};
-    case OptimizerKind::sgd: return {"master", "momentum_buffer"};
-    case OptimizerKind::lion: return {"master", "exp_avg"};
-  }
-  return {"master"};
+  std::vector<std::string> names{"master"};
+  visit_rule(rule, [&](auto k) {
+    using Rule = rule_t<decltype(k)::value>;
+    for (const char* n : Rule::state_names) names.emplace_back(n);
+  });
+  return names;
 }
 
 std::uint64_t xxh64(const void* data, std::size_t bytes) noexcept { return XXH64(data, bytes, 0); }

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <sstream>
 
 #include "commands.hpp"
 #include "units.hpp"
@@ -17,7 +18,15 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   sub->add_option("--ranks", a.ranks, "data-parallel ranks (threads in this process)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   add_model_options(sub, a.model, /*with_params=*/false, /*with_stage=*/true);
-  sub->add_option("--lr", a.lr, "learning rate (default: 1e-3 adamw/adam, 1e-4 lion, 0.05 sgd)")
+  std::string lr_help = "learning rate (default:";
+  for (const std::string& r : rule_choices()) {
+    OptimizerKind k{};
+    parse_optimizer(r, k);
+    std::ostringstream os;
+    os << (lr_help.back() == ':' ? " " : ", ") << default_lr(k) << " " << r;
+    lr_help += os.str();
+  }
+  sub->add_option("--lr", a.lr, lr_help + ")")
       ->check(CLI::PositiveNumber);
   sub->add_option("--weight-decay", a.weight_decay, "weight decay of the weight matrices (biases: none)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -34,14 +43,6 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
 }
 
 namespace {
-
-double default_lr(OptimizerKind k) {
-  switch (k) {
-    case OptimizerKind::sgd: return 0.05;
-    case OptimizerKind::lion: return 1e-4;
-    default: return 1e-3;
-  }
-}
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
