@@ -10,6 +10,7 @@
 #include "shardopt/rules/adam.hpp"
 #include "shardopt/rules/adamw.hpp"
 #include "shardopt/rules/lion.hpp"
+#include "shardopt/rules/radam.hpp"
 #include "shardopt/rules/sgd.hpp"
 
 // X(enumerator, rule type); the enumerator is the rule's `name`.
@@ -17,4 +18,5 @@
   X(adamw, ::shardopt::rules::AdamW) \
   X(adam, ::shardopt::rules::Adam)   \
   X(sgd, ::shardopt::rules::Sgd)     \
-  X(lion, ::shardopt::rules::Lion)
+  X(lion, ::shardopt::rules::Lion)   \
+  X(radam, ::shardopt::rules::RAdam)
