@@ -29,7 +29,8 @@ constexpr int state_count(OptimizerKind k) noexcept {
   return 0;
 }
 
-// Hyperparams (one parameter group's hyperparameters) is defined in shardopt/rules/rule.hpp.
+// Hyperparams (one parameter group's hyperparameters) is defined in shardopt/rules/rule.hpp, the
+// learning-rate schedules (LrSchedule, name_of, parse_lr_schedule) in shardopt/schedule.hpp.
 
 enum class LossScaleMode : std::uint8_t { none, fixed, dynamic };
 

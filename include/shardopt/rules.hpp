@@ -58,7 +58,8 @@ constexpr int variant_count() {
 }
 
 // `step` counts from 1 (the first applied update). Throws Error(invalid_argument) for step < 1,
-// an lr that is negative or not finite, or an unknown kind; then computes step_scalars() below.
+// an lr that is negative or not finite, or an unknown kind; then computes step_scalars() below
+// (whose lr is the schedule's value at `step`, rules::scheduled_lr).
 StepScalars make_step_scalars(OptimizerKind kind, const Hyperparams& h, std::int64_t step,
                               float grad_scale);
 
@@ -68,7 +69,7 @@ StepScalars make_step_scalars(OptimizerKind kind, const Hyperparams& h, std::int
 SHARDOPT_HD inline StepScalars step_scalars(OptimizerKind kind, const Hyperparams& h, std::int64_t step,
                                             float grad_scale) {
   StepScalars s;
-  s.lr = h.lr;
+  s.lr = rules::scheduled_lr(h, step);
   s.weight_decay = h.weight_decay;
   s.grad_scale = grad_scale;
   switch (kind) {

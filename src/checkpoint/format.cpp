@@ -172,6 +172,16 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
       const Json& nest = member(v, "nesterov", where, ctx);
       if (!nest.is_boolean()) bad(where, ctx + ".nesterov must be a boolean");
       h.nesterov = nest.get<bool>();
+      // The learning-rate schedule; manifests written before schedules existed have none (constant).
+      if (v.contains("schedule")) {
+        const Json& sv = v.at("schedule");
+        const std::string sctx = ctx + ".schedule";
+        const std::string& kind = as_str(member(sv, "kind", where, sctx), where, sctx + ".kind");
+        if (!parse_lr_schedule(kind, h.schedule)) bad(where, sctx + ".kind: unknown schedule '" + kind + "'");
+        h.warmup_steps = as_i64(member(sv, "warmup_steps", where, sctx), where, sctx + ".warmup_steps");
+        h.total_steps = as_i64(member(sv, "total_steps", where, sctx), where, sctx + ".total_steps");
+        h.min_lr = as_float(member(sv, "min_lr", where, sctx), where, sctx + ".min_lr");
+      }
       m.groups[g] = h;
     }
     m.step = as_i64(member(j, "step", where, "manifest"), where, "step");
@@ -286,7 +296,12 @@ std::string dump_manifest(const Manifest& m) {
   for (const auto& [g, h] : m.groups)
     groups[std::to_string(g)] = {{"lr", h.lr},           {"beta1", h.beta1},         {"beta2", h.beta2},
                                  {"eps", h.eps},         {"weight_decay", h.weight_decay},
-                                 {"momentum", h.momentum}, {"dampening", h.dampening}, {"nesterov", h.nesterov}};
+                                 {"momentum", h.momentum}, {"dampening", h.dampening}, {"nesterov", h.nesterov},
+                                 {"schedule",
+                                  {{"kind", std::string(name_of(h.schedule))},
+                                   {"warmup_steps", h.warmup_steps},
+                                   {"total_steps", h.total_steps},
+                                   {"min_lr", h.min_lr}}}};
   j["groups"] = groups;
   j["step"] = m.step;
   j["loss_scaler"] = {{"mode", mode_name(m.loss_scale_mode)},

@@ -76,6 +76,10 @@ struct TrainArgs {
   std::string backend = "cpu";
   int ranks = 4;
   double lr = 0;  // 0: the optimizer's default
+  std::string lr_schedule = "constant";
+  std::int64_t warmup = 0;
+  std::int64_t decay_steps = 0;  // 0: --steps
+  double min_lr = 0.0;
   double weight_decay = 0.0;
   double clip = 0.0;
   int steps = 100;

@@ -38,6 +38,30 @@ std::string optimizer_names(std::string_view sep) {
   return out;
 }
 
+std::string_view name_of(LrSchedule s) noexcept {
+  switch (s) {
+    case LrSchedule::constant: return "constant";
+    case LrSchedule::cosine: return "cosine";
+    case LrSchedule::linear: return "linear";
+    case LrSchedule::inverse_sqrt: return "inverse-sqrt";
+  }
+  return "unknown";
+}
+
+bool parse_lr_schedule(std::string_view text, LrSchedule& out) noexcept {
+  for (LrSchedule s : {LrSchedule::constant, LrSchedule::cosine, LrSchedule::linear, LrSchedule::inverse_sqrt}) {
+    if (text == name_of(s)) {
+      out = s;
+      return true;
+    }
+  }
+  if (text == "inverse_sqrt") {
+    out = LrSchedule::inverse_sqrt;
+    return true;
+  }
+  return false;
+}
+
 std::string_view name_of(OffloadKind k) noexcept {
   switch (k) {
     case OffloadKind::none: return "none";
@@ -123,6 +147,23 @@ void Config::validate() const {
   check_finite(hyper.lr, "hyper.lr");
   check(hyper.lr >= 0.0f, ErrorCode::invalid_argument, "hyper.lr", hyper.lr, "must not be negative");
   check_finite(hyper.weight_decay, "hyper.weight_decay");
+  // The learning-rate schedule (shardopt/schedule.hpp).
+  const LrSchedule sched = hyper.schedule;
+  const bool known_schedule = sched == LrSchedule::constant || sched == LrSchedule::cosine ||
+                              sched == LrSchedule::linear || sched == LrSchedule::inverse_sqrt;
+  check(known_schedule, ErrorCode::invalid_argument, "hyper.schedule", static_cast<int>(sched), "unknown schedule");
+  check(hyper.warmup_steps >= 0, ErrorCode::invalid_argument, "hyper.warmup_steps", hyper.warmup_steps,
+        "must not be negative");
+  check(hyper.total_steps >= 0, ErrorCode::invalid_argument, "hyper.total_steps", hyper.total_steps,
+        "must not be negative");
+  if (sched == LrSchedule::cosine || sched == LrSchedule::linear)
+    check(hyper.total_steps > hyper.warmup_steps, ErrorCode::invalid_argument, "hyper.total_steps",
+          hyper.total_steps,
+          "must exceed hyper.warmup_steps (" + std::to_string(hyper.warmup_steps) + ") for a decaying schedule");
+  if (sched != LrSchedule::constant) {
+    check(hyper.min_lr >= 0.0f && hyper.min_lr <= hyper.lr, ErrorCode::invalid_argument, "hyper.min_lr", hyper.min_lr,
+          "must be in [0, hyper.lr]");
+  }
   const HyperCheck hc;
 #define SHARDOPT_RULE_VALIDATE(id, Rule) \
   if (optimizer == OptimizerKind::id) Rule::validate(hyper, hc);

@@ -82,6 +82,10 @@ struct Engine::Impl {
   std::unique_ptr<Event> compute_done, side_done;
   std::unique_ptr<Event> step_done;     // recorded on side at the end of every step
   std::unique_ptr<Event> result_ready;  // the step's StepState has reached host_scalars
+  // set_hyperparams(): the copy out of each staging slot (ctl.staging) has run once its event has.
+  std::unique_ptr<Event> hyper_copied[detail::kHyperStagingSlots];
+  bool hyper_slot_used[detail::kHyperStagingSlots] = {};
+  int hyper_next = 0;
 
   Buffer params_full, grads_full, grads_reduced, master, states[2], param_shard, grad_shard;
   Buffer reduce_buf, rs_tmp, scalars, host_scalars, init_staging;
@@ -138,6 +142,7 @@ struct Engine::Impl {
     side_done = be.create_event();
     reduced = be.create_event();
     step_done = be.create_event();
+    for (auto& e : hyper_copied) e = be.create_event();
     result_ready = be.create_event();
   }
 
@@ -858,7 +863,7 @@ struct Engine::Impl {
     be.step_control(ca, *side);
 
     if (offloaded()) {
-      be.copy(host_scalars.data(), scalars.data(), ctl.floats, *side);
+      be.copy(host_scalars.data(), scalars.data(), ctl.staging, *side);
       be.synchronize(*side);
       host_state = *host_control<StepState>(0);
       result_pending = false;
@@ -916,10 +921,32 @@ struct Engine::Impl {
     micro_steps = 0;
   }
 
+  // A group's new hyperparameters, for the steps enqueued from now on: copied into the
+  // step-control block on the side stream, behind any step in flight, from a staging slot of the
+  // host copy that no pending copy still reads.
+  void set_hyperparams(int group, const Hyperparams& h) {
+    groups[group] = h;
+    if (!initialized) return;
+    const auto it = std::find(control_gids.begin(), control_gids.end(), group);
+    if (it == control_gids.end()) return;  // no tensor is in the group: no step reads it
+    const std::size_t slot = static_cast<std::size_t>(it - control_gids.begin());
+    const int k = hyper_next;
+    hyper_next = (k + 1) % detail::kHyperStagingSlots;
+    if (hyper_slot_used[k]) be.synchronize(*hyper_copied[k]);
+    Hyperparams* staged = host_control<Hyperparams>(ctl.staging) + k;
+    *staged = h;
+    // The host image of the block too, which push_state() copies whole.
+    host_control<Hyperparams>(ctl.hyper)[slot] = h;
+    be.copy(dev_control<Hyperparams>(ctl.hyper) + slot, staged, sizeof(Hyperparams), *side);
+    be.record(*hyper_copied[k], *side);
+    hyper_slot_used[k] = true;
+  }
+
   StepResult last_result() {
     require_initialized("last_result");
     settle_state();
     StepResult res;
+    res.lr = host_state.lr;
     res.applied = host_state.applied != 0;
     res.step = host_state.step;
     res.loss_scale = host_state.loss_scale;

@@ -22,11 +22,14 @@
 #include <source_location>
 
 #include "shardopt/dtype.hpp"
+#include "shardopt/schedule.hpp"
 
 namespace shardopt {
 
 // Hyperparameters of one parameter group. A rule reads a subset (its `hyper_doc` says which) and
 // validates only that subset, so a value left in a field it does not read never blocks a config.
+// Every rule reads lr through the learning-rate schedule (shardopt/schedule.hpp): `lr` is the peak
+// value the schedule scales, and the last four fields choose the schedule.
 struct Hyperparams {
   float lr = 1e-3f;
   float beta1 = 0.9f;
@@ -36,6 +39,10 @@ struct Hyperparams {
   float momentum = 0.9f;
   float dampening = 0.0f;
   bool nesterov = false;
+  LrSchedule schedule = LrSchedule::constant;
+  std::int64_t warmup_steps = 0;  // linear warm-up over steps 1..warmup_steps (0: none)
+  std::int64_t total_steps = 0;   // cosine, linear: the step at which lr reaches min_lr
+  float min_lr = 0.0f;            // cosine, linear, inverse_sqrt: the floor
 };
 
 // Everything a rule's element function needs for one step, computed once per step (in double,
@@ -112,6 +119,29 @@ SHARDOPT_HD inline double pow_int(double x, std::int64_t n) {
 }
 
 SHARDOPT_HD inline float one_minus(float b) { return static_cast<float>(1.0 - static_cast<double>(b)); }
+
+// The learning rate of step t >= 1 under h's schedule (the formulas: shardopt/schedule.hpp), in
+// double and rounded once to float.
+SHARDOPT_HD inline float scheduled_lr(const Hyperparams& h, std::int64_t t) {
+  const double base = h.lr, floor = h.min_lr;
+  const std::int64_t w = h.warmup_steps;
+  if (w > 0 && t <= w) return static_cast<float>(base * static_cast<double>(t) / static_cast<double>(w));
+  switch (h.schedule) {
+    case LrSchedule::constant: return h.lr;
+    case LrSchedule::cosine:
+    case LrSchedule::linear: {
+      const std::int64_t T = h.total_steps;
+      const double q = t >= T ? 1.0 : static_cast<double>(t - w) / static_cast<double>(T - w);
+      const double f = h.schedule == LrSchedule::cosine ? 0.5 * (1.0 + cos_pi(q)) : 1.0 - q;
+      return static_cast<float>(floor + (base - floor) * f);
+    }
+    case LrSchedule::inverse_sqrt: {
+      const double v = base * sqrt_d(static_cast<double>(w > 1 ? w : 1) / static_cast<double>(t));
+      return static_cast<float>(v > floor ? v : floor);
+    }
+  }
+  return h.lr;
+}
 
 SHARDOPT_HD inline float sign_f(float x) { return (x > 0.0f) ? 1.0f : ((x < 0.0f) ? -1.0f : 0.0f); }
 
