@@ -73,6 +73,11 @@ struct Engine::Impl {
   DType c = DType::fp32;   // compute
   DType r = DType::fp32;   // reduce (wire)
   DType gs = DType::fp32;  // sharded gradient (stages 1-3)
+  // Stages 2-3 on one rank (no accumulation, no cast, no offload): a unit's gradient is its shard,
+  // so backward adds straight into grad_shard (zeroed after each step) with no bucket, no
+  // reduce-scatter copy and no bucket zeroing. unit_bucket holds kDirect for an open unit.
+  bool direct_grads = false;
+  static constexpr int kDirect = -2;
   int nstates = 2;
   std::size_t S = 0;      // shard elements
   std::vector<std::size_t> base;  // unit offset within the full (stage 0-2) buffers
@@ -169,6 +174,9 @@ struct Engine::Impl {
     detail::EnginePlan p = detail::plan_engine(cfg, specs, world);
     layout = std::move(p.layout);
     gs = p.shard_grad_dtype;
+    direct_grads = cfg.stage >= 2 && world == 1 && cfg.accumulation_steps == 1 && r == c && gs == c &&
+                   cfg.offload_optimizer == OffloadKind::none;
+    for (const auto& info : layout.units()) direct_grads = direct_grads && info.slice_elems == info.padded_elems;
     oplan = p.offload;
     buffer_specs = std::move(p.buffers);
     ctl = p.control;
@@ -697,6 +705,9 @@ struct Engine::Impl {
     std::byte* unit;
     if (cfg.stage <= 1) {
       unit = at(grads_full, base[u], c);
+    } else if (direct_grads) {
+      unit = at(grad_shard, layout.units()[u].shard_offset, gs);
+      unit_bucket[u] = kDirect;
     } else {
       int k = unit_bucket[u];
       if (k < 0) {
@@ -727,7 +738,7 @@ struct Engine::Impl {
       throw Error(ErrorCode::invalid_state, "grads_ready: all " + std::to_string(cfg.accumulation_steps) +
                                                 " micro-steps of this step are complete; call step() first");
     const int u = layout.blocks()[b].unit;
-    if (cfg.stage >= 2 && unit_bucket[u] < 0)
+    if (cfg.stage >= 2 && unit_bucket[u] == -1)
       throw Error(ErrorCode::invalid_state, "grads_ready: block '" + layout.blocks()[b].name +
                                                 "' has no gradient buffer; call gradients() first");
     block_ready[b] = 1;
@@ -742,9 +753,13 @@ struct Engine::Impl {
   // Stages 2-3: reduce-scatter one unit's bucket into this rank's gradient shard.
   void reduce_unit_bucket(int u) {
     const auto& info = layout.units()[u];
-    Bucket& bk = buckets[unit_bucket[u]];
     be.record(*compute_done, *compute);
-    be.wait(*side, *compute_done);
+    be.wait(*side, *compute_done);  // the step reads what backward wrote on compute
+    if (unit_bucket[u] == kDirect) {  // one rank: the gradient already is the shard
+      unit_bucket[u] = -1;
+      return;
+    }
+    Bucket& bk = buckets[unit_bucket[u]];
     const void* src = bk.buffer.data();
     if (r != c) {
       be.cast(src, c, reduce_buf.data(), r, info.padded_elems, *side);
@@ -795,7 +810,7 @@ struct Engine::Impl {
 
   void zero_local_grads() {
     if (cfg.stage <= 1) be.fill(grads_full.data(), c, P, 0.0f, *side);
-    if (cfg.stage >= 2 && cfg.accumulation_steps > 1) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
+    if (cfg.stage >= 2 && (cfg.accumulation_steps > 1 || direct_grads)) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
   }
 
   // Enqueues a whole step on side and returns without waiting on the host, except with offload
@@ -835,16 +850,20 @@ struct Engine::Impl {
       }
     }
 
-    // The gradient download reads what unscale_check below rewrites in place (times one): the
-    // check waits for the download, on the device, not on the host.
+    // The side stream waits for the gradient downloads, on the device, not on the host, before it
+    // goes on to what follows the step.
     if (offloaded()) offloader->downloads_before(*side);
-    // Overflow check and squared norm of the (still loss-scaled, micro-step-summed) gradient,
-    // summed over ranks, then the step's decisions: all in backend memory, in stream order.
+    // Squared norm of the (still loss-scaled, micro-step-summed) gradient, summed over ranks, then
+    // the step's decisions: all in backend memory, in stream order. One pass over the gradient:
+    // the squares are summed in double, so a non-finite element makes the sum non-finite (inf^2 =
+    // inf, NaN stays NaN, squares never cancel) and no finite gradient's sum overflows, so
+    // step_control's "totals not finite" is exactly "some element was not finite" and a separate
+    // check pass (Backend::unscale_check) would decide nothing more. The unscaling is folded into
+    // the update's grad_scale. The non-finite flag (sc[0]) stays 0 for the totals' layout.
     float* sc = dev_floats();
     be.fill(sc, DType::fp32, 1, 0.0f, *side);
     for (std::size_t i = 0; i < ranges.size(); ++i) {
       const Range& rg = ranges[i];
-      be.unscale_check(rg.grad, rg.grad_dtype, rg.n, sc + 1, sc, *side);
       be.sum_squares(rg.grad, rg.grad_dtype, rg.n, sc + 4 + i, *side);
     }
     be.step_totals(sc + 4, ranges.size(), sc, sc + 2, *side);
