@@ -146,7 +146,9 @@ class Backend {
   virtual void unscale_check(void* data, DType dtype, std::size_t n, const float* scale,
                              float* found_nonfinite, Stream& stream) = 0;
   // *out = sum of data[i]^2 (as float, accumulated in at least fp32 in a fixed order that does
-  // not depend on thread count, so results are reproducible). out is backend memory.
+  // not depend on thread count, so results are reproducible). A non-finite element makes *out
+  // non-finite (squares never cancel): the engine's overflow check is this sum. out is backend
+  // memory.
   virtual void sum_squares(const void* data, DType dtype, std::size_t n, float* out,
                            Stream& stream) = 0;
   virtual void fused_update(const UpdateArgs& args, Stream& stream) = 0;

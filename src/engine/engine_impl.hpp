@@ -855,11 +855,11 @@ struct Engine::Impl {
     if (offloaded()) offloader->downloads_before(*side);
     // Squared norm of the (still loss-scaled, micro-step-summed) gradient, summed over ranks, then
     // the step's decisions: all in backend memory, in stream order. One pass over the gradient:
-    // the squares are summed in double, so a non-finite element makes the sum non-finite (inf^2 =
-    // inf, NaN stays NaN, squares never cancel) and no finite gradient's sum overflows, so
-    // step_control's "totals not finite" is exactly "some element was not finite" and a separate
-    // check pass (Backend::unscale_check) would decide nothing more. The unscaling is folded into
-    // the update's grad_scale. The non-finite flag (sc[0]) stays 0 for the totals' layout.
+    // a non-finite element makes the sum of squares non-finite (inf^2 = inf, NaN stays NaN,
+    // squares never cancel), and step_control already skips the step when the totals are not
+    // finite, so a separate check pass (Backend::unscale_check, whose flag also meant a skip)
+    // would decide nothing more. The unscaling is folded into the update's grad_scale. The
+    // non-finite flag (sc[0]) stays 0, for the totals' layout.
     float* sc = dev_floats();
     be.fill(sc, DType::fp32, 1, 0.0f, *side);
     for (std::size_t i = 0; i < ranges.size(); ++i) {

@@ -122,8 +122,8 @@ TEST(RAdam, StepScalarsMatchClosedForm) {
   EXPECT_GT(plain_seen, 10);
 }
 
-// Fused CPU update over 40 steps (beta2 = 0.99: through the switch-over at step 6) against the float64 reference, element by element. Gradients
-// have a fixed sign per element and magnitude in [0.125, 1), as the engine oracle's, so the
+// Fused CPU update over 40 steps (beta2 = 0.99: through the switch-over at step 6) against the
+// float64 reference, element by element. Gradients have a fixed sign per element and magnitude in [0.125, 1), as the engine oracle's, so the
 // moments never cancel and the bound below is the error recurrences of tests/test_rules.cpp
 // summed: m carries <= 3u/(1-b1) relative, v <= 4u/(1-b2), so the step lr*r*m_hat/denom carries
 // <= rel_m + rel_v/2 + 8u; the decay and the subtraction add a few u of |p|. Twice that, as the
