@@ -358,8 +358,16 @@ struct UpdateKernelArgs {
   std::size_t n;
   const float* scale_ptr;
   const float* skip_ptr;
-  bool vector;  // every pointer is aligned for 4-element vector access
+  bool vector;     // every pointer is aligned for 4-element vector access
+  bool zero_grad;  // zero the gradient as it is read (UpdateArgs::zero_grad)
 };
+
+// The gradient zeroing of a skipped step (UpdateArgs::zero_grad): every element, grid-stride.
+template <DType G>
+__device__ void zero_grad_all(const UpdateKernelArgs& a) {
+  auto* grad = static_cast<storage_t<G>*>(const_cast<void*>(a.grad));
+  for (std::size_t i = thread_index(); i < a.n; i += grid_stride()) grad[i] = storage_t<G>(0);
+}
 
 // The very element functions the CPU backend runs (shardopt/rules/<rule>.hpp), so the arithmetic
 // is the same.
@@ -402,7 +410,10 @@ template <OptimizerKind R, DType G, DType P, bool Store>
 __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs a) {
   // Read on the device so an overflow found by an earlier kernel skips the step with no host
   // round trip.
-  if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) return;
+  if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) {
+    if (a.zero_grad) zero_grad_all<G>(a);
+    return;
+  }
   StepScalars s = a.scalars_ptr != nullptr ? *a.scalars_ptr : a.scalars;
   if (a.scale_ptr != nullptr) s.grad_scale = s.grad_scale * *a.scale_ptr;
   constexpr bool kTwoStates = rule_t<R>::states == 2;
@@ -418,6 +429,10 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
       load4<DType::fp32>(a.state1, q, m);
       if constexpr (kTwoStates) load4<DType::fp32>(a.state2, q, v);
       load4<G>(grad, q, g);
+      if (a.zero_grad) {
+        const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        store4<G>(const_cast<storage_t<G>*>(grad), q, zero);
+      }
 #pragma unroll
       for (int k = 0; k < 4; ++k) apply_rule<R>(p[k], g[k], m[k], v[k], s);
       store4<DType::fp32>(a.master, q, p);
@@ -432,7 +447,9 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
     float m = a.state1[i];
     float v = 0.0f;
     if constexpr (kTwoStates) v = a.state2[i];
-    apply_rule<R>(p, to_float<G>(grad[i]), m, v, s);
+    const float gi = to_float<G>(grad[i]);
+    if (a.zero_grad) const_cast<storage_t<G>*>(grad)[i] = storage_t<G>(0);
+    apply_rule<R>(p, gi, m, v, s);
     a.master[i] = p;
     a.state1[i] = m;
     if constexpr (kTwoStates) a.state2[i] = v;
@@ -817,6 +834,7 @@ class CudaBackend final : public Backend {
     a.n = args.n;
     a.scale_ptr = args.scale_ptr;
     a.skip_ptr = args.skip_ptr;
+    a.zero_grad = args.zero_grad;
     // 4-element groups: 16 bytes of each fp32 array, 4 elements of grad and param_out.
     a.vector = aligned(a.master, 16) && aligned(a.state1, 16) && (!two || aligned(a.state2, 16)) &&
                aligned(a.grad, 4 * size_of(args.grad_dtype)) &&

@@ -181,21 +181,25 @@ TEST(ScheduleEngine, MatchesFloat64Reference) {
 }
 
 // fp16 with dynamic loss scaling and an injected overflow: the skipped step keeps the schedule
-// where it was (the reference skips it too).
+// where it was (the reference skips it too). World 1 also covers the one-rank path, where the
+// skipped update must still zero the gradient shard for the next step.
 TEST(ScheduleEngine, SkippedStepDoesNotAdvance) {
-  testing::RunSpec spec = scheduled_spec(2, 2, DType::fp16, OptimizerKind::adamw, LrSchedule::cosine);
-  spec.grad_factor = [](int step, int, int rank) { return step == 4 && rank == 1 ? INFINITY : 1.0f; };
-  const testing::RunResult got = testing::run_training(spec);
-  ASSERT_FALSE(got.results[0][4].applied);
-  EXPECT_EQ(got.results[0][4].step, 4);
-  EXPECT_EQ(got.results[0][4].lr, got.results[0][3].lr);  // the last applied step's
-  EXPECT_EQ(got.results[0][5].step, 5);
-  expect_lr_per_step(spec, got);
-  const testing::ReferenceRun rr = testing::run_reference(spec, {4});
-  for (std::size_t t = 0; t < got.master.size(); ++t)
-    for (std::size_t i = 0; i < got.master[t].size(); ++i)
-      ASSERT_LE(std::fabs(got.master[t][i] - rr.ref.p[t][i]), testing::bound(spec, std::fabs(rr.ref.p[t][i])))
-          << got.tensor_names[t] << "[" << i << "]";
+  for (int world : {1, 2}) {
+    SCOPED_TRACE("world " + std::to_string(world));
+    testing::RunSpec spec = scheduled_spec(2, world, DType::fp16, OptimizerKind::adamw, LrSchedule::cosine);
+    spec.grad_factor = [world](int step, int, int rank) { return step == 4 && rank == world - 1 ? INFINITY : 1.0f; };
+    const testing::RunResult got = testing::run_training(spec);
+    ASSERT_FALSE(got.results[0][4].applied);
+    EXPECT_EQ(got.results[0][4].step, 4);
+    EXPECT_EQ(got.results[0][4].lr, got.results[0][3].lr);  // the last applied step's
+    EXPECT_EQ(got.results[0][5].step, 5);
+    expect_lr_per_step(spec, got);
+    const testing::ReferenceRun rr = testing::run_reference(spec, {4});
+    for (std::size_t t = 0; t < got.master.size(); ++t)
+      for (std::size_t i = 0; i < got.master[t].size(); ++i)
+        ASSERT_LE(std::fabs(got.master[t][i] - rr.ref.p[t][i]), testing::bound(spec, std::fabs(rr.ref.p[t][i])))
+            << got.tensor_names[t] << "[" << i << "]";
+  }
 }
 
 // set_lr before every step, with the values the schedule would give, reproduces the scheduled

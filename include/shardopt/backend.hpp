@@ -83,7 +83,10 @@ class Event {
 //   per call (one rounding), then
 //   rule(master[i], g, state1[i], state2[i]); param_out[i] = round(master[i]) if param_out
 // If scalars_ptr is non-null, *scalars_ptr as it is when the kernel runs replaces `scalars`.
-// If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written.
+// If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written (but the
+// zeroing zero_grad asks for).
+// zero_grad: the gradient is zeroed as it is read (grad must then be writable backend memory): the
+// engine folds the zeroing for the next step into the update's pass instead of a separate fill.
 // scalars_ptr, scale_ptr and skip_ptr point to backend (device) memory, so values computed by
 // earlier work on the stream are used with no host round trip.
 // master and the states are fp32. state2 is ignored by rules with one state.
@@ -103,6 +106,7 @@ struct UpdateArgs {
   std::size_t n = 0;
   const float* scale_ptr = nullptr;
   const float* skip_ptr = nullptr;
+  bool zero_grad = false;
 };
 
 class Backend {

@@ -810,7 +810,8 @@ struct Engine::Impl {
 
   void zero_local_grads() {
     if (cfg.stage <= 1) be.fill(grads_full.data(), c, P, 0.0f, *side);
-    if (cfg.stage >= 2 && (cfg.accumulation_steps > 1 || direct_grads)) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
+    // (direct_grads: the update zeroed the shard as it read it, also on a skipped step)
+    if (cfg.stage >= 2 && cfg.accumulation_steps > 1) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
   }
 
   // Enqueues a whole step on side and returns without waiting on the host, except with offload
@@ -916,6 +917,7 @@ struct Engine::Impl {
         a.param_out = rg.param_out;
         a.param_dtype = c;
         a.n = rg.n;
+        a.zero_grad = direct_grads;  // the shard is the next step's gradient buffer: zero it in this pass
         be.fused_update(a, *side);
       }
     }
