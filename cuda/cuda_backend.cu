@@ -375,20 +375,22 @@ struct UpdateKernelArgs {
   std::size_t n;
   const float* scale_ptr;
   const float* skip_ptr;
-  bool vector;  // every pointer is aligned for 4-element vector access
+  bool vector;     // every pointer is aligned for 4-element vector access
+  bool zero_grad;  // zero the gradient as it is read (UpdateArgs::zero_grad)
 };
 
+// The gradient zeroing of a skipped step (UpdateArgs::zero_grad): every element, grid-stride.
+template <DType G>
+__device__ void zero_grad_all(const UpdateKernelArgs& a) {
+  auto* grad = static_cast<storage_t<G>*>(const_cast<void*>(a.grad));
+  for (std::size_t i = thread_index(); i < a.n; i += grid_stride()) grad[i] = storage_t<G>(0);
+}
+
+// The very element functions the CPU backend runs (shardopt/rules/<rule>.hpp), so the arithmetic
+// is the same.
 template <OptimizerKind R>
 __device__ __forceinline__ void apply_rule(float& p, float g, float& s1, float& s2, const StepScalars& s) {
-  // The very functions the CPU backend runs (rules.hpp), so the arithmetic is the same.
-  if constexpr (R == OptimizerKind::adamw)
-    rules::adamw(p, g, s1, s2, s);
-  else if constexpr (R == OptimizerKind::adam)
-    rules::adam(p, g, s1, s2, s);
-  else if constexpr (R == OptimizerKind::sgd)
-    rules::sgd(p, g, s1, s);
-  else
-    rules::lion(p, g, s1, s);
+  rule_t<R>::update(p, g, s1, s2, s);
 }
 
 // Four consecutive elements of a 16-bit buffer as one 8-byte load/store (little-endian: element 0
@@ -425,11 +427,13 @@ template <OptimizerKind R, DType G, DType P, bool Store>
 __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs a) {
   // Read on the device so an overflow found by an earlier kernel skips the step with no host
   // round trip.
-  if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) return;
+  if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) {
+    if (a.zero_grad) zero_grad_all<G>(a);
+    return;
+  }
   StepScalars s = a.scalars_ptr != nullptr ? *a.scalars_ptr : a.scalars;
   if (a.scale_ptr != nullptr) s.grad_scale = s.grad_scale * *a.scale_ptr;
-  // (state_count() is host-only constexpr; spelled out here for device code)
-  constexpr bool kTwoStates = R == OptimizerKind::adamw || R == OptimizerKind::adam;
+  constexpr bool kTwoStates = rule_t<R>::states == 2;
   const auto* grad = static_cast<const storage_t<G>*>(a.grad);
   auto* out = static_cast<storage_t<P>*>(a.param_out);
   const std::size_t stride = grid_stride();
@@ -442,6 +446,10 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
       load4<DType::fp32>(a.state1, q, m);
       if constexpr (kTwoStates) load4<DType::fp32>(a.state2, q, v);
       load4<G>(grad, q, g);
+      if (a.zero_grad) {
+        const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        store4<G>(const_cast<storage_t<G>*>(grad), q, zero);
+      }
 #pragma unroll
       for (int k = 0; k < 4; ++k) apply_rule<R>(p[k], g[k], m[k], v[k], s);
       store4<DType::fp32>(a.master, q, p);
@@ -456,7 +464,9 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(UpdateKernelArgs
     float m = a.state1[i];
     float v = 0.0f;
     if constexpr (kTwoStates) v = a.state2[i];
-    apply_rule<R>(p, to_float<G>(grad[i]), m, v, s);
+    const float gi = to_float<G>(grad[i]);
+    if (a.zero_grad) const_cast<storage_t<G>*>(grad)[i] = storage_t<G>(0);
+    apply_rule<R>(p, gi, m, v, s);
     a.master[i] = p;
     a.state1[i] = m;
     if constexpr (kTwoStates) a.state2[i] = v;
@@ -875,6 +885,9 @@ class CudaBackend final : public Backend {
   void fused_update(const UpdateArgs& args, Stream& stream) override {
     CudaStream& s = own(stream, "fused_update");
     if (args.n == 0) return;
+    if (state_count(args.rule) == 0)
+      throw Error(ErrorCode::invalid_argument,
+                  "fused_update: unknown rule " + std::to_string(static_cast<int>(args.rule)));
     const bool two = state_count(args.rule) == 2;
     require_elements(args.master, args.n, DType::fp32, "fused_update", "master");
     require_elements(args.state1, args.n, DType::fp32, "fused_update", "state1");
@@ -900,6 +913,7 @@ class CudaBackend final : public Backend {
     a.n = args.n;
     a.scale_ptr = args.scale_ptr;
     a.skip_ptr = args.skip_ptr;
+    a.zero_grad = args.zero_grad;
     // 4-element groups: 16 bytes of each fp32 array, 4 elements of grad and param_out.
     a.vector = aligned(a.master, 16) && aligned(a.state1, 16) && (!two || aligned(a.state2, 16)) &&
                aligned(a.grad, 4 * size_of(args.grad_dtype)) &&
@@ -908,18 +922,12 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device_);
     const std::size_t work = a.vector ? (a.n + 3) / 4 : a.n;
     switch (args.rule) {
-      case OptimizerKind::adamw:
-        launch_update_g<OptimizerKind::adamw>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
-        break;
-      case OptimizerKind::adam:
-        launch_update_g<OptimizerKind::adam>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
-        break;
-      case OptimizerKind::sgd:
-        launch_update_g<OptimizerKind::sgd>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
-        break;
-      case OptimizerKind::lion:
-        launch_update_g<OptimizerKind::lion>(a, args.grad_dtype, args.param_dtype, store, work, s.handle());
-        break;
+#define SHARDOPT_RULE_CUDA_UPDATE(id, Rule)                                                                   \
+  case OptimizerKind::id:                                                                                    \
+    launch_update_g<OptimizerKind::id>(a, args.grad_dtype, args.param_dtype, store, work, s.handle()); \
+    break;
+      SHARDOPT_RULES(SHARDOPT_RULE_CUDA_UPDATE)
+#undef SHARDOPT_RULE_CUDA_UPDATE
     }
     check_launch("fused_update_kernel", "updating " + std::to_string(args.n) + " parameters with " +
                                             std::string(name_of(args.rule)) + " on stream '" + s.name() + "'");

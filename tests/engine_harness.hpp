@@ -11,8 +11,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cpu/thread_pool.hpp"
@@ -186,9 +188,30 @@ inline std::uint64_t name_key(const std::string& s) {
   return h;
 }
 
+// The learning rate of step t >= 1 under h's schedule, in float64 from the closed forms (the
+// library's definitions: shardopt/schedule.hpp), with the C library's cos and sqrt.
+inline double reference_lr(const Hyperparams& h, std::int64_t t) {
+  const double base = h.lr, floor = h.min_lr, w = static_cast<double>(h.warmup_steps), td = static_cast<double>(t);
+  if (h.warmup_steps > 0 && t <= h.warmup_steps) return base * td / w;
+  const double T = static_cast<double>(h.total_steps);
+  const double q = t >= h.total_steps ? 1.0 : (td - w) / (T - w);
+  switch (h.schedule) {
+    case LrSchedule::constant: return base;
+    case LrSchedule::cosine: return floor + (base - floor) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * q));
+    case LrSchedule::linear: return floor + (base - floor) * (1.0 - q);
+    case LrSchedule::inverse_sqrt: return std::max(floor, base * std::sqrt(std::max(w, 1.0) / td));
+  }
+  return base;
+}
+
 // float64 reference optimizer over a flat list of tensors.
 struct Reference {
+  // The float64 element step of a rule this file does not spell out (a rule's own oracle test,
+  // tests/rules/, passes it): p, m, v, the mean gradient, the group's hyperparameters, step t >= 1.
+  using ElementStep = std::function<void(double& p, double& m, double& v, double g, const Hyperparams& h,
+                                         std::int64_t t)>;
   OptimizerKind kind;
+  ElementStep other_rule;
   std::map<int, Hyperparams> groups;
   std::vector<std::vector<double>> p, m, v;
   std::vector<int> group_of;
@@ -198,7 +221,7 @@ struct Reference {
     ++t;
     for (std::size_t k = 0; k < p.size(); ++k) {
       const Hyperparams& h = groups.at(group_of[k]);
-      const double lr = h.lr, b1 = h.beta1, b2 = h.beta2, eps = h.eps, wd = h.weight_decay;
+      const double lr = reference_lr(h, t), b1 = h.beta1, b2 = h.beta2, eps = h.eps, wd = h.weight_decay;
       for (std::size_t i = 0; i < p[k].size(); ++i) {
         double& P = p[k][i];
         double& M = m[k][i];
@@ -234,6 +257,10 @@ struct Reference {
             M = b2 * M + (1 - b2) * g;
             break;
           }
+          default:
+            if (!other_rule) throw std::logic_error("Reference: no float64 step for rule " + std::string(name_of(kind)));
+            other_rule(P, M, V, g, h, t);
+            break;
         }
       }
     }
@@ -280,6 +307,9 @@ struct RunSpec {
   // non-finite value injects an overflow.
   std::function<float(int step, int micro, int rank)> grad_factor;
   WorldKind where = WorldKind::cpu;
+  // Optional: called on every rank before the micro-steps of step `step` (from 0), e.g. to change
+  // hyperparameters while the previous step may still be in flight.
+  std::function<void(Engine& e, int step)> before_step;
   // Drive the steps with step_async(): the loss scale for the next step comes from
   // loss_scale_buffer() (read in stream order), and last_result() is asked for after the last
   // step only (results then holds that one StepResult per rank).
@@ -363,6 +393,7 @@ inline RunResult run_training(const RunSpec& spec) {
       const float scale = out.scales_seen[rank].empty() ? (spec.cfg.loss_scaling.mode == LossScaleMode::none ? 1.0f : spec.cfg.loss_scaling.initial_scale)
                                                         : out.scales_seen[rank].back();
       if (s == spec.steps - 1) e.reset_comm_report();
+      if (spec.before_step) spec.before_step(e, s);
       for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro)
         synthetic_micro_step(e, rank, s, micro, spec.seed,
                              scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f), &be);
@@ -420,9 +451,11 @@ struct ReferenceRun {
   std::vector<double> norms;  // global gradient norm per step
 };
 
-inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& skip_steps = {}) {
+inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& skip_steps = {},
+                                  Reference::ElementStep other_rule = {}) {
   ReferenceRun rr;
   rr.ref.kind = spec.cfg.optimizer;
+  rr.ref.other_rule = std::move(other_rule);
   rr.ref.groups[0] = spec.cfg.hyper;
   rr.ref.groups[1] = spec.group1;
   InitFn init = seeded_init(spec.seed);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -377,3 +378,56 @@ TEST(CliBench, UpdateReportsBandwidth) {
 }
 
 }  // namespace
+
+namespace {
+
+std::vector<json> read_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<json> out;
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(json::parse(line));
+  return out;
+}
+
+// The cosine schedule with warm-up in float64 (shardopt/schedule.hpp's definition).
+double cosine_lr(double base, double floor, double warmup, double total, double t) {
+  if (t <= warmup) return base * t / warmup;
+  const double q = t >= total ? 1.0 : (t - warmup) / (total - warmup);
+  return floor + (base - floor) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * q));
+}
+
+}  // namespace
+
+// --lr-schedule: every --metrics line carries the lr its step applied, and a run resumed from a
+// checkpoint continues the schedule from the saved step counter (to the floor and past it).
+TEST(CliTrain, LrScheduleInMetricsAndResume) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/shardopt-cli-sched-XXXXXX";
+  ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+  const std::string dir = pattern;
+  const std::vector<std::string> sched{"--lr", "0.002", "--lr-schedule", "cosine", "--warmup", "3",
+                                       "--decay-steps", "10", "--min-lr", "0.0002"};
+  auto train = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args{"train", "--ranks", "2", "--stage", "2", "--layers", "2", "--hidden", "16",
+                                  "--batch", "4", "--steps", "6"};
+    args.insert(args.end(), sched.begin(), sched.end());
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+  };
+  train({"--save", dir + "/ckpt", "--metrics", dir + "/first.jsonl"});
+  train({"--resume", dir + "/ckpt", "--metrics", dir + "/second.jsonl"});
+  const std::vector<json> first = read_jsonl(dir + "/first.jsonl"), second = read_jsonl(dir + "/second.jsonl");
+  std::filesystem::remove_all(dir);
+  ASSERT_EQ(first.size(), 6u);
+  ASSERT_EQ(second.size(), 6u);
+  for (int k = 0; k < 12; ++k) {
+    const json& line = k < 6 ? first[k] : second[k - 6];
+    ASSERT_TRUE(line.contains("lr")) << line.dump();
+    ASSERT_TRUE(line["applied"].get<bool>());
+    const double want = cosine_lr(double(0.002f), double(0.0002f), 3, 10, k + 1);
+    EXPECT_LE(std::fabs(line["lr"].get<double>() - want), want * 0x1p-24 + 1e-18) << "update " << k + 1;
+  }
+  EXPECT_EQ(second.back()["lr"].get<double>(), double(0.0002f));  // past --decay-steps: the floor
+}

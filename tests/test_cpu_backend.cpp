@@ -706,6 +706,31 @@ UpdateArgs args_for(UpdateData& d, OptimizerKind rule, DType grad_t, DType param
   return a;
 }
 
+// zero_grad: the same update bits, and the gradient is zero afterwards; on a skipped step nothing
+// but the gradient is written.
+TEST(CpuKernels, FusedUpdateZeroGrad) {
+  auto b = backend_with(2);
+  auto s = b->create_stream("k");
+  for (DType gt : kDtypes)
+    for (float skip : {0.0f, 1.0f}) {
+      SCOPED_TRACE(std::string("grad ") + std::string(name_of(gt)) + (skip != 0.0f ? " skipped" : ""));
+      UpdateData got = make_update_data(kOdd, gt, DType::bf16);
+      UpdateData want = got;
+      UpdateArgs ga = args_for(got, OptimizerKind::adamw, gt, DType::bf16, kOdd);
+      ga.zero_grad = true;
+      ga.skip_ptr = &skip;
+      b->fused_update(ga, *s);
+      b->synchronize(*s);
+      if (skip == 0.0f) table().fused_update(args_for(want, OptimizerKind::adamw, gt, DType::bf16, kOdd));
+      EXPECT_EQ(got.master, want.master);
+      EXPECT_EQ(got.m, want.m);
+      EXPECT_EQ(got.v, want.v);
+      EXPECT_EQ(got.param, want.param);
+      EXPECT_TRUE(std::all_of(got.grad.begin(), got.grad.end(), [](unsigned char c) { return c == 0; }));
+      EXPECT_FALSE(std::all_of(want.grad.begin(), want.grad.end(), [](unsigned char c) { return c == 0; }));
+    }
+}
+
 TEST(CpuKernels, FusedUpdateMatchesTable) {
   auto b = backend_with(2);
   auto s = b->create_stream("k");

@@ -105,6 +105,7 @@ struct StepRecord {
   bool applied = true;
   float loss_scale = 1;
   double grad_norm = 0;
+  float lr = 0;                // learning rate the step applied (group 0; the last applied if skipped)
   std::size_t rank_bytes = 0;  // rank 0's current engine bytes, all places
 };
 

@@ -83,7 +83,10 @@ class Event {
 //   per call (one rounding), then
 //   rule(master[i], g, state1[i], state2[i]); param_out[i] = round(master[i]) if param_out
 // If scalars_ptr is non-null, *scalars_ptr as it is when the kernel runs replaces `scalars`.
-// If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written.
+// If skip_ptr is non-null and *skip_ptr != 0 when the kernel runs, nothing is written (but the
+// zeroing zero_grad asks for).
+// zero_grad: the gradient is zeroed as it is read (grad must then be writable backend memory): the
+// engine folds the zeroing for the next step into the update's pass instead of a separate fill.
 // scalars_ptr, scale_ptr and skip_ptr point to backend (device) memory, so values computed by
 // earlier work on the stream are used with no host round trip.
 // master and the states are fp32. state2 is ignored by rules with one state.
@@ -103,6 +106,7 @@ struct UpdateArgs {
   std::size_t n = 0;
   const float* scale_ptr = nullptr;
   const float* skip_ptr = nullptr;
+  bool zero_grad = false;
 };
 
 class Backend {
@@ -152,7 +156,9 @@ class Backend {
   virtual void unscale_check(void* data, DType dtype, std::size_t n, const float* scale,
                              float* found_nonfinite, Stream& stream) = 0;
   // *out = sum of data[i]^2 (as float, accumulated in at least fp32 in a fixed order that does
-  // not depend on thread count, so results are reproducible). out is backend memory.
+  // not depend on thread count, so results are reproducible). A non-finite element makes *out
+  // non-finite (squares never cancel): the engine's overflow check is this sum. out is backend
+  // memory.
   virtual void sum_squares(const void* data, DType dtype, std::size_t n, float* out,
                            Stream& stream) = 0;
   virtual void fused_update(const UpdateArgs& args, Stream& stream) = 0;

@@ -6,33 +6,31 @@
 #include <string_view>
 
 #include "shardopt/dtype.hpp"
+#include "shardopt/rules/list.hpp"
 
 namespace shardopt {
 
-enum class OptimizerKind : std::uint8_t { adamw, adam, sgd, lion };
+// The optimizer rules, generated from shardopt/rules/list.hpp (one header per rule there says
+// which Hyperparams fields it reads and how it validates them).
+#define SHARDOPT_RULE_ENUMERATOR(id, Rule) id,
+enum class OptimizerKind : std::uint8_t { SHARDOPT_RULES(SHARDOPT_RULE_ENUMERATOR) };
+#undef SHARDOPT_RULE_ENUMERATOR
 std::string_view name_of(OptimizerKind k) noexcept;
 bool parse_optimizer(std::string_view text, OptimizerKind& out) noexcept;
+// Every rule's name, in list order, separated by `sep` (for help texts and error messages).
+std::string optimizer_names(std::string_view sep = "|");
 
-// Number of fp32 state tensors (moments) a rule keeps per parameter.
+// Number of fp32 state tensors (moments) a rule keeps per parameter; 0 for an unknown kind.
 constexpr int state_count(OptimizerKind k) noexcept {
-  return k == OptimizerKind::adamw || k == OptimizerKind::adam ? 2 : 1;
+#define SHARDOPT_RULE_STATES(id, Rule) \
+  if (k == OptimizerKind::id) return Rule::states;
+  SHARDOPT_RULES(SHARDOPT_RULE_STATES)
+#undef SHARDOPT_RULE_STATES
+  return 0;
 }
 
-// Hyperparameters of one parameter group. Which fields a rule reads:
-//   adamw: lr, beta1, beta2, eps, weight_decay (decoupled: p -= lr*wd*p)
-//   adam : lr, beta1, beta2, eps, weight_decay (L2: g += wd*p)
-//   sgd  : lr, momentum, dampening, nesterov, weight_decay (L2)
-//   lion : lr, beta1, beta2, weight_decay (decoupled)
-struct Hyperparams {
-  float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
-  float eps = 1e-8f;
-  float weight_decay = 0.0f;
-  float momentum = 0.9f;
-  float dampening = 0.0f;
-  bool nesterov = false;
-};
+// Hyperparams (one parameter group's hyperparameters) is defined in shardopt/rules/rule.hpp, the
+// learning-rate schedules (LrSchedule, name_of, parse_lr_schedule) in shardopt/schedule.hpp.
 
 enum class LossScaleMode : std::uint8_t { none, fixed, dynamic };
 

@@ -64,6 +64,8 @@ struct StepResult {
   float loss_scale = 1.0f;    // the scale to multiply the next loss by
   double grad_norm = 0.0;     // global L2 norm of the mean gradient, before clipping
   float clip_coefficient = 1; // factor applied to the gradient (1 when not clipped)
+  float lr = 0.0f;            // learning rate group 0 applied (its schedule's value at `step`);
+                              // a skipped step reports the last applied one
 };
 
 // Fills `count` consecutive fp32 elements of tensor `tensor` starting at `begin` (row-major
@@ -90,6 +92,19 @@ class Engine {
   // Hyperparameters of a parameter group (group 0 defaults to config.hyper; other groups to
   // group 0's unless set). Before initialize().
   void set_group(int group, const Hyperparams& hyper);
+  // Changes a group's hyperparameters (learning rate, schedule, betas, ...) during training. Before
+  // initialize() it is set_group(). After, the values take effect at the next step enqueued, in
+  // stream order: they are copied into the step-control block in backend memory on the engine's
+  // side stream, behind any step in flight (which keeps the values it started with), so a step
+  // captured in a CUDA graph reads them at every replay; call it outside a capture. Does not wait
+  // for the step in flight (it waits only when more than 8 such copies are still queued). Throws
+  // Error(invalid_argument), changing nothing, for a value set_group would refuse or, after
+  // initialize(), a group no tensor uses and that was never set. Not thread-safe (like every call).
+  void set_hyperparams(int group, const Hyperparams& hyper);
+  // set_hyperparams() with only the (peak) learning rate changed.
+  void set_lr(int group, float lr);
+  // The group's current hyperparameters (group 0's for a group never set, before initialize()).
+  Hyperparams hyperparams(int group) const;
 
   // Plans the layout, allocates every buffer, and sets initial values (master weights from
   // `init`, or seeded_init(0) if empty). Collective: every rank calls it.

@@ -5,7 +5,8 @@
 // By the time the update runs, the engine has in backend memory the squared norm of the reduced,
 // still loss-scaled gradient and a non-finite flag, both summed over ranks (the "totals"). From
 // them and the StepState, step_control() decides whether the step applies, the clip coefficient,
-// every group's StepScalars and the next loss scale. Both backends run these functions: the CPU
+// every group's StepScalars (with the learning rate its schedule gives for the step) and the next
+// loss scale. Both backends run these functions: the CPU
 // one as a stream task (the reference), the CUDA one as a one-thread kernel. They use only
 // correctly rounded operations (+ - * / and sqrt in double, no library pow), so the two give the
 // same bits.
@@ -28,6 +29,7 @@ struct StepState {
   std::int32_t overflow_run = 0;  // overflows in a row (see LossScaling::hysteresis)
   float skip = 0.0f;              // 1 if the last step was skipped: fused_update's skip_ptr
   std::int32_t applied = 0;       // 1 if the last step applied its update
+  float lr = 0.0f;                // the learning rate group 0 applied at the last applied step
 };
 
 struct StepControlArgs {
@@ -109,6 +111,7 @@ SHARDOPT_HD inline void step_control(const StepControlArgs& a) {
   st.step += 1;
   for (int g = 0; g < a.groups; ++g)
     a.scalars[g] = step_scalars(a.rule, a.hyper[g], st.step, static_cast<float>(inv * clip));
+  if (a.groups > 0) st.lr = a.scalars[0].lr;
   st.skip = 0.0f;
   st.applied = 1;
   advance_loss_scale(a.loss_scaling, false, st);

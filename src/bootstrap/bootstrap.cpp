@@ -193,6 +193,7 @@ class Fnv {
 void hash_hyper(Fnv& f, const Hyperparams& h) {
   f.value(h.lr), f.value(h.beta1), f.value(h.beta2), f.value(h.eps), f.value(h.weight_decay);
   f.value(h.momentum), f.value(h.dampening), f.value(h.nesterov);
+  f.value(h.schedule), f.value(h.warmup_steps), f.value(h.total_steps), f.value(h.min_lr);
 }
 
 std::string summary(const Config& c, const std::vector<BlockSpec>& blocks, int world) {

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardopt/error.hpp"
+#include "shardopt/rules.hpp"
 
 namespace shardopt::ckpt {
 
@@ -96,13 +97,12 @@ int Manifest::find_tensor(const std::string& name) const {
 }
 
 std::vector<std::string> field_names(OptimizerKind rule) {
-  switch (rule) {
-    case OptimizerKind::adamw:
-    case OptimizerKind::adam: return {"master", "exp_avg", "exp_avg_sq"};
-    case OptimizerKind::sgd: return {"master", "momentum_buffer"};
-    case OptimizerKind::lion: return {"master", "exp_avg"};
-  }
-  return {"master"};
+  std::vector<std::string> names{"master"};
+  visit_rule(rule, [&](auto k) {
+    using Rule = rule_t<decltype(k)::value>;
+    for (const char* n : Rule::state_names) names.emplace_back(n);
+  });
+  return names;
 }
 
 std::uint64_t xxh64(const void* data, std::size_t bytes) noexcept { return XXH64(data, bytes, 0); }
@@ -192,6 +192,16 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
       const Json& nest = member(v, "nesterov", where, ctx);
       if (!nest.is_boolean()) bad(where, ctx + ".nesterov must be a boolean");
       h.nesterov = nest.get<bool>();
+      // The learning-rate schedule; manifests written before schedules existed have none (constant).
+      if (v.contains("schedule")) {
+        const Json& sv = v.at("schedule");
+        const std::string sctx = ctx + ".schedule";
+        const std::string& kind = as_str(member(sv, "kind", where, sctx), where, sctx + ".kind");
+        if (!parse_lr_schedule(kind, h.schedule)) bad(where, sctx + ".kind: unknown schedule '" + kind + "'");
+        h.warmup_steps = as_i64(member(sv, "warmup_steps", where, sctx), where, sctx + ".warmup_steps");
+        h.total_steps = as_i64(member(sv, "total_steps", where, sctx), where, sctx + ".total_steps");
+        h.min_lr = as_float(member(sv, "min_lr", where, sctx), where, sctx + ".min_lr");
+      }
       m.groups[g] = h;
     }
     m.step = as_i64(member(j, "step", where, "manifest"), where, "step");
@@ -310,7 +320,12 @@ std::string dump_manifest(const Manifest& m) {
   for (const auto& [g, h] : m.groups)
     groups[std::to_string(g)] = {{"lr", h.lr},           {"beta1", h.beta1},         {"beta2", h.beta2},
                                  {"eps", h.eps},         {"weight_decay", h.weight_decay},
-                                 {"momentum", h.momentum}, {"dampening", h.dampening}, {"nesterov", h.nesterov}};
+                                 {"momentum", h.momentum}, {"dampening", h.dampening}, {"nesterov", h.nesterov},
+                                 {"schedule",
+                                  {{"kind", std::string(name_of(h.schedule))},
+                                   {"warmup_steps", h.warmup_steps},
+                                   {"total_steps", h.total_steps},
+                                   {"min_lr", h.min_lr}}}};
   j["groups"] = groups;
   j["step"] = m.step;
   j["loss_scaler"] = {{"mode", mode_name(m.loss_scale_mode)},

@@ -20,7 +20,7 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
   sub->add_option("--dtype", a.dtype, "dtype of the gradient read and the parameters written")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))->capture_default_str();
   sub->add_option("--optimizer", a.optimizer, "update rule")
-      ->check(CLI::IsMember({"adamw", "adam", "sgd", "lion"}))->capture_default_str();
+      ->check(CLI::IsMember(rule_choices()))->capture_default_str();
   sub->add_option("--backend", a.backend, "cpu, or cuda (device 0)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   sub->add_option("--iters", a.iters, "timed iterations (after one warm-up)")->check(CLI::Range(1, 100000))->capture_default_str();

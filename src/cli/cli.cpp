@@ -8,6 +8,20 @@
 
 namespace shardopt::cli {
 
+std::vector<std::string> rule_choices() {
+  std::vector<std::string> out;
+#define SHARDOPT_RULE_CHOICE(id, Rule) out.emplace_back(Rule::name);
+  SHARDOPT_RULES(SHARDOPT_RULE_CHOICE)
+#undef SHARDOPT_RULE_CHOICE
+  return out;
+}
+
+double default_lr(OptimizerKind k) {
+  double lr = 1e-3;
+  visit_rule(k, [&](auto kind) { lr = rule_t<decltype(kind)::value>::default_lr; });
+  return lr;
+}
+
 void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_stage) {
   CLI::Option* layers = sub->add_option("--layers", a.layers, "residual MLP blocks of the example model")
                             ->check(CLI::Range(1, 100000))->capture_default_str();
@@ -25,7 +39,7 @@ void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_
   sub->add_option("--dtype", a.dtype, "compute dtype of parameters and gradients (fp16 turns on dynamic loss scaling)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))->capture_default_str();
   sub->add_option("--optimizer", a.optimizer, "update rule")
-      ->check(CLI::IsMember({"adamw", "adam", "sgd", "lion"}))->capture_default_str();
+      ->check(CLI::IsMember(rule_choices()))->capture_default_str();
   if (with_stage)
     sub->add_option("--stage", a.stage, "ZeRO stage: 0 DDP, 1 optimizer state, 2 + gradients, 3 + parameters")
         ->check(CLI::Range(0, 3))->capture_default_str();

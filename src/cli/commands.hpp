@@ -52,6 +52,10 @@ struct Model {
 // --micro-steps/--offload/--nvme-dir to `sub` (with_params: --params and --blocks too; with_stage:
 // --stage and --offload-params).
 void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_stage);
+// The --optimizer choices: every rule of shardopt/rules/list.hpp, in list order.
+std::vector<std::string> rule_choices();
+// The learning rate a rule trains with when --lr is not given (its header's default_lr).
+double default_lr(OptimizerKind k);
 Model build_model(const ModelArgs& a);
 // Checks --offload/--nvme-dir/--offload-params together: UsageError naming the flag at fault
 // (--nvme-dir with and only with nvme; --offload-params at stage 3 with host or nvme offload).
@@ -87,6 +91,10 @@ struct TrainArgs {
   std::string backend = "cpu";
   int ranks = 4;
   double lr = 0;  // 0: the optimizer's default
+  std::string lr_schedule = "constant";
+  std::int64_t warmup = 0;
+  std::int64_t decay_steps = 0;  // 0: --steps
+  double min_lr = 0.0;
   double weight_decay = 0.0;
   double clip = 0.0;
   int steps = 100;

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <sstream>
 
 #include "commands.hpp"
 #include "units.hpp"
@@ -17,8 +18,28 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   sub->add_option("--ranks", a.ranks, "data-parallel ranks (threads in this process)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   add_model_options(sub, a.model, /*with_params=*/false, /*with_stage=*/true);
-  sub->add_option("--lr", a.lr, "learning rate (default: 1e-3 adamw/adam, 1e-4 lion, 0.05 sgd)")
+  std::string lr_help = "learning rate (default:";
+  for (const std::string& r : rule_choices()) {
+    OptimizerKind k{};
+    parse_optimizer(r, k);
+    std::ostringstream os;
+    os << (lr_help.back() == ':' ? " " : ", ") << default_lr(k) << " " << r;
+    lr_help += os.str();
+  }
+  sub->add_option("--lr", a.lr, lr_help + ")")
       ->check(CLI::PositiveNumber);
+  sub->add_option("--lr-schedule", a.lr_schedule,
+                  "learning-rate schedule after the warm-up: constant, cosine or linear decay to --min-lr at "
+                  "--decay-steps, inverse-sqrt (lr*sqrt(max(warmup,1)/step), not below --min-lr)")
+      ->check(CLI::IsMember({"constant", "cosine", "linear", "inverse-sqrt"}))->capture_default_str();
+  sub->add_option("--warmup", a.warmup, "linear warm-up steps (lr*step/N for the first N steps)")
+      ->check(CLI::Range(std::int64_t(0), std::int64_t(1) << 40))->capture_default_str();
+  sub->add_option("--decay-steps", a.decay_steps,
+                  "cosine/linear: the step at which lr reaches --min-lr (default: --steps; when resuming, give "
+                  "the whole run's length)")
+      ->check(CLI::Range(std::int64_t(0), std::int64_t(1) << 40));
+  sub->add_option("--min-lr", a.min_lr, "the schedule's floor (cosine, linear, inverse-sqrt)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
   sub->add_option("--weight-decay", a.weight_decay, "weight decay of the weight matrices (biases: none)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   sub->add_option("--clip", a.clip, "global gradient-norm clipping (0: off)")->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -35,14 +56,6 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
 }
 
 namespace {
-
-double default_lr(OptimizerKind k) {
-  switch (k) {
-    case OptimizerKind::sgd: return 0.05;
-    case OptimizerKind::lion: return 1e-4;
-    default: return 1e-3;
-  }
-}
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -75,6 +88,11 @@ int run_train(const TrainArgs& a, Io& io) {
   o.config = build_config(a.model, model);
   o.config.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(o.config.optimizer));
   o.config.hyper.weight_decay = static_cast<float>(a.weight_decay);
+  if (!parse_lr_schedule(a.lr_schedule, o.config.hyper.schedule))
+    throw UsageError("--lr-schedule: unknown schedule '" + a.lr_schedule + "'");
+  o.config.hyper.warmup_steps = a.warmup;
+  o.config.hyper.total_steps = a.decay_steps > 0 ? a.decay_steps : a.steps;
+  o.config.hyper.min_lr = static_cast<float>(a.min_lr);
   o.config.max_grad_norm = static_cast<float>(a.clip);
   o.resume_dir = a.resume;
   o.save_dir = a.save;
@@ -107,6 +125,7 @@ int run_train(const TrainArgs& a, Io& io) {
       j["applied"] = s.applied;
       j["loss_scale"] = s.loss_scale;
       j["grad_norm"] = s.grad_norm;
+      j["lr"] = s.lr;
       *metrics << j.dump() << '\n';
     }
     char line[200];

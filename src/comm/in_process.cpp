@@ -586,6 +586,16 @@ class InProcessCommunicator final : public Communicator {
       }
       throw Error(ErrorCode::invalid_argument, why);
     }
+    if (size_ == 1) {
+      // One rank: a sum or mean of one term is that term, exactly (the rank-order reduction starts
+      // from the first operand and divides by 1), and a gather or broadcast of one slice is that
+      // slice, so the result is the input: one stream-ordered copy, or nothing in place. The
+      // reduction kernel would read and convert every element for the same bits.
+      if (c.kind != CollectiveKind::barrier && c.send != c.recv && c.count != 0)
+        backend_.copy(c.recv, c.send, c.count * size_of(c.dtype), stream);
+      count(c.kind, comm::volume(c, size_));
+      return;
+    }
     if (transport_ == InProcessTransport::backend_kernels) {
       const std::size_t slot = seq % InProcessGroup::kSlots;
       group_->run_kernels(rank_, seq, c, backend_, stream, *ready_[slot], *done_[slot]);

@@ -11,21 +11,53 @@
 namespace shardopt {
 
 std::string_view name_of(OptimizerKind k) noexcept {
-  switch (k) {
-    case OptimizerKind::adamw: return "adamw";
-    case OptimizerKind::adam: return "adam";
-    case OptimizerKind::sgd: return "sgd";
-    case OptimizerKind::lion: return "lion";
-  }
+#define SHARDOPT_RULE_NAME(id, Rule) \
+  if (k == OptimizerKind::id) return Rule::name;
+  SHARDOPT_RULES(SHARDOPT_RULE_NAME)
+#undef SHARDOPT_RULE_NAME
   return "unknown";
 }
 
 bool parse_optimizer(std::string_view text, OptimizerKind& out) noexcept {
-  for (OptimizerKind k : {OptimizerKind::adamw, OptimizerKind::adam, OptimizerKind::sgd, OptimizerKind::lion}) {
-    if (text == name_of(k)) {
-      out = k;
+#define SHARDOPT_RULE_PARSE(id, Rule) \
+  if (text == std::string_view(Rule::name)) {  \
+    out = OptimizerKind::id;                   \
+    return true;                               \
+  }
+  SHARDOPT_RULES(SHARDOPT_RULE_PARSE)
+#undef SHARDOPT_RULE_PARSE
+  return false;
+}
+
+std::string optimizer_names(std::string_view sep) {
+  std::string out;
+#define SHARDOPT_RULE_LIST_NAME(id, Rule) \
+  out += (out.empty() ? std::string() : std::string(sep)) + Rule::name;
+  SHARDOPT_RULES(SHARDOPT_RULE_LIST_NAME)
+#undef SHARDOPT_RULE_LIST_NAME
+  return out;
+}
+
+std::string_view name_of(LrSchedule s) noexcept {
+  switch (s) {
+    case LrSchedule::constant: return "constant";
+    case LrSchedule::cosine: return "cosine";
+    case LrSchedule::linear: return "linear";
+    case LrSchedule::inverse_sqrt: return "inverse-sqrt";
+  }
+  return "unknown";
+}
+
+bool parse_lr_schedule(std::string_view text, LrSchedule& out) noexcept {
+  for (LrSchedule s : {LrSchedule::constant, LrSchedule::cosine, LrSchedule::linear, LrSchedule::inverse_sqrt}) {
+    if (text == name_of(s)) {
+      out = s;
       return true;
     }
+  }
+  if (text == "inverse_sqrt") {
+    out = LrSchedule::inverse_sqrt;
+    return true;
   }
   return false;
 }
@@ -76,12 +108,12 @@ void check_finite(float v, std::string_view field, std::source_location where = 
   check(std::isfinite(v), ErrorCode::invalid_argument, field, v, "must be finite", where);
 }
 
-void check_beta(float v, std::string_view field, std::source_location where = std::source_location::current()) {
-  // NaN fails both comparisons, so it is rejected too.
-  check(v >= 0.0f && v < 1.0f, ErrorCode::invalid_argument, field, v, "must be in [0, 1)", where);
-}
 
 }  // namespace
+
+void HyperCheck::require(bool ok, const char* field, float value, const char* why, std::source_location where) const {
+  if (!ok) throw Error(ErrorCode::invalid_argument, describe(field, value) + ": " + why, where);
+}
 
 void Config::validate() const {
   check(stage >= 0 && stage <= 3, ErrorCode::invalid_argument, "stage", stage, "must be 0, 1, 2 or 3");
@@ -106,37 +138,37 @@ void Config::validate() const {
           "must hold at least one compute_dtype element");
   check(alignment != 0, ErrorCode::invalid_argument, "alignment", alignment, "must be positive");
 
-  const bool known_rule = optimizer == OptimizerKind::adamw || optimizer == OptimizerKind::adam ||
-                          optimizer == OptimizerKind::sgd || optimizer == OptimizerKind::lion;
+  const bool known_rule = state_count(optimizer) > 0;
   check(known_rule, ErrorCode::invalid_argument, "optimizer", static_cast<int>(optimizer), "unknown optimizer");
 
-  // Hyperparameters: only the fields the chosen rule reads are checked, so a value left over in an
-  // unused field (e.g. momentum with adamw) does not block a valid configuration.
+  // Hyperparameters: lr and weight_decay for every rule, then only the fields the chosen rule
+  // reads (its header's validate()), so a value left over in an unused field (e.g. momentum with
+  // adamw) does not block a valid configuration.
   check_finite(hyper.lr, "hyper.lr");
   check(hyper.lr >= 0.0f, ErrorCode::invalid_argument, "hyper.lr", hyper.lr, "must not be negative");
   check_finite(hyper.weight_decay, "hyper.weight_decay");
-  if (optimizer == OptimizerKind::adamw || optimizer == OptimizerKind::adam || optimizer == OptimizerKind::lion) {
-    check_beta(hyper.beta1, "hyper.beta1");
-    check_beta(hyper.beta2, "hyper.beta2");
+  // The learning-rate schedule (shardopt/schedule.hpp).
+  const LrSchedule sched = hyper.schedule;
+  const bool known_schedule = sched == LrSchedule::constant || sched == LrSchedule::cosine ||
+                              sched == LrSchedule::linear || sched == LrSchedule::inverse_sqrt;
+  check(known_schedule, ErrorCode::invalid_argument, "hyper.schedule", static_cast<int>(sched), "unknown schedule");
+  check(hyper.warmup_steps >= 0, ErrorCode::invalid_argument, "hyper.warmup_steps", hyper.warmup_steps,
+        "must not be negative");
+  check(hyper.total_steps >= 0, ErrorCode::invalid_argument, "hyper.total_steps", hyper.total_steps,
+        "must not be negative");
+  if (sched == LrSchedule::cosine || sched == LrSchedule::linear)
+    check(hyper.total_steps > hyper.warmup_steps, ErrorCode::invalid_argument, "hyper.total_steps",
+          hyper.total_steps,
+          "must exceed hyper.warmup_steps (" + std::to_string(hyper.warmup_steps) + ") for a decaying schedule");
+  if (sched != LrSchedule::constant) {
+    check(hyper.min_lr >= 0.0f && hyper.min_lr <= hyper.lr, ErrorCode::invalid_argument, "hyper.min_lr", hyper.min_lr,
+          "must be in [0, hyper.lr]");
   }
-  if (optimizer == OptimizerKind::adamw || optimizer == OptimizerKind::adam) {
-    // eps keeps the denominator away from 0 where the second moment is 0 (padding, dead weights).
-    check(hyper.eps > 0.0f && std::isfinite(hyper.eps), ErrorCode::invalid_argument, "hyper.eps", hyper.eps,
-          "must be positive and finite");
-  }
-  if (optimizer == OptimizerKind::sgd) {
-    check(hyper.momentum >= 0.0f && std::isfinite(hyper.momentum), ErrorCode::invalid_argument, "hyper.momentum",
-          hyper.momentum, "must be finite and not negative");
-    check(hyper.dampening >= 0.0f && hyper.dampening <= 1.0f, ErrorCode::invalid_argument, "hyper.dampening",
-          hyper.dampening, "must be in [0, 1]");
-    // Nesterov momentum is defined only with a momentum buffer and without dampening.
-    if (hyper.nesterov) {
-      check(hyper.momentum > 0.0f, ErrorCode::invalid_argument, "hyper.momentum", hyper.momentum,
-            "must be positive with hyper.nesterov");
-      check(hyper.dampening == 0.0f, ErrorCode::invalid_argument, "hyper.dampening", hyper.dampening,
-            "must be 0 with hyper.nesterov");
-    }
-  }
+  const HyperCheck hc;
+#define SHARDOPT_RULE_VALIDATE(id, Rule) \
+  if (optimizer == OptimizerKind::id) Rule::validate(hyper, hc);
+  SHARDOPT_RULES(SHARDOPT_RULE_VALIDATE)
+#undef SHARDOPT_RULE_VALIDATE
 
   const LossScaling& ls = loss_scaling;
   const bool known_mode =

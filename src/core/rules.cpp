@@ -33,15 +33,9 @@ StepScalars make_step_scalars(OptimizerKind kind, const Hyperparams& h, std::int
   // NaN fails the comparison, so it is rejected together with negative values.
   if (!(std::isfinite(h.lr) && h.lr >= 0.0f)) throw Error(ErrorCode::invalid_argument, describe_lr(kind, h.lr));
 
-  switch (kind) {
-    case OptimizerKind::adamw:
-    case OptimizerKind::adam:
-    case OptimizerKind::sgd:
-    case OptimizerKind::lion:
-      // Scalars are derived in double and rounded once to float, so each one carries at most about
-      // half an ulp of error however large `step` grows (beta^t in float would lose digits).
-      return step_scalars(kind, h, step, grad_scale);
-  }
+  // Scalars are derived in double and rounded once to float, so each one carries at most about
+  // half an ulp of error however large `step` grows (beta^t in float would lose digits).
+  if (state_count(kind) > 0) return step_scalars(kind, h, step, grad_scale);
   throw Error(ErrorCode::invalid_argument,
               "make_step_scalars: unknown OptimizerKind " + std::to_string(static_cast<int>(kind)));
 }

@@ -15,13 +15,7 @@ namespace {
 }  // namespace
 
 void check_step_control(const StepControlArgs& a) {
-  switch (a.rule) {
-    case OptimizerKind::adamw:
-    case OptimizerKind::adam:
-    case OptimizerKind::sgd:
-    case OptimizerKind::lion: break;
-    default: bad("unknown OptimizerKind " + std::to_string(static_cast<int>(a.rule)));
-  }
+  if (state_count(a.rule) == 0) bad("unknown OptimizerKind " + std::to_string(static_cast<int>(a.rule)));
   if (a.totals == nullptr) bad("'totals' is null");
   if (a.state == nullptr) bad("'state' is null");
   if (a.groups < 0) bad("groups = " + std::to_string(a.groups) + " (must be >= 0)");

@@ -437,7 +437,14 @@ class CpuBackend final : public Backend {
                                                    std::string(name_of(args.param_dtype)) + ", not fp32");
     sc.enqueue(
         [pool = pool_, k = k_, a = args] {
-          if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) return;
+          if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) {
+            if (a.zero_grad)
+              pool->parallel_for(a.n, kKernelChunk, [&](std::size_t b, std::size_t e) {
+                k->fill(static_cast<std::byte*>(const_cast<void*>(a.grad)) + b * size_of(a.grad_dtype), a.grad_dtype,
+                        e - b, 0.0f);
+              });
+            return;
+          }
           UpdateArgs run = a;
           if (run.scalars_ptr != nullptr) run.scalars = *run.scalars_ptr;
           if (run.scale_ptr != nullptr) run.scalars.grad_scale *= *run.scale_ptr;
@@ -445,7 +452,10 @@ class CpuBackend final : public Backend {
           run.scale_ptr = nullptr;
           run.skip_ptr = nullptr;
           pool->parallel_for(run.n, kKernelChunk, [&](std::size_t b, std::size_t e) {
-            k->fused_update(cpu::slice(run, b, e - b));
+            const UpdateArgs part = cpu::slice(run, b, e - b);
+            k->fused_update(part);
+            // The chunk's gradient was just read: zeroing it now writes cache-resident lines.
+            if (run.zero_grad) k->fill(const_cast<void*>(part.grad), run.grad_dtype, part.n, 0.0f);
           });
         },
         false);

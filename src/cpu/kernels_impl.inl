@@ -6,8 +6,8 @@
 // -mavx512f in one object and without it in another is an ODR violation the linker resolves by
 // picking either copy, which can put AVX-512 code on a machine without it. So this file
 //   - never includes headers (it sits inside a namespace),
-//   - marks every loop function `flatten`, so the shardopt inline helpers it calls (rules::*,
-//     rules::sqrt_f) are inlined and never emitted out of line from this object (and `noinline`,
+//   - marks every loop function `flatten`, so the shardopt inline helpers it calls (each rule's
+//     update(), rules::sqrt_f) are inlined and never emitted out of line from this object (and `noinline`,
 //     so each (rule, dtype) loop stays one function that objdump can show),
 //   - never builds a std::string or an Error: failures go through kernel_failure(), defined out of
 //     line in isa.cpp with the default flags.
@@ -26,6 +26,9 @@
 #ifndef SHARDOPT_KERNEL_LOOP
 #define SHARDOPT_KERNEL_LOOP __attribute__((flatten, noinline))
 #define SHARDOPT_KERNEL_INLINE inline __attribute__((always_inline))
+// A dispatch function that calls a rule's own helpers (Rule::variant): inlined into it, so they
+// are never emitted out of line from this object either.
+#define SHARDOPT_KERNEL_DISPATCH __attribute__((flatten))
 #endif
 
 // 32 elements: one AVX-512 register of 16-bit values (two of floats). The vectorizer gives all
@@ -136,38 +139,28 @@ struct OutStorage<Out::none> {
   using type = float;
 };
 
-template <OptimizerKind R>
-SHARDOPT_KERNEL_INLINE void apply_rule(float& p, float g, float& s1, float& s2, const StepScalars& s) {
-  if constexpr (R == OptimizerKind::adamw) rules::adamw(p, g, s1, s2, s);
-  else if constexpr (R == OptimizerKind::adam) rules::adam(p, g, s1, s2, s);
-  else if constexpr (R == OptimizerKind::sgd) rules::sgd(p, g, s1, s);
-  else rules::lion(p, g, s1, s);
-}
-
 // One pass over memory: reads grad, master and the states once, writes master, the states and the
 // parameter copy once. The pointers are restrict: the caller guarantees no overlap (param_out ==
 // master is mapped to Out::none before we get here).
-// kFirst/kNesterov (sgd only) pin the two flags of StepScalars that rules::sgd branches on as
-// compile-time constants: GCC at -O2 neither unswitches the loop on them nor if-converts the
-// branch, and would leave the SGD loop scalar.
-template <OptimizerKind R, DType G, Out O, bool kFirst = false, bool kNesterov = false>
+// V is the rule's variant (rules/rule.hpp): the per-call flags its element function branches on,
+// pinned here as compile-time constants. GCC at -O2 neither unswitches the loop on such a flag nor
+// if-converts the branch, and would leave that loop scalar.
+template <OptimizerKind R, DType G, Out O, int V>
 SHARDOPT_KERNEL_LOOP void update_loop(float* __restrict master, float* __restrict state1,
                                       float* __restrict state2, const storage_t<G>* __restrict grad,
                                       typename OutStorage<O>::type* __restrict out, std::size_t n,
                                       const StepScalars step_scalars) {
-  constexpr bool two_states = state_count(R) == 2;
+  using Rule = rule_t<R>;
+  constexpr bool two_states = Rule::states == 2;
   StepScalars scalars = step_scalars;
-  if constexpr (R == OptimizerKind::sgd) {
-    scalars.first_step = kFirst;
-    scalars.nesterov = kNesterov;
-  }
+  if constexpr (variant_count<Rule>() > 1) Rule::pin(scalars, V);
   blocked(n, [&](std::size_t i) {
     float p = master[i];
     const float g = load<G>(grad[i]);
     float s1 = state1[i];
     float s2 = 0.0f;
     if constexpr (two_states) s2 = state2[i];
-    apply_rule<R>(p, g, s1, s2, scalars);
+    Rule::update(p, g, s1, s2, scalars);
     master[i] = p;
     state1[i] = s1;
     if constexpr (two_states) state2[i] = s2;
@@ -177,24 +170,24 @@ SHARDOPT_KERNEL_LOOP void update_loop(float* __restrict master, float* __restric
   });
 }
 
-template <OptimizerKind R, DType G, Out O, bool kFirst = false, bool kNesterov = false>
+template <OptimizerKind R, DType G, Out O, int V>
 void update_call(const UpdateArgs& a) {
-  update_loop<R, G, O, kFirst, kNesterov>(a.master, a.state1, a.state2,
-                                          static_cast<const storage_t<G>*>(a.grad),
-                                          static_cast<typename OutStorage<O>::type*>(a.param_out),
-                                          a.n, a.scalars);
+  update_loop<R, G, O, V>(a.master, a.state1, a.state2, static_cast<const storage_t<G>*>(a.grad),
+                          static_cast<typename OutStorage<O>::type*>(a.param_out), a.n, a.scalars);
+}
+
+template <OptimizerKind R, DType G, Out O, int... V>
+void update_variant(const UpdateArgs& a, int v, std::integer_sequence<int, V...>) {
+  ((v == V ? (update_call<R, G, O, V>(a), true) : false) || ...);
 }
 
 template <OptimizerKind R, DType G, Out O>
-void update_typed(const UpdateArgs& a) {
-  if constexpr (R == OptimizerKind::sgd) {
-    const bool first = a.scalars.first_step, nesterov = a.scalars.nesterov;
-    if (first && nesterov) return update_call<R, G, O, true, true>(a);
-    if (first) return update_call<R, G, O, true, false>(a);
-    if (nesterov) return update_call<R, G, O, false, true>(a);
-    return update_call<R, G, O, false, false>(a);
+SHARDOPT_KERNEL_DISPATCH void update_typed(const UpdateArgs& a) {
+  using Rule = rule_t<R>;
+  if constexpr (variant_count<Rule>() > 1) {
+    update_variant<R, G, O>(a, Rule::variant(a.scalars), std::make_integer_sequence<int, variant_count<Rule>()>{});
   } else {
-    return update_call<R, G, O>(a);
+    update_call<R, G, O, 0>(a);
   }
 }
 
@@ -231,10 +224,10 @@ void fused_update(const UpdateArgs& a) {
   if (a.param_out == static_cast<void*>(a.master) && a.param_dtype != DType::fp32)
     kernel_failure("fused_update: param_out aliases master but param_dtype is not fp32");
   switch (a.rule) {
-    case OptimizerKind::adamw: return update_grad<OptimizerKind::adamw>(a);
-    case OptimizerKind::adam: return update_grad<OptimizerKind::adam>(a);
-    case OptimizerKind::sgd: return update_grad<OptimizerKind::sgd>(a);
-    case OptimizerKind::lion: return update_grad<OptimizerKind::lion>(a);
+#define SHARDOPT_RULE_CPU_UPDATE(id, Rule) \
+  case OptimizerKind::id: return update_grad<OptimizerKind::id>(a);
+    SHARDOPT_RULES(SHARDOPT_RULE_CPU_UPDATE)
+#undef SHARDOPT_RULE_CPU_UPDATE
   }
   kernel_failure("fused_update: unknown rule");
 }

@@ -49,6 +49,31 @@ void Engine::set_group(int group, const Hyperparams& hyper) {
   impl_->groups[group] = hyper;
 }
 
+void Engine::set_hyperparams(int group, const Hyperparams& hyper) {
+  require(group >= 0, ErrorCode::invalid_argument, "set_hyperparams: negative group " + std::to_string(group));
+  if (impl_->initialized)
+    require(impl_->groups.count(group) != 0, ErrorCode::invalid_argument,
+            "set_hyperparams: group " + std::to_string(group) + " is used by no tensor");
+  Config probe = impl_->cfg;
+  probe.hyper = hyper;
+  probe.validate();  // same checks as the config's own hyperparameters
+  impl_->set_hyperparams(group, hyper);
+}
+
+void Engine::set_lr(int group, float lr) {
+  Hyperparams h = hyperparams(group);
+  h.lr = lr;
+  set_hyperparams(group, h);
+}
+
+Hyperparams Engine::hyperparams(int group) const {
+  const auto it = impl_->groups.find(group);
+  if (it != impl_->groups.end()) return it->second;
+  require(!impl_->initialized && group >= 0, ErrorCode::invalid_argument,
+          "hyperparams: group " + std::to_string(group) + " is used by no tensor");
+  return impl_->groups.at(0);
+}
+
 void Engine::initialize(const InitFn& init) {
   require(!impl_->specs.empty(), ErrorCode::invalid_state, "initialize: no blocks registered");
   impl_->initialize(init);

@@ -73,6 +73,11 @@ struct Engine::Impl {
   DType c = DType::fp32;   // compute
   DType r = DType::fp32;   // reduce (wire)
   DType gs = DType::fp32;  // sharded gradient (stages 1-3)
+  // Stages 2-3 on one rank (no accumulation, no cast, no offload): a unit's gradient is its shard,
+  // so backward adds straight into grad_shard (zeroed after each step) with no bucket, no
+  // reduce-scatter copy and no bucket zeroing. unit_bucket holds kDirect for an open unit.
+  bool direct_grads = false;
+  static constexpr int kDirect = -2;
   int nstates = 2;
   std::size_t S = 0;      // shard elements
   std::vector<std::size_t> base;  // unit offset within the full (stage 0-2) buffers
@@ -82,6 +87,10 @@ struct Engine::Impl {
   std::unique_ptr<Event> compute_done, side_done;
   std::unique_ptr<Event> step_done;     // recorded on side at the end of every step
   std::unique_ptr<Event> result_ready;  // the step's StepState has reached host_scalars
+  // set_hyperparams(): the copy out of each staging slot (ctl.staging) has run once its event has.
+  std::unique_ptr<Event> hyper_copied[detail::kHyperStagingSlots];
+  bool hyper_slot_used[detail::kHyperStagingSlots] = {};
+  int hyper_next = 0;
 
   Buffer params_full, grads_full, grads_reduced, master, states[2], param_shard, grad_shard;
   Buffer reduce_buf, rs_tmp, scalars, host_scalars, init_staging;
@@ -141,6 +150,7 @@ struct Engine::Impl {
     side_done = be.create_event();
     reduced = be.create_event();
     step_done = be.create_event();
+    for (auto& e : hyper_copied) e = be.create_event();
     result_ready = be.create_event();
   }
 
@@ -167,6 +177,9 @@ struct Engine::Impl {
     detail::EnginePlan p = detail::plan_engine(cfg, specs, world);
     layout = std::move(p.layout);
     gs = p.shard_grad_dtype;
+    direct_grads = cfg.stage >= 2 && world == 1 && cfg.accumulation_steps == 1 && r == c && gs == c &&
+                   cfg.offload_optimizer == OffloadKind::none;
+    for (const auto& info : layout.units()) direct_grads = direct_grads && info.slice_elems == info.padded_elems;
     oplan = p.offload;
     buffer_specs = std::move(p.buffers);
     ctl = p.control;
@@ -719,6 +732,9 @@ struct Engine::Impl {
     std::byte* unit;
     if (cfg.stage <= 1) {
       unit = at(grads_full, base[u], c);
+    } else if (direct_grads) {
+      unit = at(grad_shard, layout.units()[u].shard_offset, gs);
+      unit_bucket[u] = kDirect;
     } else {
       int k = unit_bucket[u];
       if (k < 0) {
@@ -749,7 +765,7 @@ struct Engine::Impl {
       throw Error(ErrorCode::invalid_state, "grads_ready: all " + std::to_string(cfg.accumulation_steps) +
                                                 " micro-steps of this step are complete; call step() first");
     const int u = layout.blocks()[b].unit;
-    if (cfg.stage >= 2 && unit_bucket[u] < 0)
+    if (cfg.stage >= 2 && unit_bucket[u] == -1)
       throw Error(ErrorCode::invalid_state, "grads_ready: block '" + layout.blocks()[b].name +
                                                 "' has no gradient buffer; call gradients() first");
     block_ready[b] = 1;
@@ -764,9 +780,13 @@ struct Engine::Impl {
   // Stages 2-3: reduce-scatter one unit's bucket into this rank's gradient shard.
   void reduce_unit_bucket(int u) {
     const auto& info = layout.units()[u];
-    Bucket& bk = buckets[unit_bucket[u]];
     be.record(*compute_done, *compute);
-    be.wait(*side, *compute_done);
+    be.wait(*side, *compute_done);  // the step reads what backward wrote on compute
+    if (unit_bucket[u] == kDirect) {  // one rank: the gradient already is the shard
+      unit_bucket[u] = -1;
+      return;
+    }
+    Bucket& bk = buckets[unit_bucket[u]];
     const void* src = bk.buffer.data();
     if (r != c) {
       be.cast(src, c, reduce_buf.data(), r, info.padded_elems, *side);
@@ -817,6 +837,7 @@ struct Engine::Impl {
 
   void zero_local_grads() {
     if (cfg.stage <= 1) be.fill(grads_full.data(), c, P, 0.0f, *side);
+    // (direct_grads: the update zeroed the shard as it read it, also on a skipped step)
     if (cfg.stage >= 2 && cfg.accumulation_steps > 1) be.fill(grad_shard.data(), gs, S, 0.0f, *side);
   }
 
@@ -859,16 +880,20 @@ struct Engine::Impl {
       }
     }
 
-    // The gradient download reads what unscale_check below rewrites in place (times one): the
-    // check waits for the download, on the device, not on the host.
+    // The side stream waits for the gradient downloads, on the device, not on the host, before it
+    // goes on to what follows the step.
     if (offloaded()) offloader->downloads_before(*side);
-    // Overflow check and squared norm of the (still loss-scaled, micro-step-summed) gradient,
-    // summed over ranks, then the step's decisions: all in backend memory, in stream order.
+    // Squared norm of the (still loss-scaled, micro-step-summed) gradient, summed over ranks, then
+    // the step's decisions: all in backend memory, in stream order. One pass over the gradient:
+    // a non-finite element makes the sum of squares non-finite (inf^2 = inf, NaN stays NaN,
+    // squares never cancel), and step_control already skips the step when the totals are not
+    // finite, so a separate check pass (Backend::unscale_check, whose flag also meant a skip)
+    // would decide nothing more. The unscaling is folded into the update's grad_scale. The
+    // non-finite flag (sc[0]) stays 0, for the totals' layout.
     float* sc = dev_floats();
     be.fill(sc, DType::fp32, 1, 0.0f, *side);
     for (std::size_t i = 0; i < ranges.size(); ++i) {
       const Range& rg = ranges[i];
-      be.unscale_check(rg.grad, rg.grad_dtype, rg.n, sc + 1, sc, *side);
       be.sum_squares(rg.grad, rg.grad_dtype, rg.n, sc + 4 + i, *side);
     }
     be.step_totals(sc + 4, ranges.size(), sc, sc + 2, *side);
@@ -887,7 +912,7 @@ struct Engine::Impl {
     be.step_control(ca, *side);
 
     if (offloaded()) {
-      be.copy(host_scalars.data(), scalars.data(), ctl.floats, *side);
+      be.copy(host_scalars.data(), scalars.data(), ctl.staging, *side);
       be.synchronize(*side);
       host_state = *host_control<StepState>(0);
       result_pending = false;
@@ -921,6 +946,7 @@ struct Engine::Impl {
         a.param_out = rg.param_out;
         a.param_dtype = c;
         a.n = rg.n;
+        a.zero_grad = direct_grads;  // the shard is the next step's gradient buffer: zero it in this pass
         be.fused_update(a, *side);
       }
     }
@@ -948,10 +974,32 @@ struct Engine::Impl {
     micro_steps = 0;
   }
 
+  // A group's new hyperparameters, for the steps enqueued from now on: copied into the
+  // step-control block on the side stream, behind any step in flight, from a staging slot of the
+  // host copy that no pending copy still reads.
+  void set_hyperparams(int group, const Hyperparams& h) {
+    groups[group] = h;
+    if (!initialized) return;
+    const auto it = std::find(control_gids.begin(), control_gids.end(), group);
+    if (it == control_gids.end()) return;  // no tensor is in the group: no step reads it
+    const std::size_t slot = static_cast<std::size_t>(it - control_gids.begin());
+    const int k = hyper_next;
+    hyper_next = (k + 1) % detail::kHyperStagingSlots;
+    if (hyper_slot_used[k]) be.synchronize(*hyper_copied[k]);
+    Hyperparams* staged = host_control<Hyperparams>(ctl.staging) + k;
+    *staged = h;
+    // The host image of the block too, which push_state() copies whole.
+    host_control<Hyperparams>(ctl.hyper)[slot] = h;
+    be.copy(dev_control<Hyperparams>(ctl.hyper) + slot, staged, sizeof(Hyperparams), *side);
+    be.record(*hyper_copied[k], *side);
+    hyper_slot_used[k] = true;
+  }
+
   StepResult last_result() {
     require_initialized("last_result");
     settle_state();
     StepResult res;
+    res.lr = host_state.lr;
     res.applied = host_state.applied != 0;
     res.step = host_state.step;
     res.loss_scale = host_state.loss_scale;

@@ -27,7 +27,8 @@ ControlLayout control_layout(std::size_t groups, std::size_t float_count) noexce
   c.groups = groups;
   c.hyper = up(sizeof(StepState));
   c.scalars = c.hyper + up(groups * sizeof(Hyperparams));
-  c.floats = c.scalars + up(groups * sizeof(StepScalars));
+  c.staging = c.scalars + up(groups * sizeof(StepScalars));
+  c.floats = c.staging + up(kHyperStagingSlots * sizeof(Hyperparams));
   c.float_count = float_count;
   return c;
 }

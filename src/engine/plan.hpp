@@ -60,13 +60,17 @@ struct OffloadPlan {
 };
 
 // The scalars buffers: first the step-control block (StepState, then each parameter group's
-// Hyperparams, then each group's StepScalars, every part 64-byte aligned), then `floats` fp32
+// Hyperparams, then each group's StepScalars, then kHyperStagingSlots Hyperparams that
+// set_hyperparams() stages its copies in (used in the host copy only), every part 64-byte
+// aligned), then `floats` fp32
 // scalars: [0] non-finite flag, [1] constant one, [2..3] the totals (sum of squares, flag) that
 // the ranks all-reduce, then one partial sum of squares per update range.
+inline constexpr int kHyperStagingSlots = 8;
 struct ControlLayout {
   std::size_t groups = 0;
   std::size_t hyper = 0;    // byte offsets
   std::size_t scalars = 0;
+  std::size_t staging = 0;  // end of the step-control block proper
   std::size_t floats = 0;   // byte offset of the fp32 scalars
   std::size_t float_count = 0;
   std::size_t total_floats() const noexcept { return floats / 4 + float_count; }
