@@ -79,6 +79,7 @@ struct OnPhase {
     r.applied = s->slots[0].result.applied;
     r.loss_scale = s->slots[0].result.loss_scale;
     r.grad_norm = s->slots[0].result.grad_norm;
+    r.lr = s->slots[0].result.lr;
     r.rank_bytes = s->slots[0].bytes;
     if (!r.applied) ++s->result.skipped_steps;
     try {

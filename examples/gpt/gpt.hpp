@@ -51,6 +51,7 @@ struct StepRecord {
   bool applied = true;
   float loss_scale = 1;
   double grad_norm = 0;
+  float lr = 0;                // the learning rate group 0's update applied (after the schedule)
   std::size_t rank_bytes = 0;  // rank 0's current engine bytes, all places
 };
 

@@ -56,6 +56,9 @@ void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_
 std::vector<std::string> rule_choices();
 // The learning rate a rule trains with when --lr is not given (its header's default_lr).
 double default_lr(OptimizerKind k);
+// The learning rate (--lr or the rule's default), weight decay, schedule and clipping of `train`.
+struct TrainArgs;
+void apply_optimizer_args(const TrainArgs& a, Config& c);
 Model build_model(const ModelArgs& a);
 // Checks --offload/--nvme-dir/--offload-params together: UsageError naming the flag at fault
 // (--nvme-dir with and only with nvme; --offload-params at stage 3 with host or nvme offload).

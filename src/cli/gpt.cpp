@@ -61,14 +61,6 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-double default_lr(OptimizerKind k) {
-  switch (k) {
-    case OptimizerKind::sgd: return 0.05;
-    case OptimizerKind::lion: return 1e-4;
-    default: return 1e-3;
-  }
-}
-
 }  // namespace
 
 gpt::Shape gpt_shape(const GptArgs& g, const ModelArgs& m, bool explicit_layers, bool explicit_hidden) {
@@ -134,9 +126,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   model.params = gpt::param_count(o.shape);
   model.blocks = gpt::blocks(o.shape);
   o.config = build_config(a.model, model);
-  o.config.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(o.config.optimizer));
-  o.config.hyper.weight_decay = static_cast<float>(a.weight_decay);
-  o.config.max_grad_norm = static_cast<float>(a.clip);
+  apply_optimizer_args(a, o.config);
 
   std::unique_ptr<std::ofstream> metrics;
   if (!a.metrics.empty()) {
@@ -185,6 +175,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
       j["mfu"] = mfu;
       j["applied"] = s.applied;
       j["grad_norm"] = s.grad_norm;
+      j["lr"] = s.lr;
       *metrics << j.dump() << '\n';
     }
     char line[240];

@@ -72,6 +72,17 @@ std::string hex64(std::uint64_t v) {
 
 }  // namespace
 
+void apply_optimizer_args(const TrainArgs& a, Config& c) {
+  c.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(c.optimizer));
+  c.hyper.weight_decay = static_cast<float>(a.weight_decay);
+  if (!parse_lr_schedule(a.lr_schedule, c.hyper.schedule))
+    throw UsageError("--lr-schedule: unknown schedule '" + a.lr_schedule + "'");
+  c.hyper.warmup_steps = a.warmup;
+  c.hyper.total_steps = a.decay_steps > 0 ? a.decay_steps : a.steps;
+  c.hyper.min_lr = static_cast<float>(a.min_lr);
+  c.max_grad_norm = static_cast<float>(a.clip);
+}
+
 int run_train(const TrainArgs& a, Io& io) {
   if (a.gpt.model == "gpt") return run_train_gpt(a, io);
   check_backend(a.backend, "the example trainer");
@@ -86,14 +97,7 @@ int run_train(const TrainArgs& a, Io& io) {
   o.seed = a.seed;
   o.threads = a.threads;
   o.config = build_config(a.model, model);
-  o.config.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(o.config.optimizer));
-  o.config.hyper.weight_decay = static_cast<float>(a.weight_decay);
-  if (!parse_lr_schedule(a.lr_schedule, o.config.hyper.schedule))
-    throw UsageError("--lr-schedule: unknown schedule '" + a.lr_schedule + "'");
-  o.config.hyper.warmup_steps = a.warmup;
-  o.config.hyper.total_steps = a.decay_steps > 0 ? a.decay_steps : a.steps;
-  o.config.hyper.min_lr = static_cast<float>(a.min_lr);
-  o.config.max_grad_norm = static_cast<float>(a.clip);
+  apply_optimizer_args(a, o.config);
   o.resume_dir = a.resume;
   o.save_dir = a.save;
 
