@@ -431,3 +431,36 @@ TEST(CliTrain, LrScheduleInMetricsAndResume) {
   }
   EXPECT_EQ(second.back()["lr"].get<double>(), double(0.0002f));  // past --decay-steps: the floor
 }
+
+// 10 steps, --save, then 10 steps with --resume is the same run as 20 steps, bit for bit: the
+// data stream, the step numbers, the loss scaler and the schedule continue where they were.
+TEST(CliTrain, ResumeContinuesBitForBit) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/shardopt-cli-resume-XXXXXX";
+  ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+  const std::string dir = pattern;
+  auto train = [&](const std::string& steps, std::vector<std::string> extra) {
+    std::vector<std::string> args{"train", "--ranks", "2", "--stage", "2", "--layers", "2", "--hidden", "16",
+                                  "--batch", "4", "--dtype", "fp16", "--micro-steps", "2", "--lr-schedule", "cosine",
+                                  "--warmup", "3", "--decay-steps", "20", "--json", "--steps", steps};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    return last_json_line(r.out);
+  };
+  const json whole = train("20", {"--metrics", dir + "/whole.jsonl"});
+  train("10", {"--save", dir + "/ckpt"});
+  const json resumed = train("10", {"--resume", dir + "/ckpt", "--metrics", dir + "/resumed.jsonl"});
+  const std::vector<json> a = read_jsonl(dir + "/whole.jsonl"), b = read_jsonl(dir + "/resumed.jsonl");
+  std::filesystem::remove_all(dir);
+  EXPECT_EQ(resumed["param_digest"], whole["param_digest"]);
+  EXPECT_EQ(resumed["first_step"], 11);
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 10u);
+  for (std::size_t k = 0; k < 10; ++k) {
+    EXPECT_EQ(b[k]["step"], a[10 + k]["step"]);
+    EXPECT_EQ(b[k]["loss"].get<double>(), a[10 + k]["loss"].get<double>()) << "step " << 11 + k;
+    EXPECT_EQ(b[k]["lr"].get<double>(), a[10 + k]["lr"].get<double>()) << "step " << 11 + k;
+    EXPECT_EQ(b[k]["loss_scale"].get<double>(), a[10 + k]["loss_scale"].get<double>()) << "step " << 11 + k;
+  }
+}

@@ -6,9 +6,11 @@
 #include <barrier>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <span>
 #include <thread>
 
 namespace mlp {
@@ -185,6 +187,7 @@ struct RankSlot {
 
 struct Shared {
   const TrainOptions& opt;
+  int slot_of(int rank) const noexcept { return opt.bootstrap ? 0 : rank; }
   const std::function<void(const StepRecord&)>& on_step;
   const Teacher& teacher;
   std::shared_ptr<shardopt::ThreadPool> pool;
@@ -206,7 +209,7 @@ struct OnPhase {
     s->last = now;
     if (s->phase++ == 0 || s->error) return;
     StepRecord r;
-    r.step = s->phase - 1;
+    r.step = s->opt.first_step + s->phase - 1;
     for (const auto& slot : s->slots) r.loss += slot.loss;
     r.loss /= static_cast<double>(s->slots.size());
     r.step_ms = ms;
@@ -236,7 +239,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   shardopt::CpuBackendOptions bo;
   bo.pool = s.pool;
   auto backend = shardopt::make_cpu_backend(bo);
-  auto comm = shardopt::make_in_process_communicator(s.group, rank, *backend);
+  auto comm = o.bootstrap ? o.make_communicator(*backend) : shardopt::make_in_process_communicator(s.group, rank, *backend);
+  const int slot = s.slot_of(rank);
   shardopt::Engine engine(cfg, *backend, *comm);
   for (const auto& b : blocks(o.shape)) engine.register_block(b);
   shardopt::Hyperparams no_decay = cfg.hyper;
@@ -255,6 +259,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   }
 
   float scale = cfg.loss_scaling.mode == shardopt::LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
+  // A resumed run goes on with the checkpoint's loss scale (the CPU backend's buffer is host memory).
+  if (!o.resume_dir.empty() && cfg.loss_scaling.mode != shardopt::LossScaleMode::none) scale = *engine.loss_scale_buffer();
 
   // Parameters of block l as fp32 pointers: the engine's buffers, or widened copies.
   auto params_of = [&](const shardopt::BlockView& v) {
@@ -276,7 +282,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     if (step == o.steps - 1) engine.reset_comm_report();
     double loss = 0;
     for (int micro = 0; micro < cfg.accumulation_steps; ++micro) {
-      const std::uint64_t key = stream_key(o.seed + std::uint64_t(rank), 0xda7aull, std::uint64_t(step), std::uint64_t(micro));
+      const std::uint64_t key =
+          stream_key(o.seed + std::uint64_t(rank), 0xda7aull, std::uint64_t(o.first_step + step), std::uint64_t(micro));
       for (std::size_t i = 0; i < BH; ++i) xs[i] = normal(key, i);
       s.teacher.forward(B, xs.data(), target.data(), teacher_scratch);
 
@@ -322,19 +329,56 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     const shardopt::MemoryReport m = engine.memory_report();
     std::size_t bytes = 0;
     for (int p = 0; p < shardopt::kPlaceCount; ++p) bytes += m.current_total(static_cast<shardopt::Place>(p));
-    s.slots[rank] = RankSlot{loss / cfg.accumulation_steps, r, bytes};
-    if (step == o.steps - 1) s.result.last_step_comm[rank] = engine.comm_report();
+    double mean_loss = loss / cfg.accumulation_steps;
+    if (o.bootstrap) {
+      // The mean over every process's rank, summed in rank order as the in-process slots are.
+      const auto all = o.bootstrap->all_gather_bytes(std::as_bytes(std::span<const double>(&mean_loss, 1)));
+      double sum = 0;
+      for (const auto& b : all) {
+        double v = 0;
+        std::memcpy(&v, b.data(), std::min(b.size(), sizeof v));
+        sum += v;
+      }
+      mean_loss = sum / static_cast<double>(all.size());
+    }
+    s.slots[slot] = RankSlot{mean_loss, r, bytes};
+    if (step == o.steps - 1) s.result.last_step_comm[slot] = engine.comm_report();
     barrier.arrive_and_wait();
   }
 
-  if (!o.save_dir.empty()) engine.save(o.save_dir);  // collective: before the lock below
+  if (!o.save_dir.empty()) engine.save(o.save_dir, checkpoint_record(o.first_step + o.steps));  // collective
 
   // Every rank contributes the master values it owns; together they cover every tensor.
-  std::lock_guard<std::mutex> lock(s.mutex);
-  engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
-    std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
-  });
-  s.result.memory[rank] = engine.memory_report();
+  std::vector<std::byte> mine;  // multi-process: (tensor, begin, count, values...) records
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
+      std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
+      if (o.bootstrap) {
+        const std::uint64_t head[3] = {static_cast<std::uint64_t>(t), begin, count};
+        const auto* hb = reinterpret_cast<const std::byte*>(head);
+        const auto* vb = reinterpret_cast<const std::byte*>(values);
+        mine.insert(mine.end(), hb, hb + sizeof head);
+        mine.insert(mine.end(), vb, vb + count * sizeof(float));
+      }
+    });
+    s.result.memory[slot] = engine.memory_report();
+  }
+  if (o.bootstrap) {
+    for (const auto& rec : o.bootstrap->all_gather_bytes(mine)) {
+      std::size_t at = 0;
+      while (at + 24 <= rec.size()) {
+        std::uint64_t head[3];
+        std::memcpy(head, rec.data() + at, sizeof head);
+        at += sizeof head;
+        auto& dst = s.result.master.at(static_cast<std::size_t>(head[0]));
+        if (head[1] + head[2] > dst.size() || at + head[2] * 4 > rec.size())
+          throw Error(ErrorCode::internal, "mlp: a rank's master record does not fit the model");
+        std::memcpy(dst.data() + head[1], rec.data() + at, head[2] * 4);
+        at += head[2] * 4;
+      }
+    }
+  }
 }
 
 // OpenBLAS would start its own threads in every rank's GEMMs; ranks are threads already, so give
@@ -351,8 +395,23 @@ void set_blas_threads(int ranks) {
 
 }  // namespace
 
+std::string checkpoint_record(int next_step) { return "{\"next_step\": " + std::to_string(next_step) + "}"; }
+
+int read_next_step(const std::string& record) {
+  if (record.empty()) return 0;
+  const std::string key = "{\"next_step\": ";
+  char* end = nullptr;
+  const long v = record.rfind(key, 0) == 0 ? std::strtol(record.c_str() + key.size(), &end, 10) : -1;
+  if (v < 0 || v > 1000000000L || !end || std::string(end) != "}")
+    throw Error(ErrorCode::invalid_argument, "the checkpoint's trainer record '" + record +
+                                                 "' is not the example trainer's ({\"next_step\": N})");
+  return static_cast<int>(v);
+}
+
 TrainResult train(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };
+  if (o.bootstrap && !o.make_communicator) bad("a bootstrap needs make_communicator");
+  if (o.first_step < 0) bad("first_step must be >= 0, got " + std::to_string(o.first_step));
   if (o.shape.layers < 1) bad("layers must be >= 1, got " + std::to_string(o.shape.layers));
   if (o.shape.hidden < 1) bad("hidden must be >= 1, got " + std::to_string(o.shape.hidden));
   if (o.batch < 1) bad("batch must be >= 1, got " + std::to_string(o.batch));
@@ -361,26 +420,38 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
   // The same validation the engine does, here, before any rank thread exists: a rank failing
   // alone would leave its peers to find out through an aborted collective.
   const std::vector<BlockSpec> specs = blocks(o.shape);
-  (void)shardopt::plan_memory(o.config, specs, o.ranks);
+  const int world = o.bootstrap ? o.bootstrap->world_size() : o.ranks;
+  const int threads_here = o.bootstrap ? 1 : o.ranks;  // rank threads in this process
+  (void)shardopt::plan_memory(o.config, specs, world);
 
-  set_blas_threads(o.ranks);
+  set_blas_threads(threads_here);
   const Teacher teacher(o.shape, o.seed);
-  Shared s{o, on_step, teacher, shardopt::make_thread_pool(o.threads), shardopt::make_in_process_group(o.ranks),
-           std::vector<RankSlot>(o.ranks), TrainResult{}, {}, {}, 0, Clock::now()};
+  Shared s{o,
+           on_step,
+           teacher,
+           shardopt::make_thread_pool(o.threads),
+           o.bootstrap ? nullptr : shardopt::make_in_process_group(o.ranks),
+           std::vector<RankSlot>(static_cast<std::size_t>(threads_here)),
+           TrainResult{},
+           {},
+           {},
+           0,
+           Clock::now()};
   s.result.params = param_count(o.shape);
   s.result.activation_bytes = activation_bytes(o.shape, o.batch, o.config.compute_dtype);
-  s.result.memory.resize(o.ranks);
-  s.result.last_step_comm.resize(o.ranks);
+  s.result.memory.resize(static_cast<std::size_t>(threads_here));
+  s.result.last_step_comm.resize(static_cast<std::size_t>(threads_here));
   for (const auto& b : specs)
     for (const auto& t : b.tensors) {
       s.result.tensor_names.push_back(t.name);
       s.result.master.emplace_back(shardopt::numel(t.shape), 0.0f);
     }
 
-  std::barrier<OnPhase> barrier(o.ranks, OnPhase{&s});
+  std::barrier<OnPhase> barrier(threads_here, OnPhase{&s});
   std::vector<std::thread> threads;
-  for (int r = 0; r < o.ranks; ++r)
-    threads.emplace_back([&, r] {
+  for (int t = 0; t < threads_here; ++t)
+    threads.emplace_back([&, t] {
+      const int r = o.bootstrap ? o.bootstrap->rank() : t;
       try {
         run_rank(r, s, barrier);
       } catch (...) {

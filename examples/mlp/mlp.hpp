@@ -96,7 +96,23 @@ struct TrainOptions {
   shardopt::Config config;  // stage, dtypes, optimizer, accumulation_steps, ...
   std::string resume_dir;   // non-empty: Engine::load from this checkpoint after initialize
   std::string save_dir;     // non-empty: Engine::save into this directory after the last step
+  // The first step's number (0 for a new run). A resumed run passes the checkpoint's next_step
+  // (read_next_step): the data stream is a function of the step number, so 10 steps, a save and
+  // 10 resumed steps see the same batches as 20 steps. Saves record first_step + steps.
+  int first_step = 0;
+  // One rank per process (a launcher's job): when set, this process runs rank bootstrap->rank()
+  // of bootstrap->world_size(), with the communicator make_communicator returns for its backend,
+  // and `ranks` is ignored. Losses and the full master (for the digest) are exchanged through the
+  // bootstrap, so every process gets the same TrainResult but for `memory` and
+  // `last_step_comm`, which hold this process's rank only.
+  shardopt::Bootstrap* bootstrap = nullptr;
+  std::function<std::unique_ptr<shardopt::Communicator>(shardopt::Backend&)> make_communicator;
 };
+
+// The trainer's record in its checkpoints ({"next_step": N}) and its reading; 0 for a checkpoint
+// without one. Throws Error(invalid_argument) for a record that is not the trainer's.
+std::string checkpoint_record(int next_step);
+int read_next_step(const std::string& record);
 
 struct StepRecord {
   int step = 0;                // 1-based

@@ -230,6 +230,7 @@ int run(int argc, const char* const* argv, Io& io) {
       train.gpt.batch_given = train_cmd->count("--batch") > 0;
       train.gpt.layers_given = train_cmd->count("--layers") > 0;
       train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
+      train.ranks_given = train_cmd->count("--ranks") > 0;
       return run_train(train, io);
     }
     if (estimate_cmd->parsed()) {

@@ -93,6 +93,7 @@ struct TrainArgs {
   GptArgs gpt;
   std::string backend = "cpu";
   int ranks = 4;
+  bool ranks_given = false;  // --ranks on the command line (an error under a launcher)
   double lr = 0;  // 0: the optimizer's default
   std::string lr_schedule = "constant";
   std::int64_t warmup = 0;

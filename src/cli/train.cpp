@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <cstdlib>
 #include <sstream>
 
 #include "commands.hpp"
@@ -15,7 +16,8 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
       "train", "Train the example model (residual MLP blocks learning a fixed teacher) over in-process ranks");
   sub->add_option("--backend", a.backend, "cpu (the example model's matrix products have no CUDA path)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  sub->add_option("--ranks", a.ranks, "data-parallel ranks (threads in this process)")
+  sub->add_option("--ranks", a.ranks,
+                  "data-parallel ranks as threads of this process (under mpirun each process is one rank instead)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   add_model_options(sub, a.model, /*with_params=*/false, /*with_stage=*/true);
   std::string lr_help = "learning rate (default:";
@@ -83,36 +85,82 @@ void apply_optimizer_args(const TrainArgs& a, Config& c) {
   c.max_grad_norm = static_cast<float>(a.clip);
 }
 
+namespace {
+
+// Which launcher started this process, from the variables launchers set: mpirun (Open MPI, MPICH,
+// PMIx), srun, or torchrun-style. Empty when none did.
+std::string launcher_of_this_process() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v)) return "mpirun";
+  if (std::getenv("RANK") || std::getenv("WORLD_SIZE")) return "torchrun";
+  if (std::getenv("SLURM_PROCID") && std::getenv("SLURM_NTASKS") && std::string(std::getenv("SLURM_NTASKS")) != "1")
+    return "srun";
+  return {};
+}
+
+}  // namespace
+
 int run_train(const TrainArgs& a, Io& io) {
   if (a.gpt.model == "gpt") return run_train_gpt(a, io);
   check_backend(a.backend, "the example trainer");
   check_offload(a.model);
 
+  // Under a launcher every process is one rank of the launcher's world (MPI on the CPU);
+  // --ranks (threads in one process) does not combine with that.
+  const std::string launcher = launcher_of_this_process();
+  std::unique_ptr<MpiSession> mpi;
+  std::unique_ptr<Bootstrap> boot;
+  if (!launcher.empty()) {
+    if (a.ranks_given)
+      throw UsageError("--ranks: this process was started by " + launcher +
+                       ", whose world decides the ranks (one per process); --ranks is for in-process ranks "
+                       "without a launcher");
+    if (launcher != "mpirun")
+      throw UsageError("--backend cpu across processes runs over MPI: launch with mpirun (or srun --mpi=pmix), "
+                       "not " + launcher + " variables alone");
+    if (!mpi_built()) throw UsageError("launched by mpirun, but this shardopt was built without MPI");
+    mpi = std::make_unique<MpiSession>();
+    boot = make_mpi_bootstrap();
+  }
+  const int world = boot ? boot->world_size() : a.ranks;
+  const bool lead = !boot || boot->rank() == 0;  // prints and writes the outputs
+
   const Model model = build_model(a.model);
   mlp::TrainOptions o;
   o.shape = model.shape;
   o.batch = a.model.batch;
-  o.ranks = a.ranks;
+  o.ranks = world;
   o.steps = a.steps;
   o.seed = a.seed;
   o.threads = a.threads;
   o.config = build_config(a.model, model);
-  apply_optimizer_args(a, o.config);
   o.resume_dir = a.resume;
   o.save_dir = a.save;
+  // Resuming continues the data stream, the step numbers and the schedule where the checkpoint
+  // left them (the trainer's record in the checkpoint says where).
+  if (!a.resume.empty()) o.first_step = mlp::read_next_step(inspect_checkpoint(a.resume).trainer_metadata);
+  TrainArgs args = a;
+  if (args.decay_steps == 0) args.decay_steps = o.first_step + a.steps;  // the schedule spans the whole run
+  apply_optimizer_args(args, o.config);
+  if (boot) {
+    o.bootstrap = boot.get();
+    o.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
+    check_agreement(*boot, o.config, mlp::blocks(o.shape));
+  }
 
   std::unique_ptr<std::ofstream> metrics;
-  if (!a.metrics.empty()) {
+  if (!a.metrics.empty() && lead) {
     metrics = std::make_unique<std::ofstream>(a.metrics);
     if (!*metrics) throw UsageError("--metrics: cannot open '" + a.metrics + "' for writing");
   }
 
   // With --json stdout carries only the JSON line; the human-readable output goes to stderr.
-  std::ostream& human = a.json ? io.err : io.out;
-  const bool live = a.json ? io.err_tty : io.out_tty;
-  const double samples_per_step = double(a.ranks) * o.batch * o.config.accumulation_steps;
+  std::ostringstream discard;  // the other processes of a launched job print nothing
+  std::ostream& human = !lead ? discard : a.json ? io.err : io.out;
+  const bool live = lead && (a.json ? io.err_tty : io.out_tty);
+  const double samples_per_step = double(world) * o.batch * o.config.accumulation_steps;
   human << "shardopt train: " << model.description << " (" << format_count(model.params) << " params), "
-        << a.ranks << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer
+        << world << (boot ? " ranks (" + std::string(boot->kind()) + ", one per process)" : " ranks") << ", stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer
         << " lr " << o.config.hyper.lr << ", bucket " << format_bytes(double(o.config.bucket_bytes)) << ", "
         << (a.model.offload == "none" ? "" : "offload " + a.model.offload +
                                                  (a.model.offload_params ? " (+ parameters)" : "") + ", ")
@@ -120,6 +168,7 @@ int run_train(const TrainArgs& a, Io& io) {
   human.flush();
 
   const int every = std::max(1, a.steps / 10);
+  const int last_step = o.first_step + a.steps;  // step numbers continue a resumed run
   auto on_step = [&](const mlp::StepRecord& s) {
     if (metrics) {
       Json j;
@@ -134,14 +183,14 @@ int run_train(const TrainArgs& a, Io& io) {
     }
     char line[200];
     std::snprintf(line, sizeof line, "step %d/%d  loss %.6f  %.2f ms/step  %.0f samples/s  mem/rank %s%s", s.step,
-                  a.steps, s.loss, s.step_ms, s.step_ms > 0 ? samples_per_step * 1000.0 / s.step_ms : 0.0,
+                  last_step, s.loss, s.step_ms, s.step_ms > 0 ? samples_per_step * 1000.0 / s.step_ms : 0.0,
                   format_bytes(double(s.rank_bytes)).c_str(), s.applied ? "" : "  (skipped: overflow)");
     if (live) {
       // \r and a clear-to-end-of-line rewrite the same terminal line every step.
       human << '\r' << line << "\x1b[K";
-      if (s.step == a.steps) human << '\n';
+      if (s.step == last_step) human << '\n';
       human.flush();
-    } else if (s.step % every == 0 || s.step == 1 || s.step == a.steps) {
+    } else if (s.step % every == 0 || s.step == o.first_step + 1 || s.step == last_step) {
       human << line << '\n';
     }
   };
@@ -159,11 +208,13 @@ int run_train(const TrainArgs& a, Io& io) {
         << r.memory[0].to_string();
   human.flush();
 
-  if (a.json) {
+  if (a.json && lead) {
     Json j;
     j["params"] = r.params;
     j["steps"] = a.steps;
-    j["ranks"] = a.ranks;
+    j["first_step"] = o.first_step + 1;
+    j["ranks"] = world;
+    j["launcher"] = boot ? std::string(boot->kind()) : std::string("in-process");
     j["stage"] = o.config.stage;
     j["dtype"] = a.model.dtype;
     j["optimizer"] = a.model.optimizer;
