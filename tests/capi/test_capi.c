@@ -15,29 +15,37 @@
 
 #include "shardopt/shardopt.h"
 
+/* Counted from every rank thread: under a lock. */
 static int g_passed = 0, g_failed = 0;
+static pthread_mutex_t g_count_mu = PTHREAD_MUTEX_INITIALIZER;
+static void count(int ok) {
+  pthread_mutex_lock(&g_count_mu);
+  if (ok) ++g_passed;
+  else ++g_failed;
+  pthread_mutex_unlock(&g_count_mu);
+}
 
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (cond) {                                            \
-      ++g_passed;                                          \
-    } else {                                               \
-      ++g_failed;                                          \
+#define CHECK(cond, ...)                                     \
+  do {                                                       \
+    if (cond) {                                              \
+      count(1);                                              \
+    } else {                                                 \
+      count(0);                                              \
       fprintf(stderr, "FAILED %s:%d: ", __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                        \
-      fprintf(stderr, "\n");                               \
-    }                                                      \
+      fprintf(stderr, __VA_ARGS__);                          \
+      fprintf(stderr, "\n");                                 \
+    }                                                        \
   } while (0)
 
-#define OK(call)                                                                                     \
-  do {                                                                                               \
-    shardopt_status s_ = (call);                                                                     \
-    if (s_ != SHARDOPT_SUCCESS) {                                                                    \
-      ++g_failed;                                                                                    \
+#define OK(call)                                                                                              \
+  do {                                                                                                        \
+    shardopt_status s_ = (call);                                                                              \
+    if (s_ != SHARDOPT_SUCCESS) {                                                                             \
+      count(0);                                                                                               \
       fprintf(stderr, "FAILED %s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call, shardopt_status_string(s_), \
-              shardopt_last_error());                                                                \
-      return -1;                                                                                     \
-    }                                                                                                \
+              shardopt_last_error());                                                                         \
+      return -1;                                                                                              \
+    }                                                                                                         \
   } while (0)
 
 /* ---- the model: block "b0" = {w0 [5,7], b0 [7] (group 1)}, block "b1" = {w1 [7,3]} ---- */
