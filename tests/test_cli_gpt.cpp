@@ -16,36 +16,16 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "cli_run.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct Result {
-  int rc = 0;
-  std::string out, err;
-};
-
-Result run(std::vector<std::string> args) {
-  std::ostringstream out, err;
-  shardopt::cli::Io io{out, err, false, false};
-  std::vector<const char*> argv{"shardopt"};
-  for (const auto& a : args) argv.push_back(a.c_str());
-  Result r;
-  r.rc = shardopt::cli::run(static_cast<int>(argv.size()), argv.data(), io);
-  r.out = out.str();
-  r.err = err.str();
-  return r;
-}
-
-json last_json_line(const std::string& out) {
-  std::istringstream in(out);
-  std::string line, last;
-  while (std::getline(in, line))
-    if (!line.empty()) last = line;
-  return json::parse(last);
-}
+using Result = shardopt::testing::CliResult;
+using shardopt::testing::last_json_line;
+Result run(const std::vector<std::string>& args) { return shardopt::testing::run_cli(args); }
 
 struct Fixture : ::testing::Test {
   fs::path dir;

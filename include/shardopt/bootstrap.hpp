@@ -100,6 +100,9 @@ EnvLookup process_env();
 // set is incomplete or inconsistent (rank outside the world, bad port), when nothing is found,
 // and Error(invalid_state) when mpirun's variables are present but MPI is not initialized.
 LaunchEnv detect_launch(const EnvLookup& env = process_env());
+// True if mpirun (Open MPI, MPICH/PMI or PMIx) started this process, whether or not MPI is
+// initialized yet: a program decides from it whether to create an MpiSession. Never throws.
+bool started_by_mpirun(const EnvLookup& env = process_env()) noexcept;
 
 // The Bootstrap for detect_launch(env): MPI, or TCP on master_addr:master_port with `timeout`.
 std::unique_ptr<Bootstrap> make_bootstrap_from_env(BootstrapTimeout timeout = kDefaultBootstrapTimeout,

@@ -90,6 +90,15 @@ std::string first_slurm_host(std::string_view list) {
   return host;
 }
 
+namespace {
+// The variable by which mpirun's launchers mark their processes, or nullptr.
+const char* mpirun_variable(const EnvLookup& env) {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (env(v)) return v;
+  return nullptr;
+}
+}  // namespace
+
 LaunchEnv detect_launch(const EnvLookup& env) {
   LaunchEnv out;
   if (mpi_initialized_here()) {
@@ -138,17 +147,23 @@ LaunchEnv detect_launch(const EnvLookup& env) {
     }
     return out;
   }
-  for (const char* mpi_var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
-    if (env(mpi_var))
-      throw Error(ErrorCode::invalid_state, std::string("launcher environment: ") + mpi_var +
-                                                " is set (started by mpirun) but MPI is not initialized in this process: create a "
-                                                "shardopt::MpiSession before the bootstrap" +
-                                                (mpi_built() ? "" : " (and this build of shardopt has no MPI)"));
-  }
+  if (started_by_mpirun(env))
+    throw Error(ErrorCode::invalid_state, "launcher environment: started by mpirun (" + std::string(mpirun_variable(env)) +
+                                              " is set) but MPI is not initialized in this process: create a "
+                                              "shardopt::MpiSession before the bootstrap" +
+                                              (mpi_built() ? "" : " (and this build of shardopt has no MPI)"));
   throw Error(ErrorCode::invalid_argument,
               "launcher environment: no launcher found: set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (torchrun "
               "style), start with srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or start with mpirun and create a "
               "shardopt::MpiSession first");
+}
+
+bool started_by_mpirun(const EnvLookup& env) noexcept {
+  try {
+    return mpirun_variable(env) != nullptr;
+  } catch (...) {
+    return false;  // a lookup that throws finds nothing
+  }
 }
 
 std::unique_ptr<Bootstrap> make_bootstrap_from_env(BootstrapTimeout timeout, const EnvLookup& env) {

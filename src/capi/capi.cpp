@@ -178,11 +178,9 @@ shardopt::Engine& engine_of(shardopt_engine* e) {
   return *e->engine;
 }
 
-void fill_views(int block, const shardopt::BlockView& v, shardopt_view* views, int capacity) {
+// `views` has room for the block's tensors: check_views said so before the engine was called.
+void fill_views(const shardopt::BlockView& v, shardopt_view* views) {
   const int n = static_cast<int>(v.tensors.size());
-  if (n > capacity)
-    throw shardopt::Error(ErrorCode::invalid_argument, "block " + std::to_string(block) + " has " + std::to_string(n) +
-                                                           " tensors but the views array holds " + std::to_string(capacity));
   for (int i = 0; i < n; ++i) {
     const auto& t = v.tensors[static_cast<std::size_t>(i)];
     views[i].data = t.data;
@@ -420,7 +418,7 @@ shardopt_status shardopt_engine_block_tensors(const shardopt_engine* e, int bloc
 shardopt_status shardopt_engine_acquire(shardopt_engine* e, int block, shardopt_view* views, int capacity) {
   return guarded([&] {
     check_views(e, block, views, capacity);
-    fill_views(block, e->engine->acquire(block), views, capacity);
+    fill_views(e->engine->acquire(block), views);
   });
 }
 shardopt_status shardopt_engine_release(shardopt_engine* e, int block) {
@@ -429,7 +427,7 @@ shardopt_status shardopt_engine_release(shardopt_engine* e, int block) {
 shardopt_status shardopt_engine_gradients(shardopt_engine* e, int block, shardopt_view* views, int capacity) {
   return guarded([&] {
     check_views(e, block, views, capacity);
-    fill_views(block, e->engine->gradients(block), views, capacity);
+    fill_views(e->engine->gradients(block), views);
   });
 }
 shardopt_status shardopt_engine_grads_ready(shardopt_engine* e, int block) {

@@ -52,16 +52,6 @@ void add_gpt_train_options(CLI::App* sub, GptArgs& g) {
   sub->add_flag("--recompute", g.recompute, "gpt: keep only each layer's input; recompute its activations in backward");
 }
 
-namespace {
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-}  // namespace
 
 gpt::Shape gpt_shape(const GptArgs& g, const ModelArgs& m, bool explicit_layers, bool explicit_hidden) {
   if (!g.preset.empty()) {

@@ -59,13 +59,6 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
 
 namespace {
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 std::string hex64(std::uint64_t v) {
   char buf[20];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
@@ -90,8 +83,7 @@ namespace {
 // Which launcher started this process, from the variables launchers set: mpirun (Open MPI, MPICH,
 // PMIx), srun, or torchrun-style. Empty when none did.
 std::string launcher_of_this_process() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-    if (std::getenv(v)) return "mpirun";
+  if (started_by_mpirun()) return "mpirun";
   if (std::getenv("RANK") || std::getenv("WORLD_SIZE")) return "torchrun";
   if (std::getenv("SLURM_PROCID") && std::getenv("SLURM_NTASKS") && std::string(std::getenv("SLURM_NTASKS")) != "1")
     return "srun";

@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace shardopt::cli {
 
@@ -25,6 +26,9 @@ bool too_large(std::string_view text, bool bytes);
 // The largest --params the planning commands accept (2^48): per-parameter byte counts of any
 // stage then stay far below 2^64.
 inline constexpr std::uint64_t kMaxParams = std::uint64_t(1) << 48;
+
+// The median of `v` (the mean of the middle two for an even count); 0 if empty.
+double median(std::vector<double> v);
 
 // 1536 -> "1.5 KiB"; below 1 KiB in bytes ("512 B").
 std::string format_bytes(double bytes);
