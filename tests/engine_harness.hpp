@@ -476,6 +476,7 @@ inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& s
     }
   const DType c = spec.cfg.compute_dtype;
   const int A = spec.cfg.accumulation_steps;
+  const bool sum_in_compute_dtype = spec.cfg.stage <= 1 && A > 1 && c != DType::fp32;
   for (int s = 0; s < spec.steps; ++s) {
     bool skip = false;
     for (int k : skip_steps) skip |= (k == s);
@@ -486,8 +487,22 @@ inline ReferenceRun run_reference(const RunSpec& spec, const std::vector<int>& s
       const std::uint64_t key = name_key(names[k]);
       for (std::size_t i = 0; i < g[k].size(); ++i) {
         double acc = 0;
-        for (int r = 0; r < spec.world; ++r)
-          for (int micro = 0; micro < A; ++micro) acc += synthetic_grad(spec.seed, s, micro, r, key, i, c);
+        for (int r = 0; r < spec.world; ++r) {
+          // Stages 0-1 sum a rank's micro-steps in its gradient buffer, in the compute dtype (the
+          // engine's contract): each addition is rounded there, as a trainer's add is.
+          float local = 0.0f;
+          for (int micro = 0; micro < A; ++micro) {
+            const float v = synthetic_grad(spec.seed, s, micro, r, key, i, c);
+            if (sum_in_compute_dtype) {
+              unsigned char b[4];
+              store_from_float(b, c, 0, local + v);
+              local = load_as_float(b, c, 0);
+            } else {
+              acc += v;
+            }
+          }
+          if (sum_in_compute_dtype) acc += local;
+        }
         g[k][i] = acc / (spec.world * A);
         sumsq += g[k][i] * g[k][i];
       }

@@ -38,6 +38,20 @@ TEST(Oracle, Bf16ComputeFp32Reduce) {
   }
 }
 
+// The same with three micro-steps: stages 0-1 sum them in bf16 before the fp32 reduction (the
+// reference models those roundings), stages 2-3 in the fp32 shard. The CUDA test of this case
+// (CudaEngine.AccumulationAndFp32Reduce) failed on a GPU while this one did not exist.
+TEST(Oracle, Bf16ComputeFp32ReduceAccumulated) {
+  for (int stage = 0; stage <= 3; ++stage) {
+    RunSpec spec = oracle_spec(stage, 3, DType::bf16, OptimizerKind::adamw);
+    spec.cfg.reduce_dtype = DType::fp32;
+    spec.cfg.accumulation_steps = 3;
+    spec.steps = 6;
+    SCOPED_TRACE("stage " + std::to_string(stage));
+    expect_matches_reference(spec, run_training(spec));
+  }
+}
+
 TEST(Oracle, ThousandTinyTensors) {
   for (int stage : {0, 1, 2, 3}) {
     RunSpec spec;
