@@ -104,22 +104,32 @@ unsigned long long capture_id(cudaStream_t stream, std::string_view name) {
   return status == cudaStreamCaptureStatusActive ? id : 0;
 }
 
-unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned long long recorded_in) {
-  const unsigned long long capture = capture_id(stream, name);
-  // An event recorded in another capture is left to CUDA to refuse: turning that wait into an
-  // external one would silently drop the ordering.
-  return capture != 0 && recorded_in == 0 ? cudaEventWaitExternal : cudaEventWaitDefault;
+CaptureMark capture_mark(cudaStream_t recorded_on, std::string_view name) {
+  return {capture_id(recorded_on, name), recorded_on};
 }
 
-void stream_wait(cudaStream_t stream, std::string_view name, cudaEvent_t event, unsigned long long recorded_in) {
+namespace {
+// Whether the capture `recorded` names is still going on on the stream that recorded the event.
+bool still_capturing(const CaptureMark& recorded) noexcept {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  if (cudaStreamGetCaptureInfo(recorded.origin, &status, &id) != cudaSuccess) {
+    (void)cudaGetLastError();  // the stream is gone: so is its capture
+    return false;
+  }
+  return status == cudaStreamCaptureStatusActive && id == recorded.id;
+}
+}  // namespace
+
+void stream_wait(cudaStream_t stream, std::string_view name, cudaEvent_t event, const CaptureMark& recorded) {
   const unsigned long long capture = capture_id(stream, name);
-  if (recorded_in != 0 && recorded_in != capture) return;  // its capture is over: see cuda_internal.hpp
-  check(cudaStreamWaitEvent(stream, event, capture != 0 && recorded_in == 0 ? cudaEventWaitExternal : cudaEventWaitDefault),
+  if (recorded.id != 0 && recorded.id != capture && !still_capturing(recorded)) return;  // its capture is over
+  check(cudaStreamWaitEvent(stream, event, capture != 0 && recorded.id == 0 ? cudaEventWaitExternal : cudaEventWaitDefault),
         "cudaStreamWaitEvent", "making stream '" + std::string(name) + "' wait for an event");
 }
 
-void host_wait(cudaEvent_t event, unsigned long long recorded_in, std::string_view doing) {
-  if (recorded_in != 0)
+void host_wait(cudaEvent_t event, const CaptureMark& recorded, std::string_view doing) {
+  if (recorded.id != 0)
     check(cudaDeviceSynchronize(), "cudaDeviceSynchronize", std::string(doing) + " (an event last recorded in a CUDA-graph capture)");
   else
     check(cudaEventSynchronize(event), "cudaEventSynchronize", doing);
@@ -160,12 +170,12 @@ class CudaEvent final : public Event {
     std::lock_guard<std::mutex> lock(mutex_);
     return slot_;
   }
-  // The id of the stream capture its last record joined (0: recorded outside any capture).
-  void set_capture(unsigned long long id) {
+  // The capture its last record joined (id 0: recorded outside any capture).
+  void set_capture(const CaptureMark& mark) {
     std::lock_guard<std::mutex> lock(mutex_);
-    capture_ = id;
+    capture_ = mark;
   }
-  unsigned long long capture() const {
+  CaptureMark capture() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return capture_;
   }
@@ -173,7 +183,7 @@ class CudaEvent final : public Event {
  private:
   mutable std::mutex mutex_;
   std::shared_ptr<ErrorSlot> slot_;
-  unsigned long long capture_ = 0;
+  CaptureMark capture_;
   int device_;
   cudaEvent_t event_ = nullptr;
 };
@@ -663,15 +673,16 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device_);
     check(cudaEventRecord(e.handle(), s.handle()), "cudaEventRecord", "recording an event on stream '" + s.name() + "'");
     e.set_slot(s.errors());
-    e.set_capture(capture_id(s.handle(), s.name()));
+    e.set_capture(capture_mark(s.handle(), s.name()));
   }
 
   // While `stream` is being captured into a CUDA graph, an event recorded outside any capture
   // (by earlier, eager work: the previous step's "bucket free", say) is waited on as an external
   // event node: at each launch the graph waits for that event's last real record. A plain wait
-  // would be an error (CUDA does not let a capture depend on uncaptured work). An event last
-  // recorded in a capture that is over has no real record: the wait is skipped, and
-  // synchronize(event) waits for the device (stream_wait, host_wait in cuda_internal.hpp).
+  // would be an error (CUDA does not let a capture depend on uncaptured work). A wait on an event
+  // recorded in a capture still going on makes `stream` join it. An event last recorded in a
+  // capture that is over has no real record: the wait is skipped, and synchronize(event) waits for
+  // the device (stream_wait, host_wait in cuda_internal.hpp).
   void wait(Stream& stream, Event& event) override {
     CudaEvent& e = cuda_event(event, "wait");
     CudaStream& s = own(stream, "wait");

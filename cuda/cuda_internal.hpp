@@ -74,27 +74,31 @@ class CudaStream final : public Stream {
 CudaStream& cuda_stream(Stream& stream, std::string_view what);
 
 // CUDA graph capture. capture_id: the id of the capture `stream` is part of, 0 if it is not being
-// captured. wait_flags: the flags for cudaStreamWaitEvent(stream, e) where e's last record joined
-// capture `recorded_in` (0: recorded outside any capture). A capture may not depend on uncaptured
-// work, so while `stream` is captured a wait on an event recorded outside any capture becomes an
-// external event node (cudaEventWaitExternal): at each launch the graph waits for that event's
-// last real record. A wait on an event of another capture keeps its flags, and CUDA refuses it.
+// captured.
 unsigned long long capture_id(cudaStream_t stream, std::string_view name);
-unsigned int wait_flags(cudaStream_t stream, std::string_view name, unsigned long long recorded_in);
 
-// The lifecycle of an event recorded inside a capture. CUDA keeps no real record of such an event:
-// the work it marks runs at every launch of the graph, and an eager wait or synchronize on it is
-// an error. Once its capture is over (this process captures on one stream at a time; a concurrent
-// capture on another thread is indistinguishable from a finished one), shardopt treats it so:
-//   stream_wait: skipped. Whatever the event marked runs inside graph launches, and the engine
-//     makes every stream that later uses such an event join the stream the graph is launched on
-//     (compute_stream()) first, so stream order already covers it.
-//   host_wait: waits for the whole device, i.e. for every graph launched so far.
-// Otherwise they are cudaStreamWaitEvent (with wait_flags) and cudaEventSynchronize. Neither may be
-// called on a stream or from a thread that is capturing, except stream_wait on the capturing
-// stream itself. `recorded_in` is the capture id of the event's last record (0: outside any).
-void stream_wait(cudaStream_t stream, std::string_view name, cudaEvent_t event, unsigned long long recorded_in);
-void host_wait(cudaEvent_t event, unsigned long long recorded_in, std::string_view doing);
+// Where an event's last record went: the capture it joined (id 0: outside any capture) and the
+// stream it was recorded on, whose capture status tells whether that capture is still going on.
+struct CaptureMark {
+  unsigned long long id = 0;
+  cudaStream_t origin = nullptr;
+};
+CaptureMark capture_mark(cudaStream_t recorded_on, std::string_view name);
+
+// Waits on an event whose last record is `recorded`:
+//   recorded outside any capture: cudaStreamWaitEvent; while `stream` is being captured the wait
+//     is an external event node (cudaEventWaitExternal): at each launch the graph waits for the
+//     event's last real record (a capture may not depend on uncaptured work otherwise);
+//   recorded in a capture still going on: a plain wait, which makes `stream` join that capture
+//     (CUDA's fork/join: the engine's side stream joins a capture begun on compute_stream());
+//   recorded in a capture that is over: CUDA keeps no real record of it, so the wait is skipped.
+//     The work it marked runs inside graph launches, and the engine makes every stream that later
+//     uses such an event join the stream graphs are launched on (compute_stream()) first.
+// host_wait: cudaEventSynchronize, or for an event recorded in a capture, a wait for the whole
+// device (every graph launched so far). Neither may be called from a thread that is capturing,
+// except stream_wait on a stream that is or joins that capture.
+void stream_wait(cudaStream_t stream, std::string_view name, cudaEvent_t event, const CaptureMark& recorded);
+void host_wait(cudaEvent_t event, const CaptureMark& recorded, std::string_view doing);
 
 // The device ordinal of a CUDA backend; Error(invalid_argument) if `backend` is not one.
 int device_of(const Backend& backend, std::string_view what);

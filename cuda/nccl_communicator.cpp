@@ -428,8 +428,8 @@ class NcclCommunicator final : public Communicator {
   void release_scratch(CudaStream& s) {
     check(cudaEventRecord(scratch_free_, s.handle()), "cudaEventRecord",
           "marking the NCCL fp32 scratch free on stream '" + s.name() + "'");
-    scratch_capture_ = capture_id(s.handle(), s.name());
-    if (scratch_capture_ != 0) scratch_in_graph_ = true;
+    scratch_capture_ = capture_mark(s.handle(), s.name());
+    if (scratch_capture_.id != 0) scratch_in_graph_ = true;
     scratch_used_ = true;
   }
 
@@ -462,7 +462,7 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t scratch_free_ = nullptr;  // recorded after the scratch's last use
   bool scratch_used_ = false;
   bool scratch_in_graph_ = false;  // a capture has used the scratch: it may never move again
-  unsigned long long scratch_capture_ = 0;  // the capture its last record joined (0: none)
+  CaptureMark scratch_capture_;  // the capture its last record joined (id 0: none)
 };
 
 }  // namespace
