@@ -14,7 +14,8 @@
 #                        CPU one, the engine's GPU tests (bits against the CPU, CUDA-graph capture),
 #                        then the oracle matrix with every rank on the GPU
 #   bench.log            bench_gpu_update (fused AdamW against a device-to-device copy), then
-#                        PyTorch's fused AdamW on the same parameter count
+#                        PyTorch's fused AdamW on the same parameter count, then bench_gpu_step
+#                        (a whole engine step captured in a CUDA graph against the eager step)
 #   memcheck.log         compute-sanitizer memcheck over both GPU test binaries (subsets)
 #   racecheck.log        compute-sanitizer racecheck over the reduction kernels
 #   ncu.log              Nsight Compute on the fused update (occupancy, throughput)
@@ -160,7 +161,7 @@ fi
 # brings (and of what the GPU image lacks) are hidden from CMake's searches.
 # ("/" too: /lib is /usr/lib on merged-/usr systems, and CMake derives prefixes from PATH.)
 [ "$mode" = build-only ] && cfg+=(-DCMAKE_IGNORE_PREFIX_PATH="/usr;/usr/local;/" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
-targets=(test_cuda_backend test_engine_cuda bench_gpu_update)
+targets=(test_cuda_backend test_engine_cuda bench_gpu_update bench_gpu_step)
 
 step configure build.log 90 cmake "${cfg[@]}" || { say "gpu-suite: configure failed, nothing else runs"; exit 1; }
 step build build.log 300 cmake --build "$build" -j"$jobs" --target "${targets[@]}" ||
@@ -206,6 +207,10 @@ torch_args=(--params "$params")
 [ -n "$ms_per_1b" ] && torch_args+=(--shardopt-ms-per-1b "$ms_per_1b")
 step bench-torch-adamw bench.log 90 python3 "$root/scripts/bench_torch_adamw.py" "${torch_args[@]}"
 grep -E '^(torch|shardopt /)' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
+for st in 0 3; do
+  step bench-gpu-step bench.log 60 "$build/bench/bench_gpu_step" --stage "$st"
+done
+grep -E '^(eager|captured)|^RESULT stage' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
 
 # ---- sanitizers and counters (Firecracker only) -------------------------------------------------
 cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
