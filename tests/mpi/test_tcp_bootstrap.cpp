@@ -49,6 +49,9 @@ int child_main() {
     const std::string id(128, static_cast<char>('a' + world));  // the size of an NCCL unique id
     auto got = boot->broadcast_bytes({reinterpret_cast<const std::byte*>(id.data()), rank == world - 1 ? id.size() : 0}, world - 1);
     if (std::string(reinterpret_cast<const char*>(got.data()), got.size()) != id) return kFailed;
+    // A rank killed after the rendezvous (as torchrun's agent would see a SIGKILLed worker): the
+    // survivors' next collective must fail, not wait for a rank that will never come.
+    if (mode && std::string(mode) == "killed" && rank == world - 1) ::raise(SIGKILL);
     Config cfg = shardopt::testing::base_config(2, DType::bf16, OptimizerKind::adamw);
     if (mode && std::string(mode) == "config-mismatch" && rank == world - 1) cfg.hyper.lr *= 2;
     check_agreement(*boot, cfg, shardopt::testing::awkward_model());
@@ -168,6 +171,18 @@ TEST(TcpBootstrap, WorldSizeDisagreementFailsEveryRank) {
 TEST(TcpBootstrap, ConfigDisagreementFailsEveryRank) {
   const auto kids = run_children({{0, 3}, {1, 3}, {2, 3}}, free_port(), 10000, "config-mismatch", std::chrono::seconds(20));
   for (const auto& k : kids) EXPECT_EQ(k.status, kDisagree);
+}
+
+TEST(TcpBootstrap, RankKilledAfterRendezvousFailsTheOthersBeforeTheirTimeout) {
+  // Rank 2 of 3 dies by SIGKILL after two collectives; the survivors are in the agreement check's
+  // exchange. Its socket closes with the process, so they must fail at once with an error (kFailed
+  // or kTimedOut both end the run; a hang is status 99), well before their 30 s timeout.
+  const auto kids = run_children({{0, 3}, {1, 3}, {2, 3}}, free_port(), 30000, "killed", std::chrono::seconds(60));
+  EXPECT_EQ(kids[2].status, 100 + SIGKILL) << "the killed rank";
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_TRUE(kids[i].status == kFailed || kids[i].status == kTimedOut) << "rank " << i << " status " << kids[i].status;
+    EXPECT_LT(kids[i].seconds, 15.0) << "rank " << i << " waited for its timeout instead of seeing the peer gone";
+  }
 }
 
 TEST(TcpBootstrap, SingleRankNeedsNoNetwork) {
