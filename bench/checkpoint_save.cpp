@@ -25,18 +25,15 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "shardopt/shardopt.hpp"
 
 using namespace shardopt;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::median;
+using bench::seconds_since;
 
 namespace {
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
 
 struct Args {
   std::size_t params = std::size_t(16) << 20;
@@ -44,16 +41,6 @@ struct Args {
   int ranks = 2;
   std::string dir = "/tmp";
 };
-
-std::vector<BlockSpec> model(std::size_t params) {
-  const std::size_t per_block = std::size_t(2) << 20;
-  std::vector<BlockSpec> blocks;
-  for (std::size_t done = 0, b = 0; done < params; done += per_block, ++b) {
-    const auto n = static_cast<std::int64_t>(std::min(per_block, params - done));
-    blocks.push_back({"b" + std::to_string(b), {{"w" + std::to_string(b), {n}, 0}}});
-  }
-  return blocks;
-}
 
 // One step: every block's gradient (a constant, written in place) reported ready, then step().
 void one_step(Engine& e, int nblocks) {
@@ -88,7 +75,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string dir = a.dir + "/shardopt-bench-ckpt-" + std::to_string(::getpid());
-  const auto blocks = model(a.params);
+  const auto blocks = bench::flat_model(a.params);
   const int nb = static_cast<int>(blocks.size());
   Config cfg;
   cfg.stage = 2;

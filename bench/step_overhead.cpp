@@ -26,34 +26,21 @@
 #include <vector>
 
 #include "cpu/kernels.hpp"
+#include "bench_util.hpp"
 #include "shardopt/shardopt.hpp"
 
 using namespace shardopt;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::median;
+using bench::seconds_since;
 
 namespace {
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 struct Args {
   std::size_t params = std::size_t(16) << 20;
   int steps = 7;
   bool world4 = true;
 };
-
-std::vector<BlockSpec> model(std::size_t params) {
-  const std::size_t per_block = std::size_t(2) << 20;
-  std::vector<BlockSpec> blocks;
-  for (std::size_t done = 0, b = 0; done < params; done += per_block, ++b) {
-    const auto n = static_cast<std::int64_t>(std::min(per_block, params - done));
-    blocks.push_back({"b" + std::to_string(b), {{"w" + std::to_string(b), {n}, 0}}});
-  }
-  return blocks;
-}
 
 Config config() {
   Config c;
@@ -126,7 +113,7 @@ double time_steps(int world, const Args& a, UpdateAlone* update = nullptr, doubl
         auto be = make_cpu_backend();
         auto comm = make_in_process_communicator(group, rank, *be);
         Engine e(config(), *be, *comm);
-        for (const auto& b : model(a.params)) e.register_block(b);
+        for (const auto& b : bench::flat_model(a.params)) e.register_block(b);
         e.initialize();
         const int nb = static_cast<int>(e.layout().blocks().size());
         for (int s = 0; s < a.steps + 2; ++s) {
