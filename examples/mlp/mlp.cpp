@@ -6,9 +6,14 @@
 #include <barrier>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <new>
+#include <stdexcept>
+#include <filesystem>
 #include <mutex>
 #include <span>
 #include <thread>
@@ -27,6 +32,20 @@ std::uint64_t mix(std::uint64_t x) noexcept {  // splitmix64 finalizer
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
+}
+
+// std::vector<float>(n) for the trainer's own buffers, with an allocation failure (std::bad_alloc,
+// or a count past max_size) reported as Error(out_of_memory) naming the buffer and its size.
+std::vector<float> host_floats(std::size_t n, const char* what) {
+  try {
+    return std::vector<float>(n);
+  } catch (const std::bad_alloc&) {
+  } catch (const std::length_error&) {
+  }
+  const std::string bytes = n <= SIZE_MAX / sizeof(float) ? std::to_string(n * sizeof(float)) + " bytes"
+                                                           : std::string("more than 2^64 bytes");
+  throw Error(ErrorCode::out_of_memory,
+              std::string("mlp: cannot allocate ") + what + ": " + std::to_string(n) + " floats (" + bytes + ")");
 }
 
 std::size_t block_params(int h) {
@@ -128,7 +147,8 @@ float normal(std::uint64_t key, std::uint64_t i) noexcept {
   return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
 }
 
-Teacher::Teacher(const Shape& shape, std::uint64_t seed) : shape_(shape), w_(param_count(shape)) {
+Teacher::Teacher(const Shape& shape, std::uint64_t seed)
+    : shape_(shape), w_(host_floats(param_count(shape), "the teacher's weights (a full fp32 copy of the model)")) {
   // Weights at the scale of a standard initialisation (variance 1/fan_in), biases small: the
   // teacher's function is then as far from the student's start as a typical init is from another.
   const std::size_t H = shape.hidden, F = 4 * H;
@@ -250,12 +270,16 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   if (!o.resume_dir.empty()) engine.load(o.resume_dir);  // collective, like every engine call here
 
   // The trainer's own memory (activation_bytes() counts the same buffers).
-  std::vector<float> xs((L + 1) * BH), as(L * BF), us(L * BF), dy(BH), dx(BH), target(BH), da(BF);
+  std::vector<float> xs = host_floats((L + 1) * BH, "the block inputs (activations)");
+  std::vector<float> as = host_floats(L * BF, "the pre-activations (activations)");
+  std::vector<float> us = host_floats(L * BF, "the GELU outputs (activations)");
+  std::vector<float> dy = host_floats(BH, "dL/dy"), dx = host_floats(BH, "dL/dx"), target = host_floats(BH, "targets");
+  std::vector<float> da = host_floats(BF, "dL/da");
   std::vector<float> teacher_scratch;
   std::vector<float> pw, gw;  // fp32 copies of one block's params / grads for 16-bit compute
   if (!wide) {
-    pw.resize(block_params(h));
-    gw.resize(block_params(h));
+    pw = host_floats(block_params(h), "a block's widened parameters");
+    gw = host_floats(block_params(h), "a block's widened gradients");
   }
 
   float scale = cfg.loss_scaling.mode == shardopt::LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
@@ -275,6 +299,14 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
       off += v.tensors[t].numel;
     }
     return BlockParams{p[0], p[1], p[2], p[3]};
+  };
+
+  // Background checkpoints: the step whose save is in flight is committed at commit_at (-1: none).
+  int commit_at = -1;
+  auto commit_save = [&] {
+    engine.wait_save();  // collective: every rank commits the same save here
+    if (rank == 0) (void)prune_step_checkpoints(o.checkpoints_dir, o.keep);
+    commit_at = -1;
   };
 
   barrier.arrive_and_wait();
@@ -344,6 +376,17 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     s.slots[slot] = RankSlot{mean_loss, r, bytes};
     if (step == o.steps - 1) s.result.last_step_comm[slot] = engine.comm_report();
     barrier.arrive_and_wait();
+
+    if (o.save_every > 0) {
+      const int done = o.first_step + step + 1;  // steps taken: the record a resumed run starts from
+      const bool last = step + 1 == o.steps;
+      if (commit_at >= 0 && (done >= commit_at || last)) commit_save();
+      if (!last && done % o.save_every == 0) {
+        if (commit_at >= 0) commit_save();  // one save in flight at a time
+        engine.save_async(step_checkpoint_dir(o.checkpoints_dir, done), checkpoint_record(done));
+        commit_at = done + std::max(1, o.save_every / 2);
+      }
+    }
   }
 
   if (!o.save_dir.empty()) engine.save(o.save_dir, checkpoint_record(o.first_step + o.steps));  // collective
@@ -408,9 +451,65 @@ int read_next_step(const std::string& record) {
   return static_cast<int>(v);
 }
 
+std::string step_checkpoint_dir(const std::string& root, int step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step-%06d", step);
+  return (std::filesystem::path(root) / name).string();
+}
+
+std::vector<StepCheckpoint> list_step_checkpoints(const std::string& root) {
+  namespace fs = std::filesystem;
+  std::vector<StepCheckpoint> out;
+  std::error_code ec;
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const std::string digits = name.size() > 5 ? name.substr(5) : std::string();
+    if (name.rfind("step-", 0) != 0 || digits.size() < 6 || digits.size() > 9 ||
+        !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      continue;
+    std::error_code dir_ec;
+    if (!it->is_directory(dir_ec)) continue;
+    StepCheckpoint c;
+    c.step = std::atoi(digits.c_str());
+    c.dir = it->path().string();
+    try {
+      c.complete = read_next_step(shardopt::inspect_checkpoint(c.dir).trainer_metadata) == c.step;
+    } catch (const std::exception&) {
+      c.complete = false;  // no manifest, or one that does not verify: a save that never committed
+    }
+    out.push_back(std::move(c));
+  }
+  std::sort(out.begin(), out.end(), [](const StepCheckpoint& a, const StepCheckpoint& b) { return a.step < b.step; });
+  return out;
+}
+
+std::vector<std::string> prune_step_checkpoints(const std::string& root, int keep) {
+  const std::vector<StepCheckpoint> all = list_step_checkpoints(root);
+  std::vector<int> complete;  // indices, newest first
+  for (std::size_t i = all.size(); i-- > 0;)
+    if (all[i].complete) complete.push_back(static_cast<int>(i));
+  if (complete.empty()) return {};
+  const int newest = all[static_cast<std::size_t>(complete.front())].step;
+  std::vector<std::string> removed;
+  for (std::size_t k = 0; k < complete.size(); ++k) {
+    const StepCheckpoint& c = all[static_cast<std::size_t>(complete[k])];
+    if (static_cast<int>(k) >= std::max(1, keep)) removed.push_back(c.dir);
+  }
+  for (const StepCheckpoint& c : all)
+    if (!c.complete && c.step < newest) removed.push_back(c.dir);
+  for (const std::string& dir : removed) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);  // a failure leaves garbage the next prune retries
+  }
+  return removed;
+}
+
 TrainResult train(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };
   if (o.bootstrap && !o.make_communicator) bad("a bootstrap needs make_communicator");
+  if (o.save_every < 0) bad("save_every must be >= 0, got " + std::to_string(o.save_every));
+  if (o.save_every > 0 && o.checkpoints_dir.empty()) bad("save_every needs checkpoints_dir");
+  if (o.save_every > 0 && o.keep < 1) bad("keep must be >= 1, got " + std::to_string(o.keep));
   if (o.first_step < 0) bad("first_step must be >= 0, got " + std::to_string(o.first_step));
   if (o.shape.layers < 1) bad("layers must be >= 1, got " + std::to_string(o.shape.layers));
   if (o.shape.hidden < 1) bad("hidden must be >= 1, got " + std::to_string(o.shape.hidden));
@@ -444,7 +543,7 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
   for (const auto& b : specs)
     for (const auto& t : b.tensors) {
       s.result.tensor_names.push_back(t.name);
-      s.result.master.emplace_back(shardopt::numel(t.shape), 0.0f);
+      s.result.master.push_back(host_floats(shardopt::numel(t.shape), "the gathered master weights (for the digest)"));
     }
 
   std::barrier<OnPhase> barrier(threads_here, OnPhase{&s});

@@ -1,5 +1,9 @@
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <sstream>
 
 #include "commands.hpp"
@@ -14,6 +18,65 @@ std::vector<std::string> rule_choices() {
   SHARDOPT_RULES(SHARDOPT_RULE_CHOICE)
 #undef SHARDOPT_RULE_CHOICE
   return out;
+}
+
+namespace {
+
+// The value as a double if all of `text` is one number (nan and inf included: they are told
+// apart from malformed text by the callers).
+std::optional<double> whole_number(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(text.c_str(), &end);
+  if (end != text.c_str() + text.size()) return std::nullopt;
+  return v;
+}
+
+}  // namespace
+
+const CLI::Validator& unsigned_integer() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string {
+        const bool digits = !text.empty() && text.size() <= 20 &&
+                            std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+        errno = 0;
+        if (!digits || (std::strtoull(text.c_str(), nullptr, 10), errno == ERANGE))
+          return "'" + text + "' is not an integer in 0.." + std::to_string(~std::uint64_t(0));
+        return {};
+      },
+      "UINT");
+  return v;
+}
+
+const CLI::Validator& positive_finite() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string {
+        const auto x = whole_number(text);
+        if (!x) return "'" + text + "' is not a number";
+        if (!std::isfinite(*x) || *x <= 0) return "must be a finite number > 0, not '" + text + "'";
+        return {};
+      },
+      "POSITIVE");
+  return v;
+}
+
+const CLI::Validator& non_negative_finite() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string {
+        const auto x = whole_number(text);
+        if (!x) return "'" + text + "' is not a number";
+        if (!std::isfinite(*x) || *x < 0) return "must be a finite number >= 0, not '" + text + "'";
+        return {};
+      },
+      "NONNEGATIVE");
+  return v;
+}
+
+const CLI::Validator& non_empty_path() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string { return text.empty() ? "an empty path" : std::string(); }, "PATH");
+  return v;
 }
 
 double default_lr(OptimizerKind k) {
@@ -218,12 +281,36 @@ int run(int argc, const char* const* argv, Io& io) {
   TokenizeArgs tokenize;
   CLI::App* tokenize_cmd = add_tokenize(app, tokenize);
 
+  // A word where a subcommand is expected that names none (CLI11 says only "A subcommand is
+  // required") is named, with the list to choose from: at the top level and under the commands
+  // that have subcommands of their own (checkpoint, bench).
+  {
+    CLI::App* level = &app;
+    std::string path = "shardopt";
+    for (int i = 1; i < argc && argv[i][0] != '-' && !level->get_subcommands([](CLI::App*) { return true; }).empty();
+         ++i) {
+      std::string names;
+      CLI::App* next = nullptr;
+      for (CLI::App* sub : level->get_subcommands([](CLI::App*) { return true; })) {
+        names += (names.empty() ? "" : ", ") + sub->get_name();
+        if (sub->check_name(argv[i])) next = sub;
+      }
+      if (!next) {
+        io.err << path << ": unknown subcommand '" << argv[i] << "'; the subcommands are " << names
+               << "\nRun with --help for more information.\n";
+        return 2;
+      }
+      level = next;
+      path += " " + next->get_name();
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e, io.out, io.err);
   }
   std::string which = "shardopt";
+  const int rc = [&]() -> int {
   try {
     if (train_cmd->parsed()) {
       which += " train";
@@ -231,6 +318,7 @@ int run(int argc, const char* const* argv, Io& io) {
       train.gpt.layers_given = train_cmd->count("--layers") > 0;
       train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
       train.ranks_given = train_cmd->count("--ranks") > 0;
+      train.keep_given = train_cmd->count("--keep") > 0;
       return run_train(train, io);
     }
     if (estimate_cmd->parsed()) {
@@ -276,6 +364,15 @@ int run(int argc, const char* const* argv, Io& io) {
   }
   io.err << "shardopt: no subcommand\n";
   return 2;
+  }();
+  // Output that never reached its destination (stdout on a full device, a closed pipe) is a
+  // failure too: the caller must not take a missing result line for success.
+  io.out.flush();
+  if (!io.out) {
+    io.err << which << ": error: writing the output (stdout) failed\n";
+    return rc != 0 ? rc : 1;
+  }
+  return rc;
 }
 
 }  // namespace shardopt::cli

@@ -117,12 +117,11 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   model.blocks = gpt::blocks(o.shape);
   o.config = build_config(a.model, model);
   apply_optimizer_args(a, o.config);
+  // Every destination is checked now, before anything trains (a run must not fail at its end).
+  check_train_outputs(a, model.params, o.config.optimizer, 0);
 
-  std::unique_ptr<std::ofstream> metrics;
-  if (!a.metrics.empty()) {
-    metrics = std::make_unique<std::ofstream>(a.metrics);
-    if (!*metrics) throw UsageError("--metrics: cannot open '" + a.metrics + "' for writing");
-  }
+  std::unique_ptr<MetricsFile> metrics;
+  if (!a.metrics.empty()) metrics = std::make_unique<MetricsFile>(a.metrics);
   std::ostream& human = a.json ? io.err : io.out;
   const bool live = a.json ? io.err_tty : io.out_tty;
 
@@ -166,7 +165,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
       j["applied"] = s.applied;
       j["grad_norm"] = s.grad_norm;
       j["lr"] = s.lr;
-      *metrics << j.dump() << '\n';
+      metrics->write(j.dump(), s.step, io.err);
     }
     char line[240];
     std::snprintf(line, sizeof line, "step %d/%d  loss %.4f  %.0f ms/step  %.0f tok/s  MFU %.1f%%  mem/rank %s%s",
@@ -186,7 +185,6 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
 #else
   const gpt::TrainResult r = gpt::train(o, on_step);
 #endif
-  if (metrics && !*metrics) throw UsageError("--metrics: writing '" + a.metrics + "' failed");
   const double peak_after = measure_peak();
   if (peak_after > peak) {
     human << "GEMM peak after training " << static_cast<long>(peak_after) << " GFLOP/s (the live line used "
@@ -242,6 +240,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
     j["peak_bytes"] = peaks;
     io.out << j.dump() << '\n';
   }
+  if (metrics) metrics->close();  // after the results: a failed log does not hide them
   return 0;
 }
 
@@ -251,8 +250,8 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
   sub->add_option("--prompt", a.prompt, "text (byte-level tokens), or token ids with --ids")->required();
   sub->add_option("--tokens", a.tokens, "tokens to sample")->check(CLI::Range(1, 1 << 20))->capture_default_str();
   sub->add_option("--temperature", a.temperature, "softmax temperature (0: greedy)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  sub->add_option("--seed", a.seed, "sampling seed")->capture_default_str();
+      ->check(non_negative_finite())->capture_default_str();
+  sub->add_option("--seed", a.seed, "sampling seed")->check(unsigned_integer())->capture_default_str();
   sub->add_flag("--ids", a.ids, "--prompt is token ids separated by spaces or commas; print ids");
   return sub;
 }
