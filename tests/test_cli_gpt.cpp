@@ -129,6 +129,40 @@ TEST_F(Fixture, ResumeContinuesTheData) {
   for (int i = 0; i < 3; ++i) EXPECT_EQ(b["losses"][i].get<double>(), a["losses"][3 + i].get<double>()) << i;
 }
 
+// The checks of train's outputs apply to the GPT trainer too: --resume auto finds DIR's checkpoint
+// (or starts afresh, saying so), a --save that cannot be written fails before training, and
+// --save-every (not in this trainer's loop yet) is refused rather than ignored.
+TEST_F(Fixture, ResumeAutoAndDestinationChecks) {
+  const std::string ck = (dir / "ck").string();
+  auto full = small(4);
+  full.push_back("--json");
+  const json a = last_json_line(run(full).out);
+  auto fresh = small(2);
+  fresh.insert(fresh.end(), {"--resume", "auto", "--save", ck, "--json"});
+  const Result r1 = run(fresh);
+  ASSERT_EQ(r1.rc, 0) << r1.err;
+  EXPECT_NE(r1.err.find("no complete checkpoint in '" + ck + "'; starting a fresh run"), std::string::npos) << r1.err;
+  const Result r2 = run(fresh);
+  ASSERT_EQ(r2.rc, 0) << r2.err;
+  EXPECT_NE(r2.err.find("resuming from '" + ck + "' (step 2)"), std::string::npos) << r2.err;
+  const json b = last_json_line(r2.out);
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(b["losses"][i].get<double>(), a["losses"][2 + i].get<double>()) << i;
+
+  std::ofstream(dir / "file") << "x";
+  auto to_file = small(2);
+  to_file.insert(to_file.end(), {"--save", (dir / "file").string()});
+  const Result r3 = run(to_file);
+  EXPECT_NE(r3.rc, 0);
+  EXPECT_NE(r3.err.find("--save: '" + (dir / "file").string() + "' exists and is not a directory"), std::string::npos)
+      << r3.err;
+  EXPECT_EQ(r3.out.find("step 1/"), std::string::npos) << r3.out;
+  auto every = small(2);
+  every.insert(every.end(), {"--save", ck, "--save-every", "1"});
+  const Result r4 = run(every);
+  EXPECT_NE(r4.rc, 0);
+  EXPECT_NE(r4.err.find("--save-every: not with --model gpt"), std::string::npos) << r4.err;
+}
+
 // The export is a Hugging Face GPT2LMHeadModel directory: every key transformers expects (no
 // lm_head: it is tied), Conv1D [in, out] shapes, and a config.json with GPT2Config's fields.
 TEST_F(Fixture, ExportsAHuggingFaceDirectoryAndGenerates) {
