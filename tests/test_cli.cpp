@@ -660,10 +660,28 @@ TEST(CliCheckpoints, DestinationsAreCheckedBeforeTraining) {
     EXPECT_EQ(r.rc, 0) << r.err;
     EXPECT_NO_THROW(shardopt::verify_checkpoint(dir + "/a/b/ck"));
   }
-  if (::geteuid() == 0) {
-    std::filesystem::remove_all(dir);
-    GTEST_SKIP() << "read-only directories: running as root, which ignores permission bits";
-  }
+  std::filesystem::remove_all(dir);
+}
+
+// Read-only destinations (a directory to create the checkpoint in, the checkpoint directory
+// itself, the metrics file's directory) fail at once too, naming the reason.
+TEST(CliCheckpoints, ReadOnlyDestinationsFailBeforeTraining) {
+  if (::geteuid() == 0) GTEST_SKIP() << "running as root, which ignores permission bits";
+  const std::string dir = make_temp_dir("ro");
+  ASSERT_FALSE(dir.empty());
+  const std::vector<std::string> tiny{"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2",
+                                      "--steps", "3"};
+  auto attempt = [&](std::vector<std::string> extra, const std::string& flag, const std::string& reason) {
+    std::vector<std::string> args = tiny;
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    std::string cmd;
+    for (const auto& a : extra) cmd += a + " ";
+    EXPECT_NE(r.rc, 0) << cmd;
+    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_NE(r.err.find(reason), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_FALSE(has_step_lines(r)) << cmd << "trained:\n" << r.out;
+  };
   std::filesystem::create_directory(dir + "/ro");
   std::filesystem::permissions(dir + "/ro", std::filesystem::perms::owner_read | std::filesystem::perms::owner_exec);
   std::filesystem::create_directory(dir + "/ro_ck");

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <optional>
 #include <sstream>
 
@@ -311,59 +312,64 @@ int run(int argc, const char* const* argv, Io& io) {
   }
   std::string which = "shardopt";
   const int rc = [&]() -> int {
-  try {
-    if (train_cmd->parsed()) {
-      which += " train";
-      train.gpt.batch_given = train_cmd->count("--batch") > 0;
-      train.gpt.layers_given = train_cmd->count("--layers") > 0;
-      train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
-      train.ranks_given = train_cmd->count("--ranks") > 0;
-      train.keep_given = train_cmd->count("--keep") > 0;
-      return run_train(train, io);
+    try {
+      if (train_cmd->parsed()) {
+        which += " train";
+        train.gpt.batch_given = train_cmd->count("--batch") > 0;
+        train.gpt.layers_given = train_cmd->count("--layers") > 0;
+        train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
+        train.ranks_given = train_cmd->count("--ranks") > 0;
+        train.keep_given = train_cmd->count("--keep") > 0;
+        return run_train(train, io);
+      }
+      if (estimate_cmd->parsed()) {
+        which += " estimate";
+        estimate.gpt.batch_given = estimate_cmd->count("--batch") > 0;
+        estimate.gpt.layers_given = estimate_cmd->count("--layers") > 0;
+        estimate.gpt.hidden_given = estimate_cmd->count("--hidden") > 0;
+        return run_estimate(estimate, io);
+      }
+      if (plan_cmd->parsed()) {
+        which += " plan";
+        return run_plan(plan, io);
+      }
+      if (checkpoint_cmd.inspect->parsed()) {
+        which += " checkpoint inspect";
+        return run_checkpoint_inspect(checkpoint, io);
+      }
+      if (checkpoint_cmd.exporter->parsed()) {
+        which += " checkpoint export";
+        return run_checkpoint_export(checkpoint, io);
+      }
+      if (generate_cmd->parsed()) {
+        which += " generate";
+        return run_generate(generate, io);
+      }
+      if (tokenize_cmd->parsed()) {
+        which += " tokenize";
+        return run_tokenize(tokenize, io);
+      }
+      if (bench_cmd->parsed()) {
+        which += " bench update";
+        return run_bench(bench, io);
+      }
+    } catch (const UsageError& e) {
+      io.err << which << ": error: " << e.what() << "\nRun with --help for more information.\n";
+      return 2;
+    } catch (const Error& e) {
+      io.err << which << ": error: " << e.message() << " [" << to_string(e.code()) << "]\n";
+      return 1;
+    } catch (const std::bad_alloc&) {
+      // The engine and the trainers report their own buffers by name (out_of_memory); this is
+      // the last resort for an allocation elsewhere.
+      io.err << which << ": error: out of memory (an allocation outside the engine's buffers failed) [out_of_memory]\n";
+      return 1;
+    } catch (const std::exception& e) {
+      io.err << which << ": error: " << e.what() << '\n';
+      return 1;
     }
-    if (estimate_cmd->parsed()) {
-      which += " estimate";
-      estimate.gpt.batch_given = estimate_cmd->count("--batch") > 0;
-      estimate.gpt.layers_given = estimate_cmd->count("--layers") > 0;
-      estimate.gpt.hidden_given = estimate_cmd->count("--hidden") > 0;
-      return run_estimate(estimate, io);
-    }
-    if (plan_cmd->parsed()) {
-      which += " plan";
-      return run_plan(plan, io);
-    }
-    if (checkpoint_cmd.inspect->parsed()) {
-      which += " checkpoint inspect";
-      return run_checkpoint_inspect(checkpoint, io);
-    }
-    if (checkpoint_cmd.exporter->parsed()) {
-      which += " checkpoint export";
-      return run_checkpoint_export(checkpoint, io);
-    }
-    if (generate_cmd->parsed()) {
-      which += " generate";
-      return run_generate(generate, io);
-    }
-    if (tokenize_cmd->parsed()) {
-      which += " tokenize";
-      return run_tokenize(tokenize, io);
-    }
-    if (bench_cmd->parsed()) {
-      which += " bench update";
-      return run_bench(bench, io);
-    }
-  } catch (const UsageError& e) {
-    io.err << which << ": error: " << e.what() << "\nRun with --help for more information.\n";
+    io.err << "shardopt: no subcommand\n";
     return 2;
-  } catch (const Error& e) {
-    io.err << which << ": error: " << e.message() << " [" << to_string(e.code()) << "]\n";
-    return 1;
-  } catch (const std::exception& e) {
-    io.err << which << ": error: " << e.what() << '\n';
-    return 1;
-  }
-  io.err << "shardopt: no subcommand\n";
-  return 2;
   }();
   // Output that never reached its destination (stdout on a full device, a closed pipe) is a
   // failure too: the caller must not take a missing result line for success.

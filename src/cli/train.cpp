@@ -119,7 +119,11 @@ std::string launcher_of_this_process() {
 // there (permissions, a read-only mount, a full inode table), made before any training.
 void probe_write(const std::string& flag, const std::string& dir) {
   static std::atomic<unsigned> counter{0};
-  const std::string probe = (fs::path(dir) / (".shardopt-probe-" + std::to_string(::getpid()) + "-" +
+  char host[256] = {};
+  if (::gethostname(host, sizeof host - 1) != 0) std::strcpy(host, "host");
+  // Unique among the processes of a job on several hosts writing into one shared directory.
+  const std::string probe = (fs::path(dir) / (".shardopt-probe-" + std::string(host) + "-" +
+                                               std::to_string(::getpid()) + "-" +
                                                std::to_string(counter.fetch_add(1)))).string();
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) throw UsageError(flag + ": cannot write into '" + dir + "': " + std::strerror(errno));
@@ -147,8 +151,8 @@ void check_dir_writable(const std::string& flag, const std::string& dir) {
 
 // Bytes of one checkpoint of `params` fp32 values and the rule's states (the shard files; the
 // manifest is small beside them).
-std::uint64_t checkpoint_bytes(std::uint64_t params, OptimizerKind rule) {
-  return params * 4u * static_cast<std::uint64_t>(1 + state_count(rule));
+long double checkpoint_bytes(std::uint64_t params, OptimizerKind rule) {
+  return static_cast<long double>(params) * 4.0L * static_cast<long double>(1 + state_count(rule));
 }
 
 }  // namespace
@@ -206,7 +210,7 @@ void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind
   }
   // Space: a save writes its files beside the previous generation before deleting it, and
   // --save-every keeps up to --keep complete step checkpoints plus the one being written.
-  const std::uint64_t one = checkpoint_bytes(params, rule);
+  const long double one = checkpoint_bytes(params, rule);
   std::uint64_t count = 1;  // the final save
   if (a.save_every > 0) {
     const int planned = (first_step + a.steps - 1) / a.save_every - first_step / a.save_every;  // the last step excepted
@@ -217,7 +221,7 @@ void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind
   struct statvfs v {};
   if (::statvfs(a.save.c_str(), &v) == 0) {
     const long double avail = static_cast<long double>(v.f_bavail) * static_cast<long double>(v.f_frsize);
-    const long double need = static_cast<long double>(one) * static_cast<long double>(count);
+    const long double need = one * static_cast<long double>(count);
     if (avail < need)
       throw UsageError("--save: '" + a.save + "' has " + format_bytes(double(avail)) + " free; this run's " +
                        std::to_string(count) + " checkpoint" + (count == 1 ? "" : "s") + " need " +
