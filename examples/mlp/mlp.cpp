@@ -301,13 +301,7 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     return BlockParams{p[0], p[1], p[2], p[3]};
   };
 
-  // Background checkpoints: the step whose save is in flight is committed at commit_at (-1: none).
-  int commit_at = -1;
-  auto commit_save = [&] {
-    engine.wait_save();  // collective: every rank commits the same save here
-    if (rank == 0) (void)prune_step_checkpoints(o.checkpoints_dir, o.keep);
-    commit_at = -1;
-  };
+  shardopt_examples::PeriodicSaver saver(o.save_every, o.keep, o.checkpoints_dir, rank);
 
   barrier.arrive_and_wait();
   for (int step = 0; step < o.steps; ++step) {
@@ -377,16 +371,7 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     if (step == o.steps - 1) s.result.last_step_comm[slot] = engine.comm_report();
     barrier.arrive_and_wait();
 
-    if (o.save_every > 0) {
-      const int done = o.first_step + step + 1;  // steps taken: the record a resumed run starts from
-      const bool last = step + 1 == o.steps;
-      if (commit_at >= 0 && (done >= commit_at || last)) commit_save();
-      if (!last && done % o.save_every == 0) {
-        if (commit_at >= 0) commit_save();  // one save in flight at a time
-        engine.save_async(step_checkpoint_dir(o.checkpoints_dir, done), checkpoint_record(done));
-        commit_at = done + std::max(1, o.save_every / 2);
-      }
-    }
+    saver.after_step(engine, o.first_step + step + 1, step + 1 == o.steps, [](const std::string&) {});
   }
 
   if (!o.save_dir.empty()) engine.save(o.save_dir, checkpoint_record(o.first_step + o.steps));  // collective
@@ -437,72 +422,6 @@ void set_blas_threads(int ranks) {
 }
 
 }  // namespace
-
-std::string checkpoint_record(int next_step) { return "{\"next_step\": " + std::to_string(next_step) + "}"; }
-
-int read_next_step(const std::string& record) {
-  if (record.empty()) return 0;
-  const std::string key = "{\"next_step\": ";
-  char* end = nullptr;
-  const long v = record.rfind(key, 0) == 0 ? std::strtol(record.c_str() + key.size(), &end, 10) : -1;
-  if (v < 0 || v > 1000000000L || !end || std::string(end) != "}")
-    throw Error(ErrorCode::invalid_argument, "the checkpoint's trainer record '" + record +
-                                                 "' is not the example trainer's ({\"next_step\": N})");
-  return static_cast<int>(v);
-}
-
-std::string step_checkpoint_dir(const std::string& root, int step) {
-  char name[32];
-  std::snprintf(name, sizeof name, "step-%06d", step);
-  return (std::filesystem::path(root) / name).string();
-}
-
-std::vector<StepCheckpoint> list_step_checkpoints(const std::string& root) {
-  namespace fs = std::filesystem;
-  std::vector<StepCheckpoint> out;
-  std::error_code ec;
-  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    const std::string digits = name.size() > 5 ? name.substr(5) : std::string();
-    if (name.rfind("step-", 0) != 0 || digits.size() < 6 || digits.size() > 9 ||
-        !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
-      continue;
-    std::error_code dir_ec;
-    if (!it->is_directory(dir_ec)) continue;
-    StepCheckpoint c;
-    c.step = std::atoi(digits.c_str());
-    c.dir = it->path().string();
-    try {
-      c.complete = read_next_step(shardopt::inspect_checkpoint(c.dir).trainer_metadata) == c.step;
-    } catch (const std::exception&) {
-      c.complete = false;  // no manifest, or one that does not verify: a save that never committed
-    }
-    out.push_back(std::move(c));
-  }
-  std::sort(out.begin(), out.end(), [](const StepCheckpoint& a, const StepCheckpoint& b) { return a.step < b.step; });
-  return out;
-}
-
-std::vector<std::string> prune_step_checkpoints(const std::string& root, int keep) {
-  const std::vector<StepCheckpoint> all = list_step_checkpoints(root);
-  std::vector<int> complete;  // indices, newest first
-  for (std::size_t i = all.size(); i-- > 0;)
-    if (all[i].complete) complete.push_back(static_cast<int>(i));
-  if (complete.empty()) return {};
-  const int newest = all[static_cast<std::size_t>(complete.front())].step;
-  std::vector<std::string> removed;
-  for (std::size_t k = 0; k < complete.size(); ++k) {
-    const StepCheckpoint& c = all[static_cast<std::size_t>(complete[k])];
-    if (static_cast<int>(k) >= std::max(1, keep)) removed.push_back(c.dir);
-  }
-  for (const StepCheckpoint& c : all)
-    if (!c.complete && c.step < newest) removed.push_back(c.dir);
-  for (const std::string& dir : removed) {
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);  // a failure leaves garbage the next prune retries
-  }
-  return removed;
-}
 
 TrainResult train(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };

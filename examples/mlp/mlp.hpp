@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "../step_checkpoints.hpp"
 #include "shardopt/shardopt.hpp"
 
 namespace mlp {
@@ -121,24 +122,14 @@ struct TrainOptions {
 
 // The trainer's record in its checkpoints ({"next_step": N}) and its reading; 0 for a checkpoint
 // without one. Throws Error(invalid_argument) for a record that is not the trainer's.
-std::string checkpoint_record(int next_step);
-int read_next_step(const std::string& record);
+using shardopt_examples::checkpoint_record;
+using shardopt_examples::read_next_step;
 
-// Step checkpoints: subdirectories "step-NNNNNN" (six or more digits: the trainer's next_step) of
-// one directory. Complete means the manifest verifies (inspect_checkpoint: its own checksum) and
-// its trainer record says the same step as its name.
-std::string step_checkpoint_dir(const std::string& root, int step);
-struct StepCheckpoint {
-  int step = 0;
-  std::string dir;
-  bool complete = false;
-};
-// Every step-NNNNNN directory of `root`, by step, ascending; none if `root` does not exist.
-std::vector<StepCheckpoint> list_step_checkpoints(const std::string& root);
-// Deletes the complete step checkpoints older than the newest `keep` complete ones, and the
-// incomplete ones older than the newest complete one (saves that never committed). Never touches
-// the newest complete one nor anything newer. Returns the directories it removed.
-std::vector<std::string> prune_step_checkpoints(const std::string& root, int keep);
+// Step checkpoints (../step_checkpoints.hpp): DIR/step-NNNNNN, listed and pruned.
+using shardopt_examples::list_step_checkpoints;
+using shardopt_examples::prune_step_checkpoints;
+using shardopt_examples::step_checkpoint_dir;
+using shardopt_examples::StepCheckpoint;
 
 struct StepRecord {
   int step = 0;                // 1-based

@@ -112,13 +112,21 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   o.recompute = g.recompute;
   o.resume_dir = a.resume;
   o.save_dir = a.save;
+  o.save_every = a.save_every;
+  o.keep = a.keep;
+  o.checkpoints_dir = a.save;
+  int first_step = 0;  // where a resumed run starts: its record, or (older checkpoints) its update count
+  if (!a.resume.empty()) {
+    const CheckpointInfo info = inspect_checkpoint(a.resume);
+    first_step = info.trainer_metadata.empty() ? static_cast<int>(info.step) : mlp::read_next_step(info.trainer_metadata);
+  }
   Model model;
   model.params = gpt::param_count(o.shape);
   model.blocks = gpt::blocks(o.shape);
   o.config = build_config(a.model, model);
   apply_optimizer_args(a, o.config);
   // Every destination is checked now, before anything trains (a run must not fail at its end).
-  check_train_outputs(a, model.params, o.config.optimizer, 0);
+  check_train_outputs(a, model.params, o.config.optimizer, first_step);
 
   std::unique_ptr<MetricsFile> metrics;
   if (!a.metrics.empty()) metrics = std::make_unique<MetricsFile>(a.metrics);
@@ -146,6 +154,10 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
         << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer << " lr "
         << o.config.hyper.lr << (o.recompute ? ", recompute" : "")
         << (a.model.offload == "none" ? "" : ", offload " + a.model.offload) << ", " << a.steps << " steps\n"
+        << (a.save_every > 0 ? "checkpoints every " + std::to_string(a.save_every) + " steps into " +
+                                   (std::filesystem::path(a.save) / "step-NNNNNN").string() + " in the background (the newest " +
+                                   std::to_string(a.keep) + " kept)\n"
+                             : std::string())
         << "data " << g.data << (g.init_from.empty() ? "" : ", init from " + g.init_from) << "; " << (cuda ? "cuBLAS bf16" : "sgemm") << " peak "
         << static_cast<long>(peak) << " GFLOP/s (" << (cuda ? "CUDA device 0" : std::to_string(hw) + " threads")
         << ", measured now)\n";

@@ -189,8 +189,6 @@ void check_train_flags(const TrainArgs& a) {
   if (a.save_every > 0 && a.save.empty())
     throw UsageError("--save-every: needs --save DIR (the step checkpoints go to DIR/step-NNNNNN)");
   if (a.keep_given && a.save_every == 0) throw UsageError("--keep: only with --save-every");
-  if (a.gpt.model == "gpt" && a.save_every > 0)
-    throw UsageError("--save-every: not with --model gpt yet (the GPT trainer saves once, at the end: use --save)");
 }
 
 void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind rule, int first_step) {
