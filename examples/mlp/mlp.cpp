@@ -6,16 +6,14 @@
 #include <barrier>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <new>
-#include <stdexcept>
-#include <filesystem>
 #include <mutex>
+#include <new>
 #include <span>
+#include <stdexcept>
 #include <thread>
 
 namespace mlp {
