@@ -1,11 +1,15 @@
 // The shardopt command line, run in-process: parsing errors name the flag, train learns and gives
 // the same parameters at every stage, estimate predicts what train measures.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -16,6 +20,8 @@
 
 #include "cli.hpp"
 #include "cli_run.hpp"
+#include "mlp.hpp"
+#include "shardopt/checkpoint.hpp"
 #include "shardopt/cuda.hpp"
 #include "units.hpp"
 
@@ -443,4 +449,372 @@ TEST(CliTrain, ResumeContinuesBitForBit) {
     EXPECT_EQ(b[k]["lr"].get<double>(), a[10 + k]["lr"].get<double>()) << "step " << 11 + k;
     EXPECT_EQ(b[k]["loss_scale"].get<double>(), a[10 + k]["loss_scale"].get<double>()) << "step " << 11 + k;
   }
+}
+
+namespace {
+
+std::string make_temp_dir(const std::string& tag) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/shardopt-cli-" + tag + "-XXXXXX";
+  if (mkdtemp(pattern.data()) == nullptr) return {};
+  return pattern;
+}
+
+// The small fp16 run of ResumeContinuesBitForBit: loss scaling, accumulation and a schedule all
+// have state that a resumed run must carry on.
+Result train_small(const std::string& steps, const std::vector<std::string>& extra) {
+  std::vector<std::string> args{"train", "--ranks", "2", "--stage", "2", "--layers", "2", "--hidden", "16",
+                                "--batch", "4", "--dtype", "fp16", "--micro-steps", "2", "--lr-schedule", "cosine",
+                                "--warmup", "3", "--decay-steps", "20", "--json", "--steps", steps};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return run(args);
+}
+
+std::vector<std::string> names_in(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+bool has_step_lines(const Result& r) {
+  return r.out.find("step 1/") != std::string::npos || r.err.find("step 1/") != std::string::npos;
+}
+
+}  // namespace
+
+// --save-every N: background checkpoints into DIR/step-NNNNNN after steps N, 2N, ... (not the
+// last: --save DIR holds it); the newest --keep complete ones stay. Each holds the state as it was
+// after its step: resuming one and training to the end gives the straight run's parameters.
+TEST(CliCheckpoints, SaveEveryWritesStepCheckpointsAndKeepsTheNewest) {
+  const std::string dir = make_temp_dir("every");
+  ASSERT_FALSE(dir.empty());
+  const std::string ck = dir + "/ck";
+  const Result straight = train_small("13", {});
+  const Result every = train_small("13", {"--save", ck, "--save-every", "3", "--keep", "2"});
+  ASSERT_EQ(straight.rc, 0) << straight.err;
+  ASSERT_EQ(every.rc, 0) << every.err;
+  // Saving in the background changes nothing in the run itself.
+  EXPECT_EQ(last_json_line(every.out)["param_digest"], last_json_line(straight.out)["param_digest"]);
+  // Saves after steps 3, 6, 9, 12; the two newest kept; the final checkpoint is DIR itself.
+  const std::vector<std::string> want{"g1.r0.bin", "g1.r1.bin", "lock", "manifest.json", "step-000009", "step-000012"};
+  EXPECT_EQ(names_in(ck), want);
+  EXPECT_EQ(shardopt::inspect_checkpoint(ck).trainer_metadata, "{\"next_step\": 13}");
+  for (int step : {9, 12}) {
+    const std::string sd = mlp::step_checkpoint_dir(ck, step);
+    const shardopt::CheckpointInfo info = shardopt::inspect_checkpoint(sd);
+    EXPECT_EQ(info.trainer_metadata, "{\"next_step\": " + std::to_string(step) + "}");
+    EXPECT_NO_THROW(shardopt::verify_checkpoint(sd)) << sd;
+    const Result rest = train_small(std::to_string(13 - step), {"--resume", sd});
+    ASSERT_EQ(rest.rc, 0) << rest.err;
+    EXPECT_EQ(last_json_line(rest.out)["param_digest"], last_json_line(straight.out)["param_digest"]) << sd;
+    EXPECT_EQ(last_json_line(rest.out)["first_step"], step + 1);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// Pruning deletes a complete checkpoint only once a newer one is complete, and never one that is
+// newer than the newest complete one (a save still being written).
+TEST(CliCheckpoints, PruneKeepsTheNewestCompleteOne) {
+  const std::string dir = make_temp_dir("prune");
+  ASSERT_FALSE(dir.empty());
+  const std::vector<std::string> model{"--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2"};
+  auto train = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args{"train"};
+    args.insert(args.end(), model.begin(), model.end());
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+  };
+  const std::string s3 = mlp::step_checkpoint_dir(dir, 3), s6 = mlp::step_checkpoint_dir(dir, 6);
+  train({"--steps", "3", "--save", s3});
+  // step-000006 as a save that has not committed yet: files but no manifest.
+  std::filesystem::create_directories(s6);
+  std::ofstream(s6 + "/g1.r0.bin.tmp") << "partial";
+  auto listed = mlp::list_step_checkpoints(dir);
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_TRUE(listed[0].complete);
+  EXPECT_FALSE(listed[1].complete);
+  EXPECT_TRUE(mlp::prune_step_checkpoints(dir, 1).empty());
+  EXPECT_TRUE(std::filesystem::exists(s3));
+  EXPECT_TRUE(std::filesystem::exists(s6));
+  // A checkpoint whose record does not match its name is not one of this run's steps.
+  train({"--steps", "2", "--save", mlp::step_checkpoint_dir(dir, 7)});  // records next_step 2
+  EXPECT_FALSE(mlp::list_step_checkpoints(dir).back().complete);
+  std::filesystem::remove_all(mlp::step_checkpoint_dir(dir, 7));
+  // Once step 6 is complete, step 3 goes.
+  train({"--steps", "3", "--resume", s3, "--save", s6});
+  listed = mlp::list_step_checkpoints(dir);
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_TRUE(listed[1].complete);
+  EXPECT_EQ(mlp::prune_step_checkpoints(dir, 1), std::vector<std::string>{s3});
+  EXPECT_FALSE(std::filesystem::exists(s3));
+  EXPECT_TRUE(std::filesystem::exists(s6));
+  std::filesystem::remove_all(dir);
+}
+
+// --resume auto: 10 steps with --save-every 5, then 10 more resumed from the newest complete
+// checkpoint, are the 20-step run bit for bit, metrics steps going on at 11. A checkpoint whose
+// manifest no longer verifies is passed over for the newest one that does; none at all is a fresh
+// start, said on stderr.
+TEST(CliCheckpoints, ResumeAutoPicksTheNewestCompleteCheckpoint) {
+  const std::string dir = make_temp_dir("auto");
+  ASSERT_FALSE(dir.empty());
+  const std::string ck = dir + "/ck";
+  const Result whole = train_small("20", {"--metrics", dir + "/whole.jsonl"});
+  ASSERT_EQ(whole.rc, 0) << whole.err;
+  const Result first = train_small("10", {"--save", ck, "--save-every", "5"});
+  ASSERT_EQ(first.rc, 0) << first.err;
+  const Result second =
+      train_small("10", {"--resume", "auto", "--save", ck, "--save-every", "5", "--metrics", dir + "/second.jsonl"});
+  ASSERT_EQ(second.rc, 0) << second.err;
+  EXPECT_NE(second.err.find("resuming from '" + ck + "' (step 10)"), std::string::npos) << second.err;
+  EXPECT_EQ(last_json_line(second.out)["param_digest"], last_json_line(whole.out)["param_digest"]);
+  EXPECT_EQ(last_json_line(second.out)["first_step"], 11);
+  const std::vector<json> a = read_jsonl(dir + "/whole.jsonl"), b = read_jsonl(dir + "/second.jsonl");
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 10u);
+  for (std::size_t k = 0; k < 10; ++k) {
+    EXPECT_EQ(b[k]["step"], a[10 + k]["step"]);
+    EXPECT_EQ(b[k]["loss"].get<double>(), a[10 + k]["loss"].get<double>()) << "step " << 11 + k;
+  }
+
+  // DIR's own manifest edited (its checksum fails): step-000015, written in the background by the
+  // second run, is the newest complete one; 5 steps from it end where the 20-step run ended.
+  {
+    std::ifstream in(ck + "/manifest.json");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto at = text.find("\"step\":");
+    ASSERT_NE(at, std::string::npos);
+    text.insert(at + 7, "1");
+    std::ofstream(ck + "/manifest.json", std::ios::trunc) << text;
+  }
+  const Result third = train_small("5", {"--resume", "auto", "--save", ck});
+  ASSERT_EQ(third.rc, 0) << third.err;
+  EXPECT_NE(third.err.find("resuming from '" + mlp::step_checkpoint_dir(ck, 15) + "' (step 15)"), std::string::npos)
+      << third.err;
+  EXPECT_EQ(last_json_line(third.out)["param_digest"], last_json_line(whole.out)["param_digest"]);
+  EXPECT_EQ(last_json_line(third.out)["first_step"], 16);
+
+  // A new run (no --resume) must not mix its step checkpoints with the ones ahead of it.
+  const Result fresh_into_old = train_small("10", {"--save", ck, "--save-every", "5"});
+  EXPECT_NE(fresh_into_old.rc, 0);
+  EXPECT_NE(fresh_into_old.err.find("step-000015"), std::string::npos) << fresh_into_old.err;
+  EXPECT_FALSE(has_step_lines(fresh_into_old)) << fresh_into_old.out;
+
+  // Nothing to resume: a fresh start, said on stderr.
+  const Result fresh = train_small("3", {"--resume", "auto", "--save", dir + "/empty"});
+  ASSERT_EQ(fresh.rc, 0) << fresh.err;
+  EXPECT_NE(fresh.err.find("no complete checkpoint in '" + dir + "/empty'; starting a fresh run"), std::string::npos)
+      << fresh.err;
+  EXPECT_EQ(last_json_line(fresh.out)["first_step"], 1);
+  // --resume auto needs to know where to look.
+  const Result nowhere = train_small("3", {"--resume", "auto"});
+  EXPECT_NE(nowhere.rc, 0);
+  EXPECT_NE(nowhere.err.find("--resume auto: needs --save"), std::string::npos) << nowhere.err;
+  std::filesystem::remove_all(dir);
+}
+
+// Every place a run writes to is checked before it trains: a --save that is a file, lies under
+// one, is read-only or lacks the room; a --metrics that cannot be created. Each fails at once with
+// the flag and the reason, and no step runs.
+TEST(CliCheckpoints, DestinationsAreCheckedBeforeTraining) {
+  const std::string dir = make_temp_dir("dest");
+  ASSERT_FALSE(dir.empty());
+  std::ofstream(dir + "/file") << "x";
+  const std::vector<std::string> tiny{"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2",
+                                      "--steps", "3"};
+  auto attempt = [&](std::vector<std::string> extra, const std::string& flag, const std::string& reason) {
+    std::vector<std::string> args = tiny;
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    std::string cmd;
+    for (const auto& a : extra) cmd += a + " ";
+    EXPECT_NE(r.rc, 0) << cmd;
+    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_NE(r.err.find(reason), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_FALSE(has_step_lines(r)) << cmd << "trained:\n" << r.out;
+  };
+  attempt({"--save", dir + "/file"}, "--save", "exists and is not a directory");
+  attempt({"--save", dir + "/file/ck"}, "--save", "cannot create directory");
+  attempt({"--save", dir + "/ck", "--save-every", "2", "--metrics", dir + "/file/m.jsonl"}, "--metrics", "cannot open");
+  attempt({"--metrics", dir}, "--metrics", "cannot open");
+  attempt({"--save-every", "2"}, "--save-every", "needs --save");
+  attempt({"--save", dir + "/ck2", "--keep", "2"}, "--keep", "only with --save-every");
+  // 1000 layers of hidden 65536: about 400 TB of checkpoint, more than any test machine's disk.
+  // The check comes before anything is allocated.
+  {
+    std::vector<std::string> args{"train", "--ranks", "1", "--layers", "1000", "--hidden", "65536", "--steps", "1",
+                                  "--save", dir + "/huge"};
+    const Result r = run(args);
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.err.find("--save: '" + dir + "/huge' has "), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(" free; this run's 1 checkpoint need "), std::string::npos) << r.err;
+  }
+  // A missing parent that can be created is created: the engine's save makes only the last level.
+  {
+    std::vector<std::string> args = tiny;
+    args.push_back("--save");
+    args.push_back(dir + "/a/b/ck");
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    EXPECT_NO_THROW(shardopt::verify_checkpoint(dir + "/a/b/ck"));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// Read-only destinations (a directory to create the checkpoint in, the checkpoint directory
+// itself, the metrics file's directory) fail at once too, naming the reason.
+TEST(CliCheckpoints, ReadOnlyDestinationsFailBeforeTraining) {
+  if (::geteuid() == 0) GTEST_SKIP() << "running as root, which ignores permission bits";
+  const std::string dir = make_temp_dir("ro");
+  ASSERT_FALSE(dir.empty());
+  const std::vector<std::string> tiny{"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2",
+                                      "--steps", "3"};
+  auto attempt = [&](std::vector<std::string> extra, const std::string& flag, const std::string& reason) {
+    std::vector<std::string> args = tiny;
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Result r = run(args);
+    std::string cmd;
+    for (const auto& a : extra) cmd += a + " ";
+    EXPECT_NE(r.rc, 0) << cmd;
+    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_NE(r.err.find(reason), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_FALSE(has_step_lines(r)) << cmd << "trained:\n" << r.out;
+  };
+  std::filesystem::create_directory(dir + "/ro");
+  std::filesystem::permissions(dir + "/ro", std::filesystem::perms::owner_read | std::filesystem::perms::owner_exec);
+  std::filesystem::create_directory(dir + "/ro_ck");
+  std::filesystem::permissions(dir + "/ro_ck", std::filesystem::perms::owner_read | std::filesystem::perms::owner_exec);
+  attempt({"--save", dir + "/ro/ck"}, "--save", "Permission denied");
+  attempt({"--save", dir + "/ro_ck"}, "--save", "cannot write into '" + dir + "/ro_ck': Permission denied");
+  attempt({"--metrics", dir + "/ro/m.jsonl"}, "--metrics", "Permission denied");
+  std::filesystem::permissions(dir + "/ro", std::filesystem::perms::owner_all);
+  std::filesystem::permissions(dir + "/ro_ck", std::filesystem::perms::owner_all);
+  std::filesystem::remove_all(dir);
+}
+
+// Values CLI11 alone lets through: nan and inf pass its number checks, and strtoull turns -1 into
+// 2^64-1; an empty path read as "not given".
+TEST(CliErrors, BadValuesNameTheOption) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"train", "--lr", "nan"}, "--lr"},
+      {{"train", "--lr", "inf"}, "--lr"},
+      {{"train", "--lr", "-0.1"}, "--lr"},
+      {{"train", "--min-lr", "nan"}, "--min-lr"},
+      {{"train", "--weight-decay", "inf"}, "--weight-decay"},
+      {{"train", "--clip", "nan"}, "--clip"},
+      {{"train", "--seed", "-1"}, "--seed"},
+      {{"train", "--seed", "18446744073709551616"}, "--seed"},
+      {{"train", "--seed", "0x10"}, "--seed"},
+      {{"train", "--threads", "-1"}, "--threads"},
+      {{"train", "--save", ""}, "--save"},
+      {{"train", "--resume", ""}, "--resume"},
+      {{"train", "--metrics", ""}, "--metrics"},
+      {{"generate", "--checkpoint", "x", "--prompt", "a", "--seed", "-1"}, "--seed"},
+      {{"generate", "--checkpoint", "x", "--prompt", "a", "--temperature", "nan"}, "--temperature"},
+      {{"bench", "update", "--threads", "-2"}, "--threads"},
+  };
+  for (const auto& [args, flag] : cases) {
+    std::string cmd;
+    for (const auto& a : args) cmd += "'" + a + "' ";
+    const Result r = run(args);
+    EXPECT_NE(r.rc, 0) << cmd;
+    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+    EXPECT_FALSE(has_step_lines(r)) << cmd;
+  }
+  // The largest seed is still a seed.
+  EXPECT_EQ(run({"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2", "--steps", "1", "--seed",
+                 "18446744073709551615"})
+                .rc,
+            0);
+}
+
+TEST(CliErrors, UnknownSubcommandIsNamedWithTheChoices) {
+  const Result r = run({"frobnicate", "--steps", "3"});
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.err.find("unknown subcommand 'frobnicate'"), std::string::npos) << r.err;
+  for (const char* name : {"train", "generate", "tokenize", "estimate", "plan", "bench", "checkpoint"})
+    EXPECT_NE(r.err.find(name), std::string::npos) << name << " not in: " << r.err;
+  const Result nested = run({"checkpoint", "frob", "dir"});
+  EXPECT_NE(nested.rc, 0);
+  EXPECT_NE(nested.err.find("shardopt checkpoint: unknown subcommand 'frob'; the subcommands are inspect, export"),
+            std::string::npos)
+      << nested.err;
+  // A subcommand's positional argument is not taken for one.
+  EXPECT_EQ(run({"tokenize", "--bytes", "/nonexistent-in", "out"}).err.find("unknown subcommand"), std::string::npos);
+}
+
+namespace {
+
+// A stream whose every write fails, as stdout on a full device does.
+struct FailingBuf : std::streambuf {
+  int overflow(int) override { return traits_type::eof(); }
+  std::streamsize xsputn(const char*, std::streamsize) override { return 0; }
+};
+
+}  // namespace
+
+// Output that cannot be written is a failure, with a message: the caller must not take a missing
+// result for success.
+TEST(CliErrors, OutputToAFullDeviceFails) {
+  {
+    FailingBuf buf;
+    std::ostream out(&buf);
+    std::ostringstream err;
+    shardopt::cli::Io io{out, err, false, false};
+    const char* argv[] = {"shardopt", "estimate", "--params", "1B", "--json"};
+    EXPECT_NE(shardopt::cli::run(5, argv, io), 0);
+    EXPECT_NE(err.str().find("writing the output (stdout) failed"), std::string::npos) << err.str();
+  }
+  if (!std::filesystem::exists("/dev/full")) GTEST_SKIP() << "no /dev/full on this system";
+  const Result r = run({"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2", "--steps", "3",
+                        "--metrics", "/dev/full"});
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.err.find("--metrics: writing '/dev/full' failed"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("failed at step 1"), std::string::npos) << r.err;
+#if defined(SHARDOPT_CLI_EXE)
+  // The program itself: stdout to /dev/full.
+  const std::string dir = make_temp_dir("full");
+  const std::string cmd =
+      std::string("'") + SHARDOPT_CLI_EXE + "' estimate --params 1B --json >/dev/full 2>'" + dir + "/err'";
+  const int status = std::system(cmd.c_str());
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << status;
+  std::ifstream in(dir + "/err");
+  const std::string err((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(err.find("writing the output (stdout) failed"), std::string::npos) << err;
+  std::filesystem::remove_all(dir);
+#endif
+}
+
+// A model that cannot fit is Error(out_of_memory) naming the buffer and its size, not a bare
+// std::bad_alloc. The sizes here are past what this machine's allocator can give (tens of TiB),
+// so the allocation fails at once without touching memory.
+TEST(CliErrors, AModelThatCannotFitIsOutOfMemoryNamingTheBuffer) {
+  using namespace shardopt;
+  {
+    // The library: one 2^44-element tensor (64 TiB of fp32 master weights).
+    auto backend = make_cpu_backend({make_thread_pool(1)});
+    auto comm = make_in_process_communicator(make_in_process_group(1), 0, *backend);
+    Config c;
+    Engine engine(c, *backend, *comm);
+    engine.register_block({"huge", {{"huge.w", {std::int64_t(1) << 22, std::int64_t(1) << 22}}}});
+    try {
+      engine.initialize(seeded_init(1));
+      FAIL() << "a 64 TiB model must not initialize";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::out_of_memory) << e.message();
+      EXPECT_NE(e.message().find("cannot allocate '"), std::string::npos) << e.message();
+      EXPECT_NE(e.message().find("TiB"), std::string::npos) << e.message();
+    }
+  }
+  // The command line: the example trainer's own full-model buffers (2 blocks of hidden 200000:
+  // 640 G parameters, 2.56 TB per fp32 copy).
+  const Result r = run({"train", "--ranks", "1", "--layers", "2", "--hidden", "200000", "--batch", "1", "--steps", "1"});
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.err.find("cannot allocate the teacher's weights (a full fp32 copy of the model): 640002000000 floats "
+                       "(2560008000000 bytes) [out_of_memory]"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.err.find("bad_alloc"), std::string::npos) << r.err;
 }

@@ -129,6 +129,62 @@ TEST_F(Fixture, ResumeContinuesTheData) {
   for (int i = 0; i < 3; ++i) EXPECT_EQ(b["losses"][i].get<double>(), a["losses"][3 + i].get<double>()) << i;
 }
 
+// The checks of train's outputs apply to the GPT trainer too: --resume auto finds DIR's checkpoint
+// (or starts afresh, saying so), and a --save that cannot be written fails before training.
+TEST_F(Fixture, ResumeAutoAndDestinationChecks) {
+  const std::string ck = (dir / "ck").string();
+  auto full = small(4);
+  full.push_back("--json");
+  const json a = last_json_line(run(full).out);
+  auto fresh = small(2);
+  fresh.insert(fresh.end(), {"--resume", "auto", "--save", ck, "--json"});
+  const Result r1 = run(fresh);
+  ASSERT_EQ(r1.rc, 0) << r1.err;
+  EXPECT_NE(r1.err.find("no complete checkpoint in '" + ck + "'; starting a fresh run"), std::string::npos) << r1.err;
+  const Result r2 = run(fresh);
+  ASSERT_EQ(r2.rc, 0) << r2.err;
+  EXPECT_NE(r2.err.find("resuming from '" + ck + "' (step 2)"), std::string::npos) << r2.err;
+  const json b = last_json_line(r2.out);
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(b["losses"][i].get<double>(), a["losses"][2 + i].get<double>()) << i;
+
+  std::ofstream(dir / "file") << "x";
+  auto to_file = small(2);
+  to_file.insert(to_file.end(), {"--save", (dir / "file").string()});
+  const Result r3 = run(to_file);
+  EXPECT_NE(r3.rc, 0);
+  EXPECT_NE(r3.err.find("--save: '" + (dir / "file").string() + "' exists and is not a directory"), std::string::npos)
+      << r3.err;
+  EXPECT_EQ(r3.out.find("step 1/"), std::string::npos) << r3.out;
+}
+
+// --save-every in the GPT trainer: background step checkpoints, each loadable on its own (with
+// its model_config.json), continuing the data from where it was taken.
+TEST_F(Fixture, SaveEveryWritesResumableStepCheckpoints) {
+  const std::string ck = (dir / "ck").string();
+  auto full = small(5);
+  full.push_back("--json");
+  const json a = last_json_line(run(full).out);
+  auto every = small(5);
+  every.insert(every.end(), {"--save", ck, "--save-every", "2", "--keep", "1", "--json"});
+  const Result r = run(every);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  // Saving in the background changes nothing in the run.
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(last_json_line(r.out)["losses"][i].get<double>(), a["losses"][i].get<double>());
+  // Saves after steps 2 and 4; the newest one kept; the final checkpoint is DIR itself.
+  EXPECT_FALSE(fs::exists(dir / "ck" / "step-000002"));
+  ASSERT_TRUE(fs::exists(dir / "ck" / "step-000004" / "manifest.json"));
+  EXPECT_TRUE(fs::exists(dir / "ck" / "step-000004" / "model_config.json"));
+  auto rest = small(1);
+  rest.insert(rest.end(), {"--resume", (dir / "ck" / "step-000004").string(), "--json"});
+  const Result r2 = run(rest);
+  ASSERT_EQ(r2.rc, 0) << r2.err;
+  EXPECT_EQ(last_json_line(r2.out)["losses"][0].get<double>(), a["losses"][4].get<double>());
+  // The step checkpoint is a GPT checkpoint like any other: generate reads it.
+  const Result g = run({"generate", "--checkpoint", (dir / "ck" / "step-000004").string(), "--prompt", "the ",
+                        "--tokens", "4"});
+  EXPECT_EQ(g.rc, 0) << g.err;
+}
+
 // The export is a Hugging Face GPT2LMHeadModel directory: every key transformers expects (no
 // lm_head: it is tied), Conv1D [in, out] shapes, and a config.json with GPT2Config's fields.
 TEST_F(Fixture, ExportsAHuggingFaceDirectoryAndGenerates) {

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../step_checkpoints.hpp"
 #include "cpu_ops.hpp"
 #include "data.hpp"
 #include "shardopt/checkpoint.hpp"
@@ -194,7 +195,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   } else {
     engine.initialize(init(sh, o.seed));
   }
-  if (!o.resume_dir.empty()) engine.load(o.resume_dir);
+  std::string record;  // the resumed checkpoint's trainer record
+  if (!o.resume_dir.empty()) record = engine.load(o.resume_dir);
 
   // The trainer's memory (activation_bytes() counts the same buffers).
   // The buffers live where the ops work (host memory, or device memory on a GPU).
@@ -216,7 +218,9 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
 
   float scale = cfg.loss_scaling.mode == shardopt::LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
   std::int64_t first_step = 0;
-  if (!o.resume_dir.empty()) first_step = engine.last_result().step;
+  if (!o.resume_dir.empty())
+    first_step = record.empty() ? engine.last_result().step : shardopt_examples::read_next_step(record);
+  shardopt_examples::PeriodicSaver saver(o.save_every, o.keep, o.checkpoints_dir, rank);
 
   barrier.arrive_and_wait();
   for (int step = 0; step < o.steps; ++step) {
@@ -300,10 +304,12 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     for (int p = 0; p < shardopt::kPlaceCount; ++p) bytes += m.current_total(static_cast<shardopt::Place>(p));
     s.slots[rank] = RankSlot{loss / cfg.accumulation_steps, r, bytes};
     barrier.arrive_and_wait();
+    saver.after_step(engine, static_cast<int>(first_step) + step + 1, step + 1 == o.steps,
+                     [&](const std::string& dir) { write_model_config(dir, sh); });
   }
 
   if (!o.save_dir.empty()) {
-    engine.save(o.save_dir);
+    engine.save(o.save_dir, shardopt_examples::checkpoint_record(static_cast<int>(first_step) + o.steps));
     if (rank == 0) write_model_config(o.save_dir, sh);
   }
   std::lock_guard<std::mutex> lock(s.mutex);
@@ -368,6 +374,9 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
   if (o.ranks < 1) bad("ranks must be >= 1, got " + std::to_string(o.ranks));
   if (o.steps < 1) bad("steps must be >= 1, got " + std::to_string(o.steps));
   if (o.data.empty()) bad("data: a token file is required");
+  if (o.save_every < 0) bad("save_every must be >= 0, got " + std::to_string(o.save_every));
+  if (o.save_every > 0 && o.checkpoints_dir.empty()) bad("save_every needs checkpoints_dir");
+  if (o.save_every > 0 && o.keep < 1) bad("keep must be >= 1, got " + std::to_string(o.keep));
   const std::vector<shardopt::BlockSpec> specs = blocks(o.shape);
   (void)shardopt::plan_memory(o.config, specs, o.ranks);
 

@@ -38,8 +38,16 @@ struct TrainOptions {
   shardopt::Config config;
   std::string data;        // token file (data.hpp); required
   std::string init_from;   // safetensors file, or a directory holding model.safetensors
-  std::string resume_dir;  // Engine::load after initialize
-  std::string save_dir;    // Engine::save after the last step, plus model_config.json
+  // Engine::load after initialize. The data and step count go on from the checkpoint's trainer
+  // record ({"next_step": N}, ../step_checkpoints.hpp), or its update count if it has none.
+  std::string resume_dir;
+  std::string save_dir;    // Engine::save after the last step (with the record), plus model_config.json
+  // Background checkpoints every save_every steps into checkpoints_dir/step-NNNNNN (each with its
+  // model_config.json), the newest `keep` complete ones kept: shardopt_examples::PeriodicSaver,
+  // as in the MLP trainer (0: none).
+  int save_every = 0;
+  int keep = 2;
+  std::string checkpoints_dir;
   bool recompute = false;  // keep only each layer's input; recompute its activations in backward
   bool collect_master = false;  // fill TrainResult::master (a full fp32 copy: tests only)
 };

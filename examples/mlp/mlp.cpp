@@ -6,11 +6,14 @@
 #include <barrier>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <span>
+#include <stdexcept>
 #include <thread>
 
 namespace mlp {
@@ -27,6 +30,20 @@ std::uint64_t mix(std::uint64_t x) noexcept {  // splitmix64 finalizer
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
+}
+
+// std::vector<float>(n) for the trainer's own buffers, with an allocation failure (std::bad_alloc,
+// or a count past max_size) reported as Error(out_of_memory) naming the buffer and its size.
+std::vector<float> host_floats(std::size_t n, const char* what) {
+  try {
+    return std::vector<float>(n);
+  } catch (const std::bad_alloc&) {
+  } catch (const std::length_error&) {
+  }
+  const std::string bytes = n <= SIZE_MAX / sizeof(float) ? std::to_string(n * sizeof(float)) + " bytes"
+                                                           : std::string("more than 2^64 bytes");
+  throw Error(ErrorCode::out_of_memory,
+              std::string("mlp: cannot allocate ") + what + ": " + std::to_string(n) + " floats (" + bytes + ")");
 }
 
 std::size_t block_params(int h) {
@@ -128,7 +145,8 @@ float normal(std::uint64_t key, std::uint64_t i) noexcept {
   return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
 }
 
-Teacher::Teacher(const Shape& shape, std::uint64_t seed) : shape_(shape), w_(param_count(shape)) {
+Teacher::Teacher(const Shape& shape, std::uint64_t seed)
+    : shape_(shape), w_(host_floats(param_count(shape), "the teacher's weights (a full fp32 copy of the model)")) {
   // Weights at the scale of a standard initialisation (variance 1/fan_in), biases small: the
   // teacher's function is then as far from the student's start as a typical init is from another.
   const std::size_t H = shape.hidden, F = 4 * H;
@@ -250,12 +268,16 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   if (!o.resume_dir.empty()) engine.load(o.resume_dir);  // collective, like every engine call here
 
   // The trainer's own memory (activation_bytes() counts the same buffers).
-  std::vector<float> xs((L + 1) * BH), as(L * BF), us(L * BF), dy(BH), dx(BH), target(BH), da(BF);
+  std::vector<float> xs = host_floats((L + 1) * BH, "the block inputs (activations)");
+  std::vector<float> as = host_floats(L * BF, "the pre-activations (activations)");
+  std::vector<float> us = host_floats(L * BF, "the GELU outputs (activations)");
+  std::vector<float> dy = host_floats(BH, "dL/dy"), dx = host_floats(BH, "dL/dx"), target = host_floats(BH, "targets");
+  std::vector<float> da = host_floats(BF, "dL/da");
   std::vector<float> teacher_scratch;
   std::vector<float> pw, gw;  // fp32 copies of one block's params / grads for 16-bit compute
   if (!wide) {
-    pw.resize(block_params(h));
-    gw.resize(block_params(h));
+    pw = host_floats(block_params(h), "a block's widened parameters");
+    gw = host_floats(block_params(h), "a block's widened gradients");
   }
 
   float scale = cfg.loss_scaling.mode == shardopt::LossScaleMode::none ? 1.0f : cfg.loss_scaling.initial_scale;
@@ -276,6 +298,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     }
     return BlockParams{p[0], p[1], p[2], p[3]};
   };
+
+  shardopt_examples::PeriodicSaver saver(o.save_every, o.keep, o.checkpoints_dir, rank);
 
   barrier.arrive_and_wait();
   for (int step = 0; step < o.steps; ++step) {
@@ -344,6 +368,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     s.slots[slot] = RankSlot{mean_loss, r, bytes};
     if (step == o.steps - 1) s.result.last_step_comm[slot] = engine.comm_report();
     barrier.arrive_and_wait();
+
+    saver.after_step(engine, o.first_step + step + 1, step + 1 == o.steps, [](const std::string&) {});
   }
 
   if (!o.save_dir.empty()) engine.save(o.save_dir, checkpoint_record(o.first_step + o.steps));  // collective
@@ -395,22 +421,12 @@ void set_blas_threads(int ranks) {
 
 }  // namespace
 
-std::string checkpoint_record(int next_step) { return "{\"next_step\": " + std::to_string(next_step) + "}"; }
-
-int read_next_step(const std::string& record) {
-  if (record.empty()) return 0;
-  const std::string key = "{\"next_step\": ";
-  char* end = nullptr;
-  const long v = record.rfind(key, 0) == 0 ? std::strtol(record.c_str() + key.size(), &end, 10) : -1;
-  if (v < 0 || v > 1000000000L || !end || std::string(end) != "}")
-    throw Error(ErrorCode::invalid_argument, "the checkpoint's trainer record '" + record +
-                                                 "' is not the example trainer's ({\"next_step\": N})");
-  return static_cast<int>(v);
-}
-
 TrainResult train(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };
   if (o.bootstrap && !o.make_communicator) bad("a bootstrap needs make_communicator");
+  if (o.save_every < 0) bad("save_every must be >= 0, got " + std::to_string(o.save_every));
+  if (o.save_every > 0 && o.checkpoints_dir.empty()) bad("save_every needs checkpoints_dir");
+  if (o.save_every > 0 && o.keep < 1) bad("keep must be >= 1, got " + std::to_string(o.keep));
   if (o.first_step < 0) bad("first_step must be >= 0, got " + std::to_string(o.first_step));
   if (o.shape.layers < 1) bad("layers must be >= 1, got " + std::to_string(o.shape.layers));
   if (o.shape.hidden < 1) bad("hidden must be >= 1, got " + std::to_string(o.shape.hidden));
@@ -444,7 +460,7 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
   for (const auto& b : specs)
     for (const auto& t : b.tensors) {
       s.result.tensor_names.push_back(t.name);
-      s.result.master.emplace_back(shardopt::numel(t.shape), 0.0f);
+      s.result.master.push_back(host_floats(shardopt::numel(t.shape), "the gathered master weights (for the digest)"));
     }
 
   std::barrier<OnPhase> barrier(threads_here, OnPhase{&s});

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "../step_checkpoints.hpp"
 #include "shardopt/shardopt.hpp"
 
 namespace mlp {
@@ -100,6 +101,16 @@ struct TrainOptions {
   // (read_next_step): the data stream is a function of the step number, so 10 steps, a save and
   // 10 resumed steps see the same batches as 20 steps. Saves record first_step + steps.
   int first_step = 0;
+  // Background checkpoints during the run (0: none): after every step whose number (first_step +
+  // steps taken) is a multiple of save_every, save_async into step_checkpoint_dir(checkpoints_dir,
+  // N), the last step excepted (save_dir covers it). One save is in flight at a time: it is
+  // committed (wait_save) max(1, save_every / 2) steps later, or before the next save or the end
+  // of the run if sooner. After each commit the newest `keep` complete step checkpoints are kept
+  // and older ones deleted (prune_step_checkpoints), so one complete checkpoint exists at all
+  // times once the first is committed. A save that fails throws from train() on every rank.
+  int save_every = 0;
+  int keep = 2;
+  std::string checkpoints_dir;
   // One rank per process (a launcher's job): when set, this process runs rank bootstrap->rank()
   // of bootstrap->world_size(), with the communicator make_communicator returns for its backend,
   // and `ranks` is ignored. Losses and the full master (for the digest) are exchanged through the
@@ -111,8 +122,14 @@ struct TrainOptions {
 
 // The trainer's record in its checkpoints ({"next_step": N}) and its reading; 0 for a checkpoint
 // without one. Throws Error(invalid_argument) for a record that is not the trainer's.
-std::string checkpoint_record(int next_step);
-int read_next_step(const std::string& record);
+using shardopt_examples::checkpoint_record;
+using shardopt_examples::read_next_step;
+
+// Step checkpoints (../step_checkpoints.hpp): DIR/step-NNNNNN, listed and pruned.
+using shardopt_examples::list_step_checkpoints;
+using shardopt_examples::prune_step_checkpoints;
+using shardopt_examples::step_checkpoint_dir;
+using shardopt_examples::StepCheckpoint;
 
 struct StepRecord {
   int step = 0;                // 1-based

@@ -16,7 +16,7 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
   CLI::App* sub = bench->add_subcommand(
       "update", "Time the fused optimizer update (grad in, fp32 master and moments, params out) on the backend");
   sub->add_option("--params", a.params, "parameters updated per iteration, e.g. 16M, 1e8, 64Mi")->capture_default_str();
-  sub->add_option("--threads", a.threads, "kernel threads (0: all cores)")->capture_default_str();
+  sub->add_option("--threads", a.threads, "kernel threads (0: all cores)")->check(unsigned_integer())->capture_default_str();
   sub->add_option("--dtype", a.dtype, "dtype of the gradient read and the parameters written")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))->capture_default_str();
   sub->add_option("--optimizer", a.optimizer, "update rule")

@@ -1,5 +1,10 @@
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <optional>
 #include <sstream>
 
 #include "commands.hpp"
@@ -14,6 +19,65 @@ std::vector<std::string> rule_choices() {
   SHARDOPT_RULES(SHARDOPT_RULE_CHOICE)
 #undef SHARDOPT_RULE_CHOICE
   return out;
+}
+
+namespace {
+
+// The value as a double if all of `text` is one number (nan and inf included: they are told
+// apart from malformed text by the callers).
+std::optional<double> whole_number(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(text.c_str(), &end);
+  if (end != text.c_str() + text.size()) return std::nullopt;
+  return v;
+}
+
+}  // namespace
+
+const CLI::Validator& unsigned_integer() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string {
+        const bool digits = !text.empty() && text.size() <= 20 &&
+                            std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+        errno = 0;
+        if (!digits || (std::strtoull(text.c_str(), nullptr, 10), errno == ERANGE))
+          return "'" + text + "' is not an integer in 0.." + std::to_string(~std::uint64_t(0));
+        return {};
+      },
+      "UINT");
+  return v;
+}
+
+const CLI::Validator& positive_finite() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string {
+        const auto x = whole_number(text);
+        if (!x) return "'" + text + "' is not a number";
+        if (!std::isfinite(*x) || *x <= 0) return "must be a finite number > 0, not '" + text + "'";
+        return {};
+      },
+      "POSITIVE");
+  return v;
+}
+
+const CLI::Validator& non_negative_finite() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string {
+        const auto x = whole_number(text);
+        if (!x) return "'" + text + "' is not a number";
+        if (!std::isfinite(*x) || *x < 0) return "must be a finite number >= 0, not '" + text + "'";
+        return {};
+      },
+      "NONNEGATIVE");
+  return v;
+}
+
+const CLI::Validator& non_empty_path() {
+  static const CLI::Validator v(
+      [](std::string& text) -> std::string { return text.empty() ? "an empty path" : std::string(); }, "PATH");
+  return v;
 }
 
 double default_lr(OptimizerKind k) {
@@ -218,64 +282,103 @@ int run(int argc, const char* const* argv, Io& io) {
   TokenizeArgs tokenize;
   CLI::App* tokenize_cmd = add_tokenize(app, tokenize);
 
+  // A word where a subcommand is expected that names none (CLI11 says only "A subcommand is
+  // required") is named, with the list to choose from: at the top level and under the commands
+  // that have subcommands of their own (checkpoint, bench).
+  {
+    CLI::App* level = &app;
+    std::string path = "shardopt";
+    for (int i = 1; i < argc && argv[i][0] != '-' && !level->get_subcommands([](CLI::App*) { return true; }).empty();
+         ++i) {
+      std::string names;
+      CLI::App* next = nullptr;
+      for (CLI::App* sub : level->get_subcommands([](CLI::App*) { return true; })) {
+        names += (names.empty() ? "" : ", ") + sub->get_name();
+        if (sub->check_name(argv[i])) next = sub;
+      }
+      if (!next) {
+        io.err << path << ": unknown subcommand '" << argv[i] << "'; the subcommands are " << names
+               << "\nRun with --help for more information.\n";
+        return 2;
+      }
+      level = next;
+      path += " " + next->get_name();
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e, io.out, io.err);
   }
   std::string which = "shardopt";
-  try {
-    if (train_cmd->parsed()) {
-      which += " train";
-      train.gpt.batch_given = train_cmd->count("--batch") > 0;
-      train.gpt.layers_given = train_cmd->count("--layers") > 0;
-      train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
-      train.ranks_given = train_cmd->count("--ranks") > 0;
-      return run_train(train, io);
+  const int rc = [&]() -> int {
+    try {
+      if (train_cmd->parsed()) {
+        which += " train";
+        train.gpt.batch_given = train_cmd->count("--batch") > 0;
+        train.gpt.layers_given = train_cmd->count("--layers") > 0;
+        train.gpt.hidden_given = train_cmd->count("--hidden") > 0;
+        train.ranks_given = train_cmd->count("--ranks") > 0;
+        train.keep_given = train_cmd->count("--keep") > 0;
+        return run_train(train, io);
+      }
+      if (estimate_cmd->parsed()) {
+        which += " estimate";
+        estimate.gpt.batch_given = estimate_cmd->count("--batch") > 0;
+        estimate.gpt.layers_given = estimate_cmd->count("--layers") > 0;
+        estimate.gpt.hidden_given = estimate_cmd->count("--hidden") > 0;
+        return run_estimate(estimate, io);
+      }
+      if (plan_cmd->parsed()) {
+        which += " plan";
+        return run_plan(plan, io);
+      }
+      if (checkpoint_cmd.inspect->parsed()) {
+        which += " checkpoint inspect";
+        return run_checkpoint_inspect(checkpoint, io);
+      }
+      if (checkpoint_cmd.exporter->parsed()) {
+        which += " checkpoint export";
+        return run_checkpoint_export(checkpoint, io);
+      }
+      if (generate_cmd->parsed()) {
+        which += " generate";
+        return run_generate(generate, io);
+      }
+      if (tokenize_cmd->parsed()) {
+        which += " tokenize";
+        return run_tokenize(tokenize, io);
+      }
+      if (bench_cmd->parsed()) {
+        which += " bench update";
+        return run_bench(bench, io);
+      }
+    } catch (const UsageError& e) {
+      io.err << which << ": error: " << e.what() << "\nRun with --help for more information.\n";
+      return 2;
+    } catch (const Error& e) {
+      io.err << which << ": error: " << e.message() << " [" << to_string(e.code()) << "]\n";
+      return 1;
+    } catch (const std::bad_alloc&) {
+      // The engine and the trainers report their own buffers by name (out_of_memory); this is
+      // the last resort for an allocation elsewhere.
+      io.err << which << ": error: out of memory (an allocation outside the engine's buffers failed) [out_of_memory]\n";
+      return 1;
+    } catch (const std::exception& e) {
+      io.err << which << ": error: " << e.what() << '\n';
+      return 1;
     }
-    if (estimate_cmd->parsed()) {
-      which += " estimate";
-      estimate.gpt.batch_given = estimate_cmd->count("--batch") > 0;
-      estimate.gpt.layers_given = estimate_cmd->count("--layers") > 0;
-      estimate.gpt.hidden_given = estimate_cmd->count("--hidden") > 0;
-      return run_estimate(estimate, io);
-    }
-    if (plan_cmd->parsed()) {
-      which += " plan";
-      return run_plan(plan, io);
-    }
-    if (checkpoint_cmd.inspect->parsed()) {
-      which += " checkpoint inspect";
-      return run_checkpoint_inspect(checkpoint, io);
-    }
-    if (checkpoint_cmd.exporter->parsed()) {
-      which += " checkpoint export";
-      return run_checkpoint_export(checkpoint, io);
-    }
-    if (generate_cmd->parsed()) {
-      which += " generate";
-      return run_generate(generate, io);
-    }
-    if (tokenize_cmd->parsed()) {
-      which += " tokenize";
-      return run_tokenize(tokenize, io);
-    }
-    if (bench_cmd->parsed()) {
-      which += " bench update";
-      return run_bench(bench, io);
-    }
-  } catch (const UsageError& e) {
-    io.err << which << ": error: " << e.what() << "\nRun with --help for more information.\n";
+    io.err << "shardopt: no subcommand\n";
     return 2;
-  } catch (const Error& e) {
-    io.err << which << ": error: " << e.message() << " [" << to_string(e.code()) << "]\n";
-    return 1;
-  } catch (const std::exception& e) {
-    io.err << which << ": error: " << e.what() << '\n';
-    return 1;
+  }();
+  // Output that never reached its destination (stdout on a full device, a closed pipe) is a
+  // failure too: the caller must not take a missing result line for success.
+  io.out.flush();
+  if (!io.out) {
+    io.err << which << ": error: writing the output (stdout) failed\n";
+    return rc != 0 ? rc : 1;
   }
-  io.err << "shardopt: no subcommand\n";
-  return 2;
+  return rc;
 }
 
 }  // namespace shardopt::cli

@@ -1,6 +1,7 @@
 #pragma once
 // The subcommands of the shardopt command line: their arguments and what runs them.
 #include <cstdint>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -21,6 +22,17 @@ using Json = nlohmann::ordered_json;
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// Validators for values CLI11's own checks let through. CLI11 parses an unsigned option with
+// strtoull, which takes "-1" as 2^64-1 and "010" as octal 8; and its number checks pass nan
+// (every comparison with it is false) and inf.
+// A decimal integer without a sign, within 0..2^64-1.
+const CLI::Validator& unsigned_integer();
+// A finite number > 0 (positive_finite) or >= 0 (non_negative_finite).
+const CLI::Validator& positive_finite();
+const CLI::Validator& non_negative_finite();
+// A non-empty path ("" would otherwise read as "not given").
+const CLI::Validator& non_empty_path();
 
 // The model and engine settings shared by train, estimate and plan.
 struct ModelArgs {
@@ -105,10 +117,40 @@ struct TrainArgs {
   std::uint64_t seed = 1;
   unsigned threads = 0;
   std::string save, resume, metrics;
+  int save_every = 0;  // 0: no background checkpoints
+  int keep = 2;
+  bool keep_given = false;
   bool json = false;
 };
 CLI::App* add_train(CLI::App& app, TrainArgs& a);
 int run_train(const TrainArgs& a, Io& io);
+// Flag combinations of train the parser cannot check (UsageError naming the flag).
+void check_train_flags(const TrainArgs& a);
+// --resume auto: sets a.resume to the newest complete checkpoint of --save DIR (DIR itself or
+// DIR/step-NNNNNN, by the step its trainer record names), or clears it if there is none. Returns
+// the line to tell the user ("" if --resume was not auto).
+std::string resolve_resume_auto(TrainArgs& a);
+// Before training: --save DIR is created if missing, probed with a write, and checked for room for
+// this run's checkpoints (of `params` values and the rule's states); with --save-every, no
+// complete step checkpoint of DIR may be ahead of `first_step` (another run's). UsageError naming
+// the flag and the reason.
+void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind rule, int first_step);
+
+// --metrics FILE: opened (UsageError naming it if it cannot be) before training; one line per step,
+// flushed. A write that fails is reported on `warn` once and stops the log, not the run; close()
+// then throws Error(io_error) naming the file, so the run exits non-zero after its results.
+class MetricsFile {
+ public:
+  explicit MetricsFile(std::string path);
+  void write(const std::string& line, int step, std::ostream& warn);
+  void close();
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+  bool failed_ = false;
+  std::string reason_;
+};
 void add_gpt_train_options(CLI::App* train, GptArgs& g);
 // The GPT shape flags alone (--model --preset --heads --vocab --positions --seq --recompute).
 void add_gpt_shape_options(CLI::App* sub, GptArgs& g);

@@ -112,17 +112,24 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   o.recompute = g.recompute;
   o.resume_dir = a.resume;
   o.save_dir = a.save;
+  o.save_every = a.save_every;
+  o.keep = a.keep;
+  o.checkpoints_dir = a.save;
+  int first_step = 0;  // where a resumed run starts: its record, or (older checkpoints) its update count
+  if (!a.resume.empty()) {
+    const CheckpointInfo info = inspect_checkpoint(a.resume);
+    first_step = info.trainer_metadata.empty() ? static_cast<int>(info.step) : mlp::read_next_step(info.trainer_metadata);
+  }
   Model model;
   model.params = gpt::param_count(o.shape);
   model.blocks = gpt::blocks(o.shape);
   o.config = build_config(a.model, model);
   apply_optimizer_args(a, o.config);
+  // Every destination is checked now, before anything trains (a run must not fail at its end).
+  check_train_outputs(a, model.params, o.config.optimizer, first_step);
 
-  std::unique_ptr<std::ofstream> metrics;
-  if (!a.metrics.empty()) {
-    metrics = std::make_unique<std::ofstream>(a.metrics);
-    if (!*metrics) throw UsageError("--metrics: cannot open '" + a.metrics + "' for writing");
-  }
+  std::unique_ptr<MetricsFile> metrics;
+  if (!a.metrics.empty()) metrics = std::make_unique<MetricsFile>(a.metrics);
   std::ostream& human = a.json ? io.err : io.out;
   const bool live = a.json ? io.err_tty : io.out_tty;
 
@@ -147,6 +154,10 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
         << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer << " lr "
         << o.config.hyper.lr << (o.recompute ? ", recompute" : "")
         << (a.model.offload == "none" ? "" : ", offload " + a.model.offload) << ", " << a.steps << " steps\n"
+        << (a.save_every > 0 ? "checkpoints every " + std::to_string(a.save_every) + " steps into " +
+                                   (std::filesystem::path(a.save) / "step-NNNNNN").string() + " in the background (the newest " +
+                                   std::to_string(a.keep) + " kept)\n"
+                             : std::string())
         << "data " << g.data << (g.init_from.empty() ? "" : ", init from " + g.init_from) << "; " << (cuda ? "cuBLAS bf16" : "sgemm") << " peak "
         << static_cast<long>(peak) << " GFLOP/s (" << (cuda ? "CUDA device 0" : std::to_string(hw) + " threads")
         << ", measured now)\n";
@@ -166,7 +177,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
       j["applied"] = s.applied;
       j["grad_norm"] = s.grad_norm;
       j["lr"] = s.lr;
-      *metrics << j.dump() << '\n';
+      metrics->write(j.dump(), s.step, io.err);
     }
     char line[240];
     std::snprintf(line, sizeof line, "step %d/%d  loss %.4f  %.0f ms/step  %.0f tok/s  MFU %.1f%%  mem/rank %s%s",
@@ -186,7 +197,6 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
 #else
   const gpt::TrainResult r = gpt::train(o, on_step);
 #endif
-  if (metrics && !*metrics) throw UsageError("--metrics: writing '" + a.metrics + "' failed");
   const double peak_after = measure_peak();
   if (peak_after > peak) {
     human << "GEMM peak after training " << static_cast<long>(peak_after) << " GFLOP/s (the live line used "
@@ -242,6 +252,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
     j["peak_bytes"] = peaks;
     io.out << j.dump() << '\n';
   }
+  if (metrics) metrics->close();  // after the results: a failed log does not hide them
   return 0;
 }
 
@@ -251,8 +262,8 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
   sub->add_option("--prompt", a.prompt, "text (byte-level tokens), or token ids with --ids")->required();
   sub->add_option("--tokens", a.tokens, "tokens to sample")->check(CLI::Range(1, 1 << 20))->capture_default_str();
   sub->add_option("--temperature", a.temperature, "softmax temperature (0: greedy)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  sub->add_option("--seed", a.seed, "sampling seed")->capture_default_str();
+      ->check(non_negative_finite())->capture_default_str();
+  sub->add_option("--seed", a.seed, "sampling seed")->check(unsigned_integer())->capture_default_str();
   sub->add_flag("--ids", a.ids, "--prompt is token ids separated by spaces or commas; print ids");
   return sub;
 }

@@ -1,15 +1,25 @@
 // shardopt train: the example trainer (examples/mlp) driven from the command line.
+#include <fcntl.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
-#include <cstdlib>
 #include <sstream>
 
 #include "commands.hpp"
 #include "units.hpp"
 
 namespace shardopt::cli {
+
+namespace fs = std::filesystem;
 
 CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   CLI::App* sub = app.add_subcommand(
@@ -29,7 +39,7 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
     lr_help += os.str();
   }
   sub->add_option("--lr", a.lr, lr_help + ")")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_finite());
   sub->add_option("--lr-schedule", a.lr_schedule,
                   "learning-rate schedule after the warm-up: constant, cosine or linear decay to --min-lr at "
                   "--decay-steps, inverse-sqrt (lr*sqrt(max(warmup,1)/step), not below --min-lr)")
@@ -41,17 +51,32 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
                   "the whole run's length)")
       ->check(CLI::Range(std::int64_t(0), std::int64_t(1) << 40));
   sub->add_option("--min-lr", a.min_lr, "the schedule's floor (cosine, linear, inverse-sqrt)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(non_negative_finite())->capture_default_str();
   sub->add_option("--weight-decay", a.weight_decay, "weight decay of the weight matrices (biases: none)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  sub->add_option("--clip", a.clip, "global gradient-norm clipping (0: off)")->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(non_negative_finite())->capture_default_str();
+  sub->add_option("--clip", a.clip, "global gradient-norm clipping (0: off)")->check(non_negative_finite())->capture_default_str();
   sub->add_option("--steps", a.steps, "optimizer steps")->check(CLI::Range(1, 100000000))->capture_default_str();
-  sub->add_option("--seed", a.seed, "seed of the student init, the teacher and the data (rank r reads seed + r)")
-      ->capture_default_str();
-  sub->add_option("--threads", a.threads, "kernel threads shared by all ranks (0: all cores)")->capture_default_str();
-  sub->add_option("--save", a.save, "write a checkpoint to DIR after the last step (see shardopt checkpoint inspect)");
-  sub->add_option("--resume", a.resume, "start from the checkpoint in DIR (any --ranks/--stage; same model and --optimizer)");
-  sub->add_option("--metrics", a.metrics, "write one JSON line per step to FILE");
+  sub->add_option("--seed", a.seed,
+                  "seed of the student init, the teacher and the data (rank r reads seed + r), 0..2^64-1")
+      ->check(unsigned_integer())->capture_default_str();
+  sub->add_option("--threads", a.threads, "kernel threads shared by all ranks (0: all cores)")
+      ->check(unsigned_integer())->capture_default_str();
+  sub->add_option("--save", a.save,
+                  "write a checkpoint to DIR after the last step (see shardopt checkpoint inspect); DIR is created "
+                  "and checked for writing and space before training starts")
+      ->check(non_empty_path());
+  sub->add_option("--save-every", a.save_every,
+                  "also checkpoint every N steps during the run, in the background, into DIR/step-NNNNNN "
+                  "(DIR: --save), keeping the newest --keep of them")
+      ->check(CLI::Range(1, 100000000));
+  sub->add_option("--keep", a.keep, "--save-every: complete step checkpoints kept (older ones are deleted once a "
+                                    "newer one is complete)")
+      ->check(CLI::Range(1, 1000000))->capture_default_str();
+  sub->add_option("--resume", a.resume,
+                  "start from the checkpoint in DIR (any --ranks/--stage; same model and --optimizer); auto: the "
+                  "newest complete checkpoint of --save DIR (DIR itself or DIR/step-NNNNNN), a fresh start if none")
+      ->check(non_empty_path());
+  sub->add_option("--metrics", a.metrics, "write one JSON line per step to FILE")->check(non_empty_path());
   sub->add_flag("--json", a.json, "print one JSON object with the results as the last line of stdout");
   add_gpt_train_options(sub, a.gpt);
   return sub;
@@ -90,10 +115,163 @@ std::string launcher_of_this_process() {
   return {};
 }
 
+// Writes, then removes, a one-byte file in `dir`: the cheapest proof that a save can create files
+// there (permissions, a read-only mount, a full inode table), made before any training.
+void probe_write(const std::string& flag, const std::string& dir) {
+  static std::atomic<unsigned> counter{0};
+  char host[256] = {};
+  if (::gethostname(host, sizeof host - 1) != 0) std::strcpy(host, "host");
+  // Unique among the processes of a job on several hosts writing into one shared directory.
+  const std::string probe = (fs::path(dir) / (".shardopt-probe-" + std::string(host) + "-" +
+                                               std::to_string(::getpid()) + "-" +
+                                               std::to_string(counter.fetch_add(1)))).string();
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) throw UsageError(flag + ": cannot write into '" + dir + "': " + std::strerror(errno));
+  const char byte = 0;
+  const ssize_t wrote = ::write(fd, &byte, 1);
+  const int write_errno = errno;
+  const int closed = ::close(fd);
+  const int close_errno = errno;
+  (void)::unlink(probe.c_str());  // best effort: a leftover probe is a one-byte dot file
+  if (wrote != 1 || closed != 0)
+    throw UsageError(flag + ": cannot write into '" + dir + "': " + std::strerror(wrote != 1 ? write_errno : close_errno));
+}
+
+// Creates `dir` (and missing parents) and probes it (see probe_write).
+void check_dir_writable(const std::string& flag, const std::string& dir) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(dir, ec);
+  if (fs::exists(st) && !fs::is_directory(st)) throw UsageError(flag + ": '" + dir + "' exists and is not a directory");
+  if (!fs::exists(st)) {
+    fs::create_directories(dir, ec);
+    if (ec) throw UsageError(flag + ": cannot create directory '" + dir + "': " + ec.message());
+  }
+  probe_write(flag, dir);
+}
+
+// Bytes of one checkpoint of `params` fp32 values and the rule's states (the shard files; the
+// manifest is small beside them).
+long double checkpoint_bytes(std::uint64_t params, OptimizerKind rule) {
+  return static_cast<long double>(params) * 4.0L * static_cast<long double>(1 + state_count(rule));
+}
+
 }  // namespace
 
-int run_train(const TrainArgs& a, Io& io) {
-  if (a.gpt.model == "gpt") return run_train_gpt(a, io);
+std::string resolve_resume_auto(TrainArgs& a) {
+  if (a.resume != "auto") return {};
+  if (a.save.empty())
+    throw UsageError("--resume auto: needs --save DIR (the directory whose newest complete checkpoint to resume)");
+  // Candidates: DIR itself (a final --save) and DIR/step-NNNNNN (--save-every); the newest by the
+  // step the trainer recorded (the manifest's update count for a checkpoint without a record).
+  std::string best;
+  std::int64_t best_step = -1;
+  try {
+    const CheckpointInfo info = inspect_checkpoint(a.save);
+    best_step = info.trainer_metadata.empty() ? info.step : mlp::read_next_step(info.trainer_metadata);
+    best = a.save;
+  } catch (const std::exception&) {
+    // No checkpoint in DIR itself (or one whose manifest does not verify): not a candidate.
+  }
+  for (const mlp::StepCheckpoint& c : mlp::list_step_checkpoints(a.save))
+    if (c.complete && c.step > best_step) {
+      best_step = c.step;
+      best = c.dir;
+    }
+  if (best.empty()) {
+    a.resume.clear();
+    return "--resume auto: no complete checkpoint in '" + a.save + "'; starting a fresh run";
+  }
+  a.resume = best;
+  return "--resume auto: resuming from '" + best + "' (step " + std::to_string(best_step) + ")";
+}
+
+void check_train_flags(const TrainArgs& a) {
+  if (a.save_every > 0 && a.save.empty())
+    throw UsageError("--save-every: needs --save DIR (the step checkpoints go to DIR/step-NNNNNN)");
+  if (a.keep_given && a.save_every == 0) throw UsageError("--keep: only with --save-every");
+}
+
+void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind rule, int first_step) {
+  if (a.save.empty()) return;
+  check_dir_writable("--save", a.save);
+  if (a.save_every > 0) {
+    // A complete step checkpoint ahead of where this run starts belongs to another run: pruning
+    // by step would keep it and delete this run's newer ones, and --resume auto would pick it.
+    const mlp::StepCheckpoint* ahead = nullptr;  // the newest such one is named
+    const std::vector<mlp::StepCheckpoint> listed = mlp::list_step_checkpoints(a.save);
+    for (const mlp::StepCheckpoint& c : listed)
+      if (c.complete && c.step > first_step) ahead = &c;
+    if (ahead)
+      throw UsageError("--save-every: '" + ahead->dir + "' is a checkpoint at step " + std::to_string(ahead->step) +
+                       ", ahead of this run's start (step " + std::to_string(first_step) +
+                       "): it belongs to another run; resume it (--resume auto) or save elsewhere");
+  }
+  // Space: a save writes its files beside the previous generation before deleting it, and
+  // --save-every keeps up to --keep complete step checkpoints plus the one being written.
+  const long double one = checkpoint_bytes(params, rule);
+  std::uint64_t count = 1;  // the final save
+  if (a.save_every > 0) {
+    const int planned = (first_step + a.steps - 1) / a.save_every - first_step / a.save_every;  // the last step excepted
+    int existing = 0;
+    for (const mlp::StepCheckpoint& c : mlp::list_step_checkpoints(a.save)) existing += c.complete ? 1 : 0;
+    if (planned > 0) count += static_cast<std::uint64_t>(std::max(1, std::min(planned, a.keep + 1) - std::min(existing, a.keep)));
+  }
+  struct statvfs v {};
+  if (::statvfs(a.save.c_str(), &v) == 0) {
+    const long double avail = static_cast<long double>(v.f_bavail) * static_cast<long double>(v.f_frsize);
+    const long double need = one * static_cast<long double>(count);
+    if (avail < need)
+      throw UsageError("--save: '" + a.save + "' has " + format_bytes(double(avail)) + " free; this run's " +
+                       std::to_string(count) + " checkpoint" + (count == 1 ? "" : "s") + " need " +
+                       format_bytes(double(need)) + " (" + format_bytes(double(one)) + " each)");
+  }
+}
+
+MetricsFile::MetricsFile(std::string path) : path_(std::move(path)) {
+  errno = 0;
+  out_.open(path_, std::ios::out | std::ios::trunc);
+  if (!out_)
+    throw UsageError("--metrics: cannot open '" + path_ + "' for writing" +
+                     (errno ? std::string(": ") + std::strerror(errno) : std::string()));
+}
+
+void MetricsFile::write(const std::string& line, int step, std::ostream& warn) {
+  if (failed_) return;
+  errno = 0;
+  // Flushed line by line: a full or failing device shows at the step it fails at (and the file
+  // can be followed while the run goes on).
+  out_ << line << '\n';
+  out_.flush();
+  if (!out_) {
+    failed_ = true;
+    reason_ = errno ? std::strerror(errno) : "the stream failed";
+    warn << "shardopt train: warning: writing --metrics '" << path_ << "' failed at step " << step << " ("
+         << reason_ << "); training goes on, and the run will exit non-zero\n";
+    warn.flush();
+  }
+}
+
+void MetricsFile::close() {
+  if (!failed_) {
+    errno = 0;
+    out_.close();
+    if (out_.fail()) {
+      failed_ = true;
+      reason_ = errno ? std::strerror(errno) : "closing failed";
+    }
+  }
+  if (failed_) throw Error(ErrorCode::io_error, "--metrics: writing '" + path_ + "' failed: " + reason_);
+}
+
+int run_train(const TrainArgs& args_in, Io& io) {
+  check_train_flags(args_in);
+  TrainArgs a_resolved = args_in;
+  const std::string resume_note = resolve_resume_auto(a_resolved);  // --resume auto: a directory, or none
+  const TrainArgs& a = a_resolved;
+  if (a.gpt.model == "gpt") {
+    if (!resume_note.empty()) io.err << "shardopt train: " << resume_note << '\n';
+    return run_train_gpt(a, io);
+  }
   check_backend(a.backend, "the example trainer");
   check_offload(a.model);
 
@@ -128,9 +306,14 @@ int run_train(const TrainArgs& a, Io& io) {
   o.config = build_config(a.model, model);
   o.resume_dir = a.resume;
   o.save_dir = a.save;
+  o.save_every = a.save_every;
+  o.keep = a.keep;
+  o.checkpoints_dir = a.save;
   // Resuming continues the data stream, the step numbers and the schedule where the checkpoint
   // left them (the trainer's record in the checkpoint says where).
   if (!a.resume.empty()) o.first_step = mlp::read_next_step(inspect_checkpoint(a.resume).trainer_metadata);
+  // Every destination is checked now, before anything trains (a run must not fail at its end).
+  check_train_outputs(a, model.params, o.config.optimizer, o.first_step);
   TrainArgs args = a;
   if (args.decay_steps == 0) args.decay_steps = o.first_step + a.steps;  // the schedule spans the whole run
   apply_optimizer_args(args, o.config);
@@ -140,11 +323,8 @@ int run_train(const TrainArgs& a, Io& io) {
     check_agreement(*boot, o.config, mlp::blocks(o.shape));
   }
 
-  std::unique_ptr<std::ofstream> metrics;
-  if (!a.metrics.empty() && lead) {
-    metrics = std::make_unique<std::ofstream>(a.metrics);
-    if (!*metrics) throw UsageError("--metrics: cannot open '" + a.metrics + "' for writing");
-  }
+  std::unique_ptr<MetricsFile> metrics;
+  if (!a.metrics.empty() && lead) metrics = std::make_unique<MetricsFile>(a.metrics);
 
   // With --json stdout carries only the JSON line; the human-readable output goes to stderr.
   std::ostringstream discard;  // the other processes of a launched job print nothing
@@ -157,6 +337,10 @@ int run_train(const TrainArgs& a, Io& io) {
         << (a.model.offload == "none" ? "" : "offload " + a.model.offload +
                                                  (a.model.offload_params ? " (+ parameters)" : "") + ", ")
         << a.steps << " steps\n";
+  if (!resume_note.empty() && lead) io.err << "shardopt train: " << resume_note << '\n';
+  if (a.save_every > 0)
+    human << "checkpoints every " << a.save_every << " steps into " << (fs::path(a.save) / "step-NNNNNN").string()
+          << " in the background (the newest " << a.keep << " kept)\n";
   human.flush();
 
   const int every = std::max(1, a.steps / 10);
@@ -171,7 +355,7 @@ int run_train(const TrainArgs& a, Io& io) {
       j["loss_scale"] = s.loss_scale;
       j["grad_norm"] = s.grad_norm;
       j["lr"] = s.lr;
-      *metrics << j.dump() << '\n';
+      metrics->write(j.dump(), s.step, io.err);
     }
     char line[200];
     std::snprintf(line, sizeof line, "step %d/%d  loss %.6f  %.2f ms/step  %.0f samples/s  mem/rank %s%s", s.step,
@@ -187,7 +371,6 @@ int run_train(const TrainArgs& a, Io& io) {
     }
   };
   const mlp::TrainResult r = mlp::train(o, on_step);
-  if (metrics && !*metrics) throw UsageError("--metrics: writing '" + a.metrics + "' failed");
 
   std::vector<double> ms;
   for (const auto& s : r.steps) ms.push_back(s.step_ms);
@@ -237,6 +420,7 @@ int run_train(const TrainArgs& a, Io& io) {
     j["peak_bytes"] = peaks;  // [rank][place][category], plus [place]["total"] (peak of the sum)
     io.out << j.dump() << '\n';
   }
+  if (metrics) metrics->close();  // after the results: a failed log does not hide them
   return 0;
 }
 
