@@ -111,22 +111,41 @@ TEST_F(Fixture, EstimatesTheGptAndItsActivations) {
   EXPECT_NE(run({"estimate", "--model", "gpt", "--params", "1B"}).err.find("--params"), std::string::npos);
 }
 
-// Resuming continues the data where it stopped: 3 + 3 steps give the 6-step run's losses.
+// Resuming continues the data, the step numbers and the schedule where it stopped: 3 + 3 steps
+// give the 6-step run's losses and learning rates, and the resumed metrics count 4, 5, 6. The
+// first part names the whole run's length (--decay-steps 6); the resumed part's default is its
+// first step + --steps, the same 6.
 TEST_F(Fixture, ResumeContinuesTheData) {
   const std::string ck = (dir / "ck").string();
-  auto full = small(6);
-  full.push_back("--json");
-  const json a = last_json_line(run(full).out);
-  auto first = small(3);
-  first.insert(first.end(), {"--save", ck, "--json"});
-  const Result r1 = run(first);
+  const std::vector<std::string> sched = {"--lr-schedule", "cosine", "--warmup", "2", "--min-lr", "1e-4"};
+  auto with = [&](std::vector<std::string> v, std::initializer_list<std::string> more) {
+    v.insert(v.end(), sched.begin(), sched.end());
+    v.insert(v.end(), more);
+    return v;
+  };
+  const std::string m_full = (dir / "full.jsonl").string(), m_resumed = (dir / "resumed.jsonl").string();
+  const Result rf = run(with(small(6), {"--metrics", m_full, "--json"}));
+  ASSERT_EQ(rf.rc, 0) << rf.err;
+  const json a = last_json_line(rf.out);
+  const Result r1 = run(with(small(3), {"--decay-steps", "6", "--save", ck, "--json"}));
   ASSERT_EQ(r1.rc, 0) << r1.err;
-  auto second = small(3);
-  second.insert(second.end(), {"--resume", ck, "--json"});
-  const Result r2 = run(second);
+  const Result r2 = run(with(small(3), {"--resume", ck, "--metrics", m_resumed, "--json"}));
   ASSERT_EQ(r2.rc, 0) << r2.err;
   const json b = last_json_line(r2.out);
   for (int i = 0; i < 3; ++i) EXPECT_EQ(b["losses"][i].get<double>(), a["losses"][3 + i].get<double>()) << i;
+  auto lines = [](const std::string& path) {
+    std::vector<json> v;
+    std::ifstream in(path);
+    for (std::string l; std::getline(in, l);) v.push_back(json::parse(l));
+    return v;
+  };
+  const auto full = lines(m_full), resumed = lines(m_resumed);
+  ASSERT_EQ(full.size(), 6u);
+  ASSERT_EQ(resumed.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(resumed[i]["step"].get<int>(), 4 + i);
+    EXPECT_EQ(resumed[i]["lr"].get<double>(), full[3 + i]["lr"].get<double>()) << "step " << 4 + i;
+  }
 }
 
 // The checks of train's outputs apply to the GPT trainer too: --resume auto finds DIR's checkpoint

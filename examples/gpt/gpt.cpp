@@ -62,6 +62,7 @@ struct Shared {
   std::mutex mutex;
   std::exception_ptr error;
   int phase = 0;
+  std::int64_t first_step = 0;  // a resumed run's step numbers go on from here (set by rank 0 before its first barrier)
   Clock::time_point last;
 };
 
@@ -73,7 +74,7 @@ struct OnPhase {
     s->last = now;
     if (s->phase++ == 0 || s->error) return;
     StepRecord r;
-    r.step = s->phase - 1;
+    r.step = static_cast<int>(s->first_step) + s->phase - 1;
     for (const auto& slot : s->slots) r.loss += slot.loss;
     r.loss /= static_cast<double>(s->slots.size());
     r.step_ms = ms;
@@ -220,6 +221,7 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   std::int64_t first_step = 0;
   if (!o.resume_dir.empty())
     first_step = record.empty() ? engine.last_result().step : shardopt_examples::read_next_step(record);
+  if (rank == 0) s.first_step = first_step;
   shardopt_examples::PeriodicSaver saver(o.save_every, o.keep, o.checkpoints_dir, rank);
 
   barrier.arrive_and_wait();
@@ -412,7 +414,7 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
   set_blas_threads(static_cast<int>(std::max(1u, hw / static_cast<unsigned>(o.ranks))));
 
   Shared s{o, make_env, on_step, data, init_file.get(), shardopt::make_thread_pool(o.threads),
-           shardopt::make_in_process_group(o.ranks), std::vector<RankSlot>(o.ranks), TrainResult{}, {}, {}, 0,
+           shardopt::make_in_process_group(o.ranks), std::vector<RankSlot>(o.ranks), TrainResult{}, {}, {}, 0, 0,
            Clock::now()};
   s.result.params = param_count(o.shape);
   s.result.activation_bytes = activation_bytes(o.shape, o.batch, o.seq, o.config.compute_dtype, o.recompute);

@@ -68,9 +68,10 @@ void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_
 std::vector<std::string> rule_choices();
 // The learning rate a rule trains with when --lr is not given (its header's default_lr).
 double default_lr(OptimizerKind k);
-// The learning rate (--lr or the rule's default), weight decay, schedule and clipping of `train`.
+// The learning rate (--lr or the rule's default), weight decay, schedule and clipping of `train`. Without
+// --decay-steps the schedule spans the whole run: a resumed run's first_step plus its --steps.
 struct TrainArgs;
-void apply_optimizer_args(const TrainArgs& a, Config& c);
+void apply_optimizer_args(const TrainArgs& a, Config& c, int first_step);
 Model build_model(const ModelArgs& a);
 // Checks --offload/--nvme-dir/--offload-params together: UsageError naming the flag at fault
 // (--nvme-dir with and only with nvme; --offload-params at stage 3 with host or nvme offload).

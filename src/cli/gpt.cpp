@@ -124,7 +124,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   model.params = gpt::param_count(o.shape);
   model.blocks = gpt::blocks(o.shape);
   o.config = build_config(a.model, model);
-  apply_optimizer_args(a, o.config);
+  apply_optimizer_args(a, o.config, first_step);
   // Every destination is checked now, before anything trains (a run must not fail at its end).
   check_train_outputs(a, model.params, o.config.optimizer, first_step);
 
@@ -164,6 +164,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   human.flush();
 
   const int every = std::max(1, a.steps / 10);
+  const int last_step = first_step + a.steps;  // step numbers continue a resumed run
   auto on_step = [&](const gpt::StepRecord& s) {
     const double tps = s.step_ms > 0 ? tokens_per_step * 1000.0 / s.step_ms : 0.0;
     const double mfu = peak > 0 ? fpt * tps / (peak * 1e9) : 0.0;
@@ -181,13 +182,13 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
     }
     char line[240];
     std::snprintf(line, sizeof line, "step %d/%d  loss %.4f  %.0f ms/step  %.0f tok/s  MFU %.1f%%  mem/rank %s%s",
-                  s.step, a.steps, s.loss, s.step_ms, tps, 100.0 * mfu, format_bytes(double(s.rank_bytes)).c_str(),
+                  s.step, last_step, s.loss, s.step_ms, tps, 100.0 * mfu, format_bytes(double(s.rank_bytes)).c_str(),
                   s.applied ? "" : "  (skipped: overflow)");
     if (live) {
       human << '\r' << line << "\x1b[K";
-      if (s.step == a.steps) human << '\n';
+      if (s.step == last_step) human << '\n';
       human.flush();
-    } else if (s.step % every == 0 || s.step == 1 || s.step == a.steps) {
+    } else if (s.step % every == 0 || s.step == first_step + 1 || s.step == last_step) {
       human << line << '\n';
       human.flush();
     }

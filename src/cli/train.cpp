@@ -92,13 +92,13 @@ std::string hex64(std::uint64_t v) {
 
 }  // namespace
 
-void apply_optimizer_args(const TrainArgs& a, Config& c) {
+void apply_optimizer_args(const TrainArgs& a, Config& c, int first_step) {
   c.hyper.lr = static_cast<float>(a.lr > 0 ? a.lr : default_lr(c.optimizer));
   c.hyper.weight_decay = static_cast<float>(a.weight_decay);
   if (!parse_lr_schedule(a.lr_schedule, c.hyper.schedule))
     throw UsageError("--lr-schedule: unknown schedule '" + a.lr_schedule + "'");
   c.hyper.warmup_steps = a.warmup;
-  c.hyper.total_steps = a.decay_steps > 0 ? a.decay_steps : a.steps;
+  c.hyper.total_steps = a.decay_steps > 0 ? a.decay_steps : first_step + a.steps;  // the schedule spans the whole run
   c.hyper.min_lr = static_cast<float>(a.min_lr);
   c.max_grad_norm = static_cast<float>(a.clip);
 }
@@ -314,9 +314,7 @@ int run_train(const TrainArgs& args_in, Io& io) {
   if (!a.resume.empty()) o.first_step = mlp::read_next_step(inspect_checkpoint(a.resume).trainer_metadata);
   // Every destination is checked now, before anything trains (a run must not fail at its end).
   check_train_outputs(a, model.params, o.config.optimizer, o.first_step);
-  TrainArgs args = a;
-  if (args.decay_steps == 0) args.decay_steps = o.first_step + a.steps;  // the schedule spans the whole run
-  apply_optimizer_args(args, o.config);
+  apply_optimizer_args(a, o.config, o.first_step);
   if (boot) {
     o.bootstrap = boot.get();
     o.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
