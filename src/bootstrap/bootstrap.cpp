@@ -5,8 +5,10 @@
 #include <cstring>
 #include <string>
 #include <system_error>
+#include <type_traits>
 
 #include "bootstrap/internal.hpp"
+#include "core/config_fields.hpp"
 #include "shardopt/bootstrap.hpp"
 #include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
@@ -205,10 +207,17 @@ class Fnv {
   std::uint64_t h_ = 1469598103934665603ull;
 };
 
-void hash_hyper(Fnv& f, const Hyperparams& h) {
-  f.value(h.lr), f.value(h.beta1), f.value(h.beta2), f.value(h.eps), f.value(h.weight_decay);
-  f.value(h.momentum), f.value(h.dampening), f.value(h.nesterov);
-  f.value(h.schedule), f.value(h.warmup_steps), f.value(h.total_steps), f.value(h.min_lr);
+// Every field of the config (core/config_fields.hpp), in declaration order, except the local
+// ones (nvme_dir: a path that may differ per machine). Sizes are hashed as 64-bit values so the
+// hash does not depend on the platform's size_t.
+void hash_config(Fnv& f, const Config& c) {
+  fields::for_each_field(c, [&](const fields::FieldInfo& info, const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    if (info.local) return;
+    if constexpr (std::is_same_v<T, std::string>) f.text(value);
+    else if constexpr (std::is_same_v<T, std::size_t>) f.value(static_cast<std::uint64_t>(value));
+    else f.value(value);
+  });
 }
 
 std::string summary(const Config& c, const std::vector<BlockSpec>& blocks, int world) {
@@ -239,16 +248,7 @@ std::uint64_t agreement_hash(const Config& c, const std::vector<BlockSpec>& bloc
   Fnv f;
   f.text("shardopt agreement v1");
   f.value(world_size);
-  f.value(c.stage), f.value(c.compute_dtype), f.value(c.master_dtype), f.value(c.reduce_dtype);
-  f.value(static_cast<std::uint64_t>(c.bucket_bytes)), f.value(static_cast<std::uint64_t>(c.alignment));
-  f.value(c.optimizer);
-  hash_hyper(f, c.hyper);
-  const LossScaling& l = c.loss_scaling;
-  f.value(l.mode), f.value(l.initial_scale), f.value(l.growth_factor), f.value(l.growth_interval), f.value(l.backoff);
-  f.value(l.hysteresis), f.value(l.min_scale);
-  f.value(c.max_grad_norm), f.value(c.accumulation_steps);
-  f.value(c.offload_optimizer), f.value(c.offload_params);  // nvme_dir is a local path: may differ per machine
-  f.value(c.prefetch_units), f.value(static_cast<std::uint64_t>(c.persistence_threshold));
+  hash_config(f, c);
   f.value(static_cast<std::uint64_t>(blocks.size()));
   for (const auto& b : blocks) {
     f.text(b.name);

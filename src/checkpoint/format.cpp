@@ -11,12 +11,14 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 // Header-only xxHash: nothing to link, so the installed package gains no dependency.
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 #include <nlohmann/json.hpp>
 
+#include "core/config_fields.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/rules.hpp"
 
@@ -80,8 +82,52 @@ bool plain_name(const std::string& s) {
   return true;
 }
 
-const char* mode_name(LossScaleMode m) {
-  return m == LossScaleMode::none ? "none" : m == LossScaleMode::fixed ? "fixed" : "dynamic";
+// A group's hyperparameters, every field of Hyperparams (core/config_fields.hpp) under its name;
+// the schedule's fields inside a "schedule" object. Floats are JSON numbers, enums their names.
+nlohmann::ordered_json dump_hyperparams(const Hyperparams& h) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::object();
+  fields::for_each_field(h, [&](const fields::FieldInfo& info, const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    nlohmann::ordered_json& slot = info.section ? out[info.section][info.key] : out[info.name];
+    if constexpr (std::is_enum_v<T>) slot = std::string(name_of(value));
+    else slot = value;
+  });
+  return out;
+}
+
+// The reverse of dump_hyperparams. Every top-level field is required; the "schedule" object is
+// optional as a whole (manifests written before schedules existed have none: the defaults, a
+// constant schedule), but complete when present.
+Hyperparams parse_hyperparams(const Json& v, const std::string& where, const std::string& ctx) {
+  Hyperparams h;
+  fields::for_each_field(h, [&](const fields::FieldInfo& info, auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    const Json* parent = &v;
+    std::string pctx = ctx;
+    const char* key = info.name;
+    if (info.section) {
+      if (!v.is_object() || !v.contains(info.section)) return;
+      parent = &v.at(info.section);
+      pctx = ctx + "." + info.section;
+      key = info.key;
+    }
+    const std::string fctx = pctx + "." + key;
+    const Json& j = member(*parent, key, where, pctx);
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!j.is_boolean()) bad(where, fctx + " must be a boolean");
+      value = j.get<bool>();
+    } else if constexpr (std::is_same_v<T, float>) {
+      value = as_float(j, where, fctx);
+    } else if constexpr (std::is_same_v<T, std::int64_t>) {
+      value = as_i64(j, where, fctx);
+    } else if constexpr (std::is_enum_v<T>) {
+      const std::string& name = as_str(j, where, fctx);
+      if (!fields::parse_enum(name, value)) bad(where, fctx + ": unknown value '" + name + "'");
+    } else {
+      static_assert(sizeof(T) == 0, "a Hyperparams field type the manifest cannot store");
+    }
+  });
+  return h;
 }
 }  // namespace
 
@@ -180,38 +226,13 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
       } catch (const std::exception&) {
         bad(where, ctx + ": group key is not a non-negative integer");
       }
-      Hyperparams h;
-      const Json& v = it.value();
-      h.lr = as_float(member(v, "lr", where, ctx), where, ctx + ".lr");
-      h.beta1 = as_float(member(v, "beta1", where, ctx), where, ctx + ".beta1");
-      h.beta2 = as_float(member(v, "beta2", where, ctx), where, ctx + ".beta2");
-      h.eps = as_float(member(v, "eps", where, ctx), where, ctx + ".eps");
-      h.weight_decay = as_float(member(v, "weight_decay", where, ctx), where, ctx + ".weight_decay");
-      h.momentum = as_float(member(v, "momentum", where, ctx), where, ctx + ".momentum");
-      h.dampening = as_float(member(v, "dampening", where, ctx), where, ctx + ".dampening");
-      const Json& nest = member(v, "nesterov", where, ctx);
-      if (!nest.is_boolean()) bad(where, ctx + ".nesterov must be a boolean");
-      h.nesterov = nest.get<bool>();
-      // The learning-rate schedule; manifests written before schedules existed have none (constant).
-      if (v.contains("schedule")) {
-        const Json& sv = v.at("schedule");
-        const std::string sctx = ctx + ".schedule";
-        const std::string& kind = as_str(member(sv, "kind", where, sctx), where, sctx + ".kind");
-        if (!parse_lr_schedule(kind, h.schedule)) bad(where, sctx + ".kind: unknown schedule '" + kind + "'");
-        h.warmup_steps = as_i64(member(sv, "warmup_steps", where, sctx), where, sctx + ".warmup_steps");
-        h.total_steps = as_i64(member(sv, "total_steps", where, sctx), where, sctx + ".total_steps");
-        h.min_lr = as_float(member(sv, "min_lr", where, sctx), where, sctx + ".min_lr");
-      }
-      m.groups[g] = h;
+      m.groups[g] = parse_hyperparams(it.value(), where, ctx);
     }
     m.step = as_i64(member(j, "step", where, "manifest"), where, "step");
     if (m.step < 0) bad(where, "\"step\" is negative");
     const Json& ls = member(j, "loss_scaler", where, "manifest");
     const std::string& mode = as_str(member(ls, "mode", where, "loss_scaler"), where, "loss_scaler.mode");
-    if (mode == "none") m.loss_scale_mode = LossScaleMode::none;
-    else if (mode == "fixed") m.loss_scale_mode = LossScaleMode::fixed;
-    else if (mode == "dynamic") m.loss_scale_mode = LossScaleMode::dynamic;
-    else bad(where, "unknown loss_scaler.mode '" + mode + "'");
+    if (!fields::parse_enum(mode, m.loss_scale_mode)) bad(where, "unknown loss_scaler.mode '" + mode + "'");
     m.loss_scale = as_float(member(ls, "scale", where, "loss_scaler"), where, "loss_scaler.scale");
     if (!(m.loss_scale > 0) || !std::isfinite(m.loss_scale)) bad(where, "loss_scaler.scale must be finite and > 0");
     m.good_steps = as_int(member(ls, "good_steps", where, "loss_scaler"), where, "loss_scaler.good_steps", 0,
@@ -317,18 +338,10 @@ std::string dump_manifest(const Manifest& m) {
   j["optimizer"] = std::string(name_of(m.optimizer));
   j["fields"] = m.fields;
   nlohmann::ordered_json groups = nlohmann::ordered_json::object();
-  for (const auto& [g, h] : m.groups)
-    groups[std::to_string(g)] = {{"lr", h.lr},           {"beta1", h.beta1},         {"beta2", h.beta2},
-                                 {"eps", h.eps},         {"weight_decay", h.weight_decay},
-                                 {"momentum", h.momentum}, {"dampening", h.dampening}, {"nesterov", h.nesterov},
-                                 {"schedule",
-                                  {{"kind", std::string(name_of(h.schedule))},
-                                   {"warmup_steps", h.warmup_steps},
-                                   {"total_steps", h.total_steps},
-                                   {"min_lr", h.min_lr}}}};
+  for (const auto& [g, h] : m.groups) groups[std::to_string(g)] = dump_hyperparams(h);
   j["groups"] = groups;
   j["step"] = m.step;
-  j["loss_scaler"] = {{"mode", mode_name(m.loss_scale_mode)},
+  j["loss_scaler"] = {{"mode", std::string(name_of(m.loss_scale_mode))},
                       {"scale", m.loss_scale},
                       {"good_steps", m.good_steps},
                       {"overflow_run", m.overflow_run}};
