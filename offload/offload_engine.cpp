@@ -21,18 +21,6 @@ namespace {
 // split the same way (not that it matters for the bits: the update is element-wise).
 constexpr std::size_t kUpdateGrain = std::size_t(1) << 16;
 
-// One kernel pool per process, shared by every offload engine (rank), for the same reason the CPU
-// backend shares one: N ranks each with a machine-sized pool would oversubscribe the cores.
-std::shared_ptr<ThreadPool> shared_pool() {
-  static std::mutex m;
-  static std::weak_ptr<ThreadPool> cached;
-  std::lock_guard<std::mutex> lock(m);
-  if (auto p = cached.lock()) return p;
-  auto p = make_thread_pool(0);
-  cached = p;
-  return p;
-}
-
 std::byte* add_bytes(void* p, std::size_t elems, DType t) { return static_cast<std::byte*>(p) + elems * size_of(t); }
 
 }  // namespace
@@ -57,7 +45,13 @@ void clear_test_hooks() noexcept {
   h.short_io = false;
 }
 
-OffloadEngine::OffloadEngine(Setup setup) : setup_(std::move(setup)), be_(*setup_.backend), pool_(shared_pool()) {
+// The CPU update runs on the backend's own pool (the CPU backend's), or on the process's default
+// pool for a backend without one (CUDA): never on a pool of its own, which would double the
+// threads competing for the cores with the backend's kernels.
+OffloadEngine::OffloadEngine(Setup setup)
+    : setup_(std::move(setup)),
+      be_(*setup_.backend),
+      pool_(be_.host_thread_pool() ? be_.host_thread_pool() : default_thread_pool()) {
   const std::string r = ".r" + std::to_string(setup_.rank);
   down_ = be_.create_stream("shardopt.offload.down" + r);
   up_ = be_.create_stream("shardopt.offload.up" + r);
