@@ -115,6 +115,12 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual BackendKind kind() const noexcept = 0;
+  // Whether the host may read and write this backend's memory of every place directly (plain
+  // loads and stores, memcpy): true on the CPU backend; false on the CUDA backend, whose `device`
+  // memory only its kernels and copies reach. Ask this, not kind(), before touching memory on the
+  // host (a host-memory communicator, a host view of a buffer). The default answers from kind(),
+  // for backends that wrap one of the two.
+  virtual bool host_accessible() const noexcept { return kind() == BackendKind::cpu; }
   // The thread pool this backend's host kernels run on (the CPU backend's), or null for a backend
   // that runs none (CUDA). Host-side work done for this backend elsewhere (the offload engine's
   // CPU update) shares it, so one process never runs two machine-sized pools.

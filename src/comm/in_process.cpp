@@ -72,17 +72,17 @@ class InProcessGroup {
   int size() const noexcept { return size_; }
 
   // Binds `rank` to `backend` and returns the transport the group runs on. The first rank bound
-  // fixes the transport (automatic: by its backend's kind), the backend kind and, for CUDA, the
-  // device; every later rank must agree.
+  // fixes the transport (automatic: host_tasks if the host can reach its backend's memory), the
+  // backend kind and, for CUDA, the device; every later rank must agree.
   InProcessTransport bind(int rank, Backend& backend) {
     const BackendKind kind = backend.kind();
     const int device = kind == BackendKind::cuda ? cuda_device_of(backend) : -1;
     const InProcessTransport want =
         requested_ != InProcessTransport::automatic
             ? requested_
-            : (kind == BackendKind::cpu ? InProcessTransport::host_tasks : InProcessTransport::backend_kernels);
+            : (backend.host_accessible() ? InProcessTransport::host_tasks : InProcessTransport::backend_kernels);
     const std::string who = "in-process communicator for rank " + std::to_string(rank);
-    require(want != InProcessTransport::host_tasks || kind == BackendKind::cpu, ErrorCode::unsupported,
+    require(want != InProcessTransport::host_tasks || backend.host_accessible(), ErrorCode::unsupported,
             who + ": the host_tasks transport reads the peers' buffers on the host, which needs host memory (the "
                   "CPU backend), got the " + std::string(name_of(kind)) + " backend; use backend_kernels");
     require(want != InProcessTransport::backend_kernels || size_ <= Backend::kMaxReduceOperands,

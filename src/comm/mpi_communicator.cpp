@@ -592,7 +592,7 @@ std::unique_ptr<Communicator> make_mpi_communicator(Backend& backend, std::chron
           "make_mpi_communicator: MPI provides thread level " + std::to_string(level) +
               ", but the communicator runs collectives on stream threads and needs MPI_THREAD_MULTIPLE (" +
               std::to_string(MPI_THREAD_MULTIPLE) + "); initialize MPI with MPI_Init_thread(MPI_THREAD_MULTIPLE) or use MpiSession");
-  require(backend.kind() == BackendKind::cpu, ErrorCode::unsupported,
+  require(backend.host_accessible(), ErrorCode::unsupported,
           "make_mpi_communicator needs a backend whose memory the host can address (the CPU backend), got " +
               std::string(name_of(backend.kind())) + "; use the NCCL communicator for GPU memory");
   MPI_Comm comm = MPI_COMM_NULL;

@@ -261,6 +261,7 @@ class CpuBackend final : public Backend {
       : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())) {}
 
   BackendKind kind() const noexcept override { return BackendKind::cpu; }
+  bool host_accessible() const noexcept override { return true; }
   std::shared_ptr<ThreadPool> host_thread_pool() const noexcept override { return pool_; }
 
   std::unique_ptr<Stream> create_stream(std::string name) override {
