@@ -13,7 +13,7 @@
 #include <memory>
 
 #include "engine/plan.hpp"
-#include "offload/offload_engine.hpp"
+#include "offload/test_hooks.hpp"
 #include "shardopt/error.hpp"
 
 namespace shardopt::offload {

@@ -15,7 +15,7 @@
 // generation intact and selected: there is no state in which a half-updated half is committed.
 //
 // O_DIRECT is tried first; a filesystem that refuses it (tmpfs: EINVAL) gets buffered I/O, and
-// note() says so. Every system call result is checked and turned into Error(io_error) naming the
+// a note on stderr says so. Every system call result is checked and turned into Error(io_error) naming the
 // file, the operation, the offset and the byte count.
 #include <cstddef>
 #include <cstdint>
@@ -42,8 +42,6 @@ class NvmeStore {
   NvmeStore& operator=(const NvmeStore&) = delete;
 
   const std::string& path() const noexcept { return path_; }
-  bool direct() const noexcept { return direct_; }
-  const std::string& note() const noexcept { return note_; }
 
   // Asynchronous, one operation per slot at a time. `buf` is 4 KiB aligned, cell_bytes long.
   void submit_read(std::size_t cell, void* buf, int slot);         // from the committed half

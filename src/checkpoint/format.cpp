@@ -1,5 +1,6 @@
 // Checkpoint format: manifest JSON, checksums and checked file I/O (see format.hpp).
 #include "checkpoint/format.hpp"
+#include "checkpoint/test_hooks.hpp"
 
 #include <fcntl.h>
 #include <sys/file.h>

@@ -25,8 +25,6 @@ inline constexpr std::size_t kMaxTrainerMetadata = std::size_t(1) << 20;
 // Checksums cover chunks of this many elements, aligned to the start of each range, so a rank
 // that owns part of a range reads only the chunks it overlaps.
 std::size_t chunk_elems() noexcept;
-// Test-only: a small chunk makes tiny test models span several chunks (0 restores the default).
-void set_chunk_elems_for_testing(std::size_t elems) noexcept;
 
 // One run of consecutive elements of one (tensor, field), stored contiguously as fp32 in a file.
 struct Range {
