@@ -28,9 +28,7 @@ namespace shardopt::ckpt {
 namespace {
 std::atomic<std::size_t> g_chunk{std::size_t(1) << 20};  // 4 MiB of fp32 per checksum
 
-std::string sys_error(const std::string& what, const std::string& path) {
-  return what + " '" + path + "': " + std::strerror(errno);
-}
+using io::sys_error;
 
 using Json = nlohmann::json;
 
@@ -409,54 +407,6 @@ CheckpointInfo info_of(const Manifest& m, const std::string& dir) {
 }
 
 // ---------------------------------------------------------------- I/O
-std::string join(const std::string& dir, const std::string& name) {
-  if (dir.empty()) return name;
-  return dir.back() == '/' ? dir + name : dir + "/" + name;
-}
-
-Fd& Fd::operator=(Fd&& o) noexcept {
-  if (this != &o) {
-    if (fd_ >= 0) (void)::close(fd_);  // replaced without a checked close: read-only or abandoned
-    fd_ = o.fd_;
-    path_ = std::move(o.path_);
-    o.fd_ = -1;
-  }
-  return *this;
-}
-Fd::~Fd() {
-  // Unchecked on purpose: reached only for read-only files or on an error path that already
-  // reports a failure; a successful write path calls close() and checks it.
-  if (fd_ >= 0) (void)::close(fd_);
-}
-void Fd::close() {
-  if (fd_ < 0) return;
-  const int fd = fd_;
-  fd_ = -1;
-  if (::close(fd) != 0) throw Error(ErrorCode::io_error, sys_error("cannot close", path_));
-}
-
-Fd open_read(const std::string& path, const std::string& what) {
-  // O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears. The
-  // flag means nothing for the regular files that pass the check below.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) throw Error(ErrorCode::io_error, "missing " + what + ": '" + path + "' does not exist");
-    throw Error(ErrorCode::io_error, sys_error("cannot open " + what, path));
-  }
-  Fd f(fd, path);
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) throw Error(ErrorCode::io_error, sys_error("cannot stat", path));
-  if (!S_ISREG(st.st_mode))
-    throw Error(ErrorCode::io_error, "cannot read " + what + ": '" + path + "' is not a regular file (" +
-                                         (S_ISDIR(st.st_mode)    ? "a directory"
-                                          : S_ISFIFO(st.st_mode) ? "a FIFO"
-                                          : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
-                                          : S_ISSOCK(st.st_mode) ? "a socket"
-                                                                 : "not a file") +
-                                         ")");
-  return f;
-}
-
 DirLock lock_dir(const std::string& dir, const std::string& who) {
   const std::string path = join(dir, kLockName);
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0644);
@@ -487,58 +437,6 @@ DirLock lock_dir(const std::string& dir, const std::string& who) {
   }
   return DirLock(std::move(f));
 }
-Fd create_write(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(ErrorCode::io_error, sys_error("cannot create", path));
-  return Fd(fd, path);
-}
-std::uint64_t file_size(const Fd& f) {
-  struct stat st {};
-  if (::fstat(f.get(), &st) != 0) throw Error(ErrorCode::io_error, sys_error("cannot stat", f.path()));
-  return static_cast<std::uint64_t>(st.st_size);
-}
-void write_all(const Fd& f, const void* data, std::size_t bytes) {
-  const char* p = static_cast<const char*>(data);
-  while (bytes) {
-    const ssize_t w = ::write(f.get(), p, bytes);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw Error(ErrorCode::io_error, sys_error("cannot write", f.path()));
-    }
-    if (w == 0) throw Error(ErrorCode::io_error, "cannot write '" + f.path() + "': no progress (disk full?)");
-    p += w;
-    bytes -= static_cast<std::size_t>(w);
-  }
-}
-void pread_exact(const Fd& f, void* data, std::size_t bytes, std::uint64_t offset, const std::string& what) {
-  char* p = static_cast<char*>(data);
-  while (bytes) {
-    const ssize_t r = ::pread(f.get(), p, bytes, static_cast<off_t>(offset));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      throw Error(ErrorCode::io_error, sys_error("cannot read " + what + " from", f.path()));
-    }
-    if (r == 0)
-      throw Error(ErrorCode::io_error, "truncated file '" + f.path() + "': it ends at byte " + std::to_string(offset) +
-                                           " inside " + what);
-    p += r;
-    bytes -= static_cast<std::size_t>(r);
-    offset += static_cast<std::uint64_t>(r);
-  }
-}
-void fsync_fd(const Fd& f) {
-  if (::fsync(f.get()) != 0) throw Error(ErrorCode::io_error, sys_error("cannot fsync", f.path()));
-}
-void fsync_dir(const std::string& dir) {
-  Fd d(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC), dir);
-  if (d.get() < 0) throw Error(ErrorCode::io_error, sys_error("cannot open directory", dir));
-  fsync_fd(d);
-  d.close();
-}
-void rename_file(const std::string& from, const std::string& to) {
-  if (::rename(from.c_str(), to.c_str()) != 0)
-    throw Error(ErrorCode::io_error, sys_error("cannot rename '" + from + "' to", to));
-}
 void make_dir(const std::string& dir) {
   if (::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST) {
     struct stat st {};
@@ -548,22 +446,4 @@ void make_dir(const std::string& dir) {
   }
   throw Error(ErrorCode::io_error, sys_error("cannot create checkpoint directory", dir));
 }
-std::string read_text(const std::string& path, const std::string& what) {
-  Fd f = open_read(path, what);
-  const std::uint64_t n = file_size(f);
-  if (n > (std::uint64_t(1) << 32)) throw Error(ErrorCode::io_error, "'" + path + "' is too large for a " + what);
-  std::string s(static_cast<std::size_t>(n), '\0');
-  if (n) pread_exact(f, s.data(), s.size(), 0, what);
-  return s;
-}
-void write_file_atomic(const std::string& dir, const std::string& name, const std::string& bytes) {
-  const std::string tmp = join(dir, name + ".tmp");
-  Fd f = create_write(tmp);
-  write_all(f, bytes.data(), bytes.size());
-  fsync_fd(f);
-  f.close();
-  rename_file(tmp, join(dir, name));
-  fsync_dir(dir);
-}
-
 }  // namespace shardopt::ckpt
