@@ -393,6 +393,24 @@ TEST(ConfigFields, BadKeysAndValuesChangeNothing) {
   EXPECT_EQ(texts(c), before);
 }
 
+// to_text is parse_value's inverse for every field, at the defaults and at other values.
+TEST(ConfigFields, TextRoundTrips) {
+  Config changed;
+  shardopt::fields::for_each_field(changed, [&](const shardopt::fields::FieldInfo& info, auto& v) {
+    ASSERT_TRUE(shardopt::fields::set_field(changed, info.name, other_text(v))) << info.name;
+  });
+  for (const Config& c : {Config{}, changed}) {
+    Config back;
+    shardopt::fields::for_each_field(c, [&](const shardopt::fields::FieldInfo& info, const auto& v) {
+      ASSERT_TRUE(shardopt::fields::set_field(back, info.name, shardopt::fields::to_text(v))) << info.name;
+    });
+    EXPECT_EQ(texts(back), texts(c));
+  }
+  EXPECT_NE(texts(changed), texts(Config{}));
+  EXPECT_EQ(shardopt::fields::to_text(0.1f), "0.100000001");
+  EXPECT_EQ(shardopt::fields::to_text(shardopt::LrSchedule::inverse_sqrt), "inverse-sqrt");
+}
+
 // The manifest stores every Hyperparams field and reads back the same bits.
 TEST(ConfigFields, ManifestKeepsEveryHyperparameter) {
   namespace ckpt = shardopt::ckpt;

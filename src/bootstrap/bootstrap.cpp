@@ -1,4 +1,5 @@
 // Launcher detection, the configuration agreement check, device choice and the NCCL bootstrap.
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <cstdlib>
@@ -6,6 +7,7 @@
 #include <string>
 #include <system_error>
 #include <type_traits>
+#include <vector>
 
 #include "bootstrap/internal.hpp"
 #include "core/config_fields.hpp"
@@ -238,6 +240,36 @@ std::string summary(const Config& c, const std::vector<BlockSpec>& blocks, int w
          " blocks=" + std::to_string(blocks.size()) + " tensors=" + std::to_string(tensors) + " elements=" + std::to_string(elements);
 }
 
+// Every agreed field as "key=value" (core/config_fields.hpp), one per line: sent with the hash so
+// that a rank that disagrees can be told which fields differ.
+std::string fields_text(const Config& c) {
+  std::string out;
+  fields::for_each_field(c, [&](const fields::FieldInfo& info, const auto& value) {
+    if (!info.local) out += std::string(info.name) + "=" + fields::to_text(value) + "\n";
+  });
+  return out;
+}
+
+// "key=a on rank 0, key=b on rank q; ..." for the lines of two fields_text that differ, or "".
+std::string field_differences(const std::string& a, const std::string& b, int q) {
+  auto lines = [](const std::string& t) {
+    std::vector<std::string> v;
+    for (std::size_t i = 0; i < t.size();) {
+      const std::size_t e = std::min(t.find('\n', i), t.size());
+      v.push_back(t.substr(i, e - i));
+      i = e + 1;
+    }
+    return v;
+  };
+  const auto la = lines(a), lb = lines(b);
+  std::string out;
+  for (std::size_t i = 0; i < std::max(la.size(), lb.size()); ++i) {
+    const std::string x = i < la.size() ? la[i] : "?", y = i < lb.size() ? lb[i] : "?";
+    if (x != y) out += (out.empty() ? "" : "; ") + x + " on rank 0, " + y + " on rank " + std::to_string(q);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::uint64_t agreement_hash(const Config& c, const std::vector<BlockSpec>& blocks, int world_size) {
@@ -269,14 +301,15 @@ std::uint64_t agreement_hash(const Config& c, const std::vector<BlockSpec>& bloc
 }
 
 void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vector<BlockSpec>& blocks) {
-  // What this rank sends: "ok <hash> <summary>" or "invalid <why>". An invalid config must not
-  // throw before the exchange, or the other ranks would wait for this one forever.
+  // What this rank sends: "ok <hash> <summary>\nworld_size=<n>\n<fields_text>" or "invalid <why>". An invalid
+  // config must not throw before the exchange, or the other ranks would wait for this one forever.
   std::string mine;
   try {
     const std::uint64_t h = agreement_hash(config, blocks, bootstrap.world_size());
     char hex[17];
     std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-    mine = std::string("ok ") + hex + " " + summary(config, blocks, bootstrap.world_size());
+    mine = std::string("ok ") + hex + " " + summary(config, blocks, bootstrap.world_size()) + "\nworld_size=" +
+           std::to_string(bootstrap.world_size()) + "\n" + fields_text(config);
   } catch (const Error& e) {
     mine = "invalid " + e.message();
   }
@@ -289,14 +322,21 @@ void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vect
     if (t.rfind("invalid ", 0) == 0)
       throw Error(ErrorCode::communication, "configuration check failed: rank " + std::to_string(q) + " cannot plan its configuration: " + t.substr(8) + me);
   }
+  // "ok " + 16 hex digits + " " + summary, then "\n" and the fields.
+  auto head = [](const std::string& t) { return t.substr(0, t.find('\n')); };
+  auto tail = [](const std::string& t) { return t.find('\n') == std::string::npos ? std::string() : t.substr(t.find('\n') + 1); };
   const std::string first = text(0);
   for (int q = 1; q < bootstrap.world_size(); ++q) {
     const std::string t = text(q);
     if (t != first) {
-      // "ok " + 16 hex digits + " " + summary
+      const std::string diff = field_differences(tail(first), tail(t), q);
       throw Error(ErrorCode::communication, "configuration check failed: ranks disagree on the configuration or model: rank 0 has hash " +
-                                                first.substr(3, 16) + " (" + first.substr(20) + ") but rank " + std::to_string(q) + " has hash " +
-                                                t.substr(3, 16) + " (" + t.substr(20) + ")" + me);
+                                                head(first).substr(3, 16) + " (" + head(first).substr(20) + ") but rank " + std::to_string(q) + " has hash " +
+                                                head(t).substr(3, 16) + " (" + head(t).substr(20) + "); " +
+                                                (diff.empty() ? std::string("every configuration field agrees: the models differ (block or tensor names, shapes or "
+                                                                          "groups), or the ranks run different builds of shardopt")
+                                                              : "the fields that differ: " + diff) +
+                                                me);
     }
   }
 }

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -98,5 +99,15 @@ void parse_value(std::string_view key, std::string_view text, bool& out) {
   else bad_value(key, text, "0, 1, true or false");
 }
 void parse_value(std::string_view, std::string_view text, std::string& out) { out = std::string(text); }
+
+std::string to_text(float v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.9g", static_cast<double>(v));  // 9 digits: every float round-trips
+  return b;
+}
+std::string to_text(int v) { return std::to_string(v); }
+std::string to_text(std::int64_t v) { return std::to_string(v); }
+std::string to_text(std::size_t v) { return std::to_string(v); }
+std::string to_text(bool v) { return v ? "true" : "false"; }
 
 }  // namespace shardopt::fields

@@ -177,6 +177,20 @@ void parse_value(std::string_view key, std::string_view text, E& out) {
   out = v;
 }
 
+// A value as text that parse_value reads back to the same value (floats with 9 significant
+// digits, enums by name, bools true/false).
+std::string to_text(float v);
+std::string to_text(int v);
+std::string to_text(std::int64_t v);
+std::string to_text(std::size_t v);
+std::string to_text(bool v);
+inline std::string to_text(const std::string& v) { return v; }
+template <class E>
+  requires std::is_enum_v<E>
+std::string to_text(E v) {
+  return std::string(name_of(v));
+}
+
 // Sets the field of `obj` named `key` from `text`; false (nothing changed) if no field is so named.
 // Throws Error(invalid_argument) naming the key for a malformed value.
 template <class S>
