@@ -655,6 +655,7 @@ class CudaBackend final : public Backend {
   }
 
   BackendKind kind() const noexcept override { return BackendKind::cuda; }
+  bool host_accessible() const noexcept override { return false; }
   int device() const noexcept { return device_; }
 
   std::unique_ptr<Stream> create_stream(std::string name) override {

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/collective.hpp"
 #include "cuda/cuda_internal.hpp"
 #include "shardopt/cuda.hpp"
 
@@ -64,7 +65,7 @@ std::string seconds_text(std::chrono::milliseconds t) {
   return std::to_string(static_cast<double>(t.count()) / 1000.0).substr(0, 6) + " s";
 }
 
-class NcclCommunicator final : public Communicator {
+class NcclCommunicator final : public comm::CommunicatorBase {
  public:
   // The communicator is nonblocking (ncclConfig_t::blocking = 0): NCCL calls return at once, and
   // shardopt polls ncclCommGetAsyncError with a deadline, so neither a peer that never joins nor
@@ -76,7 +77,9 @@ class NcclCommunicator final : public Communicator {
   // every later call of this communicator. Peers detect the same (their collectives stop
   // completing) within the timeout: every rank gets an Error, none hangs.
   NcclCommunicator(const NcclUniqueId& id, int rank, int world, Backend& backend)
-      : backend_(backend), device_(device_of(backend, "make_nccl_communicator")), rank_(rank), world_(world),
+      : CommunicatorBase("NCCL rank"),
+        backend_(backend),
+        device_(device_of(backend, "make_nccl_communicator")), rank_(rank), world_(world),
         timeout_(nccl_timeout()) {
     const std::string who = "rank " + std::to_string(rank_) + " of " + std::to_string(world_);
     DeviceGuard guard(device_);
@@ -161,13 +164,24 @@ class NcclCommunicator final : public Communicator {
     grow_scratch(count);
   }
 
-  void reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op,
-                      Stream& stream) override {
+ private:
+  // The collectives, after CommunicatorBase packed and checked the call (and before it counts it).
+  void run(const comm::Call& c, std::uint64_t, Stream& stream) override {
+    switch (c.kind) {
+      case CollectiveKind::reduce_scatter: return run_reduce_scatter(c.send, c.recv, c.count, c.dtype, c.op, stream);
+      case CollectiveKind::all_gather: return run_all_gather(c.send, c.recv, c.count, c.dtype, stream);
+      case CollectiveKind::all_reduce: return run_all_reduce(c.send, c.recv, c.count, c.dtype, c.op, stream);
+      case CollectiveKind::broadcast: return run_broadcast(c.send, c.recv, c.count, c.dtype, c.root, stream);
+      case CollectiveKind::barrier: return run_barrier(stream);
+    }
+  }
+
+  void run_reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op,
+                          Stream& stream) {
     const std::size_t total = static_cast<std::size_t>(world_) * recv_count;
     std::lock_guard<std::mutex> lock(mutex_);
     CudaStream& s = own(stream, "reduce_scatter");
     require_alive("reduce_scatter");
-    count(CollectiveKind::reduce_scatter, total * size_of(dtype));
     DeviceGuard guard(device_);
     if (recv_count == 0) return barrier_locked(s);
     const std::string doing = "reduce-scattering " + std::to_string(recv_count) + " " + std::string(name_of(dtype)) +
@@ -188,11 +202,10 @@ class NcclCommunicator final : public Communicator {
     finish_avg(recv, dtype, recv_count, op, s);
   }
 
-  void all_gather(const void* send, void* recv, std::size_t send_count, DType dtype, Stream& stream) override {
+  void run_all_gather(const void* send, void* recv, std::size_t send_count, DType dtype, Stream& stream) {
     std::lock_guard<std::mutex> lock(mutex_);
     CudaStream& s = own(stream, "all_gather");
     require_alive("all_gather");
-    count(CollectiveKind::all_gather, static_cast<std::size_t>(world_) * send_count * size_of(dtype));
     DeviceGuard guard(device_);
     if (send_count == 0) return barrier_locked(s);
     issue(s, ncclAllGather(send, recv, send_count, nccl_type(dtype), comm_, s.handle()), "ncclAllGather",
@@ -200,11 +213,10 @@ class NcclCommunicator final : public Communicator {
                    " elements per rank on stream '" + s.name() + "'");
   }
 
-  void all_reduce(const void* send, void* recv, std::size_t n, DType dtype, ReduceOp op, Stream& stream) override {
+  void run_all_reduce(const void* send, void* recv, std::size_t n, DType dtype, ReduceOp op, Stream& stream) {
     std::lock_guard<std::mutex> lock(mutex_);
     CudaStream& s = own(stream, "all_reduce");
     require_alive("all_reduce");
-    count(CollectiveKind::all_reduce, 2 * n * size_of(dtype));
     DeviceGuard guard(device_);
     if (n == 0) return barrier_locked(s);
     const std::string doing = "all-reducing " + std::to_string(n) + " " + std::string(name_of(dtype)) +
@@ -221,14 +233,10 @@ class NcclCommunicator final : public Communicator {
     finish_avg(recv, dtype, n, op, s);
   }
 
-  void broadcast(const void* send, void* recv, std::size_t n, DType dtype, int root, Stream& stream) override {
-    if (root < 0 || root >= world_)
-      throw Error(ErrorCode::invalid_argument,
-                  "broadcast: root " + std::to_string(root) + " is not a rank of a group of " + std::to_string(world_));
+  void run_broadcast(const void* send, void* recv, std::size_t n, DType dtype, int root, Stream& stream) {
     std::lock_guard<std::mutex> lock(mutex_);
     CudaStream& s = own(stream, "broadcast");
     require_alive("broadcast");
-    count(CollectiveKind::broadcast, n * size_of(dtype));
     DeviceGuard guard(device_);
     if (n == 0) return barrier_locked(s);
     // NCCL reads sendbuff only on the root; elsewhere send may be anything, even null.
@@ -240,11 +248,10 @@ class NcclCommunicator final : public Communicator {
 
   // A barrier on the stream, not on the host: work enqueued after it on `stream` runs once every
   // rank has reached it. Synchronize the stream to make the host wait too.
-  void barrier(Stream& stream) override {
+  void run_barrier(Stream& stream) {
     std::lock_guard<std::mutex> lock(mutex_);
     CudaStream& s = own(stream, "barrier");
     require_alive("barrier");
-    count(CollectiveKind::barrier, 0);
     DeviceGuard guard(device_);
     barrier_locked(s);
   }

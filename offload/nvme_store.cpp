@@ -13,7 +13,8 @@
 #include <memory>
 
 #include "engine/plan.hpp"
-#include "offload/offload_engine.hpp"
+#include "core/posix_io.hpp"
+#include "offload/test_hooks.hpp"
 #include "shardopt/error.hpp"
 
 namespace shardopt::offload {
@@ -31,7 +32,7 @@ std::uint64_t checksum_of(const Header& h) {
   return x;
 }
 
-std::string errno_text(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
+using io::errno_text;
 
 // The fault hook: decides, per data read/write, whether to fail it or make it short.
 enum class Fault { none, fail, short_io };
@@ -76,22 +77,23 @@ NvmeStore::NvmeStore(const std::string& dir, int rank, int world, std::size_t ce
   path_ = dir + (dir.empty() || dir.back() == '/' ? "" : "/") + "shardopt-optimizer-rank" + std::to_string(rank) +
           "-of" + std::to_string(world) + ".bin";
   const int flags = O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC;
-  fd_ = ::open(path_.c_str(), flags | O_DIRECT, 0600);
-  if (fd_ >= 0) {
+  int fd = ::open(path_.c_str(), flags | O_DIRECT, 0600);
+  int err = errno;
+  if (fd >= 0) {
     direct_ = true;
-  } else if (errno == EINVAL) {
-    fd_ = ::open(path_.c_str(), flags, 0600);
+  } else if (err == EINVAL) {
+    fd = ::open(path_.c_str(), flags, 0600);
+    err = errno;
     note_ = "the filesystem of '" + dir + "' refuses O_DIRECT (tmpfs does): using buffered I/O";
   }
-  if (fd_ < 0)
-    throw Error(ErrorCode::io_error, "nvme_dir '" + dir + "': cannot create '" + path_ + "': " + errno_text(errno));
+  if (fd < 0) throw Error(ErrorCode::io_error, "nvme_dir '" + dir + "': cannot create '" + path_ + "': " + errno_text(err));
+  fd_ = io::Fd(fd, path_);
   auto cleanup = [&] {
-    ::close(fd_);
+    fd_.reset();
     ::unlink(path_.c_str());
-    fd_ = -1;
   };
   // Reserve the blocks now so a full disk is found at initialize(), not in the middle of a step.
-  const int fa = ::posix_fallocate(fd_, 0, static_cast<off_t>(file_bytes));
+  const int fa = ::posix_fallocate(fd_.get(), 0, static_cast<off_t>(file_bytes));
   if (fa != 0) {
     cleanup();
     throw Error(ErrorCode::io_error, "'" + path_ + "': reserving " + std::to_string(file_bytes) +
@@ -114,8 +116,8 @@ NvmeStore::~NvmeStore() {
     io_uring_queue_exit(ring_);
     delete ring_;
   }
-  if (fd_ >= 0) {
-    ::close(fd_);
+  if (fd_) {
+    fd_.reset();
     ::unlink(path_.c_str());
   }
 }
@@ -156,8 +158,8 @@ void NvmeStore::submit(bool write, std::size_t cell, void* buf, int slot) {
     op.busy = false;
     throw Error(ErrorCode::io_error, "'" + path_ + "': io_uring submission queue full");
   }
-  if (write) io_uring_prep_write(sqe, fd_, buf, len, static_cast<__u64>(op.offset));
-  else io_uring_prep_read(sqe, fd_, buf, len, static_cast<__u64>(op.offset));
+  if (write) io_uring_prep_write(sqe, fd_.get(), buf, len, static_cast<__u64>(op.offset));
+  else io_uring_prep_read(sqe, fd_.get(), buf, len, static_cast<__u64>(op.offset));
   io_uring_sqe_set_data64(sqe, static_cast<__u64>(write) * kSlots + static_cast<__u64>(slot));
   const int s = io_uring_submit(ring_);
   if (s < 0) {
@@ -225,16 +227,18 @@ void NvmeStore::write_header(int slot, std::uint64_t generation, int active) {
   const Fault f = next_fault(true);
   if (f == Fault::fail) fail("header write", EIO, off, len);
   if (f == Fault::short_io) len /= 2;  // buffered only in effect; O_DIRECT refuses it (also an error)
-  const ssize_t w = ::pwrite(fd_, page.get(), len, static_cast<off_t>(off));
+  // One pwrite, not pwrite_all: under O_DIRECT a partial write cannot be continued at an unaligned
+  // offset, and a header that is not written whole in one call is a failed commit anyway.
+  const ssize_t w = ::pwrite(fd_.get(), page.get(), len, static_cast<off_t>(off));
   if (w < 0) fail("header write", errno, off, detail::kNvmeAlign);
   if (static_cast<std::size_t>(w) != detail::kNvmeAlign)
     throw Error(ErrorCode::io_error, "'" + path_ + "': short header write: " + std::to_string(w) + " of 4096 bytes");
-  if (::fdatasync(fd_) != 0) fail("fdatasync (header)", errno, off, detail::kNvmeAlign);
+  io::fdatasync_fd(fd_, "header");
 }
 
 void NvmeStore::commit() {
   // The data must be durable before a header names it.
-  if (::fdatasync(fd_) != 0) fail("fdatasync (data)", errno, 0, file_bytes_);
+  io::fdatasync_fd(fd_, "data");
   const int next_slot = 1 - header_slot_;
   write_header(next_slot, generation_ + 1, 1 - active_);
   header_slot_ = next_slot;
@@ -243,29 +247,12 @@ void NvmeStore::commit() {
 }
 
 void NvmeStore::read_committed(std::size_t cell, void* buf) const {
-  const std::size_t off = cell_offset(active_, cell);
-  std::size_t done = 0;
-  while (done < cell_bytes_) {
-    const ssize_t r = ::pread(fd_, static_cast<char*>(buf) + done, cell_bytes_ - done, static_cast<off_t>(off + done));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) fail("read", errno, off + done, cell_bytes_ - done);
-    if (r == 0)
-      throw Error(ErrorCode::io_error, "'" + path_ + "': unexpected end of file at offset " + std::to_string(off + done));
-    done += static_cast<std::size_t>(r);
-  }
+  io::pread_exact(fd_, buf, cell_bytes_, cell_offset(active_, cell), "cell " + std::to_string(cell));
 }
 
 void NvmeStore::write_committed(std::size_t cell, const void* buf) {
-  const std::size_t off = cell_offset(active_, cell);
-  std::size_t done = 0;
-  while (done < cell_bytes_) {
-    const ssize_t w =
-        ::pwrite(fd_, static_cast<const char*>(buf) + done, cell_bytes_ - done, static_cast<off_t>(off + done));
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) fail("write", w < 0 ? errno : EIO, off + done, cell_bytes_ - done);
-    done += static_cast<std::size_t>(w);
-  }
-  if (::fdatasync(fd_) != 0) fail("fdatasync", errno, off, cell_bytes_);
+  io::pwrite_all(fd_, buf, cell_bytes_, cell_offset(active_, cell), "write of cell " + std::to_string(cell));
+  io::fdatasync_fd(fd_, "cell " + std::to_string(cell));
 }
 
 }  // namespace shardopt::offload

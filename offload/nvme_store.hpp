@@ -14,12 +14,15 @@
 // A failed or short read/write, a crash, or a torn header write therefore leaves the previous
 // generation intact and selected: there is no state in which a half-updated half is committed.
 //
-// O_DIRECT is tried first; a filesystem that refuses it (tmpfs: EINVAL) gets buffered I/O, and
-// note() says so. Every system call result is checked and turned into Error(io_error) naming the
-// file, the operation, the offset and the byte count.
+// O_DIRECT is tried first; a filesystem that refuses it (tmpfs: EINVAL) gets buffered I/O, and a
+// note on stderr says so. Every system call result is checked and turned into Error(io_error)
+// naming the file, the operation, the offset and the byte count (synchronous I/O through
+// core/posix_io.hpp).
 #include <cstddef>
 #include <cstdint>
 #include <string>
+
+#include "core/posix_io.hpp"
 
 struct io_uring;
 
@@ -42,8 +45,6 @@ class NvmeStore {
   NvmeStore& operator=(const NvmeStore&) = delete;
 
   const std::string& path() const noexcept { return path_; }
-  bool direct() const noexcept { return direct_; }
-  const std::string& note() const noexcept { return note_; }
 
   // Asynchronous, one operation per slot at a time. `buf` is 4 KiB aligned, cell_bytes long.
   void submit_read(std::size_t cell, void* buf, int slot);         // from the committed half
@@ -76,7 +77,7 @@ class NvmeStore {
   void write_header(int slot, std::uint64_t generation, int active);
 
   std::string dir_, path_, note_;
-  int fd_ = -1;
+  io::Fd fd_;
   bool direct_ = false;
   io_uring* ring_ = nullptr;
   std::size_t cells_ = 0, cell_bytes_ = 0, file_bytes_ = 0;

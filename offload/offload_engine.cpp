@@ -5,13 +5,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <thread>
 
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
 #include "engine/plan.hpp"
 #include "offload/nvme_store.hpp"
+#include "offload/test_hooks.hpp"
 #include "shardopt/error.hpp"
 
 namespace shardopt::offload {
@@ -21,43 +21,17 @@ namespace {
 // split the same way (not that it matters for the bits: the update is element-wise).
 constexpr std::size_t kUpdateGrain = std::size_t(1) << 16;
 
-// One kernel pool per process, shared by every offload engine (rank), for the same reason the CPU
-// backend shares one: N ranks each with a machine-sized pool would oversubscribe the cores.
-std::shared_ptr<ThreadPool> shared_pool() {
-  static std::mutex m;
-  static std::weak_ptr<ThreadPool> cached;
-  std::lock_guard<std::mutex> lock(m);
-  if (auto p = cached.lock()) return p;
-  auto p = make_thread_pool(0);
-  cached = p;
-  return p;
-}
-
 std::byte* add_bytes(void* p, std::size_t elems, DType t) { return static_cast<std::byte*>(p) + elems * size_of(t); }
 
 }  // namespace
 
-TestHooks& test_hooks() noexcept {
-  static TestHooks h;
-  return h;
-}
-void arm_io_fault(bool write, long nth, bool short_io) noexcept {
-  TestHooks& h = test_hooks();
-  h.short_io = short_io;
-  h.reads = 0;
-  h.writes = 0;
-  (write ? h.fail_write_at : h.fail_read_at) = nth;
-}
-void clear_test_hooks() noexcept {
-  TestHooks& h = test_hooks();
-  h.copy_delay_us = 0;
-  h.update_delay_us = 0;
-  h.fail_read_at = 0;
-  h.fail_write_at = 0;
-  h.short_io = false;
-}
-
-OffloadEngine::OffloadEngine(Setup setup) : setup_(std::move(setup)), be_(*setup_.backend), pool_(shared_pool()) {
+// The CPU update runs on the backend's own pool (the CPU backend's), or on the process's default
+// pool for a backend without one (CUDA): never on a pool of its own, which would double the
+// threads competing for the cores with the backend's kernels.
+OffloadEngine::OffloadEngine(Setup setup)
+    : setup_(std::move(setup)),
+      be_(*setup_.backend),
+      pool_(be_.host_thread_pool() ? be_.host_thread_pool() : default_thread_pool()) {
   const std::string r = ".r" + std::to_string(setup_.rank);
   down_ = be_.create_stream("shardopt.offload.down" + r);
   up_ = be_.create_stream("shardopt.offload.up" + r);
@@ -91,12 +65,6 @@ OffloadEngine::~OffloadEngine() {
       if (setup_.disk_bytes[c]) be_.memory().on_free(static_cast<Category>(c), Place::disk, setup_.disk_bytes[c]);
   }
 }
-
-std::string OffloadEngine::io_mode() const {
-  if (!store_) return {};
-  return store_->direct() ? "O_DIRECT" : store_->note();
-}
-std::string OffloadEngine::file_path() const { return store_ ? store_->path() : std::string(); }
 
 std::size_t OffloadEngine::cell_elems(std::size_t cell) const noexcept {
   return std::min(setup_.chunk_elems, setup_.state_elems - cell * setup_.chunk_elems);

@@ -21,7 +21,6 @@
 //
 // Same kernels and same element-wise arithmetic as the backends' fused_update, so the results are
 // bit-identical to the non-offloaded engine on the CPU backend.
-#include <atomic>
 #include <cstddef>
 #include <map>
 #include <memory>
@@ -39,23 +38,6 @@ class ThreadPool;
 namespace shardopt::offload {
 
 class NvmeStore;
-
-// Test hooks (process-wide; tests only). Delays are applied to every offload engine: before each
-// copy enqueued on its copy streams (as a host task on that stream) and after each cell's update.
-// I/O faults count NVMe data reads and writes (and header writes) from the moment they are armed.
-struct TestHooks {
-  std::atomic<int> copy_delay_us{0};
-  std::atomic<int> update_delay_us{0};
-  std::atomic<long> fail_read_at{0};   // the Nth read from now fails (0: off)
-  std::atomic<long> fail_write_at{0};  // the Nth write from now fails (0: off)
-  std::atomic<bool> short_io{false};   // the armed fault comes back short instead of failing
-  std::atomic<long> reads{0}, writes{0};
-};
-TestHooks& test_hooks() noexcept;
-// Arms an I/O fault: the `nth` (1-based) read or write from now fails with EIO or, if `short_io`,
-// transfers only half its bytes.
-void arm_io_fault(bool write, long nth, bool short_io) noexcept;
-void clear_test_hooks() noexcept;
 
 // One run of state elements updated with one group's hyperparameters, within one cell.
 struct Piece {
@@ -132,10 +114,6 @@ class OffloadEngine {
   // The reverse of read(): replaces `n` elements of field `field` from `src` (host memory). Not
   // for use during a step (checkpoint load). nvme: read-modify-write of the committed cells.
   void write(int field, std::size_t off, std::size_t n, const float* src);
-
-  // Which I/O the NVMe tier uses ("O_DIRECT" or a note saying why buffered), empty for host.
-  std::string io_mode() const;
-  std::string file_path() const;
 
  private:
   std::size_t cell_elems(std::size_t cell) const noexcept;

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/format.hpp"
+#include "checkpoint/test_hooks.hpp"
 #include "engine_harness.hpp"
 #include "shardopt/checkpoint.hpp"
 #include "shardopt/error.hpp"

@@ -3,11 +3,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <map>
 #include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "checkpoint/format.hpp"
+#include "core/config_fields.hpp"
 #include "shardopt/config.hpp"
 #include "shardopt/error.hpp"
 
@@ -300,6 +304,131 @@ TEST(Config, OffloadNames) {
   EXPECT_EQ(shardopt::name_of(OffloadKind::none), "none");
   EXPECT_EQ(shardopt::name_of(OffloadKind::host), "host");
   EXPECT_EQ(shardopt::name_of(OffloadKind::nvme), "nvme");
+}
+
+// ---- the field tables (core/config_fields.hpp): every Config field is reachable by its key.
+
+// A value's text, and a different valid value's text, written here independently of the parser.
+std::string text_of(float v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.9g", static_cast<double>(v));
+  return b;
+}
+std::string text_of(int v) { return std::to_string(v); }
+std::string text_of(std::int64_t v) { return std::to_string(v); }
+std::string text_of(std::size_t v) { return std::to_string(v); }
+std::string text_of(bool v) { return v ? "true" : "false"; }
+std::string text_of(const std::string& v) { return v; }
+template <class E>
+  requires std::is_enum_v<E>
+std::string text_of(E v) {
+  return std::string(shardopt::name_of(v));
+}
+std::string other_text(float v) { return text_of(v * 0.5f + 0.25f); }
+std::string other_text(int v) { return text_of(v + 3); }
+std::string other_text(std::int64_t v) { return text_of(v + 5); }
+std::string other_text(std::size_t v) { return text_of(v + 7); }
+std::string other_text(bool v) { return text_of(!v); }
+std::string other_text(const std::string& v) { return v + "/elsewhere"; }
+std::string other_text(DType v) { return v == DType::bf16 ? "fp16" : "bf16"; }
+std::string other_text(OptimizerKind v) { return v == OptimizerKind::lion ? "sgd" : "lion"; }
+std::string other_text(shardopt::LrSchedule v) { return v == shardopt::LrSchedule::cosine ? "linear" : "cosine"; }
+std::string other_text(LossScaleMode v) { return v == LossScaleMode::dynamic ? "fixed" : "dynamic"; }
+std::string other_text(OffloadKind v) { return v == OffloadKind::host ? "nvme" : "host"; }
+
+// key -> value as text, for every leaf field.
+template <class S>
+std::map<std::string, std::string> texts(const S& obj) {
+  std::map<std::string, std::string> out;
+  shardopt::fields::for_each_field(obj, [&](const shardopt::fields::FieldInfo& info, const auto& v) {
+    EXPECT_TRUE(out.emplace(info.name, text_of(v)).second) << "two fields are named " << info.name;
+  });
+  return out;
+}
+
+TEST(ConfigFields, EveryKeySetsItsFieldAndNoOther) {
+  const Config base;
+  std::map<std::string, std::string> want;  // key -> a different value
+  shardopt::fields::for_each_field(base, [&](const shardopt::fields::FieldInfo& info, const auto& v) {
+    want[info.name] = other_text(v);
+  });
+  // Config's members plus its nested structs' members: 16 - 2 + 12 + 7.
+  EXPECT_EQ(want.size(), 33u);
+  const auto before = texts(base);
+  for (const auto& [key, text] : want) {
+    Config c;
+    ASSERT_TRUE(shardopt::fields::set_field(c, key, text)) << key;
+    const auto after = texts(c);
+    for (const auto& [k, v] : after) {
+      if (k == key) EXPECT_EQ(v, text) << key << " was not set to " << text;
+      else EXPECT_EQ(v, before.at(k)) << "setting " << key << " changed " << k;
+    }
+  }
+  for (const char* key : {"lr", "beta2", "min_lr", "warmup_steps", "schedule", "nesterov"}) {
+    shardopt::Hyperparams h;
+    EXPECT_TRUE(shardopt::fields::set_field(h, key, want.at(key))) << key;
+    EXPECT_EQ(texts(h).at(key), want.at(key)) << key;
+  }
+}
+
+TEST(ConfigFields, BadKeysAndValuesChangeNothing) {
+  Config c;
+  const auto before = texts(c);
+  EXPECT_FALSE(shardopt::fields::set_field(c, "learning_rate", "0.1"));
+  EXPECT_FALSE(shardopt::fields::set_field(c, "hyper", "0.1")) << "a nested struct is not a key";
+  const std::pair<const char*, const char*> bad[] = {
+      {"lr", "fast"},       {"lr", "nan"},          {"lr", "1e99"},         {"lr", ""},
+      {"stage", "1.5"},     {"stage", "99999999999"}, {"bucket_bytes", "-1"}, {"nesterov", "yes"},
+      {"compute_dtype", "fp64"}, {"schedule", "step"}, {"optimizer", "adagrad"}, {"warmup_steps", "3x"}};
+  for (const auto& [key, text] : bad) {
+    try {
+      shardopt::fields::set_field(c, key, text);
+      ADD_FAILURE() << key << "=" << text << " accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(e.message().find(key), std::string::npos) << e.message();
+      EXPECT_NE(e.message().find("'" + std::string(text) + "'"), std::string::npos) << e.message();
+    }
+  }
+  EXPECT_EQ(texts(c), before);
+}
+
+// to_text is parse_value's inverse for every field, at the defaults and at other values.
+TEST(ConfigFields, TextRoundTrips) {
+  Config changed;
+  shardopt::fields::for_each_field(changed, [&](const shardopt::fields::FieldInfo& info, auto& v) {
+    ASSERT_TRUE(shardopt::fields::set_field(changed, info.name, other_text(v))) << info.name;
+  });
+  for (const Config& c : {Config{}, changed}) {
+    Config back;
+    shardopt::fields::for_each_field(c, [&](const shardopt::fields::FieldInfo& info, const auto& v) {
+      ASSERT_TRUE(shardopt::fields::set_field(back, info.name, shardopt::fields::to_text(v))) << info.name;
+    });
+    EXPECT_EQ(texts(back), texts(c));
+  }
+  EXPECT_NE(texts(changed), texts(Config{}));
+  EXPECT_EQ(shardopt::fields::to_text(0.1f), "0.100000001");
+  EXPECT_EQ(shardopt::fields::to_text(shardopt::LrSchedule::inverse_sqrt), "inverse-sqrt");
+}
+
+// The manifest stores every Hyperparams field and reads back the same bits.
+TEST(ConfigFields, ManifestKeepsEveryHyperparameter) {
+  namespace ckpt = shardopt::ckpt;
+  shardopt::Hyperparams h;
+  shardopt::fields::for_each_field(h, [&](const shardopt::fields::FieldInfo& info, auto& v) {
+    ASSERT_TRUE(shardopt::fields::set_field(h, info.name, other_text(v))) << info.name;
+  });
+  ckpt::Manifest m;
+  m.library_version = "test";
+  m.fields = ckpt::field_names(m.optimizer);
+  m.chunk = 64;
+  m.groups[0] = shardopt::Hyperparams{};
+  m.groups[3] = h;
+  const ckpt::Manifest back = ckpt::parse_manifest(ckpt::dump_manifest(m), "test manifest");
+  ASSERT_EQ(back.groups.size(), 2u);
+  EXPECT_EQ(texts(back.groups.at(0)), texts(shardopt::Hyperparams{}));
+  EXPECT_EQ(texts(back.groups.at(3)), texts(h));
+  EXPECT_NE(texts(h), texts(shardopt::Hyperparams{})) << "the test changed nothing";
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "engine/plan.hpp"
 #include "engine_harness.hpp"
 #include "offload/offload_engine.hpp"
+#include "offload/test_hooks.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/estimate.hpp"
 

@@ -109,10 +109,22 @@ struct UpdateArgs {
   bool zero_grad = false;
 };
 
+class ThreadPool;
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual BackendKind kind() const noexcept = 0;
+  // Whether the host may read and write this backend's memory of every place directly (plain
+  // loads and stores, memcpy): true on the CPU backend; false on the CUDA backend, whose `device`
+  // memory only its kernels and copies reach. Ask this, not kind(), before touching memory on the
+  // host (a host-memory communicator, a host view of a buffer). The default answers from kind(),
+  // for backends that wrap one of the two.
+  virtual bool host_accessible() const noexcept { return kind() == BackendKind::cpu; }
+  // The thread pool this backend's host kernels run on (the CPU backend's), or null for a backend
+  // that runs none (CUDA). Host-side work done for this backend elsewhere (the offload engine's
+  // CPU update) shares it, so one process never runs two machine-sized pools.
+  virtual std::shared_ptr<ThreadPool> host_thread_pool() const noexcept { return nullptr; }
 
   // Allocates `bytes` (64-byte aligned, contents undefined) at `place`, tagged `category`.
   // `what` names the buffer in the error raised when the allocation fails (out_of_memory, with
@@ -200,12 +212,15 @@ class Backend {
 
 // A pool of worker threads shared by every CPU backend (rank) of a process, so N ranks and their
 // streams never run more kernel threads than there are cores.
-class ThreadPool;
 std::shared_ptr<ThreadPool> make_thread_pool(unsigned threads = 0);  // 0: hardware concurrency
 unsigned thread_count(const ThreadPool& pool) noexcept;
+// The process's one default pool, sized to the machine: what a CPU backend made without a pool
+// uses, and what the offload engine's CPU update uses on a backend without a pool (CUDA). Made
+// on first use and shared while anything holds it; thread-safe.
+std::shared_ptr<ThreadPool> default_thread_pool();
 
 struct CpuBackendOptions {
-  std::shared_ptr<ThreadPool> pool;  // null: a pool of its own sized to the machine
+  std::shared_ptr<ThreadPool> pool;  // null: default_thread_pool()
 };
 std::unique_ptr<Backend> make_cpu_backend(CpuBackendOptions options = {});
 

@@ -33,6 +33,7 @@ constexpr int state_count(OptimizerKind k) noexcept {
 // learning-rate schedules (LrSchedule, name_of, parse_lr_schedule) in shardopt/schedule.hpp.
 
 enum class LossScaleMode : std::uint8_t { none, fixed, dynamic };
+std::string_view name_of(LossScaleMode m) noexcept;
 
 // Loss scaling for fp16 training. With `dynamic`, a step whose gradients hold a non-finite value
 // on any rank is skipped on every rank and the scale is multiplied by `backoff` (after `hysteresis`

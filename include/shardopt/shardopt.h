@@ -59,13 +59,17 @@ SHARDOPT_C_API const char* shardopt_status_string(shardopt_status status);
 SHARDOPT_C_API const char* shardopt_last_error(void);
 
 /* ---- configuration ---------------------------------------------------------------------------
- * Created with the C++ defaults (stage 0, fp32, AdamW, lr 1e-3, ...). Values are given as text,
- * by the names the command line uses, so this interface does not change when a field is added:
- *   stage 0..3 | compute_dtype, reduce_dtype fp32|bf16|fp16 | optimizer (a rule's name, e.g.
- *   adamw, adam, sgd, lion) | lr, beta1, beta2, eps, weight_decay, momentum, dampening (numbers) |
- *   nesterov 0|1 | max_grad_norm | accumulation_steps | bucket_bytes | alignment |
- *   loss_scaling none|fixed|dynamic | initial_scale | offload_optimizer none|host|nvme | nvme_dir |
- *   offload_params 0|1 | prefetch_units | persistence_threshold
+ * Created with the C++ defaults (stage 0, fp32, AdamW, lr 1e-3, ...). Values are given as text.
+ * Every field of the C++ Config is a key, by its C++ member name, so this interface does not
+ * change when a field is added:
+ *   stage 0..3 | compute_dtype, master_dtype, reduce_dtype fp32|bf16|fp16 | bucket_bytes |
+ *   alignment | optimizer (a rule's name, e.g. adamw, adam, sgd, lion) |
+ *   lr, beta1, beta2, eps, weight_decay, momentum, dampening (numbers) | nesterov 0|1 |
+ *   schedule constant|cosine|linear|inverse-sqrt | warmup_steps | total_steps | min_lr |
+ *   loss_scaling none|fixed|dynamic | initial_scale | growth_factor | growth_interval | backoff |
+ *   hysteresis | min_scale | max_grad_norm | accumulation_steps |
+ *   offload_optimizer none|host|nvme | nvme_dir | offload_params 0|1 | prefetch_units |
+ *   persistence_threshold
  * An unknown key or a malformed value is SHARDOPT_INVALID_ARGUMENT naming it; ranges are checked
  * when the engine is created (the same checks as the C++ Config::validate). */
 typedef struct shardopt_config shardopt_config;
@@ -132,7 +136,8 @@ SHARDOPT_C_API void shardopt_engine_destroy(shardopt_engine* engine);
 SHARDOPT_C_API shardopt_status shardopt_engine_add_block(shardopt_engine* engine, const char* name, int ntensors,
                                                          const shardopt_tensor_desc* tensors, int* block_index);
 /* Before initialize: group `group`'s hyperparameters, starting from group 0's, with one key
- * (lr, beta1, beta2, eps, weight_decay, momentum, dampening, nesterov) set to `value`. */
+ * (a hyperparameter key of shardopt_config_set: lr ... nesterov, schedule ... min_lr) set to
+ * `value`. */
 SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine, int group, const char* key,
                                                          const char* value);
 /* Collective. `init` NULL: the seeded initializer with `seed` (independent of world and stage). */

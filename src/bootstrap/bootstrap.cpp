@@ -1,12 +1,16 @@
 // Launcher detection, the configuration agreement check, device choice and the NCCL bootstrap.
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <system_error>
+#include <type_traits>
+#include <vector>
 
 #include "bootstrap/internal.hpp"
+#include "core/config_fields.hpp"
 #include "shardopt/bootstrap.hpp"
 #include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
@@ -205,10 +209,17 @@ class Fnv {
   std::uint64_t h_ = 1469598103934665603ull;
 };
 
-void hash_hyper(Fnv& f, const Hyperparams& h) {
-  f.value(h.lr), f.value(h.beta1), f.value(h.beta2), f.value(h.eps), f.value(h.weight_decay);
-  f.value(h.momentum), f.value(h.dampening), f.value(h.nesterov);
-  f.value(h.schedule), f.value(h.warmup_steps), f.value(h.total_steps), f.value(h.min_lr);
+// Every field of the config (core/config_fields.hpp), in declaration order, except the local
+// ones (nvme_dir: a path that may differ per machine). Sizes are hashed as 64-bit values so the
+// hash does not depend on the platform's size_t.
+void hash_config(Fnv& f, const Config& c) {
+  fields::for_each_field(c, [&](const fields::FieldInfo& info, const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    if (info.local) return;
+    if constexpr (std::is_same_v<T, std::string>) f.text(value);
+    else if constexpr (std::is_same_v<T, std::size_t>) f.value(static_cast<std::uint64_t>(value));
+    else f.value(value);
+  });
 }
 
 std::string summary(const Config& c, const std::vector<BlockSpec>& blocks, int world) {
@@ -229,6 +240,36 @@ std::string summary(const Config& c, const std::vector<BlockSpec>& blocks, int w
          " blocks=" + std::to_string(blocks.size()) + " tensors=" + std::to_string(tensors) + " elements=" + std::to_string(elements);
 }
 
+// Every agreed field as "key=value" (core/config_fields.hpp), one per line: sent with the hash so
+// that a rank that disagrees can be told which fields differ.
+std::string fields_text(const Config& c) {
+  std::string out;
+  fields::for_each_field(c, [&](const fields::FieldInfo& info, const auto& value) {
+    if (!info.local) out += std::string(info.name) + "=" + fields::to_text(value) + "\n";
+  });
+  return out;
+}
+
+// "key=a on rank 0, key=b on rank q; ..." for the lines of two fields_text that differ, or "".
+std::string field_differences(const std::string& a, const std::string& b, int q) {
+  auto lines = [](const std::string& t) {
+    std::vector<std::string> v;
+    for (std::size_t i = 0; i < t.size();) {
+      const std::size_t e = std::min(t.find('\n', i), t.size());
+      v.push_back(t.substr(i, e - i));
+      i = e + 1;
+    }
+    return v;
+  };
+  const auto la = lines(a), lb = lines(b);
+  std::string out;
+  for (std::size_t i = 0; i < std::max(la.size(), lb.size()); ++i) {
+    const std::string x = i < la.size() ? la[i] : "?", y = i < lb.size() ? lb[i] : "?";
+    if (x != y) out += (out.empty() ? "" : "; ") + x + " on rank 0, " + y + " on rank " + std::to_string(q);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::uint64_t agreement_hash(const Config& c, const std::vector<BlockSpec>& blocks, int world_size) {
@@ -239,16 +280,7 @@ std::uint64_t agreement_hash(const Config& c, const std::vector<BlockSpec>& bloc
   Fnv f;
   f.text("shardopt agreement v1");
   f.value(world_size);
-  f.value(c.stage), f.value(c.compute_dtype), f.value(c.master_dtype), f.value(c.reduce_dtype);
-  f.value(static_cast<std::uint64_t>(c.bucket_bytes)), f.value(static_cast<std::uint64_t>(c.alignment));
-  f.value(c.optimizer);
-  hash_hyper(f, c.hyper);
-  const LossScaling& l = c.loss_scaling;
-  f.value(l.mode), f.value(l.initial_scale), f.value(l.growth_factor), f.value(l.growth_interval), f.value(l.backoff);
-  f.value(l.hysteresis), f.value(l.min_scale);
-  f.value(c.max_grad_norm), f.value(c.accumulation_steps);
-  f.value(c.offload_optimizer), f.value(c.offload_params);  // nvme_dir is a local path: may differ per machine
-  f.value(c.prefetch_units), f.value(static_cast<std::uint64_t>(c.persistence_threshold));
+  hash_config(f, c);
   f.value(static_cast<std::uint64_t>(blocks.size()));
   for (const auto& b : blocks) {
     f.text(b.name);
@@ -269,14 +301,15 @@ std::uint64_t agreement_hash(const Config& c, const std::vector<BlockSpec>& bloc
 }
 
 void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vector<BlockSpec>& blocks) {
-  // What this rank sends: "ok <hash> <summary>" or "invalid <why>". An invalid config must not
-  // throw before the exchange, or the other ranks would wait for this one forever.
+  // What this rank sends: "ok <hash> <summary>\nworld_size=<n>\n<fields_text>" or "invalid <why>". An invalid
+  // config must not throw before the exchange, or the other ranks would wait for this one forever.
   std::string mine;
   try {
     const std::uint64_t h = agreement_hash(config, blocks, bootstrap.world_size());
     char hex[17];
     std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-    mine = std::string("ok ") + hex + " " + summary(config, blocks, bootstrap.world_size());
+    mine = std::string("ok ") + hex + " " + summary(config, blocks, bootstrap.world_size()) + "\nworld_size=" +
+           std::to_string(bootstrap.world_size()) + "\n" + fields_text(config);
   } catch (const Error& e) {
     mine = "invalid " + e.message();
   }
@@ -289,14 +322,21 @@ void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vect
     if (t.rfind("invalid ", 0) == 0)
       throw Error(ErrorCode::communication, "configuration check failed: rank " + std::to_string(q) + " cannot plan its configuration: " + t.substr(8) + me);
   }
+  // "ok " + 16 hex digits + " " + summary, then "\n" and the fields.
+  auto head = [](const std::string& t) { return t.substr(0, t.find('\n')); };
+  auto tail = [](const std::string& t) { return t.find('\n') == std::string::npos ? std::string() : t.substr(t.find('\n') + 1); };
   const std::string first = text(0);
   for (int q = 1; q < bootstrap.world_size(); ++q) {
     const std::string t = text(q);
     if (t != first) {
-      // "ok " + 16 hex digits + " " + summary
+      const std::string diff = field_differences(tail(first), tail(t), q);
       throw Error(ErrorCode::communication, "configuration check failed: ranks disagree on the configuration or model: rank 0 has hash " +
-                                                first.substr(3, 16) + " (" + first.substr(20) + ") but rank " + std::to_string(q) + " has hash " +
-                                                t.substr(3, 16) + " (" + t.substr(20) + ")" + me);
+                                                head(first).substr(3, 16) + " (" + head(first).substr(20) + ") but rank " + std::to_string(q) + " has hash " +
+                                                head(t).substr(3, 16) + " (" + head(t).substr(20) + "); " +
+                                                (diff.empty() ? std::string("every configuration field agrees: the models differ (block or tensor names, shapes or "
+                                                                          "groups), or the ranks run different builds of shardopt")
+                                                              : "the fields that differ: " + diff) +
+                                                me);
     }
   }
 }

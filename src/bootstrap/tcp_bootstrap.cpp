@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/posix_io.hpp"
 #include "shardopt/bootstrap.hpp"
 #include "shardopt/error.hpp"
 
@@ -49,29 +50,8 @@ struct FrameHeader {
   std::uint64_t length = 0;
 };
 
-class Fd {
- public:
-  Fd() = default;
-  explicit Fd(int fd) : fd_(fd) {}
-  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  Fd& operator=(Fd&& o) noexcept {
-    if (this != &o) {
-      reset();
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  ~Fd() { reset(); }
-  void reset() noexcept {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-  int get() const noexcept { return fd_; }
-  explicit operator bool() const noexcept { return fd_ >= 0; }
-
- private:
-  int fd_ = -1;
-};
+// Owned socket descriptors: the library's one owning descriptor type (core/posix_io.hpp).
+using io::Fd;
 
 int ms_left(Clock::time_point deadline) {
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
@@ -248,7 +228,7 @@ class TcpBootstrap final : public Bootstrap {
     Fd listener;
     std::string last_error = "no address";
     for (const addrinfo& a : addrs) {
-      Fd fd(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC, a.ai_protocol));
+      Fd fd(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC, a.ai_protocol), "listening socket");
       if (!fd) {
         last_error = sys_error(errno);
         continue;
@@ -279,7 +259,7 @@ class TcpBootstrap final : public Bootstrap {
       if (rc <= 0) continue;
       sockaddr_storage ss{};
       socklen_t len = sizeof ss;
-      Fd c(::accept4(listener.get(), reinterpret_cast<sockaddr*>(&ss), &len, SOCK_CLOEXEC | SOCK_NONBLOCK));
+      Fd c(::accept4(listener.get(), reinterpret_cast<sockaddr*>(&ss), &len, SOCK_CLOEXEC | SOCK_NONBLOCK), "accepted socket");
       if (!c) continue;
       tune(c.get());
       auto link = std::make_unique<Link>(std::move(c), "a connecting process");
@@ -346,7 +326,7 @@ class TcpBootstrap final : public Bootstrap {
       if (Clock::now() >= deadline) break;
       const auto addrs = resolve(r_.master_addr, r_.master_port, false, where, who_);
       for (const addrinfo& a : addrs) {
-        Fd s(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a.ai_protocol));
+        Fd s(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a.ai_protocol), "socket");
         if (!s) {
           last_error = sys_error(errno);
           continue;

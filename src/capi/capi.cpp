@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/config_fields.hpp"
 #include "shardopt/shardopt.hpp"
 
 struct shardopt_config {
@@ -89,88 +90,16 @@ std::string text_of(const char* s, const char* what) {
   return s;
 }
 
-float parse_float(const std::string& key, const std::string& v) {
-  char* end = nullptr;
-  errno = 0;
-  const float f = std::strtof(v.c_str(), &end);
-  if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE || !std::isfinite(f))
-    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not a finite number");
-  return f;
-}
-long long parse_int(const std::string& key, const std::string& v) {
-  char* end = nullptr;
-  errno = 0;
-  const long long n = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE)
-    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not an integer");
-  return n;
-}
-int parse_int32(const std::string& key, const std::string& v) {
-  const long long n = parse_int(key, v);
-  if (n < -2147483647LL || n > 2147483647LL)
-    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': " + v + " is out of range");
-  return static_cast<int>(n);
-}
-std::size_t parse_size(const std::string& key, const std::string& v) {
-  const long long n = parse_int(key, v);
-  if (n < 0) throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': " + v + " is negative");
-  return static_cast<std::size_t>(n);
-}
-bool parse_bool(const std::string& key, const std::string& v) {
-  if (v == "1" || v == "true") return true;
-  if (v == "0" || v == "false") return false;
-  throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not 0/1/true/false");
-}
-shardopt::DType parse_dtype(const std::string& key, const std::string& v) {
-  shardopt::DType t{};
-  if (!shardopt::parse_dtype(v, t))
-    throw shardopt::Error(ErrorCode::invalid_argument, "'" + key + "': '" + v + "' is not a dtype (fp32, bf16, fp16)");
-  return t;
-}
-
 // One hyperparameter; false if `key` is not one.
 bool set_hyper(shardopt::Hyperparams& h, const std::string& key, const std::string& v) {
-  if (key == "lr") h.lr = parse_float(key, v);
-  else if (key == "beta1") h.beta1 = parse_float(key, v);
-  else if (key == "beta2") h.beta2 = parse_float(key, v);
-  else if (key == "eps") h.eps = parse_float(key, v);
-  else if (key == "weight_decay") h.weight_decay = parse_float(key, v);
-  else if (key == "momentum") h.momentum = parse_float(key, v);
-  else if (key == "dampening") h.dampening = parse_float(key, v);
-  else if (key == "nesterov") h.nesterov = parse_bool(key, v);
-  else return false;
-  return true;
+  return shardopt::fields::set_field(h, key, v);
 }
 
+// Every Config field by its name (core/config_fields.hpp), hyperparameters included.
 void set_config(shardopt::Config& c, const std::string& key, const std::string& v) {
-  using namespace shardopt;
-  if (set_hyper(c.hyper, key, v)) return;
-  if (key == "stage") c.stage = parse_int32(key, v);
-  else if (key == "compute_dtype") c.compute_dtype = parse_dtype(key, v);
-  else if (key == "reduce_dtype") c.reduce_dtype = parse_dtype(key, v);
-  else if (key == "optimizer") {
-    if (!parse_optimizer(v, c.optimizer))
-      throw Error(ErrorCode::invalid_argument, "'optimizer': '" + v + "' is not a known rule");
-  } else if (key == "max_grad_norm") c.max_grad_norm = parse_float(key, v);
-  else if (key == "accumulation_steps") c.accumulation_steps = parse_int32(key, v);
-  else if (key == "bucket_bytes") c.bucket_bytes = parse_size(key, v);
-  else if (key == "alignment") c.alignment = parse_size(key, v);
-  else if (key == "loss_scaling") {
-    if (v == "none") c.loss_scaling.mode = LossScaleMode::none;
-    else if (v == "fixed") c.loss_scaling.mode = LossScaleMode::fixed;
-    else if (v == "dynamic") c.loss_scaling.mode = LossScaleMode::dynamic;
-    else throw Error(ErrorCode::invalid_argument, "'loss_scaling': '" + v + "' is not none, fixed or dynamic");
-  } else if (key == "initial_scale") c.loss_scaling.initial_scale = parse_float(key, v);
-  else if (key == "offload_optimizer") {
-    if (v == "none") c.offload_optimizer = OffloadKind::none;
-    else if (v == "host") c.offload_optimizer = OffloadKind::host;
-    else if (v == "nvme") c.offload_optimizer = OffloadKind::nvme;
-    else throw Error(ErrorCode::invalid_argument, "'offload_optimizer': '" + v + "' is not none, host or nvme");
-  } else if (key == "nvme_dir") c.nvme_dir = v;
-  else if (key == "offload_params") c.offload_params = parse_bool(key, v);
-  else if (key == "prefetch_units") c.prefetch_units = parse_int32(key, v);
-  else if (key == "persistence_threshold") c.persistence_threshold = parse_size(key, v);
-  else throw Error(ErrorCode::invalid_argument, "unknown configuration key '" + key + "'");
+  if (!shardopt::fields::set_field(c, key, v))
+    throw shardopt::Error(ErrorCode::invalid_argument, "unknown configuration key '" + key + "' (the keys: " +
+                                                           shardopt::fields::field_names<shardopt::Config>() + ")");
 }
 
 shardopt::Engine& engine_of(shardopt_engine* e) {
@@ -373,8 +302,8 @@ shardopt_status shardopt_engine_set_group(shardopt_engine* e, int group, const c
     auto it = e->groups.find(group);
     shardopt::Hyperparams h = it != e->groups.end() ? it->second : eng.config().hyper;
     if (!set_hyper(h, k, v))
-      throw shardopt::Error(ErrorCode::invalid_argument, "'" + k + "' is not a hyperparameter (lr, beta1, beta2, eps, "
-                                                             "weight_decay, momentum, dampening, nesterov)");
+      throw shardopt::Error(ErrorCode::invalid_argument, "'" + k + "' is not a hyperparameter (" +
+                                                             shardopt::fields::field_names<shardopt::Hyperparams>() + ")");
     eng.set_group(group, h);
     e->groups[group] = h;
   });
@@ -465,9 +394,9 @@ shardopt_status shardopt_engine_load(shardopt_engine* e, const char* dir) {
 }
 shardopt_status shardopt_export_safetensors(const char* checkpoint_dir, const char* out_file, const char* dtype) {
   return guarded([&] {
-    const std::string d = text_of(dtype, "dtype");
-    shardopt::export_safetensors(text_of(checkpoint_dir, "checkpoint_dir"), text_of(out_file, "out_file"),
-                                 parse_dtype("dtype", d));
+    shardopt::DType t{};
+    shardopt::fields::parse_value("dtype", text_of(dtype, "dtype"), t);
+    shardopt::export_safetensors(text_of(checkpoint_dir, "checkpoint_dir"), text_of(out_file, "out_file"), t);
   });
 }
 

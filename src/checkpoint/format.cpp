@@ -1,5 +1,6 @@
 // Checkpoint format: manifest JSON, checksums and checked file I/O (see format.hpp).
 #include "checkpoint/format.hpp"
+#include "checkpoint/test_hooks.hpp"
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -11,12 +12,14 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 // Header-only xxHash: nothing to link, so the installed package gains no dependency.
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 #include <nlohmann/json.hpp>
 
+#include "core/config_fields.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/rules.hpp"
 
@@ -25,9 +28,7 @@ namespace shardopt::ckpt {
 namespace {
 std::atomic<std::size_t> g_chunk{std::size_t(1) << 20};  // 4 MiB of fp32 per checksum
 
-std::string sys_error(const std::string& what, const std::string& path) {
-  return what + " '" + path + "': " + std::strerror(errno);
-}
+using io::sys_error;
 
 using Json = nlohmann::json;
 
@@ -80,8 +81,52 @@ bool plain_name(const std::string& s) {
   return true;
 }
 
-const char* mode_name(LossScaleMode m) {
-  return m == LossScaleMode::none ? "none" : m == LossScaleMode::fixed ? "fixed" : "dynamic";
+// A group's hyperparameters, every field of Hyperparams (core/config_fields.hpp) under its name;
+// the schedule's fields inside a "schedule" object. Floats are JSON numbers, enums their names.
+nlohmann::ordered_json dump_hyperparams(const Hyperparams& h) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::object();
+  fields::for_each_field(h, [&](const fields::FieldInfo& info, const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    nlohmann::ordered_json& slot = info.section ? out[info.section][info.key] : out[info.name];
+    if constexpr (std::is_enum_v<T>) slot = std::string(name_of(value));
+    else slot = value;
+  });
+  return out;
+}
+
+// The reverse of dump_hyperparams. Every top-level field is required; the "schedule" object is
+// optional as a whole (manifests written before schedules existed have none: the defaults, a
+// constant schedule), but complete when present.
+Hyperparams parse_hyperparams(const Json& v, const std::string& where, const std::string& ctx) {
+  Hyperparams h;
+  fields::for_each_field(h, [&](const fields::FieldInfo& info, auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    const Json* parent = &v;
+    std::string pctx = ctx;
+    const char* key = info.name;
+    if (info.section) {
+      if (!v.is_object() || !v.contains(info.section)) return;
+      parent = &v.at(info.section);
+      pctx = ctx + "." + info.section;
+      key = info.key;
+    }
+    const std::string fctx = pctx + "." + key;
+    const Json& j = member(*parent, key, where, pctx);
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!j.is_boolean()) bad(where, fctx + " must be a boolean");
+      value = j.get<bool>();
+    } else if constexpr (std::is_same_v<T, float>) {
+      value = as_float(j, where, fctx);
+    } else if constexpr (std::is_same_v<T, std::int64_t>) {
+      value = as_i64(j, where, fctx);
+    } else if constexpr (std::is_enum_v<T>) {
+      const std::string& name = as_str(j, where, fctx);
+      if (!fields::parse_enum(name, value)) bad(where, fctx + ": unknown value '" + name + "'");
+    } else {
+      static_assert(sizeof(T) == 0, "a Hyperparams field type the manifest cannot store");
+    }
+  });
+  return h;
 }
 }  // namespace
 
@@ -180,38 +225,13 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
       } catch (const std::exception&) {
         bad(where, ctx + ": group key is not a non-negative integer");
       }
-      Hyperparams h;
-      const Json& v = it.value();
-      h.lr = as_float(member(v, "lr", where, ctx), where, ctx + ".lr");
-      h.beta1 = as_float(member(v, "beta1", where, ctx), where, ctx + ".beta1");
-      h.beta2 = as_float(member(v, "beta2", where, ctx), where, ctx + ".beta2");
-      h.eps = as_float(member(v, "eps", where, ctx), where, ctx + ".eps");
-      h.weight_decay = as_float(member(v, "weight_decay", where, ctx), where, ctx + ".weight_decay");
-      h.momentum = as_float(member(v, "momentum", where, ctx), where, ctx + ".momentum");
-      h.dampening = as_float(member(v, "dampening", where, ctx), where, ctx + ".dampening");
-      const Json& nest = member(v, "nesterov", where, ctx);
-      if (!nest.is_boolean()) bad(where, ctx + ".nesterov must be a boolean");
-      h.nesterov = nest.get<bool>();
-      // The learning-rate schedule; manifests written before schedules existed have none (constant).
-      if (v.contains("schedule")) {
-        const Json& sv = v.at("schedule");
-        const std::string sctx = ctx + ".schedule";
-        const std::string& kind = as_str(member(sv, "kind", where, sctx), where, sctx + ".kind");
-        if (!parse_lr_schedule(kind, h.schedule)) bad(where, sctx + ".kind: unknown schedule '" + kind + "'");
-        h.warmup_steps = as_i64(member(sv, "warmup_steps", where, sctx), where, sctx + ".warmup_steps");
-        h.total_steps = as_i64(member(sv, "total_steps", where, sctx), where, sctx + ".total_steps");
-        h.min_lr = as_float(member(sv, "min_lr", where, sctx), where, sctx + ".min_lr");
-      }
-      m.groups[g] = h;
+      m.groups[g] = parse_hyperparams(it.value(), where, ctx);
     }
     m.step = as_i64(member(j, "step", where, "manifest"), where, "step");
     if (m.step < 0) bad(where, "\"step\" is negative");
     const Json& ls = member(j, "loss_scaler", where, "manifest");
     const std::string& mode = as_str(member(ls, "mode", where, "loss_scaler"), where, "loss_scaler.mode");
-    if (mode == "none") m.loss_scale_mode = LossScaleMode::none;
-    else if (mode == "fixed") m.loss_scale_mode = LossScaleMode::fixed;
-    else if (mode == "dynamic") m.loss_scale_mode = LossScaleMode::dynamic;
-    else bad(where, "unknown loss_scaler.mode '" + mode + "'");
+    if (!fields::parse_enum(mode, m.loss_scale_mode)) bad(where, "unknown loss_scaler.mode '" + mode + "'");
     m.loss_scale = as_float(member(ls, "scale", where, "loss_scaler"), where, "loss_scaler.scale");
     if (!(m.loss_scale > 0) || !std::isfinite(m.loss_scale)) bad(where, "loss_scaler.scale must be finite and > 0");
     m.good_steps = as_int(member(ls, "good_steps", where, "loss_scaler"), where, "loss_scaler.good_steps", 0,
@@ -317,18 +337,10 @@ std::string dump_manifest(const Manifest& m) {
   j["optimizer"] = std::string(name_of(m.optimizer));
   j["fields"] = m.fields;
   nlohmann::ordered_json groups = nlohmann::ordered_json::object();
-  for (const auto& [g, h] : m.groups)
-    groups[std::to_string(g)] = {{"lr", h.lr},           {"beta1", h.beta1},         {"beta2", h.beta2},
-                                 {"eps", h.eps},         {"weight_decay", h.weight_decay},
-                                 {"momentum", h.momentum}, {"dampening", h.dampening}, {"nesterov", h.nesterov},
-                                 {"schedule",
-                                  {{"kind", std::string(name_of(h.schedule))},
-                                   {"warmup_steps", h.warmup_steps},
-                                   {"total_steps", h.total_steps},
-                                   {"min_lr", h.min_lr}}}};
+  for (const auto& [g, h] : m.groups) groups[std::to_string(g)] = dump_hyperparams(h);
   j["groups"] = groups;
   j["step"] = m.step;
-  j["loss_scaler"] = {{"mode", mode_name(m.loss_scale_mode)},
+  j["loss_scaler"] = {{"mode", std::string(name_of(m.loss_scale_mode))},
                       {"scale", m.loss_scale},
                       {"good_steps", m.good_steps},
                       {"overflow_run", m.overflow_run}};
@@ -395,54 +407,6 @@ CheckpointInfo info_of(const Manifest& m, const std::string& dir) {
 }
 
 // ---------------------------------------------------------------- I/O
-std::string join(const std::string& dir, const std::string& name) {
-  if (dir.empty()) return name;
-  return dir.back() == '/' ? dir + name : dir + "/" + name;
-}
-
-Fd& Fd::operator=(Fd&& o) noexcept {
-  if (this != &o) {
-    if (fd_ >= 0) (void)::close(fd_);  // replaced without a checked close: read-only or abandoned
-    fd_ = o.fd_;
-    path_ = std::move(o.path_);
-    o.fd_ = -1;
-  }
-  return *this;
-}
-Fd::~Fd() {
-  // Unchecked on purpose: reached only for read-only files or on an error path that already
-  // reports a failure; a successful write path calls close() and checks it.
-  if (fd_ >= 0) (void)::close(fd_);
-}
-void Fd::close() {
-  if (fd_ < 0) return;
-  const int fd = fd_;
-  fd_ = -1;
-  if (::close(fd) != 0) throw Error(ErrorCode::io_error, sys_error("cannot close", path_));
-}
-
-Fd open_read(const std::string& path, const std::string& what) {
-  // O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer appears. The
-  // flag means nothing for the regular files that pass the check below.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) throw Error(ErrorCode::io_error, "missing " + what + ": '" + path + "' does not exist");
-    throw Error(ErrorCode::io_error, sys_error("cannot open " + what, path));
-  }
-  Fd f(fd, path);
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) throw Error(ErrorCode::io_error, sys_error("cannot stat", path));
-  if (!S_ISREG(st.st_mode))
-    throw Error(ErrorCode::io_error, "cannot read " + what + ": '" + path + "' is not a regular file (" +
-                                         (S_ISDIR(st.st_mode)    ? "a directory"
-                                          : S_ISFIFO(st.st_mode) ? "a FIFO"
-                                          : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
-                                          : S_ISSOCK(st.st_mode) ? "a socket"
-                                                                 : "not a file") +
-                                         ")");
-  return f;
-}
-
 DirLock lock_dir(const std::string& dir, const std::string& who) {
   const std::string path = join(dir, kLockName);
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0644);
@@ -473,58 +437,6 @@ DirLock lock_dir(const std::string& dir, const std::string& who) {
   }
   return DirLock(std::move(f));
 }
-Fd create_write(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(ErrorCode::io_error, sys_error("cannot create", path));
-  return Fd(fd, path);
-}
-std::uint64_t file_size(const Fd& f) {
-  struct stat st {};
-  if (::fstat(f.get(), &st) != 0) throw Error(ErrorCode::io_error, sys_error("cannot stat", f.path()));
-  return static_cast<std::uint64_t>(st.st_size);
-}
-void write_all(const Fd& f, const void* data, std::size_t bytes) {
-  const char* p = static_cast<const char*>(data);
-  while (bytes) {
-    const ssize_t w = ::write(f.get(), p, bytes);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw Error(ErrorCode::io_error, sys_error("cannot write", f.path()));
-    }
-    if (w == 0) throw Error(ErrorCode::io_error, "cannot write '" + f.path() + "': no progress (disk full?)");
-    p += w;
-    bytes -= static_cast<std::size_t>(w);
-  }
-}
-void pread_exact(const Fd& f, void* data, std::size_t bytes, std::uint64_t offset, const std::string& what) {
-  char* p = static_cast<char*>(data);
-  while (bytes) {
-    const ssize_t r = ::pread(f.get(), p, bytes, static_cast<off_t>(offset));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      throw Error(ErrorCode::io_error, sys_error("cannot read " + what + " from", f.path()));
-    }
-    if (r == 0)
-      throw Error(ErrorCode::io_error, "truncated file '" + f.path() + "': it ends at byte " + std::to_string(offset) +
-                                           " inside " + what);
-    p += r;
-    bytes -= static_cast<std::size_t>(r);
-    offset += static_cast<std::uint64_t>(r);
-  }
-}
-void fsync_fd(const Fd& f) {
-  if (::fsync(f.get()) != 0) throw Error(ErrorCode::io_error, sys_error("cannot fsync", f.path()));
-}
-void fsync_dir(const std::string& dir) {
-  Fd d(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC), dir);
-  if (d.get() < 0) throw Error(ErrorCode::io_error, sys_error("cannot open directory", dir));
-  fsync_fd(d);
-  d.close();
-}
-void rename_file(const std::string& from, const std::string& to) {
-  if (::rename(from.c_str(), to.c_str()) != 0)
-    throw Error(ErrorCode::io_error, sys_error("cannot rename '" + from + "' to", to));
-}
 void make_dir(const std::string& dir) {
   if (::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST) {
     struct stat st {};
@@ -534,22 +446,4 @@ void make_dir(const std::string& dir) {
   }
   throw Error(ErrorCode::io_error, sys_error("cannot create checkpoint directory", dir));
 }
-std::string read_text(const std::string& path, const std::string& what) {
-  Fd f = open_read(path, what);
-  const std::uint64_t n = file_size(f);
-  if (n > (std::uint64_t(1) << 32)) throw Error(ErrorCode::io_error, "'" + path + "' is too large for a " + what);
-  std::string s(static_cast<std::size_t>(n), '\0');
-  if (n) pread_exact(f, s.data(), s.size(), 0, what);
-  return s;
-}
-void write_file_atomic(const std::string& dir, const std::string& name, const std::string& bytes) {
-  const std::string tmp = join(dir, name + ".tmp");
-  Fd f = create_write(tmp);
-  write_all(f, bytes.data(), bytes.size());
-  fsync_fd(f);
-  f.close();
-  rename_file(tmp, join(dir, name));
-  fsync_dir(dir);
-}
-
 }  // namespace shardopt::ckpt

@@ -1,6 +1,7 @@
 #pragma once
 // Checkpoint format (internal): the manifest's in-memory form, its JSON parser and writer, and
-// the file primitives save/load/export share (checked POSIX I/O, atomic replace, checksums).
+// the file primitives save/load/export share (checksums, the directory lock; checked POSIX I/O and
+// atomic replace come from core/posix_io.hpp).
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -8,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/posix_io.hpp"
 #include "shardopt/checkpoint.hpp"
 #include "shardopt/config.hpp"
 
@@ -25,8 +27,6 @@ inline constexpr std::size_t kMaxTrainerMetadata = std::size_t(1) << 20;
 // Checksums cover chunks of this many elements, aligned to the start of each range, so a rank
 // that owns part of a range reads only the chunks it overlaps.
 std::size_t chunk_elems() noexcept;
-// Test-only: a small chunk makes tiny test models span several chunks (0 restores the default).
-void set_chunk_elems_for_testing(std::size_t elems) noexcept;
 
 // One run of consecutive elements of one (tensor, field), stored contiguously as fp32 in a file.
 struct Range {
@@ -84,26 +84,21 @@ std::uint64_t xxh64(const void* data, std::size_t bytes) noexcept;
 std::string hex64(std::uint64_t v);
 bool parse_hex64(std::string_view s, std::uint64_t& out) noexcept;
 
-// ---- checked POSIX I/O (every error names the path)
-std::string join(const std::string& dir, const std::string& name);
-class Fd {
- public:
-  Fd() = default;
-  Fd(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
-  Fd(Fd&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
-  Fd& operator=(Fd&& o) noexcept;
-  ~Fd();
-  int get() const noexcept { return fd_; }
-  const std::string& path() const noexcept { return path_; }
-  void close();  // checked close (write errors may surface here)
- private:
-  int fd_ = -1;
-  std::string path_;
-};
-// Opens a regular file for reading; anything else (FIFO, device, directory) is Error(io_error)
-// naming it, without blocking. `what`: context for the error.
-Fd open_read(const std::string& path, const std::string& what);
-Fd create_write(const std::string& path);                         // O_CREAT|O_TRUNC
+// ---- checked POSIX I/O (every error names the path): core/posix_io.hpp, under the names the
+// checkpoint code has always used.
+using io::create_write;
+using io::Fd;
+using io::file_size;
+using io::fsync_dir;
+using io::fsync_fd;
+using io::join;
+using io::open_read;
+using io::pread_exact;
+using io::read_text;
+using io::rename_file;
+using io::write_all;
+using io::write_file_atomic;
+
 // An exclusive lock on <dir>/lock (flock), held while the object lives. `who` (pid, host, time) is
 // written into the file so a second saver's error names the holder. Never blocks: a held lock is
 // Error(io_error) naming the directory and the holder. The lock file stays after release.
@@ -116,16 +111,6 @@ class DirLock {
   Fd fd_;  // closing it releases the lock
 };
 DirLock lock_dir(const std::string& dir, const std::string& who);
-std::uint64_t file_size(const Fd& f);
-void write_all(const Fd& f, const void* data, std::size_t bytes);
-// Reads exactly `bytes` at `offset`; a short read is a truncated file (the message says so).
-void pread_exact(const Fd& f, void* data, std::size_t bytes, std::uint64_t offset, const std::string& what);
-void fsync_fd(const Fd& f);
-void fsync_dir(const std::string& dir);
-void rename_file(const std::string& from, const std::string& to);
 void make_dir(const std::string& dir);  // mkdir -p of the last component; existing is fine
-std::string read_text(const std::string& path, const std::string& what);
-// tmp file + fsync + rename + fsync(dir): after return the file is durable under `name`.
-void write_file_atomic(const std::string& dir, const std::string& name, const std::string& bytes);
 
 }  // namespace shardopt::ckpt

@@ -1,8 +1,10 @@
 #pragma once
-// What the host-memory communicators (in-process and MPI) share (internal): the description of one
-// collective call, the argument checks, the ZeRO volume accounting, and the rank-order reduction
-// whose bits both must produce.
+// What the communicators share (internal): the description of one collective call, the argument
+// checks, the ZeRO volume accounting, the base class that packs the five collectives into one call
+// with a sequence number, checks it and counts it (every communicator: in-process, MPI, NCCL), and
+// the rank-order reduction whose bits the host-memory ones (in-process and MPI) must produce.
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -10,6 +12,7 @@
 
 #include "shardopt/communicator.hpp"
 #include "shardopt/dtype.hpp"
+#include "shardopt/error.hpp"
 
 namespace shardopt::comm {
 
@@ -48,6 +51,58 @@ std::string check_reduce(const void* const* srcs, int nsrc, void* const* dsts, i
 
 // Bytes in the ZeRO accounting of communicator.hpp.
 std::uint64_t volume(const Call& c, int world) noexcept;
+
+// A communicator's scaffolding: each of the five collectives becomes one Call, numbered by
+// next_seq() (taken even when the call is refused, so the rank stays in step with peers that issued
+// it), checked by check_call, handed to run(), and once run() returned counted in the ZeRO volume
+// accounting (communicator.hpp). A refused call goes to refused() (to tell the peers) and then is
+// thrown as Error(invalid_argument) "<who> <rank>, <call> (collective #<seq>): <problem>".
+class CommunicatorBase : public Communicator {
+ public:
+  void reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op,
+                      Stream& stream) final {
+    issue({CollectiveKind::reduce_scatter, send, recv, recv_count, dtype, op, 0}, stream);
+  }
+  void all_gather(const void* send, void* recv, std::size_t send_count, DType dtype, Stream& stream) final {
+    issue({CollectiveKind::all_gather, send, recv, send_count, dtype, ReduceOp::sum, 0}, stream);
+  }
+  void all_reduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op, Stream& stream) final {
+    issue({CollectiveKind::all_reduce, send, recv, count, dtype, op, 0}, stream);
+  }
+  void broadcast(const void* send, void* recv, std::size_t count, DType dtype, int root, Stream& stream) final {
+    issue({CollectiveKind::broadcast, send, recv, count, dtype, ReduceOp::sum, root}, stream);
+  }
+  void barrier(Stream& stream) final { issue({}, stream); }
+
+ protected:
+  // `who` names this kind of rank in messages: "rank", "MPI rank", "NCCL rank".
+  explicit CommunicatorBase(const char* who) noexcept : who_(who) {}
+  const char* who() const noexcept { return who_; }
+
+  // The number of the next collective. Default: a count of this communicator's own calls.
+  virtual std::uint64_t next_seq() noexcept { return own_seq_.fetch_add(1, std::memory_order_relaxed); }
+  // Enqueues the checked call `c` on `stream`; throws if it cannot (then it is not counted).
+  virtual void run(const Call& c, std::uint64_t seq, Stream& stream) = 0;
+  // The call was refused for `why` (already labelled): tell the peers waiting for collective #seq.
+  // Must not throw. Default: nothing (a communicator whose peers learn of it otherwise).
+  virtual void refused(const Call& /*c*/, std::uint64_t /*seq*/, const std::string& /*why*/,
+                       Stream& /*stream*/) noexcept {}
+
+ private:
+  void issue(const Call& c, Stream& stream) {
+    const std::uint64_t seq = next_seq();
+    if (std::string problem = check_call(c, rank(), size()); !problem.empty()) {
+      const std::string why = label(who_, rank(), seq, c) + ": " + problem;
+      refused(c, seq, why, stream);
+      throw Error(ErrorCode::invalid_argument, why);
+    }
+    run(c, seq, stream);
+    count(c.kind, volume(c, size()));
+  }
+
+  const char* who_;
+  std::atomic<std::uint64_t> own_seq_{0};  // only with the default next_seq()
+};
 
 // "Must run exactly once": copying hands the duty to the copy (std::function may copy or move
 // its target while it is queued), so only the object the stream finally holds is armed.

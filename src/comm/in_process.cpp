@@ -72,17 +72,17 @@ class InProcessGroup {
   int size() const noexcept { return size_; }
 
   // Binds `rank` to `backend` and returns the transport the group runs on. The first rank bound
-  // fixes the transport (automatic: by its backend's kind), the backend kind and, for CUDA, the
-  // device; every later rank must agree.
+  // fixes the transport (automatic: host_tasks if the host can reach its backend's memory), the
+  // backend kind and, for CUDA, the device; every later rank must agree.
   InProcessTransport bind(int rank, Backend& backend) {
     const BackendKind kind = backend.kind();
     const int device = kind == BackendKind::cuda ? cuda_device_of(backend) : -1;
     const InProcessTransport want =
         requested_ != InProcessTransport::automatic
             ? requested_
-            : (kind == BackendKind::cpu ? InProcessTransport::host_tasks : InProcessTransport::backend_kernels);
+            : (backend.host_accessible() ? InProcessTransport::host_tasks : InProcessTransport::backend_kernels);
     const std::string who = "in-process communicator for rank " + std::to_string(rank);
-    require(want != InProcessTransport::host_tasks || kind == BackendKind::cpu, ErrorCode::unsupported,
+    require(want != InProcessTransport::host_tasks || backend.host_accessible(), ErrorCode::unsupported,
             who + ": the host_tasks transport reads the peers' buffers on the host, which needs host memory (the "
                   "CPU backend), got the " + std::string(name_of(kind)) + " backend; use backend_kernels");
     require(want != InProcessTransport::backend_kernels || size_ <= Backend::kMaxReduceOperands,
@@ -526,10 +526,11 @@ struct AbortTask {
   }
 };
 
-class InProcessCommunicator final : public Communicator {
+class InProcessCommunicator final : public comm::CommunicatorBase {
  public:
   InProcessCommunicator(std::shared_ptr<InProcessGroup> group, int rank, Backend& backend)
-      : group_(std::move(group)), rank_(rank), size_(group_->size()), backend_(backend) {
+      : CommunicatorBase("rank"),
+        group_(std::move(group)), rank_(rank), size_(group_->size()), backend_(backend) {
     transport_ = group_->bind(rank_, backend_);
     if (transport_ == InProcessTransport::backend_kernels) {
       try {
@@ -548,44 +549,27 @@ class InProcessCommunicator final : public Communicator {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return size_; }
 
-  void reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op,
-                      Stream& stream) override {
-    enqueue({CollectiveKind::reduce_scatter, send, recv, recv_count, dtype, op, 0}, stream);
-  }
-  void all_gather(const void* send, void* recv, std::size_t send_count, DType dtype, Stream& stream) override {
-    enqueue({CollectiveKind::all_gather, send, recv, send_count, dtype, ReduceOp::sum, 0}, stream);
-  }
-  void all_reduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op,
-                  Stream& stream) override {
-    enqueue({CollectiveKind::all_reduce, send, recv, count, dtype, op, 0}, stream);
-  }
-  void broadcast(const void* send, void* recv, std::size_t count, DType dtype, int root, Stream& stream) override {
-    enqueue({CollectiveKind::broadcast, send, recv, count, dtype, ReduceOp::sum, root}, stream);
-  }
-  void barrier(Stream& stream) override { enqueue({}, stream); }
-
  private:
-  void enqueue(const Call& c, Stream& stream) {
-    // The sequence number is taken even when the call is refused, so this rank stays in step with
-    // the peers that did issue collective #seq (they will fail on it, not on a later one).
-    const std::uint64_t seq = group_->next_seq(rank_);
-    if (std::string problem = comm::check_call(c, rank_, size_); !problem.empty()) {
-      const std::string why = label("rank", rank_, seq, c) + ": " + problem;
-      if (transport_ == InProcessTransport::backend_kernels) {
-        // Everything this rank issued before is fully enqueued already: abort now, which wakes
-        // the peers waiting for it at collective #seq.
-        group_->abort(why);
-        throw Error(ErrorCode::invalid_argument, why);
-      }
-      // Abort in stream order, so this rank's earlier collectives still complete; the peers
-      // waiting on #seq then throw instead of hanging.
-      try {
-        backend_.host_task(stream, AbortTask{group_, why, {}});
-      } catch (...) {
-        group_->abort(why);
-      }
-      throw Error(ErrorCode::invalid_argument, why);
+  // The group numbers the collectives: a rank whose communicator is made again continues there.
+  std::uint64_t next_seq() noexcept override { return group_->next_seq(rank_); }
+
+  void refused(const Call&, std::uint64_t, const std::string& why, Stream& stream) noexcept override {
+    if (transport_ == InProcessTransport::backend_kernels) {
+      // Everything this rank issued before is fully enqueued already: abort now, which wakes
+      // the peers waiting for it at collective #seq.
+      group_->abort(why);
+      return;
     }
+    // Abort in stream order, so this rank's earlier collectives still complete; the peers
+    // waiting on #seq then throw instead of hanging.
+    try {
+      backend_.host_task(stream, AbortTask{group_, why, {}});
+    } catch (...) {
+      group_->abort(why);
+    }
+  }
+
+  void run(const Call& c, std::uint64_t seq, Stream& stream) override {
     if (size_ == 1) {
       // One rank: a sum or mean of one term is that term, exactly (the rank-order reduction starts
       // from the first operand and divides by 1), and a gather or broadcast of one slice is that
@@ -593,7 +577,6 @@ class InProcessCommunicator final : public Communicator {
       // reduction kernel would read and convert every element for the same bits.
       if (c.kind != CollectiveKind::barrier && c.send != c.recv && c.count != 0)
         backend_.copy(c.recv, c.send, c.count * size_of(c.dtype), stream);
-      count(c.kind, comm::volume(c, size_));
       return;
     }
     if (transport_ == InProcessTransport::backend_kernels) {
@@ -607,7 +590,6 @@ class InProcessCommunicator final : public Communicator {
         throw;
       }
     }
-    count(c.kind, comm::volume(c, size_));
   }
 
   std::shared_ptr<InProcessGroup> group_;

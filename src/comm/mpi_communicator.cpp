@@ -533,43 +533,28 @@ struct RefusedTask {
   }
 };
 
-class MpiCommunicator final : public Communicator {
+class MpiCommunicator final : public comm::CommunicatorBase {
  public:
-  MpiCommunicator(std::shared_ptr<MpiGroup> group, Backend& backend) : group_(std::move(group)), backend_(backend) {}
+  MpiCommunicator(std::shared_ptr<MpiGroup> group, Backend& backend)
+      : CommunicatorBase("MPI rank"), group_(std::move(group)), backend_(backend) {}
 
   int rank() const noexcept override { return group_->rank(); }
   int size() const noexcept override { return group_->size(); }
 
-  void reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op, Stream& stream) override {
-    enqueue({CollectiveKind::reduce_scatter, send, recv, recv_count, dtype, op, 0}, stream);
-  }
-  void all_gather(const void* send, void* recv, std::size_t send_count, DType dtype, Stream& stream) override {
-    enqueue({CollectiveKind::all_gather, send, recv, send_count, dtype, ReduceOp::sum, 0}, stream);
-  }
-  void all_reduce(const void* send, void* recv, std::size_t count, DType dtype, ReduceOp op, Stream& stream) override {
-    enqueue({CollectiveKind::all_reduce, send, recv, count, dtype, op, 0}, stream);
-  }
-  void broadcast(const void* send, void* recv, std::size_t count, DType dtype, int root, Stream& stream) override {
-    enqueue({CollectiveKind::broadcast, send, recv, count, dtype, ReduceOp::sum, root}, stream);
-  }
-  void barrier(Stream& stream) override { enqueue({}, stream); }
-
  private:
-  void enqueue(const Call& c, Stream& stream) {
-    // Taken even for a refused call, so this rank stays in step with peers that issued #seq.
-    const std::uint64_t seq = group_->next_seq();
-    if (std::string problem = comm::check_call(c, rank(), size()); !problem.empty()) {
-      const std::string why = label(rank(), seq, c) + ": " + problem;
-      try {
-        backend_.host_task(stream, RefusedTask{group_, seq, c, why, {}});
-      } catch (...) {
-        group_->announce_abort(seq, c, why);
-      }
-      throw Error(ErrorCode::invalid_argument, why);
+  std::uint64_t next_seq() noexcept override { return group_->next_seq(); }
+
+  void refused(const Call& c, std::uint64_t seq, const std::string& why, Stream& stream) noexcept override {
+    try {
+      backend_.host_task(stream, RefusedTask{group_, seq, c, why, {}});
+    } catch (...) {
+      group_->announce_abort(seq, c, why);
     }
+  }
+
+  void run(const Call& c, std::uint64_t seq, Stream& stream) override {
     // A failed enqueue destroys the task unrun, whose destructor tells the peers.
     backend_.host_task(stream, CollectiveTask{group_, seq, c, {}});
-    count(c.kind, comm::volume(c, size()));
   }
 
   std::shared_ptr<MpiGroup> group_;
@@ -592,7 +577,7 @@ std::unique_ptr<Communicator> make_mpi_communicator(Backend& backend, std::chron
           "make_mpi_communicator: MPI provides thread level " + std::to_string(level) +
               ", but the communicator runs collectives on stream threads and needs MPI_THREAD_MULTIPLE (" +
               std::to_string(MPI_THREAD_MULTIPLE) + "); initialize MPI with MPI_Init_thread(MPI_THREAD_MULTIPLE) or use MpiSession");
-  require(backend.kind() == BackendKind::cpu, ErrorCode::unsupported,
+  require(backend.host_accessible(), ErrorCode::unsupported,
           "make_mpi_communicator needs a backend whose memory the host can address (the CPU backend), got " +
               std::string(name_of(backend.kind())) + "; use the NCCL communicator for GPU memory");
   MPI_Comm comm = MPI_COMM_NULL;

@@ -62,6 +62,15 @@ bool parse_lr_schedule(std::string_view text, LrSchedule& out) noexcept {
   return false;
 }
 
+std::string_view name_of(LossScaleMode m) noexcept {
+  switch (m) {
+    case LossScaleMode::none: return "none";
+    case LossScaleMode::fixed: return "fixed";
+    case LossScaleMode::dynamic: return "dynamic";
+  }
+  return "unknown";
+}
+
 std::string_view name_of(OffloadKind k) noexcept {
   switch (k) {
     case OffloadKind::none: return "none";

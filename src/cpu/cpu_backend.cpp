@@ -261,6 +261,8 @@ class CpuBackend final : public Backend {
       : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())) {}
 
   BackendKind kind() const noexcept override { return BackendKind::cpu; }
+  bool host_accessible() const noexcept override { return true; }
+  std::shared_ptr<ThreadPool> host_thread_pool() const noexcept override { return pool_; }
 
   std::unique_ptr<Stream> create_stream(std::string name) override {
     return std::make_unique<CpuStream>(std::move(name));
@@ -547,7 +549,7 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(CpuBackendOptions options) {
-  std::shared_ptr<ThreadPool> pool = options.pool ? std::move(options.pool) : make_thread_pool(0);
+  std::shared_ptr<ThreadPool> pool = options.pool ? std::move(options.pool) : default_thread_pool();
   return std::make_unique<CpuBackend>(std::move(pool));
 }
 

@@ -189,4 +189,16 @@ std::shared_ptr<ThreadPool> make_thread_pool(unsigned threads) {
 
 unsigned thread_count(const ThreadPool& pool) noexcept { return pool.threads(); }
 
+std::shared_ptr<ThreadPool> default_thread_pool() {
+  // Held weakly: the pool lives while a backend or an offload engine uses it and its threads end
+  // with the last of them, instead of at process exit (after main, where joining them is unsafe).
+  static std::mutex m;
+  static std::weak_ptr<ThreadPool> cached;
+  std::lock_guard<std::mutex> lock(m);
+  if (auto p = cached.lock()) return p;
+  auto p = make_thread_pool(0);
+  cached = p;
+  return p;
+}
+
 }  // namespace shardopt

@@ -9,6 +9,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <span>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -251,6 +254,91 @@ TEST(LaunchEnv, Slurm) {
   EXPECT_EQ(first_slurm_host("rack[1-2]-n"), "rack1-n");
   EXPECT_THROW(first_slurm_host("bad[1-2"), Error);
   EXPECT_THROW(first_slurm_host(""), Error);
+}
+
+// Two ranks as threads over an in-memory exchange: what check_agreement tells each about the
+// other's configuration, without sockets.
+class PairBootstrap final : public Bootstrap {
+ public:
+  struct Shared {
+    std::mutex m;
+    std::condition_variable cv;
+    std::vector<std::byte> got[2];
+    int arrived = 0;
+  };
+  PairBootstrap(Shared& s, int rank) : s_(s), rank_(rank) {}
+  std::string_view kind() const noexcept override { return "pair"; }
+  int rank() const noexcept override { return rank_; }
+  int world_size() const noexcept override { return 2; }
+  int local_rank() const noexcept override { return rank_; }
+  std::vector<std::byte> broadcast_bytes(std::span<const std::byte>, int) override { return {}; }
+  std::vector<std::vector<std::byte>> all_gather_bytes(std::span<const std::byte> data) override {
+    std::unique_lock<std::mutex> lock(s_.m);
+    s_.got[rank_].assign(data.begin(), data.end());
+    ++s_.arrived;
+    s_.cv.notify_all();
+    s_.cv.wait(lock, [&] { return s_.arrived == 2; });
+    return {s_.got[0], s_.got[1]};
+  }
+
+ private:
+  Shared& s_;
+  int rank_;
+};
+
+// Both ranks' errors name each field that differs with both values, and only those.
+TEST(Agreement, DisagreementNamesTheFieldsThatDiffer) {
+  const Config a = shardopt::testing::base_config(1, DType::bf16, OptimizerKind::adamw);
+  Config b = a;
+  b.hyper.beta2 = 0.5f;
+  b.loss_scaling.hysteresis = 7;
+  b.nvme_dir = "/elsewhere";  // local: never a disagreement
+  PairBootstrap::Shared shared;
+  std::string msg[2];
+  std::thread t([&] {
+    PairBootstrap boot(shared, 1);
+    try {
+      check_agreement(boot, b, shardopt::testing::awkward_model());
+    } catch (const Error& e) {
+      msg[1] = e.message();
+    }
+  });
+  PairBootstrap boot(shared, 0);
+  try {
+    check_agreement(boot, a, shardopt::testing::awkward_model());
+  } catch (const Error& e) {
+    msg[0] = e.message();
+  }
+  t.join();
+  char beta2[32];
+  std::snprintf(beta2, sizeof beta2, "%.9g", static_cast<double>(a.hyper.beta2));
+  const std::string want_beta2 = std::string("beta2=") + beta2 + " on rank 0, beta2=0.5 on rank 1";
+  const std::string want_hyst =
+      "hysteresis=" + std::to_string(a.loss_scaling.hysteresis) + " on rank 0, hysteresis=7 on rank 1";
+  ASSERT_NE(a.loss_scaling.hysteresis, 7);
+  for (const std::string& m : msg) {
+    EXPECT_NE(m.find("disagree"), std::string::npos) << m;
+    EXPECT_NE(m.find(want_beta2), std::string::npos) << m;
+    EXPECT_NE(m.find(want_hyst), std::string::npos) << m;
+    EXPECT_EQ(m.find("nvme_dir"), std::string::npos) << m;
+    EXPECT_EQ(m.find("beta1"), std::string::npos) << m;
+  }
+  // The same configuration and another model: no field is named.
+  PairBootstrap::Shared shared2;
+  auto model = shardopt::testing::awkward_model();
+  model[1].tensors[0].shape = {24, 36};
+  std::thread t2([&] {
+    PairBootstrap boot1(shared2, 1);
+    EXPECT_THROW(check_agreement(boot1, a, model), Error);
+  });
+  PairBootstrap boot0(shared2, 0);
+  try {
+    check_agreement(boot0, a, shardopt::testing::awkward_model());
+    ADD_FAILURE() << "different models agreed";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("models differ"), std::string::npos) << e.message();
+  }
+  t2.join();
 }
 
 TEST(Agreement, HashSeesEveryRelevantField) {
