@@ -1,5 +1,6 @@
 #include "offload/nvme_store.hpp"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <liburing.h>
 #include <sys/stat.h>
@@ -11,6 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
 
 #include "engine/plan.hpp"
 #include "core/posix_io.hpp"
@@ -47,6 +51,53 @@ Fault next_fault(bool write) {
   return Fault::none;
 }
 
+// liburing is loaded at run time (dlopen), not linked: the core library's link interface then
+// names no liburing, so a program that never asks for offload_optimizer=nvme neither links nor
+// loads it. Only the library's exported functions go through these pointers; the header's inline
+// helpers (io_uring_prep_*, io_uring_cqe_seen, ...) touch the shared rings directly and need none.
+// io_uring_get_sqe is resolved too: liburing.h makes it inline in some versions and exported in
+// others, and it is exported in all of them (LIBURING_2.0). The library is never unloaded.
+struct Uring {
+  int (*queue_init)(unsigned entries, io_uring* ring, unsigned flags) = nullptr;
+  void (*queue_exit)(io_uring* ring) = nullptr;
+  io_uring_sqe* (*get_sqe)(io_uring* ring) = nullptr;
+  int (*submit)(io_uring* ring) = nullptr;
+  int (*get_cqe)(io_uring* ring, io_uring_cqe** cqe, unsigned submit, unsigned wait_nr, sigset_t* sigmask) = nullptr;
+  std::string error;  // empty when every pointer is set
+};
+
+const Uring& uring_library() {
+  static Uring u;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* h = ::dlopen("liburing.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (h == nullptr) {
+      const char* why = ::dlerror();
+      u.error = std::string("cannot load liburing.so.2 (") + (why ? why : "unknown reason") + "); install liburing2";
+      return;
+    }
+    auto sym = [&](const char* name, auto& fn) {
+      void* p = ::dlsym(h, name);
+      if (p == nullptr && u.error.empty()) u.error = std::string("liburing.so.2 lacks ") + name;
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
+    };
+    sym("io_uring_queue_init", u.queue_init);
+    sym("io_uring_queue_exit", u.queue_exit);
+    sym("io_uring_get_sqe", u.get_sqe);
+    sym("io_uring_submit", u.submit);
+    sym("__io_uring_get_cqe", u.get_cqe);
+  });
+  return u;
+}
+
+// The loaded library, or Error(unsupported) naming the directory and why it could not be loaded.
+const Uring& uring_for(const std::string& dir) {
+  const Uring& u = uring_library();
+  if (!u.error.empty())
+    throw Error(ErrorCode::unsupported, "offload_optimizer=nvme (nvme_dir '" + dir + "'): " + u.error);
+  return u;
+}
+
 struct AlignedFree {
   void operator()(void* p) const noexcept { std::free(p); }
 };
@@ -54,6 +105,7 @@ struct AlignedFree {
 }  // namespace
 
 void NvmeStore::check_directory(const std::string& dir, int rank, std::size_t file_bytes) {
+  (void)uring_for(dir);  // refused before anything is created when liburing cannot be loaded
   struct stat st {};
   if (::stat(dir.c_str(), &st) != 0)
     throw Error(ErrorCode::io_error, "nvme_dir '" + dir + "': cannot use it: " + errno_text(errno));
@@ -100,7 +152,7 @@ NvmeStore::NvmeStore(const std::string& dir, int rank, int world, std::size_t ce
                                          " bytes (posix_fallocate) failed: " + errno_text(fa));
   }
   ring_ = new io_uring;
-  const int qi = io_uring_queue_init(2 * kSlots, ring_, 0);
+  const int qi = uring_for(dir_).queue_init(2 * kSlots, ring_, 0);
   if (qi < 0) {
     delete ring_;
     ring_ = nullptr;
@@ -113,7 +165,7 @@ NvmeStore::NvmeStore(const std::string& dir, int rank, int world, std::size_t ce
 NvmeStore::~NvmeStore() {
   drain();
   if (ring_) {
-    io_uring_queue_exit(ring_);
+    uring_library().queue_exit(ring_);  // a ring exists only if the library loaded
     delete ring_;
   }
   if (fd_) {
@@ -153,7 +205,7 @@ void NvmeStore::submit(bool write, std::size_t cell, void* buf, int slot) {
       break;
     case Fault::none: break;
   }
-  io_uring_sqe* sqe = io_uring_get_sqe(ring_);
+  io_uring_sqe* sqe = uring_library().get_sqe(ring_);
   if (sqe == nullptr) {
     op.busy = false;
     throw Error(ErrorCode::io_error, "'" + path_ + "': io_uring submission queue full");
@@ -161,7 +213,7 @@ void NvmeStore::submit(bool write, std::size_t cell, void* buf, int slot) {
   if (write) io_uring_prep_write(sqe, fd_.get(), buf, len, static_cast<__u64>(op.offset));
   else io_uring_prep_read(sqe, fd_.get(), buf, len, static_cast<__u64>(op.offset));
   io_uring_sqe_set_data64(sqe, static_cast<__u64>(write) * kSlots + static_cast<__u64>(slot));
-  const int s = io_uring_submit(ring_);
+  const int s = uring_library().submit(ring_);
   if (s < 0) {
     op.busy = false;
     fail(write ? "io_uring_submit (write)" : "io_uring_submit (read)", -s, op.offset, cell_bytes_);
@@ -172,7 +224,7 @@ void NvmeStore::submit(bool write, std::size_t cell, void* buf, int slot) {
 void NvmeStore::reap_one() {
   io_uring_cqe* cqe = nullptr;
   int rc;
-  do rc = io_uring_wait_cqe(ring_, &cqe);
+  do rc = uring_library().get_cqe(ring_, &cqe, 0, 1, nullptr);  // what io_uring_wait_cqe does
   while (rc == -EINTR);
   if (rc < 0) throw Error(ErrorCode::io_error, "'" + path_ + "': io_uring_wait_cqe failed: " + errno_text(-rc));
   const __u64 tag = io_uring_cqe_get_data64(cqe);

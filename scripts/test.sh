@@ -33,9 +33,38 @@ fi
 echo "== installed package + consumer"
 rm -rf "$build/install" "$build/consumer"
 cmake --install "$build" --prefix "$build/install" >/dev/null
-cmake -S "$root/examples/consumer" -B "$build/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$build/install"
+# The components this installation has (one export file each), asked for by name: the consumer
+# links shardopt::cuda / shardopt::mpi and calls into each.
+cfgdir=$(dirname "$(find "$build/install" -name shardoptConfig.cmake | head -1)")
+comps=$(cd "$cfgdir" && ls shardopt_*Targets.cmake 2>/dev/null | sed 's/^shardopt_\(.*\)Targets.cmake$/\1/' | paste -sd';' -)
+echo "components installed: ${comps:-none}"
+cmake -S "$root/examples/consumer" -B "$build/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$build/install" \
+  "-DSHARDOPT_CONSUMER_COMPONENTS=$comps"
 cmake --build "$build/consumer" -j"$jobs"
 "$build/consumer/shardopt_consumer"
+[ -z "$comps" ] || "$build/consumer/shardopt_components"
+# A CPU-only consumer asks for no component: with CUDA, MPI and pkg-config hidden from CMake it
+# must configure and link, against a copy of the package moved elsewhere (relocatable), and its
+# binary must need none of libcudart, libnccl, libmpi, liburing.
+rm -rf "$build/install-moved" "$build/consumer-cpu"
+cp -a "$build/install" "$build/install-moved"
+cmake -S "$root/examples/consumer" -B "$build/consumer-cpu" -G Ninja -DCMAKE_PREFIX_PATH="$build/install-moved" \
+  -DSHARDOPT_CONSUMER_COMPONENTS= -DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON -DCMAKE_DISABLE_FIND_PACKAGE_CUDA=ON \
+  -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON -DCMAKE_DISABLE_FIND_PACKAGE_PkgConfig=ON >/dev/null
+cmake --build "$build/consumer-cpu" -j"$jobs" >/dev/null
+if readelf -d "$build/consumer-cpu/shardopt_consumer" | grep NEEDED | grep -Ei 'cudart|nccl|libmpi|uring'; then
+  echo "FAIL: the CPU-only consumer needs a CUDA, NCCL, MPI or liburing library (above)"; exit 1
+fi
+if ldd "$build/consumer-cpu/shardopt_consumer" | grep -Ei 'cudart|nccl|libmpi|uring'; then
+  echo "FAIL: the CPU-only consumer loads a CUDA, NCCL, MPI or liburing library (above)"; exit 1
+fi
+"$build/consumer-cpu/shardopt_consumer" | tail -1
+# Asking for a component that does not exist fails at configure time, naming it.
+if cmake -S "$root/examples/consumer" -B "$build/consumer-bad" -G Ninja -DCMAKE_PREFIX_PATH="$build/install" \
+     -DSHARDOPT_CONSUMER_COMPONENTS=nosuch >"$build/consumer-bad.log" 2>&1 ||
+   ! grep -q "no component 'nosuch'" "$build/consumer-bad.log"; then
+  echo "FAIL: find_package(shardopt COMPONENTS nosuch) did not fail with a message naming it"; exit 1
+fi
 # A C trainer built the Makefile way: the C interface through pkg-config, no CMake.
 pc="$build/install/lib/pkgconfig"
 [ -d "$pc" ] || pc=$(dirname "$(find "$build/install" -name shardopt_c.pc | head -1)")

@@ -14,6 +14,11 @@
 
 #include "shardopt/error.hpp"
 #include "shardopt/layout.hpp"
+#include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+#include "shardopt/engine.hpp"
+#include <mutex>
+#include <thread>
 
 namespace {
 
@@ -455,4 +460,53 @@ TEST(Numel, Shapes) {
   EXPECT_EQ(shardopt::numel({big, big, 0}), 0u);  // empty whatever the other extents
 }
 
+
+// The init callback receives each tensor's index (its position in registration order over all
+// blocks), on every rank and at every stage, so a trainer can look its own values up by index.
+TEST(Layout, InitFnReceivesTheTensorIndex) {
+  const std::vector<BlockSpec> blocks = {{"b0", {{"w0", {5, 7}}, {"bias0", {5}}}},
+                                         {"b1", {{"w1", {3, 5}}}},
+                                         {"b2", {{"w2", {2, 3}}, {"bias2", {2}}, {"s2", {1}}}}};
+  std::map<std::string, int> expected;  // from the specs, not from the layout
+  int k = 0;
+  for (const auto& b : blocks)
+    for (const auto& t : b.tensors) expected[t.name] = k++;
+  for (int stage = 0; stage <= 3; ++stage) {
+    constexpr int kWorld = 2;
+    auto group = shardopt::make_in_process_group(kWorld);
+    std::mutex m;
+    std::vector<std::string> failures;
+    std::vector<int> seen(static_cast<std::size_t>(k), 0);
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < kWorld; ++r)
+      ranks.emplace_back([&, r] {
+        auto be = shardopt::make_cpu_backend();
+        auto comm = shardopt::make_in_process_communicator(group, r, *be);
+        shardopt::Config cfg;
+        cfg.stage = stage;
+        shardopt::Engine e(cfg, *be, *comm);
+        for (const auto& b : blocks) e.register_block(b);
+        e.initialize([&](const Layout::TensorInfo& t, std::size_t, std::size_t count, float* out) {
+          std::fill(out, out + count, 0.0f);
+          std::lock_guard<std::mutex> lock(m);
+          if (t.index != expected.at(t.name))
+            failures.push_back("stage " + std::to_string(stage) + ": " + t.name + " got index " + std::to_string(t.index));
+          else
+            seen[static_cast<std::size_t>(t.index)] += static_cast<int>(count);
+        });
+      });
+    for (auto& t : ranks) t.join();
+    EXPECT_TRUE(failures.empty()) << failures.front();
+    // Across the ranks every element of every tensor was initialized exactly once (stages 1-3)
+    // or once per rank (stage 0, every rank holds everything).
+    k = 0;
+    for (const auto& b : blocks)
+      for (const auto& t : b.tensors) {
+        std::int64_t n = 1;
+        for (auto d : t.shape) n *= d;
+        EXPECT_EQ(seen[static_cast<std::size_t>(k)], static_cast<int>(n) * (stage == 0 ? kWorld : 1)) << t.name << " stage " << stage;
+        ++k;
+      }
+  }
+}
 }  // namespace

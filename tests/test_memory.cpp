@@ -10,6 +10,9 @@
 #include <vector>
 
 #include "shardopt/backend.hpp"
+#include "shardopt/communicator.hpp"
+#include "shardopt/config.hpp"
+#include "shardopt/engine.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/memory.hpp"
 
@@ -297,6 +300,40 @@ TEST(CpuBackendMemory, EveryPlaceIsUsableHostMemoryTrackedUnderItsPlace) {
   bufs.clear();
   EXPECT_EQ(backend->memory().report().current_total(Place::device), 0u);
   EXPECT_EQ(backend->memory().report().peak_total[static_cast<int>(Place::device)], 1128u);
+}
+
+}  // namespace
+}  // namespace shardopt
+
+namespace shardopt {
+namespace {
+// On the CPU backend Place::device is malloc'd RAM: the engine's report must name it host memory,
+// not "device" (a trainer sizing its host RAM from the report would otherwise misread it).
+TEST(MemoryNames, CpuBackendReportsItsDeviceMemoryAsHost) {
+  MemoryTracker plain;
+  plain.on_allocate(Category::parameters, Place::device, 1024);
+  EXPECT_EQ(plain.report().place_name(Place::device), "device");
+  EXPECT_NE(plain.report().to_string().find("device cur / peak"), std::string::npos);
+
+  auto be = make_cpu_backend();
+  auto comm = make_in_process_communicator(make_in_process_group(1), 0, *be);
+  Config cfg;
+  cfg.stage = 2;
+  Engine e(cfg, *be, *comm);
+  e.register_block({"b", {{"w", {4, 8}}}});
+  e.initialize();
+  const MemoryReport r = e.memory_report();
+  EXPECT_TRUE(r.device_is_host);
+  EXPECT_GT(r.current_of(Category::parameters, Place::device), 0u);  // where the engine puts them
+  EXPECT_EQ(r.place_name(Place::device), "host (CPU backend)");
+  EXPECT_EQ(r.place_name(Place::host), "host");
+  const std::string table = r.to_string();
+  EXPECT_NE(table.find("host (CPU backend) cur / peak"), std::string::npos) << table;
+  EXPECT_EQ(table.find("device"), std::string::npos) << table;
+  // Every row is as wide as the header: the wider column stays aligned.
+  const std::size_t first = table.find('\n');
+  for (std::size_t at = 0, next; (next = table.find('\n', at)) != std::string::npos; at = next + 1)
+    EXPECT_EQ(next - at, first) << table;
 }
 
 }  // namespace

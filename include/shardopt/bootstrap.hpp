@@ -57,7 +57,7 @@ inline constexpr BootstrapTimeout kDefaultBootstrapTimeout{std::chrono::seconds(
 
 // Over MPI_COMM_WORLD (a private duplicate of it). Collective. The local rank is the rank within
 // MPI_COMM_TYPE_SHARED (the processes of one machine). Throws Error(unsupported) without MPI,
-// Error(invalid_state) if MPI is not initialized.
+// Error(invalid_state) if MPI is not initialized. In the MPI component (link shardopt::mpi).
 std::unique_ptr<Bootstrap> make_mpi_bootstrap();
 
 struct TcpRendezvous {
@@ -105,6 +105,8 @@ LaunchEnv detect_launch(const EnvLookup& env = process_env());
 bool started_by_mpirun(const EnvLookup& env = process_env()) noexcept;
 
 // The Bootstrap for detect_launch(env): MPI, or TCP on master_addr:master_port with `timeout`.
+// An MPI launch is recognised only in a program that links the MPI component (shardopt::mpi);
+// without it, a process started by mpirun gets Error(invalid_state) saying so.
 std::unique_ptr<Bootstrap> make_bootstrap_from_env(BootstrapTimeout timeout = kDefaultBootstrapTimeout,
                                                    const EnvLookup& env = process_env());
 
@@ -125,12 +127,13 @@ void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vect
 
 // The CUDA device for this process: its local rank, checked against the number of visible
 // devices (one process per GPU). Throws Error(unsupported) without CUDA or without a device,
-// Error(invalid_argument) if the local rank has no device of its own.
+// Error(invalid_argument) if the local rank has no device of its own. In the CUDA component.
 int cuda_device_for(const Bootstrap& bootstrap);
 
 // NCCL over any bootstrap: rank 0 creates the unique id, the bootstrap broadcasts it, every rank
 // joins with make_nccl_communicator (cuda.hpp). If rank 0 cannot create the id (no NCCL in this
-// build, an NCCL error), every rank throws that error instead of waiting for the id.
+// build, an NCCL error), every rank throws that error instead of waiting for the id. In the CUDA
+// component (link shardopt::cuda).
 std::unique_ptr<Communicator> make_nccl_communicator(Bootstrap& bootstrap, Backend& cuda_backend);
 
 }  // namespace shardopt

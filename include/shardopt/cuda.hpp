@@ -1,9 +1,11 @@
 #pragma once
 // The CUDA backend and the NCCL communicator.
 //
-// This header never includes CUDA headers, so a trainer can use it from plain C++ code. Every
-// function here exists in every build: in a build without CUDA (or without NCCL, for the
-// communicator) they throw Error(unsupported) instead, and cuda_device_available() is false.
+// This header never includes CUDA headers, so a trainer can use it from plain C++ code. The
+// functions here are the CUDA component: link shardopt::cuda (find_package(shardopt COMPONENTS
+// cuda)) to use them; the core library, shardopt::shardopt, links no CUDA. In a build without
+// CUDA (or without NCCL, for the communicator) they throw Error(unsupported) instead, and
+// cuda_device_available() is false; such a build installs no cuda component.
 //
 // CUDA backend. `device` memory is allocated from a stream-ordered pool private to the backend
 // (freed memory stays cached there until the backend is destroyed), `pinned_host` with

@@ -23,6 +23,35 @@
 // as the call returns. On a GPU backend views are device memory, ordered on compute_stream():
 // acquire makes that stream wait for the gather; grads_ready records the trainer's writes on it.
 //
+// View addresses across calls and steps (what the engine does now; nothing beyond it is promised).
+// Every buffer is allocated by initialize() and kept until the engine is destroyed.
+//   acquire(b), stages 0-2: the view points into the engine's full compute-dtype parameter
+//     buffer: the same addresses at every acquire for the engine's life. step() rewrites the
+//     values in place (stage 0: the update; stages 1-2: the all-gather of the updated shards).
+//   acquire(b), stage 3: a unit below persistence_threshold lives in a buffer of its own (same
+//     addresses every time); any other unit is gathered into one of a few slots picked least
+//     recently used, so the addresses may differ at every acquire, and step() invalidates every
+//     slot (the next acquire gathers again). Such a view is valid only until release(b).
+//   gradients(b), stages 0-1: the full gradient buffer: the same addresses every micro-step and
+//     step. step() and zero_grad() zero it.
+//   gradients(b), stages 2-3: one of two bucket buffers, taken when the unit's first block asks
+//     and freed when its last block reports grads_ready, so the address depends on the order of
+//     the calls and may change every micro-step. Valid until grads_ready(b). At most two units may
+//     have gradients open at once: gradients() of a block of a third unit throws
+//     Error(invalid_state); report every block of a unit before opening a third. (With one rank,
+//     one micro-step and no dtype change the view is the gradient shard itself; do not rely on it.)
+//   The trainer writes a gradient view only between gradients(b) and grads_ready(b), and reads or
+//   writes a parameter view only between acquire(b) and release(b), even where the address is
+//   stable: outside those brackets the engine's streams may be reading or writing it.
+//
+// Holding a block across step(). Every block must have reported grads_ready before step() (else
+// Error(invalid_state) listing the blocks). An acquired block may stay acquired across step() at
+// stages 0-2: its view stays valid and holds the updated parameters once step() returns (after
+// step_async(), only after the next synchronizing call, or a fresh acquire(), which waits for
+// the step on the CPU backend and orders after it on compute_stream() on a GPU). At stage 3
+// step() refuses a block still acquired (Error(invalid_state) naming it): release every block
+// first.
+//
 // Nothing is allocated after initialize(): step() and the per-block calls reuse planned buffers.
 // Thread safety: one Engine is driven by one thread at a time.
 // Errors: every misuse throws shardopt::Error naming the block, tensor or field; the engine state
@@ -70,6 +99,12 @@ struct StepResult {
 
 // Fills `count` consecutive fp32 elements of tensor `tensor` starting at `begin` (row-major
 // element index). Called only for the ranges a rank stores, possibly several times per tensor.
+// `tensor` is the layout's record: name, shape, group, block, and `index`, the tensor's position
+// in registration order over all blocks (what the trainer's own arrays are usually indexed by).
+// Stage 0: every rank gets every whole tensor; stages 1-3: each element goes to exactly one rank.
+// `out` is host memory on every backend (a staging buffer; at most 2^20 elements per call); the
+// values become the fp32 master weights, and the compute-dtype parameters are cast from them.
+// Called on the thread that calls initialize(), before initialize() returns, never afterwards.
 using InitFn = std::function<void(const Layout::TensorInfo& tensor, std::size_t begin,
                                   std::size_t count, float* out)>;
 

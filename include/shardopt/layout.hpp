@@ -44,6 +44,7 @@ class Layout {
     int block = 0;
     int unit = 0;
     std::size_t unit_offset = 0;  // first element within the unit buffer
+    int index = 0;                // position in tensors(): registration order over all blocks
   };
   struct BlockInfo {
     std::string name;

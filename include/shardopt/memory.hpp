@@ -28,6 +28,9 @@ std::string_view name_of(Place p) noexcept;
 std::string_view name_of(Category c) noexcept;
 
 struct MemoryReport {
+  // True when the backend's Place::device is ordinary host memory (the CPU backend: its "device"
+  // buffers are malloc'd RAM). place_name() and to_string() then say so instead of "device".
+  bool device_is_host = false;
   // bytes[category][place]
   std::array<std::array<std::size_t, kPlaceCount>, kCategoryCount> current{};
   std::array<std::array<std::size_t, kPlaceCount>, kCategoryCount> peak{};
@@ -41,7 +44,11 @@ struct MemoryReport {
   std::size_t peak_of(Category c, Place p) const noexcept {
     return peak[static_cast<int>(c)][static_cast<int>(p)];
   }
-  // A fixed-width table: one row per category, one column per place, current and peak.
+  // The place as this report's backend has it: name_of(p), except that Place::device of a backend
+  // whose device memory is host memory is "host (CPU backend)".
+  std::string_view place_name(Place p) const noexcept;
+  // A fixed-width table: one row per category, one column per place (headed by place_name),
+  // current and peak.
   std::string to_string() const;
 };
 
@@ -52,6 +59,8 @@ class MemoryTracker {
   void on_free(Category c, Place p, std::size_t bytes) noexcept;
   // Forget peaks: set every peak to the current value.
   void reset_peaks() noexcept;
+  // Set by a backend whose Place::device is host memory (the CPU backend), before it allocates.
+  void set_device_is_host(bool yes) noexcept;
   MemoryReport report() const;
 
  private:

@@ -2,8 +2,11 @@
 // MPI: the session helper and the MPI communicator (collectives over processes, host memory).
 //
 // This header never includes <mpi.h>, so a trainer that does not use MPI itself needs no MPI
-// headers. Every function here exists in every build; in a build without MPI (find_package(MPI)
-// failed when shardopt was configured) they throw Error(unsupported) and mpi_built() is false.
+// headers. The functions here (and make_mpi_bootstrap in bootstrap.hpp) are the MPI component:
+// link shardopt::mpi (find_package(shardopt COMPONENTS mpi)) to use them, and to let
+// make_bootstrap_from_env see an MPI launch; the core library, shardopt::shardopt, links no MPI.
+// In a build without MPI (find_package(MPI) failed when shardopt was configured) they throw
+// Error(unsupported), mpi_built() is false, and no mpi component is installed.
 //
 // Threads. The communicator runs its collectives on the stream threads of the backend while the
 // caller's thread may use MPI too (the MPI bootstrap, the trainer's own calls), so it needs

@@ -123,8 +123,11 @@ typedef struct shardopt_step_result {
   float clip_coefficient; /* 1 when not clipped */
 } shardopt_step_result;
 
-/* Fills `count` fp32 values of tensor `tensor` (its index in registration order, `name` its
- * name) from row-major element `begin`. Called only for the ranges this rank stores. */
+/* Fills `count` fp32 values of tensor `tensor` (its index in registration order over all blocks,
+ * `name` its name) from row-major element `begin`. Called only for the ranges this rank stores
+ * (stage 0: every whole tensor; stages 1-3: each element on exactly one rank), possibly several
+ * times per tensor, on the thread calling initialize and before it returns. `out` is host memory
+ * on every backend. */
 typedef void (*shardopt_init_fn)(void* user, int tensor, const char* name, size_t begin, size_t count, float* out);
 /* Receives `count` fp32 values of tensor `tensor` from element `begin` (read_master). */
 typedef void (*shardopt_values_fn)(void* user, int tensor, size_t begin, size_t count, const float* values);
@@ -148,12 +151,18 @@ SHARDOPT_C_API shardopt_status shardopt_engine_block_tensors(const shardopt_engi
 
 /* The block's parameters (stage 3: gathered). `views` has room for `capacity` entries; the
  * block's tensor count must fit. Valid until release(block); at stages 0-2 the addresses are
- * the same for the engine's life, at stage 3 they may change at every acquire. */
+ * the same for the engine's life, at stage 3 they may change at every acquire (except for units
+ * below persistence_threshold) and are valid only until release. A block may stay acquired across
+ * step() at stages 0-2 (the views then hold the updated values when step returns); at stage 3
+ * step() fails with SHARDOPT_INVALID_STATE while a block is acquired. Details: engine.hpp, "View
+ * addresses" and "Holding a block across step()". */
 SHARDOPT_C_API shardopt_status shardopt_engine_acquire(shardopt_engine* engine, int block, shardopt_view* views,
                                                        int capacity);
 SHARDOPT_C_API shardopt_status shardopt_engine_release(shardopt_engine* engine, int block);
 /* Where to ADD this micro-step's gradients (see engine.hpp's gradient contract); valid until
- * grads_ready(block). */
+ * grads_ready(block). Stages 0-1: the same addresses every step; stages 2-3: one of two buckets,
+ * so the addresses may change every micro-step, and at most two units may have gradients open
+ * (a third is SHARDOPT_INVALID_STATE). Every block reports grads_ready before step. */
 SHARDOPT_C_API shardopt_status shardopt_engine_gradients(shardopt_engine* engine, int block, shardopt_view* views,
                                                          int capacity);
 SHARDOPT_C_API shardopt_status shardopt_engine_grads_ready(shardopt_engine* engine, int block);
@@ -173,7 +182,8 @@ SHARDOPT_C_API shardopt_status shardopt_export_safetensors(const char* checkpoin
                                                            const char* dtype);
 
 /* Bytes this rank's engine holds now and at most so far, summed over every category, at one
- * place: 0 device, 1 pinned host, 2 host, 3 disk. */
+ * place: 0 device, 1 pinned host, 2 host, 3 disk. On the CPU backend place 0 is ordinary host
+ * memory too (the backend's working memory: parameters, gradients, state). */
 SHARDOPT_C_API shardopt_status shardopt_engine_memory(const shardopt_engine* engine, int place, size_t* current,
                                                       size_t* peak);
 

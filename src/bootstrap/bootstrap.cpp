@@ -10,16 +10,11 @@
 #include <vector>
 
 #include "bootstrap/internal.hpp"
+#include "core/components.hpp"
 #include "core/config_fields.hpp"
 #include "shardopt/bootstrap.hpp"
-#include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/estimate.hpp"
-#include "shardopt/mpi.hpp"
-
-#if SHARDOPT_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 
 namespace shardopt {
 
@@ -105,7 +100,8 @@ const char* mpirun_variable(const EnvLookup& env) {
 
 LaunchEnv detect_launch(const EnvLookup& env) {
   LaunchEnv out;
-  if (mpi_initialized_here()) {
+  const detail::MpiComponent* mpi = detail::mpi_component();
+  if (mpi != nullptr && mpi->initialized_here()) {
     out.source = LaunchEnv::Source::mpi;
     return out;  // rank and sizes come from MPI itself
   }
@@ -155,7 +151,9 @@ LaunchEnv detect_launch(const EnvLookup& env) {
     throw Error(ErrorCode::invalid_state, "launcher environment: started by mpirun (" + std::string(mpirun_variable(env)) +
                                               " is set) but MPI is not initialized in this process: create a "
                                               "shardopt::MpiSession before the bootstrap" +
-                                              (mpi_built() ? "" : " (and this build of shardopt has no MPI)"));
+                                              (mpi != nullptr ? ""
+                                                              : " (and the MPI component, shardopt::mpi, is not linked into "
+                                                                "this program)"));
   throw Error(ErrorCode::invalid_argument,
               "launcher environment: no launcher found: set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (torchrun "
               "style), start with srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or start with mpirun and create a "
@@ -172,7 +170,8 @@ bool started_by_mpirun(const EnvLookup& env) noexcept {
 
 std::unique_ptr<Bootstrap> make_bootstrap_from_env(BootstrapTimeout timeout, const EnvLookup& env) {
   const LaunchEnv l = detect_launch(env);
-  if (l.source == LaunchEnv::Source::mpi) return make_mpi_bootstrap();
+  // detect_launch answers mpi only through the registered MPI component.
+  if (l.source == LaunchEnv::Source::mpi) return detail::mpi_component()->make_bootstrap();
   TcpRendezvous r;
   r.rank = l.rank;
   r.world_size = l.world_size;
@@ -341,54 +340,7 @@ void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vect
   }
 }
 
-// ---- devices and NCCL -----------------------------------------------------------------------
-
-int cuda_device_for(const Bootstrap& bootstrap) {
-#if SHARDOPT_WITH_CUDA
-  int count = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&count);
-  if (rc != cudaSuccess || count == 0)
-    throw Error(ErrorCode::unsupported, "cuda_device_for: rank " + std::to_string(bootstrap.rank()) + " sees no CUDA device (" +
-                                            (rc != cudaSuccess ? std::string(cudaGetErrorString(rc)) : std::string("count 0")) + ")");
-  if (bootstrap.local_rank() >= count)
-    throw Error(ErrorCode::invalid_argument, "cuda_device_for: rank " + std::to_string(bootstrap.rank()) + " has local rank " +
-                                                 std::to_string(bootstrap.local_rank()) + " but only " + std::to_string(count) +
-                                                 " CUDA devices are visible: start at most one process per GPU on each machine");
-  return bootstrap.local_rank();
-#else
-  throw Error(ErrorCode::unsupported, "cuda_device_for: rank " + std::to_string(bootstrap.rank()) + ": shardopt was built without CUDA");
-#endif
-}
-
-std::unique_ptr<Communicator> make_nccl_communicator(Bootstrap& bootstrap, Backend& cuda_backend) {
-  // Rank 0 sends a status byte before the id, so a failure to create it reaches every rank as
-  // an error instead of leaving them waiting for an id that never comes.
-  std::vector<std::byte> message;
-  if (bootstrap.rank() == 0) {
-    try {
-      const NcclUniqueId id = nccl_unique_id();
-      message.push_back(std::byte{1});
-      const auto* p = reinterpret_cast<const std::byte*>(id.bytes.data());
-      message.insert(message.end(), p, p + id.bytes.size());
-    } catch (const Error& e) {
-      message.assign(1, std::byte{0});
-      const std::string why = e.message();
-      const auto* p = reinterpret_cast<const std::byte*>(why.data());
-      message.insert(message.end(), p, p + why.size());
-    }
-  }
-  const std::vector<std::byte> got = bootstrap.broadcast_bytes(message, 0);
-  if (got.empty() || got[0] != std::byte{1}) {
-    const std::string why = got.size() > 1 ? std::string(reinterpret_cast<const char*>(got.data() + 1), got.size() - 1) : "no reason given";
-    throw Error(ErrorCode::unsupported, "NCCL bootstrap: rank 0 could not create the NCCL unique id: " + why + "; seen by rank " +
-                                            std::to_string(bootstrap.rank()));
-  }
-  NcclUniqueId id;
-  require(got.size() == 1 + id.bytes.size(), ErrorCode::communication,
-          "NCCL bootstrap: rank " + std::to_string(bootstrap.rank()) + " received a unique id of " + std::to_string(got.size() - 1) + " bytes, expected " +
-              std::to_string(id.bytes.size()));
-  std::memcpy(id.bytes.data(), got.data() + 1, id.bytes.size());
-  return make_nccl_communicator(id, bootstrap.rank(), bootstrap.world_size(), cuda_backend);
-}
+// cuda_device_for and make_nccl_communicator(Bootstrap&, ...) are in the CUDA component
+// (bootstrap/nccl_bootstrap.cpp).
 
 }  // namespace shardopt

@@ -30,9 +30,9 @@
 #include <vector>
 
 #include "comm/collective.hpp"
+#include "core/components.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/communicator.hpp"
-#include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
 
 namespace shardopt {
@@ -76,7 +76,14 @@ class InProcessGroup {
   // backend kind and, for CUDA, the device; every later rank must agree.
   InProcessTransport bind(int rank, Backend& backend) {
     const BackendKind kind = backend.kind();
-    const int device = kind == BackendKind::cuda ? cuda_device_of(backend) : -1;
+    int device = -1;
+    if (kind == BackendKind::cuda) {
+      // A CUDA backend exists only where shardopt::cuda is linked in, so the table is there.
+      const detail::CudaComponent* cuda = detail::cuda_component();
+      require(cuda != nullptr, ErrorCode::internal,
+              "in-process communicator for rank " + std::to_string(rank) + ": a CUDA backend but no CUDA component registered");
+      device = cuda->device_of(backend);
+    }
     const InProcessTransport want =
         requested_ != InProcessTransport::automatic
             ? requested_

@@ -149,6 +149,7 @@ Layout Layout::build(const std::vector<BlockSpec>& blocks, const LayoutOptions& 
       info.numel = n;
       info.block = block_id;
       info.unit = unit_id;
+      info.index = static_cast<int>(L.tensors_.size());
       // Every tensor start is aligned, empty ones included, so "starts are aligned" needs no
       // exception; an empty tensor does not move the cursor, so it costs no space.
       info.unit_offset = round_up(cursor, options.alignment, "tensor '" + ts.name + "'");

@@ -65,25 +65,35 @@ std::string pad_right(std::string_view s, std::size_t width) {
 
 }  // namespace
 
+std::string_view MemoryReport::place_name(Place p) const noexcept {
+  if (p == Place::device && device_is_host) return "host (CPU backend)";
+  return name_of(p);
+}
+
 std::string MemoryReport::to_string() const {
   // Each place gets one column pair "current / peak"; totals row uses peak_total, which is the
   // peak of the sum (what actually had to fit), not the sum of the per-category peaks.
   constexpr std::size_t kNameWidth = 16;
   constexpr std::size_t kCellWidth = 23;  // "1023.9 GiB / 1023.9 GiB"
-  auto cell = [&](std::size_t cur, std::size_t pk) {
-    return pad_left(human(cur) + " / " + human(pk), kCellWidth);
+  std::array<std::string, kPlaceCount> header;
+  std::array<std::size_t, kPlaceCount> width{};
+  for (int p = 0; p < kPlaceCount; ++p) {
+    header[p] = std::string(place_name(static_cast<Place>(p))) + " cur / peak";
+    width[p] = std::max(kCellWidth, header[p].size());
+  }
+  auto cell = [&](int p, std::size_t cur, std::size_t pk) {
+    return pad_left(human(cur) + " / " + human(pk), width[p]);
   };
   std::string out = pad_right("category", kNameWidth);
-  for (int p = 0; p < kPlaceCount; ++p)
-    out += "  " + pad_left(std::string(name_of(static_cast<Place>(p))) + " cur / peak", kCellWidth);
+  for (int p = 0; p < kPlaceCount; ++p) out += "  " + pad_left(header[p], width[p]);
   out += '\n';
   for (int c = 0; c < kCategoryCount; ++c) {
     out += pad_right(name_of(static_cast<Category>(c)), kNameWidth);
-    for (int p = 0; p < kPlaceCount; ++p) out += "  " + cell(current[c][p], peak[c][p]);
+    for (int p = 0; p < kPlaceCount; ++p) out += "  " + cell(p, current[c][p], peak[c][p]);
     out += '\n';
   }
   out += pad_right("total", kNameWidth);
-  for (int p = 0; p < kPlaceCount; ++p) out += "  " + cell(current_total(static_cast<Place>(p)), peak_total[p]);
+  for (int p = 0; p < kPlaceCount; ++p) out += "  " + cell(p, current_total(static_cast<Place>(p)), peak_total[p]);
   out += '\n';
   return out;
 }
@@ -110,6 +120,11 @@ void MemoryTracker::reset_peaks() noexcept {
   std::lock_guard<std::mutex> lock(mutex_);
   r_.peak = r_.current;
   for (int p = 0; p < kPlaceCount; ++p) r_.peak_total[p] = r_.current_total(static_cast<Place>(p));
+}
+
+void MemoryTracker::set_device_is_host(bool yes) noexcept {
+  std::lock_guard<std::mutex> lock(mutex_);
+  r_.device_is_host = yes;
 }
 
 MemoryReport MemoryTracker::report() const {

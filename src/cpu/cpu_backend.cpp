@@ -258,7 +258,9 @@ std::size_t chunk_count(std::size_t n) noexcept { return n / kKernelChunk + (n %
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(std::shared_ptr<ThreadPool> pool)
-      : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())) {}
+      : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())) {
+    memory().set_device_is_host(true);  // Place::device here is malloc'd RAM: reports say so
+  }
 
   BackendKind kind() const noexcept override { return BackendKind::cpu; }
   bool host_accessible() const noexcept override { return true; }
