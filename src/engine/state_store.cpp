@@ -103,12 +103,33 @@ class MemoryStateStore final : public StateStore {
 
  private:
   void read_values(int field, std::size_t offset, std::size_t n, float* out) override {
-    ctx_.be.copy(out, address(field, offset), n * 4, *ctx_.side);
+    for_each_run(field, offset, n, [&](float* where, std::size_t done, std::size_t k) {
+      ctx_.be.copy(out + done, where, k * 4, *ctx_.side);
+    });
     ctx_.be.synchronize(*ctx_.side);
   }
   void write_values(int field, std::size_t offset, std::size_t n, const float* in) override {
-    ctx_.be.copy(address(field, offset), in, n * 4, *ctx_.side);
+    for_each_run(field, offset, n, [&](float* where, std::size_t done, std::size_t k) {
+      ctx_.be.copy(where, in + done, k * 4, *ctx_.side);
+    });
     ctx_.be.synchronize(*ctx_.side);
+  }
+  // f(address, done, count) for each contiguous run of [offset, offset + n): the whole range,
+  // except where field 0 is the parameters, whose units are not adjacent in memory.
+  template <class F>
+  void for_each_run(int field, std::size_t offset, std::size_t n, F&& f) const {
+    if (field > 0 || alias_.empty()) {
+      f(address(field, offset), std::size_t{0}, n);
+      return;
+    }
+    for (std::size_t done = 0; done < n;) {
+      const std::size_t pos = offset + done;
+      const auto next = std::upper_bound(alias_begin_.begin(), alias_begin_.end(), pos);
+      const std::size_t end = next == alias_begin_.end() ? elems() : *next;
+      const std::size_t k = std::min(n - done, end - pos);
+      f(address(0, pos), done, k);
+      done += k;
+    }
   }
   float* offload_field(int field) const override { return address(field, 0); }
 
