@@ -3,7 +3,8 @@
 // master weights and moments live in pinned host memory (OffloadKind::host) or in a file on local
 // NVMe (OffloadKind::nvme).
 //
-// Engine::Impl decides what is reduced where and hands this class
+// The engine's state store (src/engine/state_store.*) owns this class for the pinned-host and
+// NVMe tiers; the engine decides what is reduced where and hands it
 //   - the pieces of the update: runs of state elements with one parameter group, each with the
 //     address its rounded compute-dtype output goes to (device memory, or the host parameter shard
 //     under offload_params),
@@ -17,7 +18,8 @@
 //   nvme tier: read cell i+1 | update cell i | write cell i-1, all three in flight at once through
 //              io_uring, into the other generation of the file, committed by a header flip at the
 //              end (NvmeStore), so a failed step leaves the previous step's state on disk.
-// The gradient comes down earlier: Impl enqueues download() per unit as soon as it is reduced.
+// The gradient comes down earlier: the gradient reducer enqueues download() per unit as soon as it
+// is reduced.
 //
 // Same kernels and same element-wise arithmetic as the backends' fused_update, so the results are
 // bit-identical to the non-offloaded engine on the CPU backend.
@@ -58,7 +60,7 @@ struct Setup {
   std::size_t state_elems = 0, chunk_elems = 0, cells = 0, cell_bytes = 0, file_bytes = 0;
   int ring = 3;
   bool params_on_host = false;  // offload_params: pieces' param pointers are host memory, written in place
-  // Buffers (owned by Impl): host tier master/states; always host_grad; upload ring unless
+  // Buffers (owned by the state store): host tier master/states; always host_grad; upload ring unless
   // params_on_host; the I/O ring for nvme.
   float* master = nullptr;
   float* states[2] = {nullptr, nullptr};

@@ -71,6 +71,10 @@
 
 namespace shardopt {
 
+namespace detail {
+class CheckpointPort;  // internal (src/engine/checkpoint_port.hpp)
+}
+
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::fp32;
@@ -273,6 +277,8 @@ class Engine {
  private:
   struct Impl;
   struct AsyncSave;
+  // Checkpoints (save, load) reach the engine's state only through this interface.
+  detail::CheckpointPort& checkpoint_port();
   struct AsyncSaveDeleter {
     void operator()(AsyncSave* a) const noexcept;
   };

@@ -1,9 +1,8 @@
 // Engine::save and Engine::load (see engine.hpp for the contract, format.hpp for the format).
 //
-// The work is done by function templates over the engine's Impl: Engine::Impl is private to
-// Engine, so only Engine's members can name it; a template deduces it instead. They touch only
-// the Impl members that survive the offload work (master_at/state_at/param_at, read_values,
-// for_each_owned_piece, the backend and the communicator) and leave engine_impl.hpp alone.
+// The engine is reached only through detail::CheckpointPort (src/engine/checkpoint_port.hpp):
+// its layout and configuration, the state store (read/write by field and state offset), the
+// step state, a collective to agree on outcomes, and reload_params() after a load.
 #include <dirent.h>
 #include <unistd.h>
 
@@ -18,7 +17,9 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/format.hpp"
-#include "engine/engine_impl.hpp"
+#include "engine/checkpoint_port.hpp"
+#include "shardopt/error.hpp"
+#include "shardopt/engine.hpp"
 
 #ifndef SHARDOPT_LIBRARY_VERSION
 #define SHARDOPT_LIBRARY_VERSION "unknown"
@@ -29,14 +30,10 @@ namespace shardopt {
 namespace {
 
 using ckpt::join;
-
-// One run of consecutive elements of one tensor that this rank writes or loads.
-struct Piece {
-  int tensor = 0;
-  std::size_t begin = 0, count = 0;
-  int unit = 0;
-  std::size_t unit_elem = 0;  // unit-element of `begin`
-};
+using detail::CheckpointPort;
+// One run of consecutive elements of one tensor that this rank writes or loads, and the state
+// offset of its first element.
+using Piece = CheckpointPort::Piece;
 
 std::string data_name(std::uint64_t gen, int rank) {
   return "g" + std::to_string(gen) + ".r" + std::to_string(rank) + ".bin";
@@ -62,46 +59,29 @@ std::optional<std::uint64_t> generation_of(const std::string& name) {
 }
 
 // Collective: every rank learns the largest value any rank passed (0 or 1 for failure flags,
-// small integers for generations: exact in fp32 below 2^24). Uses the step's scratch scalars
-// (elements 2-3 of the fp32 scalars, the step's totals), so it works on every backend.
-template <class I>
-float agree_max(I& im, float value) {
-  float* hs = im.host_floats();
-  float* sc = im.dev_floats();
-  hs[2] = value;
-  im.be.copy(sc + 2, hs + 2, 4, *im.side);
-  im.comm.all_reduce(sc + 2, sc + 2, 1, DType::fp32, ReduceOp::max, *im.side);
-  im.be.copy(hs + 2, sc + 2, 4, *im.side);
-  im.be.synchronize(*im.side);
-  return hs[2];
-}
+// small integers for generations: exact in fp32 below 2^24).
+float agree_max(CheckpointPort& im, float value) { return im.agree_max(value); }
 
 // After every rank tried a phase: if any failed, every rank throws, so no rank goes on into a
 // collective the others skip. They all throw the error of the lowest-numbered rank that failed
 // (its code and message, prefixed with its rank on the others), so a user who reads any one rank's
 // output sees the cause. The message travels by a broadcast through a small buffer allocated only
 // on this failure path (tagged Category::other); a longer message is cut.
-template <class I>
-void agree_or_throw(I& im, const std::optional<Error>& mine, const std::string& what) {
+void agree_or_throw(CheckpointPort& im, const std::optional<Error>& mine, const std::string& what) {
   const bool any = agree_max(im, mine ? 1.0f : 0.0f) != 0.0f;
   if (!any) return;
-  if (im.world == 1) throw *mine;
-  const int first = im.world - static_cast<int>(agree_max(im, mine ? static_cast<float>(im.world - im.rank) : 0.0f));
+  const int world = im.world(), rank = im.rank();
+  if (world == 1) throw *mine;
+  const int first = world - static_cast<int>(agree_max(im, mine ? static_cast<float>(world - rank) : 0.0f));
   constexpr std::size_t kBytes = 1024;  // a multiple of 4: broadcast as fp32 words, bit for bit
-  Buffer dev = im.be.allocate(kBytes, Place::device, Category::other, "checkpoint error message");
-  Buffer host = im.be.allocate(kBytes, Place::pinned_host, Category::other, "checkpoint error message (host)");
-  auto* h = static_cast<char*>(host.data());
-  std::memset(h, 0, kBytes);
-  if (im.rank == first) {
+  char h[kBytes] = {};
+  if (rank == first) {
     const auto code = static_cast<std::uint32_t>(mine->code());
     std::memcpy(h, &code, 4);
     std::memcpy(h + 4, mine->message().data(), std::min(mine->message().size(), kBytes - 5));
   }
-  im.be.copy(dev.data(), h, kBytes, *im.side);
-  im.comm.broadcast(dev.data(), dev.data(), kBytes / 4, DType::fp32, first, *im.side);
-  im.be.copy(h, dev.data(), kBytes, *im.side);
-  im.be.synchronize(*im.side);
-  if (im.rank == first) throw *mine;
+  im.broadcast(h, kBytes, first);
+  if (rank == first) throw *mine;
   std::uint32_t code = 0;
   std::memcpy(&code, h, 4);
   h[kBytes - 1] = '\0';
@@ -124,41 +104,21 @@ std::optional<Error> attempt(F&& f) {
 
 // What this rank writes: its owned pieces (stages 1-3); at stage 0 every rank holds everything,
 // so the ranks split the concatenation of all tensors into equal element ranges and each writes one.
-template <class I>
-std::vector<Piece> write_pieces(const I& im) {
+std::vector<Piece> write_pieces(const CheckpointPort& im) {
+  if (im.state_sharded()) return im.owned_pieces();
   std::vector<Piece> out;
-  const auto& tensors = im.layout.tensors();
-  if (im.cfg.stage != 0) {
-    im.for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
-      if (n) out.push_back({t, begin, n, u, e});
-    });
-    return out;
-  }
-  const std::size_t total = im.layout.total_numel();
-  const std::size_t lo = total * static_cast<std::size_t>(im.rank) / static_cast<std::size_t>(im.world);
-  const std::size_t hi = total * static_cast<std::size_t>(im.rank + 1) / static_cast<std::size_t>(im.world);
+  const auto& tensors = im.layout().tensors();
+  const std::size_t total = im.layout().total_numel();
+  const std::size_t lo = total * static_cast<std::size_t>(im.rank()) / static_cast<std::size_t>(im.world());
+  const std::size_t hi = total * static_cast<std::size_t>(im.rank() + 1) / static_cast<std::size_t>(im.world());
   std::size_t flat = 0;
   for (int t = 0; t < static_cast<int>(tensors.size()); ++t) {
     const auto& ti = tensors[t];
     const std::size_t a = std::max(lo, flat), b = std::min(hi, flat + ti.numel);
-    if (a < b) out.push_back({t, a - flat, b - a, ti.unit, ti.unit_offset + (a - flat)});
+    if (a < b) out.push_back({t, a - flat, b - a, im.state_offset(ti.unit, ti.unit_offset + (a - flat))});
     flat += ti.numel;
   }
   return out;
-}
-
-template <class I>
-std::vector<Piece> owned_pieces(const I& im) {
-  std::vector<Piece> out;
-  im.for_each_owned_piece([&](int t, std::size_t begin, std::size_t n, int u, std::size_t e) {
-    if (n) out.push_back({t, begin, n, u, e});
-  });
-  return out;
-}
-
-template <class I>
-float* field_at(const I& im, int field, int u, std::size_t e) {
-  return field == 0 ? im.master_at(u, e) : im.state_at(field - 1, u, e);
 }
 
 // Deletes our files of generations other than `keep`, our sidecars of `keep` (merged into the
@@ -217,8 +177,7 @@ struct SaveJob {
 // Phase 0 and the generation: rank 0 takes the directory's lock (a second saver fails here, on
 // every one of its ranks, before anything is written), then every rank agrees on the new
 // generation: one past the committed one, read after the lock so two savers never pick the same.
-template <class I>
-SaveJob begin_save(I& im, const std::string& dir, const std::string& metadata) {
+SaveJob begin_save(CheckpointPort& im, const StepState& state, const std::string& dir, const std::string& metadata) {
   require(metadata.size() <= ckpt::kMaxTrainerMetadata, ErrorCode::invalid_argument,
           "save: trainer metadata of " + std::to_string(metadata.size()) + " bytes is too large (at most " +
               std::to_string(ckpt::kMaxTrainerMetadata) + ")");
@@ -230,7 +189,7 @@ SaveJob begin_save(I& im, const std::string& dir, const std::string& metadata) {
   SaveJob job;
   job.dir = dir;
   std::optional<Error> err;
-  if (im.rank == 0)
+  if (im.rank() == 0)
     err = attempt([&] {
       ckpt::make_dir(dir);
       job.lock = ckpt::lock_dir(dir, lock_holder());
@@ -245,29 +204,30 @@ SaveJob begin_save(I& im, const std::string& dir, const std::string& metadata) {
   require(proposal < (std::uint64_t(1) << 24), ErrorCode::unsupported,
           "save: checkpoint generation counter of '" + dir + "' exhausted; save into a new directory");
   job.gen = static_cast<std::uint64_t>(agree_max(im, static_cast<float>(proposal)));
-  job.fields = ckpt::field_names(im.cfg.optimizer);
+  const Config& cfg = im.config();
+  job.fields = ckpt::field_names(cfg.optimizer);
   job.pieces = write_pieces(im);
   job.chunk = ckpt::chunk_elems();
-  job.rank = im.rank;
-  job.world = im.world;
+  job.rank = im.rank();
+  job.world = im.world();
   ckpt::Manifest& m = job.head;
   m.library_version = SHARDOPT_LIBRARY_VERSION;
   m.generation = job.gen;
-  m.world_size = im.world;
-  m.stage = im.cfg.stage;
-  m.compute_dtype = im.c;
+  m.world_size = im.world();
+  m.stage = cfg.stage;
+  m.compute_dtype = cfg.compute_dtype;
   m.master_dtype = DType::fp32;
-  m.optimizer = im.cfg.optimizer;
+  m.optimizer = cfg.optimizer;
   m.fields = job.fields;
-  m.groups = im.groups;
-  m.step = im.host_state.step;
-  m.loss_scale_mode = im.cfg.loss_scaling.mode;
-  m.loss_scale = im.host_state.loss_scale;
-  m.good_steps = im.host_state.good_steps;
-  m.overflow_run = im.host_state.overflow_run;
+  m.groups = im.groups();
+  m.step = state.step;
+  m.loss_scale_mode = cfg.loss_scaling.mode;
+  m.loss_scale = state.loss_scale;
+  m.good_steps = state.good_steps;
+  m.overflow_run = state.overflow_run;
   m.chunk = job.chunk;
   m.trainer_metadata = metadata;
-  job.tensors = im.layout.tensors();
+  job.tensors = im.layout().tensors();
   return job;
 }
 
@@ -313,10 +273,9 @@ std::optional<Error> write_shard(const SaveJob& job, Values&& values) {
 
 // Phase 2, rank 0: merge the sidecars into the manifest and commit it; then every rank learns
 // the outcome.
-template <class I>
-void commit_save(I& im, SaveJob& job) {
+void commit_save(CheckpointPort& im, SaveJob& job) {
   std::optional<Error> err;
-  if (im.rank == 0) {
+  if (im.rank() == 0) {
     err = attempt([&] {
       ckpt::Manifest m = job.head;
       const auto& tensors = job.tensors;
@@ -363,37 +322,25 @@ void commit_save(I& im, SaveJob& job) {
   agree_or_throw(im, err, "save into '" + job.dir + "'");
 }
 
-template <class I>
-void save_impl(I& im, const std::string& dir, const std::string& metadata) {
-  im.require_initialized("save");
+void save_impl(CheckpointPort& im, const std::string& dir, const std::string& metadata) {
+  const StepState state = im.quiesce("save");
   require(!dir.empty(), ErrorCode::invalid_argument, "save: empty checkpoint directory");
-  require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
-  im.be.synchronize(*im.side);
-  im.be.synchronize(*im.compute);
-  im.settle_state();
-  SaveJob job = begin_save(im, dir, metadata);
+  require(im.config().master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
+  SaveJob job = begin_save(im, state, dir, metadata);
   const std::optional<Error> err = write_shard(job, [&](int fi, std::size_t pi, std::size_t done, std::size_t k, float* out) {
-    const Piece& p = job.pieces[pi];
-    im.read_values(field_at(im, fi, p.unit, p.unit_elem + done), k, out);
+    im.store().read(fi, job.pieces[pi].offset + done, k, out);
   });
   agree_or_throw(im, err, "save into '" + dir + "'");
   commit_save(im, job);
 }
 
-template <class I>
-std::string load_impl(I& im, const std::string& dir) {
-  im.require_initialized("load");
-  require(im.micro_steps == 0 && im.ready_blocks == 0, ErrorCode::invalid_state,
-          "load: a step is in progress (micro-steps or blocks with grads_ready since the last step()); "
-          "call step() or zero_grad() first");
-  for (std::size_t b = 0; b < im.block_acquired.size(); ++b)
-    require(!(im.block_acquired[b] && im.cfg.stage == 3), ErrorCode::invalid_state,
-            "load: block '" + im.layout.blocks()[b].name + "' is still acquired");
-  im.be.synchronize(*im.side);
-  im.be.synchronize(*im.compute);
-
-  const int nfields = 1 + im.nstates;
-  const std::vector<Piece> pieces = owned_pieces(im);
+std::string load_impl(CheckpointPort& im, const std::string& dir) {
+  im.require_between_steps("load");
+  StepState state = im.quiesce("load");
+  const Config& cfg = im.config();
+  const Layout& layout = im.layout();
+  const int nfields = im.store().fields();
+  const std::vector<Piece> pieces = im.owned_pieces();
   // staging[field][piece]: everything this rank will own, verified before anything is committed.
   std::vector<std::vector<std::vector<float>>> staging(nfields, std::vector<std::vector<float>>(pieces.size()));
   ckpt::Manifest m;
@@ -401,11 +348,11 @@ std::string load_impl(I& im, const std::string& dir) {
   std::optional<Error> err = attempt([&] {
     m = ckpt::read_manifest(dir);
     const std::string mpath = join(dir, ckpt::kManifestName);
-    if (m.optimizer != im.cfg.optimizer)
+    if (m.optimizer != cfg.optimizer)
       throw Error(ErrorCode::invalid_argument, "'" + mpath + "' was saved with optimizer " +
                                                    std::string(name_of(m.optimizer)) + "; this engine uses " +
-                                                   std::string(name_of(im.cfg.optimizer)));
-    const auto& tensors = im.layout.tensors();
+                                                   std::string(name_of(cfg.optimizer)));
+    const auto& tensors = layout.tensors();
     std::vector<int> map(tensors.size());
     for (std::size_t t = 0; t < tensors.size(); ++t) {
       const int k = m.find_tensor(tensors[t].name);
@@ -423,7 +370,7 @@ std::string load_impl(I& im, const std::string& dir) {
       map[t] = k;
     }
     for (const auto& mt : m.tensors)
-      if (im.layout.find_tensor(mt.info.name) < 0)
+      if (layout.find_tensor(mt.info.name) < 0)
         throw Error(ErrorCode::invalid_argument,
                     "'" + mpath + "': tensor '" + mt.info.name + "' is not registered in this engine");
 
@@ -476,61 +423,27 @@ std::string load_impl(I& im, const std::string& dir) {
   });
   agree_or_throw(im, err, "load from '" + dir + "'");
 
-  // Commit: every rank verified everything it needs.
-  if (im.on_nvme()) {
-    // The state lives in the rank's NVMe file: written through the offload engine (read-modify-
-    // write of the committed cells, synced). An I/O error here leaves that file partly loaded:
-    // the error says so, and the engine must not be trained on.
-    try {
-      for (int fi = 0; fi < nfields; ++fi)
-        for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
-          const Piece& p = pieces[pi];
-          im.write_values(field_at(im, fi, p.unit, p.unit_elem), staging[fi][pi].data(), p.count);
-        }
-    } catch (const Error& e) {
-      throw Error(e.code(), "load from '" + dir + "': writing the loaded state into this rank's NVMe file failed (" +
-                                e.message() + "); the engine's state is now partly loaded: load again or start over");
-    }
-    // Compute-dtype parameters from the loaded masters, rounded on the host as the update rounds.
-    std::vector<unsigned char> conv;
-    for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
-      const Piece& p = pieces[pi];
-      conv.resize(p.count * size_of(im.c));
-      for (std::size_t i = 0; i < p.count; ++i) store_from_float(conv.data(), im.c, i, staging[0][pi][i]);
-      im.be.copy(im.param_at(p.unit, p.unit_elem), conv.data(), conv.size(), *im.side);
-      im.be.synchronize(*im.side);  // conv is reused for the next piece
-    }
-  } else {
+  // Commit: every rank verified everything it needs. Into the state store (nvme: read-modify-
+  // write of the committed cells of the rank's file, synced). An I/O error there leaves that file
+  // partly loaded: the error says so, and the engine must not be trained on.
+  try {
     for (int fi = 0; fi < nfields; ++fi)
-      for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
-        const Piece& p = pieces[pi];
-        im.be.copy(field_at(im, fi, p.unit, p.unit_elem), staging[fi][pi].data(), p.count * 4, *im.side);
-      }
-    // Compute-dtype parameters: the master rounded, as initialize() and step() produce them.
-    for (const Piece& p : pieces) {
-      float* mp = im.master_at(p.unit, p.unit_elem);
-      void* pp = im.param_at(p.unit, p.unit_elem);
-      if (static_cast<void*>(mp) == pp) continue;  // fp32 compute: the master is the parameter
-      if (im.c == DType::fp32) im.be.copy(pp, mp, p.count * 4, *im.side);
-      else im.be.cast(mp, DType::fp32, pp, im.c, p.count, *im.side);
-    }
+      for (std::size_t pi = 0; pi < pieces.size(); ++pi)
+        im.store().write(fi, pieces[pi].offset, pieces[pi].count, staging[fi][pi].data());
+  } catch (const Error& e) {
+    if (cfg.offload_optimizer != OffloadKind::nvme) throw;
+    throw Error(e.code(), "load from '" + dir + "': writing the loaded state into this rank's NVMe file failed (" +
+                              e.message() + "); the engine's state is now partly loaded: load again or start over");
   }
-  im.be.synchronize(*im.side);
-  im.gather_full_params();
-  if (im.cfg.stage == 3) {  // gathered units hold the old values: drop them, as step() does
-    for (auto& s : im.slots) {
-      if (s.unit >= 0) im.unit_slot[s.unit] = -1;
-      s.unit = -1;
-    }
+  // The compute-dtype parameters follow the loaded masters.
+  im.reload_params(pieces, staging[0]);
+  state.step = m.step;
+  if (cfg.loss_scaling.mode != LossScaleMode::none && m.loss_scale_mode == cfg.loss_scaling.mode) {
+    state.loss_scale = m.loss_scale;
+    state.good_steps = m.good_steps;
+    state.overflow_run = m.overflow_run;
   }
-  im.settle_state();
-  im.host_state.step = m.step;
-  if (im.cfg.loss_scaling.mode != LossScaleMode::none && m.loss_scale_mode == im.cfg.loss_scaling.mode) {
-    im.host_state.loss_scale = m.loss_scale;
-    im.host_state.good_steps = m.good_steps;
-    im.host_state.overflow_run = m.overflow_run;
-  }
-  im.push_state();  // synchronizes side
+  im.restore_state(state);
   return m.trainer_metadata;
 }
 
@@ -557,20 +470,17 @@ void Engine::AsyncSaveDeleter::operator()(AsyncSave* a) const noexcept {
 
 void Engine::save(const std::string& dir, const std::string& trainer_metadata) {
   wait_save();
-  save_impl(*impl_, dir, trainer_metadata);
+  save_impl(checkpoint_port(), dir, trainer_metadata);
 }
 
 void Engine::save_async(const std::string& dir, const std::string& metadata) {
   wait_save();
-  Impl& im = *impl_;
-  im.require_initialized("save_async");
+  CheckpointPort& im = checkpoint_port();
+  const StepState state = im.quiesce("save_async");
   require(!dir.empty(), ErrorCode::invalid_argument, "save_async: empty checkpoint directory");
-  require(im.cfg.master_dtype == DType::fp32, ErrorCode::unsupported, "save_async: only fp32 master weights are supported");
-  im.be.synchronize(*im.side);
-  im.be.synchronize(*im.compute);
-  im.settle_state();
+  require(im.config().master_dtype == DType::fp32, ErrorCode::unsupported, "save_async: only fp32 master weights are supported");
   std::unique_ptr<AsyncSave, AsyncSaveDeleter> a(new AsyncSave);
-  a->job = begin_save(im, dir, metadata);
+  a->job = begin_save(im, state, dir, metadata);
   // The snapshot: every value this rank writes, copied now so training may change them at once.
   // Staging is the one extra buffer (this rank's share of master and states), in host memory,
   // counted in memory_report() as "other" while the save is in flight.
@@ -582,13 +492,12 @@ void Engine::save_async(const std::string& dir, const std::string& metadata) {
   a->field_elems = n;
   const std::size_t nfields = a->job.fields.size();
   std::optional<Error> err = attempt([&] {
-    a->staging = im.be.allocate(nfields * n * 4, Place::host, Category::other, "asynchronous checkpoint staging");
+    a->staging = im.allocate_host(nfields * n * 4, "asynchronous checkpoint staging");
     float* st = a->staging.as<float>();
     for (std::size_t fi = 0; fi < nfields; ++fi)
       for (std::size_t pi = 0; pi < a->job.pieces.size(); ++pi) {
         const Piece& p = a->job.pieces[pi];
-        if (p.count)
-          im.read_values(field_at(im, static_cast<int>(fi), p.unit, p.unit_elem), p.count, st + fi * n + a->offset[pi]);
+        im.store().read(static_cast<int>(fi), p.offset, p.count, st + fi * n + a->offset[pi]);
       }
   });
   agree_or_throw(im, err, "save_async into '" + dir + "'");
@@ -609,14 +518,14 @@ void Engine::wait_save() {
   // Whatever happens below, this save is over: the staging and the lock go with it.
   std::unique_ptr<AsyncSave, AsyncSaveDeleter> a = std::move(async_save_);
   a->writer.join();
-  Impl& im = *impl_;
+  CheckpointPort& im = checkpoint_port();
   agree_or_throw(im, a->err, "save_async into '" + a->job.dir + "'");
   commit_save(im, a->job);
 }
 
 std::string Engine::load(const std::string& dir) {
   wait_save();
-  return load_impl(*impl_, dir);
+  return load_impl(checkpoint_port(), dir);
 }
 
 }  // namespace shardopt

@@ -52,25 +52,38 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   p.layout = Layout::build(blocks, layout_options(cfg, world));
   const Layout& L = p.layout;
   const DType c = cfg.compute_dtype, r = cfg.reduce_dtype;
+  // The placement table: the only place the stage number is read.
   const int stage = cfg.stage;
   // Stages 2-3 accumulate reduced micro-step gradients; a 16-bit accumulator would lose them.
-  p.shard_grad_dtype = (stage >= 2 && cfg.accumulation_steps > 1) ? DType::fp32 : r;
-  const DType gs = p.shard_grad_dtype;
+  const DType gs = (stage >= 2 && cfg.accumulation_steps > 1) ? DType::fp32 : r;
+  const bool off = cfg.offload_optimizer != OffloadKind::none;
+  const bool nvme = cfg.offload_optimizer == OffloadKind::nvme;
+  Placement& pl = p.placement;
+  pl.params_sharded = stage == 3;
+  pl.params_tier = cfg.offload_params ? Tier::pinned_host : Tier::device;
+  pl.grads = stage == 0 ? GradFlow::all_reduce : stage == 1 ? GradFlow::reduce_scatter : GradFlow::bucketed;
+  pl.shard_grad_dtype = gs;
+  pl.grads_direct = pl.grads == GradFlow::bucketed && world == 1 && cfg.accumulation_steps == 1 && r == c &&
+                    gs == c && !off;
+  for (const auto& info : L.units()) pl.grads_direct = pl.grads_direct && info.slice_elems == info.padded_elems;
+  pl.state_sharded = stage >= 1;
+  pl.state_tier = nvme ? Tier::nvme : off ? Tier::pinned_host : Tier::device;
+  pl.master_is_params = !off && c == DType::fp32;
+  pl.gather_after_update = stage == 1 || stage == 2;
+  pl.norm_across_ranks = pl.state_sharded && world > 1;
   std::size_t P = 0, U = L.max_unit_elems(), max_slice = 0;
   for (const auto& u : L.units()) {
     P += u.padded_elems;
     max_slice = std::max(max_slice, u.slice_elems);
   }
   const std::size_t S = L.shard_elems();
-  const std::size_t n_state = stage == 0 ? P : S;
+  const std::size_t n_state = pl.state_sharded ? S : P;
   auto add = [&](Buf kind, int index, std::size_t elems, DType t, Category cat, std::string name,
                  Place place = Place::device) {
     p.buffers.push_back(BufferSpec{kind, index, elems, t, cat, place, std::move(name)});
   };
 
-  const bool off = cfg.offload_optimizer != OffloadKind::none;
-  const bool nvme = cfg.offload_optimizer == OffloadKind::nvme;
-  if (stage <= 2) add(Buf::params_full, 0, P, c, Category::parameters, "full parameters");
+  if (!pl.params_sharded) add(Buf::params_full, 0, P, c, Category::parameters, "full parameters");
   else if (cfg.offload_params) add(Buf::param_shard, 0, S, c, Category::parameters, "parameter shard (offloaded)", Place::pinned_host);
   else add(Buf::param_shard, 0, S, c, Category::parameters, "parameter shard");
   const int nst = state_count(cfg.optimizer);
@@ -90,7 +103,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     o.cells = (n_state + o.chunk_elems - 1) / o.chunk_elems;
     // The gradient the update reads: stages 0-1 reduce at step() into the reduce dtype (or the
     // compute dtype, the same when they match); stages 2-3 into the shard gradient.
-    o.grad_dtype = stage >= 2 ? gs : r;
+    o.grad_dtype = pl.grads == GradFlow::bucketed ? gs : r;
     o.cell_bytes = static_cast<std::size_t>(1 + nst) * o.chunk_elems * 4;
     o.file_bytes = kNvmeHeaderBytes + 2 * o.cells * o.cell_bytes;
     if (!nvme) {
@@ -120,15 +133,16 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   }
   if (cfg.offload_params)
     add(Buf::param_upload, 0, max_slice, c, Category::offload_staging, "parameter slice upload");
-  if (stage <= 1) add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
-  if (stage == 0 && r != c) add(Buf::grads_reduced, 0, P, r, Category::communication, "gradients in reduce dtype");
-  if (stage >= 1 && r != c) add(Buf::reduce_buf, 0, U, r, Category::communication, "reduce buffer");
-  if (stage >= 1 && (stage >= 2 || r != c)) add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
-  if (stage >= 2) {
+  if (pl.grads != GradFlow::bucketed) add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
+  if (pl.grads == GradFlow::all_reduce && r != c) add(Buf::grads_reduced, 0, P, r, Category::communication, "gradients in reduce dtype");
+  if (pl.grads != GradFlow::all_reduce && r != c) add(Buf::reduce_buf, 0, U, r, Category::communication, "reduce buffer");
+  if (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && r != c))
+    add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
+  if (pl.grads == GradFlow::bucketed) {
     for (int i = 0; i < 2; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
     if (cfg.accumulation_steps > 1) add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
   }
-  if (stage == 3) {
+  if (pl.params_sharded) {
     bool any_sharded = false;
     for (std::size_t u = 0; u < L.units().size(); ++u) {
       if (L.units()[u].padded_elems < cfg.persistence_threshold)
@@ -149,7 +163,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   // Initial values are produced on the host in chunks of at most kInitChunk elements of one piece.
   // Sized by the largest piece any rank owns, so every rank plans (and allocates) the same.
   std::size_t largest = 0;
-  if (stage == 0) {
+  if (!pl.state_sharded) {
     for (const auto& t : L.tensors()) largest = std::max(largest, t.numel);
   } else {
     for (int rk = 0; rk < world && largest < kInitChunk; ++rk)

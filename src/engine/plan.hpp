@@ -81,9 +81,44 @@ ControlLayout control_layout(std::size_t groups, std::size_t float_count) noexce
 // uses, ascending.
 std::vector<int> control_groups(const Layout& layout);
 
+// Where each kind of buffer lives: the stage, precision and offload settings turned into data,
+// decided once by plan_engine. The engine's parts (state store, gradient reducer, parameter
+// gatherer, step runner) read this table; none of them looks at Config::stage.
+//
+//   stage | parameters            | gradients                    | master and optimizer state
+//   0     | full                  | full, all-reduced at step()  | full
+//   1     | full, re-gathered     | full, reduce-scattered at step() | sharded
+//   2     | full, re-gathered     | bucketed, reduce-scattered at grads_ready | sharded
+//   3     | sharded, gathered per unit into slots | bucketed      | sharded
+// and independently of the stage: the state on the device, in pinned host memory or on NVMe
+// (offload_optimizer), the parameter shard on the device or in pinned host memory (offload_params).
+enum class Tier : unsigned char { device, pinned_host, nvme };
+enum class GradFlow : unsigned char {
+  all_reduce,      // full gradients, all-reduced whole at step()
+  reduce_scatter,  // full gradients, each unit reduce-scattered at step()
+  bucketed         // per-unit buckets, reduce-scattered into the shard as each unit reports ready
+};
+struct Placement {
+  bool params_sharded = false;  // only this rank's slices are kept; units are gathered on acquire
+  Tier params_tier = Tier::device;
+  GradFlow grads = GradFlow::all_reduce;
+  // bucketed, one rank, no accumulation, no cast, no offload, every slice its whole unit: backward
+  // adds straight into the gradient shard (no bucket, no copy; the update zeroes it as it reads).
+  bool grads_direct = false;
+  DType shard_grad_dtype = DType::fp32;  // the reduced gradient shard (fp32 when bucketed micro-steps accumulate)
+  bool state_sharded = false;  // master and moments cover this rank's shard (else every element)
+  Tier state_tier = Tier::device;
+  // The fp32 parameters are the master weights (fp32 compute, state on the device): no copy.
+  bool master_is_params = false;
+  // After the update, the full parameters are re-assembled from every rank's updated slice.
+  bool gather_after_update = false;
+  // The gradient norm is a sum over ranks (each holds a part of the reduced gradient).
+  bool norm_across_ranks = false;
+};
+
 struct EnginePlan {
   Layout layout;
-  DType shard_grad_dtype = DType::fp32;
+  Placement placement;
   ControlLayout control;
   std::vector<BufferSpec> buffers;
   OffloadPlan offload;

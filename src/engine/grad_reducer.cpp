@@ -1,0 +1,201 @@
+#include "engine/grad_reducer.hpp"
+
+#include <algorithm>
+
+#include "shardopt/error.hpp"
+
+namespace shardopt::detail {
+
+GradReducer::GradReducer(EngineContext& ctx, const std::vector<BufferSpec>& specs, StateStore& store)
+    : ctx_(ctx), store_(store) {
+  for (const auto& spec : specs) {
+    switch (spec.kind) {
+      case Buf::grads_full: grads_full_ = ctx.allocate(spec); break;
+      case Buf::grads_reduced: grads_reduced_ = ctx.allocate(spec); break;
+      case Buf::reduce_buf: reduce_buf_ = ctx.allocate(spec); break;
+      case Buf::grad_shard: grad_shard_ = ctx.allocate(spec); break;
+      case Buf::rs_tmp: rs_tmp_ = ctx.allocate(spec); break;
+      case Buf::bucket:
+        buckets_.push_back(Bucket{ctx.allocate(spec), ctx.be.create_event()});
+        break;
+      default: break;
+    }
+  }
+  reduced_ = ctx.be.create_event();
+  open_bucket_.assign(ctx.layout.units().size(), -1);
+  block_ready_.assign(ctx.layout.blocks().size(), 0);
+  unit_pending_.resize(ctx.layout.units().size());
+  reset_pending();
+}
+
+std::byte* GradReducer::open_unit(int b) {
+  const auto& bi = ctx_.layout.blocks()[b];
+  if (block_ready_[b])
+    throw Error(ErrorCode::invalid_state,
+                "gradients: block '" + bi.name + "' already reported grads_ready in this micro-step");
+  const int u = bi.unit;
+  const DType c = ctx_.compute_dtype;
+  if (ctx_.placement.grads != GradFlow::bucketed) return at(grads_full_, ctx_.unit_base[u], c);
+  if (ctx_.placement.grads_direct) {
+    open_bucket_[u] = kDirect;
+    return at(grad_shard_, ctx_.layout.units()[u].shard_offset, ctx_.placement.shard_grad_dtype);
+  }
+  int k = open_bucket_[u];
+  if (k < 0) {
+    for (int i = 0; i < static_cast<int>(buckets_.size()) && k < 0; ++i)
+      if (std::find(open_bucket_.begin(), open_bucket_.end(), i) == open_bucket_.end()) k = i;
+    if (k < 0)
+      throw Error(ErrorCode::invalid_state, "gradients: block '" + bi.name +
+                                                "' opens a third unit while two units' gradients are still open; "
+                                                "report grads_ready for every block of a unit before starting another two");
+    open_bucket_[u] = k;
+    ctx_.consume(*buckets_[k].free);
+  }
+  return static_cast<std::byte*>(buckets_[k].buffer.data());
+}
+
+void GradReducer::block_ready(int b) {
+  const auto& bi = ctx_.layout.blocks()[b];
+  if (block_ready_[b])
+    throw Error(ErrorCode::invalid_state, "grads_ready: block '" + bi.name + "' reported twice in one micro-step");
+  if (micro_steps_ >= ctx_.cfg.accumulation_steps)
+    throw Error(ErrorCode::invalid_state, "grads_ready: all " + std::to_string(ctx_.cfg.accumulation_steps) +
+                                              " micro-steps of this step are complete; call step() first");
+  const int u = bi.unit;
+  const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
+  if (bucketed && open_bucket_[u] == -1)
+    throw Error(ErrorCode::invalid_state,
+                "grads_ready: block '" + bi.name + "' has no gradient buffer; call gradients() first");
+  block_ready_[b] = 1;
+  ready_blocks_++;
+  if (--unit_pending_[u] == 0 && bucketed) reduce_bucket(u);
+  if (ready_blocks_ == static_cast<int>(ctx_.layout.blocks().size())) {
+    micro_steps_++;
+    reset_pending();
+  }
+}
+
+std::string GradReducer::progress() const {
+  std::string missing;
+  for (std::size_t b = 0; b < block_ready_.size() && missing.size() < 200; ++b)
+    if (!block_ready_[b]) missing += (missing.empty() ? "" : ", ") + ctx_.layout.blocks()[b].name;
+  return std::to_string(micro_steps_) + " of " + std::to_string(ctx_.cfg.accumulation_steps) +
+         " micro-steps complete" + (ready_blocks_ ? "; blocks without grads_ready: " + missing : "");
+}
+
+// Bucketed: reduce-scatter one unit's bucket into this rank's gradient shard.
+void GradReducer::reduce_bucket(int u) {
+  const auto& info = ctx_.layout.units()[u];
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype, gs = ctx_.placement.shard_grad_dtype;
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  ctx_.side_after_compute();  // the reduction reads what backward wrote on compute
+  if (open_bucket_[u] == kDirect) {  // one rank: the gradient already is the shard
+    open_bucket_[u] = -1;
+    return;
+  }
+  Bucket& bk = buckets_[open_bucket_[u]];
+  const void* src = bk.buffer.data();
+  if (r != c) {
+    be.cast(src, c, reduce_buf_.data(), r, info.padded_elems, side);
+    src = reduce_buf_.data();
+  }
+  void* shard = at(grad_shard_, info.shard_offset, gs);
+  if (ctx_.cfg.accumulation_steps == 1) {
+    ctx_.comm.reduce_scatter(src, shard, info.slice_elems, r, ReduceOp::avg, side);
+  } else {
+    ctx_.comm.reduce_scatter(src, rs_tmp_.data(), info.slice_elems, r, ReduceOp::avg, side);
+    be.accumulate(rs_tmp_.data(), r, static_cast<float*>(shard), info.slice_elems, side);
+  }
+  be.fill(bk.buffer.data(), c, info.padded_elems, 0.0f, side);
+  be.record(*bk.free, side);
+  open_bucket_[u] = -1;
+  // Offload: the unit's reduced gradient goes down as soon as the last micro-step reduced it,
+  // while backward goes on.
+  if (store_.offload() && micro_steps_ == ctx_.cfg.accumulation_steps - 1 && info.slice_elems) {
+    be.record(*reduced_, side);
+    store_.offload()->download(shard, ctx_.state_offset(u, ctx_.slice_begin(u)), info.slice_elems, *reduced_);
+  }
+}
+
+void GradReducer::reduce_at_step() {
+  const Placement& pl = ctx_.placement;
+  if (pl.grads == GradFlow::bucketed) return;  // reduced as the units became ready
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  Stream& side = *ctx_.side;
+  for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u) {
+    const auto& info = ctx_.layout.units()[u];
+    std::byte* g = at(grads_full_, ctx_.unit_base[u], c);
+    if (pl.grads == GradFlow::all_reduce) {
+      if (r == c) {
+        ctx_.comm.all_reduce(g, g, info.padded_elems, c, ReduceOp::avg, side);
+      } else {
+        void* red = at(grads_reduced_, ctx_.unit_base[u], r);
+        ctx_.be.cast(g, c, red, r, info.padded_elems, side);
+        ctx_.comm.all_reduce(red, red, info.padded_elems, r, ReduceOp::avg, side);
+      }
+    } else if (r == c) {
+      ctx_.comm.reduce_scatter(g, g + ctx_.slice_begin(static_cast<int>(u)) * size_of(c), info.slice_elems, c,
+                               ReduceOp::avg, side);
+    } else {
+      ctx_.be.cast(g, c, reduce_buf_.data(), r, info.padded_elems, side);
+      ctx_.comm.reduce_scatter(reduce_buf_.data(), at(grad_shard_, info.shard_offset, r), info.slice_elems, r,
+                               ReduceOp::avg, side);
+    }
+  }
+  if (!store_.offload()) return;
+  ctx_.be.record(*reduced_, side);
+  for (int u = 0; u < static_cast<int>(ctx_.layout.units().size()); ++u) {
+    const std::size_t lo = ctx_.owned_begin(u);
+    store_.offload()->download(reduced_at(u, lo).first, ctx_.state_offset(u, lo), ctx_.owned_end(u) - lo, *reduced_);
+  }
+}
+
+std::pair<void*, DType> GradReducer::reduced_at(int u, std::size_t e) const {
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  const GradFlow flow = ctx_.placement.grads;
+  if (flow == GradFlow::all_reduce)
+    return r == c ? std::pair<void*, DType>{at(grads_full_, ctx_.full_offset(u, e), c), c}
+                  : std::pair<void*, DType>{at(grads_reduced_, ctx_.full_offset(u, e), r), r};
+  if (flow == GradFlow::reduce_scatter && r == c) return {at(grads_full_, ctx_.full_offset(u, e), c), c};
+  return {at(grad_shard_, ctx_.shard_offset(u, e), ctx_.placement.shard_grad_dtype), ctx_.placement.shard_grad_dtype};
+}
+
+void GradReducer::zero_accumulators() {
+  Stream& side = *ctx_.side;
+  if (ctx_.placement.grads != GradFlow::bucketed)
+    ctx_.be.fill(grads_full_.data(), ctx_.compute_dtype, ctx_.full_elems, 0.0f, side);
+  // (grads_direct: the update zeroed the shard as it read it, also on a skipped step)
+  if (ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1)
+    ctx_.be.fill(grad_shard_.data(), ctx_.placement.shard_grad_dtype, ctx_.shard_elems, 0.0f, side);
+}
+
+void GradReducer::finish_step() {
+  zero_accumulators();
+  micro_steps_ = 0;
+}
+
+void GradReducer::zero() {
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  be.synchronize(side);
+  if (store_.offload()) store_.offload()->finish_downloads();
+  zero_accumulators();
+  if (ctx_.placement.grads == GradFlow::bucketed) {
+    for (auto& bk : buckets_) be.fill(bk.buffer.data(), ctx_.compute_dtype, ctx_.layout.max_unit_elems(), 0.0f, side);
+    std::fill(open_bucket_.begin(), open_bucket_.end(), -1);
+    if (ctx_.cfg.accumulation_steps == 1)
+      be.fill(grad_shard_.data(), ctx_.placement.shard_grad_dtype, ctx_.shard_elems, 0.0f, side);
+  }
+  be.synchronize(side);
+  micro_steps_ = 0;
+  reset_pending();
+}
+
+void GradReducer::reset_pending() {
+  for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u) unit_pending_[u] = ctx_.layout.units()[u].block_count;
+  std::fill(block_ready_.begin(), block_ready_.end(), 0);
+  ready_blocks_ = 0;
+}
+
+}  // namespace shardopt::detail

@@ -1,0 +1,70 @@
+#pragma once
+// The gradient reducer (internal): owns the gradient buffers the trainer adds into, the
+// micro-step bookkeeping (which blocks reported grads_ready), and the reduction to the averaged
+// gradient the update reads. Placement::grads says how:
+//   all_reduce      full gradients, all-reduced at step() (in the reduce dtype if it differs);
+//   reduce_scatter  full gradients, each unit reduce-scattered into this rank's slice at step();
+//   bucketed        a unit's gradients go into one of two buckets; when its last block reports
+//                   ready the bucket is reduce-scattered into the gradient shard (summed over
+//                   micro-steps in fp32) on side while backward goes on. grads_direct: one rank,
+//                   nothing to reduce: backward adds straight into the shard.
+// With offload, each unit's reduced gradient goes down to the state store's offload engine as
+// soon as it is final.
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/context.hpp"
+#include "engine/state_store.hpp"
+
+namespace shardopt::detail {
+
+class GradReducer {
+ public:
+  GradReducer(EngineContext& ctx, const std::vector<BufferSpec>& specs, StateStore& store);
+
+  // The buffer of unit u the trainer adds block `block`'s gradients into (opens a bucket).
+  std::byte* open_unit(int block);
+  // grads_ready(block): checks, then reduces the unit once its last block is ready.
+  void block_ready(int block);
+  bool ready(int block) const { return block_ready_[block] != 0; }
+  // All micro-steps of the step are complete and no block of a new one reported yet.
+  bool complete() const { return micro_steps_ == ctx_.cfg.accumulation_steps && ready_blocks_ == 0; }
+  bool idle() const { return micro_steps_ == 0 && ready_blocks_ == 0; }
+  std::string progress() const;  // for step()'s error: micro-steps done, blocks missing
+
+  // step(): the reductions Placement::grads leaves to the step, then the offload downloads of
+  // everything reduced at step(). On side, after compute.
+  void reduce_at_step();
+  // The reduced gradient of unit element e (which this rank updates), and its dtype.
+  std::pair<void*, DType> reduced_at(int u, std::size_t e) const;
+  // grads_direct: the update zeroes the gradient shard as it reads it.
+  bool zeroed_by_update() const { return ctx_.placement.grads_direct; }
+  // After the update: zero what the next step accumulates into; a new step begins.
+  void finish_step();
+  // zero_grad(): drops the gradients of an unfinished step (synchronous).
+  void zero();
+
+ private:
+  static constexpr int kDirect = -2;  // open_bucket_ of a unit written straight into the shard
+  void reduce_bucket(int u);
+  void zero_accumulators();
+  void reset_pending();
+
+  EngineContext& ctx_;
+  StateStore& store_;
+  Buffer grads_full_, grads_reduced_, reduce_buf_, grad_shard_, rs_tmp_;
+  struct Bucket {
+    Buffer buffer;
+    std::unique_ptr<Event> free;  // its last reduce-scatter finished and it is zero again
+  };
+  std::vector<Bucket> buckets_;
+  std::vector<int> open_bucket_;    // bucketed: bucket bound to each unit this micro-step, -1 if none
+  std::unique_ptr<Event> reduced_;  // recorded on side when a gradient is ready to go down
+  std::vector<char> block_ready_;
+  std::vector<int> unit_pending_;  // blocks of the unit not yet ready this micro-step
+  int ready_blocks_ = 0;
+  int micro_steps_ = 0;
+};
+
+}  // namespace shardopt::detail

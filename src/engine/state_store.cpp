@@ -1,0 +1,188 @@
+#include "engine/state_store.hpp"
+
+#include <algorithm>
+
+#include "shardopt/error.hpp"
+
+namespace shardopt::detail {
+
+StateStore::~StateStore() = default;
+
+void StateStore::check(const char* call, int field, std::size_t offset, std::size_t n) const {
+  if (field < 0 || field >= fields() || offset > elems() || n > elems() - offset)
+    throw Error(ErrorCode::invalid_argument, std::string("state store ") + call + ": field " + std::to_string(field) +
+                                                 " elements [" + std::to_string(offset) + ", " +
+                                                 std::to_string(offset + n) + ") outside the " +
+                                                 std::to_string(fields()) + " fields of " +
+                                                 std::to_string(elems()) + " elements");
+}
+
+void StateStore::read(int field, std::size_t offset, std::size_t n, float* out) {
+  check("read", field, offset, n);
+  if (n) read_values(field, offset, n, out);
+}
+
+void StateStore::write(int field, std::size_t offset, std::size_t n, const float* in) {
+  check("write", field, offset, n);
+  if (n) write_values(field, offset, n, in);
+}
+
+void StateStore::start_offload(const OffloadPlan& plan, const std::vector<BufferSpec>& specs,
+                               std::vector<offload::Piece> pieces) {
+  const EngineContext& c = ctx_;
+  offload::Setup st;
+  st.backend = &c.be;
+  st.kind = c.cfg.offload_optimizer;
+  st.nvme_dir = c.cfg.nvme_dir;
+  st.rank = c.rank;
+  st.world = c.world;
+  st.rule = c.cfg.optimizer;
+  st.nstates = c.state_count;
+  st.grad_dtype = plan.grad_dtype;
+  st.param_dtype = c.compute_dtype;
+  st.state_elems = plan.state_elems;
+  st.chunk_elems = plan.chunk_elems;
+  st.cells = plan.cells;
+  st.cell_bytes = plan.cell_bytes;
+  st.file_bytes = plan.file_bytes;
+  st.ring = plan.ring;
+  st.params_on_host = c.placement.params_tier == Tier::pinned_host;
+  st.master = offload_field(0);
+  for (int i = 0; i < c.state_count; ++i) st.states[i] = offload_field(1 + i);
+  st.host_grad = host_grad_.data();
+  for (auto& b : param_ring_) st.param_ring.push_back(b.data());
+  st.io_ring = io_ring_.data();
+  st.io_ring_bytes = io_ring_.bytes();
+  st.disk_bytes.assign(kCategoryCount, 0);
+  for (const auto& spec : specs)
+    if (spec.place == Place::disk) st.disk_bytes[static_cast<int>(spec.category)] += spec.elems * size_of(spec.dtype);
+  offload_ = std::make_unique<offload::OffloadEngine>(std::move(st));
+  offload_->set_pieces(std::move(pieces));
+}
+
+void StateStore::release() {
+  offload_.reset();
+  host_grad_.reset();
+  io_ring_.reset();
+  param_ring_.clear();
+}
+
+namespace {
+
+// Device and pinned-host tiers: the fields are backend memory, copied on the side stream.
+class MemoryStateStore final : public StateStore {
+ public:
+  MemoryStateStore(EngineContext& ctx, MasterAlias alias) : StateStore(ctx), alias_(std::move(alias)) {
+    // Field 0 through the parameters: each unit's owned run starts at this state offset.
+    for (std::size_t u = 0; u < alias_.size(); ++u)
+      alias_begin_.push_back(ctx.state_offset(static_cast<int>(u), ctx.owned_begin(static_cast<int>(u))));
+  }
+  void adopt(const BufferSpec& spec, Buffer b) {
+    switch (spec.kind) {
+      case Buf::master: master_ = std::move(b); break;
+      case Buf::state: states_[spec.index] = std::move(b); break;
+      case Buf::host_grad: host_grad_ = std::move(b); break;
+      case Buf::param_ring: param_ring_.push_back(std::move(b)); break;
+      default: break;
+    }
+  }
+  float* address(int field, std::size_t offset) const override {
+    if (field > 0) return states_[field - 1].as<float>() + offset;
+    if (alias_.empty()) return master_.as<float>() + offset;
+    // The unit whose owned run holds `offset`: the last one starting at or before it (a unit this
+    // rank owns nothing of starts where the next one does, so taking the last skips it).
+    const auto it = std::upper_bound(alias_begin_.begin(), alias_begin_.end(), offset);
+    const std::size_t u = static_cast<std::size_t>(it - alias_begin_.begin()) - 1;
+    return alias_[u] + (offset - alias_begin_[u]);
+  }
+  void release() override {
+    StateStore::release();
+    master_.reset();
+    for (auto& s : states_) s.reset();
+  }
+
+ private:
+  void read_values(int field, std::size_t offset, std::size_t n, float* out) override {
+    for_each_run(field, offset, n, [&](float* where, std::size_t done, std::size_t k) {
+      ctx_.be.copy(out + done, where, k * 4, *ctx_.side);
+    });
+    ctx_.be.synchronize(*ctx_.side);
+  }
+  void write_values(int field, std::size_t offset, std::size_t n, const float* in) override {
+    for_each_run(field, offset, n, [&](float* where, std::size_t done, std::size_t k) {
+      ctx_.be.copy(where, in + done, k * 4, *ctx_.side);
+    });
+    ctx_.be.synchronize(*ctx_.side);
+  }
+  // f(address, done, count) for each contiguous run of [offset, offset + n): the whole range,
+  // except where field 0 is the parameters, whose units are not adjacent in memory.
+  template <class F>
+  void for_each_run(int field, std::size_t offset, std::size_t n, F&& f) const {
+    if (field > 0 || alias_.empty()) {
+      f(address(field, offset), std::size_t{0}, n);
+      return;
+    }
+    for (std::size_t done = 0; done < n;) {
+      const std::size_t pos = offset + done;
+      const auto next = std::upper_bound(alias_begin_.begin(), alias_begin_.end(), pos);
+      const std::size_t end = next == alias_begin_.end() ? elems() : *next;
+      const std::size_t k = std::min(n - done, end - pos);
+      f(address(0, pos), done, k);
+      done += k;
+    }
+  }
+  float* offload_field(int field) const override { return address(field, 0); }
+
+  Buffer master_, states_[2];
+  MasterAlias alias_;
+  std::vector<std::size_t> alias_begin_;
+};
+
+// NVMe tier: the fields live in the offload engine's file; only its buffers are here.
+class NvmeStateStore final : public StateStore {
+ public:
+  using StateStore::StateStore;
+  void adopt(const BufferSpec& spec, Buffer b) {
+    switch (spec.kind) {
+      case Buf::host_grad: host_grad_ = std::move(b); break;
+      case Buf::param_ring: param_ring_.push_back(std::move(b)); break;
+      case Buf::io_ring: io_ring_ = std::move(b); break;
+      default: break;
+    }
+  }
+  float* address(int, std::size_t) const override { return nullptr; }
+
+ private:
+  void read_values(int field, std::size_t offset, std::size_t n, float* out) override {
+    ctx_.be.synchronize(*ctx_.side);  // a step's update is finished (nvme: it is synchronous anyway)
+    offload_->read(field, offset, n, out);
+  }
+  void write_values(int field, std::size_t offset, std::size_t n, const float* in) override {
+    ctx_.be.synchronize(*ctx_.side);
+    offload_->write(field, offset, n, in);
+  }
+  float* offload_field(int) const override { return nullptr; }
+};
+
+bool owned_by_store(Buf kind) {
+  return kind == Buf::master || kind == Buf::state || kind == Buf::host_grad || kind == Buf::param_ring ||
+         kind == Buf::io_ring;
+}
+
+}  // namespace
+
+std::unique_ptr<StateStore> make_state_store(EngineContext& ctx, const std::vector<BufferSpec>& specs,
+                                             MasterAlias alias) {
+  if (ctx.placement.state_tier == Tier::nvme) {
+    auto store = std::make_unique<NvmeStateStore>(ctx);
+    for (const auto& spec : specs)
+      if (owned_by_store(spec.kind)) store->adopt(spec, ctx.allocate(spec));
+    return store;
+  }
+  auto store = std::make_unique<MemoryStateStore>(ctx, ctx.placement.master_is_params ? std::move(alias) : MasterAlias{});
+  for (const auto& spec : specs)
+    if (owned_by_store(spec.kind)) store->adopt(spec, ctx.allocate(spec));
+  return store;
+}
+
+}  // namespace shardopt::detail
