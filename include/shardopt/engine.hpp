@@ -146,7 +146,13 @@ class Engine {
   Hyperparams hyperparams(int group) const;
 
   // Plans the layout, allocates every buffer, and sets initial values (master weights from
-  // `init`, or seeded_init(0) if empty). Collective: every rank calls it.
+  // `init`, or seeded_init(0) if empty). Collective: every rank calls it. The ranks agree first on
+  // the configuration (all but nvme_dir), the model and every group's hyperparameters, and at
+  // stage 0 (where every rank computes every initial value) on the initial values too: a
+  // difference throws Error(communication) on every rank, naming the ranks that differ. A rank
+  // that fails on its own before allocating (a configuration it cannot plan, an NVMe directory
+  // without room) makes every rank throw its error ("rank R failed in initialize(): ...") instead
+  // of leaving them waiting. A failed initialize() leaves nothing allocated.
   void initialize(const InitFn& init = {});
 
   const Config& config() const noexcept;

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/agreement.hpp"
 #include "engine/checkpoint_port.hpp"
 #include "engine/context.hpp"
 #include "engine/grad_reducer.hpp"
@@ -47,10 +48,11 @@ struct Engine::Impl final : detail::CheckpointPort {
   std::unique_ptr<detail::GradReducer> reducer;
   std::unique_ptr<detail::StepRunner> runner;
   Buffer init_staging;
+  detail::AgreementBuffers agreement;  // initialize() only (transient)
 
   // engine_init.cpp
   void initialize(const InitFn& init);
-  void set_initial_values(const InitFn& init);
+  std::uint64_t set_initial_values(const InitFn& init);  // returns the fingerprint of the values when every rank computes every one (else 0)
   void set_initial_values_offloaded(const InitFn& fn);
   void release_all() noexcept;
 

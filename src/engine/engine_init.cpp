@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "checkpoint/format.hpp"
+#include "engine/agreement.hpp"
 #include "engine/engine_impl.hpp"
 #include "offload/nvme_store.hpp"
 #include "shardopt/error.hpp"
@@ -11,13 +13,30 @@ namespace shardopt {
 
 void Engine::Impl::initialize(const InitFn& init) {
   require(!initialized, ErrorCode::invalid_state, "initialize() called twice");
-  plan = detail::plan_engine(ctx.cfg, specs, ctx.world);
-  ctx.plan(plan);
-  for (const auto& t : ctx.layout.tensors())
-    if (!hyper_by_group.count(t.group)) hyper_by_group[t.group] = hyper_by_group[0];
-  // A bad NVMe directory is found before gigabytes are allocated for the other buffers.
-  if (ctx.placement.state_tier == detail::Tier::nvme)
-    offload::NvmeStore::check_directory(ctx.cfg.nvme_dir, ctx.rank, plan.offload.file_bytes);
+  // What can fail on one rank alone fails every rank, before anything but the agreement's few KiB
+  // is allocated: a rank that threw here would leave the others waiting in a collective.
+  detail::RankStatus status;
+  try {
+    plan = detail::plan_engine(ctx.cfg, specs, ctx.world);
+    ctx.plan(plan);
+    for (const auto& t : ctx.layout.tensors())
+      if (!hyper_by_group.count(t.group)) hyper_by_group[t.group] = hyper_by_group[0];
+    // A bad NVMe directory is found before gigabytes are allocated for the other buffers.
+    if (ctx.placement.state_tier == detail::Tier::nvme)
+      offload::NvmeStore::check_directory(ctx.cfg.nvme_dir, ctx.rank, plan.offload.file_bytes);
+    status.fingerprint = detail::config_fingerprint(ctx.cfg, specs, ctx.world, hyper_by_group);
+    for (const auto& spec : plan.buffers)
+      if (spec.kind == detail::Buf::agreement) (spec.index == 0 ? agreement.device : agreement.host) = ctx.allocate(spec);
+  } catch (const Error& e) {
+    status.failure = e.message();
+    status.code = e.code();
+  }
+  try {
+    detail::agree(ctx, "initialize() (configuration, model and hyperparameters)", status, agreement);
+  } catch (...) {
+    agreement = {};  // nothing else was allocated yet
+    throw;
+  }
   try {
     // Bottom up. Every planned buffer is allocated zero-filled (on side for the device).
     gatherer = std::make_unique<detail::ParamGatherer>(ctx, plan.buffers);
@@ -38,7 +57,13 @@ void Engine::Impl::initialize(const InitFn& init) {
     runner->plan_ranges();
     if (plan.offload.enabled)
       store_->start_offload(plan.offload, plan.buffers, runner->offload_pieces(plan.offload.chunk_elems));
-    set_initial_values(init);
+    const std::uint64_t initial = set_initial_values(init);
+    // At stage 0 every rank computes every initial value: ranks whose init functions differ (a
+    // seed per rank) would train different models, each step averaging their gradients.
+    if (!ctx.placement.state_sharded)
+      detail::agree(ctx, "initialize() (initial values of the replicated parameters)", {"", ErrorCode::invalid_argument, initial},
+                    agreement);
+    agreement = {};
     gatherer->gather_updated();
     ctx.be.synchronize(*ctx.side);
   } catch (...) {
@@ -49,14 +74,23 @@ void Engine::Impl::initialize(const InitFn& init) {
   initialized = true;
 }
 
-void Engine::Impl::set_initial_values(const InitFn& init) {
-  const InitFn fn = init ? init : seeded_init(0);
+std::uint64_t Engine::Impl::set_initial_values(const InitFn& init) {
+  const InitFn user = init ? init : seeded_init(0);
+  // The fingerprint of the values, in the order they are produced (the same order on every rank
+  // that owns the same elements); only needed, so only computed, when every rank owns every one.
+  std::uint64_t digest = 0;
+  const bool replicated = !ctx.placement.state_sharded && ctx.world > 1;
+  const InitFn fn = !replicated ? user
+                                : InitFn([&](const Layout::TensorInfo& t, std::size_t begin, std::size_t n, float* out) {
+                                    user(t, begin, n, out);
+                                    digest = digest * 0x100000001b3ull ^ ckpt::xxh64(out, n * 4);
+                                  });
   if (store_->offload()) {
     set_initial_values_offloaded(fn);
     init_staging.reset();
-    return;
+    return digest;
   }
-  if (!init_staging) return;  // nothing to initialize: no element is owned by any rank
+  if (!init_staging) return digest;  // nothing to initialize: no element is owned by any rank
   const std::size_t chunk = init_staging.bytes() / 4;
   float* host = init_staging.as<float>();
   const DType c = ctx.compute_dtype;
@@ -72,6 +106,7 @@ void Engine::Impl::set_initial_values(const InitFn& init) {
   });
   ctx.be.synchronize(*ctx.side);
   init_staging.reset();
+  return digest;
 }
 
 // With offload the offload engine walks its cells and asks for the master values of each (it
@@ -109,6 +144,7 @@ void Engine::Impl::release_all() noexcept {
   }
   // Top down; the store's offload engine first of all: it may still copy from or to the
   // gatherer's parameters.
+  agreement = {};
   runner.reset();
   reducer.reset();
   if (store_) store_->release();

@@ -174,6 +174,15 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
         Place::host);
     p.buffers.back().transient = true;
   }
+  // What the ranks agree on in initialize() (engine/agreement.hpp): one record per rank and this
+  // rank's own, on the device for the collective and in host memory to be read there.
+  if (world > 1) {
+    const std::size_t n = static_cast<std::size_t>(world + 1) * kAgreementRecordFloats;
+    add(Buf::agreement, 0, n, DType::fp32, Category::other, "initialize agreement");
+    p.buffers.back().transient = true;
+    add(Buf::agreement, 1, n, DType::fp32, Category::other, "initialize agreement (host)", Place::host);
+    p.buffers.back().transient = true;
+  }
   return p;
 }
 

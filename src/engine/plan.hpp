@@ -27,6 +27,7 @@ enum class Buf : unsigned char {
   scalars,        // step control block and step scalars on the device (see ControlLayout)
   host_scalars,   // their host copy (pinned)
   init_staging,   // host staging for initial values (transient: freed by initialize)
+  agreement,      // world > 1: initialize()'s agreement records, 0 on the device, 1 on the host (transient)
   // ---- offload (offload/): see offload/offload_engine.hpp for the pipeline these serve
   host_grad,      // optimizer offload: the reduced gradient copied down, one element per state element
   param_ring,     // optimizer offload: updated compute-dtype chunk `index` on its way up (ring)
@@ -34,6 +35,10 @@ enum class Buf : unsigned char {
   param_upload,   // offload_params: one unit slice on the device, source of the all-gather
   nvme_file       // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
 };
+
+// The floats of one rank's record in initialize()'s agreement (engine/agreement.cpp): a header of
+// 7 values and up to 480 bytes of a failure's message, one byte per float.
+inline constexpr std::size_t kAgreementRecordFloats = 7 + 480;
 
 struct BufferSpec {
   Buf kind;
