@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -137,4 +138,40 @@ TEST(Agreement, ARankFailingBeforeTheFirstCollectiveFailsEveryRankWithItsError) 
   EXPECT_NE(o.errors[0].find(missing), std::string::npos) << o.errors[0];
   EXPECT_EQ(o.codes[0], o.codes[1]);
   EXPECT_LT(o.seconds, 20.0);
+}
+
+TEST(Agreement, AThrowingInitFunctionOnOneRankFailsEveryRankAtOnce) {
+  // After allocation: rank 1's init function throws (its own exception type, which rank 1 gets
+  // back as it was thrown); rank 0 must not go on to wait in a collective rank 1 never reaches.
+  for (int stage : {0, 1, 3}) {
+    SCOPED_TRACE("stage " + std::to_string(stage));
+    constexpr int n = 2;
+    auto group = make_in_process_group(n, InProcessTransport::host_tasks, std::chrono::seconds(60));
+    std::vector<std::string> errors(n);
+    std::vector<int> kinds(n, 0);  // 1: shardopt::Error, 2: std::runtime_error
+    const auto t0 = Clock::now();
+    (void)run_on_threads(n, [&](int r) {
+      auto be = make_cpu_backend();
+      auto comm = make_in_process_communicator(group, r, *be);
+      Engine e(base_config(stage, DType::bf16, OptimizerKind::adamw), *be, *comm);
+      for (const auto& b : awkward_model()) e.register_block(b);
+      const InitFn fine = seeded_init(1);
+      try {
+        e.initialize([&](const Layout::TensorInfo& t, std::size_t begin, std::size_t count, float* out) {
+          if (r == 1 && t.name == "big.w") throw std::runtime_error("the data for big.w is missing");
+          fine(t, begin, count, out);
+        });
+      } catch (const Error& err) {
+        errors[r] = err.message(), kinds[r] = 1;
+      } catch (const std::runtime_error& err) {
+        errors[r] = err.what(), kinds[r] = 2;
+      }
+    });
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 20.0);
+    EXPECT_EQ(kinds[1], 2) << errors[1];
+    EXPECT_EQ(errors[1], "the data for big.w is missing");
+    EXPECT_EQ(kinds[0], 1) << errors[0];
+    EXPECT_NE(errors[0].find("rank 1 failed in initialize()"), std::string::npos) << errors[0];
+    EXPECT_NE(errors[0].find("the data for big.w is missing"), std::string::npos) << errors[0];
+  }
 }

@@ -150,9 +150,10 @@ class Engine {
   // the configuration (all but nvme_dir), the model and every group's hyperparameters, and at
   // stage 0 (where every rank computes every initial value) on the initial values too: a
   // difference throws Error(communication) on every rank, naming the ranks that differ. A rank
-  // that fails on its own before allocating (a configuration it cannot plan, an NVMe directory
-  // without room) makes every rank throw its error ("rank R failed in initialize(): ...") instead
-  // of leaving them waiting. A failed initialize() leaves nothing allocated.
+  // that fails on its own (a configuration it cannot plan, an NVMe directory without room, an
+  // allocation, a throwing `init`) makes every other rank throw Error("rank R failed in
+  // initialize(): ...") at once instead of leaving them waiting; that rank gets its own exception
+  // back as it was thrown. A failed initialize() leaves nothing allocated.
   void initialize(const InitFn& init = {});
 
   const Config& config() const noexcept;

@@ -2,6 +2,7 @@
 // CheckpointPort that checkpoints use.
 #include <algorithm>
 #include <cstring>
+#include <exception>
 
 #include "checkpoint/format.hpp"
 #include "engine/agreement.hpp"
@@ -37,6 +38,13 @@ void Engine::Impl::initialize(const InitFn& init) {
     agreement = {};  // nothing else was allocated yet
     throw;
   }
+  // Allocation and initial values: a rank that fails here (out of memory, an NVMe file it cannot
+  // create, a throwing init function) takes part in the agreement below with its failure, so every
+  // rank fails at once with its error. At stage 0 (every rank computes every initial value) the
+  // ranks also agree on the values: a seed per rank would train different replicas, each step
+  // averaging the gradients of different parameters.
+  detail::RankStatus ready;
+  std::exception_ptr own;
   try {
     // Bottom up. Every planned buffer is allocated zero-filled (on side for the device).
     gatherer = std::make_unique<detail::ParamGatherer>(ctx, plan.buffers);
@@ -57,17 +65,27 @@ void Engine::Impl::initialize(const InitFn& init) {
     runner->plan_ranges();
     if (plan.offload.enabled)
       store_->start_offload(plan.offload, plan.buffers, runner->offload_pieces(plan.offload.chunk_elems));
-    const std::uint64_t initial = set_initial_values(init);
-    // At stage 0 every rank computes every initial value: ranks whose init functions differ (a
-    // seed per rank) would train different models, each step averaging their gradients.
-    if (!ctx.placement.state_sharded)
-      detail::agree(ctx, "initialize() (initial values of the replicated parameters)", {"", ErrorCode::invalid_argument, initial},
-                    agreement);
+    ready.fingerprint = set_initial_values(init);
+  } catch (const Error& e) {
+    own = std::current_exception();
+    ready.failure = e.message();
+    ready.code = e.code();
+  } catch (const std::exception& e) {
+    own = std::current_exception();
+    ready.failure = e.what();
+    ready.code = ErrorCode::communication;  // what the peers see: this rank could not go on
+  }
+  try {
+    detail::agree(ctx,
+                  ctx.placement.state_sharded ? "initialize() (allocating and setting initial values)"
+                                              : "initialize() (allocating, and the initial values of the replicated parameters)",
+                  ready, agreement);
     agreement = {};
     gatherer->gather_updated();
     ctx.be.synchronize(*ctx.side);
   } catch (...) {
     release_all();
+    if (own) std::rethrow_exception(own);  // this rank's own failure, as it was thrown
     throw;
   }
   block_acquired.assign(ctx.layout.blocks().size(), 0);
