@@ -6,6 +6,8 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -390,6 +392,55 @@ TEST(Offload, NvmeDirectoryTooSmallIsAnErrorAtInitialize) {
   }
   EXPECT_EQ(w.backends[0]->memory().report().peak_total[static_cast<int>(Place::device)], 0u) << "allocated before the check";
   EXPECT_TRUE(fs::is_empty(dir.path));
+}
+
+// One rank's NVMe state file truncated mid-run (a full disk's cleanup, an operator's mistake):
+// that rank's step fails with an I/O error naming its file, and the other rank fails too, at once
+// (the failing rank leaves the group), not at the group's 60 s timeout.
+TEST(Offload, TruncatedNvmeStateFileMidRunFailsEveryRank) {
+  TempDir dir;
+  constexpr int n = 2;
+  auto group = make_in_process_group(n, InProcessTransport::host_tasks, std::chrono::seconds(60));
+  std::vector<std::string> errors(n);
+  std::vector<ErrorCode> codes(n, ErrorCode::internal);
+  std::vector<int> steps_done(n, 0);
+  std::barrier sync(n);
+  const auto t0 = std::chrono::steady_clock::now();
+  (void)run_on_threads(n, [&](int r) {
+    auto be = make_cpu_backend();
+    auto comm = make_in_process_communicator(group, r, *be);
+    Config cfg = base_config(2, DType::bf16, OptimizerKind::adamw);
+    cfg.offload_optimizer = OffloadKind::nvme;
+    cfg.nvme_dir = dir.path.string();
+    try {
+      Engine e(cfg, *be, *comm);
+      for (const auto& b : awkward_model()) e.register_block(b);
+      e.initialize(seeded_init(5));
+      for (int s = 0; s < 4; ++s) {
+        if (s == 2) {
+          sync.arrive_and_wait();  // both ranks between steps
+          if (r == 1) {
+            const fs::path f = dir.path / "shardopt-optimizer-rank1-of2.bin";
+            ASSERT_TRUE(fs::exists(f)) << "the state file is named differently: update this test";
+            fs::resize_file(f, 0);
+          }
+          sync.arrive_and_wait();
+        }
+        synthetic_micro_step(e, r, s, 0, 5, 1.0f);
+        e.step();
+        ++steps_done[r];
+      }
+    } catch (const Error& err) {
+      errors[r] = err.message();
+      codes[r] = err.code();
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LE(steps_done[1], 2);
+  EXPECT_EQ(codes[1], ErrorCode::io_error) << errors[1];
+  EXPECT_NE(errors[1].find("shardopt-optimizer-rank1"), std::string::npos) << errors[1];
+  EXPECT_NE(errors[0], "") << "rank 0 finished although rank 1 could not";
+  EXPECT_LT(seconds, 20.0) << "rank 0 waited for the group's timeout: " << errors[0];
 }
 
 TEST(Offload, OffloadParamsRequiresOptimizerOffload) {
