@@ -269,6 +269,13 @@ int run_train(const TrainArgs& args_in, Io& io) {
   const std::string resume_note = resolve_resume_auto(a_resolved);  // --resume auto: a directory, or none
   const TrainArgs& a = a_resolved;
   if (a.gpt.model == "gpt") {
+    // The GPT trainer runs its ranks as threads of one process. Under a launcher each process
+    // would run a whole job of its own (N copies writing the same outputs): refused, by name.
+    const std::string launcher = launcher_of_this_process();
+    if (!launcher.empty())
+      throw UsageError("--model gpt: this process was started by " + launcher +
+                       "; the GPT trainer runs its ranks in one process (--ranks N) and cannot be launched one "
+                       "rank per process yet: run it without " + launcher);
     if (!resume_note.empty()) io.err << "shardopt train: " << resume_note << '\n';
     return run_train_gpt(a, io);
   }
