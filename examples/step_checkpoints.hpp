@@ -1,6 +1,6 @@
 #pragma once
-// Step checkpoints shared by the example trainers (examples/mlp, examples/gpt): the trainer's
-// record in a checkpoint, {"next_step": N} (the steps taken, so a resumed run continues the data
+// What the example trainers (examples/mlp, examples/gpt) share: why a rank stopped (what_of), and
+// step checkpoints: the trainer's record in a checkpoint, {"next_step": N} (the steps taken, so a resumed run continues the data
 // stream, the step numbers and the schedule), and the periodic checkpoints of a run as
 // subdirectories "step-NNNNNN" (six or more digits: N) of one directory. Header-only, public API
 // only, like the trainers themselves.
@@ -18,6 +18,18 @@
 #include "shardopt/error.hpp"
 
 namespace shardopt_examples {
+
+// The message of an exception, for a rank that reports why it stopped.
+inline std::string what_of(const std::exception_ptr& e) {
+  try {
+    if (e) std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
+  return "no exception";
+}
 
 inline std::string checkpoint_record(int next_step) {
   return "{\"next_step\": " + std::to_string(next_step) + "}";

@@ -437,6 +437,9 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
           std::lock_guard<std::mutex> lock(s.mutex);
           if (!s.error) s.error = std::current_exception();
         }
+        // Peers inside a collective are released by the group's abort (this rank may have failed
+        // before its communicator existed, so its departure alone would not tell them).
+        shardopt::abort_in_process_group(*s.group, "rank " + std::to_string(r) + " failed: " + shardopt_examples::what_of(std::current_exception()));
         barrier.arrive_and_drop();
       }
     });

@@ -476,7 +476,10 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
           if (!s.error) s.error = std::current_exception();
         }
         // Peers waiting at the step barrier must not wait for this rank; peers inside a
-        // collective are released by the communicator, which aborts when this rank's goes away.
+        // collective are released by the group's abort (this rank may have failed before its
+        // communicator existed, e.g. creating its backend's threads, so its departure alone
+        // would not tell them).
+        if (s.group) shardopt::abort_in_process_group(*s.group, "rank " + std::to_string(r) + " failed: " + shardopt_examples::what_of(std::current_exception()));
         barrier.arrive_and_drop();
       }
     });
