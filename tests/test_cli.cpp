@@ -615,6 +615,22 @@ TEST(CliCheckpoints, ResumeAutoPicksTheNewestCompleteCheckpoint) {
   std::filesystem::remove_all(dir);
 }
 
+// A tiny training run with `extra` flags must fail before its first step, naming `flag` and
+// `reason`.
+const std::vector<std::string> kTinyTrain{"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2",
+                                          "--steps", "3"};
+void expect_refused_before_training(const std::vector<std::string>& extra, const std::string& flag, const std::string& reason) {
+  std::vector<std::string> args = kTinyTrain;
+  args.insert(args.end(), extra.begin(), extra.end());
+  const Result r = run(args);
+  std::string cmd;
+  for (const auto& a : extra) cmd += a + " ";
+  EXPECT_NE(r.rc, 0) << cmd;
+  EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
+  EXPECT_NE(r.err.find(reason), std::string::npos) << cmd << "-> " << r.err;
+  EXPECT_FALSE(has_step_lines(r)) << cmd << "trained:\n" << r.out;
+}
+
 // Every place a run writes to is checked before it trains: a --save that is a file, lies under
 // one, is read-only or lacks the room; a --metrics that cannot be created. Each fails at once with
 // the flag and the reason, and no step runs.
@@ -622,25 +638,12 @@ TEST(CliCheckpoints, DestinationsAreCheckedBeforeTraining) {
   const std::string dir = make_temp_dir("dest");
   ASSERT_FALSE(dir.empty());
   std::ofstream(dir + "/file") << "x";
-  const std::vector<std::string> tiny{"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2",
-                                      "--steps", "3"};
-  auto attempt = [&](std::vector<std::string> extra, const std::string& flag, const std::string& reason) {
-    std::vector<std::string> args = tiny;
-    args.insert(args.end(), extra.begin(), extra.end());
-    const Result r = run(args);
-    std::string cmd;
-    for (const auto& a : extra) cmd += a + " ";
-    EXPECT_NE(r.rc, 0) << cmd;
-    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
-    EXPECT_NE(r.err.find(reason), std::string::npos) << cmd << "-> " << r.err;
-    EXPECT_FALSE(has_step_lines(r)) << cmd << "trained:\n" << r.out;
-  };
-  attempt({"--save", dir + "/file"}, "--save", "exists and is not a directory");
-  attempt({"--save", dir + "/file/ck"}, "--save", "cannot create directory");
-  attempt({"--save", dir + "/ck", "--save-every", "2", "--metrics", dir + "/file/m.jsonl"}, "--metrics", "cannot open");
-  attempt({"--metrics", dir}, "--metrics", "cannot open");
-  attempt({"--save-every", "2"}, "--save-every", "needs --save");
-  attempt({"--save", dir + "/ck2", "--keep", "2"}, "--keep", "only with --save-every");
+  expect_refused_before_training({"--save", dir + "/file"}, "--save", "exists and is not a directory");
+  expect_refused_before_training({"--save", dir + "/file/ck"}, "--save", "cannot create directory");
+  expect_refused_before_training({"--save", dir + "/ck", "--save-every", "2", "--metrics", dir + "/file/m.jsonl"}, "--metrics", "cannot open");
+  expect_refused_before_training({"--metrics", dir}, "--metrics", "cannot open");
+  expect_refused_before_training({"--save-every", "2"}, "--save-every", "needs --save");
+  expect_refused_before_training({"--save", dir + "/ck2", "--keep", "2"}, "--keep", "only with --save-every");
   // 1000 layers of hidden 65536: about 400 TB of checkpoint, more than any test machine's disk.
   // The check comes before anything is allocated.
   {
@@ -653,7 +656,7 @@ TEST(CliCheckpoints, DestinationsAreCheckedBeforeTraining) {
   }
   // A missing parent that can be created is created: the engine's save makes only the last level.
   {
-    std::vector<std::string> args = tiny;
+    std::vector<std::string> args = kTinyTrain;
     args.push_back("--save");
     args.push_back(dir + "/a/b/ck");
     const Result r = run(args);
@@ -669,26 +672,13 @@ TEST(CliCheckpoints, ReadOnlyDestinationsFailBeforeTraining) {
   if (::geteuid() == 0) GTEST_SKIP() << "running as root, which ignores permission bits";
   const std::string dir = make_temp_dir("ro");
   ASSERT_FALSE(dir.empty());
-  const std::vector<std::string> tiny{"train", "--ranks", "1", "--layers", "1", "--hidden", "8", "--batch", "2",
-                                      "--steps", "3"};
-  auto attempt = [&](std::vector<std::string> extra, const std::string& flag, const std::string& reason) {
-    std::vector<std::string> args = tiny;
-    args.insert(args.end(), extra.begin(), extra.end());
-    const Result r = run(args);
-    std::string cmd;
-    for (const auto& a : extra) cmd += a + " ";
-    EXPECT_NE(r.rc, 0) << cmd;
-    EXPECT_NE(r.err.find(flag), std::string::npos) << cmd << "-> " << r.err;
-    EXPECT_NE(r.err.find(reason), std::string::npos) << cmd << "-> " << r.err;
-    EXPECT_FALSE(has_step_lines(r)) << cmd << "trained:\n" << r.out;
-  };
   std::filesystem::create_directory(dir + "/ro");
   std::filesystem::permissions(dir + "/ro", std::filesystem::perms::owner_read | std::filesystem::perms::owner_exec);
   std::filesystem::create_directory(dir + "/ro_ck");
   std::filesystem::permissions(dir + "/ro_ck", std::filesystem::perms::owner_read | std::filesystem::perms::owner_exec);
-  attempt({"--save", dir + "/ro/ck"}, "--save", "Permission denied");
-  attempt({"--save", dir + "/ro_ck"}, "--save", "cannot write into '" + dir + "/ro_ck': Permission denied");
-  attempt({"--metrics", dir + "/ro/m.jsonl"}, "--metrics", "Permission denied");
+  expect_refused_before_training({"--save", dir + "/ro/ck"}, "--save", "Permission denied");
+  expect_refused_before_training({"--save", dir + "/ro_ck"}, "--save", "cannot write into '" + dir + "/ro_ck': Permission denied");
+  expect_refused_before_training({"--metrics", dir + "/ro/m.jsonl"}, "--metrics", "Permission denied");
   std::filesystem::permissions(dir + "/ro", std::filesystem::perms::owner_all);
   std::filesystem::permissions(dir + "/ro_ck", std::filesystem::perms::owner_all);
   std::filesystem::remove_all(dir);
