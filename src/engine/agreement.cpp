@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 
+#include "checkpoint/format.hpp"
 #include "core/config_fields.hpp"
 #include "engine/plan.hpp"
 #include "shardopt/bootstrap.hpp"
@@ -29,22 +29,16 @@ std::uint64_t mix(std::uint64_t h, std::uint64_t v) noexcept {
 
 std::uint64_t config_fingerprint(const Config& config, const std::vector<BlockSpec>& blocks, int world,
                                  const std::map<int, Hyperparams>& hyper_by_group) {
-  std::uint64_t h = agreement_hash(config, blocks, world);
+  // Every group's hyperparameters as the field table writes them (exact for floats), hashed.
+  std::string text;
   for (const auto& [group, hp] : hyper_by_group) {
-    h = mix(h, static_cast<std::uint64_t>(static_cast<std::int64_t>(group)));
-    fields::for_each_field(hp, [&](const fields::FieldInfo&, const auto& value) {
-      using T = std::remove_cvref_t<decltype(value)>;
-      if constexpr (std::is_floating_point_v<T>) {
-        const double d = static_cast<double>(value);
-        std::uint64_t bits = 0;
-        std::memcpy(&bits, &d, sizeof bits);
-        h = mix(h, bits);
-      } else if constexpr (std::is_enum_v<T> || std::is_integral_v<T>) {
-        h = mix(h, static_cast<std::uint64_t>(value));
-      }
+    text += "group " + std::to_string(group) + ":";
+    fields::for_each_field(hp, [&](const fields::FieldInfo& f, const auto& value) {
+      text += std::string(" ") + f.name + "=" + fields::to_text(value);
     });
+    text += '\n';
   }
-  return h;
+  return mix(agreement_hash(config, blocks, world), ckpt::xxh64(text.data(), text.size()));
 }
 
 void agree(EngineContext& ctx, const std::string& what, const RankStatus& mine, AgreementBuffers& buffers) {
