@@ -44,7 +44,7 @@ struct EngineContext {
   void plan(EnginePlan& p);
 
   // On the CPU backend the host reads views directly, so it must wait where a GPU only orders streams.
-  bool host_visible() const { return be.kind() == BackendKind::cpu; }
+  bool host_visible() const { return be.host_accessible(); }
   // side waits for everything enqueued on compute so far.
   void side_after_compute();
   // compute (and, on the CPU backend, the caller) waits for `event`.
