@@ -17,7 +17,7 @@ if [ -z "$cxx" ]; then
 fi
 mkdir -p "$out/corpus"
 cp "$root"/tests/fuzz_corpus/* "$out/corpus/"
-"$cxx" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+"$cxx" -std=c++20 -O1 -gline-tables-only -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$root/include" -I"$root/src" \
   "$root/tests/fuzz_checkpoint_manifest.cpp" "$root/src/checkpoint/format.cpp" "$root/src/core/error.cpp" \
   "$root/src/core/config.cpp" "$root/src/core/config_fields.cpp" "$root/src/core/dtype.cpp" \

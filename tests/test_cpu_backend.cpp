@@ -22,6 +22,7 @@
 
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
+#include "sanitized.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/error.hpp"
 
@@ -936,7 +937,8 @@ using Bytes = std::vector<unsigned char>;
 
 constexpr ReduceOp kReduceOps[] = {ReduceOp::sum, ReduceOp::avg, ReduceOp::max};
 constexpr int kSourceCounts[] = {1, 2, 3, 8, 64};
-constexpr std::size_t kReduceBig = 3 * (std::size_t(1) << 16) + 5;  // crosses kernel chunks, ragged end
+// crosses kernel chunks, ragged end
+constexpr std::size_t kReduceBig = (shardopt::testing::kSanitized ? 2 : 3) * (std::size_t(1) << 16) + 5;
 constexpr std::size_t kReduceInPlace = (std::size_t(1) << 16) + 5;  // one chunk boundary
 
 const char* op_text(ReduceOp op) {

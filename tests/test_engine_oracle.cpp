@@ -9,11 +9,18 @@
 #include <tuple>
 
 #include "engine_oracle.hpp"
+#include "sanitized.hpp"
 
 using namespace shardopt;
 using namespace shardopt::testing;
 
 namespace {
+
+// World 2 and 8 are left out under sanitizers: 1, an odd world and a power of two still cover the
+// shard arithmetic, and eight rank threads on a CI runner's two cores dominate the run.
+std::vector<int> oracle_worlds() {
+  return kSanitized ? std::vector<int>{1, 3, 4} : std::vector<int>{1, 2, 3, 4, 8};
+}
 
 class Oracle : public ::testing::TestWithParam<OracleParam> {};
 
@@ -23,7 +30,7 @@ TEST_P(Oracle, MatchesFloat64Reference) {
   expect_matches_reference(spec, run_training(spec));
 }
 
-INSTANTIATE_TEST_SUITE_P(Matrix, Oracle, oracle_matrix({1, 2, 3, 4, 8}), oracle_name);
+INSTANTIATE_TEST_SUITE_P(Matrix, Oracle, oracle_matrix(oracle_worlds()), oracle_name);
 
 // A 16-bit compute dtype whose gradients travel and are kept in fp32.
 TEST(Oracle, Bf16ComputeFp32Reduce) {
@@ -108,7 +115,7 @@ TEST_P(OracleKernelTransport, MatchesFloat64Reference) {
   expect_matches_reference(spec, run_training(spec));
 }
 
-INSTANTIATE_TEST_SUITE_P(Matrix, OracleKernelTransport, oracle_matrix({1, 2, 3, 4, 8}), oracle_name);
+INSTANTIATE_TEST_SUITE_P(Matrix, OracleKernelTransport, oracle_matrix(oracle_worlds()), oracle_name);
 
 // ...and bit for bit against the host transport: both reduce in rank order in fp32.
 TEST(OracleKernelTransport, SameBitsAsHostTasks) {

@@ -14,6 +14,7 @@
 
 #include "shardopt/error.hpp"
 #include "shardopt/layout.hpp"
+#include "sanitized.hpp"
 #include "shardopt/backend.hpp"
 #include "shardopt/communicator.hpp"
 #include "shardopt/engine.hpp"
@@ -248,7 +249,8 @@ constexpr std::size_t kAlignments[] = {1, 2, 3, 8, 64};
 
 TEST(Layout, RandomModelsAllWorldSizesAlignmentsBuckets) {
   std::mt19937 rng(20240611u);
-  for (int iter = 0; iter < 120; ++iter) {
+  const int iterations = shardopt::testing::kSanitized ? 30 : 120;
+  for (int iter = 0; iter < iterations; ++iter) {
     const auto blocks = random_model(rng);
     for (int w = 1; w <= 8; ++w) {
       for (std::size_t a : kAlignments) {
