@@ -114,7 +114,7 @@ struct World {
 // The elements of an engine view, read from the host whatever memory holds them. `be` is the
 // engine's backend, or null when the views are host memory: then a memcpy, else a copy ordered on
 // the engine's compute stream (the views of a GPU backend are device memory).
-inline bool host_views(const Backend* be) { return be == nullptr || be->kind() == BackendKind::cpu; }
+inline bool host_views(const Backend* be) { return be == nullptr || be->host_accessible(); }
 
 inline std::vector<unsigned char> read_view(Backend* be, Engine& e, const TensorView& tv) {
   std::vector<unsigned char> host(tv.numel * size_of(tv.dtype));
