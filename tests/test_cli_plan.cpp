@@ -168,6 +168,9 @@ void expect_largest_consistent(const std::vector<std::string>& shape, const std:
     m.push_back(std::to_string(size));
     return m;
   };
+  // The flags plan prints to train this model name its size.
+  EXPECT_NE(j["flags"].get<std::string>().find(size_flag + " " + std::to_string(n) + " "), std::string::npos)
+      << j["flags"];
   const json& c = j["choice"];
   const Need at = estimate_need(model_of(n), gpus, c["stage"].get<int>(), c["offload"].get<std::string>(),
                                 c["offload_params"].get<bool>());

@@ -120,6 +120,7 @@ struct Sized {
   Model model;
   std::uint64_t activations = 0;  // the trainer's, per rank
   std::string size_text;          // "37 layers", "1,234,567 params"
+  std::string size_flags;         // the flags of train/estimate that give this model
 };
 
 std::uint64_t largest_tensor(const std::vector<BlockSpec>& blocks) {
@@ -453,13 +454,13 @@ void print_rows(std::ostream& os, const Assessment& as, int gpus) {
   }
 }
 
-void print_choice(std::ostream& os, const Row& c, const Config& cfg, const Budget& b) {
+void print_choice(std::ostream& os, const Row& c, const Config& cfg, const Budget& b, const std::string& size_flags = "") {
   os << "-> stage " << c.stage << ", offload " << offload_text(c) << ", bucket " << format_bytes(double(cfg.bucket_bytes));
   if (c.stage == 3) os << ", prefetch " << cfg.prefetch_units << " units";
   os << ": " << format_bytes(double(c.need)) << " of " << format_bytes(b.usable) << " usable per GPU";
   if (c.offload == OffloadKind::host) os << ", " << format_bytes(double(c.host) * b.gpus) << " of host memory";
   if (c.offload == OffloadKind::nvme) os << ", " << format_bytes(double(c.disk) * b.gpus) << " on NVMe";
-  os << "\n   (" << flags_text(c) << ")\n";
+  os << "\n   (" << (size_flags.empty() ? "" : size_flags + " ") << flags_text(c) << ")\n";
 }
 
 // Why a configuration does not fit: each resource it is over, and by how much.
@@ -534,6 +535,9 @@ int run_plan(const PlanArgs& a, Io& io) {
       if (!parse_dtype(m.dtype, dt)) throw UsageError("--dtype: unknown dtype '" + m.dtype + "'");
       out.activations = gpt_activations(s, gpt_batch, a.gpt.seq, dt, a.gpt.recompute);
       out.size_text = std::to_string(s.layers) + " layers";
+      out.size_flags = "--model gpt --layers " + std::to_string(s.layers) + " --hidden " + std::to_string(s.hidden) +
+                       " --heads " + std::to_string(s.heads) + " --vocab " + std::to_string(s.vocab) +
+                       " --positions " + std::to_string(s.max_seq);
     } else {
       out.model = build_model(m);
       if (out.model.example) {
@@ -542,6 +546,9 @@ int run_plan(const PlanArgs& a, Io& io) {
         out.activations = mlp_activations(out.model.shape, m.batch, dt);
       }
       out.size_text = out.model.example ? std::to_string(m.layers) + " layers" : format_count(out.model.params) + " params";
+      out.size_flags = out.model.example ? "--layers " + std::to_string(m.layers) + " --hidden " + std::to_string(m.hidden)
+                                         : "--params " + std::to_string(out.model.params) + " --blocks " +
+                                               std::to_string(out.model.blocks.size());
     }
     if (act_given) out.activations = *act_given;
     return out;
@@ -724,7 +731,6 @@ int run_plan(const PlanArgs& a, Io& io) {
     for (const auto& r : next->as.rows)
       if (r.stage == c.stage && r.offload == c.offload && r.offload_params == c.offload_params) next_same = &r;
   const Json ds = deepspeed_of(win.m);
-  const std::string size_flag = what == "params" ? "--params " + std::to_string(*best) : "--layers " + std::to_string(*best);
 
   if (a.json) {
     Json j;
@@ -743,7 +749,7 @@ int run_plan(const PlanArgs& a, Io& io) {
     j["activation_bytes_per_gpu"] = win.m.activations;
     j["stages"] = rows_json(win.as);
     j["choice"] = choice_json(c, win.cfg, a.gpus);
-    j["flags"] = size_flag + " " + flags_text(c);
+    j["flags"] = win.m.size_flags + " " + flags_text(c);
     if (next) {
       j["next"] = {{"size", *best + 1}, {"params", next->m.model.params},
                    {"activation_bytes_per_gpu", next->m.activations}, {"fits", next->as.choice >= 0},
@@ -761,8 +767,7 @@ int run_plan(const PlanArgs& a, Io& io) {
      << (*best == limit ? ", the search's limit" : "") << "\n";
   print_rows(os, win.as, a.gpus);
   os << '\n';
-  print_choice(os, c, win.cfg, b);
-  os << "   (" << size_flag << ")\n";
+  print_choice(os, c, win.cfg, b, win.m.size_flags);
   if (next) {
     os << "next size up, " << next->m.size_text << " (" << format_count(next->m.model.params)
        << " params), does not train here: ";
