@@ -68,6 +68,15 @@ std::optional<std::uint64_t> size_arg(const std::string& text, const char* flag)
   return v;
 }
 
+// --cuda-context: a reserve, at most 1 PiB (so that it never carries a sum past 64 bits).
+std::uint64_t context_arg(const std::string& text) {
+  if (text.empty()) throw UsageError("--cuda-context: empty (a size, e.g. 512MiB, or 0)");
+  const std::uint64_t v = *size_arg(text, "--cuda-context");
+  if (v > (std::uint64_t(1) << 50))
+    throw UsageError("--cuda-context: '" + text + "' is more than any GPU holds (at most 1 PiB)");
+  return v;
+}
+
 // 2^62: the most bytes any figure below may reach, so that sums of a few of them stay in 64 bits.
 constexpr double kMaxFigureBytes = 4611686018427387904.0;
 
@@ -188,7 +197,7 @@ int run_estimate(const EstimateArgs& a, Io& io) {
   const bool gpt = a.gpt.model == "gpt";
   const bool cuda = a.backend == "cuda";
   if (a.backend != "cpu" && !cuda) throw UsageError("--backend: '" + a.backend + "' is not cpu or cuda");
-  const std::uint64_t context = cuda ? *size_arg(a.cuda_context, "--cuda-context") : 0;
+  const std::uint64_t context = cuda ? context_arg(a.cuda_context) : 0;
   if (!cuda && a.cuda_context != kCudaContextDefault)
     throw UsageError("--cuda-context: only with --backend cuda (a CPU process has no CUDA context)");
   const Model model = gpt ? build_gpt_model(a.gpt, a.model) : build_model(a.model);
@@ -322,7 +331,7 @@ CLI::App* add_plan(CLI::App& app, PlanArgs& a) {
       ->check(CLI::Range(0.0, 0.9))->capture_default_str();
   sub->add_option("--largest", a.largest,
                   "layers: the most layers of the example MLP at --hidden, or of the GPT at --preset's (or --hidden's) "
-                  "width, that trains here; params: the largest --params model (--blocks equal blocks)")
+                  "width, that trains here; params: the largest --params model (32 equal blocks)")
       ->check(CLI::IsMember({"layers", "params"}));
   sub->add_flag("--deepspeed", a.deepspeed,
                 "also print DeepSpeed's own estimator's figures for the same model (its published ZeRO-2/ZeRO-3 "
@@ -496,13 +505,14 @@ int run_plan(const PlanArgs& a, Io& io) {
   const bool gpt = a.gpt.model == "gpt";
   Budget b;
   b.gpus = a.gpus;
+  if (a.gpu_mem.empty()) throw UsageError("--gpu-mem: empty (the memory of one GPU, e.g. 80GiB)");
   b.gpu_mem = *size_arg(a.gpu_mem, "--gpu-mem");
   if (b.gpu_mem == 0) throw UsageError("--gpu-mem: '" + a.gpu_mem + "' is no memory (give the GPU's size, e.g. 80GiB)");
   b.host_mem = size_arg(a.host_mem, "--host-mem");
   if (b.host_mem && *b.host_mem == 0)
     throw UsageError("--host-mem: '" + a.host_mem + "' is no memory (give the machine's, e.g. 512GiB)");
   b.nvme = size_arg(a.nvme, "--nvme");
-  b.context = *size_arg(a.cuda_context, "--cuda-context");
+  b.context = context_arg(a.cuda_context);
   b.usable = double(b.gpu_mem) * (1.0 - a.headroom);
   const std::optional<std::uint64_t> act_given =
       a.activations.empty() ? std::nullopt : size_arg(a.activations, "--activations");
