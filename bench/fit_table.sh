@@ -97,7 +97,8 @@ for shape in shapes:
     print(f"{gpus} GPU(s) per machine; shardopt: `plan {' '.join(base)} --gpu-mem G --host-mem H` "
           f"(engine buffers per plan_memory + activations + 512 MiB CUDA context, 10 % headroom). "
           f"DeepSpeed: its estimator's figures for the same model with the options matching shardopt's configuration "
-          f"(model states only; CPU per node), and the largest model of this shape its estimator lets fit.\n")
+          f"(model states only; CPU per node), and the largest model of this shape its estimator lets fit "
+          f"(its figures against the whole GPU and host memory: no headroom, no CUDA context, no activations).\n")
     print("| GPU | host | shardopt: largest | configuration | GPU need | host need | DeepSpeed estimator, same model: GPU / CPU | DeepSpeed estimator: largest that fits |")
     print("|---|---|---|---|---|---|---|---|")
     for gpu in gpu_sizes:
