@@ -1,7 +1,6 @@
 // shardopt estimate and shardopt plan: memory per rank from shapes alone (plan_memory).
 #include <algorithm>
 #include <cstdio>
-#include <functional>
 #include <optional>
 #include <sstream>
 
@@ -387,9 +386,10 @@ Row evaluate(const Config& base, const std::vector<BlockSpec>& blocks, std::uint
   row.device = r.peak_total[int(Place::device)];
   row.host = r.peak_total[int(Place::pinned_host)] + r.peak_total[int(Place::host)];
   row.disk = r.peak_total[int(Place::disk)];
-  // Each term is below 2^62 (plan_memory's byte counts for at most 2^48 parameters, the
-  // activations by their check, the sizes by parse_bytes), so the sums and products by the GPU
-  // count are compared in double: no 64-bit wrap can make a huge need look small.
+  // need cannot wrap: the engine's bytes for at most 2^48 parameters stay below 2^53, the
+  // activations below 2^63 (parse_bytes, or the trainers' checked counts), the context below 2^50.
+  // The comparisons, and the products by the GPU count, are made in double all the same, so no
+  // rounding of a huge figure can make it look small.
   row.need = row.device + act + b.context;
   row.fits_gpu = double(row.device) + double(act) + double(b.context) <= b.usable;
   row.fits_host = !b.host_mem || double(row.host) * world <= double(*b.host_mem);
