@@ -331,6 +331,9 @@ int run(int argc, const char* const* argv, Io& io) {
       }
       if (plan_cmd->parsed()) {
         which += " plan";
+        plan.gpt.batch_given = plan_cmd->count("--batch") > 0;
+        plan.gpt.layers_given = plan_cmd->count("--layers") > 0;
+        plan.gpt.hidden_given = plan_cmd->count("--hidden") > 0;
         return run_plan(plan, io);
       }
       if (checkpoint_cmd.inspect->parsed()) {

@@ -182,10 +182,19 @@ bool is_gpt_checkpoint(const std::string& dir);
 // Writes OUT/model.safetensors and OUT/config.json (Hugging Face GPT2LMHeadModel).
 int run_gpt_export(const std::string& dir, const std::string& out, DType dtype, Io& io);
 
+// The device memory a CUDA process holds that no allocation of the engine or the trainer shows:
+// the context (its code, its kernels' modules, the driver's tables) and the libraries' handles
+// and workspaces (cuBLAS). Not measured here: an assumption, about what a CUDA 12 context with
+// lazy module loading and one cuBLAS handle take on a current data-centre GPU; --cuda-context
+// replaces it.
+inline constexpr const char* kCudaContextDefault = "512MiB";
+
 struct EstimateArgs {
   ModelArgs model;
   GptArgs gpt;  // --model gpt: the GPT's blocks, and its trainer's activations at --seq/--batch
   int world = 4;
+  std::string backend = "cpu";  // cuda: the device total adds the activations and the CUDA context
+  std::string cuda_context = kCudaContextDefault;
   bool json = false;
 };
 CLI::App* add_estimate(CLI::App& app, EstimateArgs& a);
@@ -193,9 +202,13 @@ int run_estimate(const EstimateArgs& a, Io& io);
 
 struct PlanArgs {
   ModelArgs model;
+  GptArgs gpt;  // --model gpt: the GPT's blocks and its trainer's activations
   int gpus = 1;
   std::string gpu_mem, host_mem, nvme, activations;
+  std::string cuda_context = kCudaContextDefault;
+  std::string largest;  // "layers" or "params": search the largest model of the shape that fits
   double headroom = 0.10;
+  bool deepspeed = false;  // print DeepSpeed's estimator's figures for the same model
   bool json = false;
 };
 CLI::App* add_plan(CLI::App& app, PlanArgs& a);

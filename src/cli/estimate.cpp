@@ -1,9 +1,11 @@
 // shardopt estimate and shardopt plan: memory per rank from shapes alone (plan_memory).
+#include <algorithm>
 #include <cstdio>
 #include <optional>
 #include <sstream>
 
 #include "commands.hpp"
+#include "gpt.hpp"
 #include "units.hpp"
 
 namespace shardopt::cli {
@@ -65,9 +67,109 @@ std::optional<std::uint64_t> size_arg(const std::string& text, const char* flag)
   return v;
 }
 
-const char* const kNotIncluded[] = {"the trainer's activations and workspace",
-                                    "the communicator's own scratch",
-                                    "allocator overhead and fragmentation", "the CUDA context (on a GPU)"};
+// --cuda-context: a reserve, at most 1 PiB (so that it never carries a sum past 64 bits).
+std::uint64_t context_arg(const std::string& text) {
+  if (text.empty()) throw UsageError("--cuda-context: empty (a size, e.g. 512MiB, or 0)");
+  const std::uint64_t v = *size_arg(text, "--cuda-context");
+  if (v > (std::uint64_t(1) << 50))
+    throw UsageError("--cuda-context: '" + text + "' is more than any GPU holds (at most 1 PiB)");
+  return v;
+}
+
+// 2^62: the most bytes any figure below may reach, so that sums of a few of them stay in 64 bits.
+constexpr double kMaxFigureBytes = 4611686018427387904.0;
+
+// The trainers' activations, refused by name when the shape makes them astronomically large
+// (their own counts are size_t products that would wrap). The double is an upper bound of the
+// same count (every term rounded up), so a shape that passes has an exact size_t count.
+std::size_t mlp_activations(const mlp::Shape& s, int batch, DType compute) {
+  const double L = s.layers, B = batch, H = s.hidden;
+  const double bound = 4.0 * ((L + 1) * B * H + 8 * L * B * H + 20 * B * H + 2 * (8 * H * H + 5 * H));
+  if (bound > kMaxFigureBytes)
+    throw UsageError("--batch: the example trainer's activations at --batch " + std::to_string(batch) +
+                     " and this shape exceed 2^62 bytes");
+  return mlp::activation_bytes(s, batch, compute);
+}
+
+std::size_t gpt_activations(const gpt::Shape& s, int batch, int seq, DType compute, bool recompute) {
+  const double N = double(batch) * seq, C = s.hidden, L = s.layers, V = s.vocab;
+  const double per_layer = N * (15 * C + 4) + double(batch) * s.heads * double(seq) * seq;
+  const double bound = 4.0 * ((L + 5) * N * C + (recompute ? 1 : L) * per_layer + 3 * N + N * V + 10 * N * C +
+                              double(seq) * seq + 2 * (V * C + double(s.max_seq) * C + 12 * C * C + 13 * C) + 2 * N + 2);
+  if (bound > kMaxFigureBytes)
+    throw UsageError("--seq: the GPT trainer's activations at --seq " + std::to_string(seq) + " x --batch " +
+                     std::to_string(batch) + " exceed 2^62 bytes");
+  return gpt::activation_bytes(s, batch, seq, compute, recompute);
+}
+
+// The GPT of --preset or --layers/--hidden/--heads/--vocab/--positions, with `layers` layers
+// when positive (the search of plan --largest).
+gpt::Shape gpt_shape_of(const GptArgs& g, const ModelArgs& m, int layers = 0) {
+  gpt::Shape s;
+  if (!g.preset.empty()) {
+    if ((g.layers_given && layers <= 0) || g.hidden_given)
+      throw UsageError("--preset: give either a preset or --layers/--hidden, not both");
+    s = gpt::preset(g.preset);
+  } else {
+    s = gpt::Shape{m.layers, g.heads, m.hidden, g.vocab, g.positions > 0 ? g.positions : g.seq};
+    if (s.hidden % s.heads != 0)
+      throw UsageError("--heads: hidden " + std::to_string(s.hidden) + " is not a multiple of " +
+                       std::to_string(s.heads) + " heads");
+  }
+  if (layers > 0) s.layers = layers;
+  if (g.seq > s.max_seq)
+    throw UsageError("--seq: " + std::to_string(g.seq) + " is more than the model's " + std::to_string(s.max_seq) +
+                     " positions");
+  return s;
+}
+
+// The model a planning command works on, and what its trainer holds besides the engine.
+struct Sized {
+  Model model;
+  std::uint64_t activations = 0;  // the trainer's, per rank
+  std::string size_text;          // "37 layers", "1,234,567 params"
+  std::string size_flags;         // the flags of train/estimate that give this model
+};
+
+std::uint64_t largest_tensor(const std::vector<BlockSpec>& blocks) {
+  std::uint64_t m = 0;
+  for (const auto& b : blocks)
+    for (const auto& t : b.tensors) m = std::max<std::uint64_t>(m, numel(t.shape));
+  return m;
+}
+
+// DeepSpeed's own estimator of model-state memory, reimplemented from its published formulas
+// (DeepSpeed's "Memory Requirements" documentation: estimate_zero2_model_states_mem_needs_all_cold
+// in deepspeed/runtime/zero/stage_1_and_2.py and estimate_zero3_model_states_mem_needs_all_cold
+// in deepspeed/runtime/zero/stage3.py), for Ψ parameters on G GPUs of one node, its
+// additional_buffer_factor of 1.5 on the CPU side, zero_init on, and its largest layer taken as
+// the model's largest tensor. Its CPU figure is per node, its GPU figure per GPU; it counts model
+// states only (no activations, no CUDA context) and assumes fp16/bf16 mixed precision with Adam.
+Json deepspeed_estimate(double psi, std::uint64_t largest_layer, int gpus) {
+  const double G = gpus, buf = 1.5, largest = double(largest_layer), layer = 4.0 * largest;
+  auto row = [](const char* options, double gpu, double cpu) {
+    return Json{{"options", options}, {"gpu_bytes", gpu}, {"cpu_bytes", cpu}};
+  };
+  Json j;
+  j["source"] = "DeepSpeed estimate_zero2/zero3_model_states_mem_needs_all_cold (formulas reimplemented)";
+  j["largest_layer_params"] = largest_layer;
+  j["zero2_offload_optimizer"] = row("zero2, offload_optimizer=cpu", 2 * psi, psi * std::max(4 * G, 16.0) * buf);
+  j["zero2"] = row("zero2, offload_optimizer=none", 4 * psi + 16 * psi / G, psi * 4 * G * buf);
+  j["zero3_offload_all"] = row("zero3, offload_param=cpu, offload_optimizer=cpu, zero_init=1", layer, psi * 18 * buf);
+  j["zero3_offload_optimizer"] =
+      row("zero3, offload_param=none, offload_optimizer=cpu, zero_init=1", layer + 2 * psi / G, psi * 16 * buf);
+  j["zero3"] = row("zero3, offload_param=none, offload_optimizer=none, zero_init=1", layer + 18 * psi / G,
+                   largest * 4 * G * buf);
+  return j;
+}
+
+// The DeepSpeed row matching a configuration of ours: stages 0-2 against its ZeRO-2 figures
+// (it has no stage 0/1 estimator), stage 3 against ZeRO-3's with the same offload.
+const char* deepspeed_row_for(int stage, bool offload, bool offload_params) {
+  if (stage < 3) return offload ? "zero2_offload_optimizer" : "zero2";
+  if (!offload) return "zero3";
+  return offload_params ? "zero3_offload_all" : "zero3_offload_optimizer";
+}
 
 }  // namespace
 
@@ -77,6 +179,14 @@ CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
   add_model_options(sub, a.model, /*with_params=*/true, /*with_stage=*/true);
   add_gpt_shape_options(sub, a.gpt);
   sub->add_option("--world", a.world, "data-parallel ranks")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  sub->add_option("--backend", a.backend,
+                  "cpu; cuda: the device total of the whole process, with the trainer's activations and the CUDA "
+                  "context (--cuda-context)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  sub->add_option("--cuda-context", a.cuda_context,
+                  "device memory of the CUDA context and libraries per process, not allocated by the engine or the "
+                  "trainer (an assumption, not measured)")
+      ->capture_default_str();
   sub->add_flag("--json", a.json, "print one JSON object as the last line");
   return sub;
 }
@@ -84,20 +194,36 @@ CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
 int run_estimate(const EstimateArgs& a, Io& io) {
   check_offload(a.model);
   const bool gpt = a.gpt.model == "gpt";
+  const bool cuda = a.backend == "cuda";
+  if (a.backend != "cpu" && !cuda) throw UsageError("--backend: '" + a.backend + "' is not cpu or cuda");
+  const std::uint64_t context = cuda ? context_arg(a.cuda_context) : 0;
+  if (!cuda && a.cuda_context != kCudaContextDefault)
+    throw UsageError("--cuda-context: only with --backend cuda (a CPU process has no CUDA context)");
   const Model model = gpt ? build_gpt_model(a.gpt, a.model) : build_model(a.model);
   const Config cfg = build_config(a.model, model);
   const MemoryPlan plan = plan_memory(cfg, model.blocks, a.world);
   const MemoryReport rep = plan.report();
   const double formula = zero_formula(cfg, double(model.params), a.world);
   const double offloaded = offloaded_formula(cfg, double(model.params), a.world);
-  const std::size_t act = gpt ? gpt_activation_bytes(a.gpt, a.model, cfg.compute_dtype)
-                          : model.example ? mlp::activation_bytes(model.shape, a.model.batch, cfg.compute_dtype)
-                                          : 0;
+  const int gpt_batch = a.gpt.batch_given ? a.model.batch : 4;
+  const std::size_t act =
+      gpt ? gpt_activations(gpt_shape_of(a.gpt, a.model), gpt_batch, a.gpt.seq, cfg.compute_dtype, a.gpt.recompute)
+      : model.example ? mlp_activations(model.shape, a.model.batch, cfg.compute_dtype)
+                      : 0;
+  const bool act_known = gpt || model.example;
   // What one rank's process holds in memory: the engine's buffers in every place but disk, plus
-  // the trainer's activations and workspace (not the CUDA context, allocator slack, libraries).
-  std::size_t in_memory = act;
+  // the trainer's activations and workspace, plus (on a GPU) the CUDA context. Allocator slack and
+  // the communicator's scratch stay outside.
+  std::size_t in_memory = act + context;
   for (int p = 0; p < kPlaceCount; ++p)
     if (static_cast<Place>(p) != Place::disk) in_memory += rep.peak_total[p];
+  // On a GPU the trainer's activations live on the device (the GPT trainer's CUDA path allocates
+  // them there; the example MLP trainer has no CUDA path, so its figure is what a GPU trainer of
+  // the same shape would hold).
+  const std::uint64_t device_process = rep.peak_total[int(Place::device)] + act + context;
+  std::vector<std::string> not_included = {"the communicator's own scratch", "allocator overhead and fragmentation"};
+  if (!act_known) not_included.insert(not_included.begin(), "the trainer's activations and workspace");
+  if (!cuda) not_included.push_back("the CUDA context (on a GPU: --backend cuda)");
 
   if (a.json) {
     Json j;
@@ -119,11 +245,16 @@ int run_estimate(const EstimateArgs& a, Io& io) {
     j["buffers"] = bufs;
     j["zero_formula_bytes"] = formula;  // device
     if (cfg.offload_optimizer != OffloadKind::none) j["zero_formula_offloaded_bytes"] = offloaded;
-    if (model.example || gpt) {
+    if (act_known) {
       j["activation_bytes_per_rank"] = act;
-      j["memory_bytes_per_rank"] = in_memory;  // engine (all places but disk) + activations
+      j["memory_bytes_per_rank"] = in_memory;  // engine (all places but disk) + activations (+ CUDA context)
     }
-    j["not_included"] = Json(std::vector<std::string>(std::begin(kNotIncluded), std::end(kNotIncluded)));
+    j["backend"] = a.backend;
+    if (cuda) {
+      j["cuda_context_bytes"] = context;
+      j["device_process_bytes_per_rank"] = device_process;  // engine device + activations + CUDA context
+    }
+    j["not_included"] = Json(not_included);
     io.out << j.dump() << '\n';
     return 0;
   }
@@ -151,25 +282,36 @@ int run_estimate(const EstimateArgs& a, Io& io) {
        << "; the plan adds host gradient copies, staging rings"
        << (cfg.offload_optimizer == OffloadKind::nvme ? " and the file's second generation" : "") << ")\n";
   os << "not included:";
-  for (const char* n : kNotIncluded) os << ' ' << n << ';';
+  for (const auto& n : not_included) os << ' ' << n << ';';
   os << '\n';
   if (model.example)
     os << "the example trainer's activations at --batch " << a.model.batch << ": " << format_bytes(double(act))
-       << " per rank\n";
+       << " per rank (it also holds its teacher's fp32 weights, 4 bytes per parameter per process: its data "
+          "source, not counted)\n";
   if (gpt)
-    os << "the GPT trainer's activations and workspace at --seq " << a.gpt.seq << " x --batch "
-       << (a.gpt.batch_given ? a.model.batch : 4) << (a.gpt.recompute ? ", recompute" : "") << ": "
-       << format_bytes(double(act)) << " per rank; with the engine's buffers in memory (all but disk): "
-       << format_bytes(double(in_memory)) << " per rank\n";
+    os << "the GPT trainer's activations and workspace at --seq " << a.gpt.seq << " x --batch " << gpt_batch
+       << (a.gpt.recompute ? ", recompute (one layer's activations, recomputed in backward)"
+                           : ", every layer's activations kept for backward (--recompute: one layer's)")
+       << ": " << format_bytes(double(act)) << " per rank\n";
+  if (act_known || cuda)
+    os << "the whole process, per rank: " << format_bytes(double(in_memory)) << " in memory (the engine's buffers "
+       << "in all places but disk" << (act_known ? ", the activations" : "")
+       << (cuda ? ", the CUDA context" : "") << ")\n";
+  if (cuda)
+    os << "on the GPU: " << format_bytes(double(device_process)) << " = the engine's "
+       << format_bytes(double(rep.peak_total[int(Place::device)])) << " + activations " << format_bytes(double(act))
+       << " + CUDA context " << format_bytes(double(context)) << " (assumed, --cuda-context)\n";
   return 0;
 }
 
 CLI::App* add_plan(CLI::App& app, PlanArgs& a) {
   CLI::App* sub = app.add_subcommand(
       "plan", "Find the cheapest configuration (lowest ZeRO stage, so least communication; optimizer offload to "
-              "host memory, then NVMe, only when no stage fits without it) that fits a GPU budget");
+              "host memory, then NVMe, only when no stage fits without it) that fits a GPU budget; with --largest, "
+              "the largest model of a shape that trains there");
   a.model.dtype = "bf16";  // GPU training: 16-bit compute is the usual case
   add_model_options(sub, a.model, /*with_params=*/true, /*with_stage=*/false);
+  add_gpt_shape_options(sub, a.gpt);
   sub->add_option("--gpus", a.gpus, "GPUs (data-parallel ranks), all on one machine")
       ->check(CLI::Range(1, 1 << 20))->capture_default_str();
   sub->add_option("--gpu-mem", a.gpu_mem, "memory per GPU, e.g. 80GiB")->required();
@@ -177,189 +319,479 @@ CLI::App* add_plan(CLI::App& app, PlanArgs& a) {
   sub->add_option("--nvme", a.nvme,
                   "NVMe space of the machine for --offload nvme, e.g. 2TB (checked against the state files if given)");
   sub->add_option("--activations", a.activations,
-                  "activation memory per GPU to allow for (default: the example model's at --batch; 0 for --params)");
+                  "activation memory per GPU to allow for (default: the trainer's for the example MLP at --batch and "
+                  "for --model gpt at --seq/--batch/--recompute; 0 for --params)");
+  sub->add_option("--cuda-context", a.cuda_context,
+                  "device memory of the CUDA context and libraries per GPU, not allocated by the engine or the "
+                  "trainer (an assumption, not measured)")
+      ->capture_default_str();
   sub->add_option("--headroom", a.headroom,
-                  "fraction of each GPU kept free for the CUDA context, allocator fragmentation and "
-                  "communicator workspaces")
+                  "fraction of each GPU kept free for allocator fragmentation and communicator workspaces")
       ->check(CLI::Range(0.0, 0.9))->capture_default_str();
+  sub->add_option("--largest", a.largest,
+                  "layers: the most layers of the example MLP at --hidden, or of the GPT at --preset's (or --hidden's) "
+                  "width, that trains here; params: the largest --params model (32 equal blocks)")
+      ->check(CLI::IsMember({"layers", "params"}));
+  sub->add_flag("--deepspeed", a.deepspeed,
+                "also print DeepSpeed's own estimator's figures for the same model (its published ZeRO-2/ZeRO-3 "
+                "formulas; always in --json)");
   sub->add_flag("--json", a.json, "print one JSON object as the last line");
   sub->footer("Exit status: 0 when a configuration fits, 3 when none does.");
   return sub;
 }
 
-int run_plan(const PlanArgs& a, Io& io) {
-  if (a.model.offload != "none")
-    throw UsageError("--offload: plan chooses the offload itself (host, then nvme, when no stage fits without it)");
-  if (!a.model.nvme_dir.empty()) throw UsageError("--nvme-dir: not used by plan (see --nvme)");
-  const std::uint64_t gpu_mem = *size_arg(a.gpu_mem, "--gpu-mem");
-  const std::optional<std::uint64_t> host_mem = size_arg(a.host_mem, "--host-mem");
-  const std::optional<std::uint64_t> nvme = size_arg(a.nvme, "--nvme");
-  const Model model = build_model(a.model);
-  Config cfg = build_config(a.model, model);
-  std::uint64_t act = 0;
-  std::string act_note;
-  if (!a.activations.empty()) {
-    act = *size_arg(a.activations, "--activations");
-    act_note = "given by --activations";
-  } else if (model.example) {
-    act = mlp::activation_bytes(model.shape, a.model.batch, cfg.compute_dtype);
-    act_note = "the example model's at --batch " + std::to_string(a.model.batch);
-  } else {
-    act_note = "none allowed: pass --activations for your model";
-  }
-  const double usable = double(gpu_mem) * (1.0 - a.headroom);
+namespace {
 
-  // host and disk are per GPU (rank); the machine holds gpus times that.
-  struct Row {
-    int stage;
-    OffloadKind offload;
-    bool offload_params;
-    std::uint64_t device, host, disk, need;
-    bool fits_gpu, fits_host, fits_disk;
-    bool fits() const { return fits_gpu && fits_host && fits_disk; }
-  };
-  auto evaluate = [&](int stage, int world, OffloadKind offload, bool offload_params) {
-    Config c = cfg;
-    c.stage = stage;
-    c.offload_optimizer = offload;
-    c.offload_params = offload_params;
-    if (offload == OffloadKind::nvme) c.nvme_dir = "(planned)";  // plan_memory does not touch it
-    const MemoryReport r = plan_memory(c, model.blocks, world).report();
-    Row row{stage, offload, offload_params, r.peak_total[int(Place::device)],
-            r.peak_total[int(Place::pinned_host)] + r.peak_total[int(Place::host)], r.peak_total[int(Place::disk)],
-            0, false, true, true};
-    row.need = row.device + act;
-    row.fits_gpu = double(row.need) <= usable;
-    row.fits_host = !host_mem || row.host * std::uint64_t(world) <= *host_mem;
-    row.fits_disk = !nvme || row.disk * std::uint64_t(world) <= *nvme;
-    return row;
-  };
+// One configuration of one model against the budget. Host and disk are per GPU (rank); the
+// machine holds gpus times that.
+struct Row {
+  int stage = 0;
+  OffloadKind offload = OffloadKind::none;
+  bool offload_params = false;
+  std::uint64_t device = 0, host = 0, disk = 0, need = 0;  // need: device + activations + CUDA context
+  bool fits_gpu = false, fits_host = true, fits_disk = true;
+  bool fits() const { return fits_gpu && fits_host && fits_disk; }
+};
+
+struct Budget {
+  int gpus = 1;
+  std::uint64_t gpu_mem = 0;
+  double usable = 0;  // per GPU, after the headroom
+  std::uint64_t context = 0;
+  std::optional<std::uint64_t> host_mem, nvme;
+};
+
+// Every configuration plan considers for one model, in order of preference, and the first that
+// fits. `nvme_allowed`: offload to NVMe is a candidate (without --nvme its space is not checked).
+struct Assessment {
   std::vector<Row> rows;
-  for (int s = 0; s <= 3; ++s) rows.push_back(evaluate(s, a.gpus, OffloadKind::none, false));
-  auto first_fit = [&]() -> const Row* {
-    for (const auto& r : rows)
-      if (r.fits()) return &r;
-    return nullptr;
+  int choice = -1;
+  bool tried_offload = false;
+  const Row* chosen() const { return choice < 0 ? nullptr : &rows[std::size_t(choice)]; }
+};
+
+Row evaluate(const Config& base, const std::vector<BlockSpec>& blocks, std::uint64_t act, const Budget& b, int stage,
+             int world, OffloadKind offload, bool offload_params) {
+  Config c = base;
+  c.stage = stage;
+  c.offload_optimizer = offload;
+  c.offload_params = offload_params;
+  if (offload == OffloadKind::nvme) c.nvme_dir = "(planned)";  // plan_memory does not touch it
+  // The buffers' places are read from the plan, whatever buffers the engine makes.
+  const MemoryReport r = plan_memory(c, blocks, world).report();
+  Row row;
+  row.stage = stage;
+  row.offload = offload;
+  row.offload_params = offload_params;
+  row.device = r.peak_total[int(Place::device)];
+  row.host = r.peak_total[int(Place::pinned_host)] + r.peak_total[int(Place::host)];
+  row.disk = r.peak_total[int(Place::disk)];
+  // need cannot wrap: the engine's bytes for at most 2^48 parameters stay below 2^53, the
+  // activations below 2^63 (parse_bytes, or the trainers' checked counts), the context below 2^50.
+  // The comparisons, and the products by the GPU count, are made in double all the same, so no
+  // rounding of a huge figure can make it look small.
+  row.need = row.device + act + b.context;
+  row.fits_gpu = double(row.device) + double(act) + double(b.context) <= b.usable;
+  row.fits_host = !b.host_mem || double(row.host) * world <= double(*b.host_mem);
+  row.fits_disk = !b.nvme || double(row.disk) * world <= double(*b.nvme);
+  return row;
+}
+
+Assessment assess(const Config& base, const std::vector<BlockSpec>& blocks, std::uint64_t act, const Budget& b,
+                  bool nvme_allowed) {
+  Assessment out;
+  for (int s = 0; s <= 3; ++s) out.rows.push_back(evaluate(base, blocks, act, b, s, b.gpus, OffloadKind::none, false));
+  auto first_fit = [&] {
+    for (std::size_t i = 0; i < out.rows.size(); ++i)
+      if (out.rows[i].fits()) return int(i);
+    return -1;
   };
-  const Row* choice = first_fit();
+  out.choice = first_fit();
   // Nothing fits on the GPUs alone: move the optimizer state off them, to host memory first (the
   // faster tier), then to NVMe; within a tier the lower stage (less communication) first, and the
   // parameter shard as well only as a last resort.
-  const bool tried_offload = choice == nullptr;
-  if (tried_offload) {
+  out.tried_offload = out.choice < 0;
+  if (out.tried_offload) {
     for (OffloadKind kind : {OffloadKind::host, OffloadKind::nvme}) {
-      rows.push_back(evaluate(2, a.gpus, kind, false));
-      rows.push_back(evaluate(3, a.gpus, kind, false));
-      rows.push_back(evaluate(3, a.gpus, kind, true));
+      if (kind == OffloadKind::nvme && !nvme_allowed) continue;
+      out.rows.push_back(evaluate(base, blocks, act, b, 2, b.gpus, kind, false));
+      out.rows.push_back(evaluate(base, blocks, act, b, 3, b.gpus, kind, false));
+      out.rows.push_back(evaluate(base, blocks, act, b, 3, b.gpus, kind, true));
     }
-    choice = first_fit();
+    out.choice = first_fit();
   }
-  // Not fitting: the fewest GPUs with which stage 3 without offload would (its per-GPU bytes fall
-  // with the world size down to the gathered units, buckets and activations, which do not).
-  std::optional<int> min_gpus;
-  if (!choice) {
-    auto fits3 = [&](int world) { return evaluate(3, world, OffloadKind::none, false).fits_gpu; };
-    int hi = a.gpus;
-    while (hi < (1 << 20) && !fits3(hi)) hi *= 2;
-    if (hi < (1 << 20)) {
-      int lo = std::max(a.gpus, hi / 2);
-      while (lo < hi) {
-        const int mid = lo + (hi - lo) / 2;
-        if (fits3(mid)) hi = mid;
-        else lo = mid + 1;
-      }
-      min_gpus = hi;
-    }
-  }
-  auto offload_text = [](const Row& r) {
-    return std::string(name_of(r.offload)) + (r.offload_params ? "+p" : "");
-  };
-  auto flags_text = [](const Row& r) {
-    std::string f = "--stage " + std::to_string(r.stage);
-    if (r.offload == OffloadKind::host) f += " --offload host";
-    if (r.offload == OffloadKind::nvme) f += " --offload nvme --nvme-dir DIR";
-    if (r.offload_params) f += " --offload-params";
-    return f;
-  };
+  return out;
+}
 
-  if (a.json) {
-    Json j;
-    j["params"] = model.params;
-    j["dtype"] = a.model.dtype;
-    j["optimizer"] = a.model.optimizer;
-    j["budget"] = {{"gpus", a.gpus}, {"gpu_mem", gpu_mem}, {"usable_per_gpu", usable}, {"headroom", a.headroom}};
-    if (host_mem) j["budget"]["host_mem"] = *host_mem;
-    if (nvme) j["budget"]["nvme"] = *nvme;
-    j["activation_bytes_per_gpu"] = act;
-    Json st = Json::array();
-    for (const auto& r : rows)
-      st.push_back({{"stage", r.stage}, {"offload", std::string(name_of(r.offload))},
-                    {"offload_params", r.offload_params}, {"device_bytes", r.device}, {"host_bytes", r.host},
-                    {"disk_bytes", r.disk}, {"need_per_gpu", r.need}, {"fits", r.fits()}});
-    j["stages"] = st;
-    j["offload_considered"] = tried_offload;
-    j["fits"] = choice != nullptr;
-    if (choice) {
-      j["choice"] = {{"stage", choice->stage}, {"offload", std::string(name_of(choice->offload))},
-                     {"offload_params", choice->offload_params}, {"bucket_bytes", cfg.bucket_bytes},
-                     {"prefetch_units", choice->stage == 3 ? cfg.prefetch_units : 0},
-                     {"need_per_gpu", choice->need}, {"host_bytes_all_gpus", choice->host * std::uint64_t(a.gpus)},
-                     {"disk_bytes_all_gpus", choice->disk * std::uint64_t(a.gpus)}};
-    } else {
-      j["over_by"] = double(rows[3].need) - usable;
-      if (min_gpus) j["min_gpus_stage3"] = *min_gpus;
-    }
-    io.out << j.dump() << '\n';
-    return choice ? 0 : 3;
-  }
-  std::ostream& os = io.out;
-  os << "shardopt plan: " << model.description << " (" << format_count(model.params) << " params), "
-     << a.model.dtype << ", " << a.model.optimizer << "\nbudget: " << a.gpus << " GPU(s) x " << format_bytes(double(gpu_mem))
-     << ", usable " << format_bytes(usable) << " each after " << a.headroom * 100 << "% headroom";
-  if (host_mem) os << ", host " << format_bytes(double(*host_mem));
-  if (nvme) os << ", nvme " << format_bytes(double(*nvme));
-  os << "\nactivations per GPU: " << format_bytes(double(act)) << " (" << act_note << ")\n\n";
+std::string offload_text(const Row& r) { return std::string(name_of(r.offload)) + (r.offload_params ? "+p" : ""); }
+
+std::string flags_text(const Row& r) {
+  std::string f = "--stage " + std::to_string(r.stage);
+  if (r.offload == OffloadKind::host) f += " --offload host";
+  if (r.offload == OffloadKind::nvme) f += " --offload nvme --nvme-dir DIR";
+  if (r.offload_params) f += " --offload-params";
+  return f;
+}
+
+Json rows_json(const Assessment& as) {
+  Json st = Json::array();
+  for (const auto& r : as.rows)
+    st.push_back({{"stage", r.stage}, {"offload", std::string(name_of(r.offload))},
+                  {"offload_params", r.offload_params}, {"device_bytes", r.device}, {"host_bytes", r.host},
+                  {"disk_bytes", r.disk}, {"need_per_gpu", r.need}, {"fits", r.fits()}});
+  return st;
+}
+
+Json choice_json(const Row& c, const Config& cfg, int gpus) {
+  return {{"stage", c.stage}, {"offload", std::string(name_of(c.offload))}, {"offload_params", c.offload_params},
+          {"bucket_bytes", cfg.bucket_bytes}, {"prefetch_units", c.stage == 3 ? cfg.prefetch_units : 0},
+          {"need_per_gpu", c.need}, {"host_bytes_all_gpus", c.host * std::uint64_t(gpus)},
+          {"disk_bytes_all_gpus", c.disk * std::uint64_t(gpus)}};
+}
+
+void print_rows(std::ostream& os, const Assessment& as, int gpus) {
   char line[220];
   std::snprintf(line, sizeof line, "%-6s %-8s %14s %14s %14s %14s  %s\n", "stage", "offload", "engine/GPU", "need/GPU",
                 "host (all)", "nvme (all)", "fits");
   os << line;
-  for (const auto& r : rows) {
+  for (const auto& r : as.rows) {
     const char* verdict = r.fits() ? "yes" : !r.fits_gpu ? "no (GPU)" : !r.fits_host ? "no (host)" : "no (nvme)";
     std::snprintf(line, sizeof line, "%-6d %-8s %14s %14s %14s %14s  %s\n", r.stage, offload_text(r).c_str(),
                   format_bytes(double(r.device)).c_str(), format_bytes(double(r.need)).c_str(),
-                  format_bytes(double(r.host * std::uint64_t(a.gpus))).c_str(),
-                  format_bytes(double(r.disk * std::uint64_t(a.gpus))).c_str(), verdict);
+                  format_bytes(double(r.host) * gpus).c_str(), format_bytes(double(r.disk) * gpus).c_str(), verdict);
     os << line;
   }
-  if (!tried_offload)
-    os << "offload (host, nvme): not needed, a stage fits without it\n";
-  else if (!host_mem || !nvme)
-    os << "(host and nvme bytes are checked only against --host-mem and --nvme when given)\n";
-  os << '\n';
-  if (choice) {
-    os << "-> stage " << choice->stage << ", offload " << offload_text(*choice) << ", bucket "
-       << format_bytes(double(cfg.bucket_bytes));
-    if (choice->stage == 3) os << ", prefetch " << cfg.prefetch_units << " units";
-    os << ": " << format_bytes(double(choice->need)) << " of " << format_bytes(usable) << " usable per GPU";
-    if (choice->offload == OffloadKind::host)
-      os << ", " << format_bytes(double(choice->host * std::uint64_t(a.gpus))) << " of host memory";
-    if (choice->offload == OffloadKind::nvme)
-      os << ", " << format_bytes(double(choice->disk * std::uint64_t(a.gpus))) << " on NVMe";
-    os << "\n   (" << flags_text(*choice) << ")\n";
+}
+
+void print_choice(std::ostream& os, const Row& c, const Config& cfg, const Budget& b, const std::string& size_flags = "") {
+  os << "-> stage " << c.stage << ", offload " << offload_text(c) << ", bucket " << format_bytes(double(cfg.bucket_bytes));
+  if (c.stage == 3) os << ", prefetch " << cfg.prefetch_units << " units";
+  os << ": " << format_bytes(double(c.need)) << " of " << format_bytes(b.usable) << " usable per GPU";
+  if (c.offload == OffloadKind::host) os << ", " << format_bytes(double(c.host) * b.gpus) << " of host memory";
+  if (c.offload == OffloadKind::nvme) os << ", " << format_bytes(double(c.disk) * b.gpus) << " on NVMe";
+  os << "\n   (" << (size_flags.empty() ? "" : size_flags + " ") << flags_text(c) << ")\n";
+}
+
+// Why a configuration does not fit: each resource it is over, and by how much.
+std::string shortfall(const Row& r, const Budget& b) {
+  std::string out;
+  auto add = [&](const std::string& s) { out += (out.empty() ? "" : "; ") + s; };
+  if (!r.fits_gpu)
+    add("needs " + format_bytes(double(r.need)) + " per GPU, " + format_bytes(double(r.need) - b.usable) +
+        " over the usable " + format_bytes(b.usable));
+  if (!r.fits_host)
+    add("needs " + format_bytes(double(r.host) * b.gpus) + " of host memory, " +
+        format_bytes(double(r.host) * b.gpus - double(*b.host_mem)) + " over --host-mem");
+  if (!r.fits_disk)
+    add("needs " + format_bytes(double(r.disk) * b.gpus) + " on NVMe, " +
+        format_bytes(double(r.disk) * b.gpus - double(*b.nvme)) + " over --nvme");
+  return out;
+}
+
+Json shortfall_json(const Row& r, const Budget& b) {
+  Json j = {{"stage", r.stage}, {"offload", std::string(name_of(r.offload))}, {"offload_params", r.offload_params},
+            {"need_per_gpu", r.need}, {"host_bytes_all_gpus", double(r.host) * b.gpus},
+            {"disk_bytes_all_gpus", double(r.disk) * b.gpus}, {"fits_gpu", r.fits_gpu}, {"fits_host", r.fits_host},
+            {"fits_disk", r.fits_disk}};
+  return j;
+}
+
+}  // namespace
+
+int run_plan(const PlanArgs& a, Io& io) {
+  if (a.model.offload != "none")
+    throw UsageError("--offload: plan chooses the offload itself (host, then nvme, when no stage fits without it)");
+  if (!a.model.nvme_dir.empty()) throw UsageError("--nvme-dir: not used by plan (see --nvme)");
+  const bool gpt = a.gpt.model == "gpt";
+  Budget b;
+  b.gpus = a.gpus;
+  if (a.gpu_mem.empty()) throw UsageError("--gpu-mem: empty (the memory of one GPU, e.g. 80GiB)");
+  b.gpu_mem = *size_arg(a.gpu_mem, "--gpu-mem");
+  if (b.gpu_mem == 0) throw UsageError("--gpu-mem: '" + a.gpu_mem + "' is no memory (give the GPU's size, e.g. 80GiB)");
+  b.host_mem = size_arg(a.host_mem, "--host-mem");
+  if (b.host_mem && *b.host_mem == 0)
+    throw UsageError("--host-mem: '" + a.host_mem + "' is no memory (give the machine's, e.g. 512GiB)");
+  b.nvme = size_arg(a.nvme, "--nvme");
+  b.context = context_arg(a.cuda_context);
+  b.usable = double(b.gpu_mem) * (1.0 - a.headroom);
+  const std::optional<std::uint64_t> act_given =
+      a.activations.empty() ? std::nullopt : size_arg(a.activations, "--activations");
+  const int gpt_batch = a.gpt.batch_given ? a.model.batch : 4;
+  if (gpt && !a.model.params.empty())
+    throw UsageError("--params: not with --model gpt (its size is --preset or --layers/--hidden)");
+  if (a.largest == "params" && gpt) throw UsageError("--largest: params is for the --params model; gpt searches layers");
+  if (a.largest == "params" && !a.model.params.empty())
+    throw UsageError("--params: not with --largest params (the count is what it searches)");
+  if (a.largest == "layers" && !a.model.params.empty())
+    throw UsageError("--params: not with --largest layers (it searches the layers of the example MLP or the GPT)");
+  if (a.largest == "layers" && a.gpt.layers_given)
+    throw UsageError("--layers: not with --largest layers (the layer count is what it searches)");
+
+  // The model of each size: the layer count (MLP or GPT) or the parameter count (equal blocks).
+  auto sized = [&](std::optional<std::uint64_t> n) -> Sized {
+    Sized out;
+    ModelArgs m = a.model;
+    if (a.largest == "params") m.params = std::to_string(*n);
+    if (a.largest == "layers" && !gpt) m.layers = static_cast<int>(*n);
+    const int layers = a.largest == "layers" ? static_cast<int>(*n) : 0;
+    if (gpt) {
+      const gpt::Shape s = gpt_shape_of(a.gpt, a.model, layers);
+      out.model.params = gpt::param_count(s);
+      out.model.blocks = gpt::blocks(s);
+      out.model.description = "GPT " + (a.gpt.preset.empty() ? std::string() : a.gpt.preset + " ") +
+                              std::to_string(s.layers) + " layers, hidden " + std::to_string(s.hidden) + ", " +
+                              std::to_string(s.heads) + " heads, vocab " + std::to_string(s.vocab);
+      DType dt = DType::bf16;
+      if (!parse_dtype(m.dtype, dt)) throw UsageError("--dtype: unknown dtype '" + m.dtype + "'");
+      out.activations = gpt_activations(s, gpt_batch, a.gpt.seq, dt, a.gpt.recompute);
+      out.size_text = std::to_string(s.layers) + " layers";
+      out.size_flags = "--model gpt --layers " + std::to_string(s.layers) + " --hidden " + std::to_string(s.hidden) +
+                       " --heads " + std::to_string(s.heads) + " --vocab " + std::to_string(s.vocab) +
+                       " --positions " + std::to_string(s.max_seq);
+    } else {
+      out.model = build_model(m);
+      if (out.model.example) {
+        DType dt = DType::bf16;
+        if (!parse_dtype(m.dtype, dt)) throw UsageError("--dtype: unknown dtype '" + m.dtype + "'");
+        out.activations = mlp_activations(out.model.shape, m.batch, dt);
+      }
+      out.size_text = out.model.example ? std::to_string(m.layers) + " layers" : format_count(out.model.params) + " params";
+      out.size_flags = out.model.example ? "--layers " + std::to_string(m.layers) + " --hidden " + std::to_string(m.hidden)
+                                         : "--params " + std::to_string(out.model.params) + " --blocks " +
+                                               std::to_string(out.model.blocks.size());
+    }
+    if (act_given) out.activations = *act_given;
+    return out;
+  };
+  const std::string act_note =
+      act_given ? "given by --activations"
+      : gpt ? "the GPT trainer's at --seq " + std::to_string(a.gpt.seq) + " x --batch " + std::to_string(gpt_batch) +
+                  (a.gpt.recompute ? ", recompute: one layer's activations kept" : ", every layer's kept for backward")
+      : a.largest != "params" && a.model.params.empty() ? "the example model's at --batch " + std::to_string(a.model.batch)
+                                                        : "none allowed: pass --activations for your model";
+
+  auto print_header = [&](std::ostream& os, const Sized& m, std::uint64_t act) {
+    os << "shardopt plan: " << m.model.description << " (" << format_count(m.model.params) << " params), "
+       << a.model.dtype << ", " << a.model.optimizer << "\nbudget: " << a.gpus << " GPU(s) x "
+       << format_bytes(double(b.gpu_mem)) << ", usable " << format_bytes(b.usable) << " each after "
+       << a.headroom * 100 << "% headroom";
+    if (b.host_mem) os << ", host " << format_bytes(double(*b.host_mem));
+    if (b.nvme) os << ", nvme " << format_bytes(double(*b.nvme));
+    os << "\nper GPU besides the engine: activations " << format_bytes(double(act)) << " (" << act_note
+       << "), CUDA context " << format_bytes(double(b.context)) << " (assumed, --cuda-context)\n\n";
+  };
+  auto deepspeed_of = [&](const Sized& m) {
+    return deepspeed_estimate(double(m.model.params), largest_tensor(m.model.blocks), a.gpus);
+  };
+  auto print_deepspeed = [&](std::ostream& os, const Json& ds, const Row* c) {
+    os << "DeepSpeed's estimator, same model (model states only; GPU per GPU, CPU per node; largest layer "
+       << format_count(ds["largest_layer_params"].get<std::uint64_t>()) << " params):\n";
+    for (const char* k : {"zero2", "zero2_offload_optimizer", "zero3", "zero3_offload_optimizer", "zero3_offload_all"}) {
+      const Json& r = ds[k];
+      const bool mine = c && std::string(k) == deepspeed_row_for(c->stage, c->offload != OffloadKind::none,
+                                                                 c->offload_params);
+      os << "  " << (mine ? "*" : " ") << " GPU " << format_bytes(r["gpu_bytes"].get<double>()) << ", CPU "
+         << format_bytes(r["cpu_bytes"].get<double>()) << "  (" << r["options"].get<std::string>() << ")\n";
+    }
+    if (c) os << "  (* the options matching the configuration above)\n";
+  };
+
+  if (a.largest.empty()) {
+    const Sized m = sized(std::nullopt);
+    const Config cfg = build_config(a.model, m.model);
+    const Assessment as = assess(cfg, m.model.blocks, m.activations, b, /*nvme_allowed=*/true);
+    const Row* choice = as.chosen();
+    // Not fitting: the fewest GPUs with which stage 3 without offload would (its per-GPU bytes fall
+    // with the world size down to the gathered units, buckets and activations, which do not).
+    std::optional<int> min_gpus;
+    if (!choice) {
+      auto fits3 = [&](int world) {
+        return evaluate(cfg, m.model.blocks, m.activations, b, 3, world, OffloadKind::none, false).fits_gpu;
+      };
+      int hi = a.gpus;
+      while (hi < (1 << 20) && !fits3(hi)) hi *= 2;
+      if (hi < (1 << 20)) {
+        int lo = std::max(a.gpus, hi / 2);
+        while (lo < hi) {
+          const int mid = lo + (hi - lo) / 2;
+          if (fits3(mid)) hi = mid;
+          else lo = mid + 1;
+        }
+        min_gpus = hi;
+      }
+    }
+    const Json ds = deepspeed_of(m);
+    if (a.json) {
+      Json j;
+      j["params"] = m.model.params;
+      j["model"] = m.model.description;
+      j["dtype"] = a.model.dtype;
+      j["optimizer"] = a.model.optimizer;
+      j["budget"] = {{"gpus", a.gpus}, {"gpu_mem", b.gpu_mem}, {"usable_per_gpu", b.usable}, {"headroom", a.headroom}};
+      if (b.host_mem) j["budget"]["host_mem"] = *b.host_mem;
+      if (b.nvme) j["budget"]["nvme"] = *b.nvme;
+      j["activation_bytes_per_gpu"] = m.activations;
+      j["cuda_context_bytes"] = b.context;
+      j["stages"] = rows_json(as);
+      j["offload_considered"] = as.tried_offload;
+      j["fits"] = choice != nullptr;
+      if (choice) {
+        j["choice"] = choice_json(*choice, cfg, a.gpus);
+      } else {
+        j["over_by"] = double(as.rows[3].need) - b.usable;
+        if (min_gpus) j["min_gpus_stage3"] = *min_gpus;
+      }
+      j["deepspeed"] = ds;
+      io.out << j.dump() << '\n';
+      return choice ? 0 : 3;
+    }
+    std::ostream& os = io.out;
+    print_header(os, m, m.activations);
+    print_rows(os, as, a.gpus);
+    if (!as.tried_offload)
+      os << "offload (host, nvme): not needed, a stage fits without it\n";
+    else if (!b.host_mem || !b.nvme)
+      os << "(host and nvme bytes are checked only against --host-mem and --nvme when given)\n";
+    os << '\n';
+    if (a.deepspeed) print_deepspeed(os, ds, choice);
+    if (choice) {
+      print_choice(os, *choice, cfg, b);
+      return 0;
+    }
+    const Row& best = as.rows[3];
+    os << "does not fit, not even with offload: ";
+    if (!best.fits_gpu)
+      os << "stage 3 without offload needs " << format_bytes(double(best.need)) << " per GPU, "
+         << format_bytes(double(best.need) - b.usable) << " over the usable " << format_bytes(b.usable) << ". ";
+    else
+      os << "stage 3 fits the GPUs but needs " << format_bytes(double(best.host) * a.gpus)
+         << " of host memory, more than --host-mem. ";
+    if (min_gpus && *min_gpus > a.gpus) os << "Stage 3 fits with " << *min_gpus << " GPUs.";
+    else if (!best.fits_gpu) os << "No GPU count helps: the gathered units, buckets and activations alone exceed it.";
+    os << "\n";
+    return 3;
+  }
+
+  // --largest: the size N is searched by doubling, then bisection, keeping "N fits" and "the upper
+  // end does not"; each size is checked with every configuration plan considers. NVMe offload is a
+  // candidate only with --nvme (unchecked disk space would make every size fit). The answer N
+  // fits and N + 1 does not, whatever the shape of the curve between.
+  const std::uint64_t limit = a.largest == "params" ? kMaxParams : 100000;  // --layers' own range
+  const bool nvme_allowed = b.nvme.has_value();
+  struct Probe {
+    Sized m;
+    Config cfg;
+    Assessment as;
+  };
+  auto probe = [&](std::uint64_t n) {
+    Sized m = sized(n);
+    Config cfg = build_config(a.model, m.model);
+    Assessment as = assess(cfg, m.model.blocks, m.activations, b, nvme_allowed);
+    return Probe{std::move(m), std::move(cfg), std::move(as)};
+  };
+  auto fits = [&](std::uint64_t n) { return probe(n).as.choice >= 0; };
+  std::optional<std::uint64_t> best;  // the largest size that fits
+  std::uint64_t hi = 1;               // a size that does not fit (or limit + 1)
+  if (fits(1)) {
+    std::uint64_t lo = 1;
+    hi = 2;
+    while (hi <= limit && fits(hi)) {
+      lo = hi;
+      hi = hi > limit / 2 ? limit + 1 : hi * 2;
+    }
+    if (hi > limit) {
+      if (fits(limit)) lo = limit;
+      else hi = limit;
+    }
+    while (hi <= limit && hi - lo > 1) {
+      const std::uint64_t mid = lo + (hi - lo) / 2;
+      if (fits(mid)) lo = mid;
+      else hi = mid;
+    }
+    best = lo;
+    if (lo == limit) hi = limit + 1;
+  }
+  const std::string what = a.largest == "params" ? "params" : "layers";
+
+  if (!best) {
+    const Probe p = probe(1);
+    if (a.json) {
+      Json j;
+      j["largest"] = what;
+      j["fits"] = false;
+      j["model"] = p.m.model.description;
+      j["smallest_tried"] = {{"size", 1}, {"params", p.m.model.params}, {"stages", rows_json(p.as)}};
+      io.out << j.dump() << '\n';
+      return 3;
+    }
+    print_header(io.out, p.m, p.m.activations);
+    print_rows(io.out, p.as, a.gpus);
+    io.out << "\nnothing of this shape trains here: not even 1 " << (what == "params" ? "parameter" : "layer")
+           << " fits (the activations and CUDA context alone: "
+           << format_bytes(double(p.m.activations) + double(b.context)) << " per GPU)\n";
+    return 3;
+  }
+  const Probe win = probe(*best);
+  const Row& c = *win.as.chosen();
+  std::optional<Probe> next;
+  if (*best < limit) next = probe(*best + 1);
+  // The configuration the winner uses, one size up: why the next size does not train here.
+  const Row* next_same = nullptr;
+  if (next)
+    for (const auto& r : next->as.rows)
+      if (r.stage == c.stage && r.offload == c.offload && r.offload_params == c.offload_params) next_same = &r;
+  const Json ds = deepspeed_of(win.m);
+
+  if (a.json) {
+    Json j;
+    j["largest"] = what;
+    j["fits"] = true;
+    j["dtype"] = a.model.dtype;
+    j["optimizer"] = a.model.optimizer;
+    j["budget"] = {{"gpus", a.gpus}, {"gpu_mem", b.gpu_mem}, {"usable_per_gpu", b.usable}, {"headroom", a.headroom}};
+    if (b.host_mem) j["budget"]["host_mem"] = *b.host_mem;
+    if (b.nvme) j["budget"]["nvme"] = *b.nvme;
+    j["cuda_context_bytes"] = b.context;
+    j["size"] = *best;
+    j["at_search_limit"] = *best == limit;
+    j["params"] = win.m.model.params;
+    j["model"] = win.m.model.description;
+    j["activation_bytes_per_gpu"] = win.m.activations;
+    j["stages"] = rows_json(win.as);
+    j["choice"] = choice_json(c, win.cfg, a.gpus);
+    j["flags"] = win.m.size_flags + " " + flags_text(c);
+    if (next) {
+      j["next"] = {{"size", *best + 1}, {"params", next->m.model.params},
+                   {"activation_bytes_per_gpu", next->m.activations}, {"fits", next->as.choice >= 0},
+                   {"stages", rows_json(next->as)}};
+      if (next_same) j["next"]["same_configuration"] = shortfall_json(*next_same, b);
+    }
+    j["deepspeed"] = ds;
+    j["deepspeed_matching"] = deepspeed_row_for(c.stage, c.offload != OffloadKind::none, c.offload_params);
+    io.out << j.dump() << '\n';
     return 0;
   }
-  const Row& best = rows[3];
-  os << "does not fit, not even with offload: ";
-  if (!best.fits_gpu)
-    os << "stage 3 without offload needs " << format_bytes(double(best.need)) << " per GPU, "
-       << format_bytes(double(best.need) - usable) << " over the usable " << format_bytes(usable) << ". ";
-  else
-    os << "stage 3 fits the GPUs but needs " << format_bytes(double(best.host * std::uint64_t(a.gpus)))
-       << " of host memory, more than --host-mem. ";
-  if (min_gpus && *min_gpus > a.gpus) os << "Stage 3 fits with " << *min_gpus << " GPUs.";
-  else if (!best.fits_gpu) os << "No GPU count helps: the gathered units, buckets and activations alone exceed it.";
-  os << "\n";
-  return 3;
+  std::ostream& os = io.out;
+  print_header(os, win.m, win.m.activations);
+  os << "largest that trains here: " << win.m.size_text << " (" << format_count(win.m.model.params) << " params)"
+     << (*best == limit ? ", the search's limit" : "") << "\n";
+  print_rows(os, win.as, a.gpus);
+  os << '\n';
+  print_choice(os, c, win.cfg, b, win.m.size_flags);
+  if (next) {
+    os << "next size up, " << next->m.size_text << " (" << format_count(next->m.model.params)
+       << " params), does not train here: ";
+    if (next_same) os << "stage " << next_same->stage << ", offload " << offload_text(*next_same) << " "
+                      << shortfall(*next_same, b);
+    os << "; no other stage or offload fits either";
+    if (!nvme_allowed) os << " (NVMe offload considered only with --nvme)";
+    os << "\n";
+  }
+  if (a.deepspeed) {
+    os << '\n';
+    print_deepspeed(os, ds, &c);
+  }
+  return 0;
 }
 
 }  // namespace shardopt::cli

@@ -1,0 +1,288 @@
+// shardopt estimate / plan: the whole process (the trainers' activations, the CUDA context) and
+// plan --largest (the largest model of a shape that trains within a budget).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cli_run.hpp"
+
+namespace {
+
+using shardopt::testing::last_json_line;
+using json = nlohmann::json;
+using Result = shardopt::testing::CliResult;
+
+Result run(const std::vector<std::string>& args) { return shardopt::testing::run_cli(args); }
+
+json run_json(std::vector<std::string> args) {
+  args.push_back("--json");
+  const Result r = run(args);
+  EXPECT_EQ(r.rc, 0) << r.err;
+  return last_json_line(r.out);
+}
+
+constexpr std::uint64_t GiB = std::uint64_t(1) << 30;
+
+// ---- the trainers' activations against a count made here from the architecture ------------
+
+// The example MLP trainer (y = x + W2 gelu(W1 x + b1) + b2, inner width 4h) keeps for backward the
+// input of every block and its pre-activation and GELU output; it works with dL/dy, dL/dx, the
+// targets and dL/da; its teacher (the same architecture) needs two [B,4h] and two [B,h] rows to
+// run forward; a 16-bit compute dtype widens one block's parameters and gradients to fp32.
+std::uint64_t mlp_expected(std::uint64_t L, std::uint64_t B, std::uint64_t h, bool widened) {
+  const std::uint64_t f = 4 * h;
+  std::uint64_t floats = 0;
+  floats += (L + 1) * B * h;     // block inputs x_0 .. x_L
+  floats += L * (B * f + B * f); // a = W1 x + b1 and u = gelu(a), every block
+  floats += 3 * B * h;           // dy, dx, targets
+  floats += B * f;               // da
+  floats += 2 * B * f + 2 * B * h;  // the teacher's forward
+  const std::uint64_t block = f * h + f + h * f + h;
+  if (widened) floats += 2 * block;
+  return floats * 4;
+}
+
+TEST(CliPlanActivations, ExampleMlpMatchesACountFromItsShape) {
+  for (const char* dtype : {"fp32", "bf16"}) {
+    const json j = run_json({"estimate", "--layers", "3", "--hidden", "8", "--batch", "5", "--dtype", dtype});
+    EXPECT_EQ(j["activation_bytes_per_rank"].get<std::uint64_t>(), mlp_expected(3, 5, 8, std::string(dtype) != "fp32"))
+        << dtype;
+  }
+}
+
+// GPT-2 (pre-norm blocks: x + attn(ln_1(x)), then + mlp(ln_2(.)), learned positions, tied LM
+// head), as the example GPT trainer runs it on B sequences of T tokens (N = B*T rows, width C,
+// H heads, vocabulary V, P positions):
+//   kept for backward per layer (every layer, or one with recompute): ln_1's output and its
+//   mean/rstd, q|k|v, the attention's output, the attention probabilities [B,H,T,T], the residual
+//   after attention, ln_2's output and mean/rstd, c_fc's output and its GELU;
+//   the residual stream (each layer's input and the last output), ln_f's output and mean/rstd,
+//   the logits; dL/d(ln_f out) and two dL/dx buffers; one layer's backward scratch: dL/d(residual),
+//   a [N,C] and two [N,4C] gradients of intermediates, and a [T,T] row block for attention;
+//   the token ids (read, and where the ops see them: N+1 each, int32);
+//   with a 16-bit compute dtype, fp32 copies of the largest block's parameters and gradients.
+std::uint64_t gpt_expected(std::uint64_t L, std::uint64_t H, std::uint64_t C, std::uint64_t V, std::uint64_t P,
+                           std::uint64_t B, std::uint64_t T, bool recompute, bool widened) {
+  const std::uint64_t N = B * T, NC = N * C;
+  const std::uint64_t per_layer = NC + 2 * N        // ln_1
+                                  + 3 * NC          // qkv
+                                  + NC              // attention output
+                                  + B * H * T * T   // attention probabilities
+                                  + NC              // residual after attention
+                                  + NC + 2 * N      // ln_2
+                                  + 4 * NC + 4 * NC;  // c_fc, gelu
+  std::uint64_t floats = (recompute ? 1 : L) * per_layer;
+  floats += (L + 1) * NC;                  // residual stream
+  floats += NC + 2 * N;                    // ln_f
+  floats += N * V;                         // logits
+  floats += NC + 2 * NC;                   // dL/d(ln_f out), dx ping-pong
+  floats += NC + NC + 4 * NC + 4 * NC + T * T;  // a layer's backward scratch
+  if (widened) {
+    const std::uint64_t embed = V * C + P * C, layer = 12 * C * C + 13 * C, final_norm = 2 * C;
+    floats += 2 * std::max({embed, layer, final_norm});
+  }
+  return floats * 4 + 2 * (N + 1) * 4;
+}
+
+TEST(CliPlanActivations, GptMatchesACountFromItsShapeWithAndWithoutRecompute) {
+  const std::uint64_t L = 3, H = 2, C = 16, V = 40, T = 8, B = 3;
+  for (bool recompute : {false, true})
+    for (const char* dtype : {"fp32", "bf16"}) {
+      std::vector<std::string> args = {"estimate", "--model", "gpt", "--layers", "3", "--heads", "2", "--hidden", "16",
+                                       "--vocab", "40", "--seq", "8", "--batch", "3", "--dtype", dtype};
+      if (recompute) args.push_back("--recompute");
+      const json j = run_json(args);
+      EXPECT_EQ(j["activation_bytes_per_rank"].get<std::uint64_t>(),
+                gpt_expected(L, H, C, V, /*P=*/T, B, T, recompute, std::string(dtype) != "fp32"))
+          << dtype << (recompute ? " recompute" : "");
+    }
+}
+
+// ---- the CUDA context ------------------------------------------------------------------------
+
+TEST(CliPlanContext, CudaBackendAddsActivationsAndContextToTheDevice) {
+  const std::vector<std::string> base = {"estimate", "--model", "gpt", "--preset", "tiny", "--seq", "64",
+                                         "--world", "2", "--stage", "3", "--dtype", "bf16"};
+  const json cpu = run_json(base);
+  EXPECT_FALSE(cpu.contains("device_process_bytes_per_rank"));
+  bool mentions_context = false;
+  for (const auto& n : cpu["not_included"]) mentions_context |= n.get<std::string>().find("CUDA context") != std::string::npos;
+  EXPECT_TRUE(mentions_context) << cpu["not_included"].dump();
+
+  auto with = [&](std::vector<std::string> extra) {
+    auto args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_json(args);
+  };
+  const json cuda = with({"--backend", "cuda"});
+  const std::uint64_t device = cuda["bytes"]["device"]["total"].get<std::uint64_t>();
+  const std::uint64_t act = cuda["activation_bytes_per_rank"].get<std::uint64_t>();
+  EXPECT_EQ(cuda["cuda_context_bytes"].get<std::uint64_t>(), 512u << 20);  // the stated default
+  EXPECT_EQ(cuda["device_process_bytes_per_rank"].get<std::uint64_t>(), device + act + (512u << 20));
+  EXPECT_EQ(cuda["memory_bytes_per_rank"].get<std::uint64_t>(), cpu["memory_bytes_per_rank"].get<std::uint64_t>() + (512u << 20));
+  const json big = with({"--backend", "cuda", "--cuda-context", "1GiB"});
+  EXPECT_EQ(big["device_process_bytes_per_rank"].get<std::uint64_t>(), device + act + GiB);
+}
+
+// ---- plan --largest ----------------------------------------------------------------------------
+
+// What estimate says one configuration of a model needs: the device total of the process, and
+// the host memory of all GPUs' ranks.
+struct Need {
+  double device = 0, host = 0;
+};
+Need estimate_need(std::vector<std::string> model, int gpus, int stage, const std::string& offload, bool params) {
+  std::vector<std::string> args = {"estimate", "--backend", "cuda", "--world", std::to_string(gpus), "--stage",
+                                   std::to_string(stage), "--offload", offload};
+  args.insert(args.end(), model.begin(), model.end());
+  if (params) args.push_back("--offload-params");
+  const json j = run_json(args);
+  Need n;
+  n.device = j["device_process_bytes_per_rank"].get<double>();
+  n.host = (j["bytes"]["pinned_host"]["total"].get<double>() + j["bytes"]["host"]["total"].get<double>()) * gpus;
+  return n;
+}
+
+struct Config {
+  int stage;
+  std::string offload;
+  bool params;
+};
+const Config kAll[] = {{0, "none", false}, {1, "none", false}, {2, "none", false}, {3, "none", false},
+                       {2, "host", false}, {3, "host", false}, {3, "host", true}};
+
+// The answer fits with the configuration plan names, and one size more fits with none of the
+// configurations (each checked by estimate, not by plan).
+void expect_largest_consistent(const std::vector<std::string>& shape, const std::string& size_flag, int gpus,
+                               double gpu_mem, double host_mem, const json& j) {
+  ASSERT_TRUE(j["fits"].get<bool>()) << j.dump();
+  ASSERT_FALSE(j["at_search_limit"].get<bool>()) << j.dump();
+  const std::uint64_t n = j["size"].get<std::uint64_t>();
+  const double usable = gpu_mem * 0.9;  // plan's default headroom
+  auto model_of = [&](std::uint64_t size) {
+    auto m = shape;
+    m.push_back(size_flag);
+    m.push_back(std::to_string(size));
+    return m;
+  };
+  // The flags plan prints to train this model name its size.
+  EXPECT_NE(j["flags"].get<std::string>().find(size_flag + " " + std::to_string(n) + " "), std::string::npos)
+      << j["flags"];
+  const json& c = j["choice"];
+  const Need at = estimate_need(model_of(n), gpus, c["stage"].get<int>(), c["offload"].get<std::string>(),
+                                c["offload_params"].get<bool>());
+  EXPECT_LE(at.device, usable) << "size " << n;
+  EXPECT_LE(at.host, host_mem) << "size " << n;
+  EXPECT_DOUBLE_EQ(at.device, c["need_per_gpu"].get<double>());
+  for (const Config& k : kAll) {
+    const Need up = estimate_need(model_of(n + 1), gpus, k.stage, k.offload, k.params);
+    EXPECT_TRUE(up.device > usable || up.host > host_mem)
+        << "size " << n + 1 << " fits at stage " << k.stage << " offload " << k.offload << (k.params ? "+p" : "");
+  }
+}
+
+TEST(CliPlanLargest, ExampleMlpLayersAtAFixedWidth) {
+  const std::vector<std::string> shape = {"--hidden", "512", "--batch", "8", "--dtype", "bf16"};
+  std::vector<std::string> args = {"plan", "--largest", "layers", "--gpu-mem", "1GiB", "--host-mem", "2GiB"};
+  args.insert(args.end(), shape.begin(), shape.end());
+  const json j = run_json(args);
+  expect_largest_consistent(shape, "--layers", 1, 1.0 * GiB, 2.0 * GiB, j);
+  // A bigger budget never trains fewer layers.
+  args[4] = "2GiB";
+  EXPECT_GE(run_json(args)["size"].get<std::uint64_t>(), j["size"].get<std::uint64_t>());
+}
+
+TEST(CliPlanLargest, GptLayersAtAPresetsWidthWithRecompute) {
+  const std::vector<std::string> shape = {"--model", "gpt", "--hidden", "64", "--heads", "4", "--vocab", "256",
+                                          "--seq", "32", "--batch", "2", "--dtype", "bf16", "--recompute"};
+  std::vector<std::string> args = {"plan", "--largest", "layers", "--gpu-mem", "768MiB", "--host-mem", "1GiB"};
+  args.insert(args.end(), shape.begin(), shape.end());
+  const json j = run_json(args);
+  expect_largest_consistent(shape, "--layers", 1, 768.0 * (1 << 20), 1.0 * GiB, j);
+  // Without recompute every layer's activations stay: fewer layers fit.
+  args.pop_back();
+  EXPECT_LT(run_json(args)["size"].get<std::uint64_t>(), j["size"].get<std::uint64_t>());
+}
+
+TEST(CliPlanLargest, ParamsOnTwoGpusAndTheNextSizeSaysWhy) {
+  const std::vector<std::string> shape = {"--dtype", "bf16"};
+  const json j = run_json({"plan", "--largest", "params", "--gpus", "2", "--gpu-mem", "4GiB", "--host-mem", "16GiB",
+                           "--dtype", "bf16"});
+  expect_largest_consistent(shape, "--params", 2, 4.0 * GiB, 16.0 * GiB, j);
+  ASSERT_TRUE(j.contains("next")) << j.dump();
+  EXPECT_FALSE(j["next"]["fits"].get<bool>());
+  const json& same = j["next"]["same_configuration"];
+  EXPECT_FALSE(same["fits_gpu"].get<bool>() && same["fits_host"].get<bool>()) << same.dump();
+  const Result text = run({"plan", "--largest", "params", "--gpus", "2", "--gpu-mem", "4GiB", "--host-mem", "16GiB",
+                           "--deepspeed"});
+  ASSERT_EQ(text.rc, 0) << text.err;
+  EXPECT_NE(text.out.find("largest that trains here"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("next size up"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("DeepSpeed"), std::string::npos) << text.out;
+}
+
+// Sizes at the edge of 64 bits: a budget of exabytes reaches the search's limit (2^48
+// parameters) without wrapping; a GPU smaller than the CUDA context trains nothing.
+TEST(CliPlanLargest, HugeAndTinyBudgets) {
+  const json huge = run_json({"plan", "--largest", "params", "--gpu-mem", "9e18", "--host-mem", "9e18"});
+  EXPECT_TRUE(huge["fits"].get<bool>());
+  EXPECT_TRUE(huge["at_search_limit"].get<bool>());
+  EXPECT_EQ(huge["params"].get<std::uint64_t>(), std::uint64_t(1) << 48);
+  const Result tiny = run({"plan", "--largest", "layers", "--gpu-mem", "256MiB", "--json"});
+  EXPECT_EQ(tiny.rc, 3) << tiny.out << tiny.err;
+  EXPECT_FALSE(last_json_line(tiny.out)["fits"].get<bool>());
+}
+
+// ---- DeepSpeed's estimator, against figures it printed itself --------------------------------
+
+// DeepSpeed's documentation and users quote its estimator's output. t5-small (60,506,624 params)
+// on 1 GPU, ZeRO-3: per CPU 1.52 GB with parameter and optimizer offload, 1.35 GB with optimizer
+// offload (its "GB" are 2^30 bytes, printed to 2 decimals). The 1.61B model on 1 GPU,
+// ZeRO-2 with optimizer offload: GPU 3.0 GB, CPU 36.0 GB.
+TEST(CliPlanDeepSpeed, ReproducesItsPublishedFigures) {
+  const json t5 = run_json({"plan", "--params", "60506624", "--gpu-mem", "80GiB"})["deepspeed"];
+  EXPECT_NEAR(t5["zero3_offload_all"]["cpu_bytes"].get<double>() / GiB, 1.52, 0.005);
+  EXPECT_NEAR(t5["zero3_offload_optimizer"]["cpu_bytes"].get<double>() / GiB, 1.35, 0.005);
+  const json m = run_json({"plan", "--layers", "12", "--hidden", "4096", "--gpu-mem", "80GiB"});
+  EXPECT_EQ(m["params"].get<std::uint64_t>(), 12u * (8u * 4096 * 4096 + 5u * 4096));
+  EXPECT_NEAR(m["deepspeed"]["zero2_offload_optimizer"]["gpu_bytes"].get<double>() / GiB, 3.0, 0.05);
+  EXPECT_NEAR(m["deepspeed"]["zero2_offload_optimizer"]["cpu_bytes"].get<double>() / GiB, 36.0, 0.05);
+}
+
+// ---- bad input, named --------------------------------------------------------------------------
+
+TEST(CliPlanErrors, BadInputNamesTheFlag) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"plan", "--params", "1B", "--gpu-mem", "0"}, "--gpu-mem"},
+      {{"plan", "--largest", "params", "--gpu-mem", "0GiB"}, "--gpu-mem"},
+      {{"plan", "--params", "1B", "--gpu-mem", "24GiB", "--host-mem", "nonsense"}, "--host-mem"},
+      {{"plan", "--params", "1B", "--gpu-mem", "24GiB", "--host-mem", "0"}, "--host-mem"},
+      {{"plan", "--params", "1B", "--gpu-mem", "24GiB", "--cuda-context", "lots"}, "--cuda-context"},
+      {{"plan", "--params", "1B", "--gpu-mem", "24GiB", "--cuda-context", "9e18"}, "--cuda-context"},
+      {{"plan", "--params", "1B", "--gpu-mem", "24GiB", "--cuda-context", ""}, "--cuda-context"},
+      {{"plan", "--params", "1B", "--gpu-mem", ""}, "--gpu-mem"},
+      {{"plan", "--largest", "bytes", "--gpu-mem", "24GiB"}, "--largest"},
+      {{"plan", "--largest", "layers", "--layers", "4", "--gpu-mem", "24GiB"}, "--layers"},
+      {{"plan", "--largest", "params", "--params", "1B", "--gpu-mem", "24GiB"}, "--params"},
+      {{"plan", "--largest", "params", "--model", "gpt", "--gpu-mem", "24GiB"}, "--largest"},
+      {{"plan", "--model", "gpt", "--preset", "small", "--seq", "2048", "--gpu-mem", "24GiB"}, "--seq"},
+      {{"plan", "--model", "gpt", "--preset", "small", "--layers", "3", "--gpu-mem", "24GiB"}, "--preset"},
+      {{"plan", "--layers", "100000", "--hidden", "1048576", "--batch", "16777216", "--gpu-mem", "24GiB"}, "--batch"},
+      {{"estimate", "--model", "gpt", "--positions", "1048576", "--seq", "1048576", "--batch", "16777216"}, "--seq"},
+      {{"estimate", "--cuda-context", "1GiB"}, "--cuda-context"},
+      {{"estimate", "--backend", "tpu"}, "--backend"},
+      {{"estimate", "--backend", "cuda", "--cuda-context", "-1"}, "--cuda-context"},
+  };
+  for (const auto& [args, flag] : cases) {
+    const Result r = run(args);
+    std::string joined;
+    for (const auto& a : args) joined += a + " ";
+    EXPECT_NE(r.rc, 0) << joined;
+    EXPECT_NE(r.err.find(flag), std::string::npos) << joined << "\n" << r.err;
+  }
+}
+
+}  // namespace
