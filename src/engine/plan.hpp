@@ -17,8 +17,8 @@ enum class Buf : unsigned char {
   master,         // fp32 master weights (absent when the compute dtype is fp32)
   state,          // optimizer state `index`
   grads_full,     // stages 0-1: every unit, compute dtype
-  grads_reduced,  // stage 0 with reduce dtype != compute: the all-reduced gradient
-  reduce_buf,     // one unit in the reduce dtype (cast before reducing)
+  grads_reduced,  // stage 0 with reduce dtype != compute, no offload: the all-reduced gradient
+  reduce_buf,     // one unit in the reduce dtype (cast before reducing; with offload also stage 0)
   grad_shard,     // stages 1-3 without offload: this rank's reduced gradient
   bucket,         // stages 2-3: gradient bucket `index`
   rs_tmp,         // stages 2-3 with accumulation, no offload: one reduce-scatter slice
