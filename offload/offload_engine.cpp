@@ -20,6 +20,9 @@ namespace {
 // Elements per parallel_for chunk of the CPU update: the CPU backend's kernel chunk, so both
 // split the same way (not that it matters for the bits: the update is element-wise).
 constexpr std::size_t kUpdateGrain = std::size_t(1) << 16;
+// The CPU backend's sum_squares chunk (its kKernelChunk): host_sum_squares adds the same partial
+// sums in the same order, so it returns the same bits.
+constexpr std::size_t kSumChunk = std::size_t(1) << 16;
 
 std::byte* add_bytes(void* p, std::size_t elems, DType t) { return static_cast<std::byte*>(p) + elems * size_of(t); }
 
@@ -99,7 +102,54 @@ void OffloadEngine::download(const void* device_grad, std::size_t off, std::size
   be_.copy(add_bytes(setup_.host_grad, off, setup_.grad_dtype), device_grad, n * size_of(setup_.grad_dtype), *down_);
 }
 
+void OffloadEngine::download_add(const void* device_grad, DType dtype, std::size_t off, std::size_t n, bool first,
+                                 Event& after) {
+  if (n == 0) return;
+  if (!setup_.grad_staging || n > setup_.grad_staging_elems || dtype != setup_.grad_staging_dtype ||
+      setup_.grad_dtype != DType::fp32)
+    throw Error(ErrorCode::internal, "offload: download_add of " + std::to_string(n) +
+                                         " elements without a fitting staging buffer or an fp32 host copy");
+  be_.wait(*down_, after);
+  delay_copy(*down_);
+  void* staging = setup_.grad_staging;
+  be_.copy(staging, device_grad, n * size_of(dtype), *down_);
+  float* dst = static_cast<float*>(setup_.host_grad) + off;
+  // The staging buffer is reused by the next download, which is behind this task on the stream.
+  be_.host_task(*down_, [pool = pool_, staging, dtype, dst, n, first] {
+    pool->parallel_for(n, kUpdateGrain, [&](std::size_t b, std::size_t e) {
+      if (first)
+        for (std::size_t i = b; i < e; ++i) dst[i] = 0.0f + load_as_float(staging, dtype, i);
+      else
+        for (std::size_t i = b; i < e; ++i) dst[i] += load_as_float(staging, dtype, i);
+    });
+  });
+}
+
+void OffloadEngine::record_downloaded(Event& done, Event& after) {
+  be_.wait(*down_, after);
+  be_.record(done, *down_);
+}
+
+void OffloadEngine::zero_after_downloads(void* device, DType dtype, std::size_t n, Event& done, Event& after) {
+  be_.wait(*down_, after);
+  be_.fill(device, dtype, n, 0.0f, *down_);
+  be_.record(done, *down_);
+}
+
 void OffloadEngine::finish_downloads() { be_.synchronize(*down_); }
+
+float OffloadEngine::host_sum_squares(std::size_t off, std::size_t n) const {
+  const cpu::Kernels& k = cpu::kernels(cpu::active_isa());
+  const DType t = setup_.grad_dtype;
+  const std::byte* data = add_bytes(setup_.host_grad, off, t);
+  std::vector<double> partial((n + kSumChunk - 1) / kSumChunk, 0.0);
+  pool_->parallel_for(n, kSumChunk, [&](std::size_t b, std::size_t e) {
+    partial[b / kSumChunk] = k.sum_squares(data + b * size_of(t), t, e - b);
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;  // chunk order, as the CPU backend adds them
+  return static_cast<float>(total);
+}
 
 void OffloadEngine::downloads_before(Stream& stream) {
   be_.record(*downloaded_, *down_);

@@ -18,8 +18,9 @@
 //   nvme tier: read cell i+1 | update cell i | write cell i-1, all three in flight at once through
 //              io_uring, into the other generation of the file, committed by a header flip at the
 //              end (NvmeStore), so a failed step leaves the previous step's state on disk.
-// The gradient comes down earlier: the gradient reducer enqueues download() per unit as soon as it
-// is reduced.
+// The gradient comes down earlier: the gradient reducer enqueues download() (or download_add()
+// with micro-steps) per unit as soon as it is reduced; the host copy is the only copy of the
+// reduced gradient, so the device memory it came from is reused once the download has read it.
 //
 // Same kernels and same element-wise arithmetic as the backends' fused_update, so the results are
 // bit-identical to the non-offloaded engine on the CPU backend.
@@ -65,6 +66,10 @@ struct Setup {
   float* master = nullptr;
   float* states[2] = {nullptr, nullptr};
   void* host_grad = nullptr;
+  // Micro-steps at stages 2-3: one reduced slice (of grad_staging_dtype) on its way into host_grad.
+  void* grad_staging = nullptr;
+  std::size_t grad_staging_elems = 0;
+  DType grad_staging_dtype = DType::fp32;
   std::vector<void*> param_ring;
   void* io_ring = nullptr;
   std::size_t io_ring_bytes = 0;
@@ -84,8 +89,25 @@ class OffloadEngine {
   // Copies `n` gradient elements from device memory to the host copy at state element `off`, on
   // the download stream, after `after` (recorded by the caller on the stream that reduced them).
   void download(const void* device_grad, std::size_t off, std::size_t n, Event& after);
+  // Micro-steps: copies `n` reduced elements of `dtype` from device memory through the staging
+  // buffer and adds them on the host into the fp32 host copy at state element `off`:
+  //   host[i] = (first ? 0.0f : host[i]) + float(x[i])
+  // in fp32, the arithmetic of Backend::accumulate into a zeroed accumulator, so the host copy has
+  // the bits a device accumulator would have. In download order, on the download stream.
+  void download_add(const void* device_grad, DType dtype, std::size_t off, std::size_t n, bool first, Event& after);
+  // Records `done` after every download enqueued so far and after `after`: the device memory they
+  // read may be written again once it has run.
+  void record_downloaded(Event& done, Event& after);
+  // After every download enqueued so far and after `after`, zeroes `n` elements of device memory
+  // (a bucket the downloads read from) and records `done`, all on the download stream.
+  void zero_after_downloads(void* device, DType dtype, std::size_t n, Event& done, Event& after);
   // Host waits until every download is done.
   void finish_downloads();
+  // Sum of squares of `n` elements of the host copy from state element `off`, accumulated in
+  // double per chunk of 2^16 elements and the chunks added in order: the CPU backend's
+  // sum_squares, so the CPU backend gets the bits it would get on a device copy. Host, after
+  // finish_downloads().
+  float host_sum_squares(std::size_t off, std::size_t n) const;
   // Work enqueued on `stream` from now on waits for every download enqueued so far.
   void downloads_before(Stream& stream);
 

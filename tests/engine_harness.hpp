@@ -74,7 +74,8 @@ struct World {
   std::vector<std::unique_ptr<Backend>> backends;
   std::vector<std::unique_ptr<Communicator>> comms;
 
-  explicit World(int world_size, WorldKind kind = WorldKind::cpu) : n(world_size) {
+  // lock_pinned: CPU backends lock their pinned memory (CpuBackendOptions::lock_pinned).
+  explicit World(int world_size, WorldKind kind = WorldKind::cpu, bool lock_pinned = false) : n(world_size) {
     const bool on_cuda = kind == WorldKind::cuda || kind == WorldKind::cuda_nccl;
     if (!on_cuda) pool = make_thread_pool(0);
     for (int r = 0; r < n; ++r) {
@@ -83,6 +84,7 @@ struct World {
       } else {
         CpuBackendOptions o;
         o.pool = pool;
+        o.lock_pinned = lock_pinned;
         backends.push_back(make_cpu_backend(o));
       }
     }
@@ -314,6 +316,8 @@ struct RunSpec {
   // loss_scale_buffer() (read in stream order), and last_result() is asked for after the last
   // step only (results then holds that one StepResult per rank).
   bool async = false;
+  // CPU backends lock their pinned memory (CpuBackendOptions::lock_pinned).
+  bool lock_pinned = false;
 };
 
 struct RunResult {
@@ -351,7 +355,7 @@ inline Hyperparams no_decay(const Config& c) {
 }
 
 inline RunResult run_training(const RunSpec& spec) {
-  World w(spec.world, spec.where);
+  World w(spec.world, spec.where, spec.lock_pinned);
   RunResult out;
   const int ntensors = [&] {
     int n = 0;

@@ -501,6 +501,149 @@ TEST(Offload, MemoryReportShowsPinnedHostAndDisk) {
   }
 }
 
+
+// With optimizer offload the reduced gradient has no device copy: each bucket (stages 2-3) or
+// reduced unit (stages 0-1) goes down to the pinned host copy as it lands. The device keeps the two
+// gradient buckets (stages 2-3), the full gradients the trainer adds into (stages 0-1) and at most a
+// one-unit reduce buffer; nothing else of the gradient, whatever the stage, reduce dtype or
+// micro-steps. memory_report() after training equals plan_memory.
+TEST(Offload, NoDeviceGradientShard) {
+  SmallCells cells;
+  struct Case {
+    int stage, world;
+    DType compute, reduce;
+    int accumulation;
+    bool params;
+  };
+  for (const Case& k : {Case{0, 2, DType::bf16, DType::fp32, 1, false}, Case{1, 3, DType::bf16, DType::fp32, 1, false},
+                        Case{1, 2, DType::fp32, DType::fp32, 2, false}, Case{2, 1, DType::bf16, DType::bf16, 1, false},
+                        Case{2, 3, DType::bf16, DType::fp32, 3, false}, Case{3, 2, DType::fp16, DType::fp16, 2, true},
+                        Case{3, 1, DType::bf16, DType::bf16, 1, true}}) {
+    SCOPED_TRACE("stage " + std::to_string(k.stage) + " world " + std::to_string(k.world) + " " +
+                 std::string(name_of(k.compute)) + "/" + std::string(name_of(k.reduce)) + " micro-steps " +
+                 std::to_string(k.accumulation));
+    RunSpec spec;
+    spec.world = k.world;
+    spec.steps = 2;
+    spec.model = offload_model();
+    spec.cfg = base_config(k.stage, k.compute, OptimizerKind::adamw);
+    spec.cfg.reduce_dtype = k.reduce;
+    spec.cfg.accumulation_steps = k.accumulation;
+    spec.cfg.offload_optimizer = OffloadKind::host;
+    spec.cfg.offload_params = k.params;
+    spec.group1 = no_decay(spec.cfg);
+    const MemoryPlan plan = plan_memory(spec.cfg, spec.model, k.world);
+    std::size_t device_grad_bytes = 0, bucket_bytes = 0, full_grad_bytes = 0, reduce_buf_bytes = 0;
+    for (const auto& b : plan.buffers) {
+      EXPECT_EQ(b.name.find("gradient shard"), std::string::npos) << b.name;
+      EXPECT_EQ(b.name.find("reduce-scatter slice"), std::string::npos) << b.name;
+      EXPECT_EQ(b.name.find("gradients in reduce dtype"), std::string::npos) << b.name;
+      if (b.name.find("upload") != std::string::npos) EXPECT_NE(b.place, Place::device) << b.name;  // no device staging
+      if (b.place != Place::device) continue;
+      if (b.category == Category::gradients) device_grad_bytes += b.bytes;
+      if (b.name.find("gradient bucket") == 0) bucket_bytes += b.bytes;
+      if (b.name == "full gradients") full_grad_bytes += b.bytes;
+      if (b.name == "reduce buffer") reduce_buf_bytes += b.bytes;
+    }
+    const Layout L = Layout::build(spec.model, detail::layout_options(spec.cfg, k.world));
+    std::size_t P = 0;
+    for (const auto& u : L.units()) P += u.padded_elems;
+    const std::size_t U = L.max_unit_elems(), c = size_of(k.compute), r = size_of(k.reduce);
+    if (k.stage >= 2) {
+      EXPECT_EQ(bucket_bytes, 2 * U * c);
+      EXPECT_EQ(device_grad_bytes, 2 * U * c);  // the buckets and nothing else
+    } else {
+      EXPECT_EQ(full_grad_bytes, P * c);
+      EXPECT_EQ(device_grad_bytes, P * c);
+    }
+    EXPECT_EQ(reduce_buf_bytes, k.reduce != k.compute ? U * r : 0u);
+    if (k.stage == 3 && k.params) {
+      // Nothing on the device grows with the model beyond one unit: slots, buckets, scalars.
+      std::size_t device = 0, slots = 0;
+      for (const auto& b : plan.buffers)
+        if (b.place == Place::device && !b.transient) {
+          device += b.bytes;
+          if (b.name.find("gathered unit slot") == 0) slots += b.bytes;
+        }
+      EXPECT_EQ(slots, static_cast<std::size_t>(spec.cfg.prefetch_units + 1) * U * c);
+      std::size_t scalars = 0;
+      for (const auto& b : plan.buffers)
+        if (b.place == Place::device && b.name == "step scalars") scalars = b.bytes;
+      EXPECT_EQ(device, slots + 2 * U * c + reduce_buf_bytes + scalars);
+    }
+    const RunResult got = run_training(spec);
+    const MemoryReport planned = plan.report();
+    for (int rk = 0; rk < k.world; ++rk)
+      for (int cat = 0; cat < kCategoryCount; ++cat)
+        for (int pl = 0; pl < kPlaceCount; ++pl)
+          EXPECT_EQ(got.memory[rk].current[cat][pl], planned.current[cat][pl])
+              << "rank " << rk << ": " << name_of(static_cast<Category>(cat)) << " at " << name_of(static_cast<Place>(pl));
+  }
+}
+
+// Without a device shard the gradient is reduced in place, measured as it lands and, with
+// micro-steps at stages 2-3, summed on the host: still the bits of the run without offload, with
+// a reduce dtype other than the compute dtype, micro-steps, clipping, and fp16 loss scaling with a
+// non-finite gradient (a skipped step).
+TEST(Offload, GradientsToHostBitIdentical) {
+  SmallCells cells;
+  TempDir dir;
+  struct Case {
+    int stage, world;
+    DType compute, reduce;
+    int accumulation;
+  };
+  for (const Case& k : {Case{0, 2, DType::bf16, DType::fp32, 2}, Case{1, 3, DType::bf16, DType::fp32, 1},
+                        Case{2, 1, DType::bf16, DType::bf16, 3}, Case{2, 3, DType::bf16, DType::fp32, 2},
+                        Case{2, 2, DType::fp16, DType::fp16, 3}, Case{3, 3, DType::bf16, DType::fp32, 2},
+                        Case{3, 2, DType::fp16, DType::fp16, 2}, Case{3, 1, DType::fp16, DType::fp16, 1}}) {
+    SCOPED_TRACE("stage " + std::to_string(k.stage) + " world " + std::to_string(k.world) + " " +
+                 std::string(name_of(k.compute)) + "/" + std::string(name_of(k.reduce)) + " micro-steps " +
+                 std::to_string(k.accumulation));
+    RunSpec spec;
+    spec.world = k.world;
+    spec.steps = 12;
+    spec.model = offload_model();
+    spec.cfg = base_config(k.stage, k.compute, OptimizerKind::adamw);
+    spec.cfg.reduce_dtype = k.reduce;
+    spec.cfg.accumulation_steps = k.accumulation;
+    spec.cfg.max_grad_norm = 0.5f;
+    if (k.compute == DType::fp16) {
+      spec.cfg.loss_scaling.mode = LossScaleMode::dynamic;
+      spec.cfg.loss_scaling.initial_scale = 1024.0f;
+      // A non-finite gradient on the last micro-step of step 4 of the last rank.
+      spec.grad_factor = [&k](int step, int micro, int rank) {
+        return step == 4 && micro == k.accumulation - 1 && rank == k.world - 1 ? INFINITY : 1.0f;
+      };
+    }
+    spec.group1 = no_decay(spec.cfg);
+    const RunResult none = run_training(spec);
+    if (k.compute == DType::fp16) {
+      EXPECT_FALSE(none.results[0][4].applied);
+      EXPECT_TRUE(none.results[0][5].applied);
+    }
+    std::vector<RunSpec> variants;
+    for (OffloadKind kind : {OffloadKind::host, OffloadKind::nvme}) {
+      RunSpec o = spec;
+      o.cfg.offload_optimizer = kind;
+      o.cfg.nvme_dir = dir.path.string();
+      variants.push_back(o);
+      if (k.stage == 3) {
+        o.cfg.offload_params = true;
+        variants.push_back(o);
+      }
+    }
+    for (const RunSpec& o : variants) {
+      SCOPED_TRACE(std::string(name_of(o.cfg.offload_optimizer)) + (o.cfg.offload_params ? " + parameters" : ""));
+      const RunResult got = run_training(o);
+      expect_identical(none, got, 2);
+      if (k.compute == DType::fp16) {
+        EXPECT_FALSE(got.results[0][4].applied);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 namespace {

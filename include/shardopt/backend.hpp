@@ -125,6 +125,13 @@ class Backend {
   // that runs none (CUDA). Host-side work done for this backend elsewhere (the offload engine's
   // CPU update) shares it, so one process never runs two machine-sized pools.
   virtual std::shared_ptr<ThreadPool> host_thread_pool() const noexcept { return nullptr; }
+  // Whether Place::pinned_host allocations lock pages that count against the process's
+  // locked-memory limit (RLIMIT_MEMLOCK): then the engine checks the bytes it plans to pin against
+  // that limit at initialize(). False by default: the CPU backend's pinned memory is ordinary
+  // memory unless CpuBackendOptions::lock_pinned; the CUDA driver pins cudaHostAlloc memory
+  // without charging that limit, so there a refusal shows up as the pin call failing, which the
+  // engine reports the same way.
+  virtual bool pinned_counts_against_memlock() const noexcept { return false; }
 
   // Allocates `bytes` (64-byte aligned, contents undefined) at `place`, tagged `category`.
   // `what` names the buffer in the error raised when the allocation fails (out_of_memory, with
@@ -221,6 +228,9 @@ std::shared_ptr<ThreadPool> default_thread_pool();
 
 struct CpuBackendOptions {
   std::shared_ptr<ThreadPool> pool;  // null: default_thread_pool()
+  // Place::pinned_host memory is locked with mlock (as a GPU driver's pinned memory would be), so
+  // it counts against RLIMIT_MEMLOCK and fails where the limit refuses it. Off: ordinary memory.
+  bool lock_pinned = false;
 };
 std::unique_ptr<Backend> make_cpu_backend(CpuBackendOptions options = {});
 

@@ -73,6 +73,14 @@ struct Config {
   OffloadKind offload_optimizer = OffloadKind::none;
   std::string nvme_dir;         // for offload_optimizer == nvme
   bool offload_params = false;  // stage 3 only
+  // Pinned host memory that cannot be had (the plan's pinned bytes above the locked-memory limit,
+  // RLIMIT_MEMLOCK / `ulimit -l`, where the backend's pinning counts against it; or the pin call
+  // failing, e.g. under a container's cap): false, initialize() fails with an Error naming the
+  // buffer, its size and the limit; true, the engine uses pageable host memory for the pinned
+  // buffers instead (memory_report() shows them at Place::host). Pageable memory costs transfer
+  // throughput: host<->device copies go through the driver's staging buffer, at a fraction of the
+  // pinned bandwidth, and stop overlapping with compute.
+  bool pinned_fallback = false;
 
   int prefetch_units = 2;                 // stage 3: units gathered ahead (live units = 1 + this), 0..64
   std::size_t persistence_threshold = 0;  // stage 3: units with fewer elements stay gathered

@@ -21,7 +21,9 @@ double k_bytes(const Config& c) {
 }
 
 double zero_formula(const Config& c, double psi, int world) {
-  const double p = double(size_of(c.compute_dtype)), g = p;
+  const double p = double(size_of(c.compute_dtype));
+  // Offloaded, stages 2-3 keep no device gradient shard: each bucket goes down as it is reduced.
+  const double g = c.offload_optimizer != OffloadKind::none && c.stage >= 2 ? 0.0 : p;
   const double k = c.offload_optimizer == OffloadKind::none ? k_bytes(c) : 0.0;
   const double p3 = c.offload_params ? 0.0 : p;
   const double n = world;
@@ -45,8 +47,8 @@ std::string zero_formula_text(const Config& c) {
   switch (c.stage) {
     case 0:
     case 1: return "(p+g)Ψ";
-    case 2: return "pΨ + gΨ/N";
-    default: return c.offload_params ? "gΨ/N" : "(p+g)Ψ/N";
+    case 2: return "pΨ";
+    default: return c.offload_params ? "0 (only the prefetch+1 gathered-unit slots and 2 buckets)" : "pΨ/N";
   }
 }
 

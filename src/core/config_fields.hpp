@@ -78,6 +78,7 @@ inline constexpr auto kConfigFields = std::make_tuple(
     field("loss_scaling", &Config::loss_scaling), field("max_grad_norm", &Config::max_grad_norm),
     field("accumulation_steps", &Config::accumulation_steps), field("offload_optimizer", &Config::offload_optimizer),
     local_field("nvme_dir", &Config::nvme_dir), field("offload_params", &Config::offload_params),
+    local_field("pinned_fallback", &Config::pinned_fallback),
     field("prefetch_units", &Config::prefetch_units), field("persistence_threshold", &Config::persistence_threshold));
 
 template <class S>

@@ -1,5 +1,8 @@
 // The CPU backend: every place is ordinary host memory, every stream is a thread draining a FIFO
 // queue, and kernels split their range over the shared ThreadPool in fixed-size chunks.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -16,6 +19,7 @@
 #include <system_error>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -257,14 +261,15 @@ std::size_t chunk_count(std::size_t n) noexcept { return n / kKernelChunk + (n %
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(std::shared_ptr<ThreadPool> pool)
-      : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())) {
+  CpuBackend(std::shared_ptr<ThreadPool> pool, bool lock_pinned)
+      : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())), lock_pinned_(lock_pinned) {
     memory().set_device_is_host(true);  // Place::device here is malloc'd RAM: reports say so
   }
 
   BackendKind kind() const noexcept override { return BackendKind::cpu; }
   bool host_accessible() const noexcept override { return true; }
   std::shared_ptr<ThreadPool> host_thread_pool() const noexcept override { return pool_; }
+  bool pinned_counts_against_memlock() const noexcept override { return lock_pinned_; }
 
   std::unique_ptr<Stream> create_stream(std::string name) override {
     return std::make_unique<CpuStream>(std::move(name));
@@ -535,24 +540,51 @@ class CpuBackend final : public Backend {
   }
 
  protected:
-  void* raw_allocate(std::size_t bytes, Place) override {
+  void* raw_allocate(std::size_t bytes, Place place) override {
     if (bytes > kMaxHostAllocation) return nullptr;
+    if (lock_pinned_ && place == Place::pinned_host) {
+      // Whole pages of its own, so that unlocking one buffer never unlocks a page of another.
+      const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+      const std::size_t rounded = (bytes + page - 1) / page * page;
+      void* p = std::aligned_alloc(page, rounded);
+      if (p == nullptr) return nullptr;
+      if (::mlock(p, rounded) != 0) {
+        std::free(p);  // the lock was refused (RLIMIT_MEMLOCK): reported as the allocation failing
+        return nullptr;
+      }
+      std::lock_guard<std::mutex> lock(locked_mutex_);
+      locked_[p] = rounded;
+      return p;
+    }
     // aligned_alloc wants a multiple of the alignment; no overflow thanks to the cap above.
     const std::size_t rounded = (bytes + 63) & ~std::size_t(63);
     return std::aligned_alloc(64, rounded);
   }
-  void raw_free(void* p, Place) noexcept override { std::free(p); }
+  void raw_free(void* p, Place place) noexcept override {
+    if (p != nullptr && lock_pinned_ && place == Place::pinned_host) {
+      std::lock_guard<std::mutex> lock(locked_mutex_);
+      const auto it = locked_.find(p);
+      if (it != locked_.end()) {
+        (void)::munlock(p, it->second);
+        locked_.erase(it);
+      }
+    }
+    std::free(p);
+  }
 
  private:
   std::shared_ptr<ThreadPool> pool_;
   const cpu::Kernels* k_;
+  bool lock_pinned_ = false;
+  std::mutex locked_mutex_;
+  std::unordered_map<void*, std::size_t> locked_;  // lock_pinned: bytes locked per buffer
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(CpuBackendOptions options) {
   std::shared_ptr<ThreadPool> pool = options.pool ? std::move(options.pool) : default_thread_pool();
-  return std::make_unique<CpuBackend>(std::move(pool));
+  return std::make_unique<CpuBackend>(std::move(pool), options.lock_pinned);
 }
 
 }  // namespace shardopt

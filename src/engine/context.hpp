@@ -50,8 +50,16 @@ struct EngineContext {
   // compute (and, on the CPU backend, the caller) waits for `event`.
   void consume(Event& event);
   // Allocates a planned buffer, zero-filled (padding must read as zero): host places by the host
-  // (on CUDA a fill kernel may not reach pinned memory), the device on side.
+  // (on CUDA a fill kernel may not reach pinned memory), the device on side. A pinned buffer the
+  // backend refuses is an Error naming it, its size and the locked-memory limit, or with
+  // Config::pinned_fallback pageable host memory (and so is every pinned buffer after it).
   Buffer allocate(const BufferSpec& spec);
+  // At initialize(), before allocating: where the backend's pinning counts against the
+  // locked-memory limit, the pinned bytes of the plan must fit in what is left of it; if not, an
+  // Error naming the largest pinned buffer, the plan's pinned bytes and the limit, or with
+  // Config::pinned_fallback every pinned buffer becomes pageable.
+  void check_pinned(const std::vector<BufferSpec>& specs);
+  bool pinned_pageable = false;  // pinned buffers are allocated in pageable host memory
 
   // ---- where a unit element lives (unit u, element e of its padded buffer)
   std::size_t slice_begin(int u) const { return rank * layout.units()[u].slice_elems; }

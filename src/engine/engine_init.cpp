@@ -20,6 +20,7 @@ void Engine::Impl::initialize(const InitFn& init) {
   try {
     plan = detail::plan_engine(ctx.cfg, specs, ctx.world);
     ctx.plan(plan);
+    ctx.check_pinned(plan.buffers);  // pinned memory the locked-memory limit refuses: before any allocation
     for (const auto& t : ctx.layout.tensors())
       if (!hyper_by_group.count(t.group)) hyper_by_group[t.group] = hyper_by_group[0];
     // A bad NVMe directory is found before gigabytes are allocated for the other buffers.

@@ -22,6 +22,8 @@ GradReducer::GradReducer(EngineContext& ctx, const std::vector<BufferSpec>& spec
     }
   }
   reduced_ = ctx.be.create_event();
+  reduce_buf_free_ = ctx.be.create_event();
+  norm_ranges_.resize(ctx.layout.units().size());
   open_bucket_.assign(ctx.layout.units().size(), -1);
   block_ready_.assign(ctx.layout.blocks().size(), 0);
   unit_pending_.resize(ctx.layout.units().size());
@@ -94,6 +96,10 @@ void GradReducer::reduce_bucket(int u) {
     open_bucket_[u] = -1;
     return;
   }
+  if (ctx_.placement.grads_to_host) {
+    reduce_bucket_to_host(u);
+    return;
+  }
   Bucket& bk = buckets_[open_bucket_[u]];
   const void* src = bk.buffer.data();
   if (r != c) {
@@ -118,10 +124,74 @@ void GradReducer::reduce_bucket(int u) {
   }
 }
 
+void GradReducer::measure(int u, const void* unit, DType t) {
+  for (const NormRange& nr : norm_ranges_[u])
+    ctx_.be.sum_squares(static_cast<const std::byte*>(unit) + nr.unit_begin * size_of(t), t, nr.n, nr.out, *ctx_.side);
+}
+
+// Offload, bucketed: reduce-scatter in place (in the bucket, or in the reduce buffer the bucket is
+// cast into), measure, send this rank's slice down, and free the bucket once the download has read
+// it. Each micro-step's slice goes down; the host copy sums them.
+void GradReducer::reduce_bucket_to_host(int u) {
+  const auto& info = ctx_.layout.units()[u];
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  offload::OffloadEngine& off = *store_.offload();
+  Bucket& bk = buckets_[open_bucket_[u]];
+  open_bucket_[u] = -1;
+  std::byte* unit = static_cast<std::byte*>(bk.buffer.data());
+  if (r != c) {
+    be.wait(side, *reduce_buf_free_);  // the last download from the reduce buffer has read it
+    be.cast(unit, c, reduce_buf_.data(), r, info.padded_elems, side);
+    be.fill(unit, c, info.padded_elems, 0.0f, side);  // the bucket is free once cast
+    be.record(*bk.free, side);
+    unit = static_cast<std::byte*>(reduce_buf_.data());
+  }
+  std::byte* mine = unit + ctx_.slice_begin(u) * size_of(r);
+  ctx_.comm.reduce_scatter(unit, mine, info.slice_elems, r, ReduceOp::avg, side);
+  const int accumulation = ctx_.cfg.accumulation_steps;
+  if (accumulation == 1) measure(u, unit, r);
+  be.record(*reduced_, side);
+  const std::size_t at_state = ctx_.state_offset(u, ctx_.slice_begin(u));
+  if (accumulation == 1) off.download(mine, at_state, info.slice_elems, *reduced_);
+  else off.download_add(mine, r, at_state, info.slice_elems, micro_steps_ == 0, *reduced_);
+  if (r != c) off.record_downloaded(*reduce_buf_free_, *reduced_);
+  else off.zero_after_downloads(unit, c, info.padded_elems, *bk.free, *reduced_);
+}
+
+// Offload, stages 0-1 with a reduce dtype: each unit cast into the reduce buffer, reduced there in
+// place, measured and sent down before the next unit reuses the buffer.
+void GradReducer::reduce_units_to_host() {
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  offload::OffloadEngine& off = *store_.offload();
+  std::byte* red = static_cast<std::byte*>(reduce_buf_.data());
+  for (int u = 0; u < static_cast<int>(ctx_.layout.units().size()); ++u) {
+    const auto& info = ctx_.layout.units()[u];
+    be.wait(side, *reduce_buf_free_);
+    be.cast(at(grads_full_, ctx_.unit_base[u], c), c, red, r, info.padded_elems, side);
+    if (ctx_.placement.grads == GradFlow::all_reduce)
+      ctx_.comm.all_reduce(red, red, info.padded_elems, r, ReduceOp::avg, side);
+    else
+      ctx_.comm.reduce_scatter(red, red + ctx_.slice_begin(u) * size_of(r), info.slice_elems, r, ReduceOp::avg, side);
+    measure(u, red, r);
+    be.record(*reduced_, side);
+    const std::size_t lo = ctx_.owned_begin(u);
+    off.download(red + lo * size_of(r), ctx_.state_offset(u, lo), ctx_.owned_end(u) - lo, *reduced_);
+    off.record_downloaded(*reduce_buf_free_, *reduced_);
+  }
+}
+
 void GradReducer::reduce_at_step() {
   const Placement& pl = ctx_.placement;
   if (pl.grads == GradFlow::bucketed) return;  // reduced as the units became ready
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  if (pl.grads_to_host && r != c) {
+    reduce_units_to_host();
+    return;
+  }
   Stream& side = *ctx_.side;
   for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u) {
     const auto& info = ctx_.layout.units()[u];
@@ -154,6 +224,8 @@ void GradReducer::reduce_at_step() {
 std::pair<void*, DType> GradReducer::reduced_at(int u, std::size_t e) const {
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
   const GradFlow flow = ctx_.placement.grads;
+  if (ctx_.placement.grads_to_host && (flow == GradFlow::bucketed || r != c))
+    return {nullptr, flow == GradFlow::bucketed ? ctx_.placement.shard_grad_dtype : r};
   if (flow == GradFlow::all_reduce)
     return r == c ? std::pair<void*, DType>{at(grads_full_, ctx_.full_offset(u, e), c), c}
                   : std::pair<void*, DType>{at(grads_reduced_, ctx_.full_offset(u, e), r), r};
@@ -166,7 +238,8 @@ void GradReducer::zero_accumulators() {
   if (ctx_.placement.grads != GradFlow::bucketed)
     ctx_.be.fill(grads_full_.data(), ctx_.compute_dtype, ctx_.full_elems, 0.0f, side);
   // (grads_direct: the update zeroed the shard as it read it, also on a skipped step)
-  if (ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1)
+  // (grads_to_host: the first micro-step's download overwrites the host copy)
+  if (ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1 && grad_shard_)
     ctx_.be.fill(grad_shard_.data(), ctx_.placement.shard_grad_dtype, ctx_.shard_elems, 0.0f, side);
 }
 
@@ -184,7 +257,7 @@ void GradReducer::zero() {
   if (ctx_.placement.grads == GradFlow::bucketed) {
     for (auto& bk : buckets_) be.fill(bk.buffer.data(), ctx_.compute_dtype, ctx_.layout.max_unit_elems(), 0.0f, side);
     std::fill(open_bucket_.begin(), open_bucket_.end(), -1);
-    if (ctx_.cfg.accumulation_steps == 1)
+    if (ctx_.cfg.accumulation_steps == 1 && grad_shard_)
       be.fill(grad_shard_.data(), ctx_.placement.shard_grad_dtype, ctx_.shard_elems, 0.0f, side);
   }
   be.synchronize(side);

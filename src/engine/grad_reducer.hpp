@@ -8,8 +8,11 @@
 //                   ready the bucket is reduce-scattered into the gradient shard (summed over
 //                   micro-steps in fp32) on side while backward goes on. grads_direct: one rank,
 //                   nothing to reduce: backward adds straight into the shard.
-// With offload, each unit's reduced gradient goes down to the state store's offload engine as
-// soon as it is final.
+// With offload (Placement::grads_to_host), each unit's reduced gradient goes down to the state
+// store's offload engine as soon as it lands, and no device copy of it is kept: the reduction runs
+// in place in the bucket (or in the one-unit reduce buffer when the reduce dtype differs), which is
+// reused only once the download has read it; its partial norms are measured there first
+// (set_norm_ranges). Micro-steps at stages 2-3 are then summed on the host, into the host copy.
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,8 +39,24 @@ class GradReducer {
   // step(): the reductions Placement::grads leaves to the step, then the offload downloads of
   // everything reduced at step(). On side, after compute.
   void reduce_at_step();
-  // The reduced gradient of unit element e (which this rank updates), and its dtype.
+  // The reduced gradient of unit element e (which this rank updates), and its dtype. The pointer
+  // is nullptr where the device keeps no copy (grads_to_host): the update reads the host copy and
+  // the norm is measured as the unit lands, or on the host copy (host_accumulates()).
   std::pair<void*, DType> reduced_at(int u, std::size_t e) const;
+  // grads_to_host with micro-steps at stages 2-3: the sum over micro-steps exists only in the
+  // host copy, so the partial norms are measured there, at step().
+  bool host_accumulates() const {
+    return ctx_.placement.grads_to_host && ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1;
+  }
+  // Partial norms measured as each unit lands (grads_to_host, where reduced_at gives nullptr and
+  // !host_accumulates()): for each update range of a unit, its first unit element, its length and
+  // the backend float its sum of squares is written to (on side). Indexed by unit; set once,
+  // before any step.
+  struct NormRange {
+    std::size_t unit_begin = 0, n = 0;
+    float* out = nullptr;
+  };
+  void set_norm_ranges(std::vector<std::vector<NormRange>> per_unit) { norm_ranges_ = std::move(per_unit); }
   // grads_direct: the update zeroes the gradient shard as it reads it.
   bool zeroed_by_update() const { return ctx_.placement.grads_direct; }
   // After the update: zero what the next step accumulates into; a new step begins.
@@ -48,6 +67,10 @@ class GradReducer {
  private:
   static constexpr int kDirect = -2;  // open_bucket_ of a unit written straight into the shard
   void reduce_bucket(int u);
+  void reduce_bucket_to_host(int u);
+  void reduce_units_to_host();
+  // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
+  void measure(int u, const void* unit, DType t);
   void zero_accumulators();
   void reset_pending();
 
@@ -61,6 +84,9 @@ class GradReducer {
   std::vector<Bucket> buckets_;
   std::vector<int> open_bucket_;    // bucketed: bucket bound to each unit this micro-step, -1 if none
   std::unique_ptr<Event> reduced_;  // recorded on side when a gradient is ready to go down
+  // grads_to_host: the downloads have read the reduce buffer (it may be cast into again).
+  std::unique_ptr<Event> reduce_buf_free_;
+  std::vector<std::vector<NormRange>> norm_ranges_;
   std::vector<char> block_ready_;
   std::vector<int> unit_pending_;  // blocks of the unit not yet ready this micro-step
   int ready_blocks_ = 0;

@@ -65,7 +65,6 @@ ParamGatherer::ParamGatherer(EngineContext& ctx, const std::vector<BufferSpec>& 
     switch (spec.kind) {
       case Buf::params_full: params_full_ = ctx.allocate(spec); break;
       case Buf::param_shard: param_shard_ = ctx.allocate(spec); break;
-      case Buf::param_upload: param_upload_ = ctx.allocate(spec); break;
       case Buf::persistent: persistent_[spec.index] = ctx.allocate(spec); break;
       case Buf::slot:
         slots_.push_back(Slot{ctx.allocate(spec), ctx.be.create_event(), ctx.be.create_event()});
@@ -129,10 +128,12 @@ void ParamGatherer::gather_unit(int u, void* dst) {
   const auto& info = ctx_.layout.units()[u];
   const DType c = ctx_.compute_dtype;
   if (ctx_.placement.params_tier == Tier::pinned_host) {
-    // The shard lives in pinned host memory: up to the device one slice at a time. The copy and
-    // the gather are on the same stream, so the next unit's copy waits for this gather.
-    ctx_.be.copy(param_upload_.data(), at(param_shard_, info.shard_offset, c), info.slice_elems * size_of(c), *ctx_.side);
-    ctx_.comm.all_gather(param_upload_.data(), dst, info.slice_elems, c, *ctx_.side);
+    // The shard lives in pinned host memory: this rank's slice goes up straight into its place in
+    // the destination, which is then gathered in place (as gather_updated does for full
+    // parameters), so no upload staging is needed on the device.
+    std::byte* mine = static_cast<std::byte*>(dst) + ctx_.slice_begin(u) * size_of(c);
+    ctx_.be.copy(mine, at(param_shard_, info.shard_offset, c), info.slice_elems * size_of(c), *ctx_.side);
+    ctx_.comm.all_gather(mine, dst, info.slice_elems, c, *ctx_.side);
     return;
   }
   ctx_.comm.all_gather(at(param_shard_, info.shard_offset, c), dst, info.slice_elems, c, *ctx_.side);

@@ -80,7 +80,7 @@ class ParamGatherer {
     std::unique_ptr<Event> idle;   // compute work reading it finished
   };
   EngineContext& ctx_;
-  Buffer params_full_, param_shard_, param_upload_;
+  Buffer params_full_, param_shard_;
   std::vector<Buffer> persistent_;  // per unit: kept gathered (empty Buffer if not)
   std::vector<Slot> slots_;
   SlotTable table_;

@@ -71,6 +71,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   pl.master_is_params = !off && c == DType::fp32;
   pl.gather_after_update = stage == 1 || stage == 2;
   pl.norm_across_ranks = pl.state_sharded && world > 1;
+  pl.grads_to_host = off;
   std::size_t P = 0, U = L.max_unit_elems(), max_slice = 0;
   for (const auto& u : L.units()) {
     P += u.padded_elems;
@@ -124,23 +125,31 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
           "nvme I/O ring", Place::pinned_host);
     }
     // Down: the whole reduced gradient (copied unit by unit as soon as it is reduced, during
-    // backward at stages 2-3, so it cannot be a ring the update drains). Up: a ring of cells.
+    // backward at stages 2-3, so it cannot be a ring the update drains); it is the only copy of
+    // the reduced gradient (Placement::grads_to_host). Micro-steps at stages 2-3 accumulate into
+    // it on the host, each reduced slice coming down through one staging slice. Up: a ring of cells.
     add(Buf::host_grad, 0, n_state, o.grad_dtype, Category::offload_staging, "gradient (host copy)", Place::pinned_host);
+    if (pl.grads == GradFlow::bucketed && cfg.accumulation_steps > 1)
+      add(Buf::grad_staging, 0, max_slice, r, Category::offload_staging, "gradient download staging",
+          Place::pinned_host);
     if (!cfg.offload_params)
       for (int i = 0; i < o.ring; ++i)
         add(Buf::param_ring, i, o.chunk_elems, c, Category::offload_staging, "parameter upload ring " + std::to_string(i),
             Place::pinned_host);
   }
-  if (cfg.offload_params)
-    add(Buf::param_upload, 0, max_slice, c, Category::offload_staging, "parameter slice upload");
   if (pl.grads != GradFlow::bucketed) add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
-  if (pl.grads == GradFlow::all_reduce && r != c) add(Buf::grads_reduced, 0, P, r, Category::communication, "gradients in reduce dtype");
-  if (pl.grads != GradFlow::all_reduce && r != c) add(Buf::reduce_buf, 0, U, r, Category::communication, "reduce buffer");
-  if (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && r != c))
+  // Under offload (grads_to_host) the reduced gradient has no device copy beyond one unit: the
+  // reduce buffer (reduce dtype != compute dtype) or the bucket itself, reduced in place.
+  if (pl.grads == GradFlow::all_reduce && r != c && !pl.grads_to_host)
+    add(Buf::grads_reduced, 0, P, r, Category::communication, "gradients in reduce dtype");
+  if (r != c && (pl.grads != GradFlow::all_reduce || pl.grads_to_host))
+    add(Buf::reduce_buf, 0, U, r, Category::communication, "reduce buffer");
+  if (!pl.grads_to_host && (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && r != c)))
     add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
   if (pl.grads == GradFlow::bucketed) {
     for (int i = 0; i < 2; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
-    if (cfg.accumulation_steps > 1) add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
+    if (cfg.accumulation_steps > 1 && !pl.grads_to_host)
+      add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
   }
   if (pl.params_sharded) {
     bool any_sharded = false;

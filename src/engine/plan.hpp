@@ -17,11 +17,11 @@ enum class Buf : unsigned char {
   master,         // fp32 master weights (absent when the compute dtype is fp32)
   state,          // optimizer state `index`
   grads_full,     // stages 0-1: every unit, compute dtype
-  grads_reduced,  // stage 0 with reduce dtype != compute: the all-reduced gradient
-  reduce_buf,     // one unit in the reduce dtype (cast before reducing)
-  grad_shard,     // stages 1-3: this rank's reduced gradient
+  grads_reduced,  // stage 0 with reduce dtype != compute, no offload: the all-reduced gradient
+  reduce_buf,     // one unit in the reduce dtype (cast before reducing; with offload also stage 0)
+  grad_shard,     // stages 1-3 without offload: this rank's reduced gradient
   bucket,         // stages 2-3: gradient bucket `index`
-  rs_tmp,         // stages 2-3 with accumulation: one reduce-scatter slice
+  rs_tmp,         // stages 2-3 with accumulation, no offload: one reduce-scatter slice
   slot,           // stage 3: gathered unit `index`
   persistent,     // stage 3: unit `index` kept gathered
   scalars,        // step control block and step scalars on the device (see ControlLayout)
@@ -30,9 +30,9 @@ enum class Buf : unsigned char {
   agreement,      // world > 1: initialize()'s agreement records, 0 on the device, 1 on the host (transient)
   // ---- offload (offload/): see offload/offload_engine.hpp for the pipeline these serve
   host_grad,      // optimizer offload: the reduced gradient copied down, one element per state element
+  grad_staging,   // optimizer offload, stages 2-3 with accumulation: one reduced slice on its way into host_grad
   param_ring,     // optimizer offload: updated compute-dtype chunk `index` on its way up (ring)
   io_ring,        // nvme: aligned read/update/write buffers, all ring entries in one buffer
-  param_upload,   // offload_params: one unit slice on the device, source of the all-gather
   nvme_file       // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
 };
 
@@ -119,6 +119,14 @@ struct Placement {
   bool gather_after_update = false;
   // The gradient norm is a sum over ranks (each holds a part of the reduced gradient).
   bool norm_across_ranks = false;
+  // Optimizer offload: each unit's reduced gradient goes down to the pinned host copy as soon as it
+  // lands, and the device keeps no reduced copy of its own: no gradient shard (stages 1-3) and no
+  // all-reduced copy in the reduce dtype (stage 0). The reduction runs in place in the bucket or in
+  // the one-unit reduce buffer, which is reused once the download has read it; the partial norms
+  // are measured there before that (or, with micro-steps at stages 2-3, on the host copy the
+  // micro-steps accumulate into). Stages 0-1 with reduce dtype == compute dtype still reduce in
+  // place in the full gradients, which the trainer needs anyway.
+  bool grads_to_host = false;
 };
 
 struct EnginePlan {

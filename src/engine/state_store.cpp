@@ -50,6 +50,9 @@ void StateStore::start_offload(const OffloadPlan& plan, const std::vector<Buffer
   st.master = offload_field(0);
   for (int i = 0; i < c.state_count; ++i) st.states[i] = offload_field(1 + i);
   st.host_grad = host_grad_.data();
+  st.grad_staging = grad_staging_.data();
+  st.grad_staging_elems = grad_staging_ ? grad_staging_.bytes() / size_of(c.reduce_dtype) : 0;
+  st.grad_staging_dtype = c.reduce_dtype;
   for (auto& b : param_ring_) st.param_ring.push_back(b.data());
   st.io_ring = io_ring_.data();
   st.io_ring_bytes = io_ring_.bytes();
@@ -63,6 +66,7 @@ void StateStore::start_offload(const OffloadPlan& plan, const std::vector<Buffer
 void StateStore::release() {
   offload_.reset();
   host_grad_.reset();
+  grad_staging_.reset();
   io_ring_.reset();
   param_ring_.clear();
 }
@@ -82,6 +86,7 @@ class MemoryStateStore final : public StateStore {
       case Buf::master: master_ = std::move(b); break;
       case Buf::state: states_[spec.index] = std::move(b); break;
       case Buf::host_grad: host_grad_ = std::move(b); break;
+      case Buf::grad_staging: grad_staging_ = std::move(b); break;
       case Buf::param_ring: param_ring_.push_back(std::move(b)); break;
       default: break;
     }
@@ -145,6 +150,7 @@ class NvmeStateStore final : public StateStore {
   void adopt(const BufferSpec& spec, Buffer b) {
     switch (spec.kind) {
       case Buf::host_grad: host_grad_ = std::move(b); break;
+      case Buf::grad_staging: grad_staging_ = std::move(b); break;
       case Buf::param_ring: param_ring_.push_back(std::move(b)); break;
       case Buf::io_ring: io_ring_ = std::move(b); break;
       default: break;
@@ -165,8 +171,8 @@ class NvmeStateStore final : public StateStore {
 };
 
 bool owned_by_store(Buf kind) {
-  return kind == Buf::master || kind == Buf::state || kind == Buf::host_grad || kind == Buf::param_ring ||
-         kind == Buf::io_ring;
+  return kind == Buf::master || kind == Buf::state || kind == Buf::host_grad || kind == Buf::grad_staging ||
+         kind == Buf::param_ring || kind == Buf::io_ring;
 }
 
 }  // namespace

@@ -56,7 +56,7 @@ class StateStore {
   virtual float* offload_field(int field) const = 0;
 
   EngineContext& ctx_;
-  Buffer host_grad_, io_ring_;
+  Buffer host_grad_, grad_staging_, io_ring_;
   std::vector<Buffer> param_ring_;
   std::unique_ptr<offload::OffloadEngine> offload_;
 };

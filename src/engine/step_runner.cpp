@@ -73,6 +73,15 @@ void StepRunner::plan_ranges() {
   for (Range& rg : ranges_)
     rg.slot = static_cast<int>(std::lower_bound(control_groups_.begin(), control_groups_.end(), rg.group) -
                                control_groups_.begin());
+  // Ranges whose reduced gradient has no device copy (offload) are measured by the reducer as
+  // their unit lands, into the same partial slots (unless the host copy sums micro-steps).
+  if (!reducer_.host_accumulates()) {
+    std::vector<std::vector<GradReducer::NormRange>> per_unit(layout.units().size());
+    for (std::size_t i = 0; i < ranges_.size(); ++i)
+      if (!ranges_[i].grad)
+        per_unit[ranges_[i].unit].push_back({ranges_[i].unit_begin, ranges_[i].n, dev_floats() + 4 + i});
+    reducer_.set_norm_ranges(std::move(per_unit));
+  }
 }
 
 std::vector<offload::Piece> StepRunner::offload_pieces(std::size_t chunk_elems) const {
@@ -137,8 +146,18 @@ void StepRunner::measure_and_decide() {
   Stream& side = *ctx_.side;
   float* sc = dev_floats();
   ctx_.be.fill(sc, DType::fp32, 1, 0.0f, side);
+  // Ranges without a device copy were measured as their unit landed (GradReducer::measure), or
+  // are measured here on the host copy, where the micro-steps were summed.
   for (std::size_t i = 0; i < ranges_.size(); ++i)
-    ctx_.be.sum_squares(ranges_[i].grad, ranges_[i].grad_dtype, ranges_[i].n, sc + 4 + i, side);
+    if (ranges_[i].grad) ctx_.be.sum_squares(ranges_[i].grad, ranges_[i].grad_dtype, ranges_[i].n, sc + 4 + i, side);
+  if (reducer_.host_accumulates() && !ranges_.empty()) {
+    offload::OffloadEngine& offload = *store_.offload();
+    offload.finish_downloads();
+    float* hs = host_floats();
+    for (std::size_t i = 0; i < ranges_.size(); ++i)
+      hs[4 + i] = offload.host_sum_squares(ctx_.state_offset(ranges_[i].unit, ranges_[i].unit_begin), ranges_[i].n);
+    ctx_.be.copy(sc + 4, hs + 4, ranges_.size() * 4, side);
+  }
   ctx_.be.step_totals(sc + 4, ranges_.size(), sc, sc + 2, side);
   if (ctx_.placement.norm_across_ranks) ctx_.comm.all_reduce(sc + 2, sc + 2, 2, DType::fp32, ReduceOp::sum, side);
   StepControlArgs ca;
