@@ -538,7 +538,9 @@ TEST(Offload, NoDeviceGradientShard) {
       EXPECT_EQ(b.name.find("gradient shard"), std::string::npos) << b.name;
       EXPECT_EQ(b.name.find("reduce-scatter slice"), std::string::npos) << b.name;
       EXPECT_EQ(b.name.find("gradients in reduce dtype"), std::string::npos) << b.name;
-      if (b.name.find("upload") != std::string::npos) EXPECT_NE(b.place, Place::device) << b.name;  // no device staging
+      if (b.name.find("upload") != std::string::npos) {
+        EXPECT_NE(b.place, Place::device) << b.name;  // no device staging
+      }
       if (b.place != Place::device) continue;
       if (b.category == Category::gradients) device_grad_bytes += b.bytes;
       if (b.name.find("gradient bucket") == 0) bucket_bytes += b.bytes;

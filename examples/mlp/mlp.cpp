@@ -58,7 +58,8 @@ std::vector<BlockSpec> blocks(const Shape& s) {
   const std::int64_t h = s.hidden, f = 4 * std::int64_t(s.hidden);
   for (int l = 0; l < s.layers; ++l) {
     const std::string n = "block" + std::to_string(l);
-    out.push_back({n, {{n + ".w1", {f, h}}, {n + ".b1", {f}, 1}, {n + ".w2", {h, f}}, {n + ".b2", {h}, 1}}});
+    out.push_back({n + ".fc1", {{n + ".w1", {f, h}}, {n + ".b1", {f}, 1}}});
+    out.push_back({n + ".fc2", {{n + ".w2", {h, f}}, {n + ".b2", {h}, 1}}});
   }
   return out;
 }
@@ -284,17 +285,24 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   // A resumed run goes on with the checkpoint's loss scale (the CPU backend's buffer is host memory).
   if (!o.resume_dir.empty() && cfg.loss_scaling.mode != shardopt::LossScaleMode::none) scale = *engine.loss_scale_buffer();
 
-  // Parameters of block l as fp32 pointers: the engine's buffers, or widened copies.
-  auto params_of = [&](const shardopt::BlockView& v) {
-    if (wide) return BlockParams{v.tensors[0].as<float>(), v.tensors[1].as<float>(), v.tensors[2].as<float>(),
-                                 v.tensors[3].as<float>()};
-    std::size_t off = 0;
+  // Layer l is two engine blocks, fc1 (w1, b1) = 2l and fc2 (w2, b2) = 2l + 1 (see blocks()); its
+  // four tensors in order w1, b1, w2, b2.
+  auto tensor_of = [](const shardopt::BlockView& fc1, const shardopt::BlockView& fc2, int t) -> const shardopt::TensorView& {
+    return t < 2 ? fc1.tensors[static_cast<std::size_t>(t)] : fc2.tensors[static_cast<std::size_t>(t - 2)];
+  };
+  // Parameters of layer l as fp32 pointers: the engine's buffers, or widened copies.
+  auto params_of = [&](const shardopt::BlockView& fc1, const shardopt::BlockView& fc2) {
     float* p[4];
+    std::size_t off = 0;
     for (int t = 0; t < 4; ++t) {
+      const shardopt::TensorView& v = tensor_of(fc1, fc2, t);
+      if (wide) {
+        p[t] = v.as<float>();
+        continue;
+      }
       p[t] = pw.data() + off;
-      for (std::size_t i = 0; i < v.tensors[t].numel; ++i)
-        p[t][i] = shardopt::load_as_float(v.tensors[t].data, v.tensors[t].dtype, i);
-      off += v.tensors[t].numel;
+      for (std::size_t i = 0; i < v.numel; ++i) p[t][i] = shardopt::load_as_float(v.data, v.dtype, i);
+      off += v.numel;
     }
     return BlockParams{p[0], p[1], p[2], p[3]};
   };
@@ -312,39 +320,38 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
       s.teacher.forward(B, xs.data(), target.data(), teacher_scratch);
 
       for (int l = 0; l < L; ++l) {
-        const shardopt::BlockView v = engine.acquire(l);
-        block_forward(B, h, params_of(v), &xs[l * BH], &as[l * BF], &us[l * BF], &xs[(l + 1) * BH]);
-        engine.release(l);
+        const shardopt::BlockView fc1 = engine.acquire(2 * l), fc2 = engine.acquire(2 * l + 1);
+        block_forward(B, h, params_of(fc1, fc2), &xs[l * BH], &as[l * BF], &us[l * BF], &xs[(l + 1) * BH]);
+        engine.release(2 * l + 1);
+        engine.release(2 * l);
       }
       loss += mse_loss(BH, &xs[L * BH], target.data(), scale, dy.data());
 
       for (int l = L - 1; l >= 0; --l) {
-        const shardopt::BlockView v = engine.acquire(l);
-        const BlockParams p = params_of(v);
-        const shardopt::BlockView g = engine.gradients(l);
-        if (wide) {
-          const BlockGrads gr{g.tensors[0].as<float>(), g.tensors[1].as<float>(), g.tensors[2].as<float>(),
-                              g.tensors[3].as<float>()};
-          block_backward(B, h, p, &xs[l * BH], &as[l * BF], &us[l * BF], dy.data(), dx.data(), gr, da.data());
-        } else {
-          std::fill(gw.begin(), gw.end(), 0.0f);
-          float* q[4];
-          std::size_t off = 0;
-          for (int t = 0; t < 4; ++t) {
-            q[t] = gw.data() + off;
-            off += g.tensors[t].numel;
-          }
-          block_backward(B, h, p, &xs[l * BH], &as[l * BF], &us[l * BF], dy.data(), dx.data(),
-                         BlockGrads{q[0], q[1], q[2], q[3]}, da.data());
-          // Add, in the compute dtype, to what the engine's buffer already holds.
-          for (int t = 0; t < 4; ++t)
-            for (std::size_t i = 0; i < g.tensors[t].numel; ++i) {
-              const float sum = shardopt::load_as_float(g.tensors[t].data, g.tensors[t].dtype, i) + q[t][i];
-              shardopt::store_from_float(g.tensors[t].data, g.tensors[t].dtype, i, sum);
-            }
+        const shardopt::BlockView fc1 = engine.acquire(2 * l), fc2 = engine.acquire(2 * l + 1);
+        const BlockParams p = params_of(fc1, fc2);
+        const shardopt::BlockView g1 = engine.gradients(2 * l), g2 = engine.gradients(2 * l + 1);
+        float* q[4];
+        std::size_t off = 0;
+        for (int t = 0; t < 4; ++t) {
+          const shardopt::TensorView& g = tensor_of(g1, g2, t);
+          q[t] = wide ? g.as<float>() : gw.data() + off;
+          off += g.numel;
         }
-        engine.grads_ready(l);
-        engine.release(l);
+        if (!wide) std::fill(gw.begin(), gw.end(), 0.0f);
+        block_backward(B, h, p, &xs[l * BH], &as[l * BF], &us[l * BF], dy.data(), dx.data(),
+                       BlockGrads{q[0], q[1], q[2], q[3]}, da.data());
+        if (!wide)  // add, in the compute dtype, to what the engine's buffer already holds
+          for (int t = 0; t < 4; ++t) {
+            const shardopt::TensorView& g = tensor_of(g1, g2, t);
+            for (std::size_t i = 0; i < g.numel; ++i)
+              shardopt::store_from_float(g.data, g.dtype, i, shardopt::load_as_float(g.data, g.dtype, i) + q[t][i]);
+          }
+        // fc2 first: the order backward finishes them in, the one the engine reduces cheapest.
+        engine.grads_ready(2 * l + 1);
+        engine.grads_ready(2 * l);
+        engine.release(2 * l + 1);
+        engine.release(2 * l);
         std::swap(dy, dx);
       }
     }

@@ -31,8 +31,11 @@ struct Shape {
   int hidden = 128;
 };
 
-// Blocks as the engine registers them: block l is "block<l>" with tensors "block<l>.w1",
-// ".b1", ".w2", ".b2" in that order; biases are in parameter group 1 (no weight decay).
+// Blocks as the engine registers them: layer l is two blocks, "block<l>.fc1" (tensors
+// "block<l>.w1", "block<l>.b1") and "block<l>.fc2" ("block<l>.w2", "block<l>.b2"), each linear
+// layer its own block as FSDP wraps each module: a unit (and so a gradient bucket, a gathered
+// slot at stage 3) is then half a layer, which halves the engine's bounded device buffers.
+// Biases are in parameter group 1 (no weight decay).
 std::vector<shardopt::BlockSpec> blocks(const Shape& shape);
 std::size_t param_count(const Shape& shape);
 // Bytes of fp32 activations and scratch one rank of train() keeps for micro-batches of `batch`
