@@ -62,6 +62,8 @@ struct KernelArgs {
   void* param_out;
   std::size_t n;
   std::size_t block;
+  std::uint64_t first_index;
+  std::uint32_t key1, key2;
   const float* scale_ptr;
   const float* skip_ptr;
   bool zero_grad;
@@ -157,8 +159,9 @@ __global__ void __launch_bounds__(kThreads) int8_state_kernel(KernelArgs a) {
       inv2 = quant::inverse_scale(scale2);
     }
     for (std::size_t e = threadIdx.x; e < len; e += blockDim.x) {
-      code1[first + e] = quant::encode_signed(new1[e], inv1);
-      if constexpr (kTwo) code2[first + e] = quant::encode_unsigned(new2[e], inv2);
+      const std::uint64_t index = a.first_index + first + e;
+      code1[first + e] = quant::encode_signed(new1[e], inv1, quant::dither(a.key1, index));
+      if constexpr (kTwo) code2[first + e] = quant::encode_unsigned(new2[e], inv2, quant::dither(a.key2, index));
     }
     if (threadIdx.x == 0) {
       a.scales1[k] = scale1;
@@ -221,6 +224,9 @@ void launch_compressed_update(const CompressedUpdateArgs& args, cudaStream_t str
   a.param_out = store ? args.param_out : nullptr;
   a.n = args.n;
   a.block = args.block_size;
+  a.first_index = args.first_index;
+  a.key1 = quant::dither_key(args.seed, 1);
+  a.key2 = quant::dither_key(args.seed, 2);
   a.scale_ptr = args.scale_ptr;
   a.skip_ptr = args.skip_ptr;
   a.zero_grad = args.zero_grad;

@@ -63,57 +63,91 @@ TEST(CompressedCodes, DecodeMatchesTheDefinitionForEveryCode) {
   for (int c = 1; c < 256; ++c) ASSERT_LT(ref_magnitude(kUnsigned, c - 1), ref_magnitude(kUnsigned, c));
 }
 
-// The code nearest to r by brute force; on an exact tie, the even code (round half to even).
-int ref_nearest(const CodeDef& d, double r) {
-  int best = 0;
-  double best_err = std::fabs(ref_magnitude(d, 0) - r);
-  for (int c = 1; c < d.count(); ++c) {
-    const double err = std::fabs(ref_magnitude(d, c) - r);
-    if (err < best_err || (err == best_err && (c % 2) == 0)) best = c, best_err = err;
+// The grid values around r by brute force: the largest code <= r and the smallest code >= r.
+std::pair<int, int> ref_neighbours(const CodeDef& d, double r) {
+  int lo = 0, hi = d.count() - 1;
+  for (int c = 0; c < d.count(); ++c) {
+    if (ref_magnitude(d, c) <= r) lo = c;
+    if (ref_magnitude(d, d.count() - 1 - c) >= r) hi = d.count() - 1 - c;
   }
-  return best;
+  return {lo, hi};
 }
 
 template <class F>
-void check_encode_is_nearest(const CodeDef& d) {
+void check_stochastic_rounding(const CodeDef& d) {
   std::mt19937 rng(7);
   std::vector<float> rs;
-  // Every code value, every midpoint between neighbours (ties) and its float neighbours, and
-  // random values spread over the exponent range.
+  // Every code value, every midpoint between neighbours and its float neighbours, and random
+  // values spread over the exponent range (normal and subnormal codes).
   for (int c = 0; c + 1 < d.count(); ++c) {
     const float lo = static_cast<float>(ref_magnitude(d, c)), hi = static_cast<float>(ref_magnitude(d, c + 1));
     const float mid = static_cast<float>((static_cast<double>(lo) + hi) / 2);  // exact: few bits
-    rs.insert(rs.end(), {lo, hi, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 2.0f)});
+    rs.insert(rs.end(), {lo, hi, mid, std::nextafter(mid, 0.0f), std::nextafter(hi, 0.0f)});
   }
-  std::uniform_real_distribution<double> expo(-40.0, 1.0), unit(0.0, 1.0);
-  for (int i = 0; i < 20000; ++i) rs.push_back(static_cast<float>(std::min(std::exp2(expo(rng)), 1.999)));
+  std::uniform_real_distribution<double> expo(-40.0, 1.0);
+  for (int i = 0; i < 5000; ++i) rs.push_back(static_cast<float>(std::min(std::exp2(expo(rng)), 1.999)));
+  std::uniform_int_distribution<std::uint32_t> any;
   const float top = static_cast<float>(ref_magnitude(d, d.count() - 1));
   for (float r : rs) {
-    if (!(r >= 0.0f && r < 2.0f) || r > top) continue;  // above the top code only in a block that never has it
-    const int want = ref_nearest(d, static_cast<double>(r));
-    ASSERT_EQ(static_cast<int>(quant::encode_magnitude<F>(r)), want) << "r = " << r;
+    if (!(r >= 0.0f && r <= top)) continue;  // above the top code only in a block that never has it
+    const auto [lo, hi] = ref_neighbours(d, static_cast<double>(r));
+    // d = 0 truncates, d = all ones rounds every value off the grid up; any d gives a neighbour.
+    ASSERT_EQ(static_cast<int>(quant::encode_magnitude<F>(r, 0u)), lo) << "r = " << r;
+    // The subnormal codes' dither has 23-M bits: a value within 2^(M-23) of a step above a grid
+    // value may stay down even at the largest dither.
+    const double step = ref_magnitude(d, hi) - ref_magnitude(d, lo);
+    const bool sub_fine = hi <= (1 << d.m) && r - ref_magnitude(d, lo) < std::ldexp(step, d.m - 23);
+    const int up = static_cast<int>(quant::encode_magnitude<F>(r, 0xffffffffu));
+    ASSERT_TRUE(up == hi || (sub_fine && up == lo)) << "r = " << r;
+    for (int k = 0; k < 8; ++k) {
+      const int c = static_cast<int>(quant::encode_magnitude<F>(r, any(rng)));
+      ASSERT_TRUE(c == lo || c == hi) << "r = " << r << " code " << c;
+    }
+  }
+  // Unbiased: over many dithers the mean decoded value is r (the standard deviation of one
+  // draw is at most half a step, so 4096 draws put the mean within step/32 at 4 sigma).
+  for (float r : {0.3f, 1.23456f, 1.9f, 3.3e-3f, 1.1e-5f, 7.7e-10f}) {
+    if (r > top) continue;
+    const auto [lo, hi] = ref_neighbours(d, static_cast<double>(r));
+    double sum = 0;
+    for (int k = 0; k < 4096; ++k) sum += ref_magnitude(d, static_cast<int>(quant::encode_magnitude<F>(r, any(rng))));
+    const double step = ref_magnitude(d, hi) - ref_magnitude(d, lo);
+    EXPECT_LE(std::fabs(sum / 4096 - r), step / 32 + 1e-300) << "r = " << r;
   }
   // Outside [0, 2) and NaN encode as 0 (only reachable in a block of scale 0 or NaN).
-  EXPECT_EQ(quant::encode_magnitude<F>(2.0f), 0u);
-  EXPECT_EQ(quant::encode_magnitude<F>(-1.0f), 0u);
-  EXPECT_EQ(quant::encode_magnitude<F>(std::nanf("")), 0u);
+  EXPECT_EQ(quant::encode_magnitude<F>(2.0f, 0xffffffffu), 0u);
+  EXPECT_EQ(quant::encode_magnitude<F>(-1.0f, 0xffffffffu), 0u);
+  EXPECT_EQ(quant::encode_magnitude<F>(std::nanf(""), 0xffffffffu), 0u);
 }
 
-TEST(CompressedCodes, EncodeIsRoundToNearestEvenCode) {
-  check_encode_is_nearest<quant::SignedCode>(kSigned);
-  check_encode_is_nearest<quant::UnsignedCode>(kUnsigned);
+TEST(CompressedCodes, EncodeRoundsStochasticallyToANeighbour) {
+  check_stochastic_rounding<quant::SignedCode>(kSigned);
+  check_stochastic_rounding<quant::UnsignedCode>(kUnsigned);
+}
+
+TEST(CompressedCodes, DitherDependsOnSeedStateAndIndex) {
+  const std::uint32_t k1 = quant::dither_key(5, 1), k2 = quant::dither_key(5, 2), k3 = quant::dither_key(6, 1);
+  EXPECT_NE(k1, k2);
+  EXPECT_NE(k1, k3);
+  EXPECT_NE(quant::dither(k1, 0), quant::dither(k1, 1));
+  EXPECT_NE(quant::dither(k1, 7), quant::dither(k1, 7 + (std::uint64_t(1) << 32)));
+  // Roughly uniform: the mean of the top bit over 10^5 indices is 1/2 within 1%.
+  int ones = 0;
+  for (std::uint64_t i = 0; i < 100000; ++i) ones += static_cast<int>(quant::dither(k1, i) >> 31);
+  EXPECT_NEAR(ones / 100000.0, 0.5, 0.01);
 }
 
 TEST(CompressedCodes, SignAndZero) {
-  EXPECT_EQ(quant::encode_signed(-0.0f, 1.0f), 0u);             // no "-0" code
-  EXPECT_EQ(quant::encode_signed(-1e-30f, 1.0f), 0u);           // rounds to 0: no sign either
-  EXPECT_EQ(quant::encode_signed(-1.0f, 1.0f), 0x80u | quant::encode_signed(1.0f, 1.0f));
-  EXPECT_EQ(quant::decode_signed(0x80u | quant::encode_signed(0.75f, 1.0f), 4.0f), -3.0f);
-  EXPECT_EQ(quant::encode_unsigned(-5.0f, 1.0f), 0u);  // negative second moments encode as 0
+  const std::uint32_t half = 0x80000000u;
+  EXPECT_EQ(quant::encode_signed(-0.0f, 1.0f, half), 0u);    // no "-0" code
+  EXPECT_EQ(quant::encode_signed(-1e-30f, 1.0f, half), 0u);  // rounds to 0: no sign either
+  EXPECT_EQ(quant::encode_signed(-1.0f, 1.0f, half), 0x80u | quant::encode_signed(1.0f, 1.0f, half));
+  EXPECT_EQ(quant::decode_signed(0x80u | quant::encode_signed(0.75f, 1.0f, half), 4.0f), -3.0f);
+  EXPECT_EQ(quant::encode_unsigned(-5.0f, 1.0f, 0xffffffffu), 0u);  // negative second moments encode as 0
 }
 
 // The scale's contract: a power of two (or 0 / NaN), within the stated interval around absmax,
-// and large enough that no |x| <= absmax rounds past the top code.
+// and large enough that no |x| <= absmax rounds past the top code, even rounded up.
 template <class F>
 void check_scale(const CodeDef& d, float absmax) {
   const float scale = quant::block_scale<F>(quant::abs_bits(absmax));
@@ -123,22 +157,23 @@ void check_scale(const CodeDef& d, float absmax) {
     return;
   }
   if (a < std::ldexp(1.0, -126)) {  // a float-subnormal absmax: 0, or 2^-126 where it rounds up to it
-    if (a < std::ldexp(1.0, -126) * (1 - std::ldexp(1.0, -(d.m + 1)))) EXPECT_EQ(scale, 0.0f) << absmax;
-    else EXPECT_TRUE(scale == 0.0f || scale == std::ldexp(1.0f, -126)) << absmax;
+    EXPECT_TRUE(scale == 0.0f || scale == std::ldexp(1.0f, -126)) << absmax;
+    if (a == 0.0) {
+      EXPECT_EQ(scale, 0.0f);
+    }
     return;
   }
-  if (a >= std::ldexp(1.0, 128) - std::ldexp(1.0, 126 - d.m)) {  // rounds to 2^128: not a float
+  if (a > std::ldexp(1.0, 128) - std::ldexp(1.0, 127 - d.m)) {  // rounds up to 2^128: not a float
     EXPECT_TRUE(std::isnan(scale)) << absmax;
     return;
   }
   int e;
   ASSERT_EQ(std::frexp(static_cast<double>(scale), &e), 0.5) << "not a power of two: " << scale;
-  const double h = std::ldexp(1.0, -(d.m + 1));
-  EXPECT_LE(scale, a * (1 + h)) << absmax;
-  EXPECT_GT(scale, a * (1 - h) / 2) << absmax;
+  EXPECT_LE(scale, a * (1 + std::ldexp(1.0, -d.m))) << absmax;
+  EXPECT_GT(scale, a / 2) << absmax;
   const float inv = quant::inverse_scale(scale);
-  const std::uint32_t code = quant::encode_magnitude<F>(static_cast<float>(a) * inv);
-  EXPECT_EQ(static_cast<int>(code), ref_nearest(d, a / scale)) << absmax;  // no saturation needed
+  const std::uint32_t code = quant::encode_magnitude<F>(static_cast<float>(a) * inv, 0xffffffffu);
+  EXPECT_EQ(static_cast<int>(code), ref_neighbours(d, a / scale).second) << absmax;  // no saturation needed
 }
 
 TEST(CompressedCodes, BlockScale) {
@@ -154,7 +189,7 @@ TEST(CompressedCodes, BlockScale) {
 }
 
 TEST(CompressedCodes, QuantizationErrorBound) {
-  // |dequant(quant(x)) - x| <= max(2^-(M+1) |x|, 2^-(Emax+M) scale) for every x of a block.
+  // |dequant(quant(x)) - x| < max(2^-M |x|, 2^(1-Emax-M) scale) for every x of a block and dither.
   std::mt19937 rng(3);
   std::uniform_real_distribution<double> expo(-45.0, 0.0);
   std::bernoulli_distribution neg(0.5);
@@ -166,12 +201,13 @@ TEST(CompressedCodes, QuantizationErrorBound) {
     std::uint32_t top = 0;
     for (float x : xs) top = std::max(top, quant::abs_bits(x));
     const float s1 = quant::block_scale<quant::SignedCode>(top), s2 = quant::block_scale<quant::UnsignedCode>(top);
+    std::uniform_int_distribution<std::uint32_t> any;
     for (float x : xs) {
-      const double q1 = ref_decode_signed(quant::encode_signed(x, quant::inverse_scale(s1)), s1);
-      ASSERT_LE(std::fabs(q1 - x), std::max(std::ldexp(std::fabs(static_cast<double>(x)), -5), std::ldexp(static_cast<double>(s1), -11))) << x;
+      const double q1 = ref_decode_signed(quant::encode_signed(x, quant::inverse_scale(s1), any(rng)), s1);
+      ASSERT_LT(std::fabs(q1 - x), std::max(std::ldexp(std::fabs(static_cast<double>(x)), -4), std::ldexp(static_cast<double>(s1), -10))) << x;
       const float ax = std::fabs(x);
-      const double q2 = ref_decode_unsigned(quant::encode_unsigned(ax, quant::inverse_scale(s2)), s2);
-      ASSERT_LE(std::fabs(q2 - ax), std::max(std::ldexp(static_cast<double>(ax), -4), std::ldexp(static_cast<double>(s2), -34))) << x;
+      const double q2 = ref_decode_unsigned(quant::encode_unsigned(ax, quant::inverse_scale(s2), any(rng)), s2);
+      ASSERT_LT(std::fabs(q2 - ax), std::max(std::ldexp(static_cast<double>(ax), -3), std::ldexp(static_cast<double>(s2), -33))) << x;
     }
   }
 }
@@ -205,6 +241,7 @@ struct Problem {
   OptimizerKind rule = OptimizerKind::adamw;
   DType grad_dtype = DType::fp32, param_dtype = DType::bf16;
   StepScalars scalars;
+  std::uint64_t seed = 7, first_index = 0;
   std::vector<float> master;
   std::vector<std::uint8_t> state1, state2;  // bytes: codes, or bf16 pairs
   std::vector<float> scales1, scales2;
@@ -217,6 +254,8 @@ struct Problem {
     a.scalars = scalars;
     a.precision = precision;
     a.block_size = block;
+    a.seed = seed;
+    a.first_index = first_index;
     a.master = master.data();
     a.state1 = state1.data();
     a.state2 = state2.data();
@@ -374,19 +413,20 @@ void check_against_oracle(const Problem& before, const Problem& after) {
       const std::size_t k = i / before.block;
       const double sc1 = after.scales1[k], sc2 = after.scales2[k];
       // The scale's interval around the block's absmax (in fp32; the oracle's differs by <= dm).
-      const double h1 = std::ldexp(1.0, -5), h2 = std::ldexp(1.0, -4);
+      // Stochastic rounding: within one code step (2^-M relative, or the subnormal step).
+      const double h1 = std::ldexp(1.0, -4), h2 = std::ldexp(1.0, -3);
       if (amax1[k] > 1e-30) {
         ASSERT_LE(sc1, amax1[k] * (1 + h1) * (1 + 1e-5)) << k;
-        ASSERT_GT(sc1, amax1[k] * (1 - h1) / 2 * (1 - 1e-5)) << k;
+        ASSERT_GT(sc1, amax1[k] / 2 * (1 - 1e-5)) << k;
       }
       if (amax2[k] > 1e-30) {
         ASSERT_LE(sc2, amax2[k] * (1 + h2) * (1 + 1e-5)) << k;
-        ASSERT_GT(sc2, amax2[k] * (1 - h2) / 2 * (1 - 1e-5)) << k;
+        ASSERT_GT(sc2, amax2[k] / 2 * (1 - 1e-5)) << k;
       }
       const double q1 = after.s1(i), q2 = after.s2(i);
-      ASSERT_LE(std::fabs(q1 - r.m), std::max(h1 * (std::fabs(r.m) + dm), std::ldexp(sc1, -11)) + dm)
+      ASSERT_LE(std::fabs(q1 - r.m), std::max(h1 * (std::fabs(r.m) + dm), std::ldexp(sc1, -10)) + dm)
           << "m[" << i << "] block " << k << " scale " << sc1;
-      ASSERT_LE(std::fabs(q2 - r.v), std::max(h2 * (r.v + dv), std::ldexp(sc2, -34)) + dv)
+      ASSERT_LE(std::fabs(q2 - r.v), std::max(h2 * (r.v + dv), std::ldexp(sc2, -33)) + dv)
           << "v[" << i << "] block " << k << " scale " << sc2;
     } else {
       const double h = std::ldexp(1.0, -8);
@@ -492,17 +532,52 @@ TEST(CompressedUpdate, EveryRuleMatchesTheFp32UpdateOfTheDequantizedState) {
       const bool two = state_count(rule) == 2;
       for (std::size_t i = 0; i < n; ++i) {
         ASSERT_EQ(bits(after.master[i]), bits(master[i])) << i;
-        const double h = prec == StatePrecision::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -5);
-        const double floor1 = prec == StatePrecision::int8 ? std::ldexp(static_cast<double>(after.scales1[i / 64]), -11) : 0.0;
+        const double h = prec == StatePrecision::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -4);
+        const double floor1 = prec == StatePrecision::int8 ? std::ldexp(static_cast<double>(after.scales1[i / 64]), -10) : 0.0;
         ASSERT_LE(std::fabs(after.s1(i) - m[i]), std::max(h * std::fabs(m[i]), floor1)) << i;
         if (two) {
-          const double h2 = prec == StatePrecision::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -4);
-          const double floor2 = prec == StatePrecision::int8 ? std::ldexp(static_cast<double>(after.scales2[i / 64]), -34) : 0.0;
+          const double h2 = prec == StatePrecision::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -3);
+          const double floor2 = prec == StatePrecision::int8 ? std::ldexp(static_cast<double>(after.scales2[i / 64]), -33) : 0.0;
           ASSERT_LE(std::fabs(after.s2(i) - v[i]), std::max(h2 * std::fabs(v[i]), floor2)) << i;
         }
       }
     }
   }
+}
+
+// Blocks and dither follow the global index: updating [0, n) in one call or as two calls split
+// at a block boundary (the second with first_index = split) gives the same bytes, as two shards
+// of one tensor must; another seed gives other codes, the same seed the same.
+TEST(CompressedUpdate, SplitAtABlockBoundaryAndSeed) {
+  const std::size_t n = 5 * 256 + 77, split = 3 * 256;
+  const Problem before = make_problem(n, 256, StatePrecision::int8, OptimizerKind::adamw, DType::fp32, 21);
+  Problem whole = before;
+  run_isa(whole, cpu::Isa::scalar);
+  Problem parts = before;
+  CompressedUpdateArgs a = parts.args();
+  cpu::compressed_kernels(cpu::Isa::scalar).update(cpu::slice(a, 0, split));
+  CompressedUpdateArgs b = a;
+  b.master += split;
+  b.state1 = parts.state1.data() + split;
+  b.state2 = parts.state2.data() + split;
+  b.scales1 += split / 256;
+  b.scales2 += split / 256;
+  b.grad = parts.grad.data() + 4 * split;
+  b.param_out = parts.out.data() + 2 * split;
+  b.n = n - split;
+  b.first_index = split;
+  cpu::compressed_kernels(cpu::Isa::scalar).update(b);
+  EXPECT_TRUE(same_bytes(whole, parts));
+  Problem other = before;
+  other.seed = before.seed + 1;
+  run_isa(other, cpu::Isa::scalar);
+  EXPECT_EQ(bits(other.master[5]), bits(whole.master[5]));  // the update itself does not depend on it
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < n; ++i) differ += other.state2[i] != whole.state2[i];
+  EXPECT_GT(differ, n / 20) << "the seed does not reach the rounding";
+  Problem again = before;
+  run_isa(again, cpu::Isa::scalar);
+  EXPECT_TRUE(same_bytes(again, whole));
 }
 
 TEST(CompressedUpdate, NonFiniteMomentMakesItsBlockNaN) {
@@ -629,6 +704,7 @@ std::vector<double> quadratic_losses(StatePrecision prec, std::vector<double>* f
       u.scalars = s;
       u.precision = prec;
       u.block_size = block;
+      u.seed = static_cast<std::uint64_t>(t);
       u.master = x.data();
       u.state1 = s1.data();
       u.state2 = s2.data();
@@ -648,16 +724,17 @@ std::vector<double> quadratic_losses(StatePrecision prec, std::vector<double>* f
 TEST(CompressedUpdate, QuadraticTrajectoryStaysNearFp32State) {
   const std::vector<double> ref = quadratic_losses(StatePrecision::fp32);
   ASSERT_LT(ref.back(), 0.05 * ref.front());  // the problem is actually being solved
-  for (StatePrecision prec : {StatePrecision::bf16}) {
+  for (StatePrecision prec : {StatePrecision::bf16, StatePrecision::int8}) {
     const std::vector<double> got = quadratic_losses(prec);
     double worst = 0;
     for (std::size_t t = 0; t < ref.size(); ++t) worst = std::max(worst, std::fabs(got[t] - ref[t]) / ref.front());
     std::printf("%s state: final loss %.6g (fp32 state %.6g, start %.6g); max |loss - fp32 loss| / start = %.3g\n",
                 std::string(name_of(prec)).c_str(), got.back(), ref.back(), ref.front(), worst);
-    // The margin stated in the test's name: within 2% of the initial loss at every step, and a
-    // final loss no more than 1.5x the fp32-state one plus 0.2% of the start.
-    EXPECT_LE(worst, 0.02) << name_of(prec);
-    EXPECT_LE(got.back(), 1.5 * ref.back() + 0.002 * ref.front()) << name_of(prec);
+    // The stated margin: within 1% of the initial loss at every step, and a final loss within
+    // 25% of the fp32-state one (measured: bf16 0.07% and 7%, int8 0.2% and 3%; int8 rounded to
+    // nearest instead of stochastically left the fp32 trajectory by 7% of the initial loss).
+    EXPECT_LE(worst, 0.01) << name_of(prec);
+    EXPECT_LE(std::fabs(got.back() - ref.back()), 0.25 * ref.back()) << name_of(prec);
   }
 }
 

@@ -127,12 +127,19 @@ struct UpdateArgs {
 // state2 and scales2 are ignored by rules with one state. Buffers are backend memory and must not
 // overlap each other (param_out == master with param_dtype fp32 is the one allowed alias).
 // precision fp32 is refused: that is fused_update.
+// int8 codes are rounded stochastically with a deterministic dither (state_precision.hpp): element
+// i of the call uses quant::dither(quant::dither_key(seed, state), first_index + i). `first_index`
+// is the element's global index (in the tensor, or any numbering that does not depend on how the
+// state is sharded), `seed` must differ between steps (the step counter): the same seed and index
+// give the same bytes on every backend, instruction set, thread split and world size.
 struct CompressedUpdateArgs {
   OptimizerKind rule = OptimizerKind::adamw;
   StepScalars scalars;
   const StepScalars* scalars_ptr = nullptr;
   StatePrecision precision = StatePrecision::int8;
   std::size_t block_size = kDefaultQuantBlock;
+  std::uint64_t seed = 0;
+  std::uint64_t first_index = 0;
   float* master = nullptr;
   void* state1 = nullptr;
   void* state2 = nullptr;

@@ -9,7 +9,8 @@
 // absmax is an integer max over the float bits of |x| (quant::abs_bits), kept per lane so the
 // pass vectorizes; max is exact and order-free, so every instruction set and every split of the
 // range into blocks finds the same scale. Decoding and encoding are the branch-free bit arithmetic
-// of shardopt/state_precision.hpp, the same bits on every path.
+// of shardopt/state_precision.hpp, the same bits on every path; the stochastic rounding's dither
+// is a hash of the element's global index, so a split of the range changes nothing either.
 
 template <OptimizerKind R, DType G, Out O, int V>
 SHARDOPT_KERNEL_LOOP void compressed_bf16_loop(float* __restrict master, std::uint16_t* __restrict state1,
@@ -41,7 +42,8 @@ SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::ui
                                                std::uint8_t* __restrict code2, float* __restrict scales1,
                                                float* __restrict scales2, const storage_t<G>* __restrict grad,
                                                typename OutStorage<O>::type* __restrict out, std::size_t n,
-                                               std::size_t block, const StepScalars step_scalars) {
+                                               std::size_t block, std::uint64_t first_index,
+                                               std::uint32_t key1, std::uint32_t key2, const StepScalars step_scalars) {
   using Rule = rule_t<R>;
   constexpr bool two_states = Rule::states == 2;
   StepScalars scalars = step_scalars;
@@ -95,11 +97,14 @@ SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::ui
       const float inv2 = quant::inverse_scale(scale2);
       scales2[k] = scale2;
       blocked(len, [&](std::size_t e) {
-        c1[e] = quant::encode_signed(new1[e], inv1);
-        c2[e] = quant::encode_unsigned(new2[e], inv2);
+        const std::uint64_t index = first_index + first + e;
+        c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, index));
+        c2[e] = quant::encode_unsigned(new2[e], inv2, quant::dither(key2, index));
       });
     } else {
-      blocked(len, [&](std::size_t e) { c1[e] = quant::encode_signed(new1[e], inv1); });
+      blocked(len, [&](std::size_t e) {
+        c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, first_index + first + e));
+      });
     }
   }
 }
@@ -115,7 +120,8 @@ void compressed_call(const CompressedUpdateArgs& a) {
   else
     compressed_int8_loop<R, G, O, V>(a.master, static_cast<std::uint8_t*>(a.state1),
                                      static_cast<std::uint8_t*>(a.state2), a.scales1, a.scales2, grad, out, a.n,
-                                     a.block_size, a.scalars);
+                                     a.block_size, a.first_index, quant::dither_key(a.seed, 1),
+                                     quant::dither_key(a.seed, 2), a.scalars);
 }
 
 template <OptimizerKind R, DType G, Out O, int... V>

@@ -93,6 +93,7 @@ CompressedUpdateArgs slice(const CompressedUpdateArgs& a, std::size_t begin, std
   }
   if (a.grad) s.grad = static_cast<const unsigned char*>(a.grad) + begin * size_of(a.grad_dtype);
   if (a.param_out) s.param_out = static_cast<unsigned char*>(a.param_out) + begin * size_of(a.param_dtype);
+  s.first_index = a.first_index + begin;
   s.n = count;
   return s;
 }

@@ -142,9 +142,13 @@ TEST(CompressedStateCuda, SameBytesAsTheCpuBackend) {
     EXPECT_EQ(got.master, want.master);
     EXPECT_EQ(got.s1, want.s1);
     EXPECT_EQ(got.s2.size(), want.s2.size());
-    if (state_count(c.rule) == 2) EXPECT_EQ(got.s2, want.s2);
+    if (state_count(c.rule) == 2) {
+      EXPECT_EQ(got.s2, want.s2);
+    }
     EXPECT_EQ(got.sc1, want.sc1);
-    if (state_count(c.rule) == 2) EXPECT_EQ(got.sc2, want.sc2);
+    if (state_count(c.rule) == 2) {
+      EXPECT_EQ(got.sc2, want.sc2);
+    }
     EXPECT_EQ(got.out, want.out);
     EXPECT_EQ(got.grad, want.grad);
   }
