@@ -578,6 +578,24 @@ TEST(CompressedUpdate, SplitAtABlockBoundaryAndSeed) {
   Problem again = before;
   run_isa(again, cpu::Isa::scalar);
   EXPECT_TRUE(same_bytes(again, whole));
+  // Indices across 2^32 (a block that is not at a multiple of its size wraps its low words): every
+  // instruction set agrees with the scalar path.
+  Problem high = before;
+  high.first_index = (std::uint64_t(1) << 32) - 100;
+  Problem high_ref = high;
+  run_isa(high_ref, cpu::Isa::scalar);
+  for (cpu::Isa isa : available_isas()) {
+    Problem h = high;
+    run_isa(h, isa);
+    EXPECT_TRUE(same_bytes(h, high_ref)) << cpu::name_of(isa);
+  }
+  // Shifting the range by 2^32 changes the high word of every index, so the codes change.
+  Problem shifted = before;
+  shifted.first_index = std::uint64_t(1) << 32;
+  run_isa(shifted, cpu::Isa::scalar);
+  std::size_t moved = 0;
+  for (std::size_t i = 0; i < n; ++i) moved += shifted.state2[i] != whole.state2[i];
+  EXPECT_GT(moved, n / 20);
 }
 
 TEST(CompressedUpdate, NonFiniteMomentMakesItsBlockNaN) {

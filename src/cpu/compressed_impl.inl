@@ -92,19 +92,39 @@ SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::ui
     const float scale1 = quant::block_scale<quant::SignedCode>(top1);
     const float inv1 = quant::inverse_scale(scale1);
     scales1[k] = scale1;
+    // quant::dither(key, index) = mix32(lo32(index) ^ mix32(hi32(index) ^ key)): the inner hash
+    // is the same for every index of the block unless its low words wrap (never, for a block at a
+    // multiple of its size), so it is computed once; a wrapping block takes the general form.
+    const std::uint64_t start = first_index + first;
+    const auto lo = static_cast<std::uint32_t>(start);
+    const bool one_high_word = static_cast<std::uint64_t>(lo) + len <= (std::uint64_t(1) << 32);
     if constexpr (two_states) {
       const float scale2 = quant::block_scale<quant::UnsignedCode>(top2);
       const float inv2 = quant::inverse_scale(scale2);
       scales2[k] = scale2;
-      blocked(len, [&](std::size_t e) {
-        const std::uint64_t index = first_index + first + e;
-        c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, index));
-        c2[e] = quant::encode_unsigned(new2[e], inv2, quant::dither(key2, index));
-      });
+      if (one_high_word) {
+        const std::uint32_t h1 = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key1);
+        const std::uint32_t h2 = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key2);
+        blocked(len, [&](std::size_t e) {
+          const std::uint32_t low = lo + static_cast<std::uint32_t>(e);
+          c1[e] = quant::encode_signed(new1[e], inv1, quant::mix32(low ^ h1));
+          c2[e] = quant::encode_unsigned(new2[e], inv2, quant::mix32(low ^ h2));
+        });
+      } else {
+        for (std::size_t e = 0; e < len; ++e) {
+          c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, start + e));
+          c2[e] = quant::encode_unsigned(new2[e], inv2, quant::dither(key2, start + e));
+        }
+      }
     } else {
-      blocked(len, [&](std::size_t e) {
-        c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, first_index + first + e));
-      });
+      if (one_high_word) {
+        const std::uint32_t h1 = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key1);
+        blocked(len, [&](std::size_t e) {
+          c1[e] = quant::encode_signed(new1[e], inv1, quant::mix32((lo + static_cast<std::uint32_t>(e)) ^ h1));
+        });
+      } else {
+        for (std::size_t e = 0; e < len; ++e) c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, start + e));
+      }
     }
   }
 }
