@@ -44,8 +44,9 @@
 // moving average x <- beta*x + (1-beta)*y moves x by a relative (1-beta)|y/x - 1| per step, and
 // with beta2 = 0.999 that is far below half a code step (2^-4 relative for e5m3, 2^-9 even for an
 // 8-bit linear code at its top): round to nearest returns the old code, so v stops following the
-// gradients after a few dozen steps (measured: on a quadratic the int8 AdamW trajectory then left
-// the fp32-state one by 7% of the initial loss, with v stuck about 5x low). Stochastic rounding
+// gradients after a few dozen steps (measured: on the quadratic of tests/test_compressed_state.cpp
+// the int8 AdamW loss then left the fp32-state one by 7% of the initial loss; with stochastic
+// rounding by 0.2%). Stochastic rounding
 // rounds up with probability equal to the fraction of the step, so the stored value is unbiased,
 // E[q(x)] = x, and an EMA keeps its mean. The dither is not random state: it is
 // dither(dither_key(seed, state), i), a hash of a per-step seed, the state (1 or 2) and the
