@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "comm/collective.hpp"
+#include "core/compressed_update_check.hpp"
 #include "core/pointer_check.hpp"
 #include "core/step_control_check.hpp"
 #include "cuda/cuda_internal.hpp"
@@ -943,6 +944,14 @@ class CudaBackend final : public Backend {
     }
     check_launch("fused_update_kernel", "updating " + std::to_string(args.n) + " parameters with " +
                                             std::string(name_of(args.rule)) + " on stream '" + s.name() + "'");
+  }
+
+  void compressed_update(const CompressedUpdateArgs& args, Stream& stream) override {
+    CudaStream& s = own(stream, "compressed_update");
+    detail::check_compressed_update(args);
+    if (args.n == 0) return;
+    DeviceGuard guard(device_);
+    launch_compressed_update(args, s.handle());
   }
 
  protected:

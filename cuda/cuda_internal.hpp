@@ -17,6 +17,11 @@
 
 namespace shardopt::cuda_impl {
 
+// Enqueues Backend::compressed_update's kernel on `stream` (compressed_update.cu). The arguments
+// have been checked (detail::check_compressed_update) and n > 0; the caller has made the device
+// current. Throws Error if the launch fails.
+void launch_compressed_update(const CompressedUpdateArgs& args, cudaStream_t stream);
+
 // Throws Error(code) naming the CUDA call, CUDA's error string and what was being done, unless
 // `status` is cudaSuccess. Also clears CUDA's last-error slot so a non-sticky error does not
 // resurface in an unrelated later check.

@@ -26,6 +26,7 @@
 #include "shardopt/dtype.hpp"
 #include "shardopt/memory.hpp"
 #include "shardopt/rules.hpp"
+#include "shardopt/state_precision.hpp"
 #include "shardopt/step_control.hpp"
 
 namespace shardopt {
@@ -109,6 +110,51 @@ struct UpdateArgs {
   bool zero_grad = false;
 };
 
+// Arguments of the fused optimizer update with compressed state (shardopt/state_precision.hpp):
+// the same update as UpdateArgs describes (the same rule element function, gradient scaling,
+// scalars_ptr / scale_ptr / skip_ptr / zero_grad, param_out rules), with the rule's states stored
+// in `precision` instead of fp32. Per element: decode the states to fp32, run the rule in fp32
+// (master fp32), write master and param_out from that fp32 result, encode the new states.
+//   bf16: state1/state2 hold n std::uint16_t each (round to nearest even on the way back).
+//   int8: state1/state2 hold n std::uint8_t codes each; scales1/scales2 quant_block_count(n,
+//         block_size) fp32 scales each. state1 is a signed code (first moment, momentum), state2
+//         an unsigned one (second moment). A block's codes are decoded with its old scale, and
+//         after the update the block gets a new scale from its new values, then new codes.
+// `block_size` (int8 only) must be a power of two in [kMinQuantBlock, kMaxQuantBlock]. The n
+// elements start at a block boundary of the tensor (its global index is a multiple of
+// block_size): block k of the call is elements [k*block_size, (k+1)*block_size) of the range,
+// the last block may be partial. The caller guarantees that alignment; the call cannot see it.
+// state2 and scales2 are ignored by rules with one state. Buffers are backend memory and must not
+// overlap each other (param_out == master with param_dtype fp32 is the one allowed alias).
+// precision fp32 is refused: that is fused_update.
+// int8 codes are rounded stochastically with a deterministic dither (state_precision.hpp): element
+// i of the call uses quant::dither(quant::dither_key(seed, state), first_index + i). `first_index`
+// is the element's global index (in the tensor, or any numbering that does not depend on how the
+// state is sharded), `seed` must differ between steps (the step counter): the same seed and index
+// give the same bytes on every backend, instruction set, thread split and world size.
+struct CompressedUpdateArgs {
+  OptimizerKind rule = OptimizerKind::adamw;
+  StepScalars scalars;
+  const StepScalars* scalars_ptr = nullptr;
+  StatePrecision precision = StatePrecision::int8;
+  std::size_t block_size = kDefaultQuantBlock;
+  std::uint64_t seed = 0;
+  std::uint64_t first_index = 0;
+  float* master = nullptr;
+  void* state1 = nullptr;
+  void* state2 = nullptr;
+  float* scales1 = nullptr;
+  float* scales2 = nullptr;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::fp32;
+  void* param_out = nullptr;
+  DType param_dtype = DType::fp32;
+  std::size_t n = 0;
+  const float* scale_ptr = nullptr;
+  const float* skip_ptr = nullptr;
+  bool zero_grad = false;
+};
+
 class ThreadPool;
 
 class Backend {
@@ -181,6 +227,12 @@ class Backend {
   virtual void sum_squares(const void* data, DType dtype, std::size_t n, float* out,
                            Stream& stream) = 0;
   virtual void fused_update(const UpdateArgs& args, Stream& stream) = 0;
+  // The fused update with compressed state (CompressedUpdateArgs). Arguments are checked before
+  // anything is enqueued: Error(invalid_argument) naming the bad one (precision, block size,
+  // pointers). The CPU backend gives the same bytes on every instruction set and thread count;
+  // the CUDA backend gives the same bytes as the CPU backend. A backend without it (the default)
+  // throws Error(unsupported).
+  virtual void compressed_update(const CompressedUpdateArgs& args, Stream& stream);
   // dst[i] += src[i] (src converted to float, sum rounded to fp32). Accumulates reduced gradient
   // slices across micro-steps. dst and src must not overlap.
   virtual void accumulate(const void* src, DType src_dtype, float* dst, std::size_t n,

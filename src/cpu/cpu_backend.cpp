@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "comm/collective.hpp"
+#include "core/compressed_update_check.hpp"
 #include "core/pointer_check.hpp"
 #include "core/step_control_check.hpp"
 #include "cpu/kernels.hpp"
@@ -262,7 +263,10 @@ std::size_t chunk_count(std::size_t n) noexcept { return n / kKernelChunk + (n %
 class CpuBackend final : public Backend {
  public:
   CpuBackend(std::shared_ptr<ThreadPool> pool, bool lock_pinned)
-      : pool_(std::move(pool)), k_(&cpu::kernels(cpu::active_isa())), lock_pinned_(lock_pinned) {
+      : pool_(std::move(pool)),
+        k_(&cpu::kernels(cpu::active_isa())),
+        ck_(&cpu::compressed_kernels(cpu::active_isa())),
+        lock_pinned_(lock_pinned) {
     memory().set_device_is_host(true);  // Place::device here is malloc'd RAM: reports say so
   }
 
@@ -470,6 +474,37 @@ class CpuBackend final : public Backend {
         false);
   }
 
+  void compressed_update(const CompressedUpdateArgs& args, Stream& stream) override {
+    StreamCore& sc = core_of(stream);
+    detail::check_compressed_update(args);
+    if (args.n == 0) return;
+    // kKernelChunk is a multiple of every int8 block size (a power of two <= kMaxQuantBlock), so
+    // each chunk starts on a block boundary and the split does not change any block's scale.
+    static_assert(kKernelChunk % kMaxQuantBlock == 0);
+    sc.enqueue(
+        [pool = pool_, k = ck_, fill = k_->fill, a = args] {
+          auto zero = [&](std::size_t b, std::size_t e) {
+            fill(static_cast<std::byte*>(const_cast<void*>(a.grad)) + b * size_of(a.grad_dtype), a.grad_dtype, e - b,
+                 0.0f);
+          };
+          if (a.skip_ptr != nullptr && *a.skip_ptr != 0.0f) {
+            if (a.zero_grad) pool->parallel_for(a.n, kKernelChunk, zero);
+            return;
+          }
+          CompressedUpdateArgs run = a;
+          if (run.scalars_ptr != nullptr) run.scalars = *run.scalars_ptr;
+          if (run.scale_ptr != nullptr) run.scalars.grad_scale *= *run.scale_ptr;
+          run.scalars_ptr = nullptr;
+          run.scale_ptr = nullptr;
+          run.skip_ptr = nullptr;
+          pool->parallel_for(run.n, kKernelChunk, [&](std::size_t b, std::size_t e) {
+            k->update(cpu::slice(run, b, e - b));
+            if (run.zero_grad) zero(b, e);
+          });
+        },
+        false);
+  }
+
   void step_totals(const float* partials, std::size_t count, const float* flag, float* totals,
                    Stream& stream) override {
     StreamCore& sc = core_of(stream);
@@ -575,6 +610,7 @@ class CpuBackend final : public Backend {
  private:
   std::shared_ptr<ThreadPool> pool_;
   const cpu::Kernels* k_;
+  const cpu::CompressedKernels* ck_;
   bool lock_pinned_ = false;
   std::mutex locked_mutex_;
   std::unordered_map<void*, std::size_t> locked_;  // lock_pinned: bytes locked per buffer

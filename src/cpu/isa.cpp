@@ -13,12 +13,15 @@ namespace shardopt::cpu {
 
 namespace isa_scalar {
 const Kernels& table() noexcept;
+const CompressedKernels& compressed_table() noexcept;
 }
 namespace isa_avx2 {
 const Kernels& table() noexcept;
+const CompressedKernels& compressed_table() noexcept;
 }
 namespace isa_avx512 {
 const Kernels& table() noexcept;
+const CompressedKernels& compressed_table() noexcept;
 }
 
 const char* name_of(Isa isa) noexcept {
@@ -65,6 +68,34 @@ const Kernels& kernels(Isa isa) noexcept {
     case Isa::scalar: break;
   }
   return isa_scalar::table();
+}
+
+const CompressedKernels& compressed_kernels(Isa isa) noexcept {
+  switch (isa) {
+    case Isa::avx512: return isa_avx512::compressed_table();
+    case Isa::avx2: return isa_avx2::compressed_table();
+    case Isa::scalar: break;
+  }
+  return isa_scalar::compressed_table();
+}
+
+CompressedUpdateArgs slice(const CompressedUpdateArgs& a, std::size_t begin, std::size_t count) noexcept {
+  CompressedUpdateArgs s = a;
+  const std::size_t state_bytes = a.precision == StatePrecision::bf16 ? 2 : 1;
+  auto offset = [&](void* p) { return p ? static_cast<void*>(static_cast<unsigned char*>(p) + begin * state_bytes) : p; };
+  s.master = a.master ? a.master + begin : nullptr;
+  s.state1 = offset(a.state1);
+  s.state2 = offset(a.state2);
+  if (a.precision == StatePrecision::int8 && a.block_size != 0) {
+    const std::size_t first_block = begin / a.block_size;
+    s.scales1 = a.scales1 ? a.scales1 + first_block : nullptr;
+    s.scales2 = a.scales2 ? a.scales2 + first_block : nullptr;
+  }
+  if (a.grad) s.grad = static_cast<const unsigned char*>(a.grad) + begin * size_of(a.grad_dtype);
+  if (a.param_out) s.param_out = static_cast<unsigned char*>(a.param_out) + begin * size_of(a.param_dtype);
+  s.first_index = a.first_index + begin;
+  s.n = count;
+  return s;
 }
 
 UpdateArgs slice(const UpdateArgs& a, std::size_t begin, std::size_t count) noexcept {

@@ -35,7 +35,18 @@ struct Kernels {
 
 const Kernels& kernels(Isa isa) noexcept;
 
+// The fused update with compressed state (Backend::compressed_update), per instruction set; same
+// bytes on every one. Runs single-threaded over the range given (for int8 the range starts at a
+// quantization block boundary). compressed_impl.inl.
+struct CompressedKernels {
+  void (*update)(const CompressedUpdateArgs& args);
+};
+const CompressedKernels& compressed_kernels(Isa isa) noexcept;
+
 // UpdateArgs for elements [begin, begin+count) of `a`.
 UpdateArgs slice(const UpdateArgs& a, std::size_t begin, std::size_t count) noexcept;
+// CompressedUpdateArgs for elements [begin, begin+count) of `a`; for int8, begin must be a
+// multiple of a.block_size (the scales are offset by begin / block_size).
+CompressedUpdateArgs slice(const CompressedUpdateArgs& a, std::size_t begin, std::size_t count) noexcept;
 
 }  // namespace shardopt::cpu

@@ -15,6 +15,7 @@ namespace shardopt::cpu {
 
 namespace isa_avx2 {
 #include "cpu/kernels_impl.inl"
+#include "cpu/compressed_impl.inl"
 }  // namespace isa_avx2
 
 }  // namespace shardopt::cpu

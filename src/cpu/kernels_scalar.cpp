@@ -15,6 +15,7 @@ namespace shardopt::cpu {
 
 namespace isa_scalar {
 #include "cpu/kernels_impl.inl"
+#include "cpu/compressed_impl.inl"
 }  // namespace isa_scalar
 
 }  // namespace shardopt::cpu
