@@ -4,7 +4,7 @@
 #
 #   cli_launchers.sh SHARDOPT CASE
 #
-# CASE: torchrun-mlp, torchrun-gpt, slurm-mlp, slurm-gpt (processes started here with the
+# CASE: torchrun-mlp, torchrun-gpt, slurm-mlp, slurm-gpt, torchrun-kill (processes started here with the
 # launcher's variables, over the TCP bootstrap and communicator; no srun exists on a test
 # machine, so SLURM's variables are set by hand), mpirun-gpt (needs $MPIEXEC), ulimit (the
 # address-space pre-flight). Prints what it compared; exits non-zero on the first mismatch.
@@ -84,6 +84,11 @@ case $case_name in
     launch "$style" 2 train --ranks 2 --steps 1 >/dev/null 2>&1 && fail "$style: --ranks under a launcher ran"
     grep -q -- "--ranks: this process was started by" "$work/err.0" ||
       fail "$style: --ranks under a launcher was not refused by name"
+    if [ "$style" = slurm ]; then
+      # Without a node list or MASTER_ADDR there is no rendezvous address: the error says what to set.
+      out=$(env SLURM_PROCID=0 SLURM_NTASKS=2 SLURM_LOCALID=0 SLURM_JOB_ID=1 "$exe" train --steps 1 2>&1)
+      echo "$out" | grep -q "set MASTER_ADDR" || { echo "$out"; fail "slurm: no address, and the error does not say to set MASTER_ADDR"; }
+    fi
     ;;
   torchrun-gpt | slurm-gpt)
     style=${case_name%-gpt}
@@ -108,6 +113,39 @@ case $case_name in
     compare "mpirun gpt, 2 + resumed 2 steps" "$a" "$c"
     out=$("${mpi[@]}" "$exe" "${gpt_args[@]}" --ranks 2 --steps 1 --data "$work/tokens.bin" 2>&1)
     echo "$out" | grep -q -- "--ranks: this process was started by mpirun" || fail "mpirun gpt: --ranks was not refused"
+    ;;
+  torchrun-kill)
+    # A rank SIGKILLed mid-run: the other one fails within seconds with an error naming it (its
+    # TCP connection closes), for either rank killed. exec: the pid is shardopt's own.
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
+           echo $((20000 + RANDOM % 30000)))
+    for victim in 1 0; do
+      pids=()
+      rm -f "$work/metrics.0"
+      for r in 0 1; do
+        (export RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port
+         exec "$exe" train --stage 2 --steps 1000000 --layers 2 --hidden 32 --metrics "$work/metrics.$r" \
+           >"$work/out.$r" 2>"$work/err.$r") &
+        pids+=($!)
+      done
+      # Kill once training runs (rank 0 logged its first step), or after 20 s.
+      for _ in $(seq 200); do [ -s "$work/metrics.0" ] && break; sleep 0.1; done
+      kill -9 "${pids[$victim]}"
+      survivor=$((1 - victim))
+      start=$(date +%s)
+      for _ in $(seq 300); do kill -0 "${pids[$survivor]}" 2>/dev/null || break; sleep 0.1; done
+      if kill -0 "${pids[$survivor]}" 2>/dev/null; then
+        kill -9 "${pids[$survivor]}"
+        fail "rank $survivor still runs 30 s after rank $victim was killed"
+      fi
+      wait "${pids[$survivor]}"
+      rc=$?
+      wait "${pids[$victim]}" 2>/dev/null
+      echo "rank $victim killed: rank $survivor exited $rc after $(($(date +%s) - start)) s: $(tail -c 300 "$work/err.$survivor")"
+      [ $rc != 0 ] || fail "rank $survivor exited 0"
+      grep -q "rank $victim" "$work/err.$survivor" || fail "rank $survivor's error does not name rank $victim"
+      port=$((port + 1 > 65000 ? 20000 : port + 1))
+    done
     ;;
   ulimit)
     # Under an address-space limit a run either trains or fails at once naming the limit; it must
