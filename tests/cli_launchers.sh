@@ -56,7 +56,8 @@ launch() {
   return $rc
 }
 
-mlp_args=(train --stage 3 --steps 4 --layers 2 --hidden 16 --batch 4 --dtype bf16 --json)
+mlp_base=(train --stage 3 --layers 2 --hidden 16 --batch 4 --dtype bf16 --json)
+mlp_args=("${mlp_base[@]}" --steps 4)
 gpt_data() {
   seq 1 4000 >"$work/text.txt"
   "$exe" tokenize --bytes "$work/text.txt" "$work/tokens.bin" >/dev/null || fail "tokenize"
@@ -80,6 +81,14 @@ case $case_name in
     b=$(launch "$style" 2 train --stage 0 --steps 3 --layers 2 --hidden 16 --batch 4 --dtype fp16 --json |
         digest_of) || fail "$style: a rank failed"
     compare "$style mlp stage 0 fp16, 2 ranks" "$a" "$b"
+    # 2 steps with background checkpoints and a save, then 2 resumed steps: the same as 4 steps.
+    a=$("$exe" "${mlp_args[@]}" --ranks 2 | digest_of)
+    launch "$style" 2 "${mlp_base[@]}" --steps 2 --save "$work/ck" --save-every 1 >/dev/null ||
+      fail "$style: the first half failed"
+    [ -f "$work/ck/step-000001/manifest.json" ] || fail "$style: no step checkpoint step-000001"
+    b=$(launch "$style" 2 "${mlp_base[@]}" --steps 2 --save "$work/ck" --resume auto | digest_of) ||
+      fail "$style: the resumed half failed"
+    compare "$style mlp, 2 + resumed 2 steps" "$a" "$b"
     # --ranks names the launcher's world as the one that decides.
     launch "$style" 2 train --ranks 2 --steps 1 >/dev/null 2>&1 && fail "$style: --ranks under a launcher ran"
     grep -q -- "--ranks: this process was started by" "$work/err.0" ||

@@ -1,6 +1,7 @@
 #pragma once
 // The GPT trainer: GPT-2's architecture (model.hpp) on token data (data.hpp), driven by the
-// shardopt engine over in-process ranks on the CPU.
+// shardopt engine over in-process ranks on the CPU, or one rank per process under a launcher
+// (TrainOptions::bootstrap).
 //
 // Each transformer layer is one engine block, the embeddings and the final LayerNorm are their
 // own, so at stage 3 one block's parameters are gathered at a time (with prefetch). Forward
