@@ -150,6 +150,10 @@ void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind
 // memory that is used. No-op without a limit.
 void check_address_space(std::uint64_t engine_bytes, std::uint64_t trainer_bytes, std::uint64_t shared_bytes,
                          int ranks_here);
+// Across processes the trainers gather every master value through the bootstrap at the end (for
+// the param_digest), and a bootstrap call carries at most 1 GiB (TCP) or 2 GiB (MPI's int
+// counts): checked before training (UsageError naming `flag` and the sizes), not after it.
+void check_master_gather(const Bootstrap& boot, std::uint64_t params, std::size_t tensors, const std::string& flag);
 // One rank's engine bytes in memory (every buffer plan_memory plans, transient ones included; not
 // the disk's), for check_address_space.
 std::uint64_t planned_memory_bytes(const Config& config, const std::vector<BlockSpec>& blocks, int world);

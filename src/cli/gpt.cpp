@@ -141,6 +141,9 @@ int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
     o.bootstrap = boot;
     o.make_communicator = job.make_communicator;
     check_agreement(*boot, o.config, gpt::blocks(o.shape));
+    if (o.collect_master)
+      check_master_gather(*boot, model.params, 12 * static_cast<std::size_t>(o.shape.layers) + 4,
+                          "--json (its param_digest; leave --json out for a model this large)");
   }
   // Before any thread, and before the GEMM peak is measured: a run short of address space fails
   // now, naming the limit, instead of hanging in OpenBLAS.

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -292,6 +293,18 @@ void check_address_space(std::uint64_t engine_bytes, std::uint64_t trainer_bytes
                   "process");
 }
 
+void check_master_gather(const Bootstrap& boot, std::uint64_t params, std::size_t tensors, const std::string& flag) {
+  const std::uint64_t limit = boot.kind() == "tcp" ? std::uint64_t(1) << 30 : std::uint64_t(INT32_MAX);
+  // The values, a 24-byte record head per tensor range a rank owns, and 8 bytes per rank's entry.
+  const std::uint64_t world = static_cast<std::uint64_t>(boot.world_size());
+  const std::uint64_t need = params * 4 + 24 * static_cast<std::uint64_t>(tensors) * world + 8 * world;
+  if (need > limit)
+    throw UsageError(flag + ": across processes the trainer gathers every master value through the " +
+                     std::string(boot.kind()) + " bootstrap for the param_digest, which carries at most " +
+                     format_bytes(double(limit)) + " at once; this model's " + format_count(params) +
+                     " parameters need " + format_bytes(double(need)));
+}
+
 std::uint64_t planned_memory_bytes(const Config& config, const std::vector<BlockSpec>& blocks, int world) {
   std::uint64_t sum = 0;
   for (const PlannedBuffer& b : plan_memory(config, blocks, world).buffers)
@@ -402,6 +415,8 @@ int run_train(const TrainArgs& args_in, Io& io) {
     o.bootstrap = boot;
     o.make_communicator = job.make_communicator;
     check_agreement(*boot, o.config, mlp::blocks(o.shape));
+    check_master_gather(*boot, model.params, 4 * static_cast<std::size_t>(o.shape.layers),
+                        "--layers/--hidden (the example trainer launched one rank per process)");
   }
 
   std::unique_ptr<MetricsFile> metrics;
