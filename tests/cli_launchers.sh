@@ -76,7 +76,7 @@ case $case_name in
     a=$("$exe" "${mlp_args[@]}" --ranks 3 | digest_of)
     b=$(launch "$style" 3 "${mlp_args[@]}" | digest_of) || fail "$style: a rank failed"
     compare "$style mlp, 3 ranks" "$a" "$b"
-    # Stage 0 (all-reduce, fp32) with fp16 loss scaling's agreement on overflow: another path.
+    # Stage 0: all-reduce of fp16 gradients, with dynamic loss scaling (the overflow agreement).
     a=$("$exe" train --stage 0 --steps 3 --layers 2 --hidden 16 --batch 4 --dtype fp16 --json --ranks 2 | digest_of)
     b=$(launch "$style" 2 train --stage 0 --steps 3 --layers 2 --hidden 16 --batch 4 --dtype fp16 --json |
         digest_of) || fail "$style: a rank failed"
