@@ -56,13 +56,14 @@ launch() {
   return $rc
 }
 
-mlp_base=(train --stage 3 --layers 2 --hidden 16 --batch 4 --dtype bf16 --json)
+# Hidden 128, batch 32: products large enough for OpenBLAS's thread count to change their bits.
+mlp_base=(train --stage 3 --layers 2 --hidden 128 --batch 32 --dtype bf16 --json)
 mlp_args=("${mlp_base[@]}" --steps 4)
 gpt_data() {
   seq 1 4000 >"$work/text.txt"
   "$exe" tokenize --bytes "$work/text.txt" "$work/tokens.bin" >/dev/null || fail "tokenize"
 }
-gpt_args=(train --model gpt --layers 2 --hidden 32 --heads 2 --seq 16 --batch 2 --stage 3 --dtype bf16 --json)
+gpt_args=(train --model gpt --layers 2 --hidden 64 --heads 2 --seq 32 --batch 4 --stage 3 --dtype bf16 --json)
 
 compare() {  # compare LABEL A B
   echo "$1: in-process $2, launched $3"
@@ -109,6 +110,10 @@ case $case_name in
     ;;
   mpirun-gpt)
     mpi=("$MPIEXEC" -np 2 --oversubscribe --allow-run-as-root --mca btl self,vader --bind-to none)
+    # The MLP at a size where OpenBLAS's thread count changes the products' bits.
+    a=$("$exe" "${mlp_args[@]}" --ranks 2 | digest_of)
+    b=$("${mpi[@]}" "$exe" "${mlp_args[@]}" | digest_of)
+    compare "mpirun mlp hidden 128, 2 ranks" "$a" "$b"
     gpt_data
     a=$("$exe" "${gpt_args[@]}" --steps 4 --data "$work/tokens.bin" --ranks 2 | digest_of)
     b=$("${mpi[@]}" "$exe" "${gpt_args[@]}" --steps 4 --data "$work/tokens.bin" | digest_of)

@@ -421,6 +421,7 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
   if (o.bootstrap && !o.make_communicator) bad("a bootstrap needs make_communicator");
   if (!o.bootstrap && o.ranks < 1) bad("ranks must be >= 1, got " + std::to_string(o.ranks));
   if (o.steps < 1) bad("steps must be >= 1, got " + std::to_string(o.steps));
+  if (o.blas_threads < 0) bad("blas_threads must be >= 0, got " + std::to_string(o.blas_threads));
   if (o.data.empty()) bad("data: a token file is required");
   if (o.save_every < 0) bad("save_every must be >= 0, got " + std::to_string(o.save_every));
   if (o.save_every > 0 && o.checkpoints_dir.empty()) bad("save_every needs checkpoints_dir");
@@ -456,10 +457,12 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
       }
   }
 
-  // Ranks are threads: each rank's GEMMs get the cores the ranks leave over (GEMMs split rows
-  // and columns, never a reduction, so the thread count does not change the results).
+  // Ranks are threads: each rank's GEMMs get the cores the ranks leave over. The count can change
+  // the bits of large enough products (OpenBLAS picks its blocking by it), so a job launched one
+  // rank per process passes the count its ranks would have here (blas_threads).
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  set_blas_threads(static_cast<int>(std::max(1u, hw / static_cast<unsigned>(threads_here))));
+  set_blas_threads(o.blas_threads > 0 ? o.blas_threads
+                                      : static_cast<int>(std::max(1u, hw / static_cast<unsigned>(threads_here))));
 
   Shared s{o,
            world,

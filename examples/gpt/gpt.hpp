@@ -59,6 +59,7 @@ struct TrainOptions {
   // those of the same number of in-process ranks; `memory` holds this process's rank only.
   shardopt::Bootstrap* bootstrap = nullptr;
   std::function<std::unique_ptr<shardopt::Communicator>(shardopt::Backend&)> make_communicator;
+  int blas_threads = 0;  // as mlp::TrainOptions::blas_threads (0: cores / rank threads here)
 };
 
 struct StepRecord {

@@ -167,6 +167,10 @@ struct LaunchedJob {
   std::unique_ptr<MpiSession> mpi;
   std::unique_ptr<Bootstrap> bootstrap;
   std::function<std::unique_ptr<Communicator>(Backend&)> make_communicator;
+  // The threads each rank's matrix products get: the cores divided by the ranks on this machine
+  // (the launcher's local size; the whole world if it does not say), as in-process ranks get
+  // them, so that the products, and so the digest, are those of as many in-process ranks.
+  int blas_threads = 0;
 };
 // Joins the launcher's job, if any: UsageError for --ranks under a launcher, for a launcher this
 // build or `--backend` cannot serve; the bootstrap's own Error for a rendezvous that fails. `who`

@@ -140,6 +140,7 @@ int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
   if (boot) {
     o.bootstrap = boot;
     o.make_communicator = job.make_communicator;
+    o.blas_threads = job.blas_threads;
     check_agreement(*boot, o.config, gpt::blocks(o.shape));
     if (o.collect_master)
       check_master_gather(*boot, model.params, 12 * static_cast<std::size_t>(o.shape.layers) + 4,

@@ -312,6 +312,24 @@ std::uint64_t planned_memory_bytes(const Config& config, const std::vector<Block
   return sum;
 }
 
+namespace {
+
+// The processes of this job on this machine, from the launcher's variables (torchrun, Open MPI,
+// MPICH, SLURM), or `world` if none says.
+int ranks_on_this_machine(int world) {
+  for (const char* v : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE",
+                        "SLURM_STEP_TASKS_PER_NODE"}) {
+    const char* text = std::getenv(v);
+    if (!text) continue;
+    char* end = nullptr;
+    const long n = std::strtol(text, &end, 10);  // SLURM_STEP_TASKS_PER_NODE: "4(x2)": the leading count
+    if (end != text && n >= 1 && n <= world) return static_cast<int>(n);
+  }
+  return world;
+}
+
+}  // namespace
+
 void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who) {
   job.launcher = launcher_of_this_process();
   if (job.launcher.empty()) return;
@@ -327,17 +345,18 @@ void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& 
     job.mpi = std::make_unique<MpiSession>();
     job.bootstrap = make_mpi_bootstrap();
     job.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
-    return;
+  } else {
+    // torchrun-style variables, or srun without PMIx: the TCP bootstrap on MASTER_ADDR:MASTER_PORT
+    // (detect_launch names what is missing), and collectives over TCP (correct, but slower than
+    // MPI's as the world grows: bootstrap.hpp).
+    const LaunchEnv env = detect_launch();
+    job.bootstrap = make_bootstrap_from_env();
+    Bootstrap* const boot = job.bootstrap.get();
+    job.make_communicator = [boot, addr = env.master_addr](Backend& be) { return make_tcp_communicator(*boot, addr, be); };
   }
-  // torchrun-style variables, or srun without PMIx: the TCP bootstrap on MASTER_ADDR:MASTER_PORT
-  // (detect_launch names what is missing), and collectives over TCP (correct, but slower than
-  // MPI's as the world grows: bootstrap.hpp).
-  const LaunchEnv env = detect_launch();
-  job.bootstrap = make_bootstrap_from_env();
-  Bootstrap* const boot = job.bootstrap.get();
-  job.make_communicator = [boot, addr = env.master_addr](Backend& be) { return make_tcp_communicator(*boot, addr, be); };
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  job.blas_threads = static_cast<int>(std::max(1u, hw / static_cast<unsigned>(ranks_on_this_machine(job.bootstrap->world_size()))));
 }
-
 MetricsFile::MetricsFile(std::string path) : path_(std::move(path)) {
   errno = 0;
   out_.open(path_, std::ios::out | std::ios::trunc);
@@ -414,6 +433,7 @@ int run_train(const TrainArgs& args_in, Io& io) {
   if (boot) {
     o.bootstrap = boot;
     o.make_communicator = job.make_communicator;
+    o.blas_threads = job.blas_threads;
     check_agreement(*boot, o.config, mlp::blocks(o.shape));
     check_master_gather(*boot, model.params, 4 * static_cast<std::size_t>(o.shape.layers),
                         "--layers/--hidden (the example trainer launched one rank per process)");
