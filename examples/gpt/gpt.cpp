@@ -14,6 +14,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -51,6 +52,8 @@ struct RankSlot {
 
 struct Shared {
   const TrainOptions& opt;
+  int world;  // ranks of the job: o.ranks in-process, the bootstrap's world size across processes
+  int slot_of(int rank) const noexcept { return opt.bootstrap ? 0 : rank; }  // this process's slots
   const RankEnvFactory& make_env;
   const std::function<void(const StepRecord&)>& on_step;
   const TokenFile& data;
@@ -180,7 +183,8 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
 
   const std::unique_ptr<RankEnv> env = s.make_env(rank, s.pool);
   auto backend = env->backend();
-  auto comm = shardopt::make_in_process_communicator(s.group, rank, *backend);
+  auto comm = o.bootstrap ? o.make_communicator(*backend) : shardopt::make_in_process_communicator(s.group, rank, *backend);
+  const int slot = s.slot_of(rank);
   shardopt::Engine engine(cfg, *backend, *comm);
   env->bind(engine);
   const Ops<float>& ops = env->ops();
@@ -221,14 +225,14 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
   std::int64_t first_step = 0;
   if (!o.resume_dir.empty())
     first_step = record.empty() ? engine.last_result().step : shardopt_examples::read_next_step(record);
-  if (rank == 0) s.first_step = first_step;
+  if (slot == 0) s.first_step = first_step;
   shardopt_examples::PeriodicSaver saver(o.save_every, o.keep, o.checkpoints_dir, rank);
 
   barrier.arrive_and_wait();
   for (int step = 0; step < o.steps; ++step) {
     double loss = 0;
     for (int micro = 0; micro < cfg.accumulation_steps; ++micro) {
-      s.data.read(batch_offset(s.data.size(), first_step + step, micro, cfg.accumulation_steps, rank, o.ranks, B, Tn),
+      s.data.read(batch_offset(s.data.size(), first_step + step, micro, cfg.accumulation_steps, rank, s.world, B, Tn),
                   tok.size(), tok.data());
       env->upload(tok_dev, tok.data(), tok.size());
       const std::int32_t* inputs = tok_dev;
@@ -304,7 +308,19 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     const shardopt::MemoryReport m = engine.memory_report();
     std::size_t bytes = 0;
     for (int p = 0; p < shardopt::kPlaceCount; ++p) bytes += m.current_total(static_cast<shardopt::Place>(p));
-    s.slots[rank] = RankSlot{loss / cfg.accumulation_steps, r, bytes};
+    double mean_loss = loss / cfg.accumulation_steps;
+    if (o.bootstrap) {
+      // The mean over every process's rank, summed in rank order as the in-process slots are.
+      const auto all = o.bootstrap->all_gather_bytes(std::as_bytes(std::span<const double>(&mean_loss, 1)));
+      double sum = 0;
+      for (const auto& b : all) {
+        double v = 0;
+        std::memcpy(&v, b.data(), std::min(b.size(), sizeof v));
+        sum += v;
+      }
+      mean_loss = sum / static_cast<double>(all.size());
+    }
+    s.slots[slot] = RankSlot{mean_loss, r, bytes};
     barrier.arrive_and_wait();
     saver.after_step(engine, static_cast<int>(first_step) + step + 1, step + 1 == o.steps,
                      [&](const std::string& dir) { write_model_config(dir, sh); });
@@ -314,12 +330,41 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     engine.save(o.save_dir, shardopt_examples::checkpoint_record(static_cast<int>(first_step) + o.steps));
     if (rank == 0) write_model_config(o.save_dir, sh);
   }
-  std::lock_guard<std::mutex> lock(s.mutex);
-  if (o.collect_master)
-    engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
-      std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
-    });
-  s.result.memory[rank] = engine.memory_report();
+  std::vector<std::byte> mine;  // multi-process: (tensor, begin, count, values...) records
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (o.collect_master)
+      engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
+        std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
+        if (o.bootstrap) {
+          const std::uint64_t head[3] = {static_cast<std::uint64_t>(t), begin, count};
+          const auto* hb = reinterpret_cast<const std::byte*>(head);
+          const auto* vb = reinterpret_cast<const std::byte*>(values);
+          mine.insert(mine.end(), hb, hb + sizeof head);
+          mine.insert(mine.end(), vb, vb + count * sizeof(float));
+        }
+      });
+    s.result.memory[slot] = engine.memory_report();
+  }
+  if (o.bootstrap && o.collect_master) {
+    // Every process makes this call (collect_master is the same everywhere): the ranks' records
+    // together cover every tensor.
+    for (const auto& rec : o.bootstrap->all_gather_bytes(mine)) {
+      std::size_t at = 0;
+      while (at + 24 <= rec.size()) {
+        std::uint64_t head[3];
+        std::memcpy(head, rec.data() + at, sizeof head);
+        at += sizeof head;
+        if (head[0] >= s.result.master.size())
+          throw Error(ErrorCode::internal, "gpt: a rank's master record names no tensor of the model");
+        auto& dst = s.result.master[static_cast<std::size_t>(head[0])];
+        if (head[1] > dst.size() || head[2] > dst.size() - head[1] || head[2] > (rec.size() - at) / 4)
+          throw Error(ErrorCode::internal, "gpt: a rank's master record does not fit the model");
+        std::memcpy(dst.data() + head[1], rec.data() + at, head[2] * 4);
+        at += head[2] * 4;
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -373,17 +418,21 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
     bad("seq must be in [1, " + std::to_string(o.shape.max_seq) + "] (the model's positions), got " +
         std::to_string(o.seq));
   if (o.batch < 1) bad("batch must be >= 1, got " + std::to_string(o.batch));
-  if (o.ranks < 1) bad("ranks must be >= 1, got " + std::to_string(o.ranks));
+  if (o.bootstrap && !o.make_communicator) bad("a bootstrap needs make_communicator");
+  if (!o.bootstrap && o.ranks < 1) bad("ranks must be >= 1, got " + std::to_string(o.ranks));
   if (o.steps < 1) bad("steps must be >= 1, got " + std::to_string(o.steps));
+  if (o.blas_threads < 0) bad("blas_threads must be >= 0, got " + std::to_string(o.blas_threads));
   if (o.data.empty()) bad("data: a token file is required");
   if (o.save_every < 0) bad("save_every must be >= 0, got " + std::to_string(o.save_every));
   if (o.save_every > 0 && o.checkpoints_dir.empty()) bad("save_every needs checkpoints_dir");
   if (o.save_every > 0 && o.keep < 1) bad("keep must be >= 1, got " + std::to_string(o.keep));
   const std::vector<shardopt::BlockSpec> specs = blocks(o.shape);
-  (void)shardopt::plan_memory(o.config, specs, o.ranks);
+  const int world = o.bootstrap ? o.bootstrap->world_size() : o.ranks;
+  const int threads_here = o.bootstrap ? 1 : o.ranks;  // rank threads in this process
+  (void)shardopt::plan_memory(o.config, specs, world);
 
   const TokenFile data(o.data);
-  (void)batch_offset(data.size(), 0, 0, o.config.accumulation_steps, 0, o.ranks, o.batch, o.seq);
+  (void)batch_offset(data.size(), 0, 0, o.config.accumulation_steps, 0, world, o.batch, o.seq);
   const std::uint16_t top = data.max_token();
   if (top >= o.shape.vocab)
     bad("data: " + o.data + " holds token " + std::to_string(top) + ", outside the vocabulary of " +
@@ -408,28 +457,43 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
       }
   }
 
-  // Ranks are threads: each rank's GEMMs get the cores the ranks leave over (GEMMs split rows
-  // and columns, never a reduction, so the thread count does not change the results).
+  // Ranks are threads: each rank's GEMMs get the cores the ranks leave over. The count can change
+  // the bits of large enough products (OpenBLAS picks its blocking by it), so a job launched one
+  // rank per process passes the count its ranks would have here (blas_threads).
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  set_blas_threads(static_cast<int>(std::max(1u, hw / static_cast<unsigned>(o.ranks))));
+  set_blas_threads(o.blas_threads > 0 ? o.blas_threads
+                                      : static_cast<int>(std::max(1u, hw / static_cast<unsigned>(threads_here))));
 
-  Shared s{o, make_env, on_step, data, init_file.get(), shardopt::make_thread_pool(o.threads),
-           shardopt::make_in_process_group(o.ranks), std::vector<RankSlot>(o.ranks), TrainResult{}, {}, {}, 0, 0,
+  Shared s{o,
+           world,
+           make_env,
+           on_step,
+           data,
+           init_file.get(),
+           shardopt::make_thread_pool(o.threads),
+           o.bootstrap ? nullptr : shardopt::make_in_process_group(o.ranks),
+           std::vector<RankSlot>(static_cast<std::size_t>(threads_here)),
+           TrainResult{},
+           {},
+           {},
+           0,
+           0,
            Clock::now()};
   s.result.params = param_count(o.shape);
   s.result.activation_bytes = activation_bytes(o.shape, o.batch, o.seq, o.config.compute_dtype, o.recompute);
-  s.result.tokens_per_step = std::size_t(o.ranks) * o.batch * o.seq * o.config.accumulation_steps;
-  s.result.memory.resize(o.ranks);
+  s.result.tokens_per_step = std::size_t(world) * o.batch * o.seq * o.config.accumulation_steps;
+  s.result.memory.resize(static_cast<std::size_t>(threads_here));
   for (const auto& b : specs)
     for (const auto& t : b.tensors) {
       s.result.tensor_names.push_back(t.name);
       if (o.collect_master) s.result.master.emplace_back(shardopt::numel(t.shape), 0.0f);
     }
 
-  std::barrier<OnPhase> barrier(o.ranks, OnPhase{&s});
+  std::barrier<OnPhase> barrier(threads_here, OnPhase{&s});
   std::vector<std::thread> threads;
-  for (int r = 0; r < o.ranks; ++r)
-    threads.emplace_back([&, r] {
+  for (int t = 0; t < threads_here; ++t)
+    threads.emplace_back([&, t] {
+      const int r = o.bootstrap ? o.bootstrap->rank() : t;
       try {
         run_rank(r, s, barrier);
       } catch (...) {
@@ -439,7 +503,7 @@ TrainResult train_with(const TrainOptions& o, const std::function<void(const Ste
         }
         // Peers inside a collective are released by the group's abort (this rank may have failed
         // before its communicator existed, so its departure alone would not tell them).
-        shardopt::abort_in_process_group(*s.group, "rank " + std::to_string(r) + " failed: " + shardopt_examples::what_of(std::current_exception()));
+        if (s.group) shardopt::abort_in_process_group(*s.group, "rank " + std::to_string(r) + " failed: " + shardopt_examples::what_of(std::current_exception()));
         barrier.arrive_and_drop();
       }
     });

@@ -1,6 +1,7 @@
 #pragma once
 // The GPT trainer: GPT-2's architecture (model.hpp) on token data (data.hpp), driven by the
-// shardopt engine over in-process ranks on the CPU.
+// shardopt engine over in-process ranks on the CPU, or one rank per process under a launcher
+// (TrainOptions::bootstrap).
 //
 // Each transformer layer is one engine block, the embeddings and the final LayerNorm are their
 // own, so at stage 3 one block's parameters are gathered at a time (with prefetch). Forward
@@ -49,7 +50,16 @@ struct TrainOptions {
   int keep = 2;
   std::string checkpoints_dir;
   bool recompute = false;  // keep only each layer's input; recompute its activations in backward
-  bool collect_master = false;  // fill TrainResult::master (a full fp32 copy: tests only)
+  bool collect_master = false;  // fill TrainResult::master (a full fp32 copy: tests, and the CLI's digest)
+  // One rank per process (a launcher's job), as in the MLP trainer (../mlp/mlp.hpp): when set,
+  // this process runs rank bootstrap->rank() of bootstrap->world_size() with the communicator
+  // make_communicator returns for its backend, and `ranks` is ignored. The data a rank reads, the
+  // step losses (exchanged through the bootstrap and averaged in rank order) and, with
+  // collect_master, the full master (gathered through the bootstrap onto every process) are
+  // those of the same number of in-process ranks; `memory` holds this process's rank only.
+  shardopt::Bootstrap* bootstrap = nullptr;
+  std::function<std::unique_ptr<shardopt::Communicator>(shardopt::Backend&)> make_communicator;
+  int blas_threads = 0;  // as mlp::TrainOptions::blas_threads (0: cores / rank threads here)
 };
 
 struct StepRecord {
@@ -69,7 +79,7 @@ struct TrainResult {
   int skipped_steps = 0;
   std::vector<std::string> tensor_names;
   std::vector<std::vector<float>> master;        // with collect_master only
-  std::vector<shardopt::MemoryReport> memory;    // per rank, at the end
+  std::vector<shardopt::MemoryReport> memory;    // per rank of this process, at the end
   std::size_t activation_bytes = 0;              // per rank, outside the engine
   std::size_t tokens_per_step = 0;               // all ranks and micro-steps
 };
@@ -80,6 +90,8 @@ std::size_t activation_bytes(const Shape& s, int batch, int seq, shardopt::DType
 // Validates every option (Error naming it: sizes, the data file and its largest token against
 // the vocabulary, --init-from's tensors and shapes) before any rank starts, then runs the ranks.
 // on_step is called once per step, in order, from one thread. Throws the first rank's Error.
+// With a bootstrap every process calls train() with the same options (the bootstrap's world
+// size replaces `ranks`).
 TrainResult train(const TrainOptions& options, const std::function<void(const StepRecord&)>& on_step = {});
 
 // Where one rank runs: its backend, its ops, and the memory they work on. train() uses the CPU

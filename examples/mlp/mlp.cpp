@@ -415,14 +415,16 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
 }
 
 // OpenBLAS would start its own threads in every rank's GEMMs; ranks are threads already, so give
-// it only the cores the ranks leave over (GEMM splits rows and columns, never the reduction, so the
-// thread count does not change the results).
-void set_blas_threads(int ranks) {
+// it only the cores the ranks leave over. The count can change the bits of large enough products
+// (OpenBLAS picks its blocking by it): a job launched one rank per process passes the count its
+// ranks would have as threads of one process (TrainOptions::blas_threads).
+void set_blas_threads(int ranks, int given) {
 #if defined(SHARDOPT_EXAMPLE_OPENBLAS)
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  openblas_set_num_threads(static_cast<int>(std::max(1u, hw / static_cast<unsigned>(ranks))));
+  openblas_set_num_threads(given > 0 ? given : static_cast<int>(std::max(1u, hw / static_cast<unsigned>(ranks))));
 #else
   (void)ranks;
+  (void)given;
 #endif
 }
 
@@ -440,6 +442,7 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
   if (o.batch < 1) bad("batch must be >= 1, got " + std::to_string(o.batch));
   if (o.ranks < 1) bad("ranks must be >= 1, got " + std::to_string(o.ranks));
   if (o.steps < 1) bad("steps must be >= 1, got " + std::to_string(o.steps));
+  if (o.blas_threads < 0) bad("blas_threads must be >= 0, got " + std::to_string(o.blas_threads));
   // The same validation the engine does, here, before any rank thread exists: a rank failing
   // alone would leave its peers to find out through an aborted collective.
   const std::vector<BlockSpec> specs = blocks(o.shape);
@@ -447,7 +450,7 @@ TrainResult train(const TrainOptions& o, const std::function<void(const StepReco
   const int threads_here = o.bootstrap ? 1 : o.ranks;  // rank threads in this process
   (void)shardopt::plan_memory(o.config, specs, world);
 
-  set_blas_threads(threads_here);
+  set_blas_threads(threads_here, o.blas_threads);
   const Teacher teacher(o.shape, o.seed);
   Shared s{o,
            on_step,

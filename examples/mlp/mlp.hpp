@@ -121,6 +121,11 @@ struct TrainOptions {
   // `last_step_comm`, which hold this process's rank only.
   shardopt::Bootstrap* bootstrap = nullptr;
   std::function<std::unique_ptr<shardopt::Communicator>(shardopt::Backend&)> make_communicator;
+  // Threads each rank's matrix products may use (OpenBLAS only). 0: the machine's cores divided
+  // by the rank threads of this process. The count can change the products' bits for large
+  // enough matrices, so a job launched one rank per process gives the count its ranks would have
+  // as threads of one process on the same machine (cores / ranks per machine) to reproduce them.
+  int blas_threads = 0;
 };
 
 // The trainer's record in its checkpoints ({"next_step": N}) and its reading; 0 for a checkpoint

@@ -125,6 +125,27 @@ std::uint64_t agreement_hash(const Config& config, const std::vector<BlockSpec>&
 // Error(communication) naming the first rank that differs from rank 0 and both descriptions.
 void check_agreement(Bootstrap& bootstrap, const Config& config, const std::vector<BlockSpec>& blocks);
 
+// Collectives between processes without MPI, for host-memory backends (the CPU backend): what a
+// job launched with torchrun-style variables, or srun without PMIx, trains with on the CPU.
+// Collective over `bootstrap` (every rank calls it, once per communicator): rank 0 picks a free
+// port on `master_addr` (the address the peers reach it at, as for the TCP bootstrap) and the
+// communicator rendezvouses there on a TCP bootstrap of its own, so its traffic never mixes with
+// the caller's later bootstrap calls. `bootstrap` is not used after the call returns.
+//
+// Every collective is an all-gather through rank 0 of what each rank contributes (its whole input
+// for a reduction); every rank reduces in rank order with the in-process communicator's
+// arithmetic, so the results are bit for bit those of in-process ranks and of the MPI
+// communicator. Every rank receives every rank's input: the bytes grow with the square of the
+// world size, so this is for small jobs and tests; use mpirun (make_mpi_communicator) for speed.
+// Collectives run in the order they were issued. Each wait is bounded by `timeout`; a rank that
+// fails, refuses a call or exits makes every rank's next collective fail with Error(communication)
+// naming it. Throws Error(unsupported) for a backend whose memory the host cannot address (every
+// rank fails together), Error(communication) if the rendezvous fails. Thread safety as for
+// Communicator.
+std::unique_ptr<Communicator> make_tcp_communicator(Bootstrap& bootstrap, const std::string& master_addr,
+                                                    Backend& backend,
+                                                    std::chrono::milliseconds timeout = kDefaultCollectiveTimeout);
+
 // The CUDA device for this process: its local rank, checked against the number of visible
 // devices (one process per GPU). Throws Error(unsupported) without CUDA or without a device,
 // Error(invalid_argument) if the local rank has no device of its own. In the CUDA component.

@@ -133,11 +133,19 @@ class Link {
     return body;
   }
 
-  // Best effort, short deadline: the peer may be gone already.
+  // Best effort, short deadline: the peer may be gone already. Then what the peer already sent,
+  // and this rank will not read, is read and dropped: a socket closed with unread data resets the
+  // connection, and the reset can discard the error frame before the peer has read it.
   void send_error(const std::string& message) noexcept {
     try {
       send_frame(kError, 0, message.data(), message.size(), Clock::now() + std::chrono::seconds(2), "error report");
     } catch (...) {
+    }
+    char sink[4096];
+    for (int i = 0; i < (1 << 18); ++i) {  // at most 1 GiB, a frame's limit
+      const ssize_t k = ::recv(fd_.get(), sink, sizeof sink, MSG_DONTWAIT);
+      if (k > 0 || (k < 0 && errno == EINTR)) continue;
+      break;
     }
   }
 

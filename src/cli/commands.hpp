@@ -2,6 +2,8 @@
 // The subcommands of the shardopt command line: their arguments and what runs them.
 #include <cstdint>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -137,6 +139,44 @@ std::string resolve_resume_auto(TrainArgs& a);
 // the flag and the reason.
 void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind rule, int first_step);
 
+// Before any rank thread starts: under an address-space limit (ulimit -v, RLIMIT_AS), whether
+// what is left of it holds what this process will map: the engine's buffers (`engine_bytes` per
+// rank, plan_memory's sum), the trainer's own (`trainer_bytes` per rank, `shared_bytes` once),
+// OpenBLAS's 128 MiB buffer for every thread that can be inside a product at once (OpenBLAS
+// retries a refused mapping forever: a run short of address space would hang instead of
+// failing), the threads' stacks and malloc's arenas. Error(out_of_memory) naming the limit, what
+// is left and what the run needs, otherwise nothing. Under a limit it also caps glibc's malloc
+// arenas (64 MiB of address space each, one per thread by default) so that the limit goes to
+// memory that is used. No-op without a limit.
+void check_address_space(std::uint64_t engine_bytes, std::uint64_t trainer_bytes, std::uint64_t shared_bytes,
+                         int ranks_here);
+// Across processes the trainers gather every master value through the bootstrap at the end (for
+// the param_digest), and a bootstrap call carries at most 1 GiB (TCP) or 2 GiB (MPI's int
+// counts): checked before training (UsageError naming `flag` and the sizes), not after it.
+void check_master_gather(const Bootstrap& boot, std::uint64_t params, std::size_t tensors, const std::string& flag);
+// One rank's engine bytes in memory (every buffer plan_memory plans, transient ones included; not
+// the disk's), for check_address_space.
+std::uint64_t planned_memory_bytes(const Config& config, const std::vector<BlockSpec>& blocks, int world);
+
+// The job a launcher started this process in (mpirun, srun, torchrun-style variables): one rank
+// per process, joined through the bootstrap. Without a launcher `bootstrap` is null and the
+// trainer runs --ranks in-process ranks. Members are destroyed in reverse order: the MPI session
+// (declared first) finalizes MPI after the bootstrap is gone.
+struct LaunchedJob {
+  std::string launcher;  // "mpirun", "srun", "torchrun"; empty: none
+  std::unique_ptr<MpiSession> mpi;
+  std::unique_ptr<Bootstrap> bootstrap;
+  std::function<std::unique_ptr<Communicator>(Backend&)> make_communicator;
+  // The threads each rank's matrix products get: the cores divided by the ranks on this machine
+  // (the launcher's local size; the whole world if it does not say), as in-process ranks get
+  // them, so that the products, and so the digest, are those of as many in-process ranks.
+  int blas_threads = 0;
+};
+// Joins the launcher's job, if any: UsageError for --ranks under a launcher, for a launcher this
+// build or `--backend` cannot serve; the bootstrap's own Error for a rendezvous that fails. `who`
+// names the trainer in messages.
+void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who);
+
 // --metrics FILE: opened (UsageError naming it if it cannot be) before training; one line per step,
 // flushed. A write that fails is reported on `warn` once and stops the log, not the run; close()
 // then throws Error(io_error) naming the file, so the run exits non-zero after its results.
@@ -158,7 +198,8 @@ void add_gpt_shape_options(CLI::App* sub, GptArgs& g);
 // The model of --model gpt (UsageError naming the flag at fault) and its trainer's bytes per rank.
 Model build_gpt_model(const GptArgs& g, const ModelArgs& m);
 std::size_t gpt_activation_bytes(const GptArgs& g, const ModelArgs& m, DType compute);
-int run_train_gpt(const TrainArgs& a, Io& io);
+// `resume_note`: resolve_resume_auto's line, printed by the process that prints.
+int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note);
 
 struct GenerateArgs {
   std::string checkpoint, prompt;

@@ -82,7 +82,7 @@ std::size_t gpt_activation_bytes(const GptArgs& g, const ModelArgs& m, DType com
   return gpt::activation_bytes(s, g.batch_given ? m.batch : 4, g.seq, compute, g.recompute);
 }
 
-int run_train_gpt(const TrainArgs& a, Io& io) {
+int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
 #if defined(SHARDOPT_CLI_GPT_CUDA)
   check_backend(a.backend, "the GPT trainer", /*cuda_supported=*/true);
 #else
@@ -96,6 +96,13 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   if (!g.init_from.empty() && !std::filesystem::exists(g.init_from))
     throw UsageError("--init-from: '" + g.init_from + "' does not exist");
 
+  // Under a launcher every process is one rank of the launcher's world (as for the MLP trainer).
+  LaunchedJob job;
+  join_launched_job(a, job, "the GPT trainer");
+  Bootstrap* const boot = job.bootstrap.get();
+  const int world = boot ? boot->world_size() : a.ranks;
+  const bool lead = !boot || boot->rank() == 0;  // prints and writes the outputs
+
   gpt::TrainOptions o;
   o.shape = gpt_shape(g, a.model, g.layers_given, g.hidden_given);
   if (g.seq > o.shape.max_seq)
@@ -103,7 +110,10 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
                      std::to_string(o.shape.max_seq) + " positions");
   o.seq = g.seq;
   o.batch = g.batch_given ? a.model.batch : 4;
-  o.ranks = a.ranks;
+  o.ranks = world;
+  // The JSON's param_digest needs every master value in this process (a full fp32 copy of the
+  // model, gathered from the ranks that own it): only when it is asked for.
+  o.collect_master = a.json;
   o.steps = a.steps;
   o.seed = a.seed;
   o.threads = a.threads;
@@ -127,18 +137,39 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   apply_optimizer_args(a, o.config, first_step);
   // Every destination is checked now, before anything trains (a run must not fail at its end).
   check_train_outputs(a, model.params, o.config.optimizer, first_step);
+  if (boot) {
+    o.bootstrap = boot;
+    o.make_communicator = job.make_communicator;
+    o.blas_threads = job.blas_threads;
+    check_agreement(*boot, o.config, gpt::blocks(o.shape));
+    if (o.collect_master)
+      check_master_gather(*boot, model.params, 12 * static_cast<std::size_t>(o.shape.layers) + 4,
+                          "--json (its param_digest; leave --json out for a model this large)");
+  }
+  // Before any thread, and before the GEMM peak is measured: a run short of address space fails
+  // now, naming the limit, instead of hanging in OpenBLAS.
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const int gm = std::min(1024, std::max(512, o.batch * o.seq)), gk = std::min(4096, std::max(512, o.shape.hidden));
+  if (!cuda) {
+    const std::uint64_t peak_matrices = (std::uint64_t(gm) * gk + 4ull * gk * gk + 4ull * gm * gk) * 4;
+    check_address_space(planned_memory_bytes(o.config, model.blocks, world),
+                        gpt::activation_bytes(o.shape, o.batch, o.seq, o.config.compute_dtype, o.recompute),
+                        (o.collect_master ? std::uint64_t(model.params) * 4 * (boot ? 4 : 1) : 0) + peak_matrices,
+                        boot ? 1 : world);
+  }
 
   std::unique_ptr<MetricsFile> metrics;
-  if (!a.metrics.empty()) metrics = std::make_unique<MetricsFile>(a.metrics);
-  std::ostream& human = a.json ? io.err : io.out;
-  const bool live = a.json ? io.err_tty : io.out_tty;
+  if (!a.metrics.empty() && lead) metrics = std::make_unique<MetricsFile>(a.metrics);
+  std::ostringstream discard;  // the other processes of a launched job print nothing
+  std::ostream& human = !lead ? discard : a.json ? io.err : io.out;
+  const bool live = lead && (a.json ? io.err_tty : io.out_tty);
+  if (!resume_note.empty() && lead) io.err << "shardopt train: " << resume_note << '\n';
 
   // The GEMM peak MFU is measured against: the best of an sgemm the size of the model's MLP
   // products (at least 512 x 2048 x 512), on every core, run before and after training in this
   // run (the better of the two: on a shared machine the other one may have been disturbed).
-  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  const int gm = std::min(1024, std::max(512, o.batch * o.seq)), gk = std::min(4096, std::max(512, o.shape.hidden));
   auto measure_peak = [&] {
+    if (!lead) return 0.0;  // only the printing process reports MFU (the others would compete for the cores)
 #if defined(SHARDOPT_CLI_GPT_CUDA)
     if (cuda) return gpt::measure_cublas_gflops(std::max(gm, 4096), 4 * gk, gk, 8);
 #endif
@@ -146,12 +177,12 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
   };
   double peak = measure_peak();
   const double fpt = gpt::flops_per_token(o.shape, o.seq);
-  const double tokens_per_step = double(a.ranks) * o.batch * o.seq * o.config.accumulation_steps;
+  const double tokens_per_step = double(world) * o.batch * o.seq * o.config.accumulation_steps;
 
   human << "shardopt train: GPT " << (g.preset.empty() ? "" : g.preset + " ") << o.shape.layers << " layers, "
         << o.shape.heads << " heads, hidden " << o.shape.hidden << ", vocab " << o.shape.vocab << " ("
-        << format_count(model.params) << " params), seq " << o.seq << " x batch " << o.batch << " x " << a.ranks
-        << " ranks, stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer << " lr "
+        << format_count(model.params) << " params), seq " << o.seq << " x batch " << o.batch << " x " << world
+        << (boot ? " ranks (" + std::string(boot->kind()) + ", one per process)" : std::string(" ranks")) << ", stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer << " lr "
         << o.config.hyper.lr << (o.recompute ? ", recompute" : "")
         << (a.model.offload == "none" ? "" : ", offload " + a.model.offload) << ", " << a.steps << " steps\n"
         << (a.save_every > 0 ? "checkpoints every " + std::to_string(a.save_every) + " steps into " +
@@ -218,7 +249,7 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
         << r.memory[0].to_string();
   if (!a.save.empty()) human << "saved " << a.save << " (export: shardopt checkpoint export " << a.save << " --out DIR)\n";
   human.flush();
-  if (a.json) {
+  if (a.json && lead) {
     Json j;
     j["model"] = "gpt";
     j["params"] = r.params;
@@ -228,7 +259,8 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
     j["vocab"] = o.shape.vocab;
     j["seq"] = o.seq;
     j["batch"] = o.batch;
-    j["ranks"] = a.ranks;
+    j["ranks"] = world;
+    j["launcher"] = boot ? std::string(boot->kind()) : std::string("in-process");
     j["stage"] = o.config.stage;
     j["dtype"] = a.model.dtype;
     j["steps"] = a.steps;
@@ -241,6 +273,11 @@ int run_train_gpt(const TrainArgs& a, Io& io) {
       return l;
     }();
     j["skipped_steps"] = r.skipped_steps;
+    {
+      char hex[20];
+      std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(mlp::digest(r.master)));
+      j["param_digest"] = "fnv1a64:" + std::string(hex);  // as train --model mlp: every master value, tensor order
+    }
     j["step_ms_median"] = med;
     j["tokens_per_s"] = tps;
     j["flops_per_token"] = fpt;

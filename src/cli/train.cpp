@@ -1,18 +1,24 @@
 // shardopt train: the example trainer (examples/mlp) driven from the command line.
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <thread>
 
 #include "commands.hpp"
 #include "units.hpp"
@@ -27,7 +33,8 @@ CLI::App* add_train(CLI::App& app, TrainArgs& a) {
   sub->add_option("--backend", a.backend, "cpu (the example model's matrix products have no CUDA path)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   sub->add_option("--ranks", a.ranks,
-                  "data-parallel ranks as threads of this process (under mpirun each process is one rank instead)")
+                  "data-parallel ranks as threads of this process (under mpirun, srun or torchrun-style variables each "
+                  "process is one rank instead)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   add_model_options(sub, a.model, /*with_params=*/false, /*with_stage=*/true);
   std::string lr_help = "learning rate (default:";
@@ -227,6 +234,129 @@ void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind
   }
 }
 
+namespace {
+
+// What the process has mapped now (/proc/self/statm's first field), or 0 where that is unknown.
+std::uint64_t mapped_bytes_now() {
+  std::ifstream f("/proc/self/statm");
+  std::uint64_t pages = 0;
+  if (!(f >> pages)) return 0;
+  const long page = ::sysconf(_SC_PAGESIZE);
+  return pages * static_cast<std::uint64_t>(page > 0 ? page : 4096);
+}
+
+}  // namespace
+
+void check_address_space(std::uint64_t engine_bytes, std::uint64_t trainer_bytes, std::uint64_t shared_bytes,
+                         int ranks_here) {
+  struct rlimit as {};
+  if (::getrlimit(RLIMIT_AS, &as) != 0 || as.rlim_cur == RLIM_INFINITY) return;
+  const std::uint64_t limit = as.rlim_cur;
+  const std::uint64_t now = mapped_bytes_now();
+  if (now == 0) return;  // no /proc: nothing to measure against
+  constexpr std::uint64_t MiB = std::uint64_t(1) << 20;
+  const std::uint64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const std::uint64_t ranks = static_cast<std::uint64_t>(std::max(1, ranks_here));
+#if defined(__GLIBC__)
+  // glibc gives each thread that allocates its own arena, reserving 64 MiB of address space for
+  // it, up to 8 per core: on a small limit those reservations alone can take what OpenBLAS needs.
+  constexpr int kArenas = 2;
+  (void)::mallopt(M_ARENA_MAX, kArenas);
+  const std::uint64_t arenas = (kArenas - 1) * 64 * MiB;  // the main arena grows the heap instead
+#else
+  const std::uint64_t arenas = 0;
+#endif
+  // OpenBLAS (x86-64 builds) maps one 128 MiB buffer per thread inside a product at once: each
+  // rank thread, plus its own worker threads (at most one per core).
+  const std::uint64_t blas_buffers = ranks + cores - 1;
+  const std::uint64_t blas = blas_buffers * 128 * MiB;
+  // Threads: each rank's own and its backend's streams (a few), the kernel pool and OpenBLAS's
+  // workers (one per core each); a stack each, of RLIMIT_STACK's size (glibc's default).
+  struct rlimit st {};
+  const std::uint64_t stack = ::getrlimit(RLIMIT_STACK, &st) == 0 && st.rlim_cur != RLIM_INFINITY
+                                  ? std::max<std::uint64_t>(st.rlim_cur, 2 * MiB)
+                                  : 8 * MiB;
+  const std::uint64_t stacks = (4 * ranks + 2 * cores) * stack;
+  const std::uint64_t data = ranks * (engine_bytes + trainer_bytes) + shared_bytes;
+  const std::uint64_t need = blas + stacks + arenas + data + 32 * MiB;  // 32 MiB: libraries' small mappings
+  const std::uint64_t left = limit > now ? limit - now : 0;
+  if (need <= left) return;
+  throw Error(ErrorCode::out_of_memory,
+              "the address-space limit (ulimit -v: " + format_bytes(double(limit)) + ", " + format_bytes(double(left)) +
+                  " of it left) is too small for this run, which maps about " + format_bytes(double(need)) + " more: " +
+                  std::to_string(blas_buffers) + " OpenBLAS buffers of 128 MiB (one per thread that can be inside a "
+                  "matrix product at once: " + std::to_string(ranks) + " rank thread" + (ranks == 1 ? "" : "s") + " + " +
+                  std::to_string(cores - 1) + " OpenBLAS worker" + (cores == 2 ? "" : "s") + "; OpenBLAS waits forever "
+                  "for a buffer it cannot map), " + format_bytes(double(data)) + " of model, optimizer state and "
+                  "activations, " + format_bytes(double(stacks + arenas)) + " of thread stacks and malloc arenas. "
+                  "Raise ulimit -v to at least " + format_bytes(double(now + need)) + ", or train fewer --ranks in this "
+                  "process");
+}
+
+void check_master_gather(const Bootstrap& boot, std::uint64_t params, std::size_t tensors, const std::string& flag) {
+  const std::uint64_t limit = boot.kind() == "tcp" ? std::uint64_t(1) << 30 : std::uint64_t(INT32_MAX);
+  // The values, a 24-byte record head per tensor range a rank owns, and 8 bytes per rank's entry.
+  const std::uint64_t world = static_cast<std::uint64_t>(boot.world_size());
+  const std::uint64_t need = params * 4 + 24 * static_cast<std::uint64_t>(tensors) * world + 8 * world;
+  if (need > limit)
+    throw UsageError(flag + ": across processes the trainer gathers every master value through the " +
+                     std::string(boot.kind()) + " bootstrap for the param_digest, which carries at most " +
+                     format_bytes(double(limit)) + " at once; this model's " + format_count(params) +
+                     " parameters need " + format_bytes(double(need)));
+}
+
+std::uint64_t planned_memory_bytes(const Config& config, const std::vector<BlockSpec>& blocks, int world) {
+  std::uint64_t sum = 0;
+  for (const PlannedBuffer& b : plan_memory(config, blocks, world).buffers)
+    if (b.place != Place::disk) sum += b.bytes;
+  return sum;
+}
+
+namespace {
+
+// The processes of this job on this machine, from the launcher's variables (torchrun, Open MPI,
+// MPICH, SLURM), or `world` if none says.
+int ranks_on_this_machine(int world) {
+  for (const char* v : {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE",
+                        "SLURM_STEP_TASKS_PER_NODE"}) {
+    const char* text = std::getenv(v);
+    if (!text) continue;
+    char* end = nullptr;
+    const long n = std::strtol(text, &end, 10);  // SLURM_STEP_TASKS_PER_NODE: "4(x2)": the leading count
+    if (end != text && n >= 1 && n <= world) return static_cast<int>(n);
+  }
+  return world;
+}
+
+}  // namespace
+
+void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who) {
+  job.launcher = launcher_of_this_process();
+  if (job.launcher.empty()) return;
+  if (a.ranks_given)
+    throw UsageError("--ranks: this process was started by " + job.launcher +
+                     ", whose world decides the ranks (one per process); --ranks is for in-process ranks "
+                     "without a launcher");
+  if (a.backend != "cpu")
+    throw UsageError("--backend " + a.backend + ": " + who + " runs one rank per process on the CPU only (under " +
+                     job.launcher + "); run --backend " + a.backend + " without a launcher, with --ranks");
+  if (job.launcher == "mpirun") {
+    if (!mpi_built()) throw UsageError("launched by mpirun, but this shardopt was built without MPI");
+    job.mpi = std::make_unique<MpiSession>();
+    job.bootstrap = make_mpi_bootstrap();
+    job.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
+  } else {
+    // torchrun-style variables, or srun without PMIx: the TCP bootstrap on MASTER_ADDR:MASTER_PORT
+    // (detect_launch names what is missing), and collectives over TCP (correct, but slower than
+    // MPI's as the world grows: bootstrap.hpp).
+    const LaunchEnv env = detect_launch();
+    job.bootstrap = make_bootstrap_from_env();
+    Bootstrap* const boot = job.bootstrap.get();
+    job.make_communicator = [boot, addr = env.master_addr](Backend& be) { return make_tcp_communicator(*boot, addr, be); };
+  }
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  job.blas_threads = static_cast<int>(std::max(1u, hw / static_cast<unsigned>(ranks_on_this_machine(job.bootstrap->world_size()))));
+}
 MetricsFile::MetricsFile(std::string path) : path_(std::move(path)) {
   errno = 0;
   out_.open(path_, std::ios::out | std::ios::trunc);
@@ -268,37 +398,15 @@ int run_train(const TrainArgs& args_in, Io& io) {
   TrainArgs a_resolved = args_in;
   const std::string resume_note = resolve_resume_auto(a_resolved);  // --resume auto: a directory, or none
   const TrainArgs& a = a_resolved;
-  if (a.gpt.model == "gpt") {
-    // The GPT trainer runs its ranks as threads of one process. Under a launcher each process
-    // would run a whole job of its own (N copies writing the same outputs): refused, by name.
-    const std::string launcher = launcher_of_this_process();
-    if (!launcher.empty())
-      throw UsageError("--model gpt: this process was started by " + launcher +
-                       "; the GPT trainer runs its ranks in one process (--ranks N) and cannot be launched one "
-                       "rank per process yet: run it without " + launcher);
-    if (!resume_note.empty()) io.err << "shardopt train: " << resume_note << '\n';
-    return run_train_gpt(a, io);
-  }
+  if (a.gpt.model == "gpt") return run_train_gpt(a, io, resume_note);
   check_backend(a.backend, "the example trainer");
   check_offload(a.model);
 
-  // Under a launcher every process is one rank of the launcher's world (MPI on the CPU);
-  // --ranks (threads in one process) does not combine with that.
-  const std::string launcher = launcher_of_this_process();
-  std::unique_ptr<MpiSession> mpi;
-  std::unique_ptr<Bootstrap> boot;
-  if (!launcher.empty()) {
-    if (a.ranks_given)
-      throw UsageError("--ranks: this process was started by " + launcher +
-                       ", whose world decides the ranks (one per process); --ranks is for in-process ranks "
-                       "without a launcher");
-    if (launcher != "mpirun")
-      throw UsageError("--backend cpu across processes runs over MPI: launch with mpirun (or srun --mpi=pmix), "
-                       "not " + launcher + " variables alone");
-    if (!mpi_built()) throw UsageError("launched by mpirun, but this shardopt was built without MPI");
-    mpi = std::make_unique<MpiSession>();
-    boot = make_mpi_bootstrap();
-  }
+  // Under a launcher every process is one rank of the launcher's world; --ranks (threads in one
+  // process) does not combine with that.
+  LaunchedJob job;
+  join_launched_job(a, job, "the example trainer");
+  Bootstrap* const boot = job.bootstrap.get();
   const int world = boot ? boot->world_size() : a.ranks;
   const bool lead = !boot || boot->rank() == 0;  // prints and writes the outputs
 
@@ -323,9 +431,12 @@ int run_train(const TrainArgs& args_in, Io& io) {
   check_train_outputs(a, model.params, o.config.optimizer, o.first_step);
   apply_optimizer_args(a, o.config, o.first_step);
   if (boot) {
-    o.bootstrap = boot.get();
-    o.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
+    o.bootstrap = boot;
+    o.make_communicator = job.make_communicator;
+    o.blas_threads = job.blas_threads;
     check_agreement(*boot, o.config, mlp::blocks(o.shape));
+    check_master_gather(*boot, model.params, 4 * static_cast<std::size_t>(o.shape.layers),
+                        "--layers/--hidden (the example trainer launched one rank per process)");
   }
 
   std::unique_ptr<MetricsFile> metrics;
@@ -375,6 +486,11 @@ int run_train(const TrainArgs& args_in, Io& io) {
       human << line << '\n';
     }
   };
+  // Before any thread: a run short of address space fails now, naming the limit (not hang).
+  check_address_space(planned_memory_bytes(o.config, mlp::blocks(o.shape), world),
+                      mlp::activation_bytes(o.shape, o.batch, o.config.compute_dtype),
+                      // the teacher, and the gathered master (across processes: also the records)
+                      std::uint64_t(model.params) * 4 * (boot ? 4 : 2), boot ? 1 : world);
   const mlp::TrainResult r = mlp::train(o, on_step);
 
   std::vector<double> ms;
