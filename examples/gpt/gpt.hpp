@@ -60,6 +60,9 @@ struct TrainOptions {
   shardopt::Bootstrap* bootstrap = nullptr;
   std::function<std::unique_ptr<shardopt::Communicator>(shardopt::Backend&)> make_communicator;
   int blas_threads = 0;  // as mlp::TrainOptions::blas_threads (0: cores / rank threads here)
+  // Under a bootstrap: this process's rank on its machine. The CUDA trainer runs it on device
+  // local_rank modulo the visible devices (in-process ranks all use device 0).
+  int local_rank = 0;
 };
 
 struct StepRecord {

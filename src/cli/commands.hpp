@@ -171,11 +171,17 @@ struct LaunchedJob {
   // (the launcher's local size; the whole world if it does not say), as in-process ranks get
   // them, so that the products, and so the digest, are those of as many in-process ranks.
   int blas_threads = 0;
+  // This process's rank among the job's processes on this machine (the launcher's local rank; the
+  // global rank modulo ranks_on_this_machine if it does not say): with --backend cuda, its GPU is
+  // local_rank modulo the visible devices.
+  int local_rank = 0;
 };
 // Joins the launcher's job, if any: UsageError for --ranks under a launcher, for a launcher this
 // build or `--backend` cannot serve; the bootstrap's own Error for a rendezvous that fails. `who`
-// names the trainer in messages.
-void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who);
+// names the trainer in messages. With `cuda_supported` and --backend cuda the ranks' collectives are
+// NCCL's, joined through the launcher's bootstrap (MPI under mpirun, TCP otherwise); else the CPU
+// communicator of the launcher (MPI, or TCP).
+void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who, bool cuda_supported = false);
 
 // --metrics FILE: opened (UsageError naming it if it cannot be) before training; one line per step,
 // flushed. A write that fails is reported on `warn` once and stops the log, not the run; close()

@@ -98,7 +98,7 @@ int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
 
   // Under a launcher every process is one rank of the launcher's world (as for the MLP trainer).
   LaunchedJob job;
-  join_launched_job(a, job, "the GPT trainer");
+  join_launched_job(a, job, "the GPT trainer", /*cuda_supported=*/cuda);
   Bootstrap* const boot = job.bootstrap.get();
   const int world = boot ? boot->world_size() : a.ranks;
   const bool lead = !boot || boot->rank() == 0;  // prints and writes the outputs
@@ -141,6 +141,7 @@ int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
     o.bootstrap = boot;
     o.make_communicator = job.make_communicator;
     o.blas_threads = job.blas_threads;
+    o.local_rank = job.local_rank;
     check_agreement(*boot, o.config, gpt::blocks(o.shape));
     if (o.collect_master)
       check_master_gather(*boot, model.params, 12 * static_cast<std::size_t>(o.shape.layers) + 4,

@@ -328,23 +328,36 @@ int ranks_on_this_machine(int world) {
   return world;
 }
 
+// This process's rank on its machine, from the launcher's variables, or -1 if none says.
+int local_rank_from_env() {
+  for (const char* v : {"LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
+    const char* text = std::getenv(v);
+    if (!text) continue;
+    char* end = nullptr;
+    const long n = std::strtol(text, &end, 10);
+    if (end != text && *end == '\0' && n >= 0 && n < (1L << 20)) return static_cast<int>(n);
+  }
+  return -1;
+}
+
 }  // namespace
 
-void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who) {
+void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& who, bool cuda_supported) {
   job.launcher = launcher_of_this_process();
   if (job.launcher.empty()) return;
   if (a.ranks_given)
     throw UsageError("--ranks: this process was started by " + job.launcher +
                      ", whose world decides the ranks (one per process); --ranks is for in-process ranks "
                      "without a launcher");
-  if (a.backend != "cpu")
+  const bool nccl = a.backend == "cuda" && cuda_supported;
+  if (a.backend != "cpu" && !nccl)
     throw UsageError("--backend " + a.backend + ": " + who + " runs one rank per process on the CPU only (under " +
                      job.launcher + "); run --backend " + a.backend + " without a launcher, with --ranks");
   if (job.launcher == "mpirun") {
     if (!mpi_built()) throw UsageError("launched by mpirun, but this shardopt was built without MPI");
     job.mpi = std::make_unique<MpiSession>();
     job.bootstrap = make_mpi_bootstrap();
-    job.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
+    if (!nccl) job.make_communicator = [](Backend& be) { return make_mpi_communicator(be); };
   } else {
     // torchrun-style variables, or srun without PMIx: the TCP bootstrap on MASTER_ADDR:MASTER_PORT
     // (detect_launch names what is missing), and collectives over TCP (correct, but slower than
@@ -352,10 +365,17 @@ void join_launched_job(const TrainArgs& a, LaunchedJob& job, const std::string& 
     const LaunchEnv env = detect_launch();
     job.bootstrap = make_bootstrap_from_env();
     Bootstrap* const boot = job.bootstrap.get();
-    job.make_communicator = [boot, addr = env.master_addr](Backend& be) { return make_tcp_communicator(*boot, addr, be); };
+    if (!nccl)
+      job.make_communicator = [boot, addr = env.master_addr](Backend& be) { return make_tcp_communicator(*boot, addr, be); };
   }
+  Bootstrap* const boot = job.bootstrap.get();
+  // NCCL: rank 0 makes the unique id and the bootstrap carries it to every rank (bootstrap.hpp).
+  if (nccl) job.make_communicator = [boot](Backend& be) { return make_nccl_communicator(*boot, be); };
+  const int local = ranks_on_this_machine(boot->world_size());
+  const int from_env = local_rank_from_env();
+  job.local_rank = from_env >= 0 ? from_env : boot->rank() % local;
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  job.blas_threads = static_cast<int>(std::max(1u, hw / static_cast<unsigned>(ranks_on_this_machine(job.bootstrap->world_size()))));
+  job.blas_threads = static_cast<int>(std::max(1u, hw / static_cast<unsigned>(local)));
 }
 MetricsFile::MetricsFile(std::string path) : path_(std::move(path)) {
   errno = 0;

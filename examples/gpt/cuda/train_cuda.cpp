@@ -21,11 +21,12 @@ void check(cudaError_t e, const char* what) {
 
 class CudaEnv final : public RankEnv {
  public:
+  explicit CudaEnv(int device) : device_(device) {}
   ~CudaEnv() override {
     for (void* p : buffers_) cudaFree(p);
   }
   std::unique_ptr<shardopt::Backend> backend() override {
-    auto b = shardopt::make_cuda_backend(0);
+    auto b = shardopt::make_cuda_backend(device_);
     device_ = shardopt::cuda_device_of(*b);
     return b;
   }
@@ -63,8 +64,11 @@ class CudaEnv final : public RankEnv {
 TrainResult train_cuda(const TrainOptions& o, const std::function<void(const StepRecord&)>& on_step) {
   if (!shardopt::cuda_device_available())
     throw shardopt::Error(shardopt::ErrorCode::unsupported, "gpt: no CUDA device (or a build without the CUDA backend)");
-  return train_with(o, on_step, [](int, std::shared_ptr<shardopt::ThreadPool>) -> std::unique_ptr<RankEnv> {
-    return std::make_unique<CudaEnv>();
+  // One process per rank under a launcher: its local rank picks the GPU. In-process ranks share
+  // device 0 (the in-process communicator's backend_kernels transport).
+  const int device = o.bootstrap ? o.local_rank % std::max(1, shardopt::cuda_device_count()) : 0;
+  return train_with(o, on_step, [device](int, std::shared_ptr<shardopt::ThreadPool>) -> std::unique_ptr<RankEnv> {
+    return std::make_unique<CudaEnv>(device);
   });
 }
 
