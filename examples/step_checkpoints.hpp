@@ -1,5 +1,6 @@
 #pragma once
-// What the example trainers (examples/mlp, examples/gpt) share: why a rank stopped (what_of), and
+// What the example trainers (examples/mlp, examples/gpt) share: why a rank stopped (what_of), a
+// step's loss averaged over the processes of a launched job (mean_over_processes), and
 // step checkpoints: the trainer's record in a checkpoint, {"next_step": N} (the steps taken, so a resumed run continues the data
 // stream, the step numbers and the schedule), and the periodic checkpoints of a run as
 // subdirectories "step-NNNNNN" (six or more digits: N) of one directory. Header-only, public API
@@ -7,12 +8,15 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <filesystem>
+#include <span>
 #include <string>
 #include <system_error>
 #include <vector>
 
+#include "shardopt/bootstrap.hpp"
 #include "shardopt/checkpoint.hpp"
 #include "shardopt/engine.hpp"
 #include "shardopt/error.hpp"
@@ -29,6 +33,20 @@ inline std::string what_of(const std::exception_ptr& e) {
     return "an exception that is not a std::exception";
   }
   return "no exception";
+}
+
+// The mean of `value` over every process of a launched job (one rank each), summed in rank order
+// as the in-process ranks' values are; `value` itself without a bootstrap. Collective.
+inline double mean_over_processes(shardopt::Bootstrap* bootstrap, double value) {
+  if (!bootstrap) return value;
+  const auto all = bootstrap->all_gather_bytes(std::as_bytes(std::span<const double>(&value, 1)));
+  double sum = 0;
+  for (const auto& b : all) {
+    double v = 0;
+    std::memcpy(&v, b.data(), std::min(b.size(), sizeof v));
+    sum += v;
+  }
+  return sum / static_cast<double>(all.size());
 }
 
 inline std::string checkpoint_record(int next_step) {

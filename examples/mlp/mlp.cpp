@@ -360,18 +360,7 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     const shardopt::MemoryReport m = engine.memory_report();
     std::size_t bytes = 0;
     for (int p = 0; p < shardopt::kPlaceCount; ++p) bytes += m.current_total(static_cast<shardopt::Place>(p));
-    double mean_loss = loss / cfg.accumulation_steps;
-    if (o.bootstrap) {
-      // The mean over every process's rank, summed in rank order as the in-process slots are.
-      const auto all = o.bootstrap->all_gather_bytes(std::as_bytes(std::span<const double>(&mean_loss, 1)));
-      double sum = 0;
-      for (const auto& b : all) {
-        double v = 0;
-        std::memcpy(&v, b.data(), std::min(b.size(), sizeof v));
-        sum += v;
-      }
-      mean_loss = sum / static_cast<double>(all.size());
-    }
+    const double mean_loss = shardopt_examples::mean_over_processes(o.bootstrap, loss / cfg.accumulation_steps);
     s.slots[slot] = RankSlot{mean_loss, r, bytes};
     if (step == o.steps - 1) s.result.last_step_comm[slot] = engine.comm_report();
     barrier.arrive_and_wait();
