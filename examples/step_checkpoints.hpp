@@ -6,7 +6,9 @@
 // subdirectories "step-NNNNNN" (six or more digits: N) of one directory. Header-only, public API
 // only, like the trainers themselves.
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -47,6 +49,38 @@ inline double mean_over_processes(shardopt::Bootstrap* bootstrap, double value) 
     sum += v;
   }
   return sum / static_cast<double>(all.size());
+}
+
+// The master values a rank owns, as records (tensor, begin, count, values...) for a launched job's
+// processes to exchange: append one (read_master's callback), then gather_master_records on every
+// process writes every rank's values into `master` (one vector per tensor, registration order).
+inline void append_master_record(std::vector<std::byte>& out, int tensor, std::size_t begin, std::size_t count,
+                                 const float* values) {
+  const std::uint64_t head[3] = {static_cast<std::uint64_t>(tensor), begin, count};
+  const auto* hb = reinterpret_cast<const std::byte*>(head);
+  const auto* vb = reinterpret_cast<const std::byte*>(values);
+  out.insert(out.end(), hb, hb + sizeof head);
+  out.insert(out.end(), vb, vb + count * sizeof(float));
+}
+
+// Collective. Error(internal) naming `who` for a record that names no tensor or does not fit.
+inline void gather_master_records(shardopt::Bootstrap& bootstrap, const std::vector<std::byte>& mine,
+                                  std::vector<std::vector<float>>& master, const std::string& who) {
+  for (const auto& rec : bootstrap.all_gather_bytes(mine)) {
+    std::size_t at = 0;
+    while (at + 24 <= rec.size()) {
+      std::uint64_t head[3];
+      std::memcpy(head, rec.data() + at, sizeof head);
+      at += sizeof head;
+      if (head[0] >= master.size())
+        throw shardopt::Error(shardopt::ErrorCode::internal, who + ": a rank's master record names no tensor of the model");
+      auto& dst = master[static_cast<std::size_t>(head[0])];
+      if (head[1] > dst.size() || head[2] > dst.size() - head[1] || head[2] > (rec.size() - at) / 4)
+        throw shardopt::Error(shardopt::ErrorCode::internal, who + ": a rank's master record does not fit the model");
+      std::memcpy(dst.data() + head[1], rec.data() + at, head[2] * 4);
+      at += head[2] * 4;
+    }
+  }
 }
 
 inline std::string checkpoint_record(int next_step) {

@@ -325,34 +325,14 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     if (o.collect_master)
       engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
         std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
-        if (o.bootstrap) {
-          const std::uint64_t head[3] = {static_cast<std::uint64_t>(t), begin, count};
-          const auto* hb = reinterpret_cast<const std::byte*>(head);
-          const auto* vb = reinterpret_cast<const std::byte*>(values);
-          mine.insert(mine.end(), hb, hb + sizeof head);
-          mine.insert(mine.end(), vb, vb + count * sizeof(float));
-        }
+        if (o.bootstrap) shardopt_examples::append_master_record(mine, t, begin, count, values);
       });
     s.result.memory[slot] = engine.memory_report();
   }
   if (o.bootstrap && o.collect_master) {
     // Every process makes this call (collect_master is the same everywhere): the ranks' records
     // together cover every tensor.
-    for (const auto& rec : o.bootstrap->all_gather_bytes(mine)) {
-      std::size_t at = 0;
-      while (at + 24 <= rec.size()) {
-        std::uint64_t head[3];
-        std::memcpy(head, rec.data() + at, sizeof head);
-        at += sizeof head;
-        if (head[0] >= s.result.master.size())
-          throw Error(ErrorCode::internal, "gpt: a rank's master record names no tensor of the model");
-        auto& dst = s.result.master[static_cast<std::size_t>(head[0])];
-        if (head[1] > dst.size() || head[2] > dst.size() - head[1] || head[2] > (rec.size() - at) / 4)
-          throw Error(ErrorCode::internal, "gpt: a rank's master record does not fit the model");
-        std::memcpy(dst.data() + head[1], rec.data() + at, head[2] * 4);
-        at += head[2] * 4;
-      }
-    }
+    shardopt_examples::gather_master_records(*o.bootstrap, mine, s.result.master, "gpt");
   }
 }
 

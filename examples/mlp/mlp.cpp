@@ -376,31 +376,11 @@ void run_rank(int rank, Shared& s, std::barrier<OnPhase>& barrier) {
     std::lock_guard<std::mutex> lock(s.mutex);
     engine.read_master([&](int t, std::size_t begin, std::size_t count, const float* values) {
       std::copy(values, values + count, s.result.master[t].begin() + static_cast<std::ptrdiff_t>(begin));
-      if (o.bootstrap) {
-        const std::uint64_t head[3] = {static_cast<std::uint64_t>(t), begin, count};
-        const auto* hb = reinterpret_cast<const std::byte*>(head);
-        const auto* vb = reinterpret_cast<const std::byte*>(values);
-        mine.insert(mine.end(), hb, hb + sizeof head);
-        mine.insert(mine.end(), vb, vb + count * sizeof(float));
-      }
+      if (o.bootstrap) shardopt_examples::append_master_record(mine, t, begin, count, values);
     });
     s.result.memory[slot] = engine.memory_report();
   }
-  if (o.bootstrap) {
-    for (const auto& rec : o.bootstrap->all_gather_bytes(mine)) {
-      std::size_t at = 0;
-      while (at + 24 <= rec.size()) {
-        std::uint64_t head[3];
-        std::memcpy(head, rec.data() + at, sizeof head);
-        at += sizeof head;
-        auto& dst = s.result.master.at(static_cast<std::size_t>(head[0]));
-        if (head[1] + head[2] > dst.size() || at + head[2] * 4 > rec.size())
-          throw Error(ErrorCode::internal, "mlp: a rank's master record does not fit the model");
-        std::memcpy(dst.data() + head[1], rec.data() + at, head[2] * 4);
-        at += head[2] * 4;
-      }
-    }
-  }
+  if (o.bootstrap) shardopt_examples::gather_master_records(*o.bootstrap, mine, s.result.master, "mlp");
 }
 
 // OpenBLAS would start its own threads in every rank's GEMMs; ranks are threads already, so give
