@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu/kernels.hpp"
+#include "bench_util.hpp"
 #include "cpu/thread_pool.hpp"
 #include "shardopt/rules.hpp"
 #include "shardopt/state_precision.hpp"
@@ -44,26 +45,12 @@ std::size_t g_block = shardopt::kDefaultQuantBlock;
 double g_copy_gbps[2] = {0.0, 0.0};  // [0]: one thread, [1]: all threads; measured in main()
 constexpr std::size_t kGrain = std::size_t(1) << 16;  // elements per chunk, as the CPU backend
 
-std::size_t parse_count(const char* s) {
-  char* end = nullptr;
-  double v = std::strtod(s, &end);
-  if (end && (*end == 'K' || *end == 'k')) v *= 1024.0;
-  if (end && (*end == 'M' || *end == 'm')) v *= 1024.0 * 1024.0;
-  if (end && (*end == 'G' || *end == 'g')) v *= 1024.0 * 1024.0 * 1024.0;
-  return static_cast<std::size_t>(v);
-}
-
 struct AlignedDelete {
   void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
 };
 using Mem = std::unique_ptr<unsigned char, AlignedDelete>;
 Mem alloc(std::size_t bytes) {
   return Mem(static_cast<unsigned char*>(::operator new(bytes < 64 ? 64 : bytes, std::align_val_t(64))));
-}
-
-unsigned all_threads() {
-  const unsigned t = std::thread::hardware_concurrency();
-  return t ? t : 1;
 }
 
 double bytes_per_param(StatePrecision p) {
@@ -184,7 +171,7 @@ void BM_Copy(benchmark::State& state) {
 }
 
 void register_all() {
-  const unsigned all = all_threads();
+  const unsigned all = shardopt::bench::all_threads();
   std::vector<long> thread_counts{1};
   if (all > 1) thread_counts.push_back(static_cast<long>(all));
   for (long t : thread_counts) {
@@ -200,11 +187,11 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (const char* env = std::getenv("SHARDOPT_BENCH_N")) g_n = parse_count(env);
+  if (const char* env = std::getenv("SHARDOPT_BENCH_N")) g_n = shardopt::bench::parse_count(env);
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
-    if (i > 0 && std::strncmp(argv[i], "--n=", 4) == 0) g_n = parse_count(argv[i] + 4);
-    else if (i > 0 && std::strncmp(argv[i], "--block=", 8) == 0) g_block = parse_count(argv[i] + 8);
+    if (i > 0 && std::strncmp(argv[i], "--n=", 4) == 0) g_n = shardopt::bench::parse_count(argv[i] + 4);
+    else if (i > 0 && std::strncmp(argv[i], "--block=", 8) == 0) g_block = shardopt::bench::parse_count(argv[i] + 8);
     else rest.push_back(argv[i]);
   }
   try {
@@ -214,7 +201,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   for (int k = 0; k < 2; ++k) {
-    shardopt::ThreadPool pool(k == 0 ? 1 : all_threads());
+    shardopt::ThreadPool pool(k == 0 ? 1 : shardopt::bench::all_threads());
     g_copy_gbps[k] = measure_copy_gbps(pool, g_n * 16, 5);
   }
   int rest_argc = static_cast<int>(rest.size());

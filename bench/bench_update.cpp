@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/kernels.hpp"
+#include "bench_util.hpp"
 #include "cpu/thread_pool.hpp"
 #include "shardopt/rules.hpp"
 
@@ -36,25 +37,11 @@ std::size_t g_n = std::size_t(256) << 20;
 constexpr std::size_t kGrain = std::size_t(1) << 16;  // elements per chunk of the pool
 constexpr double kBytesPerParam = 28.0;
 
-std::size_t parse_count(const char* s) {
-  char* end = nullptr;
-  double v = std::strtod(s, &end);
-  if (end && (*end == 'K' || *end == 'k')) v *= 1024.0;
-  if (end && (*end == 'M' || *end == 'm')) v *= 1024.0 * 1024.0;
-  if (end && (*end == 'G' || *end == 'g')) v *= 1024.0 * 1024.0 * 1024.0;
-  return static_cast<std::size_t>(v);
-}
-
 struct AlignedDelete {
   void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
 };
 using Mem = std::unique_ptr<void, AlignedDelete>;
 Mem alloc(std::size_t bytes) { return Mem(::operator new(bytes, std::align_val_t(64))); }
-
-unsigned all_threads() {
-  const unsigned t = std::thread::hardware_concurrency();
-  return t ? t : 1;
-}
 
 // Buffers of one case, first touched by the pool's threads (as the real update would).
 struct Buffers {
@@ -209,7 +196,7 @@ void BM_Floor(benchmark::State& state) {
 }
 
 void register_all() {
-  const unsigned all = all_threads();
+  const unsigned all = shardopt::bench::all_threads();
   std::vector<long> thread_counts{1};
   if (all > 1) thread_counts.push_back(static_cast<long>(all));
   for (long dt : {0L, 1L}) {
@@ -228,10 +215,10 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (const char* env = std::getenv("SHARDOPT_BENCH_N")) g_n = parse_count(env);
+  if (const char* env = std::getenv("SHARDOPT_BENCH_N")) g_n = shardopt::bench::parse_count(env);
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
-    if (i > 0 && std::strncmp(argv[i], "--n=", 4) == 0) g_n = parse_count(argv[i] + 4);
+    if (i > 0 && std::strncmp(argv[i], "--n=", 4) == 0) g_n = shardopt::bench::parse_count(argv[i] + 4);
     else rest.push_back(argv[i]);
   }
   int rest_argc = static_cast<int>(rest.size());

@@ -1,11 +1,14 @@
 #pragma once
-// What the engine-level CPU benchmarks share: wall-clock helpers and the synthetic model they time
-// (a flat list of 1-D tensors, one per block, 2 Mi elements each, the last one shorter).
+// What the CPU benchmarks share: wall-clock helpers, counts from the command line, the machine's
+// threads, and the synthetic model the engine-level ones time (a flat list of 1-D tensors, one per
+// block, 2 Mi elements each, the last one shorter).
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "shardopt/engine.hpp"
@@ -21,6 +24,21 @@ inline double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// "32M", "1.5G", "4096": binary K/M/G suffixes.
+inline std::size_t parse_count(const char* s) {
+  char* end = nullptr;
+  double v = std::strtod(s, &end);
+  if (end && (*end == 'K' || *end == 'k')) v *= 1024.0;
+  if (end && (*end == 'M' || *end == 'm')) v *= 1024.0 * 1024.0;
+  if (end && (*end == 'G' || *end == 'g')) v *= 1024.0 * 1024.0 * 1024.0;
+  return static_cast<std::size_t>(v);
+}
+
+inline unsigned all_threads() {
+  const unsigned t = std::thread::hardware_concurrency();
+  return t ? t : 1;
 }
 
 inline std::vector<BlockSpec> flat_model(std::size_t params) {
