@@ -149,7 +149,7 @@ fi
 # CMake 4 refuses otherwise. -lineinfo: compute-sanitizer reports name source lines.
 cfg=(-S "$root" -B "$build" -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}" -DSHARDOPT_CUDA=ON
      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_CUDA_FLAGS=-lineinfo
-     -DSHARDOPT_BUILD_CLI=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF -DSHARDOPT_MPI=OFF
+     -DSHARDOPT_BUILD_CLI=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF -DSHARDOPT_BUILD_GPT_EXAMPLE=ON -DSHARDOPT_MPI=OFF
      -DSHARDOPT_GTEST_SOURCE_DIR="$bundle/googletest" -DCMAKE_PREFIX_PATH="$bundle"
      -DCMAKE_POLICY_VERSION_MINIMUM=3.5)
 command -v ninja >/dev/null && cfg+=(-G Ninja)
@@ -161,7 +161,10 @@ fi
 # brings (and of what the GPU image lacks) are hidden from CMake's searches.
 # ("/" too: /lib is /usr/lib on merged-/usr systems, and CMake derives prefixes from PATH.)
 [ "$mode" = build-only ] && cfg+=(-DCMAKE_IGNORE_PREFIX_PATH="/usr;/usr/local;/" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
-targets=(test_cuda_backend test_engine_cuda bench_gpu_update bench_gpu_step)
+targets=(test_cuda_backend test_engine_cuda test_compressed_state_cuda bench_gpu_update bench_gpu_step)
+# The GPT example's CUDA ops and trainer (its CPU ops, the reference, use plain loops here: the
+# image has no BLAS): built in a step of their own, so that a failure there stops nothing else.
+gpt_targets=(test_gpt_cuda bench_gpt_cuda)
 
 step configure build.log 90 cmake "${cfg[@]}" || { say "gpu-suite: configure failed, nothing else runs"; exit 1; }
 step build build.log 300 cmake --build "$build" -j"$jobs" --target "${targets[@]}" ||
@@ -170,6 +173,8 @@ if [ "$mode" = build-only ]; then
   say "== built in $((SECONDS - suite_start)) s (failed=$failed)"
   exit "$failed"
 fi
+
+step build-gpt build.log 200 cmake --build "$build" -j"$jobs" --target "${gpt_targets[@]}"
 
 # ---- the GPU tests ------------------------------------------------------------------------------
 export SHARDOPT_REQUIRE_GPU=1
@@ -211,6 +216,14 @@ for st in 0 3; do
   step bench-gpu-step bench.log 60 "$build/bench/bench_gpu_step" --stage "$st"
 done
 grep -E '^(eager|captured)|^RESULT stage' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
+# The GPT trainer on the GPU: GPT-2 small (124M), seq 1024, bf16, stage 1, one rank.
+if [ -x "$build/bench/bench_gpt_cuda" ]; then
+  step bench-gpt-cuda bench.log 90 "$build/bench/bench_gpt_cuda" --preset small --seq 1024 --batch 8 --steps 8
+  grep -E '^RESULT gpt_cuda' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
+else
+  say "== bench-gpt-cuda: not run (bench_gpt_cuda was not built, build.log says why)"
+  failed=1
+fi
 
 # ---- sanitizers and counters (Firecracker only) -------------------------------------------------
 cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -1,6 +1,8 @@
 #include "cpu_ops.hpp"
 
+#if !defined(SHARDOPT_EXAMPLE_NO_BLAS)
 #include <cblas.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -8,16 +10,47 @@
 
 namespace gpt {
 
+#if defined(SHARDOPT_EXAMPLE_NO_BLAS)
+namespace {
+// The products without a BLAS (a build with no CLI, e.g. the GPU machine's check of the CUDA ops,
+// where the CPU ops are only the reference): row-major C = alpha op(A) op(B) + beta C, each dot
+// product summed in double. beta == 0 overwrites C (whatever it held), as BLAS does.
+template <class T>
+void loop_gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
+               int ldc) {
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double acc = 0;
+      for (int k = 0; k < K; ++k) {
+        const double a = ta ? A[std::size_t(k) * lda + i] : A[std::size_t(i) * lda + k];
+        const double b = tb ? B[std::size_t(j) * ldb + k] : B[std::size_t(k) * ldb + j];
+        acc += a * b;
+      }
+      T& c = C[std::size_t(i) * ldc + j];
+      c = beta == T(0) ? static_cast<T>(alpha * acc) : static_cast<T>(alpha * acc + double(beta) * double(c));
+    }
+}
+}  // namespace
+#endif
+
 void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
           float beta, float* C, int ldc) {
+#if defined(SHARDOPT_EXAMPLE_NO_BLAS)
+  loop_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#else
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
               B, ldb, beta, C, ldc);
+#endif
 }
 
 void gemm(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B, int ldb,
           double beta, double* C, int ldc) {
+#if defined(SHARDOPT_EXAMPLE_NO_BLAS)
+  loop_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#else
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
               B, ldb, beta, C, ldc);
+#endif
 }
 
 void set_blas_threads(int threads) {

@@ -16,6 +16,7 @@
 #include "gpu/gpu_required.hpp"
 #include "shardopt/cuda.hpp"
 #include "shardopt/error.hpp"
+#include "shardopt/estimate.hpp"
 
 using namespace shardopt;
 using namespace shardopt::testing;
@@ -282,6 +283,43 @@ TEST(CudaEngine, CaptureBeforeAnEagerStepIsRefused) {
 
 // The CUDA backend refused where it cannot exist: without a device, any ordinal; with devices,
 // an ordinal past the last one. A clear error either way, not a crash.
+// Optimizer (and, at stage 3, parameter) offload on the GPU: the reduced gradient goes straight
+// from the bucket to the pinned host copy (no device gradient shard) and the update runs on the
+// host. Bit for bit the CUDA run without offload, with a reduce dtype other than the compute dtype
+// and clipping, one micro-step and three; memory_report() equals plan_memory on every rank. (With
+// micro-steps > 1 the host sums the downloaded slices and the norm is taken as they land; on the
+// CPU backend that is proven bit-identical, here it is what this test finds out.)
+TEST(CudaEngine, OffloadToHostSameBitsAsNoOffload) {
+  if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
+  for (int stage : {0, 1, 2, 3})
+    for (int accumulation : {1, 3}) {
+      RunSpec spec = oracle_spec(stage, 3, DType::bf16, OptimizerKind::adamw, WorldKind::cuda);
+      spec.cfg.reduce_dtype = DType::fp32;
+      spec.cfg.accumulation_steps = accumulation;
+      spec.cfg.max_grad_norm = 0.5f;
+      spec.steps = 6;
+      const RunResult none = run_training(spec);
+      for (bool params : {false, true}) {
+        if (params && stage != 3) continue;
+        RunSpec o = spec;
+        o.cfg.offload_optimizer = OffloadKind::host;
+        o.cfg.offload_params = params;
+        const std::string what = "stage " + std::to_string(stage) + " micro-steps " + std::to_string(accumulation) +
+                                 (params ? " host offload + parameters" : " host offload");
+        SCOPED_TRACE(what);
+        const RunResult got = run_training(o);
+        expect_bitwise_equal(none, got, 2, what);
+        const MemoryReport planned = plan_memory(o.cfg, o.model, o.world).report();
+        for (int rk = 0; rk < o.world; ++rk)
+          for (int cat = 0; cat < kCategoryCount; ++cat)
+            for (int pl = 0; pl < kPlaceCount; ++pl)
+              EXPECT_EQ(got.memory[rk].current[cat][pl], planned.current[cat][pl])
+                  << "rank " << rk << ": " << name_of(static_cast<Category>(cat)) << " at "
+                  << name_of(static_cast<Place>(pl));
+      }
+    }
+}
+
 TEST(CudaEngine, NoDeviceOrBadOrdinalIsAClearError) {
   const bool have = cuda_device_available();
   try {
