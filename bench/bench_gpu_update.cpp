@@ -159,6 +159,45 @@ int run(const Options& o) {
   std::printf("update time / memcpy time: %.3f (1.0 = at the memory-bandwidth floor)\n", update_ms / copy_ms);
   std::printf("RESULT params=%zu update_ms=%.4f ms_per_1B=%.4f update_gbps=%.2f memcpy_gbps=%.2f ratio=%.4f\n", n,
               update_ms, per_billion, update_gbps, copy_gbps, update_ms / copy_ms);
+
+  // The same update with compressed moments (Backend::compressed_update, state_precision.hpp) in
+  // the m and v buffers: bf16 moves 20 B per parameter, int8 (block 256, one fp32 scale per block
+  // and moment) 16 B + 8 B/256; the time against the fp32 update and the bytes saved.
+  const std::size_t blocks = (n + kDefaultQuantBlock - 1) / kDefaultQuantBlock;
+  Buffer sc1 = gpu->allocate(4 * blocks, Place::device, Category::optimizer_state, "bench scales m");
+  Buffer sc2 = gpu->allocate(4 * blocks, Place::device, Category::optimizer_state, "bench scales v");
+  for (StatePrecision prec : {StatePrecision::bf16, StatePrecision::int8}) {
+    const bool q = prec == StatePrecision::int8;
+    check(cudaMemsetAsync(b.m.data(), 0, 4 * n, s), "cudaMemsetAsync", "clearing the compressed m");
+    check(cudaMemsetAsync(b.v.data(), 0, 4 * n, s), "cudaMemsetAsync", "clearing the compressed v");
+    gpu->fill(sc1.data(), DType::fp32, blocks, 1.0f, *stream);
+    gpu->fill(sc2.data(), DType::fp32, blocks, 1.0f, *stream);
+    CompressedUpdateArgs c;
+    c.rule = OptimizerKind::adamw;
+    c.scalars = a.scalars;
+    c.precision = prec;
+    c.seed = 1;
+    c.master = a.master;
+    c.state1 = b.m.data();
+    c.state2 = b.v.data();
+    c.scales1 = q ? sc1.as<float>() : nullptr;
+    c.scales2 = q ? sc2.as<float>() : nullptr;
+    c.grad = a.grad;
+    c.grad_dtype = DType::bf16;
+    c.param_out = a.param_out;
+    c.param_dtype = DType::bf16;
+    c.n = n;
+    const double ms = time_ms(s, o.warmup, o.iters, [&] { gpu->compressed_update(c, *stream); });
+    gpu->synchronize(*stream);
+    const double bytes = q ? 16.0 + 16.0 / kDefaultQuantBlock : 20.0;
+    std::printf("AdamW, %-4s moments                         : %9.3f ms/step  %9.3f ms per 1B params  %7.1f GB/s  "
+                "(%.2f B/param; time %.3f of fp32's, bytes %.3f)\n",
+                std::string(name_of(prec)).c_str(), ms, ms * 1e9 / static_cast<double>(n), bytes * n / (ms * 1e-3) / 1e9, bytes,
+                ms / update_ms, bytes / 28.0);
+    std::printf("RESULT state=%s params=%zu update_ms=%.4f ms_per_1B=%.4f gbps=%.2f time_vs_fp32=%.4f bytes_vs_fp32=%.4f\n",
+                std::string(name_of(prec)).c_str(), n, ms, ms * 1e9 / static_cast<double>(n), bytes * n / (ms * 1e-3) / 1e9, ms / update_ms,
+                bytes / 28.0);
+  }
   return 0;
 }
 

@@ -659,10 +659,12 @@ class CudaBackend final : public Backend {
   bool host_accessible() const noexcept override { return false; }
   int device() const noexcept { return device_; }
 
+  std::size_t stream_scratch_bytes() const noexcept override { return kMaxPartials * sizeof(double); }
+
   std::unique_ptr<Stream> create_stream(std::string name) override {
     DeviceGuard guard(device_);
     auto s = std::make_unique<CudaStream>(name, device_);
-    s->set_partials(allocate(kMaxPartials * sizeof(double), Place::device, Category::other,
+    s->set_partials(allocate(stream_scratch_bytes(), Place::device, Category::other,
                              "sum_squares partial sums of stream '" + name + "'"));
     return s;
   }

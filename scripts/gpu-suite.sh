@@ -203,7 +203,7 @@ awk '{ line = $0; sub(/ \([0-9]+ ms\)$/, "", line); sub(/, where GetParam\(\) = 
 # ---- benchmarks ---------------------------------------------------------------------------------
 step bench-gpu-update bench.log 90 "$build/bench/bench_gpu_update" --params "$params"
 ms_per_1b=$(sed -n 's/^RESULT .*ms_per_1B=\([0-9.]*\).*/\1/p' "$results/bench.log" | tail -1)
-grep -E '^(RESULT|fused|floor|update time|copy)' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
+grep -E '^(RESULT|fused|floor|update time|copy|AdamW)' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
 if [ "$mode" = quick ]; then
   say "== quick suite done in $((SECONDS - suite_start)) s (failed=$failed); logs in $results"
   exit "$failed"
@@ -219,6 +219,11 @@ grep -E '^(eager|captured)|^RESULT stage' "$results/bench.log" | sed 's/^/   /' 
 # The GPT trainer on the GPU: GPT-2 small (124M), seq 1024, bf16, stage 1, one rank.
 if [ -x "$build/bench/bench_gpt_cuda" ]; then
   step bench-gpt-cuda bench.log 90 "$build/bench/bench_gpt_cuda" --preset small --seq 1024 --batch 8 --steps 8
+  step bench-gpt-cuda bench.log 90 "$build/bench/bench_gpt_cuda" --preset small --seq 1024 --batch 8 --steps 8 --stage 3
+  # GPT-2 XL (1.56B) at stage 3 with optimizer and parameter offload: the device memory measured
+  # against the engine's report and the trainer's activations.
+  step bench-gpt-cuda bench.log 120 "$build/bench/bench_gpt_cuda" --preset xl --seq 1024 --batch 4 --steps 4 --stage 3 \
+    --offload host --offload-params --recompute
   grep -E '^RESULT gpt_cuda' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
 else
   say "== bench-gpt-cuda: not run (bench_gpt_cuda was not built, build.log says why)"

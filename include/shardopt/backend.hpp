@@ -178,6 +178,10 @@ class Backend {
   // without charging that limit, so there a refusal shows up as the pin call failing, which the
   // engine reports the same way.
   virtual bool pinned_counts_against_memlock() const noexcept { return false; }
+  // Device bytes create_stream() allocates with each stream, for the stream's own reductions
+  // (tagged Category::other, named after the stream): 0 on the CPU backend, the CUDA backend's
+  // sum_squares partial sums there. plan_memory() counts them for each stream the engine creates.
+  virtual std::size_t stream_scratch_bytes() const noexcept { return 0; }
 
   // Allocates `bytes` (64-byte aligned, contents undefined) at `place`, tagged `category`.
   // `what` names the buffer in the error raised when the allocation fails (out_of_memory, with

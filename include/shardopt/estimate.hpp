@@ -30,6 +30,10 @@ struct MemoryPlan {
 };
 
 // Validates `config` and the blocks (as Engine would) and plans one rank's buffers.
-MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size);
+// stream_scratch_bytes: what the backend allocates with each stream (Backend::stream_scratch_bytes(),
+// 0 on the CPU backend), counted for each stream the engine creates (compute and communication;
+// with optimizer offload also the offload engine's download and upload streams).
+MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
+                       std::size_t stream_scratch_bytes = 0);
 
 }  // namespace shardopt

@@ -209,10 +209,20 @@ MemoryReport MemoryPlan::report() const {
   return r;
 }
 
-MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size) {
+MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
+                       std::size_t stream_scratch_bytes) {
   const detail::EnginePlan p = detail::plan_engine(config, blocks, world_size);
   MemoryPlan m;
   for (const auto& b : p.buffers) m.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
+  // The backend's, not the engine's: allocated by create_stream() for each stream the engine's
+  // context (engine/context.cpp) and offload engine (offload/offload_engine.cpp) create.
+  if (stream_scratch_bytes > 0) {
+    std::vector<const char*> streams{"compute", "comm"};
+    if (config.offload_optimizer != OffloadKind::none) streams.insert(streams.end(), {"offload down", "offload up"});
+    for (const char* s : streams)
+      m.buffers.push_back({std::string("stream scratch (") + s + ")", stream_scratch_bytes, Category::other,
+                           Place::device, false});
+  }
   return m;
 }
 

@@ -287,10 +287,20 @@ TEST(CudaEngine, CaptureBeforeAnEagerStepIsRefused) {
 // from the bucket to the pinned host copy (no device gradient shard) and the update runs on the
 // host. Bit for bit the CUDA run without offload, with a reduce dtype other than the compute dtype
 // and clipping, one micro-step and three; memory_report() equals plan_memory on every rank. (With
-// micro-steps > 1 the host sums the downloaded slices and the norm is taken as they land; on the
-// CPU backend that is proven bit-identical, here it is what this test finds out.)
+// micro-steps > 1 the host sums the downloaded slices and the norm is taken as they land.) The
+// plan counts the CUDA backend's per-stream scratch (Backend::stream_scratch_bytes()).
 TEST(CudaEngine, OffloadToHostSameBitsAsNoOffload) {
   if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
+  const std::size_t scratch = make_cuda_backend(0)->stream_scratch_bytes();
+  auto expect_planned = [scratch](const RunSpec& s, const RunResult& r) {
+    const MemoryReport planned = plan_memory(s.cfg, s.model, s.world, scratch).report();
+    for (int rk = 0; rk < s.world; ++rk)
+      for (int cat = 0; cat < kCategoryCount; ++cat)
+        for (int pl = 0; pl < kPlaceCount; ++pl)
+          EXPECT_EQ(r.memory[rk].current[cat][pl], planned.current[cat][pl])
+              << "rank " << rk << ": " << name_of(static_cast<Category>(cat)) << " at "
+              << name_of(static_cast<Place>(pl));
+  };
   for (int stage : {0, 1, 2, 3})
     for (int accumulation : {1, 3}) {
       RunSpec spec = oracle_spec(stage, 3, DType::bf16, OptimizerKind::adamw, WorldKind::cuda);
@@ -298,24 +308,22 @@ TEST(CudaEngine, OffloadToHostSameBitsAsNoOffload) {
       spec.cfg.accumulation_steps = accumulation;
       spec.cfg.max_grad_norm = 0.5f;
       spec.steps = 6;
+      const std::string base = "stage " + std::to_string(stage) + " micro-steps " + std::to_string(accumulation);
       const RunResult none = run_training(spec);
+      {
+        SCOPED_TRACE(base + " no offload");
+        expect_planned(spec, none);
+      }
       for (bool params : {false, true}) {
         if (params && stage != 3) continue;
         RunSpec o = spec;
         o.cfg.offload_optimizer = OffloadKind::host;
         o.cfg.offload_params = params;
-        const std::string what = "stage " + std::to_string(stage) + " micro-steps " + std::to_string(accumulation) +
-                                 (params ? " host offload + parameters" : " host offload");
+        const std::string what = base + (params ? " host offload + parameters" : " host offload");
         SCOPED_TRACE(what);
         const RunResult got = run_training(o);
         expect_bitwise_equal(none, got, 2, what);
-        const MemoryReport planned = plan_memory(o.cfg, o.model, o.world).report();
-        for (int rk = 0; rk < o.world; ++rk)
-          for (int cat = 0; cat < kCategoryCount; ++cat)
-            for (int pl = 0; pl < kPlaceCount; ++pl)
-              EXPECT_EQ(got.memory[rk].current[cat][pl], planned.current[cat][pl])
-                  << "rank " << rk << ": " << name_of(static_cast<Category>(cat)) << " at "
-                  << name_of(static_cast<Place>(pl));
+        expect_planned(o, got);
       }
     }
 }
