@@ -202,7 +202,7 @@ awk '{ line = $0; sub(/ \([0-9]+ ms\)$/, "", line); sub(/, where GetParam\(\) = 
 
 # ---- benchmarks ---------------------------------------------------------------------------------
 step bench-gpu-update bench.log 90 "$build/bench/bench_gpu_update" --params "$params"
-ms_per_1b=$(sed -n 's/^RESULT .*ms_per_1B=\([0-9.]*\).*/\1/p' "$results/bench.log" | tail -1)
+ms_per_1b=$(sed -n 's/^RESULT params=.*ms_per_1B=\([0-9.]*\).*/\1/p' "$results/bench.log" | tail -1)
 grep -E '^(RESULT|fused|floor|update time|copy|AdamW)' "$results/bench.log" | sed 's/^/   /' | tee -a "$summary"
 if [ "$mode" = quick ]; then
   say "== quick suite done in $((SECONDS - suite_start)) s (failed=$failed); logs in $results"
