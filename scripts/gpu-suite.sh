@@ -33,7 +33,8 @@
 # lacks a GPU or NCCL.
 # Environment: BUILD_DIR (default build-gpu), BUILD_TYPE (RelWithDebInfo), CUDA_ARCH (90), JOBS (all
 # cores), BENCH_PARAMS (1e9), SUITE_BUDGET, CAP_SCALE (multiplies each step's cap; default 1),
-# GPU_BUNDLE (default .gpu-bundle).
+# GPU_BUNDLE (default .gpu-bundle), SUITE_CXX_FLAGS (C++ flags of the build type, e.g. the main
+# tree's in scripts/test.sh, so that ccache can reuse its objects).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mode=full
@@ -152,6 +153,7 @@ cfg=(-S "$root" -B "$build" -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}" -
      -DSHARDOPT_BUILD_CLI=OFF -DSHARDOPT_BUILD_EXAMPLES=OFF -DSHARDOPT_BUILD_GPT_EXAMPLE=ON -DSHARDOPT_MPI=OFF
      -DSHARDOPT_GTEST_SOURCE_DIR="$bundle/googletest" -DCMAKE_PREFIX_PATH="$bundle"
      -DCMAKE_POLICY_VERSION_MINIMUM=3.5)
+[ -n "${SUITE_CXX_FLAGS:-}" ] && cfg+=(-DCMAKE_CXX_FLAGS_RELWITHDEBINFO="$SUITE_CXX_FLAGS")
 command -v ninja >/dev/null && cfg+=(-G Ninja)
 command -v ccache >/dev/null && cfg+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 if [ -n "$nccl_lib" ]; then

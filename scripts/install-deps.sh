@@ -6,6 +6,7 @@ set -euo pipefail
 
 packages=(
   cmake ninja-build g++ pkg-config
+  ccache                             # scripts/test.sh: the GPU-bundle tree reuses the main tree's objects
   libgtest-dev libgmock-dev          # tests
   libbenchmark-dev                   # benchmarks
   libopenblas-dev                    # the example trainer's GEMMs
