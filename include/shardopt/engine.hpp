@@ -34,12 +34,34 @@
 //     slot (the next acquire gathers again). Such a view is valid only until release(b).
 //   gradients(b), stages 0-1: the full gradient buffer: the same addresses every micro-step and
 //     step. step() and zero_grad() zero it.
-//   gradients(b), stages 2-3: one of two bucket buffers, taken when the unit's first block asks
-//     and freed when its last block reports grads_ready, so the address depends on the order of
-//     the calls and may change every micro-step. Valid until grads_ready(b). At most two units may
-//     have gradients open at once: gradients() of a block of a third unit throws
-//     Error(invalid_state); report every block of a unit before opening a third. (With one rank,
-//     one micro-step and no dtype change the view is the gradient shard itself; do not rely on it.)
+//   gradients(b), stages 2-3: one of Config::gradient_buckets bucket buffers, taken when the
+//     unit's first block asks and freed when its gradients have been reduce-scattered, so the
+//     address depends on the order of the calls and may change every micro-step. Valid until
+//     grads_ready(b). (With one rank, one micro-step and no dtype change the view is the gradient
+//     shard itself; do not rely on it.) Blocks may report in any order: see "Backward order".
+//
+// Backward order (stages 2-3). Any order of gradients()/grads_ready over the blocks works, with
+// these costs:
+//   - Cheapest: a unit's blocks all report grads_ready before more than gradient_buckets units
+//     are open at once, e.g. blocks last to first as a layer-by-layer backward produces them. Each
+//     unit is reduce-scattered once, overlapping the rest of backward.
+//   - Any other order (blocks of many units reported interleaved): when a unit opens and every
+//     bucket holds another unit, the least recently opened unit none of whose blocks still holds a
+//     view (gradients() without grads_ready) is flushed: its bucket is reduce-scattered now and
+//     the blocks reported so far are written into the shard; its later blocks take a fresh bucket
+//     and are written by one more reduce-scatter. Cost per flush: one extra reduce-scatter of a
+//     padded unit (the unit's bytes in the reduce dtype, as counted by comm_report()), and the
+//     next gradients() waits until the flushed bucket is free. No extra memory. The result is bit
+//     for bit the in-order one: each element is written by exactly one reduction per micro-step,
+//     and a reduce-scatter's sum of one element does not depend on the others. (Under optimizer
+//     offload with one micro-step, a step with a flush measures the gradient norm on the host
+//     copy, which on the CPU backend gives the same bits.) Flushing depends only on the sequence
+//     of calls, which every rank makes identically, so every rank flushes the same unit together.
+//   - A backward that holds the views of more units than there are buckets (gradients() of
+//     every block before any grads_ready, a single pass over the whole model) cannot be served by
+//     flushing: gradients() then throws Error(invalid_state) naming the blocks whose views are
+//     open. Set Config::gradient_buckets = 0 (one bucket per unit: the whole gradient, so stage 2
+//     keeps only stage 1's memory for gradients) or enough buckets for the units it holds.
 //   The trainer writes a gradient view only between gradients(b) and grads_ready(b), and reads or
 //   writes a parameter view only between acquire(b) and release(b), even where the address is
 //   stable: outside those brackets the engine's streams may be reading or writing it.

@@ -69,7 +69,7 @@ SHARDOPT_C_API const char* shardopt_last_error(void);
  *   loss_scaling none|fixed|dynamic | initial_scale | growth_factor | growth_interval | backoff |
  *   hysteresis | min_scale | max_grad_norm | accumulation_steps |
  *   offload_optimizer none|host|nvme | nvme_dir | offload_params 0|1 | pinned_fallback 0|1 | prefetch_units |
- *   persistence_threshold
+ *   persistence_threshold | gradient_buckets (0: one per unit)
  * An unknown key or a malformed value is SHARDOPT_INVALID_ARGUMENT naming it; ranges are checked
  * when the engine is created (the same checks as the C++ Config::validate). */
 typedef struct shardopt_config shardopt_config;
@@ -160,9 +160,14 @@ SHARDOPT_C_API shardopt_status shardopt_engine_acquire(shardopt_engine* engine, 
                                                        int capacity);
 SHARDOPT_C_API shardopt_status shardopt_engine_release(shardopt_engine* engine, int block);
 /* Where to ADD this micro-step's gradients (see engine.hpp's gradient contract); valid until
- * grads_ready(block). Stages 0-1: the same addresses every step; stages 2-3: one of two buckets,
- * so the addresses may change every micro-step, and at most two units may have gradients open
- * (a third is SHARDOPT_INVALID_STATE). Every block reports grads_ready before step. */
+ * grads_ready(block). Stages 0-1: the same addresses every step; stages 2-3: one of
+ * `gradient_buckets` buckets (config key; default 2), so the addresses may change every
+ * micro-step. Blocks may report in any order (engine.hpp, "Backward order"): cheapest is each
+ * unit's blocks reported before more than gradient_buckets units are open (last block first, as a
+ * layer-by-layer backward goes); any other order costs one extra reduce-scatter of a unit per
+ * unit flushed early, with the same result bits. Holding the views of more units than buckets at
+ * once (every gradients() before any grads_ready) is SHARDOPT_INVALID_STATE unless
+ * gradient_buckets is 0 (one bucket per unit). Every block reports grads_ready before step. */
 SHARDOPT_C_API shardopt_status shardopt_engine_gradients(shardopt_engine* engine, int block, shardopt_view* views,
                                                          int capacity);
 SHARDOPT_C_API shardopt_status shardopt_engine_grads_ready(shardopt_engine* engine, int block);

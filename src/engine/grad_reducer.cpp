@@ -26,6 +26,11 @@ GradReducer::GradReducer(EngineContext& ctx, const std::vector<BufferSpec>& spec
   norm_ranges_.resize(ctx.layout.units().size());
   open_bucket_.assign(ctx.layout.units().size(), -1);
   block_ready_.assign(ctx.layout.blocks().size(), 0);
+  block_open_.assign(ctx.layout.blocks().size(), 0);
+  block_reduced_.assign(ctx.layout.blocks().size(), 0);
+  unit_partial_.assign(ctx.layout.units().size(), 0);
+  unit_open_views_.assign(ctx.layout.units().size(), 0);
+  unit_opened_at_.assign(ctx.layout.units().size(), 0);
   unit_pending_.resize(ctx.layout.units().size());
   reset_pending();
 }
@@ -42,18 +47,42 @@ std::byte* GradReducer::open_unit(int b) {
     open_bucket_[u] = kDirect;
     return at(grad_shard_, ctx_.layout.units()[u].shard_offset, ctx_.placement.shard_grad_dtype);
   }
-  int k = open_bucket_[u];
-  if (k < 0) {
-    for (int i = 0; i < static_cast<int>(buckets_.size()) && k < 0; ++i)
-      if (std::find(open_bucket_.begin(), open_bucket_.end(), i) == open_bucket_.end()) k = i;
-    if (k < 0)
-      throw Error(ErrorCode::invalid_state, "gradients: block '" + bi.name +
-                                                "' opens a third unit while two units' gradients are still open; "
-                                                "report grads_ready for every block of a unit before starting another two");
-    open_bucket_[u] = k;
-    ctx_.consume(*buckets_[k].free);
+  if (open_bucket_[u] < 0) take_bucket(u, bi.name);
+  if (!block_open_[b]) {
+    block_open_[b] = 1;
+    unit_open_views_[u]++;
   }
-  return static_cast<std::byte*>(buckets_[k].buffer.data());
+  return static_cast<std::byte*>(buckets_[open_bucket_[u]].buffer.data());
+}
+
+void GradReducer::take_bucket(int u, const std::string& block_name) {
+  const int units = static_cast<int>(open_bucket_.size());
+  int k = -1;
+  for (int i = 0; i < static_cast<int>(buckets_.size()) && k < 0; ++i)
+    if (std::find(open_bucket_.begin(), open_bucket_.end(), i) == open_bucket_.end()) k = i;
+  if (k < 0) {
+    // Every bucket holds a unit: flush the least recently opened one that no view points into.
+    int victim = -1;
+    for (int v = 0; v < units; ++v)
+      if (open_bucket_[v] >= 0 && unit_open_views_[v] == 0 &&
+          (victim < 0 || unit_opened_at_[v] < unit_opened_at_[victim]))
+        victim = v;
+    if (victim < 0) {
+      std::string held;
+      for (std::size_t x = 0; x < block_open_.size() && held.size() < 200; ++x)
+        if (block_open_[x]) held += (held.empty() ? "" : ", ") + ctx_.layout.blocks()[x].name;
+      throw Error(ErrorCode::invalid_state,
+                  "gradients: block '" + block_name + "' opens a unit while all " + std::to_string(buckets_.size()) +
+                      " gradient buckets hold units whose gradient views are still open (gradients() without "
+                      "grads_ready: " + held + "); report grads_ready for those blocks first, or set "
+                      "Config::gradient_buckets to 0 (one bucket per unit, " + std::to_string(units) + " here)");
+    }
+    k = open_bucket_[victim];
+    reduce_partial(victim);
+  }
+  open_bucket_[u] = k;
+  unit_opened_at_[u] = ++open_tick_;
+  ctx_.consume(*buckets_[k].free);
 }
 
 void GradReducer::block_ready(int b) {
@@ -65,10 +94,17 @@ void GradReducer::block_ready(int b) {
                                               " micro-steps of this step are complete; call step() first");
   const int u = bi.unit;
   const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
-  if (bucketed && open_bucket_[u] == -1)
+  if (bucketed && open_bucket_[u] == -1 && !unit_partial_[u])
     throw Error(ErrorCode::invalid_state,
                 "grads_ready: block '" + bi.name + "' has no gradient buffer; call gradients() first");
+  // A block of a flushed unit reported without gradients() (a zero gradient): its unit needs a
+  // bucket again for the reduction that writes it.
+  if (bucketed && open_bucket_[u] == -1) take_bucket(u, bi.name);
   block_ready_[b] = 1;
+  if (block_open_[b]) {
+    block_open_[b] = 0;
+    unit_open_views_[u]--;
+  }
   ready_blocks_++;
   if (--unit_pending_[u] == 0 && bucketed) reduce_bucket(u);
   if (ready_blocks_ == static_cast<int>(ctx_.layout.blocks().size())) {
@@ -96,6 +132,10 @@ void GradReducer::reduce_bucket(int u) {
     open_bucket_[u] = -1;
     return;
   }
+  if (unit_partial_[u]) {  // flushed before in this micro-step: write only the rest
+    reduce_partial(u);
+    return;
+  }
   if (ctx_.placement.grads_to_host) {
     reduce_bucket_to_host(u);
     return;
@@ -121,6 +161,69 @@ void GradReducer::reduce_bucket(int u) {
   if (store_.offload() && micro_steps_ == ctx_.cfg.accumulation_steps - 1 && info.slice_elems) {
     be.record(*reduced_, side);
     store_.offload()->download(shard, ctx_.state_offset(u, ctx_.slice_begin(u)), info.slice_elems, *reduced_);
+  }
+}
+
+void GradReducer::reduce_partial(int u) {
+  const auto& info = ctx_.layout.units()[u];
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype, gs = ctx_.placement.shard_grad_dtype;
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  const bool to_host = ctx_.placement.grads_to_host;
+  const int accumulation = ctx_.cfg.accumulation_steps;
+  ctx_.side_after_compute();  // the reduction reads what backward wrote on compute
+  Bucket& bk = buckets_[open_bucket_[u]];
+  open_bucket_[u] = -1;
+  if (!unit_partial_[u]) flushes_++;
+  unit_partial_[u] = 1;
+  flushed_step_ = true;
+  // The unit elements this reduction writes: the blocks reported ready since the last one (each
+  // block's span, adjacent spans merged; the alignment gaps inside are zero in every reduction).
+  const std::size_t sb = ctx_.slice_begin(u), se = sb + info.slice_elems;
+  std::vector<std::pair<std::size_t, std::size_t>> spans;
+  for (int b = info.first_block; b < info.first_block + info.block_count; ++b) {
+    if (!block_ready_[b] || block_reduced_[b]) continue;
+    block_reduced_[b] = 1;
+    const auto& blk = ctx_.layout.blocks()[b];
+    if (blk.tensor_count == 0) continue;
+    const auto& first = ctx_.layout.tensors()[blk.first_tensor];
+    const auto& last = ctx_.layout.tensors()[blk.first_tensor + blk.tensor_count - 1];
+    const std::size_t lo = std::max(first.unit_offset, sb), hi = std::min(last.unit_offset + last.numel, se);
+    if (lo >= hi) continue;
+    if (!spans.empty() && spans.back().second >= lo) spans.back().second = std::max(spans.back().second, hi);
+    else spans.emplace_back(lo, hi);
+  }
+  std::byte* unit = static_cast<std::byte*>(bk.buffer.data());
+  if (r != c) {
+    if (to_host) be.wait(side, *reduce_buf_free_);  // the last download from it has read it
+    be.cast(unit, c, reduce_buf_.data(), r, info.padded_elems, side);
+    be.fill(unit, c, info.padded_elems, 0.0f, side);  // the bucket is free once cast
+    be.record(*bk.free, side);
+    unit = static_cast<std::byte*>(reduce_buf_.data());
+  }
+  std::byte* mine = unit + sb * size_of(r);
+  ctx_.comm.reduce_scatter(unit, mine, info.slice_elems, r, ReduceOp::avg, side);
+  if (to_host) {
+    offload::OffloadEngine& off = *store_.offload();
+    be.record(*reduced_, side);
+    for (const auto& [lo, hi] : spans) {
+      const std::byte* src = mine + (lo - sb) * size_of(r);
+      if (accumulation == 1) off.download(src, ctx_.state_offset(u, lo), hi - lo, *reduced_);
+      else off.download_add(src, r, ctx_.state_offset(u, lo), hi - lo, micro_steps_ == 0, *reduced_);
+    }
+    if (r != c) off.record_downloaded(*reduce_buf_free_, *reduced_);
+    else off.zero_after_downloads(unit, c, info.padded_elems, *bk.free, *reduced_);
+    return;
+  }
+  for (const auto& [lo, hi] : spans) {
+    const std::byte* src = mine + (lo - sb) * size_of(r);
+    std::byte* dst = at(grad_shard_, info.shard_offset + (lo - sb), gs);
+    if (accumulation == 1) be.copy(dst, src, (hi - lo) * size_of(r), side);  // gs == r
+    else be.accumulate(src, r, reinterpret_cast<float*>(dst), hi - lo, side);
+  }
+  if (r == c) {
+    be.fill(unit, c, info.padded_elems, 0.0f, side);
+    be.record(*bk.free, side);
   }
 }
 
@@ -246,6 +349,7 @@ void GradReducer::zero_accumulators() {
 void GradReducer::finish_step() {
   zero_accumulators();
   micro_steps_ = 0;
+  flushed_step_ = false;
 }
 
 void GradReducer::zero() {
@@ -262,12 +366,17 @@ void GradReducer::zero() {
   }
   be.synchronize(side);
   micro_steps_ = 0;
+  flushed_step_ = false;
   reset_pending();
 }
 
 void GradReducer::reset_pending() {
   for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u) unit_pending_[u] = ctx_.layout.units()[u].block_count;
   std::fill(block_ready_.begin(), block_ready_.end(), 0);
+  std::fill(block_open_.begin(), block_open_.end(), 0);
+  std::fill(block_reduced_.begin(), block_reduced_.end(), 0);
+  std::fill(unit_partial_.begin(), unit_partial_.end(), 0);
+  std::fill(unit_open_views_.begin(), unit_open_views_.end(), 0);
   ready_blocks_ = 0;
 }
 

@@ -147,7 +147,9 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   if (!pl.grads_to_host && (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && r != c)))
     add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
   if (pl.grads == GradFlow::bucketed) {
-    for (int i = 0; i < 2; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
+    // Config::gradient_buckets of them (0: one per unit).
+    const int nb = cfg.gradient_buckets > 0 ? cfg.gradient_buckets : static_cast<int>(L.units().size());
+    for (int i = 0; i < nb; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
     if (cfg.accumulation_steps > 1 && !pl.grads_to_host)
       add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
   }
