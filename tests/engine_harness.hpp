@@ -341,6 +341,8 @@ struct RunSpec {
   // CPU backends lock their pinned memory (CpuBackendOptions::lock_pinned).
   bool lock_pinned = false;
   BackwardOrder backward = BackwardOrder::reverse;
+  // Every tensor's gradient in memory of the trainer's (Engine::borrow_gradients), on CPU worlds.
+  bool borrow_gradients = false;
 };
 
 struct RunResult {
@@ -399,6 +401,17 @@ inline RunResult run_training(const RunSpec& spec) {
     Engine e(spec.cfg, *w.backends[rank], *w.comms[rank]);
     for (const auto& b : spec.model) e.register_block(b);
     e.set_group(1, spec.group1);
+    // The trainer's own gradient arrays, filled with garbage the engine must zero first.
+    std::vector<std::vector<unsigned char>> own_grads;
+    if (spec.borrow_gradients) {
+      int t = 0;
+      for (const auto& b : spec.model)
+        for (const auto& ts : b.tensors) {
+          own_grads.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
+          if (!own_grads.back().empty()) e.borrow_gradients(t, own_grads.back().data());
+          ++t;
+        }
+    }
     e.initialize(seeded_init(spec.seed));
     const Layout& L = e.layout();
     const int nblocks = static_cast<int>(L.blocks().size());

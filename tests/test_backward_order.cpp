@@ -2,7 +2,8 @@
 // buckets (blocks reported in an order that hops between units), and a single-pass backward that
 // writes every block's gradient before any grads_ready (Config::gradient_buckets = 0), checked
 // element-wise against the float64 oracle and bit for bit against the in-order run, with and
-// without optimizer offload.
+// without optimizer offload; and the same single pass into borrowed gradient memory (the
+// trainer's own arrays) at every stage with the default buckets.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -90,6 +91,60 @@ TEST(BackwardOrder, AnyOrderWithOptimizerOffload) {
   check_orders({{DType::fp32, DType::fp32, 1, OffloadKind::host},
                 {DType::bf16, DType::fp32, 1, OffloadKind::host},
                 {DType::bf16, DType::bf16, 2, OffloadKind::host}});
+}
+
+// Borrowed gradient memory: a single pass writes every tensor's gradient into the trainer's own
+// arrays before any grads_ready, with the default two buckets, at every stage.
+TEST(BorrowedGradients, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
+  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
+                                   {DType::bf16, DType::fp32, 1, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 2, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 1, OffloadKind::host},
+                                   {DType::bf16, DType::bf16, 2, OffloadKind::host}};
+  for (int stage : {0, 1, 2, 3})
+    for (int world : {1, 2, 3})
+      for (const Case& c : cases) {
+        SCOPED_TRACE(case_name(stage, world, c, BackwardOrder::single_pass) + " borrowed");
+        RunSpec spec = spec_for(stage, world, c);
+        const RunResult in_order = run_training(spec);
+        RunSpec other = spec;
+        other.backward = BackwardOrder::single_pass;
+        other.borrow_gradients = true;
+        const RunResult got = run_training(other);
+        expect_bitwise_equal(in_order, got, 2, "against the in-order backward into engine memory");
+        expect_matches_reference(other, got);
+        std::size_t own = 0;
+        for (const auto& b : spec.model)
+          for (const auto& t : b.tensors) own += numel(t.shape) * size_of(c.compute);
+        for (int r = 0; r < world; ++r) {
+          EXPECT_EQ(got.memory[r].borrowed[static_cast<int>(Place::device)], own);
+          // The engine allocates exactly what it does without borrowing.
+          for (int k = 0; k < kCategoryCount; ++k)
+            for (int p = 0; p < kPlaceCount; ++p) EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
+        }
+      }
+}
+
+TEST(BorrowedGradients, BadIndexAndLateCallAreErrors) {
+  World w(1);
+  Engine e(base_config(2, DType::fp32, OptimizerKind::adamw), *w.backends[0], *w.comms[0]);
+  for (const auto& b : awkward_model()) e.register_block(b);
+  float x[4] = {};
+  EXPECT_THROW(e.borrow_gradients(-1, x), Error);
+  try {
+    e.borrow_gradients(999, x);
+    ADD_FAILURE() << "tensor 999 accepted";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(std::string(err.what()).find("999"), std::string::npos) << err.what();
+  }
+  e.initialize();
+  try {
+    e.borrow_gradients(0, x);
+    ADD_FAILURE() << "borrow after initialize accepted";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), ErrorCode::invalid_state);
+  }
 }
 
 // Views of more units than buckets held at once cannot be served: a clear error naming the

@@ -167,6 +167,32 @@ class Engine {
   // The group's current hyperparameters (group 0's for a group never set, before initialize()).
   Hyperparams hyperparams(int group) const;
 
+  // ---- borrowed gradient memory (the trainer's own gradient arrays)
+  // Before initialize(): tensor `tensor` (its index in registration order over all blocks, as
+  // Layout::TensorInfo::index) keeps its gradient in the trainer's memory at `grads`: numel
+  // elements of the compute dtype, contiguous, in backend memory (host memory on the CPU backend,
+  // device memory on a GPU backend). Tensor-major arrays ([L, ...]) are borrowed slice by slice:
+  // layer l's tensor at base + l * stride. nullptr returns the tensor to engine memory. The
+  // memory must stay valid, at this address, for the engine's life; the engine does not own it.
+  // What changes:
+  //   gradients(b) returns `grads` for the tensor (the same address every micro-step and step), and
+  //     for a block whose every tensor is borrowed it takes no bucket: a backward may hold the
+  //     views of every block at once (a single pass over the model) with the default buckets.
+  //   grads_ready(b) reads the block's borrowed gradients, in order on compute_stream() (on the
+  //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3; any
+  //     backward order, see "Backward order") or the full gradient (stages 0-1).
+  //   The contract of the gradient stays: the trainer ADDS into it. The engine zeroes borrowed
+  //   memory at initialize(), after reading it at grads_ready (stages 2-3, where every micro-step
+  //   starts from zero), at the end of step() (stages 0-1, which sum micro-steps there), and at
+  //   zero_grad(). The trainer writes it only between the end of a step (step() returned, or
+  //   after step_async() in order on compute_stream()) and grads_ready(b), like a view.
+  // Memory: stages 2-3 then keep no full gradient anywhere but in the trainer's memory (the
+  // engine's buckets and shard as before); stages 0-1 still keep their full gradient buffer
+  // (a copy per micro-step). memory_report().borrowed counts the borrowed bytes, apart from what
+  // the engine owns. Throws Error(invalid_argument) for an unknown tensor, and
+  // Error(invalid_state) after initialize().
+  void borrow_gradients(int tensor, void* grads);
+
   // Plans the layout, allocates every buffer, and sets initial values (master weights from
   // `init`, or seeded_init(0) if empty). Collective: every rank calls it. The ranks agree first on
   // the configuration (all but nvme_dir), the model and every group's hyperparameters, and at
@@ -298,6 +324,7 @@ class Engine {
   void wait_save();
   bool save_in_flight() const noexcept;
 
+  // What the engine allocated (current, peak), and in `borrowed` the trainer memory it uses.
   MemoryReport memory_report() const;
   // Collective traffic since the last reset, per kind (see CommStats for the accounting).
   CommStats comm_report() const;

@@ -143,6 +143,27 @@ SHARDOPT_C_API shardopt_status shardopt_engine_add_block(shardopt_engine* engine
  * `value`. */
 SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine, int group, const char* key,
                                                          const char* value);
+/* Before initialize: tensor `tensor` (its index in registration order over all blocks) keeps its
+ * gradient in the caller's memory at `grads` (numel elements of the compute dtype, contiguous; host
+ * memory on the CPU backend, device memory on CUDA), valid and at this address for the engine's
+ * life; the engine does not own it. NULL gives the tensor back to engine memory.
+ * gradients() then returns `grads` for the tensor (a block whose every tensor is borrowed takes no
+ * bucket, so a single-pass backward may write every block's gradient before any grads_ready with
+ * the default buckets), and grads_ready(block) reads it (stages 2-3: into the unit's bucket,
+ * reduce-scattered as usual, in any block order; stages 0-1: into the full gradient). The caller
+ * ADDS its gradient there; the engine zeroes borrowed memory at initialize, after reading it at
+ * grads_ready (stages 2-3), at the end of step (stages 0-1) and at zero_grad. Write it only
+ * between the end of a step and grads_ready(block). Memory: at stages 2-3 the only full gradient
+ * is the caller's; stages 0-1 still keep the engine's own full gradient (one copy per micro-step).
+ * Details: engine.hpp, Engine::borrow_gradients. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* engine, int tensor, void* grads);
+/* The same for a tensor-major array (every layer's tensor of one kind stored one after another,
+ * [L, ...]): tensor `tensor_in_block` of blocks first_block .. first_block+nblocks-1 gets the
+ * slice base + k * stride_elems elements (k = 0 .. nblocks-1, elements of the compute dtype).
+ * Every block must already be added; nothing is borrowed if any argument is out of range. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients_strided(shardopt_engine* engine, int first_block,
+                                                                        int nblocks, int tensor_in_block, void* base,
+                                                                        size_t stride_elems);
 /* Collective. `init` NULL: the seeded initializer with `seed` (independent of world and stage). */
 SHARDOPT_C_API shardopt_status shardopt_engine_initialize(shardopt_engine* engine, shardopt_init_fn init, void* user,
                                                           uint64_t seed);
@@ -191,6 +212,10 @@ SHARDOPT_C_API shardopt_status shardopt_export_safetensors(const char* checkpoin
  * memory too (the backend's working memory: parameters, gradients, state). */
 SHARDOPT_C_API shardopt_status shardopt_engine_memory(const shardopt_engine* engine, int place, size_t* current,
                                                       size_t* peak);
+/* Bytes of the caller's memory the engine uses at `place` (borrowed gradients), never counted by
+ * shardopt_engine_memory. */
+SHARDOPT_C_API shardopt_status shardopt_engine_memory_borrowed(const shardopt_engine* engine, int place,
+                                                               size_t* bytes);
 
 #ifdef __cplusplus
 }

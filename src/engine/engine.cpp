@@ -25,7 +25,7 @@ BlockView Engine::Impl::view_of(int b, std::byte* unit, DType t) const {
   const auto& bi = ctx.layout.blocks()[b];
   for (int i = 0; i < bi.tensor_count; ++i) {
     const auto& ti = ctx.layout.tensors()[bi.first_tensor + i];
-    v.tensors.push_back(TensorView{unit + ti.unit_offset * size_of(t), t, ti.numel, &ti});
+    v.tensors.push_back(TensorView{unit ? unit + ti.unit_offset * size_of(t) : nullptr, t, ti.numel, &ti});
   }
   return v;
 }
@@ -50,7 +50,19 @@ void Engine::Impl::release(int b) {
 BlockView Engine::Impl::gradients(int b) {
   check_block(b, "gradients");
   runner->settle_host();
-  return view_of(b, reducer->open_unit(b), ctx.compute_dtype);
+  const auto& bi = ctx.layout.blocks()[b];
+  BlockView v;
+  if (reducer->block_borrowed(b)) {  // every tensor in the trainer's memory: no engine buffer
+    if (reducer->ready(b))
+      throw Error(ErrorCode::invalid_state,
+                  "gradients: block '" + bi.name + "' already reported grads_ready in this micro-step");
+    v = view_of(b, nullptr, ctx.compute_dtype);
+  } else {
+    v = view_of(b, reducer->open_unit(b), ctx.compute_dtype);
+  }
+  for (int i = 0; i < bi.tensor_count; ++i)
+    if (void* mine = reducer->borrowed(bi.first_tensor + i)) v.tensors[static_cast<std::size_t>(i)].data = mine;
+  return v;
 }
 
 void Engine::Impl::grads_ready(int b) {
@@ -136,6 +148,17 @@ int Engine::register_block(const BlockSpec& block) {
   return static_cast<int>(impl_->specs.size()) - 1;
 }
 
+void Engine::borrow_gradients(int tensor, void* grads) {
+  require(!impl_->initialized, ErrorCode::invalid_state, "borrow_gradients after initialize()");
+  int count = 0;
+  for (const auto& b : impl_->specs) count += static_cast<int>(b.tensors.size());
+  require(tensor >= 0 && tensor < count, ErrorCode::invalid_argument,
+          "borrow_gradients: tensor index " + std::to_string(tensor) + " is outside [0, " + std::to_string(count) +
+              ") (tensors registered so far, in registration order)");
+  if (impl_->borrowed_grads.size() < static_cast<std::size_t>(count)) impl_->borrowed_grads.resize(count, nullptr);
+  impl_->borrowed_grads[static_cast<std::size_t>(tensor)] = grads;
+}
+
 void Engine::set_group(int group, const Hyperparams& hyper) {
   require(!impl_->initialized, ErrorCode::invalid_state, "set_group after initialize()");
   require(group >= 0, ErrorCode::invalid_argument, "set_group: negative group " + std::to_string(group));
@@ -213,7 +236,11 @@ void Engine::read_state(int which, const std::function<void(int, std::size_t, st
   impl_->read(1 + which, fn);
 }
 
-MemoryReport Engine::memory_report() const { return impl_->ctx.be.memory().report(); }
+MemoryReport Engine::memory_report() const {
+  MemoryReport r = impl_->ctx.be.memory().report();
+  if (impl_->reducer) r.borrowed[static_cast<int>(Place::device)] = impl_->reducer->borrowed_bytes();
+  return r;
+}
 CommStats Engine::comm_report() const { return impl_->ctx.comm.stats(); }
 void Engine::reset_comm_report() { impl_->ctx.comm.reset_stats(); }
 

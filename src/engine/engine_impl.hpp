@@ -41,6 +41,7 @@ struct Engine::Impl final : detail::CheckpointPort {
   bool initialized = false;
   detail::EnginePlan plan;
   std::vector<int> block_acquired;
+  std::vector<void*> borrowed_grads;  // per tensor in registration order (Engine::borrow_gradients)
   // The parts, bottom first (so destroyed top first: the offload engine in the store may still
   // write into the gatherer's parameters).
   std::unique_ptr<detail::ParamGatherer> gatherer;

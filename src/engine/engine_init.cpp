@@ -54,6 +54,11 @@ void Engine::Impl::initialize(const InitFn& init) {
       alias.push_back(static_cast<float*>(gatherer->param_at(u, ctx.owned_begin(u))));
     store_ = detail::make_state_store(ctx, plan.buffers, std::move(alias));
     reducer = std::make_unique<detail::GradReducer>(ctx, plan.buffers, *store_);
+    if (!borrowed_grads.empty()) {
+      std::vector<void*> grads(ctx.layout.tensors().size(), nullptr);
+      std::copy(borrowed_grads.begin(), borrowed_grads.end(), grads.begin());
+      reducer->set_borrowed(std::move(grads));
+    }
     runner = std::make_unique<detail::StepRunner>(ctx, plan, *store_, *reducer, *gatherer, hyper_by_group);
     for (const auto& spec : plan.buffers)
       if (spec.kind == detail::Buf::init_staging) init_staging = ctx.allocate(spec);

@@ -85,6 +85,60 @@ void GradReducer::take_bucket(int u, const std::string& block_name) {
   ctx_.consume(*buckets_[k].free);
 }
 
+void GradReducer::set_borrowed(std::vector<void*> grads) {
+  borrowed_ = std::move(grads);
+  bool any = false;
+  for (void* p : borrowed_) any = any || p != nullptr;
+  if (!any) {
+    borrowed_.clear();
+    return;
+  }
+  zero_borrowed(*ctx_.compute);
+  ctx_.be.synchronize(*ctx_.compute);
+}
+
+bool GradReducer::block_borrowed(int b) const {
+  if (borrowed_.empty()) return false;
+  const auto& bi = ctx_.layout.blocks()[b];
+  bool any = false;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t) {
+    if (ctx_.layout.tensors()[t].numel == 0) continue;
+    if (!borrowed_[t]) return false;
+    any = true;
+  }
+  return any;
+}
+
+std::size_t GradReducer::borrowed_bytes() const {
+  std::size_t n = 0;
+  for (std::size_t t = 0; t < borrowed_.size(); ++t)
+    if (borrowed_[t]) n += ctx_.layout.tensors()[t].numel * size_of(ctx_.compute_dtype);
+  return n;
+}
+
+void GradReducer::zero_borrowed(Stream& stream) {
+  for (std::size_t t = 0; t < borrowed_.size(); ++t)
+    if (borrowed_[t] && ctx_.layout.tensors()[t].numel)
+      ctx_.be.fill(borrowed_[t], ctx_.compute_dtype, ctx_.layout.tensors()[t].numel, 0.0f, stream);
+}
+
+// The block's borrowed gradients into the buffer the trainer would otherwise have written, in
+// order on compute (after the trainer's writes there). The host waits for the copies on the CPU
+// backend, so the trainer may write its memory again as soon as grads_ready returns.
+void GradReducer::copy_borrowed(int b) {
+  const auto& bi = ctx_.layout.blocks()[b];
+  std::byte* base = open_unit(b);
+  const DType c = ctx_.compute_dtype;
+  Stream& compute = *ctx_.compute;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t) {
+    const auto& ti = ctx_.layout.tensors()[t];
+    if (!borrowed_[t] || ti.numel == 0) continue;
+    ctx_.be.copy(base + ti.unit_offset * size_of(c), borrowed_[t], ti.numel * size_of(c), compute);
+    if (ctx_.placement.grads == GradFlow::bucketed) ctx_.be.fill(borrowed_[t], c, ti.numel, 0.0f, compute);
+  }
+  if (ctx_.host_visible()) ctx_.be.synchronize(compute);
+}
+
 void GradReducer::block_ready(int b) {
   const auto& bi = ctx_.layout.blocks()[b];
   if (block_ready_[b])
@@ -92,6 +146,10 @@ void GradReducer::block_ready(int b) {
   if (micro_steps_ >= ctx_.cfg.accumulation_steps)
     throw Error(ErrorCode::invalid_state, "grads_ready: all " + std::to_string(ctx_.cfg.accumulation_steps) +
                                               " micro-steps of this step are complete; call step() first");
+  bool borrows = false;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count && !borrowed_.empty(); ++t)
+    borrows = borrows || (borrowed_[t] && ctx_.layout.tensors()[t].numel);
+  if (borrows) copy_borrowed(b);
   const int u = bi.unit;
   const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
   if (bucketed && open_bucket_[u] == -1 && !unit_partial_[u])
@@ -338,8 +396,10 @@ std::pair<void*, DType> GradReducer::reduced_at(int u, std::size_t e) const {
 
 void GradReducer::zero_accumulators() {
   Stream& side = *ctx_.side;
-  if (ctx_.placement.grads != GradFlow::bucketed)
+  if (ctx_.placement.grads != GradFlow::bucketed) {
     ctx_.be.fill(grads_full_.data(), ctx_.compute_dtype, ctx_.full_elems, 0.0f, side);
+    zero_borrowed(side);  // the running sum over micro-steps the trainer added into
+  }
   // (grads_direct: the update zeroed the shard as it read it, also on a skipped step)
   // (grads_to_host: the first micro-step's download overwrites the host copy)
   if (ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1 && grad_shard_)
@@ -358,6 +418,7 @@ void GradReducer::zero() {
   be.synchronize(side);
   if (store_.offload()) store_.offload()->finish_downloads();
   zero_accumulators();
+  zero_borrowed(side);  // (stages 0-1: zero_accumulators did it already; twice is harmless)
   if (ctx_.placement.grads == GradFlow::bucketed) {
     for (auto& bk : buckets_) be.fill(bk.buffer.data(), ctx_.compute_dtype, ctx_.layout.max_unit_elems(), 0.0f, side);
     std::fill(open_bucket_.begin(), open_bucket_.end(), -1);

@@ -40,6 +40,17 @@ class GradReducer {
 
   // The buffer of unit u the trainer adds block `block`'s gradients into (opens a bucket).
   std::byte* open_unit(int block);
+
+  // Borrowed gradient memory (Engine::borrow_gradients): per tensor, the trainer's buffer or
+  // nullptr. Set once at initialize(), which zeroes it. block_ready() copies a block's borrowed
+  // gradients into the buffer open_unit() gives, on compute, then (stages 2-3) zeroes them there,
+  // as a bucket is zero for the next micro-step; stages 0-1 zero them when the step has reduced
+  // the full gradient (finish_step, zero).
+  void set_borrowed(std::vector<void*> grads);
+  void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
+  // Every tensor of the block with elements is borrowed (gradients() needs no engine buffer).
+  bool block_borrowed(int block) const;
+  std::size_t borrowed_bytes() const;
   // grads_ready(block): checks, then reduces the unit once its last block is ready.
   void block_ready(int block);
   bool ready(int block) const { return block_ready_[block] != 0; }
@@ -93,6 +104,8 @@ class GradReducer {
   // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
   void measure(int u, const void* unit, DType t);
   void zero_accumulators();
+  void copy_borrowed(int block);
+  void zero_borrowed(Stream& stream);
   void reset_pending();
 
   EngineContext& ctx_;
@@ -108,6 +121,7 @@ class GradReducer {
   // grads_to_host: the downloads have read the reduce buffer (it may be cast into again).
   std::unique_ptr<Event> reduce_buf_free_;
   std::vector<std::vector<NormRange>> norm_ranges_;
+  std::vector<void*> borrowed_;  // per tensor (empty: nothing borrowed)
   std::vector<char> block_ready_;
   std::vector<int> unit_pending_;  // blocks of the unit not yet ready this micro-step
   // Any backward order (this micro-step): blocks holding a gradient view (gradients() without
