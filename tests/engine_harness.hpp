@@ -343,6 +343,8 @@ struct RunSpec {
   BackwardOrder backward = BackwardOrder::reverse;
   // Every tensor's gradient in memory of the trainer's (Engine::borrow_gradients), on CPU worlds.
   bool borrow_gradients = false;
+  // Every tensor's parameters in memory of the trainer's (Engine::borrow_parameters), on CPU worlds.
+  bool borrow_parameters = false;
 };
 
 struct RunResult {
@@ -402,13 +404,15 @@ inline RunResult run_training(const RunSpec& spec) {
     for (const auto& b : spec.model) e.register_block(b);
     e.set_group(1, spec.group1);
     // The trainer's own gradient arrays, filled with garbage the engine must zero first.
-    std::vector<std::vector<unsigned char>> own_grads;
-    if (spec.borrow_gradients) {
+    std::vector<std::vector<unsigned char>> own_grads, own_params;
+    {
       int t = 0;
       for (const auto& b : spec.model)
         for (const auto& ts : b.tensors) {
           own_grads.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
-          if (!own_grads.back().empty()) e.borrow_gradients(t, own_grads.back().data());
+          own_params.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
+          if (!own_grads.back().empty() && spec.borrow_gradients) e.borrow_gradients(t, own_grads.back().data());
+          if (!own_params.back().empty() && spec.borrow_parameters) e.borrow_parameters(t, own_params.back().data());
           ++t;
         }
     }

@@ -93,9 +93,11 @@ TEST(BackwardOrder, AnyOrderWithOptimizerOffload) {
                 {DType::bf16, DType::bf16, 2, OffloadKind::host}});
 }
 
-// Borrowed gradient memory: a single pass writes every tensor's gradient into the trainer's own
-// arrays before any grads_ready, with the default two buckets, at every stage.
-TEST(BorrowedGradients, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
+// Borrowed memory: a single pass writes every tensor's gradient into the trainer's own arrays
+// before any grads_ready, with the default two buckets, at every stage; with borrowed parameters
+// too (worlds 1 and 3), acquire() hands out the trainer's arrays, which the engine rewrites after
+// every step (the run reads its final parameters through acquire, so they are checked too).
+TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
   const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
                                    {DType::bf16, DType::fp32, 1, OffloadKind::none},
                                    {DType::bf16, DType::bf16, 2, OffloadKind::none},
@@ -110,12 +112,14 @@ TEST(BorrowedGradients, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         RunSpec other = spec;
         other.backward = BackwardOrder::single_pass;
         other.borrow_gradients = true;
+        other.borrow_parameters = world != 2;  // both kinds, and gradients alone
         const RunResult got = run_training(other);
         expect_bitwise_equal(in_order, got, 2, "against the in-order backward into engine memory");
         expect_matches_reference(other, got);
         std::size_t own = 0;
         for (const auto& b : spec.model)
           for (const auto& t : b.tensors) own += numel(t.shape) * size_of(c.compute);
+        if (other.borrow_parameters) own *= 2;
         for (int r = 0; r < world; ++r) {
           EXPECT_EQ(got.memory[r].borrowed[static_cast<int>(Place::device)], own);
           // The engine allocates exactly what it does without borrowing.
@@ -125,12 +129,13 @@ TEST(BorrowedGradients, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
       }
 }
 
-TEST(BorrowedGradients, BadIndexAndLateCallAreErrors) {
+TEST(BorrowedMemory, BadIndexAndLateCallAreErrors) {
   World w(1);
   Engine e(base_config(2, DType::fp32, OptimizerKind::adamw), *w.backends[0], *w.comms[0]);
   for (const auto& b : awkward_model()) e.register_block(b);
   float x[4] = {};
   EXPECT_THROW(e.borrow_gradients(-1, x), Error);
+  EXPECT_THROW(e.borrow_parameters(-1, x), Error);
   try {
     e.borrow_gradients(999, x);
     ADD_FAILURE() << "tensor 999 accepted";

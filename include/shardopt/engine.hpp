@@ -193,6 +193,29 @@ class Engine {
   // Error(invalid_state) after initialize().
   void borrow_gradients(int tensor, void* grads);
 
+  // ---- borrowed parameter memory (the trainer's own parameter arrays)
+  // Before initialize(): tensor `tensor`'s compute-dtype parameters are (also) kept in the
+  // trainer's memory at `params` (numel elements, contiguous, backend memory, valid and at this
+  // address for the engine's life; nullptr undoes it). The engine writes the current values there
+  // at the end of initialize(), of every step() that applied an update and of load(), in order on
+  // its side stream before compute_stream() resumes (on the CPU backend: before step() returns,
+  // or, after step_async(), before the next acquire()/gradients() returns). The trainer only reads
+  // it; the engine overwrites whatever is written there.
+  // acquire(b) returns `params` for the tensor (the same address for the engine's life); a block
+  // whose every tensor is borrowed is not gathered at acquire (stage 3 included) and takes no
+  // slot, so such blocks may also be read without acquire(), between steps.
+  // What it costs and saves, per stage (the simplest version: a copy, not an alias):
+  //   stages 0-2: the engine still holds its own full compute-dtype parameters (the update writes
+  //     them and, at stages 1-2, the all-gather assembles them in place); every step copies the
+  //     borrowed tensors out of them (numel x dtype bytes, no communication beyond the stage's).
+  //   stage 3: the engine holds its shard and slots as usual; every step gathers each unit that
+  //     holds a borrowed tensor once (into slot 0, in turn) and copies it out: the all-gather a
+  //     layer-by-layer stage-3 forward would do, once per step instead of once per acquire. The
+  //     trainer thereby keeps full parameters itself, which is what stage 3 exists to avoid: use
+  //     it when the trainer's compute needs its own full arrays anyway.
+  // memory_report().borrowed counts these bytes too. Errors as borrow_gradients.
+  void borrow_parameters(int tensor, void* params);
+
   // Plans the layout, allocates every buffer, and sets initial values (master weights from
   // `init`, or seeded_init(0) if empty). Collective: every rank calls it. The ranks agree first on
   // the configuration (all but nvme_dir), the model and every group's hyperparameters, and at

@@ -164,6 +164,19 @@ SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine*
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients_strided(shardopt_engine* engine, int first_block,
                                                                         int nblocks, int tensor_in_block, void* base,
                                                                         size_t stride_elems);
+/* Before initialize: tensor `tensor`'s compute-dtype parameters are also kept in the caller's
+ * memory at `params` (numel elements, contiguous, valid and at this address for the engine's
+ * life; NULL undoes it). The engine writes the current values there at the end of initialize, of
+ * every applied step and of load (before step returns on the CPU backend); the caller only reads
+ * them. acquire returns `params`; a block whose every tensor is borrowed is never gathered at
+ * acquire (stage 3 included). A copy, not an alias: stages 0-2 keep the engine's own full
+ * parameters too; stage 3 gathers each borrowed unit once per step to write it out. Details:
+ * engine.hpp, Engine::borrow_parameters. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters(shardopt_engine* engine, int tensor, void* params);
+/* As shardopt_engine_borrow_gradients_strided, for parameters. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters_strided(shardopt_engine* engine, int first_block,
+                                                                         int nblocks, int tensor_in_block, void* base,
+                                                                         size_t stride_elems);
 /* Collective. `init` NULL: the seeded initializer with `seed` (independent of world and stage). */
 SHARDOPT_C_API shardopt_status shardopt_engine_initialize(shardopt_engine* engine, shardopt_init_fn init, void* user,
                                                           uint64_t seed);
@@ -212,8 +225,8 @@ SHARDOPT_C_API shardopt_status shardopt_export_safetensors(const char* checkpoin
  * memory too (the backend's working memory: parameters, gradients, state). */
 SHARDOPT_C_API shardopt_status shardopt_engine_memory(const shardopt_engine* engine, int place, size_t* current,
                                                       size_t* peak);
-/* Bytes of the caller's memory the engine uses at `place` (borrowed gradients), never counted by
- * shardopt_engine_memory. */
+/* Bytes of the caller's memory the engine uses at `place` (borrowed gradients and parameters),
+ * never counted by shardopt_engine_memory. */
 SHARDOPT_C_API shardopt_status shardopt_engine_memory_borrowed(const shardopt_engine* engine, int place,
                                                                size_t* bytes);
 

@@ -34,9 +34,14 @@ BlockView Engine::Impl::acquire(int b) {
   check_block(b, "acquire");
   runner->require_warm_for_capture("acquire");
   runner->settle_host();
-  void* unit = gatherer->acquire_unit(ctx.layout.blocks()[b].unit);
+  const auto& bi = ctx.layout.blocks()[b];
+  // A block whose every tensor is borrowed is already in the trainer's memory: nothing to gather.
+  void* unit = gatherer->block_borrowed(b) ? nullptr : gatherer->acquire_unit(bi.unit);
   block_acquired[b]++;
-  return view_of(b, static_cast<std::byte*>(unit), ctx.compute_dtype);
+  BlockView v = view_of(b, static_cast<std::byte*>(unit), ctx.compute_dtype);
+  for (int i = 0; i < bi.tensor_count; ++i)
+    if (void* mine = gatherer->borrowed(bi.first_tensor + i)) v.tensors[static_cast<std::size_t>(i)].data = mine;
+  return v;
 }
 
 void Engine::Impl::release(int b) {
@@ -44,7 +49,7 @@ void Engine::Impl::release(int b) {
   if (block_acquired[b] == 0)
     throw Error(ErrorCode::invalid_state, "release: block '" + ctx.layout.blocks()[b].name + "' is not acquired");
   block_acquired[b]--;
-  gatherer->release_unit(ctx.layout.blocks()[b].unit);
+  if (!gatherer->block_borrowed(b)) gatherer->release_unit(ctx.layout.blocks()[b].unit);
 }
 
 BlockView Engine::Impl::gradients(int b) {
@@ -148,15 +153,26 @@ int Engine::register_block(const BlockSpec& block) {
   return static_cast<int>(impl_->specs.size()) - 1;
 }
 
-void Engine::borrow_gradients(int tensor, void* grads) {
-  require(!impl_->initialized, ErrorCode::invalid_state, "borrow_gradients after initialize()");
+namespace {
+void borrow(std::vector<void*>& table, const std::vector<BlockSpec>& specs, bool initialized, const char* call,
+            int tensor, void* memory) {
+  require(!initialized, ErrorCode::invalid_state, std::string(call) + " after initialize()");
   int count = 0;
-  for (const auto& b : impl_->specs) count += static_cast<int>(b.tensors.size());
+  for (const auto& b : specs) count += static_cast<int>(b.tensors.size());
   require(tensor >= 0 && tensor < count, ErrorCode::invalid_argument,
-          "borrow_gradients: tensor index " + std::to_string(tensor) + " is outside [0, " + std::to_string(count) +
+          std::string(call) + ": tensor index " + std::to_string(tensor) + " is outside [0, " + std::to_string(count) +
               ") (tensors registered so far, in registration order)");
-  if (impl_->borrowed_grads.size() < static_cast<std::size_t>(count)) impl_->borrowed_grads.resize(count, nullptr);
-  impl_->borrowed_grads[static_cast<std::size_t>(tensor)] = grads;
+  if (table.size() < static_cast<std::size_t>(count)) table.resize(static_cast<std::size_t>(count), nullptr);
+  table[static_cast<std::size_t>(tensor)] = memory;
+}
+}  // namespace
+
+void Engine::borrow_gradients(int tensor, void* grads) {
+  borrow(impl_->borrowed_grads, impl_->specs, impl_->initialized, "borrow_gradients", tensor, grads);
+}
+
+void Engine::borrow_parameters(int tensor, void* params) {
+  borrow(impl_->borrowed_params, impl_->specs, impl_->initialized, "borrow_parameters", tensor, params);
 }
 
 void Engine::set_group(int group, const Hyperparams& hyper) {
@@ -238,7 +254,8 @@ void Engine::read_state(int which, const std::function<void(int, std::size_t, st
 
 MemoryReport Engine::memory_report() const {
   MemoryReport r = impl_->ctx.be.memory().report();
-  if (impl_->reducer) r.borrowed[static_cast<int>(Place::device)] = impl_->reducer->borrowed_bytes();
+  if (impl_->reducer)
+    r.borrowed[static_cast<int>(Place::device)] = impl_->reducer->borrowed_bytes() + impl_->gatherer->borrowed_bytes();
   return r;
 }
 CommStats Engine::comm_report() const { return impl_->ctx.comm.stats(); }

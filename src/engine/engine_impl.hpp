@@ -42,6 +42,7 @@ struct Engine::Impl final : detail::CheckpointPort {
   detail::EnginePlan plan;
   std::vector<int> block_acquired;
   std::vector<void*> borrowed_grads;  // per tensor in registration order (Engine::borrow_gradients)
+  std::vector<void*> borrowed_params;  // per tensor in registration order (Engine::borrow_parameters)
   // The parts, bottom first (so destroyed top first: the offload engine in the store may still
   // write into the gatherer's parameters).
   std::unique_ptr<detail::ParamGatherer> gatherer;

@@ -49,6 +49,11 @@ void Engine::Impl::initialize(const InitFn& init) {
   try {
     // Bottom up. Every planned buffer is allocated zero-filled (on side for the device).
     gatherer = std::make_unique<detail::ParamGatherer>(ctx, plan.buffers);
+    if (std::any_of(borrowed_params.begin(), borrowed_params.end(), [](void* p) { return p != nullptr; })) {
+      std::vector<void*> params(ctx.layout.tensors().size(), nullptr);
+      std::copy(borrowed_params.begin(), borrowed_params.end(), params.begin());
+      gatherer->set_borrowed(std::move(params));
+    }
     detail::MasterAlias alias;
     for (int u = 0; u < static_cast<int>(ctx.layout.units().size()); ++u)
       alias.push_back(static_cast<float*>(gatherer->param_at(u, ctx.owned_begin(u))));
