@@ -10,6 +10,7 @@
 
 #include "engine_oracle.hpp"
 #include "shardopt/error.hpp"
+#include "engine/plan.hpp"
 #include "shardopt/estimate.hpp"
 
 using namespace shardopt;
@@ -120,11 +121,30 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         for (const auto& b : spec.model)
           for (const auto& t : b.tensors) own += numel(t.shape) * size_of(c.compute);
         if (other.borrow_parameters) own *= 2;
+        // What the engine allocates: its plan for borrowed parameters, byte for byte; the same as
+        // without borrowing, except at stages 1-2 with the parameters borrowed, where a shard and
+        // one slot replace the full parameters.
+        MemoryPlan mp;
+        for (const auto& b : detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters).buffers)
+          mp.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
+        const MemoryReport planned = mp.report();
+        const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
+        const Layout L = Layout::build(spec.model, detail::layout_options(spec.cfg, world));
+        std::size_t full = 0;
+        for (const auto& u : L.units()) full += u.padded_elems;
+        const int params = static_cast<int>(Category::parameters), dev = static_cast<int>(Place::device);
         for (int r = 0; r < world; ++r) {
-          EXPECT_EQ(got.memory[r].borrowed[static_cast<int>(Place::device)], own);
-          // The engine allocates exactly what it does without borrowing.
+          EXPECT_EQ(got.memory[r].borrowed[dev], own);
           for (int k = 0; k < kCategoryCount; ++k)
-            for (int p = 0; p < kPlaceCount; ++p) EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
+            for (int p = 0; p < kPlaceCount; ++p) {
+              EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]);
+              if (!shard_only || k != params)
+                EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
+            }
+          if (shard_only) {
+            EXPECT_EQ(in_order.memory[r].current[params][dev], full * size_of(c.compute));
+            EXPECT_EQ(got.memory[r].current[params][dev], (L.shard_elems() + L.max_unit_elems()) * size_of(c.compute));
+          }
         }
       }
 }

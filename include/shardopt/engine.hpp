@@ -204,15 +204,25 @@ class Engine {
   // acquire(b) returns `params` for the tensor (the same address for the engine's life); a block
   // whose every tensor is borrowed is not gathered at acquire (stage 3 included) and takes no
   // slot, so such blocks may also be read without acquire(), between steps.
-  // What it costs and saves, per stage (the simplest version: a copy, not an alias):
-  //   stages 0-2: the engine still holds its own full compute-dtype parameters (the update writes
-  //     them and, at stages 1-2, the all-gather assembles them in place); every step copies the
-  //     borrowed tensors out of them (numel x dtype bytes, no communication beyond the stage's).
+  // What it costs and saves, per stage (the engine writes the trainer's memory by a copy; it
+  // never computes in it):
+  //   stage 0, or some tensor not borrowed at stages 1-2: the engine still holds its own full
+  //     compute-dtype parameters (the update writes them; stages 1-2 all-gather them in place);
+  //     every step copies the borrowed tensors out of them (no communication beyond the stage's).
+  //   stages 1-2 with every tensor's parameters borrowed: the engine keeps no full parameters:
+  //     the update writes this rank's slices into a parameter shard (1/N), and each unit is
+  //     all-gathered into one unit-sized slot and copied out (the stage's all-gather, through one
+  //     slot instead of in place). Memory: shard + one unit instead of the full parameters. Every
+  //     rank must then borrow every tensor (the ranks check it at initialize()).
   //   stage 3: the engine holds its shard and slots as usual; every step gathers each unit that
   //     holds a borrowed tensor once (into slot 0, in turn) and copies it out: the all-gather a
   //     layer-by-layer stage-3 forward would do, once per step instead of once per acquire. The
   //     trainer thereby keeps full parameters itself, which is what stage 3 exists to avoid: use
   //     it when the trainer's compute needs its own full arrays anyway.
+  // So at stages 1-3, with both parameters and gradients borrowed, the engine holds no
+  // unsharded copy of either (buckets and slots of one unit each aside); the trainer's own arrays
+  // are its only full copies. Holding a block across step() is allowed for fully borrowed blocks
+  // at every stage (their memory is the trainer's, rewritten when the step ends).
   // memory_report().borrowed counts these bytes too. Errors as borrow_gradients.
   void borrow_parameters(int tensor, void* params);
 

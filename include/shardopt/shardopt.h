@@ -169,9 +169,11 @@ SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients_strided(shardopt
  * life; NULL undoes it). The engine writes the current values there at the end of initialize, of
  * every applied step and of load (before step returns on the CPU backend); the caller only reads
  * them. acquire returns `params`; a block whose every tensor is borrowed is never gathered at
- * acquire (stage 3 included). A copy, not an alias: stages 0-2 keep the engine's own full
- * parameters too; stage 3 gathers each borrowed unit once per step to write it out. Details:
- * engine.hpp, Engine::borrow_parameters. */
+ * acquire (stage 3 included). Written by a copy, never computed in: stage 0 (and stages 1-2 when
+ * some tensor is not borrowed) keeps the engine's own full parameters too; stages 1-2 with every
+ * tensor borrowed keep only a shard and one unit-sized slot to gather through (every rank must
+ * borrow every tensor then); stage 3 gathers each borrowed unit once per step to write it out.
+ * Details: engine.hpp, Engine::borrow_parameters. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters(shardopt_engine* engine, int tensor, void* params);
 /* As shardopt_engine_borrow_gradients_strided, for parameters. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters_strided(shardopt_engine* engine, int first_block,

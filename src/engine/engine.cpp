@@ -80,7 +80,7 @@ void Engine::Impl::step_async() {
   if (!reducer->complete()) throw Error(ErrorCode::invalid_state, "step: " + reducer->progress());
   if (ctx.placement.params_sharded)
     for (std::size_t b = 0; b < block_acquired.size(); ++b)
-      if (block_acquired[b])
+      if (block_acquired[b] && !gatherer->block_borrowed(static_cast<int>(b)))
         throw Error(ErrorCode::invalid_state, "step: block '" + ctx.layout.blocks()[b].name + "' is still acquired");
   runner->require_warm_for_capture("step");
   runner->run();

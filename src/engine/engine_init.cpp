@@ -18,7 +18,7 @@ void Engine::Impl::initialize(const InitFn& init) {
   // is allocated: a rank that threw here would leave the others waiting in a collective.
   detail::RankStatus status;
   try {
-    plan = detail::plan_engine(ctx.cfg, specs, ctx.world);
+    plan = detail::plan_engine(ctx.cfg, specs, ctx.world, all_params_borrowed());
     ctx.plan(plan);
     ctx.check_pinned(plan.buffers);  // pinned memory the locked-memory limit refuses: before any allocation
     for (const auto& t : ctx.layout.tensors())
@@ -27,6 +27,9 @@ void Engine::Impl::initialize(const InitFn& init) {
     if (ctx.placement.state_tier == detail::Tier::nvme)
       offload::NvmeStore::check_directory(ctx.cfg.nvme_dir, ctx.rank, plan.offload.file_bytes);
     status.fingerprint = detail::config_fingerprint(ctx.cfg, specs, ctx.world, hyper_by_group);
+    // Borrowing every tensor's parameters changes the plan (and the collectives) at stages 1-2:
+    // the ranks must agree on it like on the configuration.
+    if (all_params_borrowed()) status.fingerprint ^= 0x6b6f7272f0b0ull;
     for (const auto& spec : plan.buffers)
       if (spec.kind == detail::Buf::agreement) (spec.index == 0 ? agreement.device : agreement.host) = ctx.allocate(spec);
   } catch (const Error& e) {
@@ -101,6 +104,20 @@ void Engine::Impl::initialize(const InitFn& init) {
   }
   block_acquired.assign(ctx.layout.blocks().size(), 0);
   initialized = true;
+}
+
+bool Engine::Impl::all_params_borrowed() const {
+  std::size_t t = 0;
+  bool any = false;
+  for (const auto& b : specs)
+    for (const auto& ts : b.tensors) {
+      if (numel(ts.shape) != 0) {
+        if (t >= borrowed_params.size() || !borrowed_params[t]) return false;
+        any = true;
+      }
+      ++t;
+    }
+  return any;
 }
 
 std::uint64_t Engine::Impl::set_initial_values(const InitFn& init) {
@@ -206,7 +223,7 @@ void Engine::Impl::require_between_steps(const char* call) const {
           "call step() or zero_grad() first");
   if (ctx.placement.params_sharded)
     for (std::size_t b = 0; b < block_acquired.size(); ++b)
-      require(!block_acquired[b], ErrorCode::invalid_state,
+      require(!block_acquired[b] || gatherer->block_borrowed(static_cast<int>(b)), ErrorCode::invalid_state,
               std::string(call) + ": block '" + ctx.layout.blocks()[b].name + "' is still acquired");
 }
 
