@@ -227,3 +227,22 @@ TEST(BackwardOrder, GradientBucketsInThePlan) {
         }
     }
 }
+
+// Which tensors are borrowed decides collectives (gathers skipped, flushes): ranks that borrow
+// differently fail initialize() together instead of hanging in a collective.
+TEST(BorrowedMemory, RanksThatBorrowDifferentlyFailInitialize) {
+  World w(2);
+  std::vector<int> codes(2, -1);
+  std::vector<std::vector<float>> mem(2, std::vector<float>(64 * 64));
+  (void)run_on_threads(2, [&](int rank) {
+    Engine e(base_config(2, DType::fp32, OptimizerKind::adamw), *w.backends[rank], *w.comms[rank]);
+    for (const auto& b : awkward_model()) e.register_block(b);
+    if (rank == 0) e.borrow_gradients(0, mem[rank].data());  // embed.w: 407 elements
+    try {
+      e.initialize();
+    } catch (const Error& err) {
+      codes[rank] = static_cast<int>(err.code());
+    }
+  });
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(codes[r], static_cast<int>(ErrorCode::communication)) << "rank " << r;
+}

@@ -189,8 +189,10 @@ class Engine {
   // Memory: stages 2-3 then keep no full gradient anywhere but in the trainer's memory (the
   // engine's buckets and shard as before); stages 0-1 still keep their full gradient buffer
   // (a copy per micro-step). memory_report().borrowed counts the borrowed bytes, apart from what
-  // the engine owns. Throws Error(invalid_argument) for an unknown tensor, and
-  // Error(invalid_state) after initialize().
+  // the engine owns. Every rank must borrow the same tensors' gradients and parameters (it
+  // decides which collectives run when): initialize() checks it with the configuration and fails
+  // every rank with Error(communication) otherwise. Throws Error(invalid_argument) for an unknown
+  // tensor, and Error(invalid_state) after initialize().
   void borrow_gradients(int tensor, void* grads);
 
   // ---- borrowed parameter memory (the trainer's own parameter arrays)

@@ -27,9 +27,15 @@ void Engine::Impl::initialize(const InitFn& init) {
     if (ctx.placement.state_tier == detail::Tier::nvme)
       offload::NvmeStore::check_directory(ctx.cfg.nvme_dir, ctx.rank, plan.offload.file_bytes);
     status.fingerprint = detail::config_fingerprint(ctx.cfg, specs, ctx.world, hyper_by_group);
-    // Borrowing every tensor's parameters changes the plan (and the collectives) at stages 1-2:
-    // the ranks must agree on it like on the configuration.
-    if (all_params_borrowed()) status.fingerprint ^= 0x6b6f7272f0b0ull;
+    // Which tensors are borrowed decides collectives (a fully borrowed block is not gathered at
+    // acquire and holds no bucket, which changes when units are flushed; borrowing every
+    // tensor's parameters changes the plan at stages 1-2): the ranks agree on it like on the
+    // configuration.
+    for (std::size_t t = 0; t < std::max(borrowed_grads.size(), borrowed_params.size()); ++t) {
+      const bool g = t < borrowed_grads.size() && borrowed_grads[t];
+      const bool p = t < borrowed_params.size() && borrowed_params[t];
+      if (g || p) status.fingerprint = (status.fingerprint ^ (t * 4 + (g ? 1 : 0) + (p ? 2 : 0) + 1)) * 0x100000001b3ull;
+    }
     for (const auto& spec : plan.buffers)
       if (spec.kind == detail::Buf::agreement) (spec.index == 0 ? agreement.device : agreement.host) = ctx.allocate(spec);
   } catch (const Error& e) {

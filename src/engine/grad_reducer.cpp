@@ -99,14 +99,12 @@ void GradReducer::set_borrowed(std::vector<void*> grads) {
 
 bool GradReducer::block_borrowed(int b) const {
   if (borrowed_.empty()) return false;
+  // A tensor without elements has nothing in engine memory to hand out once borrowing is on, so
+  // a block without elements counts as borrowed.
   const auto& bi = ctx_.layout.blocks()[b];
-  bool any = false;
-  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t) {
-    if (ctx_.layout.tensors()[t].numel == 0) continue;
-    if (!borrowed_[t]) return false;
-    any = true;
-  }
-  return any;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
+    if (ctx_.layout.tensors()[t].numel != 0 && !borrowed_[t]) return false;
+  return true;
 }
 
 std::size_t GradReducer::borrowed_bytes() const {
@@ -152,12 +150,16 @@ void GradReducer::block_ready(int b) {
   if (borrows) copy_borrowed(b);
   const int u = bi.unit;
   const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
-  if (bucketed && open_bucket_[u] == -1 && !unit_partial_[u])
+  bool has_elements = false;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
+    has_elements = has_elements || ctx_.layout.tensors()[t].numel != 0;
+  if (bucketed && open_bucket_[u] == -1 && !unit_partial_[u] && has_elements)
     throw Error(ErrorCode::invalid_state,
                 "grads_ready: block '" + bi.name + "' has no gradient buffer; call gradients() first");
-  // A block of a flushed unit reported without gradients() (a zero gradient): its unit needs a
-  // bucket again for the reduction that writes it.
-  if (bucketed && open_bucket_[u] == -1) take_bucket(u, bi.name);
+  // A block of a flushed unit reported without gradients() (a zero gradient), or a block without
+  // elements that opened nothing: the unit needs a bucket for the reduction that writes it.
+  if (bucketed && open_bucket_[u] == -1 && !ctx_.placement.grads_direct) take_bucket(u, bi.name);
+  if (bucketed && ctx_.placement.grads_direct && open_bucket_[u] == -1) open_bucket_[u] = kDirect;
   block_ready_[b] = 1;
   if (block_open_[b]) {
     block_open_[b] = 0;

@@ -48,7 +48,8 @@ class GradReducer {
   // the full gradient (finish_step, zero).
   void set_borrowed(std::vector<void*> grads);
   void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
-  // Every tensor of the block with elements is borrowed (gradients() needs no engine buffer).
+  // Borrowing is on and every tensor of the block with elements is borrowed (gradients() needs no
+  // engine buffer).
   bool block_borrowed(int block) const;
   std::size_t borrowed_bytes() const;
   // grads_ready(block): checks, then reduces the unit once its last block is ready.

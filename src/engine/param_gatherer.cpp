@@ -164,14 +164,12 @@ void ParamGatherer::drop_gathered() { table_.forget_units(); }
 
 bool ParamGatherer::block_borrowed(int b) const {
   if (borrowed_.empty()) return false;
+  // A tensor without elements has nothing in engine memory to hand out once borrowing is on, so
+  // a block without elements counts as borrowed.
   const auto& bi = ctx_.layout.blocks()[b];
-  bool any = false;
-  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t) {
-    if (ctx_.layout.tensors()[t].numel == 0) continue;
-    if (!borrowed_[t]) return false;
-    any = true;
-  }
-  return any;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
+    if (ctx_.layout.tensors()[t].numel != 0 && !borrowed_[t]) return false;
+  return true;
 }
 
 std::size_t ParamGatherer::borrowed_bytes() const {

@@ -73,7 +73,8 @@ class ParamGatherer {
   // persistent buffer).
   void set_borrowed(std::vector<void*> params) { borrowed_ = std::move(params); }
   void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
-  // Every tensor of the block with elements is borrowed (acquire needs no gather).
+  // Borrowing is on and every tensor of the block with elements is borrowed (acquire needs no
+  // gather).
   bool block_borrowed(int block) const;
   std::size_t borrowed_bytes() const;
   // The next gather joins side to compute again (see start_gather).
