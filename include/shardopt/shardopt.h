@@ -188,7 +188,8 @@ SHARDOPT_C_API shardopt_status shardopt_engine_block_tensors(const shardopt_engi
 /* The block's parameters (stage 3: gathered). `views` has room for `capacity` entries; the
  * block's tensor count must fit. Valid until release(block); at stages 0-2 the addresses are
  * the same for the engine's life, at stage 3 they may change at every acquire (except for units
- * below persistence_threshold) and are valid only until release. A block may stay acquired across
+ * below persistence_threshold) and are valid only until release. A tensor whose parameters are
+ * borrowed (shardopt_engine_borrow_parameters) is the caller's memory, at every stage. A block may stay acquired across
  * step() at stages 0-2 (the views then hold the updated values when step returns); at stage 3
  * step() fails with SHARDOPT_INVALID_STATE while a block is acquired. Details: engine.hpp, "View
  * addresses" and "Holding a block across step()". */
