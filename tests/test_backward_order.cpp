@@ -6,6 +6,10 @@
 // trainer's own arrays) at every stage with the default buckets.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
 #include <string>
 
 #include "engine_oracle.hpp"
@@ -245,4 +249,67 @@ TEST(BorrowedMemory, RanksThatBorrowDifferentlyFailInitialize) {
     }
   });
   for (int r = 0; r < 2; ++r) EXPECT_EQ(codes[r], static_cast<int>(ErrorCode::communication)) << "rank " << r;
+}
+
+// load() rewrites the borrowed parameters: a fresh engine started from other values holds, after
+// loading a checkpoint, the checkpoint's master weights in the trainer's arrays on every rank.
+TEST(BorrowedMemory, LoadWritesTheTrainersParameters) {
+  for (int stage : {1, 2, 3}) {
+    SCOPED_TRACE("stage " + std::to_string(stage));
+    const std::string dir = (std::filesystem::temp_directory_path() /
+                             ("shardopt_borrow_load_" + std::to_string(::getpid()) + "_" + std::to_string(stage)))
+                                .string();
+    World w(2);
+    const Config cfg = base_config(stage, DType::fp32, OptimizerKind::adamw);
+    const std::vector<BlockSpec> model = awkward_model();
+    std::vector<std::vector<std::vector<float>>> params(2);  // [rank][tensor]: the trainer's arrays
+    std::vector<std::vector<std::vector<float>>> master(2);  // [rank][tensor]: what it owns, else NaN
+    w.run([&](int rank) {
+      auto borrow_all = [&](Engine& e) {
+        int t = 0;
+        params[rank].clear();
+        for (const auto& b : model)
+          for (const auto& ts : b.tensors) params[rank].emplace_back(numel(ts.shape), -7.0f);
+        for (auto& p : params[rank]) {
+          if (!p.empty()) e.borrow_parameters(t, p.data());
+          ++t;
+        }
+      };
+      {
+        Engine a(cfg, *w.backends[rank], *w.comms[rank]);
+        for (const auto& b : model) a.register_block(b);
+        borrow_all(a);
+        a.initialize(seeded_init(3));
+        for (int s = 0; s < 2; ++s) {
+          synthetic_micro_step(a, rank, s, 0, 3, 1.0f);
+          a.step();
+        }
+        a.save(dir);
+      }
+      Engine e(cfg, *w.backends[rank], *w.comms[rank]);
+      for (const auto& b : model) e.register_block(b);
+      borrow_all(e);
+      e.initialize(seeded_init(99));
+      e.load(dir);
+      master[rank].resize(params[rank].size());
+      for (std::size_t t = 0; t < params[rank].size(); ++t) master[rank][t].assign(params[rank][t].size(), std::nanf(""));
+      e.read_master([&](int t, std::size_t begin, std::size_t n, const float* v) {
+        for (std::size_t i = 0; i < n; ++i) master[rank][t][begin + i] = v[i];
+      });
+    });
+    std::filesystem::remove_all(dir);
+    int checked = 0;
+    for (std::size_t t = 0; t < params[0].size(); ++t)
+      for (std::size_t i = 0; i < params[0][t].size(); ++i) {
+        ASSERT_EQ(params[0][t][i], params[1][t][i]) << "tensor " << t << "[" << i << "]: ranks differ";
+        for (int r = 0; r < 2; ++r)
+          if (!std::isnan(master[r][t][i])) {
+            ASSERT_EQ(params[0][t][i], master[r][t][i]) << "tensor " << t << "[" << i << "]";
+            ++checked;
+          }
+      }
+    std::size_t total = 0;
+    for (const auto& p : params[0]) total += p.size();
+    EXPECT_EQ(checked, static_cast<int>(total));  // every element owned by exactly one rank
+  }
 }
