@@ -269,19 +269,25 @@ struct Reference {
   }
 };
 
+// The order in which the synthetic trainer's backward reports gradients.
+enum class BackwardOrder {
+  reverse,      // block by block, last first: acquire, gradients, write, grads_ready, release
+  single_pass,  // gradients() and the write of every block (last first), then grads_ready of each
+  scattered,    // block by block, hopping between units: even blocks ascending, then odd descending
+};
+
 // One micro-step of the synthetic trainer on this rank: forward acquires and releases every block,
 // backward adds the rank's synthetic gradient times `scale` (the loss scale, and any injected
-// factor) into each block's gradient view in reverse order. `be`: as for read_view.
+// factor) into each block's gradient view, in `order`. `be`: as for read_view.
 inline void synthetic_micro_step(Engine& e, int rank, int step, int micro, std::uint64_t seed, float scale,
-                                 Backend* be = nullptr) {
+                                 Backend* be = nullptr, BackwardOrder order = BackwardOrder::reverse) {
   const DType c = e.config().compute_dtype;
   const int nblocks = static_cast<int>(e.layout().blocks().size());
   for (int b = 0; b < nblocks; ++b) {
     e.acquire(b);
     e.release(b);
   }
-  for (int b = nblocks - 1; b >= 0; --b) {
-    e.acquire(b);
+  auto write = [&](int b) {
     BlockView g = e.gradients(b);
     for (const TensorView& tv : g.tensors) {
       const std::uint64_t key = name_key(tv.info->name);
@@ -292,6 +298,22 @@ inline void synthetic_micro_step(Engine& e, int rank, int step, int micro, std::
       }
       write_view(be, e, tv, host);
     }
+  };
+  if (order == BackwardOrder::single_pass) {
+    for (int b = nblocks - 1; b >= 0; --b) write(b);
+    for (int b = nblocks - 1; b >= 0; --b) e.grads_ready(b);
+    return;
+  }
+  std::vector<int> blocks;
+  if (order == BackwardOrder::reverse) {
+    for (int b = nblocks - 1; b >= 0; --b) blocks.push_back(b);
+  } else {
+    for (int b = 0; b < nblocks; b += 2) blocks.push_back(b);
+    for (int b = nblocks - 1 - (nblocks % 2 == 0 ? 0 : 1); b >= 0; b -= 2) blocks.push_back(b);
+  }
+  for (int b : blocks) {
+    e.acquire(b);
+    write(b);
     e.grads_ready(b);
     e.release(b);
   }
@@ -318,6 +340,11 @@ struct RunSpec {
   bool async = false;
   // CPU backends lock their pinned memory (CpuBackendOptions::lock_pinned).
   bool lock_pinned = false;
+  BackwardOrder backward = BackwardOrder::reverse;
+  // Every tensor's gradient in memory of the trainer's (Engine::borrow_gradients), on CPU worlds.
+  bool borrow_gradients = false;
+  // Every tensor's parameters in memory of the trainer's (Engine::borrow_parameters), on CPU worlds.
+  bool borrow_parameters = false;
 };
 
 struct RunResult {
@@ -376,6 +403,19 @@ inline RunResult run_training(const RunSpec& spec) {
     Engine e(spec.cfg, *w.backends[rank], *w.comms[rank]);
     for (const auto& b : spec.model) e.register_block(b);
     e.set_group(1, spec.group1);
+    // The trainer's own gradient arrays, filled with garbage the engine must zero first.
+    std::vector<std::vector<unsigned char>> own_grads, own_params;
+    {
+      int t = 0;
+      for (const auto& b : spec.model)
+        for (const auto& ts : b.tensors) {
+          own_grads.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
+          own_params.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
+          if (!own_grads.back().empty() && spec.borrow_gradients) e.borrow_gradients(t, own_grads.back().data());
+          if (!own_params.back().empty() && spec.borrow_parameters) e.borrow_parameters(t, own_params.back().data());
+          ++t;
+        }
+    }
     e.initialize(seeded_init(spec.seed));
     const Layout& L = e.layout();
     const int nblocks = static_cast<int>(L.blocks().size());
@@ -400,7 +440,8 @@ inline RunResult run_training(const RunSpec& spec) {
       if (spec.before_step) spec.before_step(e, s);
       for (int micro = 0; micro < spec.cfg.accumulation_steps; ++micro)
         synthetic_micro_step(e, rank, s, micro, spec.seed,
-                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f), &be);
+                             scale * (spec.grad_factor ? spec.grad_factor(s, micro, rank) : 1.0f), &be,
+                             spec.backward);
       if (spec.async) {
         e.step_async();
       } else {

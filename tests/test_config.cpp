@@ -219,6 +219,8 @@ TEST(Config, EveryErrorNamesItsField) {
        "offload_optimizer", "3"},
       {"prefetch_units -1", [](Config& c) { c.prefetch_units = -1; }, "prefetch_units", "-1"},
       {"prefetch_units 1e9", [](Config& c) { c.prefetch_units = 1000000000; }, "prefetch_units", "at most 64"},
+      {"gradient_buckets -1", [](Config& c) { c.gradient_buckets = -1; }, "gradient_buckets", "-1"},
+      {"gradient_buckets 65", [](Config& c) { c.gradient_buckets = 65; }, "gradient_buckets", "1..64"},
   };
   for (const Case& c : cases) expect_invalid(c);
 }
@@ -274,6 +276,8 @@ TEST(Config, UnusualButValid) {
   });
   expect_valid("prefetch 0", [](Config& c) { c.prefetch_units = 0; });
   expect_valid("prefetch 64", [](Config& c) { c.prefetch_units = shardopt::kMaxPrefetchUnits; });
+  expect_valid("gradient_buckets 0 (one per unit)", [](Config& c) { c.gradient_buckets = 0; });
+  expect_valid("gradient_buckets 64", [](Config& c) { c.gradient_buckets = shardopt::kMaxGradientBuckets; });
   expect_valid("max_grad_norm 1", [](Config& c) { c.max_grad_norm = 1.0f; });
   expect_valid("alignment 1, bucket 2 bytes, fp16", [](Config& c) {
     c.alignment = 1;
@@ -352,8 +356,8 @@ TEST(ConfigFields, EveryKeySetsItsFieldAndNoOther) {
   shardopt::fields::for_each_field(base, [&](const shardopt::fields::FieldInfo& info, const auto& v) {
     want[info.name] = other_text(v);
   });
-  // Config's members plus its nested structs' members: 17 - 2 + 12 + 7.
-  EXPECT_EQ(want.size(), 34u);
+  // Config's members plus its nested structs' members: 18 - 2 + 12 + 7.
+  EXPECT_EQ(want.size(), 35u);
   const auto before = texts(base);
   for (const auto& [key, text] : want) {
     Config c;

@@ -15,15 +15,16 @@ own=$("$trainer" --opt own --layers "$L" --dim "$D" --out "$O" --batch "$B" --st
 own_rss=$(sed -n 's/.*peak_rss_kib \([0-9]*\).*/\1/p' <<<"$own")
 echo "model: $P parameters (fp32 $(mib $((P * 4))) MiB per copy), L=$L D=$D O=$O, batch $B, $S steps, bucket $bucket"
 echo "own AdamW, 1 rank: peak RSS $(mib $((own_rss * 1024))) MiB (params + grads + m + v = $(mib $((P * 16))) MiB, plus activations)"
-printf '%-6s %-5s %14s %18s %18s %26s\n' stage ranks "peak RSS MiB" "engine peak/rank" "estimate/rank" "trainer copies (8P x ranks)"
+printf '%-6s %-5s %14s %18s %18s %16s %26s\n' stage ranks "peak RSS MiB" "engine peak/rank" "estimate/rank" "borrowed/rank" "trainer arrays (8P x ranks)"
 for ranks in 1 2; do
   for stage in 0 1 2 3; do
     out=$("$trainer" --opt shardopt --stage "$stage" --ranks "$ranks" --layers "$L" --dim "$D" --out "$O" \
           --batch "$B" --steps "$S" --bucket "$bucket" | tail -1)
     rss=$(sed -n 's/.*peak_rss_kib \([0-9]*\).*/\1/p' <<<"$out")
     eng=$(sed -n 's/.*engine_peak_bytes_per_rank \([0-9]*\).*/\1/p' <<<"$out")
+    bor=$(sed -n 's/.*borrowed_bytes_per_rank \([0-9]*\).*/\1/p' <<<"$out")
     est=$("$cli" estimate --params "$P" --blocks $((L + 1)) --stage "$stage" --world "$ranks" --bucket "$bucket" --json |
           tail -1 | python3 -c 'import json, sys; print(sum(p["total"] for p in json.load(sys.stdin)["bytes"].values()))')
-    printf '%-6s %-5s %14s %18s %18s %26s\n' "$stage" "$ranks" "$(mib $((rss * 1024)))" "$(mib "$eng")" "$(mib "$est")" "$(mib $((P * 8 * ranks)))"
+    printf '%-6s %-5s %14s %18s %18s %16s %26s\n' "$stage" "$ranks" "$(mib $((rss * 1024)))" "$(mib "$eng")" "$(mib "$est")" "$(mib "$bor")" "$(mib $((P * 8 * ranks)))"
   done
 done

@@ -1,13 +1,15 @@
 /* The trainer's optimizer replaced by shardopt, through the C interface (shardopt.h).
  *
- * The trainer keeps its tensor-major arrays: shardopt cannot register a slice of a [L, ...] tensor
- * as a block's tensor, so each layer's W and b are registered as tensors of their own (block
- * "layer<l>"), and Wout as block "head". Nor can it use the trainer's memory yet, so every step
- * copies the gradients into the engine's views and the updated parameters back out:
- *   cost per rank and step: 2 x 4 x P bytes of memcpy, and the trainer's own full params and grads
- *   (8 x P bytes per rank) stay allocated next to whatever the stage shards.
- * The initial values come from the trainer's params array, looked up by the tensor index the
- * init callback receives. */
+ * The trainer keeps its tensor-major arrays. Each layer's W and b are registered as tensors of
+ * block "layer<l>", and Wout as block "head", and both arrays are borrowed slice by slice
+ * (shardopt_engine_borrow_*_strided: W_l at base + l*D*D):
+ *   - gradients: the single backward pass writes them where the engine reads them at grads_ready;
+ *     the engine keeps no full gradient of its own at stages 2-3;
+ *   - parameters: the engine writes the updated values into the trainer's `params` at the end of
+ *     every step (its own copy, not an alias: 4 x P bytes copied per rank and step; stages 0-2
+ *     still hold the engine's full parameters too, stage 3 gathers each unit once per step).
+ * The adapter copies nothing itself. The initial values come from the trainer's params array,
+ * looked up by the tensor index the init callback receives. */
 #include "shardopt_path.h"
 
 #include <stdio.h>
@@ -71,36 +73,29 @@ int so_open(SoRank* r, shardopt_group* group, int rank, const SoOptions* o, Mode
   const shardopt_tensor_desc head = {"Wout", 2, oshape, 0};
   SO_TRY(shardopt_engine_add_block(r->e, "head", 1, &head, NULL));
   r->blocks = s->layers + 1;
+  /* The gradients live in the trainer's tensor-major array: layer l's W at grads + l*D*D, its b at
+   * grads + L*D*D + l*D, Wout after them. */
+  SO_TRY(shardopt_engine_borrow_gradients_strided(r->e, 0, s->layers, 0, m->grads + model_offset(s, T_W, 0),
+                                                  (size_t)s->dim * (size_t)s->dim));
+  SO_TRY(shardopt_engine_borrow_gradients_strided(r->e, 0, s->layers, 1, m->grads + model_offset(s, T_B, 0),
+                                                  (size_t)s->dim));
+  SO_TRY(shardopt_engine_borrow_gradients(r->e, 2 * s->layers, m->grads + model_offset(s, T_OUT, 0)));
+  SO_TRY(shardopt_engine_borrow_parameters_strided(r->e, 0, s->layers, 0, m->params + model_offset(s, T_W, 0),
+                                                   (size_t)s->dim * (size_t)s->dim));
+  SO_TRY(shardopt_engine_borrow_parameters_strided(r->e, 0, s->layers, 1, m->params + model_offset(s, T_B, 0),
+                                                   (size_t)s->dim));
+  SO_TRY(shardopt_engine_borrow_parameters(r->e, 2 * s->layers, m->params + model_offset(s, T_OUT, 0)));
   SO_TRY(shardopt_engine_initialize(r->e, init_from_params, m, 0));
   return 0;
 }
 
 int so_step(SoRank* r, Model* m, shardopt_step_result* result) {
-  const Shape* s = &m->s;
-  shardopt_view v[2];
-  /* Gradients in, in the order the backward pass produced them (head, then the last layer first). */
-  for (int b = r->blocks - 1; b >= 0; --b) {
-    SO_TRY(shardopt_engine_gradients(r->e, b, v, 2));
-    if (b == s->layers) {
-      memcpy(v[0].data, m->grads + model_offset(s, T_OUT, 0), v[0].numel * sizeof(float));
-    } else {
-      memcpy(v[0].data, m->grads + model_offset(s, T_W, b), v[0].numel * sizeof(float));
-      memcpy(v[1].data, m->grads + model_offset(s, T_B, b), v[1].numel * sizeof(float));
-    }
-    SO_TRY(shardopt_engine_grads_ready(r->e, b));
-  }
+  (void)m; /* its arrays are borrowed: the engine reads m->grads and writes m->params */
+  /* The backward pass wrote every gradient into the borrowed array: report the blocks, last first
+   * (the cheapest order: each unit is reduce-scattered once). */
+  for (int b = r->blocks - 1; b >= 0; --b) SO_TRY(shardopt_engine_grads_ready(r->e, b));
+  /* Collective; when it returns the updated parameters are in m->params. */
   SO_TRY(shardopt_engine_step(r->e, result));
-  /* Parameters out (stage 3: each acquire gathers the block's unit). */
-  for (int b = 0; b < r->blocks; ++b) {
-    SO_TRY(shardopt_engine_acquire(r->e, b, v, 2));
-    if (b == s->layers) {
-      memcpy(m->params + model_offset(s, T_OUT, 0), v[0].data, v[0].numel * sizeof(float));
-    } else {
-      memcpy(m->params + model_offset(s, T_W, b), v[0].data, v[0].numel * sizeof(float));
-      memcpy(m->params + model_offset(s, T_B, b), v[1].data, v[1].numel * sizeof(float));
-    }
-    SO_TRY(shardopt_engine_release(r->e, b));
-  }
   return 0;
 }
 

@@ -21,8 +21,9 @@ typedef struct SoRank {
 /* Creates rank `rank`'s engine in `group`, registers the model's blocks and takes the initial
  * values from m->params (collective: every rank calls it). 0 on success, -1 after printing why. */
 int so_open(SoRank* r, shardopt_group* group, int rank, const SoOptions* o, Model* m);
-/* After the trainer's backward pass: m->grads into the engine, one step (collective), the
- * updated parameters back into m->params. */
+/* After the trainer's backward pass: the blocks reported ready (the engine reads the borrowed
+ * m->grads), one step (collective), which writes the updated parameters into the borrowed
+ * m->params. */
 int so_step(SoRank* r, Model* m, shardopt_step_result* result);
 void so_close(SoRank* r);
 

@@ -28,6 +28,7 @@ typedef struct Run {
   float* final_params; /* rank 0's parameters after the last step */
   int ranks_agree;     /* every rank ended with rank 0's parameters, bit for bit */
   size_t engine_bytes; /* peak bytes rank 0's engine held (every place) */
+  size_t borrowed_bytes; /* the trainer's memory rank 0's engine used (its gradients) */
 } Run;
 
 static const float k_lr = 0.01f, k_beta1 = 0.9f, k_beta2 = 0.999f, k_eps = 1e-8f, k_wd = 0.01f;
@@ -62,7 +63,7 @@ typedef struct RankJob {
   int rank;
   double* losses; /* this rank's, per step */
   float* params;  /* this rank's final parameters */
-  size_t engine_bytes;
+  size_t engine_bytes, borrowed_bytes;
   int result;
 } RankJob;
 
@@ -94,6 +95,7 @@ static int train_rank(RankJob* j) {
     for (int place = 0; place < 4; ++place) {
       size_t cur = 0, peak = 0;
       if (shardopt_engine_memory(r.e, place, &cur, &peak) == SHARDOPT_SUCCESS) j->engine_bytes += peak;
+      if (shardopt_engine_memory_borrowed(r.e, place, &cur) == SHARDOPT_SUCCESS) j->borrowed_bytes += cur;
     }
   }
   so_close(&r);
@@ -149,6 +151,7 @@ static int run_shardopt(Run* run) {
     for (int k = 1; k < run->ranks; ++k)
       if (memcmp(jobs[k].params, jobs[0].params, n * sizeof(float)) != 0) run->ranks_agree = 0;
     run->engine_bytes = jobs[0].engine_bytes;
+    run->borrowed_bytes = jobs[0].borrowed_bytes;
   }
   for (int k = 0; k < run->ranks; ++k) {
     free(jobs[k].losses);
@@ -299,7 +302,9 @@ int main(int argc, char** argv) {
   if ((shard ? run_shardopt(&run) : run_own(&run)) != 0) return 1;
   for (int s = 0; s < run.steps; ++s) printf("step %3d  loss %.6f\n", s, run.losses[s]);
   printf("parameters %zu  opt %s", n, opt);
-  if (shard) printf("  stage %d  ranks %d  engine_peak_bytes_per_rank %zu", run.stage, run.ranks, run.engine_bytes);
+  if (shard)
+    printf("  stage %d  ranks %d  engine_peak_bytes_per_rank %zu  borrowed_bytes_per_rank %zu", run.stage, run.ranks,
+           run.engine_bytes, run.borrowed_bytes);
   printf("  peak_rss_kib %ld\n", peak_rss_kib());
   free_run(&run);
   return 0;

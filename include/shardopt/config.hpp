@@ -54,6 +54,8 @@ std::string_view name_of(OffloadKind k) noexcept;
 
 // Config::prefetch_units at most this (each prefetched unit is a slot of the largest unit's size).
 inline constexpr int kMaxPrefetchUnits = 64;
+// Config::gradient_buckets at most this (0 asks for one per unit, however many).
+inline constexpr int kMaxGradientBuckets = 64;
 
 struct Config {
   int stage = 0;  // 0: DDP baseline, 1: shard optimizer state, 2: + gradients, 3: + parameters
@@ -84,6 +86,17 @@ struct Config {
 
   int prefetch_units = 2;                 // stage 3: units gathered ahead (live units = 1 + this), 0..64
   std::size_t persistence_threshold = 0;  // stage 3: units with fewer elements stay gathered
+
+  // Stages 2-3: gradient buckets, each the size of the largest unit (compute dtype). A unit takes
+  // one when its first block asks for gradients() and gives it back when its gradients have been
+  // reduce-scattered. When every bucket is taken and another unit opens, the least recently
+  // opened unit whose gradient views are all reported ready is reduce-scattered early (its part
+  // so far) and its bucket reused; its later blocks are reduced on their own and added in, with
+  // the same bits (see engine.hpp, "Backward order"). A trainer that holds the gradient views of
+  // more units than this at once (every gradients() before any grads_ready) needs one bucket per
+  // unit: 0 means exactly that (the whole gradient in buckets: stage 2 then saves no gradient
+  // memory), 1..kMaxGradientBuckets that many.
+  int gradient_buckets = 2;
 
   // Throws Error(invalid_argument / unsupported) naming the first offending field.
   void validate() const;

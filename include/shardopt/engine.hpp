@@ -34,12 +34,34 @@
 //     slot (the next acquire gathers again). Such a view is valid only until release(b).
 //   gradients(b), stages 0-1: the full gradient buffer: the same addresses every micro-step and
 //     step. step() and zero_grad() zero it.
-//   gradients(b), stages 2-3: one of two bucket buffers, taken when the unit's first block asks
-//     and freed when its last block reports grads_ready, so the address depends on the order of
-//     the calls and may change every micro-step. Valid until grads_ready(b). At most two units may
-//     have gradients open at once: gradients() of a block of a third unit throws
-//     Error(invalid_state); report every block of a unit before opening a third. (With one rank,
-//     one micro-step and no dtype change the view is the gradient shard itself; do not rely on it.)
+//   gradients(b), stages 2-3: one of Config::gradient_buckets bucket buffers, taken when the
+//     unit's first block asks and freed when its gradients have been reduce-scattered, so the
+//     address depends on the order of the calls and may change every micro-step. Valid until
+//     grads_ready(b). (With one rank, one micro-step and no dtype change the view is the gradient
+//     shard itself; do not rely on it.) Blocks may report in any order: see "Backward order".
+//
+// Backward order (stages 2-3). Any order of gradients()/grads_ready over the blocks works, with
+// these costs:
+//   - Cheapest: a unit's blocks all report grads_ready before more than gradient_buckets units
+//     are open at once, e.g. blocks last to first as a layer-by-layer backward produces them. Each
+//     unit is reduce-scattered once, overlapping the rest of backward.
+//   - Any other order (blocks of many units reported interleaved): when a unit opens and every
+//     bucket holds another unit, the least recently opened unit none of whose blocks still holds a
+//     view (gradients() without grads_ready) is flushed: its bucket is reduce-scattered now and
+//     the blocks reported so far are written into the shard; its later blocks take a fresh bucket
+//     and are written by one more reduce-scatter. Cost per flush: one extra reduce-scatter of a
+//     padded unit (the unit's bytes in the reduce dtype, as counted by comm_report()), and the
+//     next gradients() waits until the flushed bucket is free. No extra memory. The result is bit
+//     for bit the in-order one: each element is written by exactly one reduction per micro-step,
+//     and a reduce-scatter's sum of one element does not depend on the others. (Under optimizer
+//     offload with one micro-step, a step with a flush measures the gradient norm on the host
+//     copy, which on the CPU backend gives the same bits.) Flushing depends only on the sequence
+//     of calls, which every rank makes identically, so every rank flushes the same unit together.
+//   - A backward that holds the views of more units than there are buckets (gradients() of
+//     every block before any grads_ready, a single pass over the whole model) cannot be served by
+//     flushing: gradients() then throws Error(invalid_state) naming the blocks whose views are
+//     open. Set Config::gradient_buckets = 0 (one bucket per unit: the whole gradient, so stage 2
+//     keeps only stage 1's memory for gradients) or enough buckets for the units it holds.
 //   The trainer writes a gradient view only between gradients(b) and grads_ready(b), and reads or
 //   writes a parameter view only between acquire(b) and release(b), even where the address is
 //   stable: outside those brackets the engine's streams may be reading or writing it.
@@ -144,6 +166,67 @@ class Engine {
   void set_lr(int group, float lr);
   // The group's current hyperparameters (group 0's for a group never set, before initialize()).
   Hyperparams hyperparams(int group) const;
+
+  // ---- borrowed gradient memory (the trainer's own gradient arrays)
+  // Before initialize(): tensor `tensor` (its index in registration order over all blocks, as
+  // Layout::TensorInfo::index) keeps its gradient in the trainer's memory at `grads`: numel
+  // elements of the compute dtype, contiguous, in backend memory (host memory on the CPU backend,
+  // device memory on a GPU backend). Tensor-major arrays ([L, ...]) are borrowed slice by slice:
+  // layer l's tensor at base + l * stride. nullptr returns the tensor to engine memory. The
+  // memory must stay valid, at this address, for the engine's life; the engine does not own it.
+  // What changes:
+  //   gradients(b) returns `grads` for the tensor (the same address every micro-step and step), and
+  //     for a block whose every tensor is borrowed it takes no bucket: a backward may hold the
+  //     views of every block at once (a single pass over the model) with the default buckets.
+  //   grads_ready(b) reads the block's borrowed gradients, in order on compute_stream() (on the
+  //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3; any
+  //     backward order, see "Backward order") or the full gradient (stages 0-1).
+  //   The contract of the gradient stays: the trainer ADDS into it. The engine zeroes borrowed
+  //   memory at initialize(), after reading it at grads_ready (stages 2-3, where every micro-step
+  //   starts from zero), at the end of step() (stages 0-1, which sum micro-steps there), and at
+  //   zero_grad(). The trainer writes it only between the end of a step (step() returned, or
+  //   after step_async() in order on compute_stream()) and grads_ready(b), like a view.
+  // Memory: stages 2-3 then keep no full gradient anywhere but in the trainer's memory (the
+  // engine's buckets and shard as before); stages 0-1 still keep their full gradient buffer
+  // (a copy per micro-step). memory_report().borrowed counts the borrowed bytes, apart from what
+  // the engine owns. Every rank must borrow the same tensors' gradients and parameters (it
+  // decides which collectives run when): initialize() checks it with the configuration and fails
+  // every rank with Error(communication) otherwise. Throws Error(invalid_argument) for an unknown
+  // tensor, and Error(invalid_state) after initialize().
+  void borrow_gradients(int tensor, void* grads);
+
+  // ---- borrowed parameter memory (the trainer's own parameter arrays)
+  // Before initialize(): tensor `tensor`'s compute-dtype parameters are (also) kept in the
+  // trainer's memory at `params` (numel elements, contiguous, backend memory, valid and at this
+  // address for the engine's life; nullptr undoes it). The engine writes the current values there
+  // at the end of initialize(), of every step() that applied an update and of load(), in order on
+  // its side stream before compute_stream() resumes (on the CPU backend: before step() returns,
+  // or, after step_async(), before the next acquire()/gradients() returns). The trainer only reads
+  // it; the engine overwrites whatever is written there.
+  // acquire(b) returns `params` for the tensor (the same address for the engine's life); a block
+  // whose every tensor is borrowed is not gathered at acquire (stage 3 included) and takes no
+  // slot, so such blocks may also be read without acquire(), between steps.
+  // What it costs and saves, per stage (the engine writes the trainer's memory by a copy; it
+  // never computes in it):
+  //   stage 0, or some tensor not borrowed at stages 1-2: the engine still holds its own full
+  //     compute-dtype parameters (the update writes them; stages 1-2 all-gather them in place);
+  //     every step copies the borrowed tensors out of them (no communication beyond the stage's).
+  //   stages 1-2 with every tensor's parameters borrowed: the engine keeps no full parameters:
+  //     the update writes this rank's slices into a parameter shard (1/N), and each unit is
+  //     all-gathered into one unit-sized slot and copied out (the stage's all-gather, through one
+  //     slot instead of in place). Memory: shard + one unit instead of the full parameters. Every
+  //     rank must then borrow every tensor (the ranks check it at initialize()).
+  //   stage 3: the engine holds its shard and slots as usual; every step gathers each unit that
+  //     holds a borrowed tensor once (into slot 0, in turn) and copies it out: the all-gather a
+  //     layer-by-layer stage-3 forward would do, once per step instead of once per acquire. The
+  //     trainer thereby keeps full parameters itself, which is what stage 3 exists to avoid: use
+  //     it when the trainer's compute needs its own full arrays anyway.
+  // So at stages 1-3, with both parameters and gradients borrowed, the engine holds no
+  // unsharded copy of either (buckets and slots of one unit each aside); the trainer's own arrays
+  // are its only full copies. Holding a block across step() is allowed for fully borrowed blocks
+  // at every stage (their memory is the trainer's, rewritten when the step ends).
+  // memory_report().borrowed counts these bytes too. Errors as borrow_gradients.
+  void borrow_parameters(int tensor, void* params);
 
   // Plans the layout, allocates every buffer, and sets initial values (master weights from
   // `init`, or seeded_init(0) if empty). Collective: every rank calls it. The ranks agree first on
@@ -276,6 +359,7 @@ class Engine {
   void wait_save();
   bool save_in_flight() const noexcept;
 
+  // What the engine allocated (current, peak), and in `borrowed` the trainer memory it uses.
   MemoryReport memory_report() const;
   // Collective traffic since the last reset, per kind (see CommStats for the accounting).
   CommStats comm_report() const;

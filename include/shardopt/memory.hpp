@@ -36,6 +36,9 @@ struct MemoryReport {
   std::array<std::array<std::size_t, kPlaceCount>, kCategoryCount> peak{};
   // Peak of the total per place (not the sum of per-category peaks, which may never coexist).
   std::array<std::size_t, kPlaceCount> peak_total{};
+  // Memory the engine uses but the trainer owns (Engine::borrow_gradients), per place; never part
+  // of current, peak or peak_total.
+  std::array<std::size_t, kPlaceCount> borrowed{};
 
   std::size_t current_total(Place p) const noexcept;
   std::size_t current_of(Category c, Place p) const noexcept {

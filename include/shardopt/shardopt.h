@@ -69,7 +69,7 @@ SHARDOPT_C_API const char* shardopt_last_error(void);
  *   loss_scaling none|fixed|dynamic | initial_scale | growth_factor | growth_interval | backoff |
  *   hysteresis | min_scale | max_grad_norm | accumulation_steps |
  *   offload_optimizer none|host|nvme | nvme_dir | offload_params 0|1 | pinned_fallback 0|1 | prefetch_units |
- *   persistence_threshold
+ *   persistence_threshold | gradient_buckets (0: one per unit)
  * An unknown key or a malformed value is SHARDOPT_INVALID_ARGUMENT naming it; ranges are checked
  * when the engine is created (the same checks as the C++ Config::validate). */
 typedef struct shardopt_config shardopt_config;
@@ -143,6 +143,42 @@ SHARDOPT_C_API shardopt_status shardopt_engine_add_block(shardopt_engine* engine
  * `value`. */
 SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine, int group, const char* key,
                                                          const char* value);
+/* Before initialize: tensor `tensor` (its index in registration order over all blocks) keeps its
+ * gradient in the caller's memory at `grads` (numel elements of the compute dtype, contiguous; host
+ * memory on the CPU backend, device memory on CUDA), valid and at this address for the engine's
+ * life; the engine does not own it. NULL gives the tensor back to engine memory.
+ * gradients() then returns `grads` for the tensor (a block whose every tensor is borrowed takes no
+ * bucket, so a single-pass backward may write every block's gradient before any grads_ready with
+ * the default buckets), and grads_ready(block) reads it (stages 2-3: into the unit's bucket,
+ * reduce-scattered as usual, in any block order; stages 0-1: into the full gradient). The caller
+ * ADDS its gradient there; the engine zeroes borrowed memory at initialize, after reading it at
+ * grads_ready (stages 2-3), at the end of step (stages 0-1) and at zero_grad. Write it only
+ * between the end of a step and grads_ready(block). Memory: at stages 2-3 the only full gradient
+ * is the caller's; stages 0-1 still keep the engine's own full gradient (one copy per micro-step).
+ * Details: engine.hpp, Engine::borrow_gradients. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* engine, int tensor, void* grads);
+/* The same for a tensor-major array (every layer's tensor of one kind stored one after another,
+ * [L, ...]): tensor `tensor_in_block` of blocks first_block .. first_block+nblocks-1 gets the
+ * slice base + k * stride_elems elements (k = 0 .. nblocks-1, elements of the compute dtype).
+ * Every block must already be added; nothing is borrowed if any argument is out of range. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients_strided(shardopt_engine* engine, int first_block,
+                                                                        int nblocks, int tensor_in_block, void* base,
+                                                                        size_t stride_elems);
+/* Before initialize: tensor `tensor`'s compute-dtype parameters are also kept in the caller's
+ * memory at `params` (numel elements, contiguous, valid and at this address for the engine's
+ * life; NULL undoes it). The engine writes the current values there at the end of initialize, of
+ * every applied step and of load (before step returns on the CPU backend); the caller only reads
+ * them. acquire returns `params`; a block whose every tensor is borrowed is never gathered at
+ * acquire (stage 3 included). Written by a copy, never computed in: stage 0 (and stages 1-2 when
+ * some tensor is not borrowed) keeps the engine's own full parameters too; stages 1-2 with every
+ * tensor borrowed keep only a shard and one unit-sized slot to gather through (every rank must
+ * borrow every tensor then); stage 3 gathers each borrowed unit once per step to write it out.
+ * Details: engine.hpp, Engine::borrow_parameters. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters(shardopt_engine* engine, int tensor, void* params);
+/* As shardopt_engine_borrow_gradients_strided, for parameters. */
+SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters_strided(shardopt_engine* engine, int first_block,
+                                                                         int nblocks, int tensor_in_block, void* base,
+                                                                         size_t stride_elems);
 /* Collective. `init` NULL: the seeded initializer with `seed` (independent of world and stage). */
 SHARDOPT_C_API shardopt_status shardopt_engine_initialize(shardopt_engine* engine, shardopt_init_fn init, void* user,
                                                           uint64_t seed);
@@ -152,7 +188,8 @@ SHARDOPT_C_API shardopt_status shardopt_engine_block_tensors(const shardopt_engi
 /* The block's parameters (stage 3: gathered). `views` has room for `capacity` entries; the
  * block's tensor count must fit. Valid until release(block); at stages 0-2 the addresses are
  * the same for the engine's life, at stage 3 they may change at every acquire (except for units
- * below persistence_threshold) and are valid only until release. A block may stay acquired across
+ * below persistence_threshold) and are valid only until release. A tensor whose parameters are
+ * borrowed (shardopt_engine_borrow_parameters) is the caller's memory, at every stage. A block may stay acquired across
  * step() at stages 0-2 (the views then hold the updated values when step returns); at stage 3
  * step() fails with SHARDOPT_INVALID_STATE while a block is acquired. Details: engine.hpp, "View
  * addresses" and "Holding a block across step()". */
@@ -160,9 +197,14 @@ SHARDOPT_C_API shardopt_status shardopt_engine_acquire(shardopt_engine* engine, 
                                                        int capacity);
 SHARDOPT_C_API shardopt_status shardopt_engine_release(shardopt_engine* engine, int block);
 /* Where to ADD this micro-step's gradients (see engine.hpp's gradient contract); valid until
- * grads_ready(block). Stages 0-1: the same addresses every step; stages 2-3: one of two buckets,
- * so the addresses may change every micro-step, and at most two units may have gradients open
- * (a third is SHARDOPT_INVALID_STATE). Every block reports grads_ready before step. */
+ * grads_ready(block). Stages 0-1: the same addresses every step; stages 2-3: one of
+ * `gradient_buckets` buckets (config key; default 2), so the addresses may change every
+ * micro-step. Blocks may report in any order (engine.hpp, "Backward order"): cheapest is each
+ * unit's blocks reported before more than gradient_buckets units are open (last block first, as a
+ * layer-by-layer backward goes); any other order costs one extra reduce-scatter of a unit per
+ * unit flushed early, with the same result bits. Holding the views of more units than buckets at
+ * once (every gradients() before any grads_ready) is SHARDOPT_INVALID_STATE unless
+ * gradient_buckets is 0 (one bucket per unit). Every block reports grads_ready before step. */
 SHARDOPT_C_API shardopt_status shardopt_engine_gradients(shardopt_engine* engine, int block, shardopt_view* views,
                                                          int capacity);
 SHARDOPT_C_API shardopt_status shardopt_engine_grads_ready(shardopt_engine* engine, int block);
@@ -186,6 +228,10 @@ SHARDOPT_C_API shardopt_status shardopt_export_safetensors(const char* checkpoin
  * memory too (the backend's working memory: parameters, gradients, state). */
 SHARDOPT_C_API shardopt_status shardopt_engine_memory(const shardopt_engine* engine, int place, size_t* current,
                                                       size_t* peak);
+/* Bytes of the caller's memory the engine uses at `place` (borrowed gradients and parameters),
+ * never counted by shardopt_engine_memory. */
+SHARDOPT_C_API shardopt_status shardopt_engine_memory_borrowed(const shardopt_engine* engine, int place,
+                                                               size_t* bytes);
 
 #ifdef __cplusplus
 }

@@ -145,6 +145,36 @@ void put_result(const shardopt::StepResult& r, shardopt_step_result* out) {
 
 }  // namespace
 
+namespace {
+// Tensor `tensor_in_block` of blocks first_block .. first_block+nblocks-1 at base + k*stride.
+template <class Borrow>
+void borrow_strided(shardopt_engine* e, int first_block, int nblocks, int tensor_in_block, void* base,
+                    size_t stride_elems, Borrow&& borrow) {
+  shardopt::Engine& eng = engine_of(e);
+  need(base, "base");
+  const int blocks = static_cast<int>(e->block_tensors.size());
+  if (first_block < 0 || nblocks < 0 || first_block > blocks - nblocks)
+    throw shardopt::Error(ErrorCode::invalid_argument, "blocks [" + std::to_string(first_block) + ", " +
+                                                           std::to_string(first_block) + " + " + std::to_string(nblocks) +
+                                                           ") are outside the " + std::to_string(blocks) + " added");
+  // Every block is checked before anything is borrowed, so a failure changes nothing.
+  std::vector<int> index;
+  for (int k = 0; k < nblocks; ++k) {
+    const int b = first_block + k;
+    if (tensor_in_block < 0 || tensor_in_block >= e->block_tensors[static_cast<std::size_t>(b)])
+      throw shardopt::Error(ErrorCode::invalid_argument, "block " + std::to_string(b) + " has no tensor " +
+                                                             std::to_string(tensor_in_block));
+    int first = 0;
+    for (int q = 0; q < b; ++q) first += e->block_tensors[static_cast<std::size_t>(q)];
+    index.push_back(first + tensor_in_block);
+  }
+  const std::size_t elem = shardopt::size_of(eng.config().compute_dtype);
+  for (int k = 0; k < nblocks; ++k)
+    borrow(eng, index[static_cast<std::size_t>(k)],
+           static_cast<unsigned char*>(base) + static_cast<std::size_t>(k) * stride_elems * elem);
+}
+}  // namespace
+
 extern "C" {
 
 int shardopt_abi_version(void) { return SHARDOPT_ABI_VERSION; }
@@ -309,6 +339,31 @@ shardopt_status shardopt_engine_set_group(shardopt_engine* e, int group, const c
   });
 }
 
+shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* e, int tensor, void* grads) {
+  return guarded([&] { engine_of(e).borrow_gradients(tensor, grads); });
+}
+
+
+shardopt_status shardopt_engine_borrow_gradients_strided(shardopt_engine* e, int first_block, int nblocks,
+                                                         int tensor_in_block, void* base, size_t stride_elems) {
+  return guarded([&] {
+    borrow_strided(e, first_block, nblocks, tensor_in_block, base, stride_elems,
+                   [](shardopt::Engine& eng, int t, void* p) { eng.borrow_gradients(t, p); });
+  });
+}
+
+shardopt_status shardopt_engine_borrow_parameters(shardopt_engine* e, int tensor, void* params) {
+  return guarded([&] { engine_of(e).borrow_parameters(tensor, params); });
+}
+
+shardopt_status shardopt_engine_borrow_parameters_strided(shardopt_engine* e, int first_block, int nblocks,
+                                                          int tensor_in_block, void* base, size_t stride_elems) {
+  return guarded([&] {
+    borrow_strided(e, first_block, nblocks, tensor_in_block, base, stride_elems,
+                   [](shardopt::Engine& eng, int t, void* p) { eng.borrow_parameters(t, p); });
+  });
+}
+
 shardopt_status shardopt_engine_initialize(shardopt_engine* e, shardopt_init_fn init, void* user, uint64_t seed) {
   return guarded([&] {
     shardopt::Engine& eng = engine_of(e);
@@ -410,6 +465,17 @@ shardopt_status shardopt_engine_memory(const shardopt_engine* e, int place, size
     const auto p = static_cast<shardopt::Place>(place);
     if (current) *current = r.current_total(p);
     if (peak) *peak = r.peak_total[static_cast<std::size_t>(place)];
+  });
+}
+
+shardopt_status shardopt_engine_memory_borrowed(const shardopt_engine* e, int place, size_t* bytes) {
+  return guarded([&] {
+    need(e, "engine");
+    need(bytes, "bytes");
+    if (place < 0 || place >= shardopt::kPlaceCount)
+      throw shardopt::Error(ErrorCode::invalid_argument, "place " + std::to_string(place) + " is outside [0, " +
+                                                             std::to_string(shardopt::kPlaceCount) + ")");
+    *bytes = e->engine->memory_report().borrowed[static_cast<std::size_t>(place)];
   });
 }
 

@@ -223,6 +223,9 @@ void Config::validate() const {
   // the gathers, so a huge value is a mistake (it would plan billions of buffers).
   check(prefetch_units <= kMaxPrefetchUnits, ErrorCode::invalid_argument, "prefetch_units", prefetch_units,
         "must be at most " + std::to_string(kMaxPrefetchUnits));
+  check(gradient_buckets >= 0 && gradient_buckets <= kMaxGradientBuckets, ErrorCode::invalid_argument,
+        "gradient_buckets", gradient_buckets,
+        "must be 0 (one per unit) or 1.." + std::to_string(kMaxGradientBuckets));
 }
 
 }  // namespace shardopt

@@ -79,7 +79,8 @@ inline constexpr auto kConfigFields = std::make_tuple(
     field("accumulation_steps", &Config::accumulation_steps), field("offload_optimizer", &Config::offload_optimizer),
     local_field("nvme_dir", &Config::nvme_dir), field("offload_params", &Config::offload_params),
     local_field("pinned_fallback", &Config::pinned_fallback),
-    field("prefetch_units", &Config::prefetch_units), field("persistence_threshold", &Config::persistence_threshold));
+    field("prefetch_units", &Config::prefetch_units), field("persistence_threshold", &Config::persistence_threshold),
+    field("gradient_buckets", &Config::gradient_buckets));
 
 template <class S>
 struct TableOf;

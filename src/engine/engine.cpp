@@ -25,7 +25,7 @@ BlockView Engine::Impl::view_of(int b, std::byte* unit, DType t) const {
   const auto& bi = ctx.layout.blocks()[b];
   for (int i = 0; i < bi.tensor_count; ++i) {
     const auto& ti = ctx.layout.tensors()[bi.first_tensor + i];
-    v.tensors.push_back(TensorView{unit + ti.unit_offset * size_of(t), t, ti.numel, &ti});
+    v.tensors.push_back(TensorView{unit ? unit + ti.unit_offset * size_of(t) : nullptr, t, ti.numel, &ti});
   }
   return v;
 }
@@ -34,9 +34,14 @@ BlockView Engine::Impl::acquire(int b) {
   check_block(b, "acquire");
   runner->require_warm_for_capture("acquire");
   runner->settle_host();
-  void* unit = gatherer->acquire_unit(ctx.layout.blocks()[b].unit);
+  const auto& bi = ctx.layout.blocks()[b];
+  // A block whose every tensor is borrowed is already in the trainer's memory: nothing to gather.
+  void* unit = gatherer->block_borrowed(b) ? nullptr : gatherer->acquire_unit(bi.unit);
   block_acquired[b]++;
-  return view_of(b, static_cast<std::byte*>(unit), ctx.compute_dtype);
+  BlockView v = view_of(b, static_cast<std::byte*>(unit), ctx.compute_dtype);
+  for (int i = 0; i < bi.tensor_count; ++i)
+    if (void* mine = gatherer->borrowed(bi.first_tensor + i)) v.tensors[static_cast<std::size_t>(i)].data = mine;
+  return v;
 }
 
 void Engine::Impl::release(int b) {
@@ -44,13 +49,25 @@ void Engine::Impl::release(int b) {
   if (block_acquired[b] == 0)
     throw Error(ErrorCode::invalid_state, "release: block '" + ctx.layout.blocks()[b].name + "' is not acquired");
   block_acquired[b]--;
-  gatherer->release_unit(ctx.layout.blocks()[b].unit);
+  if (!gatherer->block_borrowed(b)) gatherer->release_unit(ctx.layout.blocks()[b].unit);
 }
 
 BlockView Engine::Impl::gradients(int b) {
   check_block(b, "gradients");
   runner->settle_host();
-  return view_of(b, reducer->open_unit(b), ctx.compute_dtype);
+  const auto& bi = ctx.layout.blocks()[b];
+  BlockView v;
+  if (reducer->block_borrowed(b)) {  // every tensor in the trainer's memory: no engine buffer
+    if (reducer->ready(b))
+      throw Error(ErrorCode::invalid_state,
+                  "gradients: block '" + bi.name + "' already reported grads_ready in this micro-step");
+    v = view_of(b, nullptr, ctx.compute_dtype);
+  } else {
+    v = view_of(b, reducer->open_unit(b), ctx.compute_dtype);
+  }
+  for (int i = 0; i < bi.tensor_count; ++i)
+    if (void* mine = reducer->borrowed(bi.first_tensor + i)) v.tensors[static_cast<std::size_t>(i)].data = mine;
+  return v;
 }
 
 void Engine::Impl::grads_ready(int b) {
@@ -63,7 +80,7 @@ void Engine::Impl::step_async() {
   if (!reducer->complete()) throw Error(ErrorCode::invalid_state, "step: " + reducer->progress());
   if (ctx.placement.params_sharded)
     for (std::size_t b = 0; b < block_acquired.size(); ++b)
-      if (block_acquired[b])
+      if (block_acquired[b] && !gatherer->block_borrowed(static_cast<int>(b)))
         throw Error(ErrorCode::invalid_state, "step: block '" + ctx.layout.blocks()[b].name + "' is still acquired");
   runner->require_warm_for_capture("step");
   runner->run();
@@ -134,6 +151,28 @@ int Engine::register_block(const BlockSpec& block) {
   require(!block.name.empty(), ErrorCode::invalid_argument, "block name is empty");
   impl_->specs.push_back(block);
   return static_cast<int>(impl_->specs.size()) - 1;
+}
+
+namespace {
+void borrow(std::vector<void*>& table, const std::vector<BlockSpec>& specs, bool initialized, const char* call,
+            int tensor, void* memory) {
+  require(!initialized, ErrorCode::invalid_state, std::string(call) + " after initialize()");
+  int count = 0;
+  for (const auto& b : specs) count += static_cast<int>(b.tensors.size());
+  require(tensor >= 0 && tensor < count, ErrorCode::invalid_argument,
+          std::string(call) + ": tensor index " + std::to_string(tensor) + " is outside [0, " + std::to_string(count) +
+              ") (tensors registered so far, in registration order)");
+  if (table.size() < static_cast<std::size_t>(count)) table.resize(static_cast<std::size_t>(count), nullptr);
+  table[static_cast<std::size_t>(tensor)] = memory;
+}
+}  // namespace
+
+void Engine::borrow_gradients(int tensor, void* grads) {
+  borrow(impl_->borrowed_grads, impl_->specs, impl_->initialized, "borrow_gradients", tensor, grads);
+}
+
+void Engine::borrow_parameters(int tensor, void* params) {
+  borrow(impl_->borrowed_params, impl_->specs, impl_->initialized, "borrow_parameters", tensor, params);
 }
 
 void Engine::set_group(int group, const Hyperparams& hyper) {
@@ -213,7 +252,12 @@ void Engine::read_state(int which, const std::function<void(int, std::size_t, st
   impl_->read(1 + which, fn);
 }
 
-MemoryReport Engine::memory_report() const { return impl_->ctx.be.memory().report(); }
+MemoryReport Engine::memory_report() const {
+  MemoryReport r = impl_->ctx.be.memory().report();
+  if (impl_->reducer)
+    r.borrowed[static_cast<int>(Place::device)] = impl_->reducer->borrowed_bytes() + impl_->gatherer->borrowed_bytes();
+  return r;
+}
 CommStats Engine::comm_report() const { return impl_->ctx.comm.stats(); }
 void Engine::reset_comm_report() { impl_->ctx.comm.reset_stats(); }
 

@@ -41,6 +41,8 @@ struct Engine::Impl final : detail::CheckpointPort {
   bool initialized = false;
   detail::EnginePlan plan;
   std::vector<int> block_acquired;
+  std::vector<void*> borrowed_grads;  // per tensor in registration order (Engine::borrow_gradients)
+  std::vector<void*> borrowed_params;  // per tensor in registration order (Engine::borrow_parameters)
   // The parts, bottom first (so destroyed top first: the offload engine in the store may still
   // write into the gatherer's parameters).
   std::unique_ptr<detail::ParamGatherer> gatherer;
@@ -55,6 +57,7 @@ struct Engine::Impl final : detail::CheckpointPort {
   std::uint64_t set_initial_values(const InitFn& init);  // returns the fingerprint of the values when every rank computes every one (else 0)
   void set_initial_values_offloaded(const InitFn& fn);
   void release_all() noexcept;
+  bool all_params_borrowed() const;  // every tensor with elements has borrowed parameters
 
   // engine.cpp
   void require_initialized(const char* call) const;

@@ -18,7 +18,7 @@ void Engine::Impl::initialize(const InitFn& init) {
   // is allocated: a rank that threw here would leave the others waiting in a collective.
   detail::RankStatus status;
   try {
-    plan = detail::plan_engine(ctx.cfg, specs, ctx.world);
+    plan = detail::plan_engine(ctx.cfg, specs, ctx.world, all_params_borrowed());
     ctx.plan(plan);
     ctx.check_pinned(plan.buffers);  // pinned memory the locked-memory limit refuses: before any allocation
     for (const auto& t : ctx.layout.tensors())
@@ -27,6 +27,15 @@ void Engine::Impl::initialize(const InitFn& init) {
     if (ctx.placement.state_tier == detail::Tier::nvme)
       offload::NvmeStore::check_directory(ctx.cfg.nvme_dir, ctx.rank, plan.offload.file_bytes);
     status.fingerprint = detail::config_fingerprint(ctx.cfg, specs, ctx.world, hyper_by_group);
+    // Which tensors are borrowed decides collectives (a fully borrowed block is not gathered at
+    // acquire and holds no bucket, which changes when units are flushed; borrowing every
+    // tensor's parameters changes the plan at stages 1-2): the ranks agree on it like on the
+    // configuration.
+    for (std::size_t t = 0; t < std::max(borrowed_grads.size(), borrowed_params.size()); ++t) {
+      const bool g = t < borrowed_grads.size() && borrowed_grads[t];
+      const bool p = t < borrowed_params.size() && borrowed_params[t];
+      if (g || p) status.fingerprint = (status.fingerprint ^ (t * 4 + (g ? 1 : 0) + (p ? 2 : 0) + 1)) * 0x100000001b3ull;
+    }
     for (const auto& spec : plan.buffers)
       if (spec.kind == detail::Buf::agreement) (spec.index == 0 ? agreement.device : agreement.host) = ctx.allocate(spec);
   } catch (const Error& e) {
@@ -49,11 +58,21 @@ void Engine::Impl::initialize(const InitFn& init) {
   try {
     // Bottom up. Every planned buffer is allocated zero-filled (on side for the device).
     gatherer = std::make_unique<detail::ParamGatherer>(ctx, plan.buffers);
+    if (std::any_of(borrowed_params.begin(), borrowed_params.end(), [](void* p) { return p != nullptr; })) {
+      std::vector<void*> params(ctx.layout.tensors().size(), nullptr);
+      std::copy(borrowed_params.begin(), borrowed_params.end(), params.begin());
+      gatherer->set_borrowed(std::move(params));
+    }
     detail::MasterAlias alias;
     for (int u = 0; u < static_cast<int>(ctx.layout.units().size()); ++u)
       alias.push_back(static_cast<float*>(gatherer->param_at(u, ctx.owned_begin(u))));
     store_ = detail::make_state_store(ctx, plan.buffers, std::move(alias));
     reducer = std::make_unique<detail::GradReducer>(ctx, plan.buffers, *store_);
+    if (!borrowed_grads.empty()) {
+      std::vector<void*> grads(ctx.layout.tensors().size(), nullptr);
+      std::copy(borrowed_grads.begin(), borrowed_grads.end(), grads.begin());
+      reducer->set_borrowed(std::move(grads));
+    }
     runner = std::make_unique<detail::StepRunner>(ctx, plan, *store_, *reducer, *gatherer, hyper_by_group);
     for (const auto& spec : plan.buffers)
       if (spec.kind == detail::Buf::init_staging) init_staging = ctx.allocate(spec);
@@ -91,6 +110,20 @@ void Engine::Impl::initialize(const InitFn& init) {
   }
   block_acquired.assign(ctx.layout.blocks().size(), 0);
   initialized = true;
+}
+
+bool Engine::Impl::all_params_borrowed() const {
+  std::size_t t = 0;
+  bool any = false;
+  for (const auto& b : specs)
+    for (const auto& ts : b.tensors) {
+      if (numel(ts.shape) != 0) {
+        if (t >= borrowed_params.size() || !borrowed_params[t]) return false;
+        any = true;
+      }
+      ++t;
+    }
+  return any;
 }
 
 std::uint64_t Engine::Impl::set_initial_values(const InitFn& init) {
@@ -196,7 +229,7 @@ void Engine::Impl::require_between_steps(const char* call) const {
           "call step() or zero_grad() first");
   if (ctx.placement.params_sharded)
     for (std::size_t b = 0; b < block_acquired.size(); ++b)
-      require(!block_acquired[b], ErrorCode::invalid_state,
+      require(!block_acquired[b] || gatherer->block_borrowed(static_cast<int>(b)), ErrorCode::invalid_state,
               std::string(call) + ": block '" + ctx.layout.blocks()[b].name + "' is still acquired");
 }
 

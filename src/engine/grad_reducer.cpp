@@ -26,6 +26,11 @@ GradReducer::GradReducer(EngineContext& ctx, const std::vector<BufferSpec>& spec
   norm_ranges_.resize(ctx.layout.units().size());
   open_bucket_.assign(ctx.layout.units().size(), -1);
   block_ready_.assign(ctx.layout.blocks().size(), 0);
+  block_open_.assign(ctx.layout.blocks().size(), 0);
+  block_reduced_.assign(ctx.layout.blocks().size(), 0);
+  unit_partial_.assign(ctx.layout.units().size(), 0);
+  unit_open_views_.assign(ctx.layout.units().size(), 0);
+  unit_opened_at_.assign(ctx.layout.units().size(), 0);
   unit_pending_.resize(ctx.layout.units().size());
   reset_pending();
 }
@@ -42,18 +47,94 @@ std::byte* GradReducer::open_unit(int b) {
     open_bucket_[u] = kDirect;
     return at(grad_shard_, ctx_.layout.units()[u].shard_offset, ctx_.placement.shard_grad_dtype);
   }
-  int k = open_bucket_[u];
-  if (k < 0) {
-    for (int i = 0; i < static_cast<int>(buckets_.size()) && k < 0; ++i)
-      if (std::find(open_bucket_.begin(), open_bucket_.end(), i) == open_bucket_.end()) k = i;
-    if (k < 0)
-      throw Error(ErrorCode::invalid_state, "gradients: block '" + bi.name +
-                                                "' opens a third unit while two units' gradients are still open; "
-                                                "report grads_ready for every block of a unit before starting another two");
-    open_bucket_[u] = k;
-    ctx_.consume(*buckets_[k].free);
+  if (open_bucket_[u] < 0) take_bucket(u, bi.name);
+  if (!block_open_[b]) {
+    block_open_[b] = 1;
+    unit_open_views_[u]++;
   }
-  return static_cast<std::byte*>(buckets_[k].buffer.data());
+  return static_cast<std::byte*>(buckets_[open_bucket_[u]].buffer.data());
+}
+
+void GradReducer::take_bucket(int u, const std::string& block_name) {
+  const int units = static_cast<int>(open_bucket_.size());
+  int k = -1;
+  for (int i = 0; i < static_cast<int>(buckets_.size()) && k < 0; ++i)
+    if (std::find(open_bucket_.begin(), open_bucket_.end(), i) == open_bucket_.end()) k = i;
+  if (k < 0) {
+    // Every bucket holds a unit: flush the least recently opened one that no view points into.
+    int victim = -1;
+    for (int v = 0; v < units; ++v)
+      if (open_bucket_[v] >= 0 && unit_open_views_[v] == 0 &&
+          (victim < 0 || unit_opened_at_[v] < unit_opened_at_[victim]))
+        victim = v;
+    if (victim < 0) {
+      std::string held;
+      for (std::size_t x = 0; x < block_open_.size() && held.size() < 200; ++x)
+        if (block_open_[x]) held += (held.empty() ? "" : ", ") + ctx_.layout.blocks()[x].name;
+      throw Error(ErrorCode::invalid_state,
+                  "gradients: block '" + block_name + "' opens a unit while all " + std::to_string(buckets_.size()) +
+                      " gradient buckets hold units whose gradient views are still open (gradients() without "
+                      "grads_ready: " + held + "); report grads_ready for those blocks first, or set "
+                      "Config::gradient_buckets to 0 (one bucket per unit, " + std::to_string(units) + " here)");
+    }
+    k = open_bucket_[victim];
+    reduce_partial(victim);
+  }
+  open_bucket_[u] = k;
+  unit_opened_at_[u] = ++open_tick_;
+  ctx_.consume(*buckets_[k].free);
+}
+
+void GradReducer::set_borrowed(std::vector<void*> grads) {
+  borrowed_ = std::move(grads);
+  bool any = false;
+  for (void* p : borrowed_) any = any || p != nullptr;
+  if (!any) {
+    borrowed_.clear();
+    return;
+  }
+  zero_borrowed(*ctx_.compute);
+  ctx_.be.synchronize(*ctx_.compute);
+}
+
+bool GradReducer::block_borrowed(int b) const {
+  if (borrowed_.empty()) return false;
+  // A tensor without elements has nothing in engine memory to hand out once borrowing is on, so
+  // a block without elements counts as borrowed.
+  const auto& bi = ctx_.layout.blocks()[b];
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
+    if (ctx_.layout.tensors()[t].numel != 0 && !borrowed_[t]) return false;
+  return true;
+}
+
+std::size_t GradReducer::borrowed_bytes() const {
+  std::size_t n = 0;
+  for (std::size_t t = 0; t < borrowed_.size(); ++t)
+    if (borrowed_[t]) n += ctx_.layout.tensors()[t].numel * size_of(ctx_.compute_dtype);
+  return n;
+}
+
+void GradReducer::zero_borrowed(Stream& stream) {
+  for (std::size_t t = 0; t < borrowed_.size(); ++t)
+    if (borrowed_[t] && ctx_.layout.tensors()[t].numel)
+      ctx_.be.fill(borrowed_[t], ctx_.compute_dtype, ctx_.layout.tensors()[t].numel, 0.0f, stream);
+}
+
+// The block's borrowed gradients into the buffer the trainer would otherwise have written, in
+// order on compute (after the trainer's writes there). The host waits for the copies on the CPU
+// backend, so the trainer may write its memory again as soon as grads_ready returns.
+void GradReducer::copy_borrowed(int b) {
+  const auto& bi = ctx_.layout.blocks()[b];
+  std::byte* base = open_unit(b);
+  const DType c = ctx_.compute_dtype;
+  Stream& compute = *ctx_.compute;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t) {
+    const auto& ti = ctx_.layout.tensors()[t];
+    if (!borrowed_[t] || ti.numel == 0) continue;
+    ctx_.be.copy(base + ti.unit_offset * size_of(c), borrowed_[t], ti.numel * size_of(c), compute);
+    if (ctx_.placement.grads == GradFlow::bucketed) ctx_.be.fill(borrowed_[t], c, ti.numel, 0.0f, compute);
+  }
+  if (ctx_.host_visible()) ctx_.be.synchronize(compute);
 }
 
 void GradReducer::block_ready(int b) {
@@ -63,12 +144,27 @@ void GradReducer::block_ready(int b) {
   if (micro_steps_ >= ctx_.cfg.accumulation_steps)
     throw Error(ErrorCode::invalid_state, "grads_ready: all " + std::to_string(ctx_.cfg.accumulation_steps) +
                                               " micro-steps of this step are complete; call step() first");
+  bool borrows = false;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count && !borrowed_.empty(); ++t)
+    borrows = borrows || (borrowed_[t] && ctx_.layout.tensors()[t].numel);
+  if (borrows) copy_borrowed(b);
   const int u = bi.unit;
   const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
-  if (bucketed && open_bucket_[u] == -1)
+  bool has_elements = false;
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
+    has_elements = has_elements || ctx_.layout.tensors()[t].numel != 0;
+  if (bucketed && open_bucket_[u] == -1 && !unit_partial_[u] && has_elements)
     throw Error(ErrorCode::invalid_state,
                 "grads_ready: block '" + bi.name + "' has no gradient buffer; call gradients() first");
+  // A block of a flushed unit reported without gradients() (a zero gradient), or a block without
+  // elements that opened nothing: the unit needs a bucket for the reduction that writes it.
+  if (bucketed && open_bucket_[u] == -1 && !ctx_.placement.grads_direct) take_bucket(u, bi.name);
+  if (bucketed && ctx_.placement.grads_direct && open_bucket_[u] == -1) open_bucket_[u] = kDirect;
   block_ready_[b] = 1;
+  if (block_open_[b]) {
+    block_open_[b] = 0;
+    unit_open_views_[u]--;
+  }
   ready_blocks_++;
   if (--unit_pending_[u] == 0 && bucketed) reduce_bucket(u);
   if (ready_blocks_ == static_cast<int>(ctx_.layout.blocks().size())) {
@@ -96,6 +192,10 @@ void GradReducer::reduce_bucket(int u) {
     open_bucket_[u] = -1;
     return;
   }
+  if (unit_partial_[u]) {  // flushed before in this micro-step: write only the rest
+    reduce_partial(u);
+    return;
+  }
   if (ctx_.placement.grads_to_host) {
     reduce_bucket_to_host(u);
     return;
@@ -121,6 +221,69 @@ void GradReducer::reduce_bucket(int u) {
   if (store_.offload() && micro_steps_ == ctx_.cfg.accumulation_steps - 1 && info.slice_elems) {
     be.record(*reduced_, side);
     store_.offload()->download(shard, ctx_.state_offset(u, ctx_.slice_begin(u)), info.slice_elems, *reduced_);
+  }
+}
+
+void GradReducer::reduce_partial(int u) {
+  const auto& info = ctx_.layout.units()[u];
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype, gs = ctx_.placement.shard_grad_dtype;
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  const bool to_host = ctx_.placement.grads_to_host;
+  const int accumulation = ctx_.cfg.accumulation_steps;
+  ctx_.side_after_compute();  // the reduction reads what backward wrote on compute
+  Bucket& bk = buckets_[open_bucket_[u]];
+  open_bucket_[u] = -1;
+  if (!unit_partial_[u]) flushes_++;
+  unit_partial_[u] = 1;
+  flushed_step_ = true;
+  // The unit elements this reduction writes: the blocks reported ready since the last one (each
+  // block's span, adjacent spans merged; the alignment gaps inside are zero in every reduction).
+  const std::size_t sb = ctx_.slice_begin(u), se = sb + info.slice_elems;
+  std::vector<std::pair<std::size_t, std::size_t>> spans;
+  for (int b = info.first_block; b < info.first_block + info.block_count; ++b) {
+    if (!block_ready_[b] || block_reduced_[b]) continue;
+    block_reduced_[b] = 1;
+    const auto& blk = ctx_.layout.blocks()[b];
+    if (blk.tensor_count == 0) continue;
+    const auto& first = ctx_.layout.tensors()[blk.first_tensor];
+    const auto& last = ctx_.layout.tensors()[blk.first_tensor + blk.tensor_count - 1];
+    const std::size_t lo = std::max(first.unit_offset, sb), hi = std::min(last.unit_offset + last.numel, se);
+    if (lo >= hi) continue;
+    if (!spans.empty() && spans.back().second >= lo) spans.back().second = std::max(spans.back().second, hi);
+    else spans.emplace_back(lo, hi);
+  }
+  std::byte* unit = static_cast<std::byte*>(bk.buffer.data());
+  if (r != c) {
+    if (to_host) be.wait(side, *reduce_buf_free_);  // the last download from it has read it
+    be.cast(unit, c, reduce_buf_.data(), r, info.padded_elems, side);
+    be.fill(unit, c, info.padded_elems, 0.0f, side);  // the bucket is free once cast
+    be.record(*bk.free, side);
+    unit = static_cast<std::byte*>(reduce_buf_.data());
+  }
+  std::byte* mine = unit + sb * size_of(r);
+  ctx_.comm.reduce_scatter(unit, mine, info.slice_elems, r, ReduceOp::avg, side);
+  if (to_host) {
+    offload::OffloadEngine& off = *store_.offload();
+    be.record(*reduced_, side);
+    for (const auto& [lo, hi] : spans) {
+      const std::byte* src = mine + (lo - sb) * size_of(r);
+      if (accumulation == 1) off.download(src, ctx_.state_offset(u, lo), hi - lo, *reduced_);
+      else off.download_add(src, r, ctx_.state_offset(u, lo), hi - lo, micro_steps_ == 0, *reduced_);
+    }
+    if (r != c) off.record_downloaded(*reduce_buf_free_, *reduced_);
+    else off.zero_after_downloads(unit, c, info.padded_elems, *bk.free, *reduced_);
+    return;
+  }
+  for (const auto& [lo, hi] : spans) {
+    const std::byte* src = mine + (lo - sb) * size_of(r);
+    std::byte* dst = at(grad_shard_, info.shard_offset + (lo - sb), gs);
+    if (accumulation == 1) be.copy(dst, src, (hi - lo) * size_of(r), side);  // gs == r
+    else be.accumulate(src, r, reinterpret_cast<float*>(dst), hi - lo, side);
+  }
+  if (r == c) {
+    be.fill(unit, c, info.padded_elems, 0.0f, side);
+    be.record(*bk.free, side);
   }
 }
 
@@ -235,8 +398,10 @@ std::pair<void*, DType> GradReducer::reduced_at(int u, std::size_t e) const {
 
 void GradReducer::zero_accumulators() {
   Stream& side = *ctx_.side;
-  if (ctx_.placement.grads != GradFlow::bucketed)
+  if (ctx_.placement.grads != GradFlow::bucketed) {
     ctx_.be.fill(grads_full_.data(), ctx_.compute_dtype, ctx_.full_elems, 0.0f, side);
+    zero_borrowed(side);  // the running sum over micro-steps the trainer added into
+  }
   // (grads_direct: the update zeroed the shard as it read it, also on a skipped step)
   // (grads_to_host: the first micro-step's download overwrites the host copy)
   if (ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1 && grad_shard_)
@@ -246,6 +411,7 @@ void GradReducer::zero_accumulators() {
 void GradReducer::finish_step() {
   zero_accumulators();
   micro_steps_ = 0;
+  flushed_step_ = false;
 }
 
 void GradReducer::zero() {
@@ -254,6 +420,7 @@ void GradReducer::zero() {
   be.synchronize(side);
   if (store_.offload()) store_.offload()->finish_downloads();
   zero_accumulators();
+  zero_borrowed(side);  // (stages 0-1: zero_accumulators did it already; twice is harmless)
   if (ctx_.placement.grads == GradFlow::bucketed) {
     for (auto& bk : buckets_) be.fill(bk.buffer.data(), ctx_.compute_dtype, ctx_.layout.max_unit_elems(), 0.0f, side);
     std::fill(open_bucket_.begin(), open_bucket_.end(), -1);
@@ -262,12 +429,17 @@ void GradReducer::zero() {
   }
   be.synchronize(side);
   micro_steps_ = 0;
+  flushed_step_ = false;
   reset_pending();
 }
 
 void GradReducer::reset_pending() {
   for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u) unit_pending_[u] = ctx_.layout.units()[u].block_count;
   std::fill(block_ready_.begin(), block_ready_.end(), 0);
+  std::fill(block_open_.begin(), block_open_.end(), 0);
+  std::fill(block_reduced_.begin(), block_reduced_.end(), 0);
+  std::fill(unit_partial_.begin(), unit_partial_.end(), 0);
+  std::fill(unit_open_views_.begin(), unit_open_views_.end(), 0);
   ready_blocks_ = 0;
 }
 

@@ -4,15 +4,27 @@
 // gradient the update reads. Placement::grads says how:
 //   all_reduce      full gradients, all-reduced at step() (in the reduce dtype if it differs);
 //   reduce_scatter  full gradients, each unit reduce-scattered into this rank's slice at step();
-//   bucketed        a unit's gradients go into one of two buckets; when its last block reports
-//                   ready the bucket is reduce-scattered into the gradient shard (summed over
-//                   micro-steps in fp32) on side while backward goes on. grads_direct: one rank,
-//                   nothing to reduce: backward adds straight into the shard.
+//   bucketed        a unit's gradients go into one of Config::gradient_buckets buckets; when its
+//                   last block reports ready the bucket is reduce-scattered into the gradient
+//                   shard (summed over micro-steps in fp32) on side while backward goes on.
+//                   grads_direct: one rank, nothing to reduce: backward adds straight into the shard.
+// Any backward order (bucketed): when a unit opens and every bucket is taken, the least recently
+// opened unit none of whose blocks holds a gradient view (gradients() without grads_ready) is
+// flushed: its bucket is reduce-scattered in place, and only the elements of the blocks reported
+// ready since its last reduction are written (copied, added over micro-steps, or sent down under
+// offload) into the shard; the bucket is reused. Its later blocks go into a fresh bucket and are
+// written the same way. Every element is written by exactly one reduction per micro-step, and a
+// reduce-scatter's sum of one element does not depend on the others, so the shard gets the bits of
+// the in-order run. The choice of unit depends only on the call sequence, so every rank flushes
+// the same unit at the same call (a flush is a collective). Under offload with one micro-step the
+// norm of a step with a flush is measured on the host copy (as with micro-steps), whose bits the
+// CPU backend's device measurement equals.
 // With offload (Placement::grads_to_host), each unit's reduced gradient goes down to the state
 // store's offload engine as soon as it lands, and no device copy of it is kept: the reduction runs
 // in place in the bucket (or in the one-unit reduce buffer when the reduce dtype differs), which is
 // reused only once the download has read it; its partial norms are measured there first
 // (set_norm_ranges). Micro-steps at stages 2-3 are then summed on the host, into the host copy.
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,6 +40,18 @@ class GradReducer {
 
   // The buffer of unit u the trainer adds block `block`'s gradients into (opens a bucket).
   std::byte* open_unit(int block);
+
+  // Borrowed gradient memory (Engine::borrow_gradients): per tensor, the trainer's buffer or
+  // nullptr. Set once at initialize(), which zeroes it. block_ready() copies a block's borrowed
+  // gradients into the buffer open_unit() gives, on compute, then (stages 2-3) zeroes them there,
+  // as a bucket is zero for the next micro-step; stages 0-1 zero them when the step has reduced
+  // the full gradient (finish_step, zero).
+  void set_borrowed(std::vector<void*> grads);
+  void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
+  // Borrowing is on and every tensor of the block with elements is borrowed (gradients() needs no
+  // engine buffer).
+  bool block_borrowed(int block) const;
+  std::size_t borrowed_bytes() const;
   // grads_ready(block): checks, then reduces the unit once its last block is ready.
   void block_ready(int block);
   bool ready(int block) const { return block_ready_[block] != 0; }
@@ -45,9 +69,13 @@ class GradReducer {
   std::pair<void*, DType> reduced_at(int u, std::size_t e) const;
   // grads_to_host with micro-steps at stages 2-3: the sum over micro-steps exists only in the
   // host copy, so the partial norms are measured there, at step().
+  // Also true for a step in which a unit was flushed (its slices came down in parts).
   bool host_accumulates() const {
-    return ctx_.placement.grads_to_host && ctx_.placement.grads == GradFlow::bucketed && ctx_.cfg.accumulation_steps > 1;
+    return ctx_.placement.grads_to_host && ctx_.placement.grads == GradFlow::bucketed &&
+           (ctx_.cfg.accumulation_steps > 1 || flushed_step_);
   }
+  // Reduce-scatters done early to free a bucket since initialize() (each one extra collective).
+  std::uint64_t flushes() const { return flushes_; }
   // Partial norms measured as each unit lands (grads_to_host, where reduced_at gives nullptr and
   // !host_accumulates()): for each update range of a unit, its first unit element, its length and
   // the backend float its sum of squares is written to (on side). Indexed by unit; set once,
@@ -67,11 +95,18 @@ class GradReducer {
  private:
   static constexpr int kDirect = -2;  // open_bucket_ of a unit written straight into the shard
   void reduce_bucket(int u);
+  // A free bucket for unit u, flushing the least recently opened unit without open views if none.
+  void take_bucket(int u, const std::string& block_name);
+  // Reduce-scatters unit u's bucket and writes only the blocks reported ready since its last
+  // reduction (a flush, or the last reduction of a unit flushed before); frees the bucket.
+  void reduce_partial(int u);
   void reduce_bucket_to_host(int u);
   void reduce_units_to_host();
   // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
   void measure(int u, const void* unit, DType t);
   void zero_accumulators();
+  void copy_borrowed(int block);
+  void zero_borrowed(Stream& stream);
   void reset_pending();
 
   EngineContext& ctx_;
@@ -87,8 +122,17 @@ class GradReducer {
   // grads_to_host: the downloads have read the reduce buffer (it may be cast into again).
   std::unique_ptr<Event> reduce_buf_free_;
   std::vector<std::vector<NormRange>> norm_ranges_;
+  std::vector<void*> borrowed_;  // per tensor (empty: nothing borrowed)
   std::vector<char> block_ready_;
   std::vector<int> unit_pending_;  // blocks of the unit not yet ready this micro-step
+  // Any backward order (this micro-step): blocks holding a gradient view (gradients() without
+  // grads_ready), blocks whose gradients a partial reduction already wrote, units reduced in part.
+  std::vector<char> block_open_, block_reduced_, unit_partial_;
+  std::vector<int> unit_open_views_;
+  std::vector<std::uint64_t> unit_opened_at_;  // open_tick_ when the unit took its bucket
+  std::uint64_t open_tick_ = 0;
+  std::uint64_t flushes_ = 0;
+  bool flushed_step_ = false;  // a unit was flushed in this step
   int ready_blocks_ = 0;
   int micro_steps_ = 0;
 };

@@ -157,8 +157,57 @@ void ParamGatherer::gather_updated() {
     for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u)
       if (persistent_[u]) gather_unit(static_cast<int>(u), persistent_[u].data());
   }
+  if (!borrowed_.empty()) write_borrowed();
 }
 
 void ParamGatherer::drop_gathered() { table_.forget_units(); }
+
+bool ParamGatherer::block_borrowed(int b) const {
+  if (borrowed_.empty()) return false;
+  // A tensor without elements has nothing in engine memory to hand out once borrowing is on, so
+  // a block without elements counts as borrowed.
+  const auto& bi = ctx_.layout.blocks()[b];
+  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
+    if (ctx_.layout.tensors()[t].numel != 0 && !borrowed_[t]) return false;
+  return true;
+}
+
+std::size_t ParamGatherer::borrowed_bytes() const {
+  std::size_t n = 0;
+  for (std::size_t t = 0; t < borrowed_.size(); ++t)
+    if (borrowed_[t]) n += ctx_.layout.tensors()[t].numel * size_of(ctx_.compute_dtype);
+  return n;
+}
+
+// The current parameters into the trainer's borrowed memory, on side, after the gathers above.
+// Stage 3 gathers each unit holding a borrowed tensor into slot 0 in turn (in stream order, so
+// one slot serves them all; the slot table forgets its units after a step anyway).
+void ParamGatherer::write_borrowed() {
+  const DType c = ctx_.compute_dtype;
+  const Layout& L = ctx_.layout;
+  for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
+    const auto& info = L.units()[u];
+    int first = L.blocks()[info.first_block].first_tensor, last = first;
+    for (int b = info.first_block; b < info.first_block + info.block_count; ++b)
+      last = L.blocks()[b].first_tensor + L.blocks()[b].tensor_count;
+    bool any = false;
+    for (int t = first; t < last; ++t) any = any || (borrowed_[t] && L.tensors()[t].numel);
+    if (!any) continue;
+    const std::byte* unit = nullptr;
+    if (!ctx_.placement.params_sharded) {
+      unit = at(params_full_, ctx_.unit_base[u], c);
+    } else if (persistent_[u]) {
+      unit = static_cast<const std::byte*>(persistent_[u].data());
+    } else {
+      ctx_.be.wait(*ctx_.side, *slots_[0].idle);  // compute work still reading its old unit
+      gather_unit(u, slots_[0].buffer.data());
+      unit = static_cast<const std::byte*>(slots_[0].buffer.data());
+    }
+    for (int t = first; t < last; ++t)
+      if (borrowed_[t] && L.tensors()[t].numel)
+        ctx_.be.copy(borrowed_[t], unit + L.tensors()[t].unit_offset * size_of(c), L.tensors()[t].numel * size_of(c),
+                     *ctx_.side);
+  }
+}
 
 }  // namespace shardopt::detail

@@ -67,11 +67,22 @@ class ParamGatherer {
   // dropped.
   void gather_updated();
   void drop_gathered();
+  // Borrowed parameter memory (Engine::borrow_parameters): per tensor, the trainer's buffer or
+  // nullptr. gather_updated() ends by writing every borrowed tensor's current values there (on
+  // side): from the full parameters, or at stage 3 from each unit gathered into slot 0 (or its
+  // persistent buffer).
+  void set_borrowed(std::vector<void*> params) { borrowed_ = std::move(params); }
+  void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
+  // Borrowing is on and every tensor of the block with elements is borrowed (acquire needs no
+  // gather).
+  bool block_borrowed(int block) const;
+  std::size_t borrowed_bytes() const;
   // The next gather joins side to compute again (see start_gather).
   void end_iteration() { side_joined_iteration_ = false; }
 
  private:
   void start_gather(int u, int slot);
+  void write_borrowed();
   void gather_unit(int u, void* dst);
 
   struct Slot {
@@ -85,6 +96,7 @@ class ParamGatherer {
   std::vector<Slot> slots_;
   SlotTable table_;
   bool side_joined_iteration_ = false;  // side waited on compute since the last step
+  std::vector<void*> borrowed_;         // per tensor (empty: nothing borrowed)
 };
 
 }  // namespace shardopt::detail

@@ -41,7 +41,7 @@ std::vector<int> control_groups(const Layout& layout) {
   return g;
 }
 
-EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, int world) {
+EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, int world, bool params_borrowed) {
   cfg.validate();
   require(world >= 1, ErrorCode::invalid_argument, "world size must be >= 1, got " + std::to_string(world));
   // The CPU update is what writes an offloaded parameter shard; without it the device update
@@ -59,7 +59,11 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   const bool off = cfg.offload_optimizer != OffloadKind::none;
   const bool nvme = cfg.offload_optimizer == OffloadKind::nvme;
   Placement& pl = p.placement;
-  pl.params_sharded = stage == 3;
+  // Stages 1-2 with the trainer's parameters borrowed: the trainer's arrays are the full
+  // parameters, the engine keeps only its shard (plus one slot to gather a unit into on its way
+  // out), as at stage 3.
+  const bool borrowed_shard = params_borrowed && (stage == 1 || stage == 2);
+  pl.params_sharded = stage == 3 || borrowed_shard;
   pl.params_tier = cfg.offload_params ? Tier::pinned_host : Tier::device;
   pl.grads = stage == 0 ? GradFlow::all_reduce : stage == 1 ? GradFlow::reduce_scatter : GradFlow::bucketed;
   pl.shard_grad_dtype = gs;
@@ -69,7 +73,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   pl.state_sharded = stage >= 1;
   pl.state_tier = nvme ? Tier::nvme : off ? Tier::pinned_host : Tier::device;
   pl.master_is_params = !off && c == DType::fp32;
-  pl.gather_after_update = stage == 1 || stage == 2;
+  pl.gather_after_update = (stage == 1 || stage == 2) && !borrowed_shard;
   pl.norm_across_ranks = pl.state_sharded && world > 1;
   pl.grads_to_host = off;
   std::size_t P = 0, U = L.max_unit_elems(), max_slice = 0;
@@ -147,11 +151,15 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   if (!pl.grads_to_host && (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && r != c)))
     add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
   if (pl.grads == GradFlow::bucketed) {
-    for (int i = 0; i < 2; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
+    // Config::gradient_buckets of them (0: one per unit).
+    const int nb = cfg.gradient_buckets > 0 ? cfg.gradient_buckets : static_cast<int>(L.units().size());
+    for (int i = 0; i < nb; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
     if (cfg.accumulation_steps > 1 && !pl.grads_to_host)
       add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
   }
-  if (pl.params_sharded) {
+  if (borrowed_shard) {
+    add(Buf::slot, 0, U, c, Category::parameters, "gathered unit slot 0 (borrowed parameters on their way out)");
+  } else if (pl.params_sharded) {
     bool any_sharded = false;
     for (std::size_t u = 0; u < L.units().size(); ++u) {
       if (L.units()[u].padded_elems < cfg.persistence_threshold)

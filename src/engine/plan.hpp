@@ -150,6 +150,11 @@ void set_offload_chunk_for_testing(std::size_t elems) noexcept;
 inline constexpr std::size_t kInitChunk = std::size_t(1) << 20;
 
 LayoutOptions layout_options(const Config& config, int world_size);
-EnginePlan plan_engine(const Config& config, const std::vector<BlockSpec>& blocks, int world_size);
+// params_borrowed: every tensor with elements has borrowed parameters (Engine::borrow_parameters).
+// At stages 1-2 the engine then keeps no full parameters of its own: the update writes this
+// rank's slices into a parameter shard, and each unit is gathered into one slot and copied out
+// into the trainer's memory (stage 3's buffers: params_sharded, one slot, no persistent units).
+EnginePlan plan_engine(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
+                       bool params_borrowed = false);
 
 }  // namespace shardopt::detail

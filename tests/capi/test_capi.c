@@ -146,6 +146,16 @@ static int train_rank(RankJob* j) {
     CHECK(index == b, "block index %d, expected %d", index, b);
   }
   OK(shardopt_engine_set_group(e, 1, "weight_decay", "0"));
+  { /* Borrowed gradients: bad ranges are refused and borrow nothing (this test trains in engine memory). */
+    float scratch[64];
+    CHECK(shardopt_engine_borrow_gradients_strided(e, 1, 2, 0, scratch, 8) == SHARDOPT_INVALID_ARGUMENT,
+          "strided borrow past the last block accepted");
+    CHECK(strstr(shardopt_last_error(), "outside") != NULL, "strided borrow error: %s", shardopt_last_error());
+    CHECK(shardopt_engine_borrow_gradients_strided(e, 0, 2, 99, scratch, 8) == SHARDOPT_INVALID_ARGUMENT,
+          "strided borrow of tensor 99 accepted");
+    CHECK(shardopt_engine_borrow_gradients(e, NT, scratch) == SHARDOPT_INVALID_ARGUMENT,
+          "borrow of tensor %d accepted", NT);
+  }
   OK(shardopt_engine_initialize(e, init_fn, &j->init_bad, 0));
   int rank = -1, world = -1;
   OK(shardopt_engine_rank(e, &rank, &world));
@@ -180,6 +190,9 @@ static int train_rank(RankJob* j) {
   size_t cur = 0, peak = 0;
   OK(shardopt_engine_memory(e, 0, &cur, &peak));
   CHECK(cur > 0 && peak >= cur, "memory report %zu/%zu", cur, peak);
+  size_t borrowed = 1;
+  OK(shardopt_engine_memory_borrowed(e, 0, &borrowed));
+  CHECK(borrowed == 0, "borrowed %zu bytes with nothing borrowed", borrowed);
   shardopt_engine_destroy(e);
   shardopt_comm_destroy(comm);
   shardopt_backend_destroy(be);

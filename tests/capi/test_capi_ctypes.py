@@ -1,6 +1,7 @@
 """The C interface from Python through ctypes: the library loads, an engine trains a small model
-at stages 0-3 with one rank, and the master weights equal a float64 AdamW written here, element
-for element within float32 noise; errors come back as status codes with a message.
+at stages 0-3 with one rank (in engine memory, and in the script's own borrowed arrays), and the
+master weights equal a float64 AdamW written here, element for element within float32 noise;
+errors come back as status codes with a message.
 
 Usage: test_capi_ctypes.py /path/to/libshardopt_c.so    (standard library only)"""
 import ctypes as C
@@ -48,6 +49,8 @@ for name, args in {
     "shardopt_engine_gradients": [P, C.c_int, C.POINTER(View), C.c_int],
     "shardopt_engine_grads_ready": [P, C.c_int], "shardopt_engine_release": [P, C.c_int],
     "shardopt_engine_step": [P, C.POINTER(StepResult)], "shardopt_engine_read_master": [P, P, P],
+    "shardopt_engine_borrow_gradients": [P, C.c_int, P], "shardopt_engine_borrow_parameters": [P, C.c_int, P],
+    "shardopt_engine_memory_borrowed": [P, C.c_int, C.POINTER(C.c_size_t)],
 }.items():
     getattr(lib, name).argtypes = args
     getattr(lib, name).restype = C.c_int
@@ -101,7 +104,10 @@ def reference():
     return out
 
 
-def train(stage):
+def train(stage, borrowed=False):
+    """borrowed: the gradients and parameters live in this script's own arrays (one array each,
+    w then b), borrowed by the engine: the script writes gradients there and reads the updated
+    parameters there, without gradients() or acquire()."""
     cfg, be, group, comm, eng = P(), P(), P(), P(), P()
     ok(lib.shardopt_config_create(C.byref(cfg)), "config")
     for k, v in {"stage": str(stage), "lr": str(LR), "weight_decay": str(WD), "alignment": "4"}.items():
@@ -113,6 +119,14 @@ def train(stage):
     shapes = [(C.c_int64 * len(SHAPES[n]))(*SHAPES[n]) for n in NAMES]
     descs = (TensorDesc * 2)(*[TensorDesc(n.encode(), len(SHAPES[n]), shapes[k], 0) for k, n in enumerate(NAMES)])
     ok(lib.shardopt_engine_add_block(eng, b"block", 2, descs, None), "add_block")
+    own_grads = (C.c_float * 35)(*([99.0] * 35))  # garbage: the engine zeroes it at initialize
+    own_params = (C.c_float * 35)()
+    offset = {"w": 0, "b": 30}
+    if borrowed:
+        for t, n in enumerate(NAMES):
+            at = offset[n] * C.sizeof(C.c_float)
+            ok(lib.shardopt_engine_borrow_gradients(eng, t, C.addressof(own_grads) + at), "borrow_gradients")
+            ok(lib.shardopt_engine_borrow_parameters(eng, t, C.addressof(own_params) + at), "borrow_parameters")
 
     seen = []
 
@@ -127,6 +141,14 @@ def train(stage):
     views = (View * 2)()
     result = StepResult()
     for s in range(1, STEPS + 1):
+        if borrowed:
+            for t, n in enumerate(NAMES):
+                for i in range(NUMEL[n]):
+                    own_grads[offset[n] + i] += grad(t, i, s)
+            ok(lib.shardopt_engine_grads_ready(eng, 0), "grads_ready")
+            ok(lib.shardopt_engine_step(eng, C.byref(result)), "step")
+            check(result.applied == 1 and result.step == s, f"stage {stage}: borrowed step result {result.step}")
+            continue
         ok(lib.shardopt_engine_acquire(eng, 0, views, 2), "acquire")
         ok(lib.shardopt_engine_gradients(eng, 0, views, 2), "gradients")
         for t, name in enumerate(NAMES):
@@ -145,6 +167,12 @@ def train(stage):
             master[NAMES[tensor]][begin + i] = values[i]
 
     ok(lib.shardopt_engine_read_master(eng, C.cast(collect, P), None), "read_master")
+    if borrowed:
+        nbytes = C.c_size_t()
+        ok(lib.shardopt_engine_memory_borrowed(eng, 0, C.byref(nbytes)), "memory_borrowed")
+        check(nbytes.value == 2 * 35 * 4, f"stage {stage}: borrowed bytes {nbytes.value}")
+        check(all(own_params[offset[n] + i] == master[n][i] for n in NAMES for i in range(NUMEL[n])),
+              f"stage {stage}: the borrowed parameters are the master weights")
     lib.shardopt_engine_destroy(eng)
     lib.shardopt_comm_destroy(comm)
     lib.shardopt_group_destroy(group)
@@ -155,15 +183,16 @@ def train(stage):
 
 check(lib.shardopt_abi_version() == 1, "ABI version")
 ref = reference()
-for stage in range(4):
-    got = train(stage)
+for stage, borrowed in [(k, b) for k in range(4) for b in (False, True)]:
+    got = train(stage, borrowed)
     worst = 0.0
     for n in NAMES:
         for a, b in zip(got[n], ref[n]):
             err = abs(a - b)
             worst = max(worst, err) if not math.isnan(err) else math.inf
             check(err <= 1e-6 + 1e-6 * abs(b), f"stage {stage} tensor {n}: {a} vs float64 {b}")
-    print(f"stage {stage}: largest difference from the float64 reference {worst:.3g}")
+    print(f"stage {stage}{' (borrowed memory)' if borrowed else ''}: largest difference from the float64 reference "
+          f"{worst:.3g}")
 
 cfg = P()
 ok(lib.shardopt_config_create(C.byref(cfg)), "config")

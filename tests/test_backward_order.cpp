@@ -1,0 +1,315 @@
+// Any backward order at stages 2-3: a backward that opens more units than there are gradient
+// buckets (blocks reported in an order that hops between units), and a single-pass backward that
+// writes every block's gradient before any grads_ready (Config::gradient_buckets = 0), checked
+// element-wise against the float64 oracle and bit for bit against the in-order run, with and
+// without optimizer offload; and the same single pass into borrowed gradient memory (the
+// trainer's own arrays) at every stage with the default buckets.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <string>
+
+#include "engine_oracle.hpp"
+#include "shardopt/error.hpp"
+#include "engine/plan.hpp"
+#include "shardopt/estimate.hpp"
+
+using namespace shardopt;
+using namespace shardopt::testing;
+
+namespace {
+
+struct Case {
+  DType compute, reduce;
+  int accumulation;
+  OffloadKind offload;
+};
+
+std::string case_name(int stage, int world, const Case& c, BackwardOrder order) {
+  return "stage " + std::to_string(stage) + " world " + std::to_string(world) + " " +
+         std::string(name_of(c.compute)) + "/" + std::string(name_of(c.reduce)) + " accum " +
+         std::to_string(c.accumulation) + " offload " + std::string(name_of(c.offload)) +
+         (order == BackwardOrder::single_pass ? " single-pass" : " scattered");
+}
+
+RunSpec spec_for(int stage, int world, const Case& c) {
+  RunSpec spec;
+  spec.world = world;
+  spec.steps = 5;
+  spec.cfg = base_config(stage, c.compute, OptimizerKind::adamw);
+  spec.cfg.reduce_dtype = c.reduce;
+  spec.cfg.accumulation_steps = c.accumulation;
+  spec.cfg.offload_optimizer = c.offload;
+  spec.group1 = no_decay(spec.cfg);
+  return spec;
+}
+
+std::uint64_t reduce_scatters(const RunResult& r) {
+  return r.comm_last_step[0].calls[static_cast<int>(CollectiveKind::reduce_scatter)];
+}
+
+void check_orders(const std::vector<Case>& cases) {
+  for (int stage : {2, 3})
+    for (int world : {1, 2, 3})
+      for (const Case& c : cases) {
+        RunSpec spec = spec_for(stage, world, c);
+        const RunResult in_order = run_training(spec);
+        for (BackwardOrder order : {BackwardOrder::scattered, BackwardOrder::single_pass}) {
+          SCOPED_TRACE(case_name(stage, world, c, order));
+          RunSpec other = spec;
+          other.backward = order;
+          // The single pass holds every unit's views at once: one bucket per unit.
+          if (order == BackwardOrder::single_pass) other.cfg.gradient_buckets = 0;
+          const RunResult got = run_training(other);
+          expect_bitwise_equal(in_order, got, 2, "against the in-order backward");
+          expect_matches_reference(other, got);
+          for (int r = 0; r < world; ++r)
+            for (std::size_t s = 0; s < got.results[r].size(); ++s)
+              EXPECT_EQ(got.results[r][s].grad_norm, in_order.results[r][s].grad_norm) << "rank " << r << " step " << s;
+          // The scattered order opens more units than the two buckets hold: units are flushed
+          // early, each one more reduce-scatter than the in-order run's one per unit (nothing is
+          // reduce-scattered when one rank adds straight into its shard; over one rank otherwise a
+          // reduce-scatter is a copy, counted all the same).
+          const bool direct = world == 1 && c.accumulation == 1 && c.compute == c.reduce && c.offload == OffloadKind::none;
+          if (order == BackwardOrder::scattered && !direct) {
+            EXPECT_GT(reduce_scatters(got), reduce_scatters(in_order));
+          } else if (!direct) {
+            EXPECT_EQ(reduce_scatters(got), reduce_scatters(in_order));
+          }
+        }
+      }
+}
+
+}  // namespace
+
+TEST(BackwardOrder, AnyOrderEqualsInOrderBitForBitAndMatchesOracle) {
+  check_orders({{DType::fp32, DType::fp32, 1, OffloadKind::none},
+                {DType::bf16, DType::bf16, 1, OffloadKind::none},
+                {DType::bf16, DType::fp32, 1, OffloadKind::none},
+                {DType::bf16, DType::bf16, 2, OffloadKind::none}});
+}
+
+TEST(BackwardOrder, AnyOrderWithOptimizerOffload) {
+  check_orders({{DType::fp32, DType::fp32, 1, OffloadKind::host},
+                {DType::bf16, DType::fp32, 1, OffloadKind::host},
+                {DType::bf16, DType::bf16, 2, OffloadKind::host}});
+}
+
+// Borrowed memory: a single pass writes every tensor's gradient into the trainer's own arrays
+// before any grads_ready, with the default two buckets, at every stage; with borrowed parameters
+// too (worlds 1 and 3), acquire() hands out the trainer's arrays, which the engine rewrites after
+// every step (the run reads its final parameters through acquire, so they are checked too).
+TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
+  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
+                                   {DType::bf16, DType::fp32, 1, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 2, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 1, OffloadKind::host},
+                                   {DType::bf16, DType::bf16, 2, OffloadKind::host}};
+  for (int stage : {0, 1, 2, 3})
+    for (int world : {1, 2, 3})
+      for (const Case& c : cases) {
+        SCOPED_TRACE(case_name(stage, world, c, BackwardOrder::single_pass) + " borrowed");
+        RunSpec spec = spec_for(stage, world, c);
+        const RunResult in_order = run_training(spec);
+        RunSpec other = spec;
+        other.backward = BackwardOrder::single_pass;
+        other.borrow_gradients = true;
+        other.borrow_parameters = world != 2;  // both kinds, and gradients alone
+        const RunResult got = run_training(other);
+        expect_bitwise_equal(in_order, got, 2, "against the in-order backward into engine memory");
+        expect_matches_reference(other, got);
+        std::size_t own = 0;
+        for (const auto& b : spec.model)
+          for (const auto& t : b.tensors) own += numel(t.shape) * size_of(c.compute);
+        if (other.borrow_parameters) own *= 2;
+        // What the engine allocates: its plan for borrowed parameters, byte for byte; the same as
+        // without borrowing, except at stages 1-2 with the parameters borrowed, where a shard and
+        // one slot replace the full parameters.
+        MemoryPlan mp;
+        for (const auto& b : detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters).buffers)
+          mp.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
+        const MemoryReport planned = mp.report();
+        const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
+        const Layout L = Layout::build(spec.model, detail::layout_options(spec.cfg, world));
+        std::size_t full = 0;
+        for (const auto& u : L.units()) full += u.padded_elems;
+        const int params = static_cast<int>(Category::parameters), dev = static_cast<int>(Place::device);
+        for (int r = 0; r < world; ++r) {
+          EXPECT_EQ(got.memory[r].borrowed[dev], own);
+          for (int k = 0; k < kCategoryCount; ++k)
+            for (int p = 0; p < kPlaceCount; ++p) {
+              EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]);
+              if (!shard_only || k != params)
+                EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
+            }
+          if (shard_only) {
+            EXPECT_EQ(in_order.memory[r].current[params][dev], full * size_of(c.compute));
+            EXPECT_EQ(got.memory[r].current[params][dev], (L.shard_elems() + L.max_unit_elems()) * size_of(c.compute));
+          }
+        }
+      }
+}
+
+TEST(BorrowedMemory, BadIndexAndLateCallAreErrors) {
+  World w(1);
+  Engine e(base_config(2, DType::fp32, OptimizerKind::adamw), *w.backends[0], *w.comms[0]);
+  for (const auto& b : awkward_model()) e.register_block(b);
+  float x[4] = {};
+  EXPECT_THROW(e.borrow_gradients(-1, x), Error);
+  EXPECT_THROW(e.borrow_parameters(-1, x), Error);
+  try {
+    e.borrow_gradients(999, x);
+    ADD_FAILURE() << "tensor 999 accepted";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(std::string(err.what()).find("999"), std::string::npos) << err.what();
+  }
+  e.initialize();
+  try {
+    e.borrow_gradients(0, x);
+    ADD_FAILURE() << "borrow after initialize accepted";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), ErrorCode::invalid_state);
+  }
+}
+
+// Views of more units than buckets held at once cannot be served: a clear error naming the
+// remedy, and the engine stays usable.
+TEST(BackwardOrder, MoreOpenViewsThanBucketsIsAClearError) {
+  World w(2);
+  w.run([&](int rank) {
+    Config cfg = base_config(2, DType::fp32, OptimizerKind::adamw);
+    Engine e(cfg, *w.backends[rank], *w.comms[rank]);
+    for (const auto& b : awkward_model()) e.register_block(b);
+    e.initialize();
+    const Layout& L = e.layout();
+    ASSERT_GE(L.units().size(), 3u);
+    // The first block of each of three units, views held.
+    std::vector<int> firsts;
+    for (const auto& u : L.units()) firsts.push_back(u.first_block);
+    e.gradients(firsts[0]);
+    e.gradients(firsts[1]);
+    try {
+      e.gradients(firsts[2]);
+      ADD_FAILURE() << "a third unit's views with two buckets held";
+    } catch (const Error& err) {
+      EXPECT_EQ(err.code(), ErrorCode::invalid_state);
+      EXPECT_NE(std::string(err.what()).find("gradient_buckets"), std::string::npos) << err.what();
+      EXPECT_NE(std::string(err.what()).find(L.blocks()[firsts[2]].name), std::string::npos) << err.what();
+    }
+    e.zero_grad();
+    synthetic_micro_step(e, rank, 0, 0, 7, 1.0f);
+    EXPECT_TRUE(e.step().applied);
+  });
+}
+
+// The plan counts the buckets Config::gradient_buckets asks for, byte for byte with what the
+// engine allocates.
+TEST(BackwardOrder, GradientBucketsInThePlan) {
+  for (int buckets : {0, 1, 3})
+    for (int stage : {2, 3}) {
+      SCOPED_TRACE("gradient_buckets " + std::to_string(buckets) + " stage " + std::to_string(stage));
+      RunSpec spec = spec_for(stage, 2, {DType::bf16, DType::bf16, 1, OffloadKind::none});
+      spec.steps = 1;
+      spec.cfg.gradient_buckets = buckets;
+      const MemoryPlan plan = plan_memory(spec.cfg, spec.model, spec.world);
+      const MemoryReport planned = plan.report();
+      const Layout L = Layout::build(spec.model, {2, spec.cfg.alignment, spec.cfg.bucket_bytes / 2});
+      std::size_t bucket_bytes = 0;
+      for (const auto& b : plan.buffers)
+        if (b.name.rfind("gradient bucket", 0) == 0) bucket_bytes += b.bytes;
+      const std::size_t expect_count = buckets == 0 ? L.units().size() : static_cast<std::size_t>(buckets);
+      EXPECT_EQ(bucket_bytes, expect_count * L.max_unit_elems() * 2);
+      const RunResult run = run_training(spec);
+      for (int c = 0; c < kCategoryCount; ++c)
+        for (int p = 0; p < kPlaceCount; ++p) {
+          EXPECT_EQ(run.memory[0].current[c][p], planned.current[c][p]);
+          EXPECT_EQ(run.memory[0].peak[c][p], planned.peak[c][p]);
+        }
+    }
+}
+
+// Which tensors are borrowed decides collectives (gathers skipped, flushes): ranks that borrow
+// differently fail initialize() together instead of hanging in a collective.
+TEST(BorrowedMemory, RanksThatBorrowDifferentlyFailInitialize) {
+  World w(2);
+  std::vector<int> codes(2, -1);
+  std::vector<std::vector<float>> mem(2, std::vector<float>(64 * 64));
+  (void)run_on_threads(2, [&](int rank) {
+    Engine e(base_config(2, DType::fp32, OptimizerKind::adamw), *w.backends[rank], *w.comms[rank]);
+    for (const auto& b : awkward_model()) e.register_block(b);
+    if (rank == 0) e.borrow_gradients(0, mem[rank].data());  // embed.w: 407 elements
+    try {
+      e.initialize();
+    } catch (const Error& err) {
+      codes[rank] = static_cast<int>(err.code());
+    }
+  });
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(codes[r], static_cast<int>(ErrorCode::communication)) << "rank " << r;
+}
+
+// load() rewrites the borrowed parameters: a fresh engine started from other values holds, after
+// loading a checkpoint, the checkpoint's master weights in the trainer's arrays on every rank.
+TEST(BorrowedMemory, LoadWritesTheTrainersParameters) {
+  for (int stage : {1, 2, 3}) {
+    SCOPED_TRACE("stage " + std::to_string(stage));
+    const std::string dir = (std::filesystem::temp_directory_path() /
+                             ("shardopt_borrow_load_" + std::to_string(::getpid()) + "_" + std::to_string(stage)))
+                                .string();
+    World w(2);
+    const Config cfg = base_config(stage, DType::fp32, OptimizerKind::adamw);
+    const std::vector<BlockSpec> model = awkward_model();
+    std::vector<std::vector<std::vector<float>>> params(2);  // [rank][tensor]: the trainer's arrays
+    std::vector<std::vector<std::vector<float>>> master(2);  // [rank][tensor]: what it owns, else NaN
+    w.run([&](int rank) {
+      auto borrow_all = [&](Engine& e) {
+        int t = 0;
+        params[rank].clear();
+        for (const auto& b : model)
+          for (const auto& ts : b.tensors) params[rank].emplace_back(numel(ts.shape), -7.0f);
+        for (auto& p : params[rank]) {
+          if (!p.empty()) e.borrow_parameters(t, p.data());
+          ++t;
+        }
+      };
+      {
+        Engine a(cfg, *w.backends[rank], *w.comms[rank]);
+        for (const auto& b : model) a.register_block(b);
+        borrow_all(a);
+        a.initialize(seeded_init(3));
+        for (int s = 0; s < 2; ++s) {
+          synthetic_micro_step(a, rank, s, 0, 3, 1.0f);
+          a.step();
+        }
+        a.save(dir);
+      }
+      Engine e(cfg, *w.backends[rank], *w.comms[rank]);
+      for (const auto& b : model) e.register_block(b);
+      borrow_all(e);
+      e.initialize(seeded_init(99));
+      e.load(dir);
+      master[rank].resize(params[rank].size());
+      for (std::size_t t = 0; t < params[rank].size(); ++t) master[rank][t].assign(params[rank][t].size(), std::nanf(""));
+      e.read_master([&](int t, std::size_t begin, std::size_t n, const float* v) {
+        for (std::size_t i = 0; i < n; ++i) master[rank][t][begin + i] = v[i];
+      });
+    });
+    std::filesystem::remove_all(dir);
+    int checked = 0;
+    for (std::size_t t = 0; t < params[0].size(); ++t)
+      for (std::size_t i = 0; i < params[0][t].size(); ++i) {
+        ASSERT_EQ(params[0][t][i], params[1][t][i]) << "tensor " << t << "[" << i << "]: ranks differ";
+        for (int r = 0; r < 2; ++r)
+          if (!std::isnan(master[r][t][i])) {
+            ASSERT_EQ(params[0][t][i], master[r][t][i]) << "tensor " << t << "[" << i << "]";
+            ++checked;
+          }
+      }
+    std::size_t total = 0;
+    for (const auto& p : params[0]) total += p.size();
+    EXPECT_EQ(checked, static_cast<int>(total));  // every element owned by exactly one rank
+  }
+}
