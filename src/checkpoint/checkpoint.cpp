@@ -219,6 +219,8 @@ SaveJob begin_save(CheckpointPort& im, const StepState& state, const std::string
   m.master_dtype = DType::fp32;
   m.optimizer = cfg.optimizer;
   m.fields = job.fields;
+  m.state_precision = cfg.state_precision;
+  m.quant_block = cfg.state_precision == StatePrecision::int8 ? cfg.quant_block : 0;
   m.groups = im.groups();
   m.step = state.step;
   m.loss_scale_mode = cfg.loss_scaling.mode;
@@ -328,7 +330,7 @@ void save_impl(CheckpointPort& im, const std::string& dir, const std::string& me
   require(im.config().master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
   SaveJob job = begin_save(im, state, dir, metadata);
   const std::optional<Error> err = write_shard(job, [&](int fi, std::size_t pi, std::size_t done, std::size_t k, float* out) {
-    im.store().read(fi, job.pieces[pi].offset + done, k, out);
+    im.store().read_words(fi, job.pieces[pi].offset + done, k, out);
   });
   agree_or_throw(im, err, "save into '" + dir + "'");
   commit_save(im, job);
@@ -352,6 +354,15 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
       throw Error(ErrorCode::invalid_argument, "'" + mpath + "' was saved with optimizer " +
                                                    std::string(name_of(m.optimizer)) + "; this engine uses " +
                                                    std::string(name_of(cfg.optimizer)));
+    // The stored form of the state is only meaningful in its own precision (and int8 block size):
+    // converting would round (fp32 -> bf16/int8) or re-quantize, so another precision is refused.
+    if (m.state_precision != cfg.state_precision || m.quant_block != (cfg.state_precision == StatePrecision::int8 ? cfg.quant_block : 0))
+      throw Error(ErrorCode::invalid_argument,
+                  "'" + mpath + "' holds optimizer state in " + std::string(name_of(m.state_precision)) +
+                      (m.state_precision == StatePrecision::int8 ? " (quant_block " + std::to_string(m.quant_block) + ")" : std::string()) +
+                      "; this engine uses state_precision " + std::string(name_of(cfg.state_precision)) +
+                      (cfg.state_precision == StatePrecision::int8 ? " (quant_block " + std::to_string(cfg.quant_block) + ")" : std::string()) +
+                      ": a checkpoint loads only into an engine of the same state precision");
     const auto& tensors = layout.tensors();
     std::vector<int> map(tensors.size());
     for (std::size_t t = 0; t < tensors.size(); ++t) {
@@ -429,7 +440,7 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
   try {
     for (int fi = 0; fi < nfields; ++fi)
       for (std::size_t pi = 0; pi < pieces.size(); ++pi)
-        im.store().write(fi, pieces[pi].offset, pieces[pi].count, staging[fi][pi].data());
+        im.store().write_words(fi, pieces[pi].offset, pieces[pi].count, staging[fi][pi].data());
   } catch (const Error& e) {
     if (cfg.offload_optimizer != OffloadKind::nvme) throw;
     throw Error(e.code(), "load from '" + dir + "': writing the loaded state into this rank's NVMe file failed (" +
@@ -497,7 +508,7 @@ void Engine::save_async(const std::string& dir, const std::string& metadata) {
     for (std::size_t fi = 0; fi < nfields; ++fi)
       for (std::size_t pi = 0; pi < a->job.pieces.size(); ++pi) {
         const Piece& p = a->job.pieces[pi];
-        im.store().read(static_cast<int>(fi), p.offset, p.count, st + fi * n + a->offset[pi]);
+        im.store().read_words(static_cast<int>(fi), p.offset, p.count, st + fi * n + a->offset[pi]);
       }
   });
   agree_or_throw(im, err, "save_async into '" + dir + "'");

@@ -223,6 +223,18 @@ void Config::validate() const {
   // the gathers, so a huge value is a mistake (it would plan billions of buffers).
   check(prefetch_units <= kMaxPrefetchUnits, ErrorCode::invalid_argument, "prefetch_units", prefetch_units,
         "must be at most " + std::to_string(kMaxPrefetchUnits));
+
+  const bool known_precision = state_precision == StatePrecision::fp32 || state_precision == StatePrecision::bf16 ||
+                               state_precision == StatePrecision::int8;
+  check(known_precision, ErrorCode::invalid_argument, "state_precision", static_cast<int>(state_precision),
+        "unknown state precision (fp32, bf16 or int8)");
+  if (state_precision == StatePrecision::int8) check_quant_block(quant_block, "Config.quant_block");
+  // The offload engine (offload/) updates and stores fp32 state only.
+  if (known_precision && state_precision != StatePrecision::fp32)
+    check(offload_optimizer == OffloadKind::none, ErrorCode::unsupported, "state_precision",
+          std::string(name_of(state_precision)),
+          "compressed optimizer state is not supported with offload_optimizer=" +
+              std::string(name_of(offload_optimizer)) + " yet (use offload_optimizer=none or state_precision=fp32)");
 }
 
 }  // namespace shardopt

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <numeric>
 
 #include "shardopt/error.hpp"
 #include "shardopt/step_control.hpp"
@@ -17,6 +18,9 @@ LayoutOptions layout_options(const Config& config, int world_size) {
   LayoutOptions lo;
   lo.world_size = world_size;
   lo.alignment = config.alignment;
+  // int8 state: quantization blocks are cut on each tensor's own element index, so tensor starts
+  // and rank slices are aligned to the block size: no block straddles a shard boundary.
+  if (config.state_precision == StatePrecision::int8) lo.alignment = std::lcm(config.alignment, config.quant_block);
   lo.bucket_elems = std::max<std::size_t>(1, config.bucket_bytes / size_of(config.compute_dtype));
   return lo;
 }
@@ -90,8 +94,21 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   const int nst = state_count(cfg.optimizer);
   if (!off) {
     if (c != DType::fp32) add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights");
-    for (int i = 0; i < nst; ++i)
-      add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, "optimizer state " + std::to_string(i));
+    for (int i = 0; i < nst; ++i) {
+      const std::string name = "optimizer state " + std::to_string(i);
+      switch (cfg.state_precision) {
+        case StatePrecision::fp32: add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, name); break;
+        case StatePrecision::bf16: add(Buf::state, i, n_state, DType::bf16, Category::optimizer_state, name + " (bf16)"); break;
+        case StatePrecision::int8:
+          // One code byte per element, planned as two-byte elements (BufferSpec has no one-byte
+          // dtype): n_state is a multiple of the alignment, which int8 makes a multiple of the
+          // block size (>= 64), so this is exactly n_state bytes. Zero codes are the zero moment.
+          add(Buf::state, i, n_state / 2, DType::bf16, Category::optimizer_state, name + " (int8 codes)");
+          add(Buf::state_scales, i, quant_block_count(n_state, cfg.quant_block), DType::fp32,
+              Category::optimizer_state, name + " (int8 block scales)");
+          break;
+      }
+    }
   } else {
     // Offloaded, the master is always its own fp32 copy (even for an fp32 compute dtype): the
     // device parameters are only the rounded output the pipeline copies up.

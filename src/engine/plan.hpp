@@ -15,7 +15,7 @@ enum class Buf : unsigned char {
   params_full,    // stages 0-2: every unit, compute dtype
   param_shard,    // stage 3: this rank's slices, compute dtype
   master,         // fp32 master weights (absent when the compute dtype is fp32)
-  state,          // optimizer state `index`
+  state,          // optimizer state `index` (fp32; bf16 or int8 codes with compressed state, see below)
   grads_full,     // stages 0-1: every unit, compute dtype
   grads_reduced,  // stage 0 with reduce dtype != compute, no offload: the all-reduced gradient
   reduce_buf,     // one unit in the reduce dtype (cast before reducing; with offload also stage 0)
@@ -33,7 +33,9 @@ enum class Buf : unsigned char {
   grad_staging,   // optimizer offload, stages 2-3 with accumulation: one reduced slice on its way into host_grad
   param_ring,     // optimizer offload: updated compute-dtype chunk `index` on its way up (ring)
   io_ring,        // nvme: aligned read/update/write buffers, all ring entries in one buffer
-  nvme_file       // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
+  nvme_file,      // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
+  // ---- compressed optimizer state (Config::state_precision; shardopt/state_precision.hpp)
+  state_scales    // int8 state: the fp32 block scales of optimizer state `index`
 };
 
 // The floats of one rank's record in initialize()'s agreement (engine/agreement.cpp): a header of
