@@ -179,6 +179,43 @@ void OffloadEngine::run_pieces(std::size_t cell, float* master, float* s0, float
     std::this_thread::sleep_for(std::chrono::microseconds(us));
 }
 
+// Compressed state (host tier): the CPU kernels of Backend::compressed_update on each piece, split
+// across the pool at multiples of kUpdateGrain (a multiple of every int8 block size, so no block
+// is split and its scale does not depend on the split).
+void OffloadEngine::run_compressed(std::size_t cell, int slot, const std::map<int, StepScalars>& scalars,
+                                   std::uint64_t seed) {
+  static_assert(kUpdateGrain % kMaxQuantBlock == 0);
+  const cpu::CompressedKernels& k = cpu::compressed_kernels(cpu::active_isa());
+  const DType c = setup_.param_dtype;
+  const std::size_t base = cell * setup_.chunk_elems;
+  const std::size_t code_bytes = setup_.precision == StatePrecision::bf16 ? 2 : 1;
+  for (std::size_t i = cell_first_[cell]; i < cell_first_[cell + 1]; ++i) {
+    const Piece& p = pieces_[i];
+    CompressedUpdateArgs a;
+    a.rule = setup_.rule;
+    a.scalars = scalars.at(p.group);
+    a.precision = setup_.precision;
+    a.block_size = setup_.quant_block;
+    a.seed = seed;
+    a.first_index = p.first_index;
+    a.master = setup_.master + p.off;
+    for (int s = 0; s < setup_.nstates; ++s) {
+      void* codes = static_cast<std::byte*>(setup_.codes[s]) + p.off * code_bytes;
+      float* sc = setup_.scales[s] ? setup_.scales[s] + p.off / setup_.quant_block : nullptr;
+      (s == 0 ? a.state1 : a.state2) = codes;
+      (s == 0 ? a.scales1 : a.scales2) = sc;
+    }
+    a.grad = add_bytes(setup_.host_grad, p.off, setup_.grad_dtype);
+    a.grad_dtype = setup_.grad_dtype;
+    a.param_out = setup_.params_on_host ? p.param : add_bytes(setup_.param_ring[slot], p.off - base, c);
+    a.param_dtype = c;
+    a.n = p.n;
+    pool_->parallel_for(p.n, kUpdateGrain, [&](std::size_t b, std::size_t e) { k.update(cpu::slice(a, b, e - b)); });
+  }
+  if (const int us = test_hooks().update_delay_us.load(); us > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
+
 // Waits until ring slot `slot` is no longer being uploaded (its previous cell's copies are done).
 void OffloadEngine::upload_cell(std::size_t cell, int slot, bool wait_slot) {
   if (setup_.params_on_host) return;
@@ -197,7 +234,7 @@ void OffloadEngine::upload_cell(std::size_t cell, int slot, bool wait_slot) {
   slot_used_[slot] = 1;
 }
 
-void OffloadEngine::update(const std::map<int, StepScalars>& scalars) {
+void OffloadEngine::update(const std::map<int, StepScalars>& scalars, std::uint64_t seed) {
   const std::size_t C = setup_.chunk_elems;
   const int R = setup_.ring;
   if (!store_) {
@@ -205,8 +242,11 @@ void OffloadEngine::update(const std::map<int, StepScalars>& scalars) {
       const int slot = static_cast<int>(cell % R);
       const std::size_t base = cell * C;
       upload_cell(cell, slot, true);
-      run_pieces(cell, setup_.master + base, setup_.states[0] + base,
-                 setup_.nstates > 1 ? setup_.states[1] + base : nullptr, base, slot, scalars);
+      if (setup_.precision != StatePrecision::fp32)
+        run_compressed(cell, slot, scalars, seed);
+      else
+        run_pieces(cell, setup_.master + base, setup_.states[0] + base,
+                   setup_.nstates > 1 ? setup_.states[1] + base : nullptr, base, slot, scalars);
       upload_cell(cell, slot, false);
     }
     be_.record(*uploaded_, *up_);

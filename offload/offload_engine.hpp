@@ -48,6 +48,9 @@ struct Piece {
   std::size_t off = 0;  // first state element
   std::size_t n = 0;
   void* param = nullptr;  // where the rounded compute-dtype values go (device, or host under offload_params)
+  // Compressed state: the dither index of the first element (StepRunner's numbering: the
+  // tensor's own element index), so the host update gives the device update's bytes.
+  std::uint64_t first_index = 0;
 };
 
 struct Setup {
@@ -74,6 +77,13 @@ struct Setup {
   void* io_ring = nullptr;
   std::size_t io_ring_bytes = 0;
   std::vector<std::size_t> disk_bytes;  // per Category index: what the store reports at Place::disk
+  // Compressed optimizer state (host tier only; Config::state_precision): `states` are then null
+  // and the update runs Backend::compressed_update's CPU kernels on these codes and int8 block
+  // scales (block k of the scales covers state elements [k*quant_block, (k+1)*quant_block)).
+  StatePrecision precision = StatePrecision::fp32;
+  std::size_t quant_block = kDefaultQuantBlock;
+  void* codes[2] = {nullptr, nullptr};
+  float* scales[2] = {nullptr, nullptr};
 };
 
 class OffloadEngine {
@@ -128,7 +138,8 @@ class OffloadEngine {
   // The pipelined update: every piece with scalars.at(piece.group). Parameters are uploaded on
   // the upload stream; the caller makes its next work wait for `uploaded()`, recorded at the end.
   // nvme: on an I/O error throws Error naming the file; the file keeps the previous state.
-  void update(const std::map<int, StepScalars>& scalars);
+  // `seed`: the dither seed of compressed state (the step counter after this step's decision).
+  void update(const std::map<int, StepScalars>& scalars, std::uint64_t seed = 0);
   Event& uploaded() noexcept { return *uploaded_; }
 
   // Reads `n` elements of field `field` (0: master, 1 + i: state i) from state element `off`
@@ -147,6 +158,7 @@ class OffloadEngine {
   void upload_cell(std::size_t cell, int slot, bool wait_slot);
   void run_pieces(std::size_t cell, float* master, float* s0, float* s1, std::size_t base, int slot,
                   const std::map<int, StepScalars>& scalars);
+  void run_compressed(std::size_t cell, int slot, const std::map<int, StepScalars>& scalars, std::uint64_t seed);
   void delay_copy(Stream& s);
 
   Setup setup_;

@@ -414,12 +414,71 @@ TEST(CompressedEngine, BadConfigurationsAreNamedErrors) {
   c.state_precision = StatePrecision::int8;
   c.quant_block = 256;
   c.offload_optimizer = OffloadKind::host;
+  EXPECT_NO_THROW(c.validate()) << "host offload keeps the compressed form";
+  c.offload_optimizer = OffloadKind::nvme;
+  c.nvme_dir = "/tmp";
   try {
     c.validate();
-    ADD_FAILURE() << "int8 state with offload accepted";
+    ADD_FAILURE() << "int8 state with nvme offload accepted";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::unsupported);
     EXPECT_NE(e.message().find("state_precision"), std::string::npos) << e.message();
+  }
+}
+
+// ---------------------------------------------------------------- offload
+// Host offload keeps the compressed form in pinned memory and updates it on the CPU with the same
+// kernels and the same dither indices: the same bits as without offload, in cells of 1024
+// elements (several per rank) so the pipeline's cell cuts are crossed.
+TEST(CompressedEngine, HostOffloadGivesTheSameBitsAsNoOffload) {
+  detail::set_offload_chunk_for_testing(1024);
+  struct Case {
+    int stage, world;
+    bool params;
+  };
+  for (StatePrecision p : {StatePrecision::int8, StatePrecision::bf16})
+    for (const Case& c : {Case{1, 1, false}, Case{2, 2, false}, Case{3, 3, true}, Case{0, 2, false}}) {
+      SCOPED_TRACE(std::string(name_of(p)) + " stage " + std::to_string(c.stage) + " world " + std::to_string(c.world) +
+                   (c.params ? " + parameters" : ""));
+      Config cfg = compressed_config(c.stage, p, OptimizerKind::adamw, DType::bf16);
+      const Fields plain = run(cfg, c.world, 6);
+      cfg.offload_optimizer = OffloadKind::host;
+      cfg.offload_params = c.params;
+      const Fields off = run(cfg, c.world, 6);
+      std::string where;
+      EXPECT_TRUE(same(plain, off, where)) << "host offload differs at " << where;
+    }
+  detail::set_offload_chunk_for_testing(0);
+}
+
+// Bytes per element of state in pinned host memory with host offload and an fp32 master:
+// 4 + 2 * 4 (fp32), 4 + 2 * 2 (bf16), 4 + 2 * (1 + 4/B) (int8), counted by memory_report() and
+// predicted by plan_memory() byte for byte.
+TEST(CompressedEngine, HostOffloadHoldsTheCompressedBytes) {
+  for (StatePrecision p : {StatePrecision::fp32, StatePrecision::bf16, StatePrecision::int8}) {
+    SCOPED_TRACE(name_of(p));
+    Config cfg = compressed_config(2, p, OptimizerKind::adamw, DType::bf16);
+    cfg.offload_optimizer = OffloadKind::host;
+    const int world = 2;
+    const Layout L = Layout::build(awkward_model(), detail::layout_options(cfg, world));
+    const std::size_t n = L.shard_elems();
+    const std::size_t expect_state = 2 * state_bytes(p, n, kBlock);
+    const MemoryPlan plan = plan_memory(cfg, awkward_model(), world);
+    std::vector<MemoryReport> got(world);
+    std::mutex mu;
+    with_world(world, cfg, [&](Engine& e, int rank) {
+      train(e, rank, 0, 1);
+      std::lock_guard<std::mutex> lock(mu);
+      got[rank] = e.memory_report();
+    });
+    const auto pinned = static_cast<int>(Place::pinned_host);
+    const auto st = static_cast<int>(Category::optimizer_state), ma = static_cast<int>(Category::master_weights);
+    for (const MemoryReport& r : got) {
+      EXPECT_EQ(r.current[st][pinned], expect_state);
+      EXPECT_EQ(r.current[ma][pinned], 4 * n);
+      EXPECT_EQ(r.current[st][static_cast<int>(Place::device)], 0u);
+      EXPECT_EQ(r.current[st][pinned], plan.report().current[st][pinned]);
+    }
   }
 }
 

@@ -117,7 +117,10 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     o.state_elems = n_state;
     const std::size_t want = g_offload_chunk_override.load() ? g_offload_chunk_override.load() : kOffloadChunk;
     const std::size_t capped = std::min(want, std::max<std::size_t>(n_state, 1));
-    o.chunk_elems = (capped + kNvmeAlignElems - 1) / kNvmeAlignElems * kNvmeAlignElems;
+    // int8 state: a cell is whole quantization blocks too (the pieces are cut at cells).
+    const std::size_t cell_align =
+        cfg.state_precision == StatePrecision::int8 ? std::lcm(kNvmeAlignElems, cfg.quant_block) : kNvmeAlignElems;
+    o.chunk_elems = (capped + cell_align - 1) / cell_align * cell_align;
     o.cells = (n_state + o.chunk_elems - 1) / o.chunk_elems;
     // The gradient the update reads: stages 0-1 reduce at step() into the reduce dtype (or the
     // compute dtype, the same when they match); stages 2-3 into the shard gradient.
@@ -126,9 +129,24 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     o.file_bytes = kNvmeHeaderBytes + 2 * o.cells * o.cell_bytes;
     if (!nvme) {
       add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights (offloaded)", Place::pinned_host);
-      for (int i = 0; i < nst; ++i)
-        add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state,
-            "optimizer state " + std::to_string(i) + " (offloaded)", Place::pinned_host);
+      for (int i = 0; i < nst; ++i) {
+        const std::string name = "optimizer state " + std::to_string(i);
+        switch (cfg.state_precision) {
+          case StatePrecision::fp32:
+            add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, name + " (offloaded)", Place::pinned_host);
+            break;
+          case StatePrecision::bf16:
+            add(Buf::state, i, n_state, DType::bf16, Category::optimizer_state, name + " (bf16, offloaded)",
+                Place::pinned_host);
+            break;
+          case StatePrecision::int8:  // n_state bytes as two-byte elements: see the device case
+            add(Buf::state, i, n_state / 2, DType::bf16, Category::optimizer_state, name + " (int8 codes, offloaded)",
+                Place::pinned_host);
+            add(Buf::state_scales, i, quant_block_count(n_state, cfg.quant_block), DType::fp32,
+                Category::optimizer_state, name + " (int8 block scales, offloaded)", Place::pinned_host);
+            break;
+        }
+      }
     } else {
       // Two generations of every field on disk (see offload/nvme_store.hpp): 2x the state.
       add(Buf::nvme_file, 0, 2 * o.cells * o.chunk_elems, DType::fp32, Category::master_weights,

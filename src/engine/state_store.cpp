@@ -73,6 +73,12 @@ void StateStore::start_offload(const OffloadPlan& plan, const std::vector<Buffer
   st.params_on_host = c.placement.params_tier == Tier::pinned_host;
   st.master = offload_field(0);
   for (int i = 0; i < c.state_count; ++i) st.states[i] = offload_field(1 + i);
+  st.precision = c.cfg.state_precision;
+  st.quant_block = c.cfg.quant_block;
+  for (int i = 0; i < c.state_count; ++i) {
+    st.codes[i] = state_codes(i, 0);
+    st.scales[i] = state_scales(i, 0);
+  }
   st.host_grad = host_grad_.data();
   st.grad_staging = grad_staging_.data();
   st.grad_staging_elems = grad_staging_ ? grad_staging_.bytes() / size_of(c.reduce_dtype) : 0;

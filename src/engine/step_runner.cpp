@@ -105,7 +105,7 @@ std::vector<offload::Piece> StepRunner::offload_pieces(std::size_t chunk_elems) 
     for (std::size_t done = 0; done < rg.n;) {
       const std::size_t cell_end = ((h + done) / chunk_elems + 1) * chunk_elems;
       const std::size_t k = std::min(rg.n - done, cell_end - (h + done));
-      pieces.push_back({rg.group, h + done, k, gatherer_.param_at(rg.unit, rg.unit_begin + done)});
+      pieces.push_back({rg.group, h + done, k, gatherer_.param_at(rg.unit, rg.unit_begin + done), rg.first_index + done});
       done += k;
     }
   }
@@ -250,7 +250,7 @@ void StepRunner::update_offloaded(const StepState& before) {
   const StepScalars* hsc = host_control<StepScalars>(control_.scalars);
   for (std::size_t i = 0; i < control_groups_.size(); ++i) step_scalars_[control_groups_[i]] = hsc[i];
   try {
-    offload.update(step_scalars_);
+    offload.update(step_scalars_, static_cast<std::uint64_t>(host_state_.step));
   } catch (...) {
     // nvme: the file still holds the previous step (see nvme_store.hpp); so does the state.
     host_state_ = before;
