@@ -272,7 +272,8 @@ TEST(CliPlanCompressed, EstimateCountsTheStateInItsPrecision) {
     const json j = run_json(args);
     return j["bytes"]["device"]["optimizer_state"].get<double>();
   };
-  const double n = 1e6;  // 4 blocks of 250000, each padded to the (block-aligned) alignment
+  // 4 blocks of 250000, each its own unit padded to world (4) x alignment (64; int8: 256).
+  const double n = 1e6;
   const double f32 = state_bytes({});
   const double b16 = state_bytes({"--state-precision", "bf16"});
   const double i8 = state_bytes({"--state-precision", "int8", "--quant-block", "256"});
@@ -280,15 +281,16 @@ TEST(CliPlanCompressed, EstimateCountsTheStateInItsPrecision) {
   EXPECT_LE(f32, 8 * n + 8 * 4 * 256);
   EXPECT_DOUBLE_EQ(b16, f32 / 2);
   EXPECT_GE(i8, 2 * n * (1 + 4.0 / 256));
-  EXPECT_LE(i8, 2 * (n + 4 * 256) * (1 + 4.0 / 256));
+  EXPECT_LE(i8, 2 * (n + 4 * 4 * 256) * (1 + 4.0 / 256));
 }
 
 // A model that fits one GPU with no fp32-state configuration (offload refused by a small host
 // memory and NVMe) but with int8 state: plan proposes int8, and estimate agrees with its figure.
 TEST(CliPlanCompressed, PlanProposesCompressedStateWhenThatIsWhatFits) {
   const std::vector<std::string> model = {"--params", "100M", "--dtype", "bf16"};
-  std::vector<std::string> args = {"plan", "--gpu-mem", "1165MiB", "--host-mem", "64MiB", "--nvme", "64MiB",
-                                   "--cuda-context", "0"};
+  // Adam, bf16 compute, stage 3 on one GPU: about 16 (fp32 state), 12 (bf16) and 10 (int8) bytes
+  // per parameter, plus the default CUDA context (512 MiB); 90% of 1734 MiB is between int8 and bf16.
+  std::vector<std::string> args = {"plan", "--gpu-mem", "1734MiB", "--host-mem", "64MiB", "--nvme", "64MiB"};
   args.insert(args.end(), model.begin(), model.end());
   const json j = run_json(args);
   ASSERT_TRUE(j["fits"].get<bool>()) << j.dump();
@@ -299,7 +301,7 @@ TEST(CliPlanCompressed, PlanProposesCompressedStateWhenThatIsWhatFits) {
   const Need at = estimate_need(model, 1, c["stage"].get<int>(), c["offload"].get<std::string>(),
                                 c["offload_params"].get<bool>(), "int8");
   EXPECT_DOUBLE_EQ(at.device, c["need_per_gpu"].get<double>());
-  EXPECT_LE(at.device, 0.9 * 1165 * 1048576.0);
+  EXPECT_LE(at.device, 0.9 * 1734 * 1048576.0);
 }
 
 TEST(CliPlanErrors, BadInputNamesTheFlag) {

@@ -429,6 +429,25 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
             std::memcpy(dst.data() + (a - p.begin), buf.data() + (a - cb), (b - a) * 4);
           }
         }
+        // int8 state words (StateStore::read_words): a code and its block's scale exponent, the
+        // same exponent across a block (blocks of the tensor's own index). Checked here, before
+        // anything is committed, so a bad word never leaves the engine half loaded.
+        if (fi > 0 && cfg.state_precision == StatePrecision::int8) {
+          const std::size_t B = cfg.quant_block;
+          std::uint32_t block_word = 0;
+          for (std::size_t k = 0; k < p.count; ++k) {
+            std::uint32_t w;
+            std::memcpy(&w, dst.data() + k, 4);
+            const bool first_of_block = k == 0 || (p.begin + k) % B == 0;
+            if (w > 0xffffu || (!first_of_block && (w >> 8) != (block_word >> 8)))
+              throw Error(ErrorCode::invalid_argument,
+                          "'" + join(dir, ckpt::kManifestName) + "': tensor '" + tname + "' field '" + m.fields[fi] +
+                              "' element " + std::to_string(p.begin + k) +
+                              (w > 0xffffu ? " is not an int8 code with its scale exponent"
+                                           : " names another scale than the rest of its quantization block"));
+            if (first_of_block) block_word = w;
+          }
+        }
       }
     }
   });
