@@ -328,7 +328,7 @@ TEST(CliPlanErrors, BadInputNamesTheFlag) {
       {{"estimate", "--state-precision", "fp8"}, "--state-precision"},
       {{"estimate", "--state-precision", "int8", "--quant-block", "100"}, "--quant-block"},
       {{"estimate", "--state-precision", "int8", "--quant-block", "8192"}, "--quant-block"},
-      {{"estimate", "--state-precision", "bf16", "--offload", "nvme", "--nvme-dir", "/tmp"}, "--state-precision"},
+      {{"estimate", "--state-precision", "int8", "--quant-block", "0"}, "--quant-block"},
       {{"train", "--state-precision", "int8", "--quant-block", "32", "--steps", "1"}, "--quant-block"},
   };
   for (const auto& [args, flag] : cases) {

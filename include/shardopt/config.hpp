@@ -94,8 +94,8 @@ struct Config {
   // multiple of `alignment` and `quant_block`), so no block straddles a shard boundary and the
   // state's bytes do not depend on world size or stage. The stochastic rounding's seed is the step
   // counter, read by the update from backend memory (a captured CUDA graph replays correctly).
-  // With offload_optimizer=host the pinned host copy holds the compressed form (int8 with fp32
-  // master: 4 + 2*(1 + 4/B) bytes per element instead of 12). Not yet with nvme: Error(unsupported).
+  // With optimizer offload the pinned host copy (host) or the state file (nvme) holds the
+  // compressed form (int8 with fp32 master: 4 + 2*(1 + 4/B) bytes per element instead of 12).
   StatePrecision state_precision = StatePrecision::fp32;
   std::size_t quant_block = kDefaultQuantBlock;
 

@@ -176,10 +176,6 @@ void check_offload(const ModelArgs& a) {
                      std::to_string(a.stage) + ")");
   if (a.offload_params && a.offload == "none")
     throw UsageError("--offload-params: needs --offload host or nvme (the CPU update writes the offloaded shard)");
-  if (a.state_precision != "fp32" && a.offload == "nvme")
-    throw UsageError("--state-precision " + a.state_precision +
-                     ": not yet with --offload nvme (its state file holds fp32 cells); use --offload host or none, "
-                     "or --state-precision fp32");
 }
 
 bool parse_offload(const std::string& text, OffloadKind& out) {

@@ -425,8 +425,6 @@ Assessment assess(const Config& base, const std::vector<BlockSpec>& blocks, std:
   if (out.tried_offload) {
     for (OffloadKind kind : {OffloadKind::host, OffloadKind::nvme}) {
       if (kind == OffloadKind::nvme && !nvme_allowed) continue;
-      // The NVMe state file holds fp32 cells only.
-      if (kind == OffloadKind::nvme && base.state_precision != StatePrecision::fp32) continue;
       out.rows.push_back(evaluate(base, blocks, act, b, 2, b.gpus, kind, false));
       out.rows.push_back(evaluate(base, blocks, act, b, 3, b.gpus, kind, false));
       out.rows.push_back(evaluate(base, blocks, act, b, 3, b.gpus, kind, true));
@@ -436,7 +434,7 @@ Assessment assess(const Config& base, const std::vector<BlockSpec>& blocks, std:
   // Still nothing (and the precision was left at fp32): compressed optimizer state
   // (Config::state_precision), bf16 moments then int8 ones, 4 + 2*2 or 4 + 2*(1 + 4/B) bytes per
   // parameter of state instead of 4 + 2*4 for Adam: on the GPUs (lowest stage first), then in host
-  // memory (host offload keeps the compressed form; the NVMe file does not yet).
+  // memory (host offload keeps the compressed form). With NVMe offload the state is on disk.
   out.tried_compressed = out.choice < 0 && base.state_precision == StatePrecision::fp32;
   if (out.tried_compressed) {
     for (StatePrecision p : {StatePrecision::bf16, StatePrecision::int8})

@@ -229,13 +229,6 @@ void Config::validate() const {
   check(known_precision, ErrorCode::invalid_argument, "state_precision", static_cast<int>(state_precision),
         "unknown state precision (fp32, bf16 or int8)");
   if (state_precision == StatePrecision::int8) check_quant_block(quant_block, "Config.quant_block");
-  // The NVMe store (offload/nvme_store.*) keeps cells of fp32 fields only; host offload updates
-  // compressed state in pinned memory.
-  if (known_precision && state_precision != StatePrecision::fp32)
-    check(offload_optimizer != OffloadKind::nvme, ErrorCode::unsupported, "state_precision",
-          std::string(name_of(state_precision)),
-          "compressed optimizer state is not supported with offload_optimizer=nvme yet "
-          "(use offload_optimizer=host or none, or state_precision=fp32)");
 }
 
 }  // namespace shardopt

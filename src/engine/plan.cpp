@@ -125,7 +125,9 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     // The gradient the update reads: stages 0-1 reduce at step() into the reduce dtype (or the
     // compute dtype, the same when they match); stages 2-3 into the shard gradient.
     o.grad_dtype = pl.grads == GradFlow::bucketed ? gs : r;
-    o.cell_bytes = static_cast<std::size_t>(1 + nst) * o.chunk_elems * 4;
+    const std::size_t state_cell = cell_state_bytes(cfg.state_precision, o.chunk_elems, cfg.quant_block);
+    const std::size_t cell_data = o.chunk_elems * 4 + static_cast<std::size_t>(nst) * state_cell;
+    o.cell_bytes = (cell_data + kNvmeAlign - 1) / kNvmeAlign * kNvmeAlign;
     o.file_bytes = kNvmeHeaderBytes + 2 * o.cells * o.cell_bytes;
     if (!nvme) {
       add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights (offloaded)", Place::pinned_host);
@@ -151,9 +153,20 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
       // Two generations of every field on disk (see offload/nvme_store.hpp): 2x the state.
       add(Buf::nvme_file, 0, 2 * o.cells * o.chunk_elems, DType::fp32, Category::master_weights,
           "master weights (nvme file)", Place::disk);
-      for (int i = 0; i < nst; ++i)
-        add(Buf::nvme_file, 1 + i, 2 * o.cells * o.chunk_elems, DType::fp32, Category::optimizer_state,
-            "optimizer state " + std::to_string(i) + " (nvme file)", Place::disk);
+      // Compressed state: its bytes per cell (codes and int8 scales, an even count: chunk_elems is
+      // a multiple of 1024) as two-byte elements; the cell's padding to kNvmeAlign as `other`.
+      for (int i = 0; i < nst; ++i) {
+        if (cfg.state_precision == StatePrecision::fp32)
+          add(Buf::nvme_file, 1 + i, 2 * o.cells * o.chunk_elems, DType::fp32, Category::optimizer_state,
+              "optimizer state " + std::to_string(i) + " (nvme file)", Place::disk);
+        else
+          add(Buf::nvme_file, 1 + i, o.cells * state_cell, DType::bf16, Category::optimizer_state,
+              "optimizer state " + std::to_string(i) + " (" + std::string(name_of(cfg.state_precision)) + ", nvme file)",
+              Place::disk);
+      }
+      if (o.cell_bytes > cell_data)
+        add(Buf::nvme_file, 2 + nst, o.cells * (o.cell_bytes - cell_data), DType::bf16, Category::other,
+            "nvme cell padding", Place::disk);
       add(Buf::nvme_file, 1 + nst, kNvmeHeaderBytes / 4, DType::fp32, Category::other, "nvme file header", Place::disk);
       // One buffer for the whole ring, plus slack to align it to kNvmeAlign for O_DIRECT.
       add(Buf::io_ring, 0, (o.ring * o.cell_bytes + kNvmeAlign) / 4, DType::fp32, Category::offload_staging,

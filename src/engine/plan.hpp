@@ -149,6 +149,15 @@ inline constexpr std::size_t kNvmeHeaderBytes = 2 * kNvmeAlign;  // two header s
 // that small test models span several cells and exercise the pipeline.
 void set_offload_chunk_for_testing(std::size_t elems) noexcept;
 
+// Bytes one optimizer state takes in one offload cell of `chunk` elements: fp32 4 per element;
+// compressed (Config::state_precision) its codes, then (int8) the cell's chunk/block scales. An
+// NVMe cell is [master (4*chunk) | state 0 | state 1], rounded up to kNvmeAlign.
+inline constexpr std::size_t cell_state_bytes(StatePrecision p, std::size_t chunk, std::size_t block) noexcept {
+  return p == StatePrecision::fp32   ? 4 * chunk
+         : p == StatePrecision::bf16 ? 2 * chunk
+                                     : chunk + 4 * (chunk / block);
+}
+
 inline constexpr std::size_t kInitChunk = std::size_t(1) << 20;
 
 LayoutOptions layout_options(const Config& config, int world_size);

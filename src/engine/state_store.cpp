@@ -103,6 +103,64 @@ void StateStore::release() {
 
 namespace {
 
+std::size_t code_bytes_of(StatePrecision p) { return p == StatePrecision::bf16 ? 2 : 1; }
+
+// Compressed state i, elements [offset, offset+n): codes (n * code bytes) and, for int8, the
+// scales of blocks offset/B .. (offset+n-1)/B -> fp32 values, or read_words()'s words.
+void decode_codes(StatePrecision p, int i, const std::byte* codes, const float* scales, std::size_t B,
+                  std::size_t offset, std::size_t n, float* out, bool words) {
+  if (p == StatePrecision::bf16) {
+    for (std::size_t k = 0; k < n; ++k) {
+      std::uint16_t h;
+      std::memcpy(&h, codes + 2 * k, 2);
+      out[k] = bf16_to_float(h);
+    }
+    return;
+  }
+  const std::size_t b0 = offset / B;
+  for (std::size_t k = 0; k < n; ++k) {
+    const auto code = static_cast<std::uint8_t>(codes[k]);
+    const float scale = scales[(offset + k) / B - b0];
+    if (words) {
+      const std::uint32_t w = code | ((float_bits(scale) >> 23) & 0xffu) << 8;
+      std::memcpy(out + k, &w, 4);
+    } else {
+      out[k] = i == 0 ? quant::decode_signed(code, scale) : quant::decode_unsigned(code, scale);
+    }
+  }
+}
+
+// The inverse: bf16 values rounded to nearest even, or int8 words (write() refuses int8 values
+// before this is reached) checked to be a code and one scale per block.
+void encode_words(StatePrecision p, int i, const float* in, std::size_t B, std::size_t offset, std::size_t n,
+                  std::byte* codes, float* scales, bool /*words*/) {
+  if (p == StatePrecision::bf16) {
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::uint16_t h = float_to_bf16(in[k]);
+      std::memcpy(codes + 2 * k, &h, 2);
+    }
+    return;
+  }
+  const std::size_t b0 = offset / B, b1 = (offset + n - 1) / B + 1;
+  std::vector<char> seen(b1 - b0, 0);
+  for (std::size_t k = 0; k < n; ++k) {
+    std::uint32_t w;
+    std::memcpy(&w, in + k, 4);
+    const std::uint32_t e = (w >> 8) & 0xffu;
+    const float scale = e == 0xffu ? bits_float(0x7fc00000u) : bits_float(e << 23);
+    const std::size_t b = (offset + k) / B - b0;
+    if (w > 0xffffu || (seen[b] && float_bits(scales[b]) != float_bits(scale)))
+      throw Error(ErrorCode::invalid_argument,
+                  "state store write_words: optimizer state " + std::to_string(i) + " element " +
+                      std::to_string(offset + k) + ": word " + std::to_string(w) +
+                      (w > 0xffffu ? " is not an int8 code and scale exponent"
+                                   : " names another scale than the rest of its quantization block"));
+    scales[b] = scale;
+    seen[b] = 1;
+    codes[k] = static_cast<std::byte>(w & 0xffu);
+  }
+}
+
 // Device and pinned-host tiers: the fields are backend memory, copied on the side stream.
 class MemoryStateStore final : public StateStore {
  public:
@@ -124,7 +182,7 @@ class MemoryStateStore final : public StateStore {
   }
   void* state_codes(int i, std::size_t offset) const override {
     if (precision() == StatePrecision::fp32) return nullptr;
-    return static_cast<std::byte*>(states_[i].data()) + offset * code_bytes();
+    return static_cast<std::byte*>(states_[i].data()) + offset * code_bytes_of(precision());
   }
   float* state_scales(int i, std::size_t offset) const override {
     if (precision() != StatePrecision::int8) return nullptr;
@@ -148,70 +206,30 @@ class MemoryStateStore final : public StateStore {
   }
 
  private:
-  std::size_t code_bytes() const { return precision() == StatePrecision::bf16 ? 2 : 1; }
-  // Compressed fields go through host copies of their codes (and scales), converted here.
+  // Compressed fields go through host copies of their codes (and scales), converted by
+  // decode_codes / encode_words.
   void read_compressed(int field, std::size_t offset, std::size_t n, float* out, bool words) override {
     const int i = field - 1;
     Stream& side = *ctx_.side;
-    if (precision() == StatePrecision::bf16) {
-      std::vector<std::uint16_t> h(n);
-      ctx_.be.copy(h.data(), state_codes(i, offset), n * 2, side);
-      ctx_.be.synchronize(side);
-      for (std::size_t k = 0; k < n; ++k) out[k] = bf16_to_float(h[k]);
-      return;
-    }
     const std::size_t B = ctx_.cfg.quant_block, b0 = offset / B, b1 = (offset + n - 1) / B + 1;
-    std::vector<std::uint8_t> codes(n);
-    std::vector<float> scales(b1 - b0);
-    ctx_.be.copy(codes.data(), state_codes(i, offset), n, side);
-    ctx_.be.copy(scales.data(), scales_[i].as<float>() + b0, scales.size() * 4, side);
+    std::vector<std::byte> codes(n * code_bytes_of(precision()));
+    std::vector<float> scales(precision() == StatePrecision::int8 ? b1 - b0 : 0);
+    ctx_.be.copy(codes.data(), state_codes(i, offset), codes.size(), side);
+    if (!scales.empty()) ctx_.be.copy(scales.data(), scales_[i].as<float>() + b0, scales.size() * 4, side);
     ctx_.be.synchronize(side);
-    for (std::size_t k = 0; k < n; ++k) {
-      const float scale = scales[(offset + k) / B - b0];
-      if (words) {
-        const std::uint32_t w = codes[k] | ((float_bits(scale) >> 23) & 0xffu) << 8;
-        std::memcpy(out + k, &w, 4);
-      } else {
-        out[k] = i == 0 ? quant::decode_signed(codes[k], scale) : quant::decode_unsigned(codes[k], scale);
-      }
-    }
+    decode_codes(precision(), i, codes.data(), scales.data(), B, offset, n, out, words);
   }
   void write_compressed(int field, std::size_t offset, std::size_t n, const float* in, bool words) override {
     const int i = field - 1;
     Stream& side = *ctx_.side;
-    if (precision() == StatePrecision::bf16) {
-      std::vector<std::uint16_t> h(n);
-      for (std::size_t k = 0; k < n; ++k) h[k] = float_to_bf16(in[k]);
-      ctx_.be.copy(state_codes(i, offset), h.data(), n * 2, side);
-      ctx_.be.synchronize(side);
-      return;
-    }
-    (void)words;  // write() refuses int8 before it gets here: these are words
     const std::size_t B = ctx_.cfg.quant_block, b0 = offset / B, b1 = (offset + n - 1) / B + 1;
-    std::vector<std::uint8_t> codes(n);
-    std::vector<float> scales(b1 - b0);
-    std::vector<char> seen(b1 - b0, 0);
-    for (std::size_t k = 0; k < n; ++k) {
-      std::uint32_t w;
-      std::memcpy(&w, in + k, 4);
-      const std::uint32_t e = (w >> 8) & 0xffu;
-      const float scale = e == 0xffu ? bits_float(0x7fc00000u) : bits_float(e << 23);
-      const std::size_t b = (offset + k) / B - b0;
-      if (w > 0xffffu || (seen[b] && float_bits(scales[b]) != float_bits(scale)))
-        throw Error(ErrorCode::invalid_argument,
-                    "state store write_words: optimizer state " + std::to_string(i) + " element " +
-                        std::to_string(offset + k) + ": word " + std::to_string(w) +
-                        (w > 0xffffu ? " is not an int8 code and scale exponent"
-                                     : " names another scale than the rest of its quantization block"));
-      scales[b] = scale;
-      seen[b] = 1;
-      codes[k] = static_cast<std::uint8_t>(w & 0xffu);
-    }
-    ctx_.be.copy(state_codes(i, offset), codes.data(), n, side);
-    ctx_.be.copy(scales_[i].as<float>() + b0, scales.data(), scales.size() * 4, side);
+    std::vector<std::byte> codes(n * code_bytes_of(precision()));
+    std::vector<float> scales(precision() == StatePrecision::int8 ? b1 - b0 : 0);
+    encode_words(precision(), i, in, B, offset, n, codes.data(), scales.data(), words);
+    ctx_.be.copy(state_codes(i, offset), codes.data(), codes.size(), side);
+    if (!scales.empty()) ctx_.be.copy(scales_[i].as<float>() + b0, scales.data(), scales.size() * 4, side);
     ctx_.be.synchronize(side);
   }
-
   void read_values(int field, std::size_t offset, std::size_t n, float* out) override {
     for_each_run(field, offset, n, [&](float* where, std::size_t done, std::size_t k) {
       ctx_.be.copy(out + done, where, k * 4, *ctx_.side);
@@ -271,6 +289,22 @@ class NvmeStateStore final : public StateStore {
   void write_values(int field, std::size_t offset, std::size_t n, const float* in) override {
     ctx_.be.synchronize(*ctx_.side);
     offload_->write(field, offset, n, in);
+  }
+  void read_compressed(int field, std::size_t offset, std::size_t n, float* out, bool words) override {
+    ctx_.be.synchronize(*ctx_.side);
+    const std::size_t B = ctx_.cfg.quant_block, b0 = offset / B, b1 = (offset + n - 1) / B + 1;
+    std::vector<std::byte> codes(n * code_bytes_of(precision()));
+    std::vector<float> scales(precision() == StatePrecision::int8 ? b1 - b0 : 0);
+    offload_->read_codes(field - 1, offset, n, codes.data(), scales.data());
+    decode_codes(precision(), field - 1, codes.data(), scales.data(), B, offset, n, out, words);
+  }
+  void write_compressed(int field, std::size_t offset, std::size_t n, const float* in, bool words) override {
+    ctx_.be.synchronize(*ctx_.side);
+    const std::size_t B = ctx_.cfg.quant_block, b0 = offset / B, b1 = (offset + n - 1) / B + 1;
+    std::vector<std::byte> codes(n * code_bytes_of(precision()));
+    std::vector<float> scales(precision() == StatePrecision::int8 ? b1 - b0 : 0);
+    encode_words(precision(), field - 1, in, B, offset, n, codes.data(), scales.data(), words);
+    offload_->write_codes(field - 1, offset, n, codes.data(), scales.data());
   }
   float* offload_field(int) const override { return nullptr; }
 };
