@@ -64,6 +64,7 @@ struct KernelArgs {
   std::size_t block;
   std::uint64_t first_index;
   std::uint32_t key1, key2;
+  const std::int64_t* seed_ptr;  // when set: the keys come from *seed_ptr, read on the device
   const float* scale_ptr;
   const float* skip_ptr;
   bool zero_grad;
@@ -127,6 +128,14 @@ __global__ void __launch_bounds__(kThreads) int8_state_kernel(KernelArgs a) {
   __shared__ unsigned amax[2];
   auto* code1 = static_cast<std::uint8_t*>(a.state1);
   auto* code2 = static_cast<std::uint8_t*>(a.state2);
+  // The seed in backend memory (the step counter) is read here, so a graph replay uses the
+  // current step's seed.
+  std::uint32_t key1 = a.key1, key2 = a.key2;
+  if (a.seed_ptr != nullptr) {
+    const auto seed = static_cast<std::uint64_t>(*a.seed_ptr);
+    key1 = quant::dither_key(seed, 1);
+    key2 = quant::dither_key(seed, 2);
+  }
   const std::size_t blocks = quant_block_count(a.n, a.block);
   for (std::size_t k = blockIdx.x; k < blocks; k += gridDim.x) {
     const std::size_t first = k * a.block;
@@ -160,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) int8_state_kernel(KernelArgs a) {
     }
     for (std::size_t e = threadIdx.x; e < len; e += blockDim.x) {
       const std::uint64_t index = a.first_index + first + e;
-      code1[first + e] = quant::encode_signed(new1[e], inv1, quant::dither(a.key1, index));
-      if constexpr (kTwo) code2[first + e] = quant::encode_unsigned(new2[e], inv2, quant::dither(a.key2, index));
+      code1[first + e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, index));
+      if constexpr (kTwo) code2[first + e] = quant::encode_unsigned(new2[e], inv2, quant::dither(key2, index));
     }
     if (threadIdx.x == 0) {
       a.scales1[k] = scale1;
@@ -227,6 +236,7 @@ void launch_compressed_update(const CompressedUpdateArgs& args, cudaStream_t str
   a.first_index = args.first_index;
   a.key1 = quant::dither_key(args.seed, 1);
   a.key2 = quant::dither_key(args.seed, 2);
+  a.seed_ptr = args.seed_ptr;
   a.scale_ptr = args.scale_ptr;
   a.skip_ptr = args.skip_ptr;
   a.zero_grad = args.zero_grad;

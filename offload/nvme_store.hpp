@@ -1,11 +1,14 @@
 #pragma once
-// NvmeStore (internal): one rank's fp32 master weights and moments in one file on local NVMe,
+// NvmeStore (internal): one rank's fp32 master weights and moments (fp32, or compressed: see
+// Config::state_precision) in one file on local NVMe,
 // read and written asynchronously through io_uring.
 //
 // File layout (every offset and size a multiple of 4 KiB, so O_DIRECT works):
 //   [0, 4K)       header slot 0      } each: magic, generation, active half, geometry, checksum
 //   [4K, 8K)      header slot 1      } the valid slot with the larger generation wins
 //   half 0: cells * cell_bytes       one cell = [master | state 0 | state 1] of chunk_elems each
+//                                    (compressed state: each state its codes then its int8 scales,
+//                                    detail::cell_state_bytes; the cell padded to 4 KiB)
 //   half 1: cells * cell_bytes
 //
 // Why two halves and two header slots: a step reads every cell from the committed half and

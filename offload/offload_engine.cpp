@@ -179,6 +179,49 @@ void OffloadEngine::run_pieces(std::size_t cell, float* master, float* s0, float
     std::this_thread::sleep_for(std::chrono::microseconds(us));
 }
 
+// Compressed state (host tier): the CPU kernels of Backend::compressed_update on each piece, split
+// across the pool at multiples of kUpdateGrain (a multiple of every int8 block size, so no block
+// is split and its scale does not depend on the split).
+std::size_t OffloadEngine::code_offset(int i) const noexcept {
+  return setup_.chunk_elems * 4 +
+         static_cast<std::size_t>(i) * detail::cell_state_bytes(setup_.precision, setup_.chunk_elems, setup_.quant_block);
+}
+
+void OffloadEngine::run_compressed(std::size_t cell, int slot, const std::map<int, StepScalars>& scalars,
+                                   std::uint64_t seed, float* master, void* const codes_at[2],
+                                   float* const scales_at[2]) {
+  static_assert(kUpdateGrain % kMaxQuantBlock == 0);
+  const cpu::CompressedKernels& k = cpu::compressed_kernels(cpu::active_isa());
+  const DType c = setup_.param_dtype;
+  const std::size_t base = cell * setup_.chunk_elems;
+  const std::size_t code_bytes = this->code_bytes();
+  for (std::size_t i = cell_first_[cell]; i < cell_first_[cell + 1]; ++i) {
+    const Piece& p = pieces_[i];
+    CompressedUpdateArgs a;
+    a.rule = setup_.rule;
+    a.scalars = scalars.at(p.group);
+    a.precision = setup_.precision;
+    a.block_size = setup_.quant_block;
+    a.seed = seed;
+    a.first_index = p.first_index;
+    a.master = master + (p.off - base);
+    for (int s = 0; s < setup_.nstates; ++s) {
+      void* codes = static_cast<std::byte*>(codes_at[s]) + (p.off - base) * code_bytes;
+      float* sc = scales_at[s] ? scales_at[s] + (p.off - base) / setup_.quant_block : nullptr;
+      (s == 0 ? a.state1 : a.state2) = codes;
+      (s == 0 ? a.scales1 : a.scales2) = sc;
+    }
+    a.grad = add_bytes(setup_.host_grad, p.off, setup_.grad_dtype);
+    a.grad_dtype = setup_.grad_dtype;
+    a.param_out = setup_.params_on_host ? p.param : add_bytes(setup_.param_ring[slot], p.off - base, c);
+    a.param_dtype = c;
+    a.n = p.n;
+    pool_->parallel_for(p.n, kUpdateGrain, [&](std::size_t b, std::size_t e) { k.update(cpu::slice(a, b, e - b)); });
+  }
+  if (const int us = test_hooks().update_delay_us.load(); us > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
+
 // Waits until ring slot `slot` is no longer being uploaded (its previous cell's copies are done).
 void OffloadEngine::upload_cell(std::size_t cell, int slot, bool wait_slot) {
   if (setup_.params_on_host) return;
@@ -197,7 +240,7 @@ void OffloadEngine::upload_cell(std::size_t cell, int slot, bool wait_slot) {
   slot_used_[slot] = 1;
 }
 
-void OffloadEngine::update(const std::map<int, StepScalars>& scalars) {
+void OffloadEngine::update(const std::map<int, StepScalars>& scalars, std::uint64_t seed) {
   const std::size_t C = setup_.chunk_elems;
   const int R = setup_.ring;
   if (!store_) {
@@ -205,8 +248,17 @@ void OffloadEngine::update(const std::map<int, StepScalars>& scalars) {
       const int slot = static_cast<int>(cell % R);
       const std::size_t base = cell * C;
       upload_cell(cell, slot, true);
-      run_pieces(cell, setup_.master + base, setup_.states[0] + base,
-                 setup_.nstates > 1 ? setup_.states[1] + base : nullptr, base, slot, scalars);
+      if (setup_.precision != StatePrecision::fp32) {
+        void* codes[2] = {nullptr, nullptr};
+        float* sc[2] = {nullptr, nullptr};
+        for (int s = 0; s < setup_.nstates; ++s) {
+          codes[s] = static_cast<std::byte*>(setup_.codes[s]) + base * code_bytes();
+          sc[s] = setup_.scales[s] ? setup_.scales[s] + base / setup_.quant_block : nullptr;
+        }
+        run_compressed(cell, slot, scalars, seed, setup_.master + base, codes, sc);
+      } else
+        run_pieces(cell, setup_.master + base, setup_.states[0] + base,
+                   setup_.nstates > 1 ? setup_.states[1] + base : nullptr, base, slot, scalars);
       upload_cell(cell, slot, false);
     }
     be_.record(*uploaded_, *up_);
@@ -229,7 +281,18 @@ void OffloadEngine::update(const std::map<int, StepScalars>& scalars) {
       const int slot = static_cast<int>(cell % R);
       upload_cell(cell, slot, true);
       float* m = buf(b);
-      run_pieces(cell, m, m + C, setup_.nstates > 1 ? m + 2 * C : nullptr, cell * C, slot, scalars);
+      if (setup_.precision != StatePrecision::fp32) {
+        void* codes[2] = {nullptr, nullptr};
+        float* sc[2] = {nullptr, nullptr};
+        for (int s = 0; s < setup_.nstates; ++s) {
+          codes[s] = reinterpret_cast<std::byte*>(m) + code_offset(s);
+          if (setup_.precision == StatePrecision::int8)
+            sc[s] = reinterpret_cast<float*>(reinterpret_cast<std::byte*>(m) + code_offset(s) + C);
+        }
+        run_compressed(cell, slot, scalars, seed, m, codes, sc);
+      } else {
+        run_pieces(cell, m, m + C, setup_.nstates > 1 ? m + 2 * C : nullptr, cell * C, slot, scalars);
+      }
       upload_cell(cell, slot, false);
       store_->submit_write(cell, m, b);
     }
@@ -324,6 +387,60 @@ void OffloadEngine::write(int field, std::size_t off, std::size_t n, const float
     store_->write_committed(cell, tmp.get());
     off += k;
     src += k;
+    n -= k;
+  }
+}
+
+// Compressed state on NVMe: the codes (and int8 scales) of state i, cell by cell from the committed
+// generation. Scales: cell c's blocks start at block c*C/B; [off, off+n) touches blocks off/B ..
+// (off+n-1)/B, stored in `scales` from index 0.
+void OffloadEngine::read_codes(int i, std::size_t off, std::size_t n, void* codes, float* scales) const {
+  if (n == 0) return;
+  struct Free {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<void, Free> tmp(std::aligned_alloc(detail::kNvmeAlign, setup_.cell_bytes));
+  if (!tmp) throw Error(ErrorCode::out_of_memory, "offload read: " + std::to_string(setup_.cell_bytes) + " bytes");
+  const std::size_t C = setup_.chunk_elems, B = setup_.quant_block, cb = code_bytes();
+  const std::size_t first_block = off / B;
+  auto* out = static_cast<std::byte*>(codes);
+  while (n > 0) {
+    const std::size_t cell = off / C, in = off % C, k = std::min(n, C - in);
+    store_->read_committed(cell, tmp.get());
+    const std::byte* at = static_cast<const std::byte*>(tmp.get()) + code_offset(i);
+    std::memcpy(out, at + in * cb, k * cb);
+    if (setup_.precision == StatePrecision::int8) {
+      const std::size_t b0 = in / B, b1 = (in + k - 1) / B + 1;
+      std::memcpy(scales + (cell * C / B + b0 - first_block), at + C + b0 * 4, (b1 - b0) * 4);
+    }
+    off += k;
+    out += k * cb;
+    n -= k;
+  }
+}
+
+void OffloadEngine::write_codes(int i, std::size_t off, std::size_t n, const void* codes, const float* scales) {
+  if (n == 0) return;
+  struct Free {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<void, Free> tmp(std::aligned_alloc(detail::kNvmeAlign, setup_.cell_bytes));
+  if (!tmp) throw Error(ErrorCode::out_of_memory, "offload write: " + std::to_string(setup_.cell_bytes) + " bytes");
+  const std::size_t C = setup_.chunk_elems, B = setup_.quant_block, cb = code_bytes();
+  const std::size_t first_block = off / B;
+  const auto* src = static_cast<const std::byte*>(codes);
+  while (n > 0) {
+    const std::size_t cell = off / C, in = off % C, k = std::min(n, C - in);
+    store_->read_committed(cell, tmp.get());
+    std::byte* at = static_cast<std::byte*>(tmp.get()) + code_offset(i);
+    std::memcpy(at + in * cb, src, k * cb);
+    if (setup_.precision == StatePrecision::int8) {
+      const std::size_t b0 = in / B, b1 = (in + k - 1) / B + 1;
+      std::memcpy(at + C + b0 * 4, scales + (cell * C / B + b0 - first_block), (b1 - b0) * 4);
+    }
+    store_->write_committed(cell, tmp.get());
+    off += k;
+    src += k * cb;
     n -= k;
   }
 }

@@ -48,6 +48,9 @@ struct Piece {
   std::size_t off = 0;  // first state element
   std::size_t n = 0;
   void* param = nullptr;  // where the rounded compute-dtype values go (device, or host under offload_params)
+  // Compressed state: the dither index of the first element (StepRunner's numbering: the
+  // tensor's own element index), so the host update gives the device update's bytes.
+  std::uint64_t first_index = 0;
 };
 
 struct Setup {
@@ -74,6 +77,14 @@ struct Setup {
   void* io_ring = nullptr;
   std::size_t io_ring_bytes = 0;
   std::vector<std::size_t> disk_bytes;  // per Category index: what the store reports at Place::disk
+  // Compressed optimizer state (Config::state_precision): `states` are then null and the update
+  // runs Backend::compressed_update's CPU kernels. Host tier: on these codes and int8 block scales
+  // (block k of the scales covers state elements [k*quant_block, (k+1)*quant_block)). nvme: each
+  // cell holds [master | codes 0, scales 0 | codes 1, scales 1] (detail::cell_state_bytes each).
+  StatePrecision precision = StatePrecision::fp32;
+  std::size_t quant_block = kDefaultQuantBlock;
+  void* codes[2] = {nullptr, nullptr};
+  float* scales[2] = {nullptr, nullptr};
 };
 
 class OffloadEngine {
@@ -128,7 +139,8 @@ class OffloadEngine {
   // The pipelined update: every piece with scalars.at(piece.group). Parameters are uploaded on
   // the upload stream; the caller makes its next work wait for `uploaded()`, recorded at the end.
   // nvme: on an I/O error throws Error naming the file; the file keeps the previous state.
-  void update(const std::map<int, StepScalars>& scalars);
+  // `seed`: the dither seed of compressed state (the step counter after this step's decision).
+  void update(const std::map<int, StepScalars>& scalars, std::uint64_t seed = 0);
   Event& uploaded() noexcept { return *uploaded_; }
 
   // Reads `n` elements of field `field` (0: master, 1 + i: state i) from state element `off`
@@ -138,6 +150,11 @@ class OffloadEngine {
   // The reverse of read(): replaces `n` elements of field `field` from `src` (host memory). Not
   // for use during a step (checkpoint load). nvme: read-modify-write of the committed cells.
   void write(int field, std::size_t off, std::size_t n, const float* src);
+  // nvme, compressed state i: its codes of state elements [off, off+n) (n * code bytes) and the
+  // int8 scales of the blocks they touch (blocks off/B .. (off+n-1)/B), read from / written to the
+  // committed generation (read-modify-write of the cells). `off` and the cells are whole blocks.
+  void read_codes(int i, std::size_t off, std::size_t n, void* codes, float* scales) const;
+  void write_codes(int i, std::size_t off, std::size_t n, const void* codes, const float* scales);
 
  private:
   std::size_t cell_elems(std::size_t cell) const noexcept;
@@ -147,6 +164,12 @@ class OffloadEngine {
   void upload_cell(std::size_t cell, int slot, bool wait_slot);
   void run_pieces(std::size_t cell, float* master, float* s0, float* s1, std::size_t base, int slot,
                   const std::map<int, StepScalars>& scalars);
+  // Compressed update of a cell whose master, codes and scales start at the given addresses.
+  void run_compressed(std::size_t cell, int slot, const std::map<int, StepScalars>& scalars, std::uint64_t seed,
+                      float* master, void* const codes[2], float* const scales[2]);
+  // nvme: byte offset of state i's codes in a cell, and of its scales.
+  std::size_t code_offset(int i) const noexcept;
+  std::size_t code_bytes() const noexcept { return setup_.precision == StatePrecision::bf16 ? 2 : 1; }
   void delay_copy(Stream& s);
 
   Setup setup_;

@@ -345,8 +345,23 @@ TEST(CliPlan, PicksHostOffloadWhenTheGpusAreTooSmall) {
   ASSERT_EQ(rc, 0);
   EXPECT_EQ(j["choice"]["offload"], "nvme");
   EXPECT_GE(j["choice"]["disk_bytes_all_gpus"].get<double>(), 2 * 12.0 * 7e9);
-  // And neither: nothing fits.
+  // Neither with fp32 state (14 bytes per parameter in host memory with the gradient copy, 98 GB):
+  // compressed state in host memory, bf16 moments (10 bytes per parameter, 70 GB) ...
+  std::tie(rc, j) = plan({"--host-mem", "80GiB", "--nvme", "100GB"});
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(j["choice"]["offload"], "host");
+  EXPECT_EQ(j["choice"]["state_precision"], "bf16");
+  EXPECT_LE(j["choice"]["host_bytes_all_gpus"].get<double>(), 80.0 * (1ull << 30));
+  EXPECT_GE(j["choice"]["host_bytes_all_gpus"].get<double>(), 10.0 * 7e9);
+  // ... or int8 moments (4 + 2*(1 + 4/256) + 2 bytes per parameter, 56.2 GB) when bf16 does not fit.
   std::tie(rc, j) = plan({"--host-mem", "64GiB", "--nvme", "100GB"});
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(j["choice"]["offload"], "host");
+  EXPECT_EQ(j["choice"]["state_precision"], "int8");
+  EXPECT_GE(j["choice"]["host_bytes_all_gpus"].get<double>(), 8.0 * 7e9);
+  EXPECT_LE(j["choice"]["host_bytes_all_gpus"].get<double>(), 64.0 * (1ull << 30));
+  // And none: nothing fits.
+  std::tie(rc, j) = plan({"--host-mem", "32GiB", "--nvme", "100GB"});
   EXPECT_EQ(rc, 3);
   EXPECT_FALSE(j["fits"].get<bool>());
   // The human-readable answer names the flags to use.

@@ -134,9 +134,10 @@ TEST(CliPlanContext, CudaBackendAddsActivationsAndContextToTheDevice) {
 struct Need {
   double device = 0, host = 0;
 };
-Need estimate_need(std::vector<std::string> model, int gpus, int stage, const std::string& offload, bool params) {
+Need estimate_need(std::vector<std::string> model, int gpus, int stage, const std::string& offload, bool params,
+                   const std::string& precision = "fp32") {
   std::vector<std::string> args = {"estimate", "--backend", "cuda", "--world", std::to_string(gpus), "--stage",
-                                   std::to_string(stage), "--offload", offload};
+                                   std::to_string(stage), "--offload", offload, "--state-precision", precision};
   args.insert(args.end(), model.begin(), model.end());
   if (params) args.push_back("--offload-params");
   const json j = run_json(args);
@@ -150,9 +151,15 @@ struct Config {
   int stage;
   std::string offload;
   bool params;
+  std::string precision = "fp32";
 };
+// Every configuration plan considers: fp32 state without and with offload, then compressed state.
 const Config kAll[] = {{0, "none", false}, {1, "none", false}, {2, "none", false}, {3, "none", false},
-                       {2, "host", false}, {3, "host", false}, {3, "host", true}};
+                       {2, "host", false}, {3, "host", false}, {3, "host", true},
+                       {1, "none", false, "bf16"}, {2, "none", false, "bf16"}, {3, "none", false, "bf16"},
+                       {1, "none", false, "int8"}, {2, "none", false, "int8"}, {3, "none", false, "int8"},
+                       {2, "host", false, "bf16"}, {3, "host", false, "bf16"}, {3, "host", true, "bf16"},
+                       {2, "host", false, "int8"}, {3, "host", false, "int8"}, {3, "host", true, "int8"}};
 
 // The answer fits with the configuration plan names, and one size more fits with none of the
 // configurations (each checked by estimate, not by plan).
@@ -173,12 +180,12 @@ void expect_largest_consistent(const std::vector<std::string>& shape, const std:
       << j["flags"];
   const json& c = j["choice"];
   const Need at = estimate_need(model_of(n), gpus, c["stage"].get<int>(), c["offload"].get<std::string>(),
-                                c["offload_params"].get<bool>());
+                                c["offload_params"].get<bool>(), c["state_precision"].get<std::string>());
   EXPECT_LE(at.device, usable) << "size " << n;
   EXPECT_LE(at.host, host_mem) << "size " << n;
   EXPECT_DOUBLE_EQ(at.device, c["need_per_gpu"].get<double>());
   for (const Config& k : kAll) {
-    const Need up = estimate_need(model_of(n + 1), gpus, k.stage, k.offload, k.params);
+    const Need up = estimate_need(model_of(n + 1), gpus, k.stage, k.offload, k.params, k.precision);
     EXPECT_TRUE(up.device > usable || up.host > host_mem)
         << "size " << n + 1 << " fits at stage " << k.stage << " offload " << k.offload << (k.params ? "+p" : "");
   }
@@ -254,6 +261,49 @@ TEST(CliPlanDeepSpeed, ReproducesItsPublishedFigures) {
 
 // ---- bad input, named --------------------------------------------------------------------------
 
+// ---- compressed optimizer state -----------------------------------------------------------------
+
+// estimate counts the state in its precision: Adam's two moments at 4, 2 and 1 + 4/B bytes per
+// parameter (a --params model of equal blocks, stage 0: every element, nothing sharded).
+TEST(CliPlanCompressed, EstimateCountsTheStateInItsPrecision) {
+  auto state_bytes = [](const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"estimate", "--params", "1M", "--blocks", "4", "--dtype", "bf16"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const json j = run_json(args);
+    return j["bytes"]["device"]["optimizer_state"].get<double>();
+  };
+  // 4 blocks of 250000, each its own unit padded to world (4) x alignment (64; int8: 256).
+  const double n = 1e6;
+  const double f32 = state_bytes({});
+  const double b16 = state_bytes({"--state-precision", "bf16"});
+  const double i8 = state_bytes({"--state-precision", "int8", "--quant-block", "256"});
+  EXPECT_GE(f32, 8 * n);
+  EXPECT_LE(f32, 8 * n + 8 * 4 * 256);
+  EXPECT_DOUBLE_EQ(b16, f32 / 2);
+  EXPECT_GE(i8, 2 * n * (1 + 4.0 / 256));
+  EXPECT_LE(i8, 2 * (n + 4 * 4 * 256) * (1 + 4.0 / 256));
+}
+
+// A model that fits one GPU with no fp32-state configuration (offload refused by a small host
+// memory and NVMe) but with int8 state: plan proposes int8, and estimate agrees with its figure.
+TEST(CliPlanCompressed, PlanProposesCompressedStateWhenThatIsWhatFits) {
+  const std::vector<std::string> model = {"--params", "100M", "--dtype", "bf16"};
+  // Adam, bf16 compute, stage 3 on one GPU: about 16 (fp32 state), 12 (bf16) and 10 (int8) bytes
+  // per parameter, plus the default CUDA context (512 MiB); 90% of 1734 MiB is between int8 and bf16.
+  std::vector<std::string> args = {"plan", "--gpu-mem", "1734MiB", "--host-mem", "64MiB", "--nvme", "64MiB"};
+  args.insert(args.end(), model.begin(), model.end());
+  const json j = run_json(args);
+  ASSERT_TRUE(j["fits"].get<bool>()) << j.dump();
+  for (const json& r : j["stages"])
+    if (r["state_precision"] == "fp32" || r["state_precision"] == "bf16") EXPECT_FALSE(r["fits"].get<bool>()) << r.dump();
+  const json& c = j["choice"];
+  EXPECT_EQ(c["state_precision"], "int8") << j.dump();
+  const Need at = estimate_need(model, 1, c["stage"].get<int>(), c["offload"].get<std::string>(),
+                                c["offload_params"].get<bool>(), "int8");
+  EXPECT_DOUBLE_EQ(at.device, c["need_per_gpu"].get<double>());
+  EXPECT_LE(at.device, 0.9 * 1734 * 1048576.0);
+}
+
 TEST(CliPlanErrors, BadInputNamesTheFlag) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
       {{"plan", "--params", "1B", "--gpu-mem", "0"}, "--gpu-mem"},
@@ -275,6 +325,11 @@ TEST(CliPlanErrors, BadInputNamesTheFlag) {
       {{"estimate", "--cuda-context", "1GiB"}, "--cuda-context"},
       {{"estimate", "--backend", "tpu"}, "--backend"},
       {{"estimate", "--backend", "cuda", "--cuda-context", "-1"}, "--cuda-context"},
+      {{"estimate", "--state-precision", "fp8"}, "--state-precision"},
+      {{"estimate", "--state-precision", "int8", "--quant-block", "100"}, "--quant-block"},
+      {{"estimate", "--state-precision", "int8", "--quant-block", "8192"}, "--quant-block"},
+      {{"estimate", "--state-precision", "int8", "--quant-block", "0"}, "--quant-block"},
+      {{"train", "--state-precision", "int8", "--quant-block", "32", "--steps", "1"}, "--quant-block"},
   };
   for (const auto& [args, flag] : cases) {
     const Result r = run(args);

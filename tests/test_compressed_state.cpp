@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/kernels.hpp"
@@ -599,6 +601,40 @@ TEST(CompressedUpdate, SplitAtABlockBoundaryAndSeed) {
   std::size_t moved = 0;
   for (std::size_t i = 0; i < n; ++i) moved += shifted.state2[i] != whole.state2[i];
   EXPECT_GT(moved, n / 20);
+}
+
+// seed_ptr (the engine's step counter in backend memory) is read when the work runs, not when it
+// is enqueued: the bytes are those of the seed it holds then, and differ from another seed's.
+TEST(CompressedUpdate, SeedFromBackendMemoryIsReadWhenTheWorkRuns) {
+  const std::size_t n = 4 * 256 + 33;
+  const Problem before = make_problem(n, 256, StatePrecision::int8, OptimizerKind::adamw, DType::fp32, 5);
+  Problem by_value = before;
+  by_value.seed = 41;
+  run_backend(by_value);
+  Problem by_pointer = before;
+  by_pointer.seed = 0;
+  auto backend = make_cpu_backend();
+  auto stream = backend->create_stream("update");
+  Buffer seed = backend->allocate(sizeof(std::int64_t), Place::device, Category::other, "seed");
+  *static_cast<std::int64_t*>(seed.data()) = 7;  // overwritten below, before the work runs
+  // Hold the stream until the seed is rewritten: a task that waits on a flag set afterwards.
+  std::atomic<bool> go{false};
+  backend->host_task(*stream, [&go] {
+    while (!go.load()) std::this_thread::yield();
+  });
+  CompressedUpdateArgs a = by_pointer.args();
+  a.seed_ptr = static_cast<const std::int64_t*>(seed.data());
+  backend->compressed_update(a, *stream);
+  *static_cast<std::int64_t*>(seed.data()) = 41;
+  go = true;
+  backend->synchronize(*stream);
+  EXPECT_TRUE(same_bytes(by_pointer, by_value));
+  Problem other = before;
+  other.seed = 7;
+  run_backend(other);
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < n; ++i) differ += other.state2[i] != by_pointer.state2[i];
+  EXPECT_GT(differ, n / 20);
 }
 
 TEST(CompressedUpdate, NonFiniteMomentMakesItsBlockNaN) {

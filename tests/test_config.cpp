@@ -24,6 +24,7 @@ using shardopt::ErrorCode;
 using shardopt::LossScaleMode;
 using shardopt::OffloadKind;
 using shardopt::OptimizerKind;
+using shardopt::StatePrecision;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -339,6 +340,7 @@ std::string other_text(OptimizerKind v) { return v == OptimizerKind::lion ? "sgd
 std::string other_text(shardopt::LrSchedule v) { return v == shardopt::LrSchedule::cosine ? "linear" : "cosine"; }
 std::string other_text(LossScaleMode v) { return v == LossScaleMode::dynamic ? "fixed" : "dynamic"; }
 std::string other_text(OffloadKind v) { return v == OffloadKind::host ? "nvme" : "host"; }
+std::string other_text(StatePrecision v) { return v == StatePrecision::int8 ? "bf16" : "int8"; }
 
 // key -> value as text, for every leaf field.
 template <class S>
@@ -356,8 +358,8 @@ TEST(ConfigFields, EveryKeySetsItsFieldAndNoOther) {
   shardopt::fields::for_each_field(base, [&](const shardopt::fields::FieldInfo& info, const auto& v) {
     want[info.name] = other_text(v);
   });
-  // Config's members plus its nested structs' members: 18 - 2 + 12 + 7.
-  EXPECT_EQ(want.size(), 35u);
+  // Config's members plus its nested structs' members: 20 - 2 + 12 + 7.
+  EXPECT_EQ(want.size(), 37u);
   const auto before = texts(base);
   for (const auto& [key, text] : want) {
     Config c;

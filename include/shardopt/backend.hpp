@@ -132,6 +132,9 @@ struct UpdateArgs {
 // is the element's global index (in the tensor, or any numbering that does not depend on how the
 // state is sharded), `seed` must differ between steps (the step counter): the same seed and index
 // give the same bytes on every backend, instruction set, thread split and world size.
+// `seed_ptr`, when set, replaces `seed`: backend memory holding the seed (the engine's step
+// counter), read when the work runs, like scalars_ptr, so that a captured CUDA graph replayed at a
+// later step uses that step's seed rather than the one it was captured with.
 struct CompressedUpdateArgs {
   OptimizerKind rule = OptimizerKind::adamw;
   StepScalars scalars;
@@ -139,6 +142,7 @@ struct CompressedUpdateArgs {
   StatePrecision precision = StatePrecision::int8;
   std::size_t block_size = kDefaultQuantBlock;
   std::uint64_t seed = 0;
+  const std::int64_t* seed_ptr = nullptr;
   std::uint64_t first_index = 0;
   float* master = nullptr;
   void* state1 = nullptr;

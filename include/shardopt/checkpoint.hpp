@@ -40,6 +40,9 @@ struct CheckpointInfo {
   DType master_dtype = DType::fp32;
   OptimizerKind optimizer = OptimizerKind::adamw;
   std::vector<std::string> fields;  // "master", then the rule's state names (e.g. "exp_avg")
+  // How the optimizer states are stored (Config::state_precision); quant_block for int8, else 0.
+  StatePrecision state_precision = StatePrecision::fp32;
+  std::size_t quant_block = 0;
   std::int64_t step = 0;            // updates applied when saved
   float loss_scale = 1.0f;
   int good_steps = 0, overflow_run = 0;

@@ -7,6 +7,7 @@
 
 #include "shardopt/dtype.hpp"
 #include "shardopt/rules/list.hpp"
+#include "shardopt/state_precision.hpp"
 
 namespace shardopt {
 
@@ -97,6 +98,19 @@ struct Config {
   // unit: 0 means exactly that (the whole gradient in buckets: stage 2 then saves no gradient
   // memory), 1..kMaxGradientBuckets that many.
   int gradient_buckets = 2;
+
+  // How the optimizer states (moments) are stored (shardopt/state_precision.hpp); master weights
+  // stay fp32. bf16: 2 bytes per state element, round to nearest even. int8: 1 byte per element
+  // plus one fp32 scale per `quant_block` elements of a tensor (a power of two in
+  // [kMinQuantBlock, kMaxQuantBlock]; read only for int8). With int8 the layout aligns every
+  // tensor start and every rank's slice to quant_block (the effective alignment is the least common
+  // multiple of `alignment` and `quant_block`), so no block straddles a shard boundary and the
+  // state's bytes do not depend on world size or stage. The stochastic rounding's seed is the step
+  // counter, read by the update from backend memory (a captured CUDA graph replays correctly).
+  // With optimizer offload the pinned host copy (host) or the state file (nvme) holds the
+  // compressed form (int8 with fp32 master: 4 + 2*(1 + 4/B) bytes per element instead of 12).
+  StatePrecision state_precision = StatePrecision::fp32;
+  std::size_t quant_block = kDefaultQuantBlock;
 
   // Throws Error(invalid_argument / unsupported) naming the first offending field.
   void validate() const;

@@ -69,7 +69,8 @@ SHARDOPT_C_API const char* shardopt_last_error(void);
  *   loss_scaling none|fixed|dynamic | initial_scale | growth_factor | growth_interval | backoff |
  *   hysteresis | min_scale | max_grad_norm | accumulation_steps |
  *   offload_optimizer none|host|nvme | nvme_dir | offload_params 0|1 | pinned_fallback 0|1 | prefetch_units |
- *   persistence_threshold | gradient_buckets (0: one per unit)
+ *   persistence_threshold | gradient_buckets (0: one per unit) | state_precision fp32|bf16|int8 |
+ *   quant_block (int8: 64..4096, a power of two)
  * An unknown key or a malformed value is SHARDOPT_INVALID_ARGUMENT naming it; ranges are checked
  * when the engine is created (the same checks as the C++ Config::validate). */
 typedef struct shardopt_config shardopt_config;

@@ -219,6 +219,8 @@ SaveJob begin_save(CheckpointPort& im, const StepState& state, const std::string
   m.master_dtype = DType::fp32;
   m.optimizer = cfg.optimizer;
   m.fields = job.fields;
+  m.state_precision = cfg.state_precision;
+  m.quant_block = cfg.state_precision == StatePrecision::int8 ? cfg.quant_block : 0;
   m.groups = im.groups();
   m.step = state.step;
   m.loss_scale_mode = cfg.loss_scaling.mode;
@@ -328,7 +330,7 @@ void save_impl(CheckpointPort& im, const std::string& dir, const std::string& me
   require(im.config().master_dtype == DType::fp32, ErrorCode::unsupported, "save: only fp32 master weights are supported");
   SaveJob job = begin_save(im, state, dir, metadata);
   const std::optional<Error> err = write_shard(job, [&](int fi, std::size_t pi, std::size_t done, std::size_t k, float* out) {
-    im.store().read(fi, job.pieces[pi].offset + done, k, out);
+    im.store().read_words(fi, job.pieces[pi].offset + done, k, out);
   });
   agree_or_throw(im, err, "save into '" + dir + "'");
   commit_save(im, job);
@@ -352,6 +354,15 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
       throw Error(ErrorCode::invalid_argument, "'" + mpath + "' was saved with optimizer " +
                                                    std::string(name_of(m.optimizer)) + "; this engine uses " +
                                                    std::string(name_of(cfg.optimizer)));
+    // The stored form of the state is only meaningful in its own precision (and int8 block size):
+    // converting would round (fp32 -> bf16/int8) or re-quantize, so another precision is refused.
+    if (m.state_precision != cfg.state_precision || m.quant_block != (cfg.state_precision == StatePrecision::int8 ? cfg.quant_block : 0))
+      throw Error(ErrorCode::invalid_argument,
+                  "'" + mpath + "' holds optimizer state in " + std::string(name_of(m.state_precision)) +
+                      (m.state_precision == StatePrecision::int8 ? " (quant_block " + std::to_string(m.quant_block) + ")" : std::string()) +
+                      "; this engine uses state_precision " + std::string(name_of(cfg.state_precision)) +
+                      (cfg.state_precision == StatePrecision::int8 ? " (quant_block " + std::to_string(cfg.quant_block) + ")" : std::string()) +
+                      ": a checkpoint loads only into an engine of the same state precision");
     const auto& tensors = layout.tensors();
     std::vector<int> map(tensors.size());
     for (std::size_t t = 0; t < tensors.size(); ++t) {
@@ -418,6 +429,25 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
             std::memcpy(dst.data() + (a - p.begin), buf.data() + (a - cb), (b - a) * 4);
           }
         }
+        // int8 state words (StateStore::read_words): a code and its block's scale exponent, the
+        // same exponent across a block (blocks of the tensor's own index). Checked here, before
+        // anything is committed, so a bad word never leaves the engine half loaded.
+        if (fi > 0 && cfg.state_precision == StatePrecision::int8) {
+          const std::size_t B = cfg.quant_block;
+          std::uint32_t block_word = 0;
+          for (std::size_t k = 0; k < p.count; ++k) {
+            std::uint32_t w;
+            std::memcpy(&w, dst.data() + k, 4);
+            const bool first_of_block = k == 0 || (p.begin + k) % B == 0;
+            if (w > 0xffffu || (!first_of_block && (w >> 8) != (block_word >> 8)))
+              throw Error(ErrorCode::invalid_argument,
+                          "'" + join(dir, ckpt::kManifestName) + "': tensor '" + tname + "' field '" + m.fields[fi] +
+                              "' element " + std::to_string(p.begin + k) +
+                              (w > 0xffffu ? " is not an int8 code with its scale exponent"
+                                           : " names another scale than the rest of its quantization block"));
+            if (first_of_block) block_word = w;
+          }
+        }
       }
     }
   });
@@ -429,7 +459,7 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
   try {
     for (int fi = 0; fi < nfields; ++fi)
       for (std::size_t pi = 0; pi < pieces.size(); ++pi)
-        im.store().write(fi, pieces[pi].offset, pieces[pi].count, staging[fi][pi].data());
+        im.store().write_words(fi, pieces[pi].offset, pieces[pi].count, staging[fi][pi].data());
   } catch (const Error& e) {
     if (cfg.offload_optimizer != OffloadKind::nvme) throw;
     throw Error(e.code(), "load from '" + dir + "': writing the loaded state into this rank's NVMe file failed (" +
@@ -497,7 +527,7 @@ void Engine::save_async(const std::string& dir, const std::string& metadata) {
     for (std::size_t fi = 0; fi < nfields; ++fi)
       for (std::size_t pi = 0; pi < a->job.pieces.size(); ++pi) {
         const Piece& p = a->job.pieces[pi];
-        im.store().read(static_cast<int>(fi), p.offset, p.count, st + fi * n + a->offset[pi]);
+        im.store().read_words(static_cast<int>(fi), p.offset, p.count, st + fi * n + a->offset[pi]);
       }
   });
   agree_or_throw(im, err, "save_async into '" + dir + "'");

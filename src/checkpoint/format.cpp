@@ -213,6 +213,17 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
       if (as_str(fields[f], where, "fields[]") != m.fields[f])
         bad(where, "\"fields\" does not match optimizer " + rule);
 
+    if (j.contains("state_precision")) {  // optional: absent before compressed state (fp32)
+      const std::string& sp = as_str(j.at("state_precision"), where, "state_precision");
+      if (!parse_state_precision(sp, m.state_precision)) bad(where, "unknown state_precision '" + sp + "'");
+      if (m.state_precision == StatePrecision::int8) {
+        m.quant_block = as_u64(member(j, "quant_block", where, "manifest"), where, "quant_block");
+        const bool pow2 = m.quant_block != 0 && (m.quant_block & (m.quant_block - 1)) == 0;
+        if (!pow2 || m.quant_block < kMinQuantBlock || m.quant_block > kMaxQuantBlock)
+          bad(where, "quant_block " + std::to_string(m.quant_block) + " is not a power of two in [" +
+                         std::to_string(kMinQuantBlock) + ", " + std::to_string(kMaxQuantBlock) + "]");
+      }
+    }
     const Json& groups = member(j, "groups", where, "manifest");
     if (!groups.is_object()) bad(where, "\"groups\" must be an object");
     for (auto it = groups.begin(); it != groups.end(); ++it) {
@@ -336,6 +347,10 @@ std::string dump_manifest(const Manifest& m) {
   j["master_dtype"] = std::string(name_of(m.master_dtype));
   j["optimizer"] = std::string(name_of(m.optimizer));
   j["fields"] = m.fields;
+  if (m.state_precision != StatePrecision::fp32) {  // fp32 manifests stay as they were
+    j["state_precision"] = std::string(name_of(m.state_precision));
+    if (m.state_precision == StatePrecision::int8) j["quant_block"] = m.quant_block;
+  }
   nlohmann::ordered_json groups = nlohmann::ordered_json::object();
   for (const auto& [g, h] : m.groups) groups[std::to_string(g)] = dump_hyperparams(h);
   j["groups"] = groups;
@@ -392,6 +407,8 @@ CheckpointInfo info_of(const Manifest& m, const std::string& dir) {
   i.master_dtype = m.master_dtype;
   i.optimizer = m.optimizer;
   i.fields = m.fields;
+  i.state_precision = m.state_precision;
+  i.quant_block = m.quant_block;
   i.step = m.step;
   i.loss_scale = m.loss_scale;
   i.good_steps = m.good_steps;

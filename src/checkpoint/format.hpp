@@ -54,6 +54,12 @@ struct Manifest {
   DType compute_dtype = DType::fp32, master_dtype = DType::fp32;
   OptimizerKind optimizer = OptimizerKind::adamw;
   std::vector<std::string> fields;
+  // How the optimizer-state fields are stored (absent from manifests before compressed state:
+  // fp32). bf16: each element its fp32 value (exactly the bf16 value). int8: each element the
+  // 32-bit word code | (biased exponent of its block's power-of-two scale) << 8, blocks of
+  // `quant_block` elements of the tensor (StateStore::read_words). The master is always fp32.
+  StatePrecision state_precision = StatePrecision::fp32;
+  std::size_t quant_block = 0;  // int8 only
   std::map<int, Hyperparams> groups;
   std::int64_t step = 0;
   LossScaleMode loss_scale_mode = LossScaleMode::none;

@@ -40,6 +40,8 @@ int run_checkpoint_inspect(const CheckpointArgs& a, Io& io) {
     j["compute_dtype"] = std::string(name_of(i.compute_dtype));
     j["optimizer"] = std::string(name_of(i.optimizer));
     j["fields"] = i.fields;
+    j["state_precision"] = std::string(name_of(i.state_precision));
+    if (i.state_precision == StatePrecision::int8) j["quant_block"] = i.quant_block;
     j["step"] = i.step;
     j["loss_scale"] = i.loss_scale;
     j["tensors"] = i.tensors.size();
@@ -53,7 +55,12 @@ int run_checkpoint_inspect(const CheckpointArgs& a, Io& io) {
   io.out << "checkpoint " << i.dir << " (format " << i.format_version << ", shardopt " << i.library_version
          << ", generation " << i.generation << ")\n"
          << "  saved by " << i.world_size << " ranks at stage " << i.stage << ", compute " << name_of(i.compute_dtype)
-         << ", optimizer " << name_of(i.optimizer) << ", step " << i.step << ", loss scale " << i.loss_scale << "\n"
+         << ", optimizer " << name_of(i.optimizer)
+         << (i.state_precision == StatePrecision::fp32
+                 ? std::string()
+                 : " (" + std::string(name_of(i.state_precision)) + " state" +
+                       (i.state_precision == StatePrecision::int8 ? ", blocks of " + std::to_string(i.quant_block) : "") + ")")
+         << ", step " << i.step << ", loss scale " << i.loss_scale << "\n"
          << "  " << i.tensors.size() << " tensors, " << format_count(i.total_numel) << " params, fields:";
   for (const auto& f : i.fields) io.out << ' ' << f;
   io.out << "\n  " << i.files << " shard files, " << format_bytes(double(i.bytes)) << "\n";

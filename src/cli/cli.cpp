@@ -121,6 +121,14 @@ void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_
   if (with_stage)
     sub->add_flag("--offload-params", a.offload_params,
                   "stage 3 with --offload host|nvme: keep the parameter shard in pinned host memory too");
+  sub->add_option("--state-precision", a.state_precision,
+                  "how the optimizer's moments are stored (master weights stay fp32): fp32; bf16 (2 bytes, round to "
+                  "nearest even); int8 (1 byte, blockwise 8-bit float codes with one fp32 scale per --quant-block "
+                  "elements, stochastic rounding); kept in that form with --offload host|nvme and in checkpoints")
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}))->capture_default_str();
+  sub->add_option("--quant-block", a.quant_block,
+                  "--state-precision int8: elements per quantization block (a power of two in [64, 4096])")
+      ->capture_default_str();
 }
 
 std::size_t auto_bucket_bytes(std::uint64_t params, DType compute) {
@@ -198,6 +206,15 @@ Config build_config(const ModelArgs& a, const Model& m) {
   if (!parse_offload(a.offload, c.offload_optimizer)) throw UsageError("--offload: unknown kind '" + a.offload + "'");
   c.nvme_dir = a.nvme_dir;
   c.offload_params = a.offload_params;
+  if (!parse_state_precision(a.state_precision, c.state_precision))
+    throw UsageError("--state-precision: unknown precision '" + a.state_precision + "' (fp32, bf16 or int8)");
+  c.quant_block = a.quant_block;
+  if (c.state_precision == StatePrecision::int8) {
+    const std::size_t b = a.quant_block;
+    if (b < kMinQuantBlock || b > kMaxQuantBlock || (b & (b - 1)) != 0)
+      throw UsageError("--quant-block: " + std::to_string(b) + " is not a power of two in [" +
+                       std::to_string(kMinQuantBlock) + ", " + std::to_string(kMaxQuantBlock) + "]");
+  }
   return c;
 }
 

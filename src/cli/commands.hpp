@@ -52,6 +52,8 @@ struct ModelArgs {
   std::string offload = "none";
   std::string nvme_dir;
   bool offload_params = false;  // --offload-params (train and estimate; stage 3 with offload)
+  std::string state_precision = "fp32";  // --state-precision fp32|bf16|int8 (Config::state_precision)
+  std::size_t quant_block = 256;         // --quant-block: int8 block size (Config::quant_block)
 };
 
 struct Model {
@@ -63,7 +65,7 @@ struct Model {
 };
 
 // Adds --params/--layers/--hidden/--blocks/--dtype/--optimizer/--bucket/--prefetch/--stage/
-// --micro-steps/--offload/--nvme-dir to `sub` (with_params: --params and --blocks too; with_stage:
+// --micro-steps/--offload/--nvme-dir/--state-precision/--quant-block to `sub` (with_params: --params and --blocks too; with_stage:
 // --stage and --offload-params).
 void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_stage);
 // The --optimizer choices: every rule of shardopt/rules/list.hpp, in list order.

@@ -17,7 +17,11 @@ namespace {
 // keeps (fp32 master unless the compute dtype is fp32, plus 4 bytes per state). With optimizer
 // offload K leaves the device (see offloaded_formula), with --offload-params the stage-3 p shard too.
 double k_bytes(const Config& c) {
-  return (c.compute_dtype == DType::fp32 ? 0.0 : 4.0) + 4.0 * state_count(c.optimizer);
+  // Compressed state: bf16 2 bytes per state, int8 1 byte plus a 4-byte scale per block.
+  const double per_state = c.state_precision == StatePrecision::bf16   ? 2.0
+                           : c.state_precision == StatePrecision::int8 ? 1.0 + 4.0 / double(c.quant_block)
+                                                                        : 4.0;
+  return (c.compute_dtype == DType::fp32 ? 0.0 : 4.0) + per_state * state_count(c.optimizer);
 }
 
 double zero_formula(const Config& c, double psi, int world) {
@@ -350,6 +354,7 @@ struct Row {
   int stage = 0;
   OffloadKind offload = OffloadKind::none;
   bool offload_params = false;
+  StatePrecision precision = StatePrecision::fp32;  // Config::state_precision of the row
   std::uint64_t device = 0, host = 0, disk = 0, need = 0;  // need: device + activations + CUDA context
   bool fits_gpu = false, fits_host = true, fits_disk = true;
   bool fits() const { return fits_gpu && fits_host && fits_disk; }
@@ -369,12 +374,15 @@ struct Assessment {
   std::vector<Row> rows;
   int choice = -1;
   bool tried_offload = false;
+  bool tried_compressed = false;
   const Row* chosen() const { return choice < 0 ? nullptr : &rows[std::size_t(choice)]; }
 };
 
 Row evaluate(const Config& base, const std::vector<BlockSpec>& blocks, std::uint64_t act, const Budget& b, int stage,
-             int world, OffloadKind offload, bool offload_params) {
+             int world, OffloadKind offload, bool offload_params,
+             std::optional<StatePrecision> precision = std::nullopt) {
   Config c = base;
+  if (precision) c.state_precision = *precision;
   c.stage = stage;
   c.offload_optimizer = offload;
   c.offload_params = offload_params;
@@ -385,6 +393,7 @@ Row evaluate(const Config& base, const std::vector<BlockSpec>& blocks, std::uint
   row.stage = stage;
   row.offload = offload;
   row.offload_params = offload_params;
+  row.precision = c.state_precision;
   row.device = r.peak_total[int(Place::device)];
   row.host = r.peak_total[int(Place::pinned_host)] + r.peak_total[int(Place::host)];
   row.disk = r.peak_total[int(Place::disk)];
@@ -422,16 +431,35 @@ Assessment assess(const Config& base, const std::vector<BlockSpec>& blocks, std:
     }
     out.choice = first_fit();
   }
+  // Still nothing (and the precision was left at fp32): compressed optimizer state
+  // (Config::state_precision), bf16 moments then int8 ones, 4 + 2*2 or 4 + 2*(1 + 4/B) bytes per
+  // parameter of state instead of 4 + 2*4 for Adam: on the GPUs (lowest stage first), then in host
+  // memory (host offload keeps the compressed form). With NVMe offload the state is on disk.
+  out.tried_compressed = out.choice < 0 && base.state_precision == StatePrecision::fp32;
+  if (out.tried_compressed) {
+    for (StatePrecision p : {StatePrecision::bf16, StatePrecision::int8})
+      for (int s = 1; s <= 3; ++s) out.rows.push_back(evaluate(base, blocks, act, b, s, b.gpus, OffloadKind::none, false, p));
+    for (StatePrecision p : {StatePrecision::bf16, StatePrecision::int8}) {
+      out.rows.push_back(evaluate(base, blocks, act, b, 2, b.gpus, OffloadKind::host, false, p));
+      out.rows.push_back(evaluate(base, blocks, act, b, 3, b.gpus, OffloadKind::host, false, p));
+      out.rows.push_back(evaluate(base, blocks, act, b, 3, b.gpus, OffloadKind::host, true, p));
+    }
+    out.choice = first_fit();
+  }
   return out;
 }
 
-std::string offload_text(const Row& r) { return std::string(name_of(r.offload)) + (r.offload_params ? "+p" : ""); }
+std::string offload_text(const Row& r) {
+  return std::string(name_of(r.offload)) + (r.offload_params ? "+p" : "") +
+         (r.precision != StatePrecision::fp32 ? std::string(" ") + std::string(name_of(r.precision)) : std::string());
+}
 
 std::string flags_text(const Row& r) {
   std::string f = "--stage " + std::to_string(r.stage);
   if (r.offload == OffloadKind::host) f += " --offload host";
   if (r.offload == OffloadKind::nvme) f += " --offload nvme --nvme-dir DIR";
   if (r.offload_params) f += " --offload-params";
+  if (r.precision != StatePrecision::fp32) f += " --state-precision " + std::string(name_of(r.precision));
   return f;
 }
 
@@ -439,26 +467,27 @@ Json rows_json(const Assessment& as) {
   Json st = Json::array();
   for (const auto& r : as.rows)
     st.push_back({{"stage", r.stage}, {"offload", std::string(name_of(r.offload))},
-                  {"offload_params", r.offload_params}, {"device_bytes", r.device}, {"host_bytes", r.host},
+                  {"offload_params", r.offload_params}, {"state_precision", std::string(name_of(r.precision))},
+                  {"device_bytes", r.device}, {"host_bytes", r.host},
                   {"disk_bytes", r.disk}, {"need_per_gpu", r.need}, {"fits", r.fits()}});
   return st;
 }
 
 Json choice_json(const Row& c, const Config& cfg, int gpus) {
   return {{"stage", c.stage}, {"offload", std::string(name_of(c.offload))}, {"offload_params", c.offload_params},
-          {"bucket_bytes", cfg.bucket_bytes}, {"prefetch_units", c.stage == 3 ? cfg.prefetch_units : 0},
+          {"state_precision", std::string(name_of(c.precision))}, {"bucket_bytes", cfg.bucket_bytes}, {"prefetch_units", c.stage == 3 ? cfg.prefetch_units : 0},
           {"need_per_gpu", c.need}, {"host_bytes_all_gpus", c.host * std::uint64_t(gpus)},
           {"disk_bytes_all_gpus", c.disk * std::uint64_t(gpus)}};
 }
 
 void print_rows(std::ostream& os, const Assessment& as, int gpus) {
   char line[220];
-  std::snprintf(line, sizeof line, "%-6s %-8s %14s %14s %14s %14s  %s\n", "stage", "offload", "engine/GPU", "need/GPU",
+  std::snprintf(line, sizeof line, "%-6s %-10s %14s %14s %14s %14s  %s\n", "stage", "offload", "engine/GPU", "need/GPU",
                 "host (all)", "nvme (all)", "fits");
   os << line;
   for (const auto& r : as.rows) {
     const char* verdict = r.fits() ? "yes" : !r.fits_gpu ? "no (GPU)" : !r.fits_host ? "no (host)" : "no (nvme)";
-    std::snprintf(line, sizeof line, "%-6d %-8s %14s %14s %14s %14s  %s\n", r.stage, offload_text(r).c_str(),
+    std::snprintf(line, sizeof line, "%-6d %-10s %14s %14s %14s %14s  %s\n", r.stage, offload_text(r).c_str(),
                   format_bytes(double(r.device)).c_str(), format_bytes(double(r.need)).c_str(),
                   format_bytes(double(r.host) * gpus).c_str(), format_bytes(double(r.disk) * gpus).c_str(), verdict);
     os << line;
@@ -741,7 +770,9 @@ int run_plan(const PlanArgs& a, Io& io) {
   const Row* next_same = nullptr;
   if (next)
     for (const auto& r : next->as.rows)
-      if (r.stage == c.stage && r.offload == c.offload && r.offload_params == c.offload_params) next_same = &r;
+      if (r.stage == c.stage && r.offload == c.offload && r.offload_params == c.offload_params &&
+          r.precision == c.precision)
+        next_same = &r;
   const Json ds = deepspeed_of(win.m);
 
   if (a.json) {

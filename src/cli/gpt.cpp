@@ -185,7 +185,9 @@ int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
         << format_count(model.params) << " params), seq " << o.seq << " x batch " << o.batch << " x " << world
         << (boot ? " ranks (" + std::string(boot->kind()) + ", one per process)" : std::string(" ranks")) << ", stage " << o.config.stage << ", " << a.model.dtype << ", " << a.model.optimizer << " lr "
         << o.config.hyper.lr << (o.recompute ? ", recompute" : "")
-        << (a.model.offload == "none" ? "" : ", offload " + a.model.offload) << ", " << a.steps << " steps\n"
+        << (a.model.offload == "none" ? "" : ", offload " + a.model.offload)
+        << (a.model.state_precision == "fp32" ? "" : ", " + a.model.state_precision + " optimizer state") << ", "
+        << a.steps << " steps\n"
         << (a.save_every > 0 ? "checkpoints every " + std::to_string(a.save_every) + " steps into " +
                                    (std::filesystem::path(a.save) / "step-NNNNNN").string() + " in the background (the newest " +
                                    std::to_string(a.keep) + " kept)\n"

@@ -472,6 +472,7 @@ int run_train(const TrainArgs& args_in, Io& io) {
         << " lr " << o.config.hyper.lr << ", bucket " << format_bytes(double(o.config.bucket_bytes)) << ", "
         << (a.model.offload == "none" ? "" : "offload " + a.model.offload +
                                                  (a.model.offload_params ? " (+ parameters)" : "") + ", ")
+        << (a.model.state_precision == "fp32" ? "" : a.model.state_precision + " optimizer state, ")
         << a.steps << " steps\n";
   if (!resume_note.empty() && lead) io.err << "shardopt train: " << resume_note << '\n';
   if (a.save_every > 0)
@@ -543,6 +544,7 @@ int run_train(const TrainArgs& args_in, Io& io) {
     j["bucket_bytes"] = o.config.bucket_bytes;
     j["offload"] = a.model.offload;
     j["offload_params"] = a.model.offload_params;
+    j["state_precision"] = a.model.state_precision;
     j["loss_first"] = loss_first;
     j["loss_last"] = loss_last;
     j["skipped_steps"] = r.skipped_steps;

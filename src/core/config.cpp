@@ -226,6 +226,12 @@ void Config::validate() const {
   check(gradient_buckets >= 0 && gradient_buckets <= kMaxGradientBuckets, ErrorCode::invalid_argument,
         "gradient_buckets", gradient_buckets,
         "must be 0 (one per unit) or 1.." + std::to_string(kMaxGradientBuckets));
+
+  const bool known_precision = state_precision == StatePrecision::fp32 || state_precision == StatePrecision::bf16 ||
+                               state_precision == StatePrecision::int8;
+  check(known_precision, ErrorCode::invalid_argument, "state_precision", static_cast<int>(state_precision),
+        "unknown state precision (fp32, bf16 or int8)");
+  if (state_precision == StatePrecision::int8) check_quant_block(quant_block, "Config.quant_block");
 }
 
 }  // namespace shardopt

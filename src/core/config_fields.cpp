@@ -38,6 +38,7 @@ bool parse_of(const E (&values)[N], std::string_view text, E& out) noexcept {
 constexpr DType kDTypes[] = {DType::fp32, DType::bf16, DType::fp16};
 constexpr LossScaleMode kLossScaleModes[] = {LossScaleMode::none, LossScaleMode::fixed, LossScaleMode::dynamic};
 constexpr OffloadKind kOffloadKinds[] = {OffloadKind::none, OffloadKind::host, OffloadKind::nvme};
+constexpr StatePrecision kStatePrecisions[] = {StatePrecision::fp32, StatePrecision::bf16, StatePrecision::int8};
 constexpr LrSchedule kSchedules[] = {LrSchedule::constant, LrSchedule::cosine, LrSchedule::linear,
                                      LrSchedule::inverse_sqrt};
 
@@ -63,12 +64,14 @@ bool parse_enum(std::string_view text, OptimizerKind& out) noexcept { return par
 bool parse_enum(std::string_view text, LrSchedule& out) noexcept { return parse_lr_schedule(text, out); }
 bool parse_enum(std::string_view text, LossScaleMode& out) noexcept { return parse_of(kLossScaleModes, text, out); }
 bool parse_enum(std::string_view text, OffloadKind& out) noexcept { return parse_of(kOffloadKinds, text, out); }
+bool parse_enum(std::string_view text, StatePrecision& out) noexcept { return parse_of(kStatePrecisions, text, out); }
 
 std::string enum_choices(DType) { return choices_of(kDTypes); }
 std::string enum_choices(OptimizerKind) { return "a known rule (" + optimizer_names(", ") + ")"; }
 std::string enum_choices(LrSchedule) { return choices_of(kSchedules); }
 std::string enum_choices(LossScaleMode) { return choices_of(kLossScaleModes); }
 std::string enum_choices(OffloadKind) { return choices_of(kOffloadKinds); }
+std::string enum_choices(StatePrecision) { return choices_of(kStatePrecisions); }
 
 void bad_value(std::string_view key, std::string_view text, const std::string& expected) {
   throw Error(ErrorCode::invalid_argument,

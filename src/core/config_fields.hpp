@@ -80,7 +80,8 @@ inline constexpr auto kConfigFields = std::make_tuple(
     local_field("nvme_dir", &Config::nvme_dir), field("offload_params", &Config::offload_params),
     local_field("pinned_fallback", &Config::pinned_fallback),
     field("prefetch_units", &Config::prefetch_units), field("persistence_threshold", &Config::persistence_threshold),
-    field("gradient_buckets", &Config::gradient_buckets));
+    field("gradient_buckets", &Config::gradient_buckets), field("state_precision", &Config::state_precision),
+    field("quant_block", &Config::quant_block));
 
 template <class S>
 struct TableOf;
@@ -153,12 +154,14 @@ bool parse_enum(std::string_view text, OptimizerKind& out) noexcept;
 bool parse_enum(std::string_view text, LrSchedule& out) noexcept;
 bool parse_enum(std::string_view text, LossScaleMode& out) noexcept;
 bool parse_enum(std::string_view text, OffloadKind& out) noexcept;
+bool parse_enum(std::string_view text, StatePrecision& out) noexcept;
 // The names an enum takes, "a, b or c" (for error messages).
 std::string enum_choices(DType);
 std::string enum_choices(OptimizerKind);
 std::string enum_choices(LrSchedule);
 std::string enum_choices(LossScaleMode);
 std::string enum_choices(OffloadKind);
+std::string enum_choices(StatePrecision);
 
 // Parses `text` into `out` by out's type; on a malformed value throws Error(invalid_argument)
 // "'<key>': '<text>' is not ..." and leaves `out` as it was. Numbers must be whole strings;

@@ -63,6 +63,7 @@ void check_compressed_update(const CompressedUpdateArgs& a) {
   }
   require_elements(a.grad, a.n, a.grad_dtype, op, "grad");
   if (a.param_out != nullptr) require_elements(a.param_out, a.n, a.param_dtype, op, "param_out");
+  if (a.seed_ptr != nullptr) require_elements(a.seed_ptr, 1, sizeof(std::int64_t), op, "seed_ptr");
   if (a.param_out != nullptr && a.param_out == static_cast<void*>(a.master) && a.param_dtype != DType::fp32)
     throw Error(ErrorCode::invalid_argument, "compressed_update: param_out aliases master but param_dtype is " +
                                                  std::string(name_of(a.param_dtype)) + ", not fp32");

@@ -493,6 +493,8 @@ class CpuBackend final : public Backend {
           }
           CompressedUpdateArgs run = a;
           if (run.scalars_ptr != nullptr) run.scalars = *run.scalars_ptr;
+          if (run.seed_ptr != nullptr) run.seed = static_cast<std::uint64_t>(*run.seed_ptr);
+          run.seed_ptr = nullptr;
           if (run.scale_ptr != nullptr) run.scalars.grad_scale *= *run.scale_ptr;
           run.scalars_ptr = nullptr;
           run.scale_ptr = nullptr;

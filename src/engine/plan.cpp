@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <numeric>
 
 #include "shardopt/error.hpp"
 #include "shardopt/step_control.hpp"
@@ -17,6 +18,9 @@ LayoutOptions layout_options(const Config& config, int world_size) {
   LayoutOptions lo;
   lo.world_size = world_size;
   lo.alignment = config.alignment;
+  // int8 state: quantization blocks are cut on each tensor's own element index, so tensor starts
+  // and rank slices are aligned to the block size: no block straddles a shard boundary.
+  if (config.state_precision == StatePrecision::int8) lo.alignment = std::lcm(config.alignment, config.quant_block);
   lo.bucket_elems = std::max<std::size_t>(1, config.bucket_bytes / size_of(config.compute_dtype));
   return lo;
 }
@@ -94,8 +98,21 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   const int nst = state_count(cfg.optimizer);
   if (!off) {
     if (c != DType::fp32) add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights");
-    for (int i = 0; i < nst; ++i)
-      add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, "optimizer state " + std::to_string(i));
+    for (int i = 0; i < nst; ++i) {
+      const std::string name = "optimizer state " + std::to_string(i);
+      switch (cfg.state_precision) {
+        case StatePrecision::fp32: add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, name); break;
+        case StatePrecision::bf16: add(Buf::state, i, n_state, DType::bf16, Category::optimizer_state, name + " (bf16)"); break;
+        case StatePrecision::int8:
+          // One code byte per element, planned as two-byte elements (BufferSpec has no one-byte
+          // dtype): n_state is a multiple of the alignment, which int8 makes a multiple of the
+          // block size (>= 64), so this is exactly n_state bytes. Zero codes are the zero moment.
+          add(Buf::state, i, n_state / 2, DType::bf16, Category::optimizer_state, name + " (int8 codes)");
+          add(Buf::state_scales, i, quant_block_count(n_state, cfg.quant_block), DType::fp32,
+              Category::optimizer_state, name + " (int8 block scales)");
+          break;
+      }
+    }
   } else {
     // Offloaded, the master is always its own fp32 copy (even for an fp32 compute dtype): the
     // device parameters are only the rounded output the pipeline copies up.
@@ -104,25 +121,56 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     o.state_elems = n_state;
     const std::size_t want = g_offload_chunk_override.load() ? g_offload_chunk_override.load() : kOffloadChunk;
     const std::size_t capped = std::min(want, std::max<std::size_t>(n_state, 1));
-    o.chunk_elems = (capped + kNvmeAlignElems - 1) / kNvmeAlignElems * kNvmeAlignElems;
+    // int8 state: a cell is whole quantization blocks too (the pieces are cut at cells).
+    const std::size_t cell_align =
+        cfg.state_precision == StatePrecision::int8 ? std::lcm(kNvmeAlignElems, cfg.quant_block) : kNvmeAlignElems;
+    o.chunk_elems = (capped + cell_align - 1) / cell_align * cell_align;
     o.cells = (n_state + o.chunk_elems - 1) / o.chunk_elems;
     // The gradient the update reads: stages 0-1 reduce at step() into the reduce dtype (or the
     // compute dtype, the same when they match); stages 2-3 into the shard gradient.
     o.grad_dtype = pl.grads == GradFlow::bucketed ? gs : r;
-    o.cell_bytes = static_cast<std::size_t>(1 + nst) * o.chunk_elems * 4;
+    const std::size_t state_cell = cell_state_bytes(cfg.state_precision, o.chunk_elems, cfg.quant_block);
+    const std::size_t cell_data = o.chunk_elems * 4 + static_cast<std::size_t>(nst) * state_cell;
+    o.cell_bytes = (cell_data + kNvmeAlign - 1) / kNvmeAlign * kNvmeAlign;
     o.file_bytes = kNvmeHeaderBytes + 2 * o.cells * o.cell_bytes;
     if (!nvme) {
       add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights (offloaded)", Place::pinned_host);
-      for (int i = 0; i < nst; ++i)
-        add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state,
-            "optimizer state " + std::to_string(i) + " (offloaded)", Place::pinned_host);
+      for (int i = 0; i < nst; ++i) {
+        const std::string name = "optimizer state " + std::to_string(i);
+        switch (cfg.state_precision) {
+          case StatePrecision::fp32:
+            add(Buf::state, i, n_state, DType::fp32, Category::optimizer_state, name + " (offloaded)", Place::pinned_host);
+            break;
+          case StatePrecision::bf16:
+            add(Buf::state, i, n_state, DType::bf16, Category::optimizer_state, name + " (bf16, offloaded)",
+                Place::pinned_host);
+            break;
+          case StatePrecision::int8:  // n_state bytes as two-byte elements: see the device case
+            add(Buf::state, i, n_state / 2, DType::bf16, Category::optimizer_state, name + " (int8 codes, offloaded)",
+                Place::pinned_host);
+            add(Buf::state_scales, i, quant_block_count(n_state, cfg.quant_block), DType::fp32,
+                Category::optimizer_state, name + " (int8 block scales, offloaded)", Place::pinned_host);
+            break;
+        }
+      }
     } else {
       // Two generations of every field on disk (see offload/nvme_store.hpp): 2x the state.
       add(Buf::nvme_file, 0, 2 * o.cells * o.chunk_elems, DType::fp32, Category::master_weights,
           "master weights (nvme file)", Place::disk);
-      for (int i = 0; i < nst; ++i)
-        add(Buf::nvme_file, 1 + i, 2 * o.cells * o.chunk_elems, DType::fp32, Category::optimizer_state,
-            "optimizer state " + std::to_string(i) + " (nvme file)", Place::disk);
+      // Compressed state: its bytes per cell (codes and int8 scales, an even count: chunk_elems is
+      // a multiple of 1024) as two-byte elements; the cell's padding to kNvmeAlign as `other`.
+      for (int i = 0; i < nst; ++i) {
+        if (cfg.state_precision == StatePrecision::fp32)
+          add(Buf::nvme_file, 1 + i, 2 * o.cells * o.chunk_elems, DType::fp32, Category::optimizer_state,
+              "optimizer state " + std::to_string(i) + " (nvme file)", Place::disk);
+        else
+          add(Buf::nvme_file, 1 + i, o.cells * state_cell, DType::bf16, Category::optimizer_state,
+              "optimizer state " + std::to_string(i) + " (" + std::string(name_of(cfg.state_precision)) + ", nvme file)",
+              Place::disk);
+      }
+      if (o.cell_bytes > cell_data)
+        add(Buf::nvme_file, 2 + nst, o.cells * (o.cell_bytes - cell_data), DType::bf16, Category::other,
+            "nvme cell padding", Place::disk);
       add(Buf::nvme_file, 1 + nst, kNvmeHeaderBytes / 4, DType::fp32, Category::other, "nvme file header", Place::disk);
       // One buffer for the whole ring, plus slack to align it to kNvmeAlign for O_DIRECT.
       add(Buf::io_ring, 0, (o.ring * o.cell_bytes + kNvmeAlign) / 4, DType::fp32, Category::offload_staging,

@@ -15,7 +15,7 @@ enum class Buf : unsigned char {
   params_full,    // stages 0-2: every unit, compute dtype
   param_shard,    // stage 3: this rank's slices, compute dtype
   master,         // fp32 master weights (absent when the compute dtype is fp32)
-  state,          // optimizer state `index`
+  state,          // optimizer state `index` (fp32; bf16 or int8 codes with compressed state, see below)
   grads_full,     // stages 0-1: every unit, compute dtype
   grads_reduced,  // stage 0 with reduce dtype != compute, no offload: the all-reduced gradient
   reduce_buf,     // one unit in the reduce dtype (cast before reducing; with offload also stage 0)
@@ -33,7 +33,9 @@ enum class Buf : unsigned char {
   grad_staging,   // optimizer offload, stages 2-3 with accumulation: one reduced slice on its way into host_grad
   param_ring,     // optimizer offload: updated compute-dtype chunk `index` on its way up (ring)
   io_ring,        // nvme: aligned read/update/write buffers, all ring entries in one buffer
-  nvme_file       // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
+  nvme_file,      // nvme: bytes on disk (Place::disk, never allocated: the store reports them)
+  // ---- compressed optimizer state (Config::state_precision; shardopt/state_precision.hpp)
+  state_scales    // int8 state: the fp32 block scales of optimizer state `index`
 };
 
 // The floats of one rank's record in initialize()'s agreement (engine/agreement.cpp): a header of
@@ -146,6 +148,15 @@ inline constexpr std::size_t kNvmeHeaderBytes = 2 * kNvmeAlign;  // two header s
 // Test-only: overrides the cell size (rounded up to kNvmeAlignElems; 0 restores the default) so
 // that small test models span several cells and exercise the pipeline.
 void set_offload_chunk_for_testing(std::size_t elems) noexcept;
+
+// Bytes one optimizer state takes in one offload cell of `chunk` elements: fp32 4 per element;
+// compressed (Config::state_precision) its codes, then (int8) the cell's chunk/block scales. An
+// NVMe cell is [master (4*chunk) | state 0 | state 1], rounded up to kNvmeAlign.
+inline constexpr std::size_t cell_state_bytes(StatePrecision p, std::size_t chunk, std::size_t block) noexcept {
+  return p == StatePrecision::fp32   ? 4 * chunk
+         : p == StatePrecision::bf16 ? 2 * chunk
+                                     : chunk + 4 * (chunk / block);
+}
 
 inline constexpr std::size_t kInitChunk = std::size_t(1) << 20;
 

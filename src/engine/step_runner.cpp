@@ -43,8 +43,15 @@ void StepRunner::plan_ranges() {
     for (int b = info.first_block; b < info.first_block + info.block_count; ++b)
       last = layout.blocks()[b].first_tensor + layout.blocks()[b].tensor_count;
     int group = first < last ? tensors[first].group : 0;
+    int tensor = first;  // the tensor holding `start` (or whose padding does)
     for (int t = first; t < last; ++t)
-      if (tensors[t].unit_offset <= lo) group = tensors[t].group;
+      if (tensors[t].unit_offset <= lo) {
+        group = tensors[t].group;
+        tensor = t;
+      }
+    // Compressed state: a range per tensor, so that its dither index is the tensor's own (the
+    // int8 blocks are aligned to tensor starts and slices by the layout).
+    const bool per_tensor = ctx_.cfg.state_precision != StatePrecision::fp32;
     std::size_t start = lo;
     auto emit = [&](std::size_t end) {
       if (end <= start) return;
@@ -56,6 +63,12 @@ void StepRunner::plan_ranges() {
       const std::size_t off = ctx_.state_offset(u, start);
       rg.master = store_.address(0, off);
       for (int i = 0; i < ctx_.state_count; ++i) rg.state[i] = store_.address(1 + i, off);
+      for (int i = 0; i < ctx_.state_count; ++i) {
+        rg.codes[i] = store_.state_codes(i, off);
+        rg.scales[i] = store_.state_scales(i, off);
+      }
+      if (tensor < last && start >= tensors[tensor].unit_offset)
+        rg.first_index = (static_cast<std::uint64_t>(tensor) << 40) + (start - tensors[tensor].unit_offset);
       std::tie(rg.grad, rg.grad_dtype) = reducer_.reduced_at(u, start);
       rg.param_out = gatherer_.param_at(u, start);
       ranges_.push_back(rg);
@@ -63,10 +76,11 @@ void StepRunner::plan_ranges() {
     };
     for (int t = first; t < last; ++t) {
       const std::size_t off = tensors[t].unit_offset;
-      if (off > lo && off < hi && tensors[t].group != group) {
+      if (off > lo && off < hi && (tensors[t].group != group || per_tensor)) {
         emit(off);
         group = tensors[t].group;
       }
+      if (off < hi && off >= lo) tensor = t;
     }
     emit(hi);
   }
@@ -91,7 +105,7 @@ std::vector<offload::Piece> StepRunner::offload_pieces(std::size_t chunk_elems) 
     for (std::size_t done = 0; done < rg.n;) {
       const std::size_t cell_end = ((h + done) / chunk_elems + 1) * chunk_elems;
       const std::size_t k = std::min(rg.n - done, cell_end - (h + done));
-      pieces.push_back({rg.group, h + done, k, gatherer_.param_at(rg.unit, rg.unit_begin + done)});
+      pieces.push_back({rg.group, h + done, k, gatherer_.param_at(rg.unit, rg.unit_begin + done), rg.first_index + done});
       done += k;
     }
   }
@@ -174,6 +188,7 @@ void StepRunner::measure_and_decide() {
 }
 
 void StepRunner::update_on_device() {
+  if (ctx_.cfg.state_precision != StatePrecision::fp32) return update_compressed();
   for (const Range& rg : ranges_) {
     UpdateArgs a;
     a.rule = ctx_.cfg.optimizer;
@@ -192,6 +207,35 @@ void StepRunner::update_on_device() {
   }
 }
 
+// Compressed state: the same update with the states decoded and encoded around the rule. The
+// dither's seed is the step counter as step_control left it (the number of this applied step),
+// read by the kernel from backend memory, so a CUDA graph replays each step with its own seed and
+// a run resumed from a checkpoint continues with the seeds it would have used.
+void StepRunner::update_compressed() {
+  for (const Range& rg : ranges_) {
+    CompressedUpdateArgs a;
+    a.rule = ctx_.cfg.optimizer;
+    a.scalars_ptr = dev_control<StepScalars>(control_.scalars) + rg.slot;
+    a.skip_ptr = &dev_state()->skip;
+    a.seed_ptr = &dev_state()->step;
+    a.precision = ctx_.cfg.state_precision;
+    a.block_size = ctx_.cfg.quant_block;
+    a.first_index = rg.first_index;
+    a.master = rg.master;
+    a.state1 = rg.codes[0];
+    a.state2 = rg.codes[1];
+    a.scales1 = rg.scales[0];
+    a.scales2 = rg.scales[1];
+    a.grad = rg.grad;
+    a.grad_dtype = rg.grad_dtype;
+    a.param_out = rg.param_out;
+    a.param_dtype = ctx_.compute_dtype;
+    a.n = rg.n;
+    a.zero_grad = reducer_.zeroed_by_update();
+    ctx_.be.compressed_update(a, *ctx_.side);
+  }
+}
+
 void StepRunner::update_offloaded(const StepState& before) {
   Backend& be = ctx_.be;
   offload::OffloadEngine& offload = *store_.offload();
@@ -206,7 +250,7 @@ void StepRunner::update_offloaded(const StepState& before) {
   const StepScalars* hsc = host_control<StepScalars>(control_.scalars);
   for (std::size_t i = 0; i < control_groups_.size(); ++i) step_scalars_[control_groups_[i]] = hsc[i];
   try {
-    offload.update(step_scalars_);
+    offload.update(step_scalars_, static_cast<std::uint64_t>(host_state_.step));
   } catch (...) {
     // nvme: the file still holds the previous step (see nvme_store.hpp); so does the state.
     host_state_ = before;

@@ -64,6 +64,7 @@ class StepRunner {
   StepState* dev_state() const { return dev_control<StepState>(0); }
   void measure_and_decide();
   void update_on_device();
+  void update_compressed();
   void update_offloaded(const StepState& before);
 
   struct Range {
@@ -74,6 +75,12 @@ class StepRunner {
     std::size_t n = 0;
     float* master = nullptr;  // device tier only (nullptr for nvme)
     float* state[2] = {nullptr, nullptr};
+    // Compressed state (Config::state_precision != fp32): codes, int8 block scales, and the dither
+    // index of the range's first element, (tensor << 40) + its index in the tensor: a numbering
+    // of the tensor's own elements, the same at every world size and stage.
+    void* codes[2] = {nullptr, nullptr};
+    float* scales[2] = {nullptr, nullptr};
+    std::uint64_t first_index = 0;
     void* grad = nullptr;
     DType grad_dtype = DType::fp32;
     void* param_out = nullptr;
