@@ -142,8 +142,9 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
           for (int k = 0; k < kCategoryCount; ++k)
             for (int p = 0; p < kPlaceCount; ++p) {
               EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]);
-              if (!shard_only || k != params)
+              if (!shard_only || k != params) {
                 EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
+              }
             }
           if (shard_only) {
             EXPECT_EQ(in_order.memory[r].current[params][dev], full * size_of(c.compute));

@@ -295,7 +295,9 @@ TEST(CliPlanCompressed, PlanProposesCompressedStateWhenThatIsWhatFits) {
   const json j = run_json(args);
   ASSERT_TRUE(j["fits"].get<bool>()) << j.dump();
   for (const json& r : j["stages"])
-    if (r["state_precision"] == "fp32" || r["state_precision"] == "bf16") EXPECT_FALSE(r["fits"].get<bool>()) << r.dump();
+    if (r["state_precision"] == "fp32" || r["state_precision"] == "bf16") {
+      EXPECT_FALSE(r["fits"].get<bool>()) << r.dump();
+    }
   const json& c = j["choice"];
   EXPECT_EQ(c["state_precision"], "int8") << j.dump();
   const Need at = estimate_need(model, 1, c["stage"].get<int>(), c["offload"].get<std::string>(),
