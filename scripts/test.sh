@@ -83,6 +83,12 @@ pc="$build/install/lib/pkgconfig"
 cc -std=c99 -O1 -o "$build/consumer/c_consumer" "$root/tests/capi/test_capi.c" \
   $(PKG_CONFIG_PATH="$pc" pkg-config --cflags --libs shardopt_c) -lpthread -lm
 LD_LIBRARY_PATH="$(PKG_CONFIG_PATH="$pc" pkg-config --variable=libdir shardopt_c)" "$build/consumer/c_consumer" | tail -1
+# libshardopt_c is the core alone: neither it nor the C program needs CUDA, NCCL, MPI or liburing.
+for f in "$build/consumer/c_consumer" "$(PKG_CONFIG_PATH="$pc" pkg-config --variable=libdir shardopt_c)/libshardopt_c.so"; do
+  if readelf -d "$f" | grep NEEDED | grep -Ei 'cudart|nccl|libmpi|uring'; then
+    echo "FAIL: $f needs a CUDA, NCCL, MPI or liburing library (above)"; exit 1
+  fi
+done
 
 if [ "${SHARDOPT_SANITIZERS:-1}" != "0" ]; then
   # -O1, the level the sanitizer documentation suggests, and -g1: line tables, all a sanitizer's

@@ -82,7 +82,8 @@ SHARDOPT_C_API shardopt_status shardopt_config_set(shardopt_config* config, cons
 typedef struct shardopt_backend shardopt_backend;
 /* The CPU backend; its kernels share one process-wide thread pool (threads = 0: one per core). */
 SHARDOPT_C_API shardopt_status shardopt_backend_create_cpu(shardopt_backend** out);
-/* The CUDA backend on `device`; SHARDOPT_UNSUPPORTED in a build without CUDA or without a GPU. */
+/* The CUDA backend on `device`; SHARDOPT_UNSUPPORTED in a build without CUDA, without a GPU, or in
+ * libshardopt_c (the CPU-only library: link libshardopt_c_full for CUDA and MPI). */
 SHARDOPT_C_API shardopt_status shardopt_backend_create_cuda(int device, shardopt_backend** out);
 SHARDOPT_C_API void shardopt_backend_destroy(shardopt_backend* backend);
 
@@ -96,7 +97,8 @@ SHARDOPT_C_API void shardopt_group_abort(shardopt_group* group, const char* why)
 typedef struct shardopt_comm shardopt_comm;
 SHARDOPT_C_API shardopt_status shardopt_comm_create_in_process(shardopt_group* group, int rank, shardopt_backend* backend,
                                                                shardopt_comm** out);
-/* All processes of MPI_COMM_WORLD (MPI initialized with MPI_THREAD_MULTIPLE by the caller). */
+/* All processes of MPI_COMM_WORLD (MPI initialized with MPI_THREAD_MULTIPLE by the caller).
+ * SHARDOPT_UNSUPPORTED in libshardopt_c (link libshardopt_c_full) or a build without MPI. */
 SHARDOPT_C_API shardopt_status shardopt_comm_create_mpi(shardopt_backend* backend, shardopt_comm** out);
 SHARDOPT_C_API void shardopt_comm_destroy(shardopt_comm* comm);
 

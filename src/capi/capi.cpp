@@ -229,12 +229,29 @@ shardopt_status shardopt_backend_create_cpu(shardopt_backend** out) {
     *out = b.release();
   });
 }
+#if defined(SHARDOPT_C_CORE_ONLY)
+namespace {
+// libshardopt_c is the core alone (src/capi/CMakeLists.txt): the CUDA and MPI components are not in
+// its link, so a CPU-only program needs none of their libraries installed.
+[[noreturn]] void not_in_this_library(const char* call, const char* what) {
+  throw shardopt::Error(ErrorCode::unsupported,
+                        std::string(call) + ": libshardopt_c is the C interface without CUDA, NCCL and MPI (" + what +
+                            " is not in its link); link libshardopt_c_full instead (pkg-config shardopt_c_full)");
+}
+}  // namespace
+#endif
+
 shardopt_status shardopt_backend_create_cuda(int device, shardopt_backend** out) {
   return guarded([&] {
     need(out, "out");
+#if defined(SHARDOPT_C_CORE_ONLY)
+    (void)device;
+    not_in_this_library("shardopt_backend_create_cuda", "the CUDA backend");
+#else
     auto b = std::make_unique<shardopt_backend>();
     b->be = shardopt::make_cuda_backend(device);
     *out = b.release();
+#endif
   });
 }
 void shardopt_backend_destroy(shardopt_backend* b) { delete b; }
@@ -274,9 +291,13 @@ shardopt_status shardopt_comm_create_mpi(shardopt_backend* b, shardopt_comm** ou
   return guarded([&] {
     need(b, "backend");
     need(out, "out");
+#if defined(SHARDOPT_C_CORE_ONLY)
+    not_in_this_library("shardopt_comm_create_mpi", "the MPI communicator");
+#else
     auto c = std::make_unique<shardopt_comm>();
     c->comm = shardopt::make_mpi_communicator(*b->be);
     *out = c.release();
+#endif
   });
 }
 void shardopt_comm_destroy(shardopt_comm* c) { delete c; }

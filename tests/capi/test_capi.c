@@ -257,6 +257,20 @@ static int contains(const char* s, const char* part) { return s && strstr(s, par
 
 static int error_paths(void) {
   CHECK(shardopt_abi_version() == SHARDOPT_ABI_VERSION, "ABI version %d", shardopt_abi_version());
+  {
+    /* libshardopt_c is the core alone (this test links it): the CUDA backend and the MPI
+     * communicator are refused there, naming the library that has them. */
+    shardopt_backend* gpu = NULL;
+    CHECK(shardopt_backend_create_cuda(0, &gpu) == SHARDOPT_UNSUPPORTED && gpu == NULL, "CUDA backend in libshardopt_c");
+    CHECK(contains(shardopt_last_error(), "libshardopt_c_full"), "CUDA refusal: %s", shardopt_last_error());
+    shardopt_backend* cpu = NULL;
+    shardopt_comm* mpi = NULL;
+    if (shardopt_backend_create_cpu(&cpu) == SHARDOPT_SUCCESS) {
+      CHECK(shardopt_comm_create_mpi(cpu, &mpi) == SHARDOPT_UNSUPPORTED && mpi == NULL, "MPI communicator in libshardopt_c");
+      CHECK(contains(shardopt_last_error(), "libshardopt_c_full"), "MPI refusal: %s", shardopt_last_error());
+      shardopt_backend_destroy(cpu);
+    }
+  }
   CHECK(strlen(shardopt_version()) >= 5, "version '%s'", shardopt_version());
   shardopt_config* cfg = NULL;
   OK(shardopt_config_create(&cfg));
