@@ -304,6 +304,14 @@ TEST(CliPlanCompressed, PlanProposesCompressedStateWhenThatIsWhatFits) {
                                 c["offload_params"].get<bool>(), "int8");
   EXPECT_DOUBLE_EQ(at.device, c["need_per_gpu"].get<double>());
   EXPECT_LE(at.device, 0.9 * 1734 * 1048576.0);
+  // An explicit --state-precision is kept: with fp32 asked for, nothing fits and nothing else is
+  // proposed.
+  args.insert(args.end(), {"--state-precision", "fp32", "--json"});
+  const Result refused = run(args);
+  EXPECT_NE(refused.rc, 0) << "a model that does not fit: " << refused.out;
+  const json pinned = last_json_line(refused.out);
+  EXPECT_FALSE(pinned["fits"].get<bool>()) << pinned.dump();
+  for (const json& row : pinned["stages"]) EXPECT_EQ(row["state_precision"], "fp32") << row.dump();
 }
 
 TEST(CliPlanErrors, BadInputNamesTheFlag) {

@@ -125,7 +125,9 @@ void add_model_options(CLI::App* sub, ModelArgs& a, bool with_params, bool with_
                   "how the optimizer's moments are stored (master weights stay fp32): fp32; bf16 (2 bytes, round to "
                   "nearest even); int8 (1 byte, blockwise 8-bit float codes with one fp32 scale per --quant-block "
                   "elements, stochastic rounding); kept in that form with --offload host|nvme and in checkpoints")
-      ->check(CLI::IsMember({"fp32", "bf16", "int8"}))->capture_default_str();
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}))
+      ->each([&a](const std::string&) { a.state_precision_given = true; })
+      ->capture_default_str();
   sub->add_option("--quant-block", a.quant_block,
                   "--state-precision int8: elements per quantization block (a power of two in [64, 4096])")
       ->capture_default_str();

@@ -53,6 +53,7 @@ struct ModelArgs {
   std::string nvme_dir;
   bool offload_params = false;  // --offload-params (train and estimate; stage 3 with offload)
   std::string state_precision = "fp32";  // --state-precision fp32|bf16|int8 (Config::state_precision)
+  bool state_precision_given = false;    // --state-precision was on the command line (plan keeps it)
   std::size_t quant_block = 256;         // --quant-block: int8 block size (Config::quant_block)
 };
 

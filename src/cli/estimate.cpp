@@ -366,6 +366,9 @@ struct Budget {
   double usable = 0;  // per GPU, after the headroom
   std::uint64_t context = 0;
   std::optional<std::uint64_t> host_mem, nvme;
+  // Compressed optimizer state may be proposed: --state-precision was not given (an explicit one,
+  // fp32 included, is kept, as --dtype is).
+  bool compressed_allowed = true;
 };
 
 // Every configuration plan considers for one model, in order of preference, and the first that
@@ -435,7 +438,7 @@ Assessment assess(const Config& base, const std::vector<BlockSpec>& blocks, std:
   // (Config::state_precision), bf16 moments then int8 ones, 4 + 2*2 or 4 + 2*(1 + 4/B) bytes per
   // parameter of state instead of 4 + 2*4 for Adam: on the GPUs (lowest stage first), then in host
   // memory (host offload keeps the compressed form). With NVMe offload the state is on disk.
-  out.tried_compressed = out.choice < 0 && base.state_precision == StatePrecision::fp32;
+  out.tried_compressed = out.choice < 0 && base.state_precision == StatePrecision::fp32 && b.compressed_allowed;
   if (out.tried_compressed) {
     for (StatePrecision p : {StatePrecision::bf16, StatePrecision::int8})
       for (int s = 1; s <= 3; ++s) out.rows.push_back(evaluate(base, blocks, act, b, s, b.gpus, OffloadKind::none, false, p));
@@ -545,6 +548,7 @@ int run_plan(const PlanArgs& a, Io& io) {
   b.nvme = size_arg(a.nvme, "--nvme");
   b.context = context_arg(a.cuda_context);
   b.usable = double(b.gpu_mem) * (1.0 - a.headroom);
+  b.compressed_allowed = !a.model.state_precision_given;
   const std::optional<std::uint64_t> act_given =
       a.activations.empty() ? std::nullopt : size_arg(a.activations, "--activations");
   const int gpt_batch = a.gpt.batch_given ? a.model.batch : 4;
