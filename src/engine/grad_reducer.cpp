@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "shardopt/error.hpp"
+#include "engine/borrowed.hpp"
 
 namespace shardopt::detail {
 
@@ -97,21 +98,10 @@ void GradReducer::set_borrowed(std::vector<void*> grads) {
   ctx_.be.synchronize(*ctx_.compute);
 }
 
-bool GradReducer::block_borrowed(int b) const {
-  if (borrowed_.empty()) return false;
-  // A tensor without elements has nothing in engine memory to hand out once borrowing is on, so
-  // a block without elements counts as borrowed.
-  const auto& bi = ctx_.layout.blocks()[b];
-  for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
-    if (ctx_.layout.tensors()[t].numel != 0 && !borrowed_[t]) return false;
-  return true;
-}
+bool GradReducer::block_borrowed(int b) const { return block_fully_borrowed(ctx_.layout, borrowed_, b); }
 
 std::size_t GradReducer::borrowed_bytes() const {
-  std::size_t n = 0;
-  for (std::size_t t = 0; t < borrowed_.size(); ++t)
-    if (borrowed_[t]) n += ctx_.layout.tensors()[t].numel * size_of(ctx_.compute_dtype);
-  return n;
+  return borrowed_bytes_of(ctx_.layout, borrowed_, ctx_.compute_dtype);
 }
 
 void GradReducer::zero_borrowed(Stream& stream) {
