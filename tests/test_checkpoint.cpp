@@ -20,6 +20,7 @@
 #include "checkpoint/format.hpp"
 #include "checkpoint/test_hooks.hpp"
 #include "engine_harness.hpp"
+#include "temp_dir.hpp"
 #include "shardopt/checkpoint.hpp"
 #include "shardopt/error.hpp"
 
@@ -29,19 +30,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TmpDir {
-  fs::path path;
-  TmpDir() {
-    std::string t = (fs::temp_directory_path() / "shardopt-ckpt-XXXXXX").string();
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed");
-    path = t;
-  }
-  ~TmpDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string str(const std::string& sub = "") const { return sub.empty() ? path.string() : (path / sub).string(); }
-};
+using TmpDir = shardopt::test::TempDir;
 
 // Full master and state values per tensor, assembled from every rank.
 struct Snapshot {

@@ -15,6 +15,7 @@
 
 #include "engine/plan.hpp"
 #include "engine_oracle.hpp"
+#include "temp_dir.hpp"
 #include "shardopt/checkpoint.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/state_precision.hpp"
@@ -226,18 +227,7 @@ TEST(CompressedEngine, CompressedStateIsReallyStoredCompressed) {
 }
 
 // ---------------------------------------------------------------- checkpoints
-struct TmpDir {
-  fs::path path;
-  TmpDir() {
-    std::string t = (fs::temp_directory_path() / "shardopt-cstate-XXXXXX").string();
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed");
-    path = t;
-  }
-  ~TmpDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using TmpDir = shardopt::test::TempDir;
 
 // Every rank adds the same gradient (rank 0's synthetic one), so the mean over ranks is that
 // gradient exactly at every world size (n equal values sum and divide by n exactly for these

@@ -17,6 +17,7 @@
 #include "data.hpp"
 #include "gpt.hpp"
 #include "model.hpp"
+#include "temp_dir.hpp"
 
 namespace {
 
@@ -233,16 +234,7 @@ TEST(GptModel, PresetParameterCountsArePublishedOnes) {
 
 // ---- data ---------------------------------------------------------------------------------------
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("shardopt-gpt-test-" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) +
-                                        "-" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using shardopt::test::TempDir;
 
 // Text-like bytes with structure a tiny model learns quickly: repeated words.
 std::string make_tokens(const fs::path& file, std::size_t n) {

@@ -17,6 +17,7 @@
 
 #include "engine/plan.hpp"
 #include "engine_harness.hpp"
+#include "temp_dir.hpp"
 #include "offload/offload_engine.hpp"
 #include "offload/test_hooks.hpp"
 #include "shardopt/error.hpp"
@@ -30,18 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 
 // A scratch directory on the build's filesystem (ext4 here: O_DIRECT works), removed at the end.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const fs::path& parent = fs::temp_directory_path()) {
-    std::string tmpl = (parent / "shardopt-offload-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed under " + parent.string());
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using shardopt::test::TempDir;
 
 // Small cells, so that the test models span several of them and the ring wraps around.
 struct SmallCells {
