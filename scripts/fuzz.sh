@@ -19,7 +19,7 @@ mkdir -p "$out/corpus"
 cp "$root"/tests/fuzz_corpus/* "$out/corpus/"
 "$cxx" -std=c++20 -O1 -gline-tables-only -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$root/include" -I"$root/src" \
-  "$root/tests/fuzz_checkpoint_manifest.cpp" "$root/src/checkpoint/format.cpp" "$root/src/core/error.cpp" \
+  "$root/tests/fuzz_checkpoint_manifest.cpp" "$root/src/checkpoint/format.cpp" "$root/src/checkpoint/field_codec.cpp" "$root/src/core/error.cpp" \
   "$root/src/core/config.cpp" "$root/src/core/config_fields.cpp" "$root/src/core/dtype.cpp" \
   "$root/src/core/posix_io.cpp" "$root/src/core/state_precision.cpp" -o "$out/fuzz_checkpoint_manifest"
 "$out/fuzz_checkpoint_manifest" -max_total_time="$seconds" -print_final_stats=1 "$out/corpus" 2>&1 | tail -n 12

@@ -11,8 +11,12 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 
+#include "checkpoint/field_codec.hpp"
+#include "checkpoint/format.hpp"
+#include "checkpoint/test_hooks.hpp"
 #include "engine/plan.hpp"
 #include "engine_oracle.hpp"
 #include "temp_dir.hpp"
@@ -367,6 +371,135 @@ TEST(CompressedEngine, ACheckpointOfAnotherPrecisionOrBlockSizeIsRefusedNamingBo
       EXPECT_TRUE(same(before, after, where)) << "a refused load changed the engine at " << where;
       train(e, rank, 0, 1);  // still usable
     });
+  }
+}
+
+// ---------------------------------------------------------------- checkpoint files
+// Compressed state is stored in its own precision (format 3, checkpoint/field_codec.hpp): per state
+// element 4 bytes (fp32), 2 (bf16), or 1 plus one exponent byte per quantization block (int8).
+// World 1 and the default chunk: one range and one checksum chunk per tensor and field, so the
+// shard file holds exactly sum over tensors of 4 n (master) + states x stored(n).
+TEST(CompressedEngine, CheckpointFilesHoldTheStateInItsOwnPrecision) {
+  for (StatePrecision p : {StatePrecision::fp32, StatePrecision::bf16, StatePrecision::int8}) {
+    SCOPED_TRACE(std::string(name_of(p)));
+    TmpDir dir;
+    const Config cfg = compressed_config(1, p, OptimizerKind::adamw);
+    with_world(1, cfg, [&](Engine& e, int rank) {
+      train(e, rank, 0, 2);
+      e.save(dir.path.string());
+    });
+    std::uint64_t expect = 0;
+    for (const BlockSpec& b : awkward_model())
+      for (const TensorSpec& t : b.tensors) {
+        std::uint64_t n = 1;
+        for (auto d : t.shape) n *= static_cast<std::uint64_t>(d);
+        const std::uint64_t stored = p == StatePrecision::fp32   ? 4 * n
+                                     : p == StatePrecision::bf16 ? 2 * n
+                                                                 : n + (n + kBlock - 1) / kBlock;
+        expect += 4 * n + 2 * (n ? stored : 0);
+      }
+    std::uint64_t bytes = 0;
+    int files = 0;
+    for (const auto& f : fs::directory_iterator(dir.path))
+      if (f.path().extension() == ".bin") {
+        bytes += fs::file_size(f.path());
+        ++files;
+      }
+    EXPECT_EQ(files, 1);
+    EXPECT_EQ(bytes, expect);
+    // fp32 state keeps format 2, which older readers load; compressed state needs format 3.
+    EXPECT_EQ(inspect_checkpoint(dir.path.string()).format_version, p == StatePrecision::fp32 ? 2 : 3);
+  }
+}
+
+// Checksum chunks of 96 elements: smaller than a quantization block (256 here) and not a divisor
+// of it, so blocks straddle chunks (their exponent is stored in both) and ranges end in partial
+// chunks and partial blocks. Saved at world 3 stage 2, loaded at world 2 stage 3: the same state.
+TEST(CompressedEngine, CheckpointChunksThatSplitBlocksRoundTrip) {
+  ckpt::set_chunk_elems_for_testing(96);
+  for (StatePrecision p : {StatePrecision::int8, StatePrecision::bf16}) {
+    SCOPED_TRACE(std::string(name_of(p)));
+    TmpDir dir;
+    Config from = compressed_config(2, p, OptimizerKind::adamw, DType::bf16);
+    from.quant_block = 256;
+    Config to = from;
+    to.stage = 3;
+    Fields saved, loaded;
+    std::mutex mu;
+    with_world(3, from, [&](Engine& e, int rank) {
+      train(e, rank, 0, 3);
+      read_fields(e, saved, mu);
+      e.save(dir.path.string());
+    });
+    with_world(2, to, [&](Engine& e, int) {
+      e.load(dir.path.string());
+      read_fields(e, loaded, mu);
+    }, /*seed=*/99);
+    std::string where;
+    EXPECT_TRUE(same(saved, loaded, where)) << "loaded state differs from the saved one at " << where;
+    verify_checkpoint(dir.path.string());
+  }
+  ckpt::set_chunk_elems_for_testing(0);
+}
+
+// A checkpoint of compressed state written before format 3 (one 32-bit word per state element)
+// still loads. It is made here from a format-3 checkpoint: every chunk unpacked into words and
+// written again, with version 2's offsets and checksums.
+TEST(CompressedEngine, AFormatTwoCheckpointOfCompressedStateStillLoads) {
+  for (StatePrecision p : {StatePrecision::int8, StatePrecision::bf16}) {
+    SCOPED_TRACE(std::string(name_of(p)));
+    TmpDir dir, old;
+    const Config cfg = compressed_config(2, p, OptimizerKind::adamw, DType::bf16);
+    Fields saved, loaded;
+    std::mutex mu;
+    with_world(2, cfg, [&](Engine& e, int rank) {
+      train(e, rank, 0, 3);
+      read_fields(e, saved, mu);
+      e.save(dir.path.string());
+    });
+    ckpt::Manifest m = ckpt::read_manifest(dir.path.string());
+    ASSERT_EQ(m.format_version, 3);
+    ckpt::Manifest v2 = m;
+    v2.format_version = 2;
+    v2.files = {ckpt::File{"g1.r0.bin", 0}};
+    std::vector<unsigned char> out;
+    for (std::size_t t = 0; t < m.tensors.size(); ++t)
+      for (std::size_t f = 0; f < m.fields.size(); ++f) {
+        const ckpt::FieldCodec codec = ckpt::codec_of(m, static_cast<int>(f));
+        for (std::size_t ri = 0; ri < m.tensors[t].fields[f].size(); ++ri) {
+          const ckpt::Range& r = m.tensors[t].fields[f][ri];
+          ckpt::Range& w = v2.tensors[t].fields[f][ri];
+          w.file = 0;
+          w.offset = out.size();
+          w.hashes.clear();
+          std::ifstream in(dir.path / m.files[r.file].name, std::ios::binary);
+          std::uint64_t at = r.offset;
+          for (std::size_t c = 0; c * m.chunk < r.count; ++c) {
+            const std::size_t cb = r.begin + c * m.chunk, cn = std::min(m.chunk, r.count - c * m.chunk);
+            std::vector<unsigned char> bytes(ckpt::chunk_bytes(codec, cb, cn));
+            in.seekg(static_cast<std::streamoff>(at));
+            in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+            ASSERT_TRUE(in.good());
+            at += bytes.size();
+            std::vector<float> words(cn);
+            ckpt::unpack(codec, cb, cn, bytes.data(), words.data());
+            w.hashes.push_back(ckpt::xxh64(words.data(), cn * 4));
+            const auto* wb = reinterpret_cast<const unsigned char*>(words.data());
+            out.insert(out.end(), wb, wb + cn * 4);
+          }
+        }
+      }
+    v2.files[0].bytes = out.size();
+    std::ofstream(old.path / "g1.r0.bin", std::ios::binary).write(reinterpret_cast<const char*>(out.data()),
+                                                                   static_cast<std::streamsize>(out.size()));
+    std::ofstream(old.path / ckpt::kManifestName) << ckpt::dump_manifest(v2);
+    EXPECT_EQ(inspect_checkpoint(old.path.string()).format_version, 2);
+    with_world(3, cfg, [&](Engine& e, int) {
+      e.load(old.path.string());
+      read_fields(e, loaded, mu);
+    }, /*seed=*/99);
+    std::string where;
+    EXPECT_TRUE(same(saved, loaded, where)) << "the format-2 checkpoint loaded other values at " << where;
   }
 }
 

@@ -322,6 +322,8 @@ class Engine {
   // a second job saving into the same directory meanwhile gets Error(io_error) naming the holder
   // (pid, host, since when) on every one of its ranks, before it writes anything. The manifest
   // carries a checksum of its own content (format version 2), so an edited manifest is refused.
+  // Compressed optimizer state (Config::state_precision) is stored in its own precision (format
+  // version 3: 2 bytes per bf16 element, 1 per int8 element plus one per quantization block).
   // Errors (Error(io_error) naming the file) are thrown on every rank; the engine is unchanged
   // and the previous checkpoint in `dir`, if any, is still the valid one.
   // `trainer_metadata`: a record of the trainer's own (its data position, a run name; UTF-8 text

@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/field_codec.hpp"
 #include "checkpoint/format.hpp"
 #include "engine/checkpoint_port.hpp"
 #include "shardopt/error.hpp"
@@ -221,6 +222,9 @@ SaveJob begin_save(CheckpointPort& im, const StepState& state, const std::string
   m.fields = job.fields;
   m.state_precision = cfg.state_precision;
   m.quant_block = cfg.state_precision == StatePrecision::int8 ? cfg.quant_block : 0;
+  // Compressed state is stored in its own precision, which only version 3 readers know; fp32
+  // state keeps version 2 so that older readers still load it.
+  m.format_version = cfg.state_precision == StatePrecision::fp32 ? 2 : ckpt::kFormatVersion;
   m.groups = im.groups();
   m.step = state.step;
   m.loss_scale_mode = cfg.loss_scaling.mode;
@@ -244,21 +248,27 @@ std::optional<Error> write_shard(const SaveJob& job, Values&& values) {
     if (job.rank != 0) ckpt::make_dir(job.dir);
     ckpt::Fd f = ckpt::create_write(tmp);
     std::vector<float> buf;
+    std::vector<unsigned char> bytes;
     std::uint64_t offset = 0;
     nlohmann::json ranges = nlohmann::json::array();
     for (int fi = 0; fi < static_cast<int>(job.fields.size()); ++fi) {
+      const ckpt::FieldCodec codec = ckpt::codec_of(job.head, fi);
       for (std::size_t pi = 0; pi < job.pieces.size(); ++pi) {
         const Piece& p = job.pieces[pi];
         nlohmann::json hashes = nlohmann::json::array();
+        std::uint64_t range_bytes = 0;
         for (std::size_t done = 0; done < p.count; done += job.chunk) {
           const std::size_t k = std::min(job.chunk, p.count - done);
           buf.resize(k);
           values(fi, pi, done, k, buf.data());
-          hashes.push_back(ckpt::hex64(ckpt::xxh64(buf.data(), k * 4)));
-          ckpt::write_all(f, buf.data(), k * 4);
+          ckpt::pack(codec, p.begin + done, k, buf.data(), bytes,
+                     "save: tensor '" + job.tensors[p.tensor].name + "' field '" + job.fields[fi] + "'");
+          hashes.push_back(ckpt::hex64(ckpt::xxh64(bytes.data(), bytes.size())));
+          ckpt::write_all(f, bytes.data(), bytes.size());
+          range_bytes += bytes.size();
         }
         ranges.push_back({p.tensor, fi, p.begin, p.count, offset, hashes});
-        offset += p.count * 4;
+        offset += range_bytes;
       }
     }
     ckpt::fsync_fd(f);
@@ -400,7 +410,9 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
     };
 
     std::vector<float> buf;
+    std::vector<unsigned char> bytes;
     for (int fi = 0; fi < nfields; ++fi) {
+      const ckpt::FieldCodec codec = ckpt::codec_of(m, fi);
       for (std::size_t pi = 0; pi < pieces.size(); ++pi) {
         const Piece& p = pieces[pi];
         const ckpt::Tensor& mt = m.tensors[map[p.tensor]];
@@ -416,15 +428,20 @@ std::string load_impl(CheckpointPort& im, const std::string& dir) {
           const ckpt::Fd& f = file_of(r.file, tname);
           const std::size_t lo = std::max(p.begin, r.begin), hi = std::min(p.begin + p.count, r.begin + r.count);
           // Only the chunks overlapping [lo, hi) are read; each is verified whole.
-          for (std::size_t c = (lo - r.begin) / m.chunk; c * m.chunk + r.begin < hi; ++c) {
+          std::size_t c = (lo - r.begin) / m.chunk;
+          std::uint64_t at = r.offset + ckpt::chunk_offset(codec, r.begin, r.count, m.chunk, c);
+          for (; c * m.chunk + r.begin < hi; ++c) {
             const std::size_t cb = r.begin + c * m.chunk;
             const std::size_t cn = std::min(m.chunk, r.begin + r.count - cb);
             buf.resize(cn);
+            bytes.resize(ckpt::chunk_bytes(codec, cb, cn));
             const std::string what = "tensor '" + tname + "' field '" + m.fields[fi] + "' elements [" +
                                      std::to_string(cb) + ", " + std::to_string(cb + cn) + ")";
-            ckpt::pread_exact(f, buf.data(), cn * 4, r.offset + c * m.chunk * 4, what);
-            if (ckpt::xxh64(buf.data(), cn * 4) != r.hashes[c])
+            ckpt::pread_exact(f, bytes.data(), bytes.size(), at, what);
+            at += bytes.size();
+            if (ckpt::xxh64(bytes.data(), bytes.size()) != r.hashes[c])
               throw Error(ErrorCode::io_error, "checksum mismatch in '" + f.path() + "' for " + what);
+            ckpt::unpack(codec, cb, cn, bytes.data(), buf.data());
             const std::size_t a = std::max(lo, cb), b = std::min(hi, cb + cn);
             std::memcpy(dst.data() + (a - p.begin), buf.data() + (a - cb), (b - a) * 4);
           }

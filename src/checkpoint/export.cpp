@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/field_codec.hpp"
 #include "checkpoint/format.hpp"
 #include "shardopt/error.hpp"
 
@@ -22,6 +23,7 @@ using ckpt::join;
 template <class Sink>
 void stream_field(const ckpt::Manifest& m, const std::string& dir, const ckpt::Tensor& t, int field,
                   std::map<int, ckpt::Fd>& files, std::vector<float>& buf, Sink&& sink) {
+  std::vector<unsigned char> bytes;
   for (const ckpt::Range& r : t.fields[field]) {
     auto it = files.find(r.file);
     if (it == files.end()) {
@@ -33,14 +35,19 @@ void stream_field(const ckpt::Manifest& m, const std::string& dir, const ckpt::T
                                              std::to_string(m.files[r.file].bytes) + " (tensor '" + t.info.name + "')");
       it = files.emplace(r.file, std::move(f)).first;
     }
+    const ckpt::FieldCodec codec = ckpt::codec_of(m, field);
+    std::uint64_t at = r.offset;
     for (std::size_t c = 0; c * m.chunk < r.count; ++c) {
       const std::size_t cn = std::min(m.chunk, r.count - c * m.chunk);
       buf.resize(cn);
+      bytes.resize(ckpt::chunk_bytes(codec, r.begin + c * m.chunk, cn));
       const std::string what = "tensor '" + t.info.name + "' field '" + m.fields[field] + "' elements [" +
                                std::to_string(r.begin + c * m.chunk) + ", " + std::to_string(r.begin + c * m.chunk + cn) + ")";
-      ckpt::pread_exact(it->second, buf.data(), cn * 4, r.offset + c * m.chunk * 4, what);
-      if (ckpt::xxh64(buf.data(), cn * 4) != r.hashes[c])
+      ckpt::pread_exact(it->second, bytes.data(), bytes.size(), at, what);
+      at += bytes.size();
+      if (ckpt::xxh64(bytes.data(), bytes.size()) != r.hashes[c])
         throw Error(ErrorCode::io_error, "checksum mismatch in '" + it->second.path() + "' for " + what);
+      ckpt::unpack(codec, r.begin + c * m.chunk, cn, bytes.data(), buf.data());
       sink(buf.data(), cn);
     }
   }

@@ -1,5 +1,6 @@
 // Checkpoint format: manifest JSON, checksums and checked file I/O (see format.hpp).
 #include "checkpoint/format.hpp"
+#include "checkpoint/field_codec.hpp"
 #include "checkpoint/test_hooks.hpp"
 
 #include <fcntl.h>
@@ -309,9 +310,6 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
           next = rg.begin + rg.count;
           if (file >= m.files.size()) bad(where, fctx + ": file index " + std::to_string(file) + " out of range");
           rg.file = static_cast<int>(file);
-          const std::uint64_t fb = m.files[rg.file].bytes;
-          if (rg.offset > fb || rg.count * 4 > fb - rg.offset)
-            bad(where, fctx + ": range past the end of file '" + m.files[rg.file].name + "'");
           const Json& hs = member(r, "xxh64", where, fctx);
           const std::size_t chunks = (rg.count + m.chunk - 1) / m.chunk;
           if (!hs.is_array() || hs.size() != chunks)
@@ -323,6 +321,10 @@ Manifest parse_manifest(std::string_view text, const std::string& where) {
               bad(where, fctx + ": checksum is not 16 lowercase hex digits");
             rg.hashes.push_back(v);
           }
+          // After the checksum count, which bounds the chunks range_bytes walks.
+          const std::uint64_t fb = m.files[rg.file].bytes;
+          if (rg.offset > fb || range_bytes(codec_of(m, static_cast<int>(f)), rg.begin, rg.count, m.chunk) > fb - rg.offset)
+            bad(where, fctx + ": range past the end of file '" + m.files[rg.file].name + "'");
           te.fields[f].push_back(std::move(rg));
         }
         if (next != n) bad(where, fctx + ": ranges cover " + std::to_string(next) + " of " + std::to_string(n) + " elements");

@@ -16,7 +16,9 @@
 namespace shardopt::ckpt {
 
 // Version 2 added the manifest's own checksum; version 1 checkpoints (without it) still load.
-inline constexpr int kFormatVersion = 2;
+// Version 3 stores compressed optimizer state in its own precision (checkpoint/field_codec.hpp);
+// a checkpoint of fp32 state is still written as version 2, which older readers load.
+inline constexpr int kFormatVersion = 3;
 inline constexpr const char* kFormatName = "shardopt-checkpoint";
 inline constexpr const char* kManifestName = "manifest.json";
 inline constexpr const char* kManifestChecksumKey = "manifest_xxh64";
@@ -28,7 +30,9 @@ inline constexpr std::size_t kMaxTrainerMetadata = std::size_t(1) << 20;
 // that owns part of a range reads only the chunks it overlaps.
 std::size_t chunk_elems() noexcept;
 
-// One run of consecutive elements of one (tensor, field), stored contiguously as fp32 in a file.
+// One run of consecutive elements of one (tensor, field), stored contiguously in a file, chunk by
+// chunk, each chunk in its field's codec (checkpoint/field_codec.hpp; fp32 words but for
+// compressed optimizer state from version 3).
 struct Range {
   std::size_t begin = 0, count = 0;
   int file = 0;                // index into Manifest::files
@@ -54,10 +58,11 @@ struct Manifest {
   DType compute_dtype = DType::fp32, master_dtype = DType::fp32;
   OptimizerKind optimizer = OptimizerKind::adamw;
   std::vector<std::string> fields;
-  // How the optimizer-state fields are stored (absent from manifests before compressed state:
-  // fp32). bf16: each element its fp32 value (exactly the bf16 value). int8: each element the
-  // 32-bit word code | (biased exponent of its block's power-of-two scale) << 8, blocks of
-  // `quant_block` elements of the tensor (StateStore::read_words). The master is always fp32.
+  // The optimizer state's precision (absent from manifests before compressed state: fp32). Its
+  // fields are stored as checkpoint/field_codec.hpp says: from version 3 in their own precision
+  // (bf16: 2 bytes; int8: a code byte per element and an exponent byte per block of
+  // `quant_block` elements of the tensor); in version 2 one 32-bit word per element
+  // (StateStore::read_words). The master is always fp32.
   StatePrecision state_precision = StatePrecision::fp32;
   std::size_t quant_block = 0;  // int8 only
   std::map<int, Hyperparams> groups;

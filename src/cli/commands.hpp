@@ -137,10 +137,10 @@ void check_train_flags(const TrainArgs& a);
 // the line to tell the user ("" if --resume was not auto).
 std::string resolve_resume_auto(TrainArgs& a);
 // Before training: --save DIR is created if missing, probed with a write, and checked for room for
-// this run's checkpoints (of `params` values and the rule's states); with --save-every, no
+// this run's checkpoints (`params` master values and the rule's states in cfg's state precision); with --save-every, no
 // complete step checkpoint of DIR may be ahead of `first_step` (another run's). UsageError naming
 // the flag and the reason.
-void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind rule, int first_step);
+void check_train_outputs(const TrainArgs& a, std::uint64_t params, const Config& cfg, int first_step);
 
 // Before any rank thread starts: under an address-space limit (ulimit -v, RLIMIT_AS), whether
 // what is left of it holds what this process will map: the engine's buffers (`engine_bytes` per

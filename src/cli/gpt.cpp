@@ -136,7 +136,7 @@ int run_train_gpt(const TrainArgs& a, Io& io, const std::string& resume_note) {
   o.config = build_config(a.model, model);
   apply_optimizer_args(a, o.config, first_step);
   // Every destination is checked now, before anything trains (a run must not fail at its end).
-  check_train_outputs(a, model.params, o.config.optimizer, first_step);
+  check_train_outputs(a, model.params, o.config, first_step);
   if (boot) {
     o.bootstrap = boot;
     o.make_communicator = job.make_communicator;

@@ -156,10 +156,14 @@ void check_dir_writable(const std::string& flag, const std::string& dir) {
   probe_write(flag, dir);
 }
 
-// Bytes of one checkpoint of `params` fp32 values and the rule's states (the shard files; the
-// manifest is small beside them).
-long double checkpoint_bytes(std::uint64_t params, OptimizerKind rule) {
-  return static_cast<long double>(params) * 4.0L * static_cast<long double>(1 + state_count(rule));
+// Bytes of one checkpoint of `params` fp32 master values and the rule's states in their stored
+// precision (the shard files, checkpoint/field_codec.hpp; the manifest is small beside them).
+// int8 counts one exponent byte per block: a few more where blocks straddle checksum chunks.
+long double checkpoint_bytes(std::uint64_t params, const Config& cfg) {
+  long double state = 4.0L;
+  if (cfg.state_precision == StatePrecision::bf16) state = 2.0L;
+  if (cfg.state_precision == StatePrecision::int8) state = 1.0L + 1.0L / static_cast<long double>(cfg.quant_block);
+  return static_cast<long double>(params) * (4.0L + state * static_cast<long double>(state_count(cfg.optimizer)));
 }
 
 }  // namespace
@@ -198,7 +202,7 @@ void check_train_flags(const TrainArgs& a) {
   if (a.keep_given && a.save_every == 0) throw UsageError("--keep: only with --save-every");
 }
 
-void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind rule, int first_step) {
+void check_train_outputs(const TrainArgs& a, std::uint64_t params, const Config& cfg, int first_step) {
   if (a.save.empty()) return;
   check_dir_writable("--save", a.save);
   if (a.save_every > 0) {
@@ -215,7 +219,7 @@ void check_train_outputs(const TrainArgs& a, std::uint64_t params, OptimizerKind
   }
   // Space: a save writes its files beside the previous generation before deleting it, and
   // --save-every keeps up to --keep complete step checkpoints plus the one being written.
-  const long double one = checkpoint_bytes(params, rule);
+  const long double one = checkpoint_bytes(params, cfg);
   std::uint64_t count = 1;  // the final save
   if (a.save_every > 0) {
     const int planned = (first_step + a.steps - 1) / a.save_every - first_step / a.save_every;  // the last step excepted
@@ -448,7 +452,7 @@ int run_train(const TrainArgs& args_in, Io& io) {
   // left them (the trainer's record in the checkpoint says where).
   if (!a.resume.empty()) o.first_step = mlp::read_next_step(inspect_checkpoint(a.resume).trainer_metadata);
   // Every destination is checked now, before anything trains (a run must not fail at its end).
-  check_train_outputs(a, model.params, o.config.optimizer, o.first_step);
+  check_train_outputs(a, model.params, o.config, o.first_step);
   apply_optimizer_args(a, o.config, o.first_step);
   if (boot) {
     o.bootstrap = boot;
