@@ -264,6 +264,7 @@ namespace shardopt {
 
 MemoryReport MemoryPlan::report() const {
   MemoryReport r;
+  r.borrowed = borrowed;
   for (const auto& b : buffers) {
     if (!b.transient) r.current[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
     r.peak[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
@@ -274,8 +275,19 @@ MemoryReport MemoryPlan::report() const {
 
 MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
                        std::size_t stream_scratch_bytes) {
-  const detail::EnginePlan p = detail::plan_engine(config, blocks, world_size);
+  return plan_memory(config, blocks, world_size, Borrowing{}, stream_scratch_bytes);
+}
+
+MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
+                       const Borrowing& borrowed, std::size_t stream_scratch_bytes) {
+  // (as Engine::Impl::all_borrowed: a model without elements borrows nothing)
+  std::size_t elems = 0;
+  for (const auto& b : blocks)
+    for (const auto& t : b.tensors) elems += numel(t.shape);
+  const bool params = borrowed.params && elems > 0, grads = borrowed.grads && elems > 0;
+  const detail::EnginePlan p = detail::plan_engine(config, blocks, world_size, params, grads);
   MemoryPlan m;
+  m.borrowed[static_cast<int>(Place::device)] = ((params ? 1 : 0) + (grads ? 1 : 0)) * elems * size_of(config.compute_dtype);
   for (const auto& b : p.buffers) m.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
   // The backend's, not the engine's: allocated by create_stream() for each stream the engine's
   // context (engine/context.cpp) and offload engine (offload/offload_engine.cpp) create.
