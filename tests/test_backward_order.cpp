@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -181,6 +182,10 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
       const RunResult own = run_training(spec);
       RunSpec other = spec;
       other.borrow_gradients = true;
+      if (world == 2) {  // the trainer's arrays from its own allocator (as the GPU tests do with cudaMalloc)
+        other.trainer_alloc = [](std::size_t bytes) { return std::malloc(bytes); };
+        other.trainer_free = [](void* p) { std::free(p); };
+      }
       const RunResult got = run_training(other);
       expect_bitwise_equal(own, got, 2, "against the run with the gradients in engine memory");
       expect_matches_reference(other, got);
@@ -191,6 +196,10 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
           clipped += got.results[r][s].grad_norm > spec.cfg.max_grad_norm;
         }
       EXPECT_GT(clipped, 0) << "no step was clipped: the clip is not exercised";
+      // step_async(): the next micro-step's gradients() waits for the step that reads the arrays.
+      RunSpec async = other;
+      async.async = true;
+      expect_bitwise_equal(own, run_training(async), 2, "step_async() against step() in engine memory");
       // The plan, and what the engine allocated.
       const detail::EnginePlan borrowed = detail::plan_engine(other.cfg, other.model, world, false, true);
       const detail::EnginePlan plain = detail::plan_engine(spec.cfg, spec.model, world);

@@ -188,10 +188,10 @@ class Engine {
   //   starts from zero), at the end of step() (stages 0-1, which sum micro-steps there), and at
   //   zero_grad(). The trainer writes it only between the end of a step (step() returned, or
   //   after step_async() in order on compute_stream()) and grads_ready(b), like a view.
-  //   With every gradient borrowed at stage 1, the trainer writes it only between the end of a
-  //   step and step() (grads_ready included): step() reads it on its side stream, after
-  //   compute_stream(), and the trainer may write it again once step() returned (after
-  //   step_async(): in order on compute_stream()).
+  //   With every gradient borrowed at stage 1 nothing is read at grads_ready(b): step() reads the
+  //   trainer's arrays (the sum of the micro-steps) on its side stream, after compute_stream(), and
+  //   zeroes them; the trainer must not write them from step() until step() returned (after
+  //   step_async(): until then in order on compute_stream()).
   // Memory, per stage:
   //   stages 2-3: no full gradient anywhere but in the trainer's memory (the engine's buckets and
   //     shard as before; a bucket copy per block at grads_ready).
