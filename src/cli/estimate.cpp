@@ -323,7 +323,8 @@ int run_estimate(const EstimateArgs& a, Io& io) {
        << rep.peak_total[int(Place::device)] << " bytes) on the device; the trainer lends its own "
        << borrowed_text(borrowing) << ": " << format_bytes(double(lent)) << " (" << lent
        << " bytes) of backend memory, not in the tables above\n";
-  os << "\nZeRO formula " << zero_formula_text(cfg) << ": " << format_bytes(formula)
+  os << "\nZeRO formula " << (borrows ? "(nothing borrowed) " : "") << zero_formula_text(cfg) << ": "
+     << format_bytes(formula)
      << " on the device (the plan adds padding, gradient buckets, gathered units and step scalars)\n";
   if (cfg.offload_optimizer != OffloadKind::none)
     os << "offloaded: " << format_bytes(offloaded) << " (K" << (cfg.stage == 0 ? "Ψ" : "Ψ/N") << " to "

@@ -192,7 +192,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
             Place::pinned_host);
   }
   if (pl.grads_borrowed)
-    add(Buf::grad_staging_unit, 0, U, c, Category::gradients, "gradient unit staging (borrowed gradients)");
+    add(Buf::grad_staging_unit, 0, U, c, Category::gradients, "gradient staging (1 unit)");
   else if (pl.grads != GradFlow::bucketed)
     add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
   // Under offload (grads_to_host) the reduced gradient has no device copy beyond one unit: the
