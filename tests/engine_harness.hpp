@@ -341,10 +341,14 @@ struct RunSpec {
   // CPU backends lock their pinned memory (CpuBackendOptions::lock_pinned).
   bool lock_pinned = false;
   BackwardOrder backward = BackwardOrder::reverse;
-  // Every tensor's gradient in memory of the trainer's (Engine::borrow_gradients), on CPU worlds.
+  // Every tensor's gradient in memory of the trainer's (Engine::borrow_gradients).
   bool borrow_gradients = false;
-  // Every tensor's parameters in memory of the trainer's (Engine::borrow_parameters), on CPU worlds.
+  // Every tensor's parameters in memory of the trainer's (Engine::borrow_parameters).
   bool borrow_parameters = false;
+  // Where the trainer's borrowed arrays live: host vectors when unset (CPU worlds); on a GPU
+  // world, device memory from these (cudaMalloc/cudaFree in the GPU tests; this header has no CUDA).
+  std::function<void*(std::size_t bytes)> trainer_alloc;
+  std::function<void(void*)> trainer_free;
 };
 
 struct RunResult {
@@ -405,14 +409,31 @@ inline RunResult run_training(const RunSpec& spec) {
     e.set_group(1, spec.group1);
     // The trainer's own gradient arrays, filled with garbage the engine must zero first.
     std::vector<std::vector<unsigned char>> own_grads, own_params;
+    // (spec.trainer_alloc: the arrays in its memory instead, freed when the rank is done)
+    struct OwnDevice {
+      std::vector<void*> ptrs;
+      std::function<void(void*)> free_fn;
+      ~OwnDevice() {
+        for (void* p : ptrs) free_fn(p);
+      }
+    } own_device{{}, spec.trainer_free};
+    auto trainer_array = [&](std::vector<unsigned char>& host) -> void* {
+      if (host.empty() || !spec.trainer_alloc) return host.data();
+      void* p = spec.trainer_alloc(host.size());
+      own_device.ptrs.push_back(p);
+      w.backends[rank]->copy(p, host.data(), host.size(), e.compute_stream());
+      w.backends[rank]->synchronize(e.compute_stream());
+      return p;
+    };
     {
       int t = 0;
       for (const auto& b : spec.model)
         for (const auto& ts : b.tensors) {
           own_grads.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
           own_params.emplace_back(numel(ts.shape) * size_of(spec.cfg.compute_dtype), 0x5a);
-          if (!own_grads.back().empty() && spec.borrow_gradients) e.borrow_gradients(t, own_grads.back().data());
-          if (!own_params.back().empty() && spec.borrow_parameters) e.borrow_parameters(t, own_params.back().data());
+          if (!own_grads.back().empty() && spec.borrow_gradients) e.borrow_gradients(t, trainer_array(own_grads.back()));
+          if (!own_params.back().empty() && spec.borrow_parameters)
+            e.borrow_parameters(t, trainer_array(own_params.back()));
           ++t;
         }
     }

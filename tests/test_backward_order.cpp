@@ -3,12 +3,14 @@
 // writes every block's gradient before any grads_ready (Config::gradient_buckets = 0), checked
 // element-wise against the float64 oracle and bit for bit against the in-order run, with and
 // without optimizer offload; and the same single pass into borrowed gradient memory (the
-// trainer's own arrays) at every stage with the default buckets.
+// trainer's own arrays) at every stage with the default buckets; stage 1 with every gradient
+// borrowed, which keeps no full gradient of its own.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -125,11 +127,12 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         for (const auto& b : spec.model)
           for (const auto& t : b.tensors) own += numel(t.shape) * size_of(c.compute);
         if (other.borrow_parameters) own *= 2;
-        // What the engine allocates: its plan for borrowed parameters, byte for byte; the same as
+        // What the engine allocates: its plan for borrowed memory, byte for byte; the same as
         // without borrowing, except at stages 1-2 with the parameters borrowed, where a shard and
-        // one slot replace the full parameters.
+        // one slot replace the full parameters, and the gradients at stage 1.
         MemoryPlan mp;
-        for (const auto& b : detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters).buffers)
+        for (const auto& b :
+             detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters, other.borrow_gradients).buffers)
           mp.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
         const MemoryReport planned = mp.report();
         const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
@@ -142,7 +145,8 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
           for (int k = 0; k < kCategoryCount; ++k)
             for (int p = 0; p < kPlaceCount; ++p) {
               EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]);
-              if (!shard_only || k != params) {
+              // (stage 1 with every gradient borrowed keeps no full gradient: see the test below)
+              if ((!shard_only || k != params) && (stage != 1 || k != static_cast<int>(Category::gradients))) {
                 EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
               }
             }
@@ -152,6 +156,81 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
           }
         }
       }
+}
+
+// Stage 1 with every gradient borrowed keeps no full gradient: at step() each unit is copied from
+// the trainer's arrays into one staging unit and reduce-scattered from there. The same numerics as
+// the full-gradient run (micro-steps summed in the trainer's memory, one reduction per step): bit
+// for bit equal to the run in engine memory, and to the float64 oracle, with clipping on.
+// Memory: the engine's plan has no full gradient; its device total is lower by P - U elements of
+// the compute dtype, computed here from the layout, less the gradient shard the reduction now
+// writes to when the reduce dtype matches (the full-gradient run reduces in place there), and it
+// is what memory_report() shows byte for byte.
+TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
+  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 3, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 1, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 3, OffloadKind::none},
+                                   {DType::bf16, DType::fp32, 3, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 3, OffloadKind::host},
+                                   {DType::bf16, DType::fp32, 1, OffloadKind::host}};
+  for (int world : {1, 2, 3})
+    for (const Case& c : cases) {
+      SCOPED_TRACE(case_name(1, world, c, BackwardOrder::reverse) + " borrowed gradients");
+      RunSpec spec = spec_for(1, world, c);
+      spec.cfg.max_grad_norm = 0.5f;
+      const RunResult own = run_training(spec);
+      RunSpec other = spec;
+      other.borrow_gradients = true;
+      if (world == 2) {  // the trainer's arrays from its own allocator (as the GPU tests do with cudaMalloc)
+        other.trainer_alloc = [](std::size_t bytes) { return std::malloc(bytes); };
+        other.trainer_free = [](void* p) { std::free(p); };
+      }
+      const RunResult got = run_training(other);
+      expect_bitwise_equal(own, got, 2, "against the run with the gradients in engine memory");
+      expect_matches_reference(other, got);
+      int clipped = 0;
+      for (int r = 0; r < world; ++r)
+        for (std::size_t s = 0; s < got.results[r].size(); ++s) {
+          EXPECT_EQ(got.results[r][s].grad_norm, own.results[r][s].grad_norm) << "rank " << r << " step " << s;
+          clipped += got.results[r][s].grad_norm > spec.cfg.max_grad_norm;
+        }
+      EXPECT_GT(clipped, 0) << "no step was clipped: the clip is not exercised";
+      // step_async(): the next micro-step's gradients() waits for the step that reads the arrays.
+      RunSpec async = other;
+      async.async = true;
+      expect_bitwise_equal(own, run_training(async), 2, "step_async() against step() in engine memory");
+      // The plan, and what the engine allocated.
+      const detail::EnginePlan borrowed = detail::plan_engine(other.cfg, other.model, world, false, true);
+      const detail::EnginePlan plain = detail::plan_engine(spec.cfg, spec.model, world);
+      std::size_t full_bufs = 0;
+      for (const auto& b : borrowed.buffers) full_bufs += b.kind == detail::Buf::grads_full || b.name == "full gradients";
+      EXPECT_EQ(full_bufs, 0u);
+      const auto device_total = [](const detail::EnginePlan& p) {
+        std::size_t n = 0;
+        for (const auto& b : p.buffers)
+          if (b.place == Place::device && !b.transient) n += b.elems * size_of(b.dtype);
+        return n;
+      };
+      const Layout L = Layout::build(spec.model, detail::layout_options(spec.cfg, world));
+      std::size_t P = 0, U = 0;
+      for (const auto& u : L.units()) {
+        P += u.padded_elems;
+        U = std::max(U, u.padded_elems);
+      }
+      std::size_t saved = (P - U) * size_of(c.compute);
+      if (c.compute == c.reduce && c.offload == OffloadKind::none) saved -= L.shard_elems() * size_of(c.reduce);
+      EXPECT_EQ(device_total(plain) - device_total(borrowed), saved);
+      MemoryPlan mp;
+      for (const auto& b : borrowed.buffers) mp.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
+      const MemoryReport planned = mp.report();
+      for (int r = 0; r < world; ++r)
+        for (int k = 0; k < kCategoryCount; ++k)
+          for (int p = 0; p < kPlaceCount; ++p) {
+            EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]) << "category " << k << " place " << p;
+            EXPECT_EQ(got.memory[r].peak[k][p], planned.peak[k][p]) << "category " << k << " place " << p;
+          }
+    }
 }
 
 TEST(BorrowedMemory, BadIndexAndLateCallAreErrors) {

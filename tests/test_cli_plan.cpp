@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "cli_run.hpp"
+#include "commands.hpp"
+#include "shardopt/estimate.hpp"
 
 namespace {
 
@@ -347,6 +349,69 @@ TEST(CliPlanErrors, BadInputNamesTheFlag) {
     for (const auto& a : args) joined += a + " ";
     EXPECT_NE(r.rc, 0) << joined;
     EXPECT_NE(r.err.find(flag), std::string::npos) << joined << "\n" << r.err;
+  }
+}
+
+// ---- estimate --borrowed: the trainer's memory lent to the engine -------------------------
+
+// What the engine owns is its plan with that memory borrowed (plan_memory called here with the
+// same borrowing, on the model the same flags give); what the trainer lends is every tensor's
+// compute-dtype bytes per kind, counted here from the parameter count; and the plan drops the full
+// copies the stage no longer needs.
+TEST(CliEstimateBorrowed, OwnedMatchesThePlanAndLentIsPrintedApart) {
+  using namespace shardopt;
+  const std::uint64_t n = 1000003;
+  const int dev = static_cast<int>(Place::device);
+  for (int stage : {0, 1, 2, 3})
+    for (const std::string which : {"params", "grads", "params,grads", "grads,params"}) {
+      SCOPED_TRACE("stage " + std::to_string(stage) + " --borrowed " + which);
+      const json j = run_json({"estimate", "--params", std::to_string(n), "--blocks", "7", "--world", "3", "--stage",
+                               std::to_string(stage), "--dtype", "bf16", "--borrowed", which});
+      cli::ModelArgs m;
+      m.params = std::to_string(n);
+      m.blocks = 7;
+      m.stage = stage;
+      m.dtype = "bf16";
+      const cli::Model model = cli::build_model(m);
+      const shardopt::Config cfg = cli::build_config(m, model);
+      Borrowing b;
+      b.params = which.find("params") != std::string::npos;
+      b.grads = which.find("grads") != std::string::npos;
+      const MemoryReport planned = plan_memory(cfg, model.blocks, 3, b).report();
+      const MemoryReport plain = plan_memory(cfg, model.blocks, 3).report();
+      ASSERT_EQ(j["params"].get<std::uint64_t>(), n);
+      EXPECT_EQ(j["bytes"]["device"]["total"].get<std::uint64_t>(), planned.peak_total[dev]);
+      EXPECT_EQ(j["borrowed"]["params"].get<bool>(), b.params);
+      EXPECT_EQ(j["borrowed"]["grads"].get<bool>(), b.grads);
+      EXPECT_EQ(j["borrowed"]["device_bytes"].get<std::uint64_t>(), ((b.params ? 1 : 0) + (b.grads ? 1 : 0)) * n * 2);
+      bool full_params = false, full_grads = false;
+      for (const auto& buf : j["buffers"]) {
+        full_params = full_params || buf["name"] == "full parameters";
+        full_grads = full_grads || buf["name"] == "full gradients";
+      }
+      const bool drops_params = b.params && (stage == 1 || stage == 2);
+      const bool drops_grads = b.grads && stage == 1;
+      EXPECT_EQ(full_params, stage < 3 && !drops_params);
+      EXPECT_EQ(full_grads, stage < 2 && !drops_grads);
+      if (drops_params || drops_grads) {
+        EXPECT_LT(planned.peak_total[dev], plain.peak_total[dev]);
+      } else {
+        EXPECT_EQ(planned.peak_total[dev], plain.peak_total[dev]);
+      }
+    }
+  // The text: the engine's total and the trainer's lent bytes, apart.
+  const Result r = run({"estimate", "--params", std::to_string(n), "--blocks", "7", "--world", "3", "--stage", "1",
+                        "--dtype", "bf16", "--borrowed", "params,grads"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_NE(r.out.find("the trainer lends its own parameters and gradients: "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("(" + std::to_string(4 * n) + " bytes) of backend memory"), std::string::npos) << r.out;
+  // Bad values name the flag, the value and the choices.
+  for (const char* bad : {"x", "params,x", "", "params,,grads"}) {
+    const Result e = run({"estimate", "--borrowed", bad});
+    EXPECT_NE(e.rc, 0) << bad;
+    const std::string item = std::string(bad) == "params,x" ? "x" : std::string(bad) == "x" ? "x" : "";
+    EXPECT_NE(e.err.find("--borrowed: unknown '" + item + "' (expected params, grads)"), std::string::npos)
+        << bad << ": " << e.err;
   }
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Peak RSS of the C trainer per stage and rank count, next to `shardopt estimate`'s figure for the
-# same model (what the engine plans to allocate per rank) and the engine's own peak (what it did).
+# same model (what the engine plans to allocate per rank, with the trainer's parameters and
+# gradients borrowed as the trainer does) and the engine's own peak (what it did).
 #   examples/c_trainer/measure.sh <c_trainer binary> <shardopt binary> [layers dim out batch steps]
 # Each run is its own process, so getrusage's peak belongs to that run alone. The model is L
 # blocks of W [D, D] + b [D] and a head Wout [O, D]; `estimate --params P --blocks L+1` plans P
@@ -23,7 +24,8 @@ for ranks in 1 2; do
     rss=$(sed -n 's/.*peak_rss_kib \([0-9]*\).*/\1/p' <<<"$out")
     eng=$(sed -n 's/.*engine_peak_bytes_per_rank \([0-9]*\).*/\1/p' <<<"$out")
     bor=$(sed -n 's/.*borrowed_bytes_per_rank \([0-9]*\).*/\1/p' <<<"$out")
-    est=$("$cli" estimate --params "$P" --blocks $((L + 1)) --stage "$stage" --world "$ranks" --bucket "$bucket" --json |
+    est=$("$cli" estimate --params "$P" --blocks $((L + 1)) --stage "$stage" --world "$ranks" --bucket "$bucket" \
+          --borrowed params,grads --json |
           tail -1 | python3 -c 'import json, sys; print(sum(p["total"] for p in json.load(sys.stdin)["bytes"].values()))')
     printf '%-6s %-5s %14s %18s %18s %16s %26s\n' "$stage" "$ranks" "$(mib $((rss * 1024)))" "$(mib "$eng")" "$(mib "$est")" "$(mib "$bor")" "$(mib $((P * 8 * ranks)))"
   done

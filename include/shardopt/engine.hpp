@@ -180,16 +180,36 @@ class Engine {
   //     views of every block at once (a single pass over the model) with the default buckets.
   //   grads_ready(b) reads the block's borrowed gradients, in order on compute_stream() (on the
   //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3; any
-  //     backward order, see "Backward order") or the full gradient (stages 0-1).
+  //     backward order, see "Backward order") or the full gradient (stage 0, and stage 1 when
+  //     some tensor's gradient is not borrowed). At stage 1 with every tensor's gradient borrowed
+  //     grads_ready reads nothing: step() reads the trainer's arrays (below).
   //   The contract of the gradient stays: the trainer ADDS into it. The engine zeroes borrowed
   //   memory at initialize(), after reading it at grads_ready (stages 2-3, where every micro-step
   //   starts from zero), at the end of step() (stages 0-1, which sum micro-steps there), and at
   //   zero_grad(). The trainer writes it only between the end of a step (step() returned, or
   //   after step_async() in order on compute_stream()) and grads_ready(b), like a view.
-  // Memory: stages 2-3 then keep no full gradient anywhere but in the trainer's memory (the
-  // engine's buckets and shard as before); stages 0-1 still keep their full gradient buffer
-  // (a copy per micro-step). memory_report().borrowed counts the borrowed bytes, apart from what
-  // the engine owns. Every rank must borrow the same tensors' gradients and parameters (it
+  //   With every gradient borrowed at stage 1 nothing is read at grads_ready(b): step() reads the
+  //   trainer's arrays (the sum of the micro-steps) on its side stream, after compute_stream(), and
+  //   zeroes them; the trainer must not write them from step() until step() returned (after
+  //   step_async(): until then in order on compute_stream()).
+  // Memory, per stage:
+  //   stages 2-3: no full gradient anywhere but in the trainer's memory (the engine's buckets and
+  //     shard as before; a bucket copy per block at grads_ready).
+  //   stage 1 with every tensor's gradient borrowed: no full gradient of the engine's own. The
+  //     trainer's arrays are the full gradient (micro-steps summed there); step() copies each unit
+  //     from them into one unit-sized staging buffer and reduce-scatters it into the gradient
+  //     shard (the stage's one reduction per step, the same bits as from the engine's full
+  //     gradient). Engine memory: one unit + the shard (1/N) instead of the full gradient (the
+  //     shard already exists when the reduce dtype differs, or is absent under optimizer offload,
+  //     where each unit is reduced in the staging buffer and sent down). Every rank must borrow
+  //     every tensor's gradient for this (checked at initialize()).
+  //   stage 1 with some tensor not borrowed, and stage 0: the engine keeps its full gradient
+  //     buffer, a copy of the borrowed tensors per micro-step. Stage 0 keeps it because its update
+  //     reads the all-reduced gradient of the whole model at once, flat, after the global norm
+  //     (clipping, overflow skip) has been measured over every element of it: the reduced values
+  //     of all units must exist together somewhere, and the engine never computes in (or leaves
+  //     reduced values in) the trainer's memory. Shard the gradient (stage 1) to drop it.
+  // memory_report().borrowed counts the borrowed bytes, apart from what the engine owns. Every rank must borrow the same tensors' gradients and parameters (it
   // decides which collectives run when): initialize() checks it with the configuration and fails
   // every rank with Error(communication) otherwise. Throws Error(invalid_argument) for an unknown
   // tensor, and Error(invalid_state) after initialize().

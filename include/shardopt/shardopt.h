@@ -153,12 +153,16 @@ SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine
  * gradients() then returns `grads` for the tensor (a block whose every tensor is borrowed takes no
  * bucket, so a single-pass backward may write every block's gradient before any grads_ready with
  * the default buckets), and grads_ready(block) reads it (stages 2-3: into the unit's bucket,
- * reduce-scattered as usual, in any block order; stages 0-1: into the full gradient). The caller
- * ADDS its gradient there; the engine zeroes borrowed memory at initialize, after reading it at
- * grads_ready (stages 2-3), at the end of step (stages 0-1) and at zero_grad. Write it only
- * between the end of a step and grads_ready(block). Memory: at stages 2-3 the only full gradient
- * is the caller's; stages 0-1 still keep the engine's own full gradient (one copy per micro-step).
- * Details: engine.hpp, Engine::borrow_gradients. */
+ * reduce-scattered as usual, in any block order; stage 0, and stage 1 with some tensor not
+ * borrowed: into the full gradient). The caller ADDS its gradient there; the engine zeroes
+ * borrowed memory at initialize, after reading it at grads_ready (stages 2-3), at the end of step
+ * (stages 0-1) and at zero_grad. Write it only between the end of a step and grads_ready(block)
+ * (stage 1 with every tensor borrowed: and step, which reads it then). Memory: at stages 2-3 the
+ * only full gradient is the caller's; at stage 1 with every tensor's gradient borrowed (on every
+ * rank) too: step copies it unit by unit into one unit-sized buffer to reduce-scatter it; stage 0
+ * (and stage 1 with some tensor not borrowed) still keeps the engine's own full gradient, one copy
+ * per micro-step (stage 0's update needs the whole all-reduced gradient at once, after the global
+ * norm). Details: engine.hpp, Engine::borrow_gradients. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* engine, int tensor, void* grads);
 /* The same for a tensor-major array (every layer's tensor of one kind stored one after another,
  * [L, ...]): tensor `tensor_in_block` of blocks first_block .. first_block+nblocks-1 gets the

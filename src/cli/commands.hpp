@@ -245,6 +245,8 @@ struct EstimateArgs {
   int world = 4;
   std::string backend = "cpu";  // cuda: the device total adds the activations and the CUDA context
   std::string cuda_context = kCudaContextDefault;
+  std::string borrowed;  // --borrowed: "params", "grads" or both, comma-separated
+  bool borrowed_given = false;  // (an empty --borrowed is an error, not "nothing borrowed")
   bool json = false;
 };
 CLI::App* add_estimate(CLI::App& app, EstimateArgs& a);

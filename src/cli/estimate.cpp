@@ -193,9 +193,42 @@ CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
                   "device memory of the CUDA context and libraries per process, not allocated by the engine or the "
                   "trainer (an assumption, not measured)")
       ->capture_default_str();
+  sub->add_option_function<std::string>(
+         "--borrowed",
+         [&a](const std::string& v) {
+           a.borrowed = v;
+           a.borrowed_given = true;
+         },
+                  "the trainer lends its own memory for every tensor (Engine::borrow_parameters / borrow_gradients): "
+                  "params, grads, or params,grads. The plan is the engine's with that memory borrowed; what the "
+                  "trainer lends is printed apart from what the engine owns");
   sub->add_flag("--json", a.json, "print one JSON object as the last line");
   return sub;
 }
+
+namespace {
+
+// --borrowed: a comma-separated list of params and grads.
+Borrowing borrowed_arg(const std::string& text) {
+  Borrowing b;
+  std::size_t at = 0;
+  while (true) {
+    const std::size_t comma = text.find(',', at);
+    const std::string item = text.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    if (item == "params") b.params = true;
+    else if (item == "grads") b.grads = true;
+    else throw UsageError("--borrowed: unknown '" + item + "' (expected params, grads)");
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  return b;
+}
+
+std::string borrowed_text(const Borrowing& b) {
+  return b.params && b.grads ? "parameters and gradients" : b.params ? "parameters" : "gradients";
+}
+
+}  // namespace
 
 int run_estimate(const EstimateArgs& a, Io& io) {
   check_offload(a.model);
@@ -207,8 +240,11 @@ int run_estimate(const EstimateArgs& a, Io& io) {
     throw UsageError("--cuda-context: only with --backend cuda (a CPU process has no CUDA context)");
   const Model model = gpt ? build_gpt_model(a.gpt, a.model) : build_model(a.model);
   const Config cfg = build_config(a.model, model);
-  const MemoryPlan plan = plan_memory(cfg, model.blocks, a.world);
+  const bool borrows = a.borrowed_given;
+  const Borrowing borrowing = borrows ? borrowed_arg(a.borrowed) : Borrowing{};
+  const MemoryPlan plan = plan_memory(cfg, model.blocks, a.world, borrowing);
   const MemoryReport rep = plan.report();
+  const std::size_t lent = plan.borrowed[int(Place::device)];
   const double formula = zero_formula(cfg, double(model.params), a.world);
   const double offloaded = offloaded_formula(cfg, double(model.params), a.world);
   const int gpt_batch = a.gpt.batch_given ? a.model.batch : 4;
@@ -220,13 +256,14 @@ int run_estimate(const EstimateArgs& a, Io& io) {
   // What one rank's process holds in memory: the engine's buffers in every place but disk, plus
   // the trainer's activations and workspace, plus (on a GPU) the CUDA context. Allocator slack and
   // the communicator's scratch stay outside.
-  std::size_t in_memory = act + context;
+  // (the trainer's lent arrays included: they are in this process's memory too)
+  std::size_t in_memory = act + context + lent;
   for (int p = 0; p < kPlaceCount; ++p)
     if (static_cast<Place>(p) != Place::disk) in_memory += rep.peak_total[p];
   // On a GPU the trainer's activations live on the device (the GPT trainer's CUDA path allocates
   // them there; the example MLP trainer has no CUDA path, so its figure is what a GPU trainer of
   // the same shape would hold).
-  const std::uint64_t device_process = rep.peak_total[int(Place::device)] + act + context;
+  const std::uint64_t device_process = rep.peak_total[int(Place::device)] + act + context + lent;
   std::vector<std::string> not_included = {"the communicator's own scratch", "allocator overhead and fragmentation"};
   if (!act_known) not_included.insert(not_included.begin(), "the trainer's activations and workspace");
   if (!cuda) not_included.push_back("the CUDA context (on a GPU: --backend cuda)");
@@ -249,16 +286,18 @@ int run_estimate(const EstimateArgs& a, Io& io) {
       bufs.push_back({{"name", b.name}, {"bytes", b.bytes}, {"category", std::string(name_of(b.category))},
                       {"place", std::string(name_of(b.place))}});
     j["buffers"] = bufs;
+    if (borrows)  // the trainer's own arrays the engine uses: not in "bytes" (what the engine owns)
+      j["borrowed"] = {{"params", borrowing.params}, {"grads", borrowing.grads}, {"device_bytes", lent}};
     j["zero_formula_bytes"] = formula;  // device
     if (cfg.offload_optimizer != OffloadKind::none) j["zero_formula_offloaded_bytes"] = offloaded;
     if (act_known) {
       j["activation_bytes_per_rank"] = act;
-      j["memory_bytes_per_rank"] = in_memory;  // engine (all places but disk) + activations (+ CUDA context)
+      j["memory_bytes_per_rank"] = in_memory;  // engine (all places but disk) + activations (+ CUDA context, lent arrays)
     }
     j["backend"] = a.backend;
     if (cuda) {
       j["cuda_context_bytes"] = context;
-      j["device_process_bytes_per_rank"] = device_process;  // engine device + activations + CUDA context
+      j["device_process_bytes_per_rank"] = device_process;  // engine device + activations + CUDA context + lent
     }
     j["not_included"] = Json(not_included);
     io.out << j.dump() << '\n';
@@ -279,7 +318,13 @@ int run_estimate(const EstimateArgs& a, Io& io) {
                   std::string(name_of(b.place)).c_str(), std::string(name_of(b.category)).c_str());
     os << line;
   }
-  os << "\nZeRO formula " << zero_formula_text(cfg) << ": " << format_bytes(formula)
+  if (borrows)
+    os << "\nthe engine owns " << format_bytes(double(rep.peak_total[int(Place::device)])) << " ("
+       << rep.peak_total[int(Place::device)] << " bytes) on the device; the trainer lends its own "
+       << borrowed_text(borrowing) << ": " << format_bytes(double(lent)) << " (" << lent
+       << " bytes) of backend memory, not in the tables above\n";
+  os << "\nZeRO formula " << (borrows ? "(nothing borrowed) " : "") << zero_formula_text(cfg) << ": "
+     << format_bytes(formula)
      << " on the device (the plan adds padding, gradient buckets, gathered units and step scalars)\n";
   if (cfg.offload_optimizer != OffloadKind::none)
     os << "offloaded: " << format_bytes(offloaded) << " (K" << (cfg.stage == 0 ? "Ψ" : "Ψ/N") << " to "
@@ -302,11 +347,12 @@ int run_estimate(const EstimateArgs& a, Io& io) {
   if (act_known || cuda)
     os << "the whole process, per rank: " << format_bytes(double(in_memory)) << " in memory (the engine's buffers "
        << "in all places but disk" << (act_known ? ", the activations" : "")
-       << (cuda ? ", the CUDA context" : "") << ")\n";
+       << (cuda ? ", the CUDA context" : "") << (borrows ? ", the trainer's lent arrays" : "") << ")\n";
   if (cuda)
     os << "on the GPU: " << format_bytes(double(device_process)) << " = the engine's "
        << format_bytes(double(rep.peak_total[int(Place::device)])) << " + activations " << format_bytes(double(act))
-       << " + CUDA context " << format_bytes(double(context)) << " (assumed, --cuda-context)\n";
+       << " + CUDA context " << format_bytes(double(context)) << " (assumed, --cuda-context)"
+       << (borrows ? " + the trainer's lent arrays " + format_bytes(double(lent)) : std::string()) << "\n";
   return 0;
 }
 

@@ -57,7 +57,9 @@ struct Engine::Impl final : detail::CheckpointPort {
   std::uint64_t set_initial_values(const InitFn& init);  // returns the fingerprint of the values when every rank computes every one (else 0)
   void set_initial_values_offloaded(const InitFn& fn);
   void release_all() noexcept;
-  bool all_params_borrowed() const;  // every tensor with elements has borrowed parameters
+  // Every tensor with elements is borrowed in `table` (borrowed_params or borrowed_grads), and
+  // some tensor has elements.
+  bool all_borrowed(const std::vector<void*>& table) const;
 
   // engine.cpp
   void require_initialized(const char* call) const;

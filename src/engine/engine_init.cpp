@@ -18,7 +18,7 @@ void Engine::Impl::initialize(const InitFn& init) {
   // is allocated: a rank that threw here would leave the others waiting in a collective.
   detail::RankStatus status;
   try {
-    plan = detail::plan_engine(ctx.cfg, specs, ctx.world, all_params_borrowed());
+    plan = detail::plan_engine(ctx.cfg, specs, ctx.world, all_borrowed(borrowed_params), all_borrowed(borrowed_grads));
     ctx.plan(plan);
     ctx.check_pinned(plan.buffers);  // pinned memory the locked-memory limit refuses: before any allocation
     for (const auto& t : ctx.layout.tensors())
@@ -29,8 +29,8 @@ void Engine::Impl::initialize(const InitFn& init) {
     status.fingerprint = detail::config_fingerprint(ctx.cfg, specs, ctx.world, hyper_by_group);
     // Which tensors are borrowed decides collectives (a fully borrowed block is not gathered at
     // acquire and holds no bucket, which changes when units are flushed; borrowing every
-    // tensor's parameters changes the plan at stages 1-2): the ranks agree on it like on the
-    // configuration.
+    // tensor's parameters changes the plan at stages 1-2, every tensor's gradients at stage 1):
+    // the ranks agree on it like on the configuration.
     for (std::size_t t = 0; t < std::max(borrowed_grads.size(), borrowed_params.size()); ++t) {
       const bool g = t < borrowed_grads.size() && borrowed_grads[t];
       const bool p = t < borrowed_params.size() && borrowed_params[t];
@@ -112,13 +112,13 @@ void Engine::Impl::initialize(const InitFn& init) {
   initialized = true;
 }
 
-bool Engine::Impl::all_params_borrowed() const {
+bool Engine::Impl::all_borrowed(const std::vector<void*>& table) const {
   std::size_t t = 0;
   bool any = false;
   for (const auto& b : specs)
     for (const auto& ts : b.tensors) {
       if (numel(ts.shape) != 0) {
-        if (t >= borrowed_params.size() || !borrowed_params[t]) return false;
+        if (t >= table.size() || !table[t]) return false;
         any = true;
       }
       ++t;

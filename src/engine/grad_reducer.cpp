@@ -16,6 +16,7 @@ GradReducer::GradReducer(EngineContext& ctx, const std::vector<BufferSpec>& spec
       case Buf::reduce_buf: reduce_buf_ = ctx.allocate(spec); break;
       case Buf::grad_shard: grad_shard_ = ctx.allocate(spec); break;
       case Buf::rs_tmp: rs_tmp_ = ctx.allocate(spec); break;
+      case Buf::grad_staging_unit: staging_ = ctx.allocate(spec); break;
       case Buf::bucket:
         buckets_.push_back(Bucket{ctx.allocate(spec), ctx.be.create_event()});
         break;
@@ -137,7 +138,8 @@ void GradReducer::block_ready(int b) {
   bool borrows = false;
   for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count && !borrowed_.empty(); ++t)
     borrows = borrows || (borrowed_[t] && ctx_.layout.tensors()[t].numel);
-  if (borrows) copy_borrowed(b);
+  // (grads_borrowed: read at step(), where the trainer's arrays hold the sum of the micro-steps)
+  if (borrows && !ctx_.placement.grads_borrowed) copy_borrowed(b);
   const int u = bi.unit;
   const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
   bool has_elements = false;
@@ -337,9 +339,53 @@ void GradReducer::reduce_units_to_host() {
   }
 }
 
+// Stage 1 with every gradient borrowed: unit by unit, the trainer's tensors into the staging unit
+// (zeroed first: another unit's tensors may have left values where this one has alignment gaps),
+// then the reduction the full gradient would have had: cast into the reduce buffer if the reduce
+// dtype differs, reduce-scatter into the gradient shard. Under offload the reduction runs in place
+// (in the staging unit or the reduce buffer), the unit's partial norms are measured there and its
+// slice goes down, and the next unit waits for that download before it overwrites the buffer.
+// The same reduce_scatter of the same values as from the full gradient: the same bits.
+void GradReducer::reduce_borrowed_units() {
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  Backend& be = ctx_.be;
+  Stream& side = *ctx_.side;
+  offload::OffloadEngine* off = store_.offload();
+  const Layout& L = ctx_.layout;
+  std::byte* stage = static_cast<std::byte*>(staging_.data());
+  std::byte* red = r != c ? static_cast<std::byte*>(reduce_buf_.data()) : stage;
+  for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
+    const auto& info = L.units()[u];
+    if (off) be.wait(side, *reduce_buf_free_);  // the last download has read the buffer
+    be.fill(stage, c, info.padded_elems, 0.0f, side);
+    for (int b = info.first_block; b < info.first_block + info.block_count; ++b) {
+      const auto& bi = L.blocks()[b];
+      for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t) {
+        const auto& ti = L.tensors()[t];
+        if (ti.numel) be.copy(stage + ti.unit_offset * size_of(c), borrowed_[t], ti.numel * size_of(c), side);
+      }
+    }
+    if (r != c) be.cast(stage, c, red, r, info.padded_elems, side);
+    if (!off) {
+      ctx_.comm.reduce_scatter(red, at(grad_shard_, info.shard_offset, r), info.slice_elems, r, ReduceOp::avg, side);
+      continue;
+    }
+    ctx_.comm.reduce_scatter(red, red + ctx_.slice_begin(u) * size_of(r), info.slice_elems, r, ReduceOp::avg, side);
+    measure(u, red, r);
+    be.record(*reduced_, side);
+    const std::size_t lo = ctx_.owned_begin(u);
+    off->download(red + lo * size_of(r), ctx_.state_offset(u, lo), ctx_.owned_end(u) - lo, *reduced_);
+    off->record_downloaded(*reduce_buf_free_, *reduced_);
+  }
+}
+
 void GradReducer::reduce_at_step() {
   const Placement& pl = ctx_.placement;
   if (pl.grads == GradFlow::bucketed) return;  // reduced as the units became ready
+  if (pl.grads_borrowed) {
+    reduce_borrowed_units();
+    return;
+  }
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
   if (pl.grads_to_host && r != c) {
     reduce_units_to_host();
@@ -377,19 +423,20 @@ void GradReducer::reduce_at_step() {
 std::pair<void*, DType> GradReducer::reduced_at(int u, std::size_t e) const {
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
   const GradFlow flow = ctx_.placement.grads;
-  if (ctx_.placement.grads_to_host && (flow == GradFlow::bucketed || r != c))
+  if (ctx_.placement.grads_to_host && (flow == GradFlow::bucketed || r != c || ctx_.placement.grads_borrowed))
     return {nullptr, flow == GradFlow::bucketed ? ctx_.placement.shard_grad_dtype : r};
   if (flow == GradFlow::all_reduce)
     return r == c ? std::pair<void*, DType>{at(grads_full_, ctx_.full_offset(u, e), c), c}
                   : std::pair<void*, DType>{at(grads_reduced_, ctx_.full_offset(u, e), r), r};
-  if (flow == GradFlow::reduce_scatter && r == c) return {at(grads_full_, ctx_.full_offset(u, e), c), c};
+  if (flow == GradFlow::reduce_scatter && r == c && !ctx_.placement.grads_borrowed)
+    return {at(grads_full_, ctx_.full_offset(u, e), c), c};
   return {at(grad_shard_, ctx_.shard_offset(u, e), ctx_.placement.shard_grad_dtype), ctx_.placement.shard_grad_dtype};
 }
 
 void GradReducer::zero_accumulators() {
   Stream& side = *ctx_.side;
   if (ctx_.placement.grads != GradFlow::bucketed) {
-    ctx_.be.fill(grads_full_.data(), ctx_.compute_dtype, ctx_.full_elems, 0.0f, side);
+    if (grads_full_) ctx_.be.fill(grads_full_.data(), ctx_.compute_dtype, ctx_.full_elems, 0.0f, side);
     zero_borrowed(side);  // the running sum over micro-steps the trainer added into
   }
   // (grads_direct: the update zeroed the shard as it read it, also on a skipped step)

@@ -8,6 +8,9 @@
 //                   last block reports ready the bucket is reduce-scattered into the gradient
 //                   shard (summed over micro-steps in fp32) on side while backward goes on.
 //                   grads_direct: one rank, nothing to reduce: backward adds straight into the shard.
+//   grads_borrowed  (stage 1, every gradient in the trainer's memory) no full gradient of its own:
+//                   at step(), each unit is copied from the trainer's arrays into one staging unit
+//                   and reduce-scattered from there (reduce_borrowed_units).
 // Any backward order (bucketed): when a unit opens and every bucket is taken, the least recently
 // opened unit none of whose blocks holds a gradient view (gradients() without grads_ready) is
 // flushed: its bucket is reduce-scattered in place, and only the elements of the blocks reported
@@ -45,7 +48,8 @@ class GradReducer {
   // nullptr. Set once at initialize(), which zeroes it. block_ready() copies a block's borrowed
   // gradients into the buffer open_unit() gives, on compute, then (stages 2-3) zeroes them there,
   // as a bucket is zero for the next micro-step; stages 0-1 zero them when the step has reduced
-  // the full gradient (finish_step, zero).
+  // the full gradient (finish_step, zero). With Placement::grads_borrowed nothing is copied at
+  // block_ready: the step reads the trainer's arrays unit by unit.
   void set_borrowed(std::vector<void*> grads);
   void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
   // Borrowing is on and every tensor of the block with elements is borrowed (gradients() needs no
@@ -102,6 +106,7 @@ class GradReducer {
   void reduce_partial(int u);
   void reduce_bucket_to_host(int u);
   void reduce_units_to_host();
+  void reduce_borrowed_units();
   // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
   void measure(int u, const void* unit, DType t);
   void zero_accumulators();
@@ -112,6 +117,7 @@ class GradReducer {
   EngineContext& ctx_;
   StateStore& store_;
   Buffer grads_full_, grads_reduced_, reduce_buf_, grad_shard_, rs_tmp_;
+  Buffer staging_;  // grads_borrowed: one unit of the trainer's gradients, gathered at step()
   struct Bucket {
     Buffer buffer;
     std::unique_ptr<Event> free;  // its last reduce-scatter finished and it is zero again
@@ -119,7 +125,8 @@ class GradReducer {
   std::vector<Bucket> buckets_;
   std::vector<int> open_bucket_;    // bucketed: bucket bound to each unit this micro-step, -1 if none
   std::unique_ptr<Event> reduced_;  // recorded on side when a gradient is ready to go down
-  // grads_to_host: the downloads have read the reduce buffer (it may be cast into again).
+  // grads_to_host: the downloads have read the reduce buffer (it may be cast into again), or, with
+  // grads_borrowed and matching dtypes, the staging unit reduced in place.
   std::unique_ptr<Event> reduce_buf_free_;
   std::vector<std::vector<NormRange>> norm_ranges_;
   std::vector<void*> borrowed_;  // per tensor (empty: nothing borrowed)

@@ -45,7 +45,8 @@ std::vector<int> control_groups(const Layout& layout) {
   return g;
 }
 
-EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, int world, bool params_borrowed) {
+EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, int world, bool params_borrowed,
+                       bool grads_borrowed) {
   cfg.validate();
   require(world >= 1, ErrorCode::invalid_argument, "world size must be >= 1, got " + std::to_string(world));
   // The CPU update is what writes an offloaded parameter shard; without it the device update
@@ -80,6 +81,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   pl.gather_after_update = (stage == 1 || stage == 2) && !borrowed_shard;
   pl.norm_across_ranks = pl.state_sharded && world > 1;
   pl.grads_to_host = off;
+  pl.grads_borrowed = grads_borrowed && stage == 1;
   std::size_t P = 0, U = L.max_unit_elems(), max_slice = 0;
   for (const auto& u : L.units()) {
     P += u.padded_elems;
@@ -189,14 +191,19 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
         add(Buf::param_ring, i, o.chunk_elems, c, Category::offload_staging, "parameter upload ring " + std::to_string(i),
             Place::pinned_host);
   }
-  if (pl.grads != GradFlow::bucketed) add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
+  if (pl.grads_borrowed)
+    add(Buf::grad_staging_unit, 0, U, c, Category::gradients, "gradient staging (1 unit)");
+  else if (pl.grads != GradFlow::bucketed)
+    add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
   // Under offload (grads_to_host) the reduced gradient has no device copy beyond one unit: the
   // reduce buffer (reduce dtype != compute dtype) or the bucket itself, reduced in place.
   if (pl.grads == GradFlow::all_reduce && r != c && !pl.grads_to_host)
     add(Buf::grads_reduced, 0, P, r, Category::communication, "gradients in reduce dtype");
   if (r != c && (pl.grads != GradFlow::all_reduce || pl.grads_to_host))
     add(Buf::reduce_buf, 0, U, r, Category::communication, "reduce buffer");
-  if (!pl.grads_to_host && (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && r != c)))
+  // (Stage 1 reduces in place in the full gradients when the dtypes match; borrowed, there are none.)
+  if (!pl.grads_to_host &&
+      (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && (r != c || pl.grads_borrowed))))
     add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
   if (pl.grads == GradFlow::bucketed) {
     // Config::gradient_buckets of them (0: one per unit).
@@ -257,6 +264,7 @@ namespace shardopt {
 
 MemoryReport MemoryPlan::report() const {
   MemoryReport r;
+  r.borrowed = borrowed;
   for (const auto& b : buffers) {
     if (!b.transient) r.current[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
     r.peak[static_cast<int>(b.category)][static_cast<int>(b.place)] += b.bytes;
@@ -267,8 +275,19 @@ MemoryReport MemoryPlan::report() const {
 
 MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
                        std::size_t stream_scratch_bytes) {
-  const detail::EnginePlan p = detail::plan_engine(config, blocks, world_size);
+  return plan_memory(config, blocks, world_size, Borrowing{}, stream_scratch_bytes);
+}
+
+MemoryPlan plan_memory(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
+                       const Borrowing& borrowed, std::size_t stream_scratch_bytes) {
+  // (as Engine::Impl::all_borrowed: a model without elements borrows nothing)
+  std::size_t elems = 0;
+  for (const auto& b : blocks)
+    for (const auto& t : b.tensors) elems += numel(t.shape);
+  const bool params = borrowed.params && elems > 0, grads = borrowed.grads && elems > 0;
+  const detail::EnginePlan p = detail::plan_engine(config, blocks, world_size, params, grads);
   MemoryPlan m;
+  m.borrowed[static_cast<int>(Place::device)] = ((params ? 1 : 0) + (grads ? 1 : 0)) * elems * size_of(config.compute_dtype);
   for (const auto& b : p.buffers) m.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
   // The backend's, not the engine's: allocated by create_stream() for each stream the engine's
   // context (engine/context.cpp) and offload engine (offload/offload_engine.cpp) create.

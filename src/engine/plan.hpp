@@ -20,6 +20,7 @@ enum class Buf : unsigned char {
   grads_reduced,  // stage 0 with reduce dtype != compute, no offload: the all-reduced gradient
   reduce_buf,     // one unit in the reduce dtype (cast before reducing; with offload also stage 0)
   grad_shard,     // stages 1-3 without offload: this rank's reduced gradient
+  grad_staging_unit,  // stage 1 with every gradient borrowed: one unit gathered from the trainer's arrays
   bucket,         // stages 2-3: gradient bucket `index`
   rs_tmp,         // stages 2-3 with accumulation, no offload: one reduce-scatter slice
   slot,           // stage 3: gathered unit `index`
@@ -129,6 +130,13 @@ struct Placement {
   // micro-steps accumulate into). Stages 0-1 with reduce dtype == compute dtype still reduce in
   // place in the full gradients, which the trainer needs anyway.
   bool grads_to_host = false;
+  // Stage 1 with every tensor's gradient borrowed (Engine::borrow_gradients): the trainer's arrays
+  // are the full gradient (micro-steps summed there), so the engine keeps no full gradient buffer.
+  // At step(), unit by unit, the unit's borrowed tensors are copied into one unit-sized staging
+  // buffer (its alignment gaps zero) and reduce-scattered from there into the gradient shard (or,
+  // under offload, reduced in place there and sent down before the next unit reuses it): the
+  // values, and the one reduction per step, of the full-gradient path.
+  bool grads_borrowed = false;
 };
 
 struct EnginePlan {
@@ -165,7 +173,11 @@ LayoutOptions layout_options(const Config& config, int world_size);
 // At stages 1-2 the engine then keeps no full parameters of its own: the update writes this
 // rank's slices into a parameter shard, and each unit is gathered into one slot and copied out
 // into the trainer's memory (stage 3's buffers: params_sharded, one slot, no persistent units).
+// grads_borrowed: every tensor with elements has borrowed gradients (Engine::borrow_gradients).
+// At stage 1 the engine then keeps no full gradient buffer (Placement::grads_borrowed); at the
+// other stages it changes nothing (stages 2-3 bucket anyway; stage 0 keeps its full gradient, see
+// Engine::borrow_gradients).
 EnginePlan plan_engine(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
-                       bool params_borrowed = false);
+                       bool params_borrowed = false, bool grads_borrowed = false);
 
 }  // namespace shardopt::detail

@@ -5,6 +5,7 @@
 //   - the CUDA run bit for bit against the CPU run of the same spec: both backends run the same
 //     rules.hpp arithmetic without FMA contraction and reduce in rank order in fp32.
 //   - step_async() captured into a CUDA graph and replayed, bit for bit against eager steps.
+//   - the trainer's own (cudaMalloc'd) memory borrowed, and any backward order, against the CPU run.
 // Without a CUDA device every test skips with a message saying so.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -365,6 +366,72 @@ TEST(CudaEngine, OffloadToHostSameBitsAsNoOffload) {
         expect_planned(o, got);
       }
     }
+}
+
+// Borrowed memory on the GPU: the trainer's parameter and gradient arrays in its own cudaMalloc'd
+// device memory, written by a single-pass backward (every block's gradient before any
+// grads_ready), at stages 0-3: bit for bit the CPU backend's run of the same spec (host arrays),
+// and memory_report() equals the plan of the borrowing engine with what the trainer lends counted
+// apart. Then any backward order at stages 2-3 (blocks hopping between units, flushing buckets
+// early; and the single pass with one bucket per unit, in engine memory): bit for bit the CPU run.
+TEST(CudaEngine, BorrowedMemoryAndAnyBackwardOrderSameBitsAsCpu) {
+  if (!cuda_device_available()) SHARDOPT_SKIP_OR_FAIL(kNoDevice);
+  const std::size_t scratch = make_cuda_backend(0)->stream_scratch_bytes();
+  auto device_alloc = [](std::size_t bytes) -> void* {
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) throw Error(ErrorCode::out_of_memory, "cudaMalloc of the trainer's array");
+    return p;
+  };
+  auto device_free = [](void* p) { (void)cudaFree(p); };
+  for (int stage : {0, 1, 2, 3})
+    for (int world : {1, 3})
+      for (DType dtype : {DType::fp32, DType::bf16})
+        for (int accumulation : {1, 3}) {
+          const std::string what = "stage " + std::to_string(stage) + " world " + std::to_string(world) + " " +
+                                   std::string(name_of(dtype)) + " micro-steps " + std::to_string(accumulation);
+          SCOPED_TRACE(what + " borrowed parameters and gradients");
+          RunSpec spec = oracle_spec(stage, world, dtype, OptimizerKind::adamw);
+          spec.steps = 6;
+          spec.cfg.accumulation_steps = accumulation;
+          spec.cfg.max_grad_norm = 0.5f;
+          spec.backward = BackwardOrder::single_pass;
+          spec.borrow_gradients = spec.borrow_parameters = true;
+          const RunResult cpu = run_training(spec);
+          RunSpec gpu = spec;
+          gpu.where = WorldKind::cuda;
+          gpu.trainer_alloc = device_alloc;
+          gpu.trainer_free = device_free;
+          const RunResult got = run_training(gpu);
+          expect_bitwise_equal(cpu, got, 2, "CPU vs CUDA, borrowed memory, " + what);
+          const MemoryReport planned =
+              plan_memory(gpu.cfg, gpu.model, world, Borrowing{true, true}, scratch).report();
+          for (int rk = 0; rk < world; ++rk) {
+            EXPECT_EQ(got.memory[rk].borrowed[static_cast<int>(Place::device)],
+                      planned.borrowed[static_cast<int>(Place::device)]);
+            for (int cat = 0; cat < kCategoryCount; ++cat)
+              for (int pl = 0; pl < kPlaceCount; ++pl)
+                EXPECT_EQ(got.memory[rk].current[cat][pl], planned.current[cat][pl])
+                    << "rank " << rk << ": " << name_of(static_cast<Category>(cat)) << " at "
+                    << name_of(static_cast<Place>(pl));
+          }
+        }
+  for (int stage : {2, 3})
+    for (int world : {1, 3})
+      for (DType dtype : {DType::fp32, DType::bf16})
+        for (BackwardOrder order : {BackwardOrder::scattered, BackwardOrder::single_pass}) {
+          const std::string what = "stage " + std::to_string(stage) + " world " + std::to_string(world) + " " +
+                                   std::string(name_of(dtype)) +
+                                   (order == BackwardOrder::scattered ? " scattered" : " single-pass") + " backward";
+          SCOPED_TRACE(what);
+          RunSpec spec = oracle_spec(stage, world, dtype, OptimizerKind::adamw);
+          spec.steps = 6;
+          spec.cfg.accumulation_steps = 2;
+          spec.backward = order;
+          if (order == BackwardOrder::single_pass) spec.cfg.gradient_buckets = 0;  // every unit's views at once
+          const RunResult cpu = run_training(spec);
+          spec.where = WorldKind::cuda;
+          expect_bitwise_equal(cpu, run_training(spec), 2, "CPU vs CUDA, " + what);
+        }
 }
 
 TEST(CudaEngine, NoDeviceOrBadOrdinalIsAClearError) {
