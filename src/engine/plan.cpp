@@ -213,7 +213,8 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
       add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
   }
   if (borrowed_shard) {
-    add(Buf::slot, 0, U, c, Category::parameters, "gathered unit slot 0 (borrowed parameters on their way out)");
+    // Named for the estimate table: one unit gathered on its way out to the borrowed parameters.
+    add(Buf::slot, 0, U, c, Category::parameters, "parameter out-slot (1 unit)");
   } else if (pl.params_sharded) {
     bool any_sharded = false;
     for (std::size_t u = 0; u < L.units().size(); ++u) {
