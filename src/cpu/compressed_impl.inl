@@ -12,31 +12,6 @@
 // (in vector form on AVX2/AVX-512, below), the same bits on every path; the stochastic rounding's
 // dither is a hash of the element's global index, so a split of the range changes nothing either.
 
-template <OptimizerKind R, DType G, Out O, int V>
-SHARDOPT_KERNEL_LOOP void compressed_bf16_loop(float* __restrict master, std::uint16_t* __restrict state1,
-                                               std::uint16_t* __restrict state2, const storage_t<G>* __restrict grad,
-                                               typename OutStorage<O>::type* __restrict out, std::size_t n,
-                                               const StepScalars step_scalars) {
-  using Rule = rule_t<R>;
-  constexpr bool two_states = Rule::states == 2;
-  StepScalars scalars = step_scalars;
-  if constexpr (variant_count<Rule>() > 1) Rule::pin(scalars, V);
-  blocked(n, [&](std::size_t i) {
-    float p = master[i];
-    const float g = load<G>(grad[i]);
-    float s1 = bf16_load(state1[i]);
-    float s2 = 0.0f;
-    if constexpr (two_states) s2 = bf16_load(state2[i]);
-    Rule::update(p, g, s1, s2, scalars);
-    master[i] = p;
-    state1[i] = bf16_store(s1);
-    if constexpr (two_states) state2[i] = bf16_store(s2);
-    if constexpr (O == Out::fp32) out[i] = p;
-    else if constexpr (O == Out::fp16) out[i] = fp16_store(p);
-    else if constexpr (O == Out::bf16) out[i] = bf16_store(p);
-  });
-}
-
 // ---- int8: the block's decode, absmax and encode ---------------------------------------------
 //
 // In the AVX2 and AVX-512 builds these run on GCC vector types (vector_size) of 8 lanes, not on
@@ -142,6 +117,28 @@ SHARDOPT_KERNEL_INLINE QuantU q_encode_unsigned(QuantF x, float inv_scale, Quant
   const QuantF kept = q_float(q_bits(x) & reinterpret_cast<QuantU>(x > 0.0f));  // x > 0 ? x : +0.0f
   return q_encode_magnitude<quant::UnsignedCode>(kept * inv_scale, dither);
 }
+
+// bf16 states: 16 values <-> bf16_load / bf16_store of kernels_impl.inl lane by lane (the NaN test
+// (u & 0x7fffffff) > 0x7f800000 compares two numbers below 2^31, so a signed compare is the same).
+SHARDOPT_KERNEL_INLINE void q_bf16_load16(const std::uint16_t* p, float* values) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16);
+  const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(values), lo);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 8), hi);
+}
+SHARDOPT_KERNEL_INLINE QuantU q_bf16_store(QuantF f) {
+  const QuantU u = q_bits(f);
+  const QuantU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const QuantU quiet_nan = (u >> 16) | 0x0040u;
+  return q_select(q_int(u & 0x7fffffffu) > 0x7f800000, quiet_nan, rounded);
+}
+SHARDOPT_KERNEL_INLINE void q_bf16_store16(std::uint16_t* p, const float* values) {
+  // The pack works within 128-bit halves (a0-3 b0-3 | a4-7 b4-7); the qword permute orders them.
+  const __m256i w = _mm256_packus_epi32(reinterpret_cast<__m256i>(q_bf16_store(q_load(values))),
+                                        reinterpret_cast<__m256i>(q_bf16_store(q_load(values + 8))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(w, 0xd8));
+}
 #endif
 
 // The bits of the largest |x| of values[0, len): an integer max of abs_bits, exact and order-free,
@@ -229,6 +226,79 @@ SHARDOPT_KERNEL_INLINE void q_decode_block(const std::uint8_t* __restrict codes,
 #endif
   for (; e < len; ++e)
     values[e] = kSigned ? quant::decode_signed(codes[e], scale) : quant::decode_unsigned(codes[e], scale);
+}
+
+// bf16: in the vector builds, chunks of kBf16Chunk elements go through a stack buffer of fp32
+// states: widen, run the rule over floats (update_loop's loop shape), round back to bf16. The
+// fused loop over 16-bit states and gradients vectorized with twice the registers per value and
+// cost more than the memory it saves. The scalar build keeps the fused loop. Same bits either way.
+inline constexpr std::size_t kBf16Chunk = 512;
+
+template <OptimizerKind R, DType G, Out O, int V>
+SHARDOPT_KERNEL_LOOP void compressed_bf16_loop(float* __restrict master, std::uint16_t* __restrict state1,
+                                               std::uint16_t* __restrict state2, const storage_t<G>* __restrict grad,
+                                               typename OutStorage<O>::type* __restrict out, std::size_t n,
+                                               const StepScalars step_scalars) {
+  using Rule = rule_t<R>;
+  constexpr bool two_states = Rule::states == 2;
+  StepScalars scalars = step_scalars;
+  if constexpr (variant_count<Rule>() > 1) Rule::pin(scalars, V);
+#if defined(SHARDOPT_QUANT_VECTORS)
+  alignas(64) float buf1[kBf16Chunk];
+  alignas(64) float buf2[two_states ? kBf16Chunk : 1];
+  std::size_t first = 0;
+  for (; first + kBf16Chunk <= n; first += kBf16Chunk) {
+    for (std::size_t e = 0; e < kBf16Chunk; e += 16) {
+      q_bf16_load16(state1 + first + e, buf1 + e);
+      if constexpr (two_states) q_bf16_load16(state2 + first + e, buf2 + e);
+    }
+    float* __restrict pm = master + first;
+    const storage_t<G>* __restrict pg = grad + first;
+    typename OutStorage<O>::type* __restrict po = nullptr;  // out is null for Out::none
+    if constexpr (O != Out::none) po = out + first;
+    float* __restrict b1 = buf1;
+    float* __restrict b2 = buf2;
+    blocked(kBf16Chunk, [&](std::size_t i) {
+      float p = pm[i];
+      const float g = load<G>(pg[i]);
+      float s1 = b1[i];
+      float s2 = 0.0f;
+      if constexpr (two_states) s2 = b2[i];
+      Rule::update(p, g, s1, s2, scalars);
+      pm[i] = p;
+      b1[i] = s1;
+      if constexpr (two_states) b2[i] = s2;
+      if constexpr (O == Out::fp32) po[i] = p;
+      else if constexpr (O == Out::fp16) po[i] = fp16_store(p);
+      else if constexpr (O == Out::bf16) po[i] = bf16_store(p);
+    });
+    for (std::size_t e = 0; e < kBf16Chunk; e += 16) {
+      q_bf16_store16(state1 + first + e, buf1 + e);
+      if constexpr (two_states) q_bf16_store16(state2 + first + e, buf2 + e);
+    }
+  }
+  if (first == n) return;
+  master += first;
+  state1 += first;
+  if constexpr (two_states) state2 += first;
+  grad += first;
+  if constexpr (O != Out::none) out += first;
+  n -= first;
+#endif
+  blocked(n, [&](std::size_t i) {
+    float p = master[i];
+    const float g = load<G>(grad[i]);
+    float s1 = bf16_load(state1[i]);
+    float s2 = 0.0f;
+    if constexpr (two_states) s2 = bf16_load(state2[i]);
+    Rule::update(p, g, s1, s2, scalars);
+    master[i] = p;
+    state1[i] = bf16_store(s1);
+    if constexpr (two_states) state2[i] = bf16_store(s2);
+    if constexpr (O == Out::fp32) out[i] = p;
+    else if constexpr (O == Out::fp16) out[i] = fp16_store(p);
+    else if constexpr (O == Out::bf16) out[i] = bf16_store(p);
+  });
 }
 
 // int8: per quantization block, (1) decode the old codes into a stack buffer of fp32 states,
