@@ -139,7 +139,6 @@ SHARDOPT_KERNEL_INLINE void q_bf16_store16(std::uint16_t* p, const float* values
                                         reinterpret_cast<__m256i>(q_bf16_store(q_load(values + 8))));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(w, 0xd8));
 }
-#endif
 
 // The bits of the largest |x| of values[0, len): an integer max of abs_bits, exact and order-free,
 // so the scale is the same however the block is cut into lanes (a NaN's bits win the max, as in
@@ -147,14 +146,12 @@ SHARDOPT_KERNEL_INLINE void q_bf16_store16(std::uint16_t* p, const float* values
 SHARDOPT_KERNEL_INLINE std::uint32_t q_absmax_bits(const float* __restrict values, std::size_t len) {
   std::uint32_t m = 0;
   std::size_t e = 0;
-#if defined(SHARDOPT_QUANT_VECTORS)
   QuantU top = {};
   for (; e + kQuantLanes <= len; e += kQuantLanes) {
     const QuantU a = q_bits(q_load(values + e)) & 0x7fffffffu;
     top = q_select(a > top, a, top);
   }
   for (std::size_t j = 0; j < kQuantLanes; ++j) m = m > top[j] ? m : top[j];
-#endif
   for (; e < len; ++e) {
     const std::uint32_t a = quant::abs_bits(values[e]);
     m = m > a ? m : a;
@@ -164,13 +161,12 @@ SHARDOPT_KERNEL_INLINE std::uint32_t q_absmax_bits(const float* __restrict value
 
 // Codes of values[0, len) for the block that starts at global index `start` (dither key `key`);
 // kSigned picks the code. Whole vectors, then the element functions for the rest: a partial
-// block's tail, every element in the scalar build, and a block whose index's low word wraps
-// (never one that starts at a multiple of its size).
+// block's tail, and a block whose index's low word wraps (never one that starts at a multiple of
+// its size).
 template <bool kSigned>
 SHARDOPT_KERNEL_INLINE void q_encode_block(const float* __restrict values, std::uint8_t* __restrict codes,
                                            std::size_t len, float inv, std::uint64_t start, std::uint32_t key) {
   std::size_t e = 0;
-#if defined(SHARDOPT_QUANT_VECTORS)
   const auto lo = static_cast<std::uint32_t>(start);
   if (static_cast<std::uint64_t>(lo) + len <= (std::uint64_t(1) << 32)) {
     // quant::dither(key, i) = mix32(lo32(i) ^ mix32(hi32(i) ^ key)): the inner hash is the block's.
@@ -191,17 +187,6 @@ SHARDOPT_KERNEL_INLINE void q_encode_block(const float* __restrict values, std::
       q_store_codes(codes + e, kSigned ? q_encode_signed(x, inv, d) : q_encode_unsigned(x, inv, d));
     }
   }
-#else
-  const auto lo = static_cast<std::uint32_t>(start);
-  if (static_cast<std::uint64_t>(lo) + len <= (std::uint64_t(1) << 32)) {
-    const std::uint32_t h = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key);
-    blocked(len, [&](std::size_t i) {
-      const std::uint32_t d = quant::mix32((lo + static_cast<std::uint32_t>(i)) ^ h);
-      codes[i] = kSigned ? quant::encode_signed(values[i], inv, d) : quant::encode_unsigned(values[i], inv, d);
-    });
-    return;
-  }
-#endif
   for (; e < len; ++e) {
     const std::uint32_t d = quant::dither(key, start + e);
     codes[e] = kSigned ? quant::encode_signed(values[e], inv, d) : quant::encode_unsigned(values[e], inv, d);
@@ -213,20 +198,14 @@ template <bool kSigned>
 SHARDOPT_KERNEL_INLINE void q_decode_block(const std::uint8_t* __restrict codes, float* __restrict values,
                                            std::size_t len, float scale) {
   std::size_t e = 0;
-#if defined(SHARDOPT_QUANT_VECTORS)
   for (; e + kQuantLanes <= len; e += kQuantLanes) {
     const QuantU c = q_load_codes(codes + e);
     q_store(values + e, kSigned ? q_decode_signed(c, scale) : q_decode_unsigned(c, scale));
   }
-#else
-  blocked(len, [&](std::size_t i) {
-    values[i] = kSigned ? quant::decode_signed(codes[i], scale) : quant::decode_unsigned(codes[i], scale);
-  });
-  return;
-#endif
   for (; e < len; ++e)
     values[e] = kSigned ? quant::decode_signed(codes[e], scale) : quant::decode_unsigned(codes[e], scale);
 }
+#endif  // SHARDOPT_QUANT_VECTORS
 
 // bf16: in the vector builds, chunks of kBf16Chunk elements go through a stack buffer of fp32
 // states: widen, run the rule over floats (update_loop's loop shape), round back to bf16. The
@@ -301,11 +280,13 @@ SHARDOPT_KERNEL_LOOP void compressed_bf16_loop(float* __restrict master, std::ui
   });
 }
 
-// int8: per quantization block, (1) decode the old codes into a stack buffer of fp32 states,
-// (2) run the rule over the block (writes master and param_out, leaves the new states in the
-// buffer: the same loop shape as update_loop's, which vectorizes), (3) find the absmax and the new
-// power-of-two scale, (4) encode with it. The dither is a hash of the element's global index, so
-// neither the split of the range nor the vector width changes a byte.
+// int8, vector builds: per quantization block, (1) decode the old codes into a stack buffer of
+// fp32 states, (2) run the rule over the block (writes master and param_out, leaves the new states
+// in the buffer: the same loop shape as update_loop's, which vectorizes), (3) find the absmax and
+// the new power-of-two scale, (4) encode with it. The scalar build keeps the element functions in
+// two passes (decode + rule + per-lane absmax, then encode), the form the vector one is tested
+// against. The dither is a hash of the element's global index, so neither the split of the range
+// nor the vector width changes a byte.
 template <OptimizerKind R, DType G, Out O, int V>
 SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::uint8_t* __restrict code1,
                                                std::uint8_t* __restrict code2, float* __restrict scales1,
@@ -317,6 +298,7 @@ SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::ui
   constexpr bool two_states = Rule::states == 2;
   StepScalars scalars = step_scalars;
   if constexpr (variant_count<Rule>() > 1) Rule::pin(scalars, V);
+#if defined(SHARDOPT_QUANT_VECTORS)
   alignas(64) float new1[kMaxQuantBlock];
   alignas(64) float new2[two_states ? kMaxQuantBlock : 1];
   for (std::size_t first = 0, k = 0; first < n; first += block, ++k) {
@@ -353,6 +335,87 @@ SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::ui
       q_encode_block<false>(new2, code2 + first, len, quant::inverse_scale(scale2), start, key2);
     }
   }
+#else
+  alignas(64) float new1[kMaxQuantBlock];
+  alignas(64) float new2[two_states ? kMaxQuantBlock : 1];
+  for (std::size_t first = 0, k = 0; first < n; first += block, ++k) {
+    const std::size_t len = n - first < block ? n - first : block;
+    const float old1 = scales1[k];
+    const float old2 = two_states ? scales2[k] : 0.0f;
+    float* __restrict pm = master + first;
+    const storage_t<G>* __restrict pg = grad + first;
+    std::uint8_t* __restrict c1 = code1 + first;
+    std::uint8_t* __restrict c2 = two_states ? code2 + first : nullptr;
+    std::uint32_t amax1[kBlock] = {};
+    std::uint32_t amax2[kBlock] = {};
+    auto update = [&](std::size_t i, std::size_t lane) {
+      float p = pm[i];
+      const float g = load<G>(pg[i]);
+      float s1 = quant::decode_signed(c1[i], old1);
+      float s2 = 0.0f;
+      if constexpr (two_states) s2 = quant::decode_unsigned(c2[i], old2);
+      Rule::update(p, g, s1, s2, scalars);
+      pm[i] = p;
+      if constexpr (O == Out::fp32) out[first + i] = p;
+      else if constexpr (O == Out::fp16) out[first + i] = fp16_store(p);
+      else if constexpr (O == Out::bf16) out[first + i] = bf16_store(p);
+      new1[i] = s1;
+      const std::uint32_t a1 = quant::abs_bits(s1);
+      amax1[lane] = amax1[lane] > a1 ? amax1[lane] : a1;
+      if constexpr (two_states) {
+        new2[i] = s2;
+        const std::uint32_t a2 = quant::abs_bits(s2);
+        amax2[lane] = amax2[lane] > a2 ? amax2[lane] : a2;
+      }
+    };
+    std::size_t i = 0;
+    for (; i + kBlock <= len; i += kBlock)
+      for (std::size_t j = 0; j < kBlock; ++j) update(i + j, j);
+    for (std::size_t j = 0; i + j < len; ++j) update(i + j, j);
+    std::uint32_t top1 = 0, top2 = 0;
+    for (std::size_t j = 0; j < kBlock; ++j) {
+      top1 = top1 > amax1[j] ? top1 : amax1[j];
+      top2 = top2 > amax2[j] ? top2 : amax2[j];
+    }
+    const float scale1 = quant::block_scale<quant::SignedCode>(top1);
+    const float inv1 = quant::inverse_scale(scale1);
+    scales1[k] = scale1;
+    // quant::dither(key, index) = mix32(lo32(index) ^ mix32(hi32(index) ^ key)): the inner hash
+    // is the same for every index of the block unless its low words wrap (never, for a block at a
+    // multiple of its size), so it is computed once; a wrapping block takes the general form.
+    const std::uint64_t start = first_index + first;
+    const auto lo = static_cast<std::uint32_t>(start);
+    const bool one_high_word = static_cast<std::uint64_t>(lo) + len <= (std::uint64_t(1) << 32);
+    if constexpr (two_states) {
+      const float scale2 = quant::block_scale<quant::UnsignedCode>(top2);
+      const float inv2 = quant::inverse_scale(scale2);
+      scales2[k] = scale2;
+      if (one_high_word) {
+        const std::uint32_t h1 = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key1);
+        const std::uint32_t h2 = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key2);
+        blocked(len, [&](std::size_t e) {
+          const std::uint32_t low = lo + static_cast<std::uint32_t>(e);
+          c1[e] = quant::encode_signed(new1[e], inv1, quant::mix32(low ^ h1));
+          c2[e] = quant::encode_unsigned(new2[e], inv2, quant::mix32(low ^ h2));
+        });
+      } else {
+        for (std::size_t e = 0; e < len; ++e) {
+          c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, start + e));
+          c2[e] = quant::encode_unsigned(new2[e], inv2, quant::dither(key2, start + e));
+        }
+      }
+    } else {
+      if (one_high_word) {
+        const std::uint32_t h1 = quant::mix32(static_cast<std::uint32_t>(start >> 32) ^ key1);
+        blocked(len, [&](std::size_t e) {
+          c1[e] = quant::encode_signed(new1[e], inv1, quant::mix32((lo + static_cast<std::uint32_t>(e)) ^ h1));
+        });
+      } else {
+        for (std::size_t e = 0; e < len; ++e) c1[e] = quant::encode_signed(new1[e], inv1, quant::dither(key1, start + e));
+      }
+    }
+  }
+#endif
 }
 
 template <OptimizerKind R, DType G, Out O, int V>
