@@ -506,6 +506,118 @@ TEST(CompressedUpdate, SameBytesOnEveryIsaAndThreadSplit) {
   }
 }
 
+// The compressed update written element by element from its definition, independent of the
+// kernels' loops, passes and vectors: the rule's update (rules.hpp) on the decoded state, the
+// parameter copy rounded once to bf16, and for int8 each block's scale from the integer max of
+// abs_bits, then quant::encode_* with quant::dither of the element's global index.
+Problem reference_update(const Problem& before) {
+  Problem p = before;
+  const std::uint32_t key1 = quant::dither_key(p.seed, 1), key2 = quant::dither_key(p.seed, 2);
+  const bool int8 = p.precision == StatePrecision::int8;
+  EXPECT_TRUE(visit_rule(p.rule, [&](auto kind) {
+    using Rule = rule_t<decltype(kind)::value>;
+    constexpr bool two = Rule::states == 2;
+    std::vector<float> m(p.n), v(p.n);
+    for (std::size_t i = 0; i < p.n; ++i) {
+      float s1 = 0.0f, s2 = 0.0f;
+      if (int8) {
+        s1 = quant::decode_signed(p.state1[i], p.scales1[i / p.block]);
+        if (two) s2 = quant::decode_unsigned(p.state2[i], p.scales2[i / p.block]);
+      } else {
+        std::uint16_t h1, h2;
+        std::memcpy(&h1, &p.state1[2 * i], 2);
+        std::memcpy(&h2, &p.state2[2 * i], 2);
+        s1 = bf16_to_float(h1);
+        if (two) s2 = bf16_to_float(h2);
+      }
+      float w = p.master[i];
+      Rule::update(w, static_cast<float>(p.g(i)), s1, s2, p.scalars);
+      p.master[i] = w;
+      const std::uint16_t o = float_to_bf16(w);
+      std::memcpy(&p.out[2 * i], &o, 2);
+      m[i] = s1;
+      v[i] = s2;
+    }
+    if (!int8) {
+      for (std::size_t i = 0; i < p.n; ++i) {
+        const std::uint16_t h1 = float_to_bf16(m[i]), h2 = float_to_bf16(v[i]);
+        std::memcpy(&p.state1[2 * i], &h1, 2);
+        if (two) std::memcpy(&p.state2[2 * i], &h2, 2);
+      }
+      return;
+    }
+    for (std::size_t k = 0; k < p.blocks(); ++k) {
+      const std::size_t b = k * p.block, e = std::min(p.n, b + p.block);
+      std::uint32_t top1 = 0, top2 = 0;
+      for (std::size_t i = b; i < e; ++i) {
+        top1 = std::max(top1, quant::abs_bits(m[i]));
+        top2 = std::max(top2, quant::abs_bits(v[i]));
+      }
+      p.scales1[k] = quant::block_scale<quant::SignedCode>(top1);
+      const float inv1 = quant::inverse_scale(p.scales1[k]);
+      for (std::size_t i = b; i < e; ++i)
+        p.state1[i] = quant::encode_signed(m[i], inv1, quant::dither(key1, p.first_index + i));
+      if (!two) continue;
+      p.scales2[k] = quant::block_scale<quant::UnsignedCode>(top2);
+      const float inv2 = quant::inverse_scale(p.scales2[k]);
+      for (std::size_t i = b; i < e; ++i)
+        p.state2[i] = quant::encode_unsigned(v[i], inv2, quant::dither(key2, p.first_index + i));
+    }
+  }));
+  return p;
+}
+
+// Every instruction set gives exactly the bytes of the definition above (so the vector forms of
+// the decode, the absmax and the encode in compressed_impl.inl are the element functions', which
+// the CUDA kernel shares): every rule, precision and gradient dtype; partial blocks, odd sizes,
+// every block size class, a range whose low index word wraps inside a block, one whose blocks
+// straddle 2^32 at a boundary, a high index word far from 0, and non-finite gradients (NaN blocks).
+TEST(CompressedUpdate, EveryIsaGivesTheBytesOfTheElementFunctions) {
+  struct Case {
+    std::size_t n, block;
+    std::uint64_t first_index;
+  };
+  const Case cases[] = {{1, 64, 0},
+                        {63, 64, 0},
+                        {65, 64, 64},
+                        {333, 128, 0},
+                        {1000, 256, (std::uint64_t(1) << 32) - 100},
+                        {2 * 4096 + 5, 4096, (std::uint64_t(1) << 32) - 4096},
+                        {777, 64, (std::uint64_t(7) << 32) + 3 * 64},
+                        {3 * 256 + 17, 256, std::uint64_t(1) << 40}};
+  const auto isas = available_isas();
+  std::size_t compared = 0;
+  for (StatePrecision prec : {StatePrecision::int8, StatePrecision::bf16}) {
+    for (OptimizerKind rule : {OptimizerKind::adamw, OptimizerKind::adam, OptimizerKind::sgd, OptimizerKind::lion,
+                               OptimizerKind::radam}) {
+      for (DType gd : {DType::fp32, DType::bf16, DType::fp16}) {
+        for (std::size_t c = 0; c < std::size(cases); ++c) {
+          const Case& cs = cases[c];
+          SCOPED_TRACE(std::string(name_of(prec)) + " " + std::string(name_of(rule)) + " " +
+                       std::string(name_of(gd)) + " n " + std::to_string(cs.n) + " block " + std::to_string(cs.block) +
+                       " first_index " + std::to_string(cs.first_index));
+          Problem before = make_problem(cs.n, cs.block, prec, rule, gd, static_cast<unsigned>(31 * c + 7));
+          before.first_index = cs.first_index;
+          before.seed = 1000 + c;
+          if (c % 2 == 1 && cs.n > 40) {  // a NaN and an infinite gradient: their blocks turn NaN
+            store_from_float(before.grad.data(), gd, 3, std::numeric_limits<float>::quiet_NaN());
+            store_from_float(before.grad.data(), gd, cs.n - 2, std::numeric_limits<float>::infinity());
+          }
+          const Problem expected = reference_update(before);
+          for (cpu::Isa isa : isas) {
+            Problem p = before;
+            run_isa(p, isa);
+            EXPECT_TRUE(same_bytes(p, expected)) << cpu::name_of(isa);
+            ++compared;
+          }
+        }
+      }
+    }
+  }
+  std::printf("compared %zu runs on %zu instruction sets (best: %s)\n", compared, isas.size(),
+              cpu::name_of(cpu::detect_isa()));
+}
+
 // Every rule: the compressed update equals fused_update (fp32 state) run on the dequantized
 // state, in master bit for bit (the same fp32 arithmetic), and in the states up to the
 // quantization of the fp32 result.

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 
 #include "cpu/kernels.hpp"
 #include "shardopt/rules.hpp"
