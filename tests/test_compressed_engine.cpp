@@ -375,6 +375,29 @@ TEST(CompressedEngine, ACheckpointOfAnotherPrecisionOrBlockSizeIsRefusedNamingBo
 }
 
 // ---------------------------------------------------------------- checkpoint files
+// `steps` steps at `world` ranks, then a save into `dir`: the state saved.
+Fields train_and_save(int world, const Config& cfg, int steps, const std::string& dir) {
+  Fields saved;
+  std::mutex mu;
+  with_world(world, cfg, [&](Engine& e, int rank) {
+    train(e, rank, 0, steps);
+    read_fields(e, saved, mu);
+    e.save(dir);
+  });
+  return saved;
+}
+
+// A load from `dir` into a fresh engine at `world` ranks (initialized otherwise): the state loaded.
+Fields load_fresh(int world, const Config& cfg, const std::string& dir) {
+  Fields loaded;
+  std::mutex mu;
+  with_world(world, cfg, [&](Engine& e, int) {
+    e.load(dir);
+    read_fields(e, loaded, mu);
+  }, /*seed=*/99);
+  return loaded;
+}
+
 // Compressed state is stored in its own precision (format 3, checkpoint/field_codec.hpp): per state
 // element 4 bytes (fp32), 2 (bf16), or 1 plus one exponent byte per quantization block (int8).
 // World 1 and the default chunk: one range and one checksum chunk per tensor and field, so the
@@ -416,7 +439,10 @@ TEST(CompressedEngine, CheckpointFilesHoldTheStateInItsOwnPrecision) {
 // of it, so blocks straddle chunks (their exponent is stored in both) and ranges end in partial
 // chunks and partial blocks. Saved at world 3 stage 2, loaded at world 2 stage 3: the same state.
 TEST(CompressedEngine, CheckpointChunksThatSplitBlocksRoundTrip) {
-  ckpt::set_chunk_elems_for_testing(96);
+  struct ChunkOf96 {
+    ChunkOf96() { ckpt::set_chunk_elems_for_testing(96); }
+    ~ChunkOf96() { ckpt::set_chunk_elems_for_testing(0); }
+  } chunk;
   for (StatePrecision p : {StatePrecision::int8, StatePrecision::bf16}) {
     SCOPED_TRACE(std::string(name_of(p)));
     TmpDir dir;
@@ -424,22 +450,12 @@ TEST(CompressedEngine, CheckpointChunksThatSplitBlocksRoundTrip) {
     from.quant_block = 256;
     Config to = from;
     to.stage = 3;
-    Fields saved, loaded;
-    std::mutex mu;
-    with_world(3, from, [&](Engine& e, int rank) {
-      train(e, rank, 0, 3);
-      read_fields(e, saved, mu);
-      e.save(dir.path.string());
-    });
-    with_world(2, to, [&](Engine& e, int) {
-      e.load(dir.path.string());
-      read_fields(e, loaded, mu);
-    }, /*seed=*/99);
+    const Fields saved = train_and_save(3, from, 3, dir.str());
+    const Fields loaded = load_fresh(2, to, dir.str());
     std::string where;
     EXPECT_TRUE(same(saved, loaded, where)) << "loaded state differs from the saved one at " << where;
-    verify_checkpoint(dir.path.string());
+    verify_checkpoint(dir.str());
   }
-  ckpt::set_chunk_elems_for_testing(0);
 }
 
 // A checkpoint of compressed state written before format 3 (one 32-bit word per state element)
@@ -450,13 +466,7 @@ TEST(CompressedEngine, AFormatTwoCheckpointOfCompressedStateStillLoads) {
     SCOPED_TRACE(std::string(name_of(p)));
     TmpDir dir, old;
     const Config cfg = compressed_config(2, p, OptimizerKind::adamw, DType::bf16);
-    Fields saved, loaded;
-    std::mutex mu;
-    with_world(2, cfg, [&](Engine& e, int rank) {
-      train(e, rank, 0, 3);
-      read_fields(e, saved, mu);
-      e.save(dir.path.string());
-    });
+    const Fields saved = train_and_save(2, cfg, 3, dir.str());
     ckpt::Manifest m = ckpt::read_manifest(dir.path.string());
     ASSERT_EQ(m.format_version, 3);
     ckpt::Manifest v2 = m;
@@ -494,10 +504,7 @@ TEST(CompressedEngine, AFormatTwoCheckpointOfCompressedStateStillLoads) {
                                                                    static_cast<std::streamsize>(out.size()));
     std::ofstream(old.path / ckpt::kManifestName) << ckpt::dump_manifest(v2);
     EXPECT_EQ(inspect_checkpoint(old.path.string()).format_version, 2);
-    with_world(3, cfg, [&](Engine& e, int) {
-      e.load(old.path.string());
-      read_fields(e, loaded, mu);
-    }, /*seed=*/99);
+    const Fields loaded = load_fresh(3, cfg, old.str());
     std::string where;
     EXPECT_TRUE(same(saved, loaded, where)) << "the format-2 checkpoint loaded other values at " << where;
   }
