@@ -207,6 +207,38 @@ SHARDOPT_KERNEL_INLINE void q_decode_block(const std::uint8_t* __restrict codes,
 }
 #endif  // SHARDOPT_QUANT_VECTORS
 
+// The rule over n elements whose states are fp32 values in stack buffers s1/s2 (decoded before,
+// encoded after): master and the parameter output (out + out_first, absent for Out::none) are
+// written, the new states left in the buffers. update_loop's loop shape, so it vectorizes; the
+// bf16 chunks and the int8 blocks of the vector builds share it.
+template <OptimizerKind R, DType G, Out O>
+SHARDOPT_KERNEL_INLINE void rule_over_states(float* __restrict pm, const storage_t<G>* __restrict pg,
+                                             typename OutStorage<O>::type* out, std::size_t out_first,
+                                             float* __restrict s1b, float* __restrict s2b, std::size_t n,
+                                             const StepScalars& step_scalars) {
+  using Rule = rule_t<R>;
+  constexpr bool two_states = Rule::states == 2;
+  // A local copy: the stores through pm/po could alias a referenced one, which the compiler would
+  // then reload every element instead of keeping in registers.
+  const StepScalars scalars = step_scalars;
+  typename OutStorage<O>::type* __restrict po = nullptr;  // out is null for Out::none
+  if constexpr (O != Out::none) po = out + out_first;
+  blocked(n, [&](std::size_t i) {
+    float p = pm[i];
+    const float g = load<G>(pg[i]);
+    float s1 = s1b[i];
+    float s2 = 0.0f;
+    if constexpr (two_states) s2 = s2b[i];
+    Rule::update(p, g, s1, s2, scalars);
+    pm[i] = p;
+    s1b[i] = s1;
+    if constexpr (two_states) s2b[i] = s2;
+    if constexpr (O == Out::fp32) po[i] = p;
+    else if constexpr (O == Out::fp16) po[i] = fp16_store(p);
+    else if constexpr (O == Out::bf16) po[i] = bf16_store(p);
+  });
+}
+
 // bf16: in the vector builds, chunks of kBf16Chunk elements go through a stack buffer of fp32
 // states: widen, run the rule over floats (update_loop's loop shape), round back to bf16. The
 // fused loop over 16-bit states and gradients vectorized with twice the registers per value and
@@ -231,26 +263,7 @@ SHARDOPT_KERNEL_LOOP void compressed_bf16_loop(float* __restrict master, std::ui
       q_bf16_load16(state1 + first + e, buf1 + e);
       if constexpr (two_states) q_bf16_load16(state2 + first + e, buf2 + e);
     }
-    float* __restrict pm = master + first;
-    const storage_t<G>* __restrict pg = grad + first;
-    typename OutStorage<O>::type* __restrict po = nullptr;  // out is null for Out::none
-    if constexpr (O != Out::none) po = out + first;
-    float* __restrict b1 = buf1;
-    float* __restrict b2 = buf2;
-    blocked(kBf16Chunk, [&](std::size_t i) {
-      float p = pm[i];
-      const float g = load<G>(pg[i]);
-      float s1 = b1[i];
-      float s2 = 0.0f;
-      if constexpr (two_states) s2 = b2[i];
-      Rule::update(p, g, s1, s2, scalars);
-      pm[i] = p;
-      b1[i] = s1;
-      if constexpr (two_states) b2[i] = s2;
-      if constexpr (O == Out::fp32) po[i] = p;
-      else if constexpr (O == Out::fp16) po[i] = fp16_store(p);
-      else if constexpr (O == Out::bf16) po[i] = bf16_store(p);
-    });
+    rule_over_states<R, G, O>(master + first, grad + first, out, first, buf1, buf2, kBf16Chunk, scalars);
     for (std::size_t e = 0; e < kBf16Chunk; e += 16) {
       q_bf16_store16(state1 + first + e, buf1 + e);
       if constexpr (two_states) q_bf16_store16(state2 + first + e, buf2 + e);
@@ -305,26 +318,7 @@ SHARDOPT_KERNEL_LOOP void compressed_int8_loop(float* __restrict master, std::ui
     const std::size_t len = n - first < block ? n - first : block;
     q_decode_block<true>(code1 + first, new1, len, scales1[k]);
     if constexpr (two_states) q_decode_block<false>(code2 + first, new2, len, scales2[k]);
-    float* __restrict pm = master + first;
-    const storage_t<G>* __restrict pg = grad + first;
-    typename OutStorage<O>::type* __restrict po = nullptr;  // out is null for Out::none
-    if constexpr (O != Out::none) po = out + first;
-    float* __restrict n1 = new1;
-    float* __restrict n2 = new2;
-    blocked(len, [&](std::size_t i) {
-      float p = pm[i];
-      const float g = load<G>(pg[i]);
-      float s1 = n1[i];
-      float s2 = 0.0f;
-      if constexpr (two_states) s2 = n2[i];
-      Rule::update(p, g, s1, s2, scalars);
-      pm[i] = p;
-      n1[i] = s1;
-      if constexpr (two_states) n2[i] = s2;
-      if constexpr (O == Out::fp32) po[i] = p;
-      else if constexpr (O == Out::fp16) po[i] = fp16_store(p);
-      else if constexpr (O == Out::bf16) po[i] = bf16_store(p);
-    });
+    rule_over_states<R, G, O>(master + first, grad + first, out, first, new1, new2, len, scalars);
     const std::uint64_t start = first_index + first;
     const float scale1 = quant::block_scale<quant::SignedCode>(q_absmax_bits(new1, len));
     scales1[k] = scale1;
