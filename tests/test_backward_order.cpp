@@ -130,11 +130,8 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         // What the engine allocates: its plan for borrowed memory, byte for byte; the same as
         // without borrowing, except at stages 1-2 with the parameters borrowed, where a shard and
         // one slot replace the full parameters, and the gradients at stage 1.
-        MemoryPlan mp;
-        for (const auto& b :
-             detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters, other.borrow_gradients).buffers)
-          mp.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
-        const MemoryReport planned = mp.report();
+        const MemoryReport planned =
+            plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, other.borrow_gradients}).report();
         const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
         const Layout L = Layout::build(spec.model, detail::layout_options(spec.cfg, world));
         std::size_t full = 0;
@@ -221,9 +218,7 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
       std::size_t saved = (P - U) * size_of(c.compute);
       if (c.compute == c.reduce && c.offload == OffloadKind::none) saved -= L.shard_elems() * size_of(c.reduce);
       EXPECT_EQ(device_total(plain) - device_total(borrowed), saved);
-      MemoryPlan mp;
-      for (const auto& b : borrowed.buffers) mp.buffers.push_back({b.name, b.elems * size_of(b.dtype), b.category, b.place, b.transient});
-      const MemoryReport planned = mp.report();
+      const MemoryReport planned = plan_memory(other.cfg, other.model, world, Borrowing{false, true}).report();
       for (int r = 0; r < world; ++r)
         for (int k = 0; k < kCategoryCount; ++k)
           for (int p = 0; p < kPlaceCount; ++p) {
