@@ -129,7 +129,8 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         if (other.borrow_parameters) own *= 2;
         // What the engine allocates: its plan for borrowed memory, byte for byte; the same as
         // without borrowing, except at stages 1-2 with the parameters borrowed, where a shard and
-        // one slot replace the full parameters, and the gradients at stage 1.
+        // one slot replace the full parameters, the gradients at stage 1, and stage 0, where the
+        // trainer's arrays replace the engine's (see the stage 0 test below).
         const MemoryReport planned =
             plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, other.borrow_gradients}).report();
         const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
@@ -143,7 +144,8 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
             for (int p = 0; p < kPlaceCount; ++p) {
               EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]);
               // (stage 1 with every gradient borrowed keeps no full gradient: see the test below)
-              if ((!shard_only || k != params) && (stage != 1 || k != static_cast<int>(Category::gradients))) {
+              if ((!shard_only || k != params) && (stage != 1 || k != static_cast<int>(Category::gradients)) &&
+                  stage != 0) {
                 EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
               }
             }
@@ -225,6 +227,91 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
             EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]) << "category " << k << " place " << p;
             EXPECT_EQ(got.memory[r].peak[k][p], planned.peak[k][p]) << "category " << k << " place " << p;
           }
+    }
+}
+
+// Stage 0 with every gradient (and, but at world 2, every parameter) borrowed: the engine keeps
+// neither a full gradient nor full parameters of its own. Each tensor is all-reduced in place in
+// the trainer's array and the update reads it there and writes the parameters straight into the
+// trainer's arrays (under offload the gradient goes through one staging unit, and the upload
+// writes the trainer's arrays). Bit for bit equal to the run in engine memory, and to the float64
+// oracle. The engine's device memory is lower by what the rules of Engine::borrow_gradients and
+// borrow_parameters promise, computed here from the layout, and is what memory_report() shows.
+TEST(BorrowedMemory, StageZeroUsesTheTrainersArraysAndMatchesBitForBit) {
+  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 3, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 1, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 3, OffloadKind::none},
+                                   {DType::bf16, DType::fp32, 3, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 3, OffloadKind::host},
+                                   {DType::bf16, DType::fp32, 1, OffloadKind::host}};
+  for (int world : {1, 2, 3})
+    for (const Case& c : cases) {
+      SCOPED_TRACE(case_name(0, world, c, BackwardOrder::reverse) + " borrowed");
+      RunSpec spec = spec_for(0, world, c);
+      const RunResult own = run_training(spec);
+      RunSpec other = spec;
+      other.borrow_gradients = true;
+      other.borrow_parameters = world != 2;
+      if (world == 3) {  // the trainer's arrays from its own allocator
+        other.trainer_alloc = [](std::size_t bytes) { return std::malloc(bytes); };
+        other.trainer_free = [](void* p) { std::free(p); };
+      }
+      const RunResult got = run_training(other);
+      expect_bitwise_equal(own, got, 2, "against the run in engine memory");
+      expect_matches_reference(other, got);
+      for (int r = 0; r < world; ++r)
+        for (std::size_t s = 0; s < got.results[r].size(); ++s)
+          EXPECT_NEAR(got.results[r][s].grad_norm, own.results[r][s].grad_norm, 1e-6 * own.results[r][s].grad_norm)
+              << "rank " << r << " step " << s;
+      RunSpec async = other;
+      async.async = true;
+      expect_bitwise_equal(own, run_training(async), 2, "step_async() against step() in engine memory");
+      // What the engine no longer holds: the full gradient (P elements of the compute dtype; one
+      // staging unit stays under offload), and with the parameters borrowed the full parameters
+      // (P of the compute dtype; with fp32 compute on the device they were the master weights, and
+      // the trainer's arrays now are).
+      const Layout L = Layout::build(spec.model, detail::layout_options(spec.cfg, world));
+      std::size_t P = 0, U = 0;
+      for (const auto& u : L.units()) {
+        P += u.padded_elems;
+        U = std::max(U, u.padded_elems);
+      }
+      const bool off = c.offload != OffloadKind::none;
+      std::size_t saved = (P - (off ? U : 0)) * size_of(c.compute);
+      if (other.borrow_parameters) saved += P * size_of(c.compute);
+      const MemoryReport plain = plan_memory(spec.cfg, spec.model, world).report();
+      const MemoryReport planned =
+          plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, true}).report();
+      const int dev = static_cast<int>(Place::device);
+      EXPECT_EQ(plain.peak_total[dev] - planned.peak_total[dev], saved);
+      for (int r = 0; r < world; ++r) {
+        EXPECT_EQ(got.memory[r].borrowed[dev], planned.borrowed[dev]);
+        for (int k = 0; k < kCategoryCount; ++k)
+          for (int p = 0; p < kPlaceCount; ++p) {
+            EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]) << "category " << k << " place " << p;
+            EXPECT_EQ(got.memory[r].peak[k][p], planned.peak[k][p]) << "category " << k << " place " << p;
+          }
+      }
+    }
+}
+
+// Stage 0 with clipping: the norm is summed per tensor instead of per unit (a different grouping
+// of the same squares), so it may differ from the run in engine memory in its last bits; the
+// result is checked against the float64 oracle, with steps that clip.
+TEST(BorrowedMemory, StageZeroClipsAsTheOracle) {
+  for (int world : {1, 3})
+    for (DType dt : {DType::fp32, DType::bf16}) {
+      RunSpec spec = spec_for(0, world, {dt, dt, 2, OffloadKind::none});
+      SCOPED_TRACE("world " + std::to_string(world) + " " + std::string(name_of(dt)));
+      spec.cfg.max_grad_norm = 0.5f;
+      spec.borrow_gradients = true;
+      spec.borrow_parameters = true;
+      const RunResult got = run_training(spec);
+      expect_matches_reference(spec, got);
+      int clipped = 0;
+      for (const auto& s : got.results[0]) clipped += s.grad_norm > spec.cfg.max_grad_norm;
+      EXPECT_GT(clipped, 0) << "no step was clipped: the clip is not exercised";
     }
 }
 
@@ -327,9 +414,10 @@ TEST(BorrowedMemory, RanksThatBorrowDifferentlyFailInitialize) {
 }
 
 // load() rewrites the borrowed parameters: a fresh engine started from other values holds, after
-// loading a checkpoint, the checkpoint's master weights in the trainer's arrays on every rank.
+// loading a checkpoint, the checkpoint's master weights in the trainer's arrays on every rank
+// (at stage 0 the load writes them there directly: the engine has no parameters of its own).
 TEST(BorrowedMemory, LoadWritesTheTrainersParameters) {
-  for (int stage : {1, 2, 3}) {
+  for (int stage : {0, 1, 2, 3}) {
     SCOPED_TRACE("stage " + std::to_string(stage));
     const std::string dir = (std::filesystem::temp_directory_path() /
                              ("shardopt_borrow_load_" + std::to_string(::getpid()) + "_" + std::to_string(stage)))
@@ -385,6 +473,7 @@ TEST(BorrowedMemory, LoadWritesTheTrainersParameters) {
       }
     std::size_t total = 0;
     for (const auto& p : params[0]) total += p.size();
-    EXPECT_EQ(checked, static_cast<int>(total));  // every element owned by exactly one rank
+    // every element owned by exactly one rank (stage 0: by both)
+    EXPECT_EQ(checked, static_cast<int>(total) * (stage == 0 ? 2 : 1));
   }
 }

@@ -87,7 +87,8 @@ TEST(StateStore, Fp32MasterIsTheParameterMemory) {
   // Stand-in parameter memory: where each unit's owned run starts (as the gatherer would give).
   std::vector<float> params(f.ctx->full_elems, 0.0f);
   detail::MasterAlias alias;
-  for (int u = 0; u < 2; ++u) alias.push_back(params.data() + f.ctx->full_offset(u, f.ctx->owned_begin(u)));
+  for (int u = 0; u < 2; ++u)
+    alias.push_back({f.ctx->state_offset(u, f.ctx->owned_begin(u)), params.data() + f.ctx->full_offset(u, f.ctx->owned_begin(u))});
   auto store = detail::make_state_store(*f.ctx, f.plan.buffers, alias);
   const std::size_t n = store->elems();
   const std::vector<float> v = pattern(n, 1.0f);

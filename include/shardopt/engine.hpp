@@ -181,17 +181,19 @@ class Engine {
   //   grads_ready(b) reads the block's borrowed gradients, in order on compute_stream() (on the
   //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3; any
   //     backward order, see "Backward order") or the full gradient (stage 0, and stage 1 when
-  //     some tensor's gradient is not borrowed). At stage 1 with every tensor's gradient borrowed
-  //     grads_ready reads nothing: step() reads the trainer's arrays (below).
+  //     some tensor's gradient is not borrowed). At stages 0-1 with every tensor's gradient
+  //     borrowed grads_ready reads nothing: step() reads the trainer's arrays (below).
   //   The contract of the gradient stays: the trainer ADDS into it. The engine zeroes borrowed
   //   memory at initialize(), after reading it at grads_ready (stages 2-3, where every micro-step
   //   starts from zero), at the end of step() (stages 0-1, which sum micro-steps there), and at
   //   zero_grad(). The trainer writes it only between the end of a step (step() returned, or
   //   after step_async() in order on compute_stream()) and grads_ready(b), like a view.
-  //   With every gradient borrowed at stage 1 nothing is read at grads_ready(b): step() reads the
-  //   trainer's arrays (the sum of the micro-steps) on its side stream, after compute_stream(), and
-  //   zeroes them; the trainer must not write them from step() until step() returned (after
-  //   step_async(): until then in order on compute_stream()).
+  //   With every gradient borrowed at stages 0-1 nothing is read at grads_ready(b): step() reads
+  //   the trainer's arrays (the sum of the micro-steps) on its side stream, after
+  //   compute_stream(), and zeroes them; the trainer must not write them from step() until step()
+  //   returned (after step_async(): until then in order on compute_stream()). Stage 0 also
+  //   computes in them: the all-reduce runs in place there, so between step() and its end they
+  //   hold the averaged gradient, which the trainer must not read either.
   // Memory, per stage:
   //   stages 2-3: no full gradient anywhere but in the trainer's memory (the engine's buckets and
   //     shard as before; a bucket copy per block at grads_ready).
@@ -203,12 +205,16 @@ class Engine {
   //     shard already exists when the reduce dtype differs, or is absent under optimizer offload,
   //     where each unit is reduced in the staging buffer and sent down). Every rank must borrow
   //     every tensor's gradient for this (checked at initialize()).
-  //   stage 1 with some tensor not borrowed, and stage 0: the engine keeps its full gradient
-  //     buffer, a copy of the borrowed tensors per micro-step. Stage 0 keeps it because its update
-  //     reads the all-reduced gradient of the whole model at once, flat, after the global norm
-  //     (clipping, overflow skip) has been measured over every element of it: the reduced values
-  //     of all units must exist together somewhere, and the engine never computes in (or leaves
-  //     reduced values in) the trainer's memory. Shard the gradient (stage 1) to drop it.
+  //   stage 0 with every tensor's gradient borrowed: no full gradient of the engine's own. Each
+  //     tensor is all-reduced in place in the trainer's array (one all-reduce per tensor instead
+  //     of one per unit: more, smaller collectives), the norm is measured and the update reads it
+  //     there. With a reduce dtype other than the compute dtype the engine still keeps the
+  //     all-reduced copy in the reduce dtype (each tensor cast into it): the update reads the
+  //     whole reduced gradient at once, after the global norm. Under optimizer offload each unit
+  //     goes through one staging unit, all-reduced there and sent down. Every rank must borrow
+  //     every tensor's gradient for this (checked at initialize()).
+  //   stages 0-1 with some tensor not borrowed: the engine keeps its full gradient buffer, a copy
+  //     of the borrowed tensors per micro-step.
   // memory_report().borrowed counts the borrowed bytes, apart from what the engine owns. Every rank must borrow the same tensors' gradients and parameters (it
   // decides which collectives run when): initialize() checks it with the configuration and fails
   // every rank with Error(communication) otherwise. Throws Error(invalid_argument) for an unknown
@@ -226,11 +232,16 @@ class Engine {
   // acquire(b) returns `params` for the tensor (the same address for the engine's life); a block
   // whose every tensor is borrowed is not gathered at acquire (stage 3 included) and takes no
   // slot, so such blocks may also be read without acquire(), between steps.
-  // What it costs and saves, per stage (the engine writes the trainer's memory by a copy; it
-  // never computes in it):
-  //   stage 0, or some tensor not borrowed at stages 1-2: the engine still holds its own full
-  //     compute-dtype parameters (the update writes them; stages 1-2 all-gather them in place);
-  //     every step copies the borrowed tensors out of them (no communication beyond the stage's).
+  // What it costs and saves, per stage:
+  //   stage 0 with every tensor's parameters borrowed: the engine keeps no compute-dtype
+  //     parameters of its own: the update (or, under offload, the upload of each updated cell)
+  //     writes the trainer's arrays directly. With fp32 compute and the state on the device the
+  //     trainer's arrays are the master weights themselves (the engine's state is then only the
+  //     optimizer moments): the trainer must not write them, or it changes the master weights.
+  //     Every rank must borrow every tensor.
+  //   some tensor not borrowed at stages 0-2: the engine still holds its own full compute-dtype
+  //     parameters (the update writes them; stages 1-2 all-gather them in place); every step
+  //     copies the borrowed tensors out of them (no communication beyond the stage's).
   //   stages 1-2 with every tensor's parameters borrowed: the engine keeps no full parameters:
   //     the update writes this rank's slices into a parameter shard (1/N), and each unit is
   //     all-gathered into one unit-sized slot and copied out (the stage's all-gather, through one
@@ -241,9 +252,10 @@ class Engine {
   //     layer-by-layer stage-3 forward would do, once per step instead of once per acquire. The
   //     trainer thereby keeps full parameters itself, which is what stage 3 exists to avoid: use
   //     it when the trainer's compute needs its own full arrays anyway.
-  // So at stages 1-3, with both parameters and gradients borrowed, the engine holds no
-  // unsharded copy of either (buckets and slots of one unit each aside); the trainer's own arrays
-  // are its only full copies. Holding a block across step() is allowed for fully borrowed blocks
+  // So at every stage, with both parameters and gradients borrowed, the engine holds no
+  // unsharded copy of either (buckets, slots and staging of one unit each aside; stage 0's
+  // all-reduced copy when the reduce dtype differs); the trainer's own arrays are its only full
+  // copies, and stage 0 adds only the master weights and optimizer state to them. Holding a block across step() is allowed for fully borrowed blocks
   // at every stage (their memory is the trainer's, rewritten when the step ends).
   // memory_report().borrowed counts these bytes too. Errors as borrow_gradients.
   void borrow_parameters(int tensor, void* params);

@@ -153,16 +153,16 @@ SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine
  * gradients() then returns `grads` for the tensor (a block whose every tensor is borrowed takes no
  * bucket, so a single-pass backward may write every block's gradient before any grads_ready with
  * the default buckets), and grads_ready(block) reads it (stages 2-3: into the unit's bucket,
- * reduce-scattered as usual, in any block order; stage 0, and stage 1 with some tensor not
- * borrowed: into the full gradient). The caller ADDS its gradient there; the engine zeroes
- * borrowed memory at initialize, after reading it at grads_ready (stages 2-3), at the end of step
- * (stages 0-1) and at zero_grad. Write it only between the end of a step and grads_ready(block)
- * (stage 1 with every tensor borrowed: and step, which reads it then). Memory: at stages 2-3 the
- * only full gradient is the caller's; at stage 1 with every tensor's gradient borrowed (on every
- * rank) too: step copies it unit by unit into one unit-sized buffer to reduce-scatter it; stage 0
- * (and stage 1 with some tensor not borrowed) still keeps the engine's own full gradient, one copy
- * per micro-step (stage 0's update needs the whole all-reduced gradient at once, after the global
- * norm). Details: engine.hpp, Engine::borrow_gradients. */
+ * reduce-scattered as usual, in any block order; stages 0-1 with some tensor not borrowed: into
+ * the full gradient). The caller ADDS its gradient there; the engine zeroes borrowed memory at
+ * initialize, after reading it at grads_ready (stages 2-3), at the end of step (stages 0-1) and at
+ * zero_grad. Write it only between the end of a step and grads_ready(block) (stages 0-1 with every
+ * tensor borrowed: and step, which reads it then). Memory: at stages 2-3 the only full gradient is
+ * the caller's; at stages 0-1 with every tensor's gradient borrowed (on every rank) too: stage 1
+ * copies it unit by unit into one unit-sized buffer to reduce-scatter it; stage 0 all-reduces each
+ * tensor in place in the caller's memory and updates from there (so after grads_ready the memory
+ * holds engine values until step returns). Stages 0-1 with some tensor not borrowed keep the
+ * engine's own full gradient. Details: engine.hpp, Engine::borrow_gradients. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* engine, int tensor, void* grads);
 /* The same for a tensor-major array (every layer's tensor of one kind stored one after another,
  * [L, ...]): tensor `tensor_in_block` of blocks first_block .. first_block+nblocks-1 gets the
@@ -176,11 +176,13 @@ SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients_strided(shardopt
  * life; NULL undoes it). The engine writes the current values there at the end of initialize, of
  * every applied step and of load (before step returns on the CPU backend); the caller only reads
  * them. acquire returns `params`; a block whose every tensor is borrowed is never gathered at
- * acquire (stage 3 included). Written by a copy, never computed in: stage 0 (and stages 1-2 when
- * some tensor is not borrowed) keeps the engine's own full parameters too; stages 1-2 with every
- * tensor borrowed keep only a shard and one unit-sized slot to gather through (every rank must
- * borrow every tensor then); stage 3 gathers each borrowed unit once per step to write it out.
- * Details: engine.hpp, Engine::borrow_parameters. */
+ * acquire (stage 3 included). Stage 0 with every tensor borrowed keeps no parameters of its own:
+ * the update writes the caller's memory directly (with fp32 compute on the device it is the
+ * master weights itself: do not write it).
+ * Stages 1-2 with every tensor borrowed keep only a shard and one unit-sized slot to gather through
+ * (every rank must borrow every tensor then); stages 0-2 with some tensor not borrowed keep the
+ * engine's own full parameters too and copy them out; stage 3 gathers each borrowed unit once per
+ * step to write it out. Details: engine.hpp, Engine::borrow_parameters. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters(shardopt_engine* engine, int tensor, void* params);
 /* As shardopt_engine_borrow_gradients_strided, for parameters. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters_strided(shardopt_engine* engine, int first_block,

@@ -20,6 +20,34 @@ inline bool block_fully_borrowed(const Layout& layout, const std::vector<void*>&
   return true;
 }
 
+// The tensors of unit u, in order (a unit's blocks, hence its tensors, are consecutive).
+struct TensorRange {
+  int first = 0, last = 0;
+  struct It {
+    int t;
+    int operator*() const { return t; }
+    It& operator++() { ++t; return *this; }
+    bool operator!=(const It& o) const { return t != o.t; }
+  };
+  It begin() const { return {first}; }
+  It end() const { return {last}; }
+};
+inline TensorRange tensors_of_unit(const Layout& layout, int u) {
+  const auto& info = layout.units()[u];
+  const auto& first = layout.blocks()[info.first_block];
+  const auto& last = layout.blocks()[info.first_block + info.block_count - 1];
+  return {first.first_tensor, last.first_tensor + last.tensor_count};
+}
+
+// The tensor of unit u that holds unit element e (which must lie in one, not in an alignment gap).
+inline int tensor_at(const Layout& layout, int u, std::size_t e) {
+  for (int t : tensors_of_unit(layout, u)) {
+    const auto& ti = layout.tensors()[t];
+    if (e >= ti.unit_offset && e < ti.unit_offset + ti.numel) return t;
+  }
+  return -1;
+}
+
 // The bytes of the borrowed tensors, `dtype` per element.
 inline std::size_t borrowed_bytes_of(const Layout& layout, const std::vector<void*>& borrowed, DType dtype) {
   std::size_t n = 0;

@@ -6,6 +6,7 @@
 
 #include "checkpoint/format.hpp"
 #include "engine/agreement.hpp"
+#include "engine/borrowed.hpp"
 #include "engine/engine_impl.hpp"
 #include "offload/nvme_store.hpp"
 #include "shardopt/error.hpp"
@@ -64,8 +65,15 @@ void Engine::Impl::initialize(const InitFn& init) {
       gatherer->set_borrowed(std::move(params));
     }
     detail::MasterAlias alias;
-    for (int u = 0; u < static_cast<int>(ctx.layout.units().size()); ++u)
-      alias.push_back(static_cast<float*>(gatherer->param_at(u, ctx.owned_begin(u))));
+    for (int u = 0; u < static_cast<int>(ctx.layout.units().size()) && ctx.placement.master_is_params; ++u) {
+      if (!ctx.placement.params_in_trainer) {
+        alias.push_back({ctx.state_offset(u, ctx.owned_begin(u)), static_cast<float*>(gatherer->param_at(u, ctx.owned_begin(u)))});
+        continue;
+      }
+      for (int t : detail::tensors_of_unit(ctx.layout, u))  // the trainer's arrays are the master weights
+        if (ctx.layout.tensors()[t].numel)
+          alias.push_back({ctx.state_offset(u, ctx.layout.tensors()[t].unit_offset), static_cast<float*>(gatherer->borrowed(t))});
+    }
     store_ = detail::make_state_store(ctx, plan.buffers, std::move(alias));
     reducer = std::make_unique<detail::GradReducer>(ctx, plan.buffers, *store_);
     if (!borrowed_grads.empty()) {

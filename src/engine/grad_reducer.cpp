@@ -339,7 +339,8 @@ void GradReducer::reduce_units_to_host() {
   }
 }
 
-// Stage 1 with every gradient borrowed: unit by unit, the trainer's tensors into the staging unit
+// Stage 1 with every gradient borrowed (and stage 0 under offload, which all-reduces instead):
+// unit by unit, the trainer's tensors into the staging unit
 // (zeroed first: another unit's tensors may have left values where this one has alignment gaps),
 // then the reduction the full gradient would have had: cast into the reduce buffer if the reduce
 // dtype differs, reduce-scatter into the gradient shard. Under offload the reduction runs in place
@@ -370,7 +371,10 @@ void GradReducer::reduce_borrowed_units() {
       ctx_.comm.reduce_scatter(red, at(grad_shard_, info.shard_offset, r), info.slice_elems, r, ReduceOp::avg, side);
       continue;
     }
-    ctx_.comm.reduce_scatter(red, red + ctx_.slice_begin(u) * size_of(r), info.slice_elems, r, ReduceOp::avg, side);
+    if (ctx_.placement.grads == GradFlow::all_reduce)  // stage 0: every rank updates the whole unit
+      ctx_.comm.all_reduce(red, red, info.padded_elems, r, ReduceOp::avg, side);
+    else
+      ctx_.comm.reduce_scatter(red, red + ctx_.slice_begin(u) * size_of(r), info.slice_elems, r, ReduceOp::avg, side);
     measure(u, red, r);
     be.record(*reduced_, side);
     const std::size_t lo = ctx_.owned_begin(u);
@@ -379,11 +383,36 @@ void GradReducer::reduce_borrowed_units() {
   }
 }
 
+// Stage 0 with every gradient borrowed, no offload: the all-reduce of the full-gradient path,
+// tensor by tensor in the trainer's arrays (the reduce dtype matches), or tensor by tensor cast
+// into the all-reduced copy (whose alignment gaps stay zero) and all-reduced there unit by unit.
+// Each element is averaged over the same ranks' values either way. The update then reads the
+// trainer's arrays (reduced_at); finish_step zeroes them for the next step's micro-steps.
+void GradReducer::reduce_borrowed_in_place() {
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  Stream& side = *ctx_.side;
+  const Layout& L = ctx_.layout;
+  for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
+    const auto& info = L.units()[u];
+    for (int t : tensors_of_unit(L, u)) {
+      const auto& ti = L.tensors()[t];
+      if (!ti.numel) continue;
+      if (r == c) ctx_.comm.all_reduce(borrowed_[t], borrowed_[t], ti.numel, c, ReduceOp::avg, side);
+      else ctx_.be.cast(borrowed_[t], c, at(grads_reduced_, ctx_.full_offset(u, ti.unit_offset), r), r, ti.numel, side);
+    }
+    if (r != c) {
+      void* red = at(grads_reduced_, ctx_.unit_base[u], r);
+      ctx_.comm.all_reduce(red, red, info.padded_elems, r, ReduceOp::avg, side);
+    }
+  }
+}
+
 void GradReducer::reduce_at_step() {
   const Placement& pl = ctx_.placement;
   if (pl.grads == GradFlow::bucketed) return;  // reduced as the units became ready
   if (pl.grads_borrowed) {
-    reduce_borrowed_units();
+    if (pl.grads == GradFlow::all_reduce && !pl.grads_to_host) reduce_borrowed_in_place();
+    else reduce_borrowed_units();
     return;
   }
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
@@ -425,6 +454,10 @@ std::pair<void*, DType> GradReducer::reduced_at(int u, std::size_t e) const {
   const GradFlow flow = ctx_.placement.grads;
   if (ctx_.placement.grads_to_host && (flow == GradFlow::bucketed || r != c || ctx_.placement.grads_borrowed))
     return {nullptr, flow == GradFlow::bucketed ? ctx_.placement.shard_grad_dtype : r};
+  if (ctx_.placement.grads_in_trainer) {  // e lies in a tensor: the ranges follow the tensors
+    const int t = tensor_at(ctx_.layout, u, e);
+    return {static_cast<std::byte*>(borrowed_[t]) + (e - ctx_.layout.tensors()[t].unit_offset) * size_of(c), c};
+  }
   if (flow == GradFlow::all_reduce)
     return r == c ? std::pair<void*, DType>{at(grads_full_, ctx_.full_offset(u, e), c), c}
                   : std::pair<void*, DType>{at(grads_reduced_, ctx_.full_offset(u, e), r), r};

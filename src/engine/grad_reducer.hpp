@@ -8,9 +8,11 @@
 //                   last block reports ready the bucket is reduce-scattered into the gradient
 //                   shard (summed over micro-steps in fp32) on side while backward goes on.
 //                   grads_direct: one rank, nothing to reduce: backward adds straight into the shard.
-//   grads_borrowed  (stage 1, every gradient in the trainer's memory) no full gradient of its own:
-//                   at step(), each unit is copied from the trainer's arrays into one staging unit
-//                   and reduce-scattered from there (reduce_borrowed_units).
+//   grads_borrowed  (stages 0-1, every gradient in the trainer's memory) no full gradient of its
+//                   own: at step(), stage 1 copies each unit from the trainer's arrays into one
+//                   staging unit and reduce-scatters it from there (reduce_borrowed_units); stage 0
+//                   all-reduces each tensor in place in the trainer's array, where the update reads
+//                   it (reduce_borrowed_in_place; under offload the staging unit, all-reduced).
 // Any backward order (bucketed): when a unit opens and every bucket is taken, the least recently
 // opened unit none of whose blocks holds a gradient view (gradients() without grads_ready) is
 // flushed: its bucket is reduce-scattered in place, and only the elements of the blocks reported
@@ -107,6 +109,7 @@ class GradReducer {
   void reduce_bucket_to_host(int u);
   void reduce_units_to_host();
   void reduce_borrowed_units();
+  void reduce_borrowed_in_place();
   // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
   void measure(int u, const void* unit, DType t);
   void zero_accumulators();

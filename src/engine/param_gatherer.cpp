@@ -141,6 +141,10 @@ void ParamGatherer::gather_unit(int u, void* dst) {
 }
 
 void* ParamGatherer::param_at(int u, std::size_t e) const {
+  if (ctx_.placement.params_in_trainer) {  // e lies in a tensor: the ranges follow the tensors
+    const int t = tensor_at(ctx_.layout, u, e);
+    return static_cast<std::byte*>(borrowed_[t]) + (e - ctx_.layout.tensors()[t].unit_offset) * size_of(ctx_.compute_dtype);
+  }
   if (!ctx_.placement.params_sharded) return at(params_full_, ctx_.full_offset(u, e), ctx_.compute_dtype);
   return at(param_shard_, ctx_.shard_offset(u, e), ctx_.compute_dtype);
 }
@@ -158,7 +162,8 @@ void ParamGatherer::gather_updated() {
     for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u)
       if (persistent_[u]) gather_unit(static_cast<int>(u), persistent_[u].data());
   }
-  if (!borrowed_.empty()) write_borrowed();
+  // (params_in_trainer: the update wrote the trainer's arrays itself)
+  if (!borrowed_.empty() && !ctx_.placement.params_in_trainer) write_borrowed();
 }
 
 void ParamGatherer::drop_gathered() { table_.forget_units(); }

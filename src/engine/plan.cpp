@@ -77,11 +77,13 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   for (const auto& info : L.units()) pl.grads_direct = pl.grads_direct && info.slice_elems == info.padded_elems;
   pl.state_sharded = stage >= 1;
   pl.state_tier = nvme ? Tier::nvme : off ? Tier::pinned_host : Tier::device;
+  pl.params_in_trainer = params_borrowed && stage == 0;
   pl.master_is_params = !off && c == DType::fp32;
   pl.gather_after_update = (stage == 1 || stage == 2) && !borrowed_shard;
   pl.norm_across_ranks = pl.state_sharded && world > 1;
   pl.grads_to_host = off;
-  pl.grads_borrowed = grads_borrowed && stage == 1;
+  pl.grads_borrowed = grads_borrowed && (stage == 0 || stage == 1);
+  pl.grads_in_trainer = pl.grads_borrowed && stage == 0 && !off && r == c;
   std::size_t P = 0, U = L.max_unit_elems(), max_slice = 0;
   for (const auto& u : L.units()) {
     P += u.padded_elems;
@@ -94,12 +96,14 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     p.buffers.push_back(BufferSpec{kind, index, elems, t, cat, place, std::move(name)});
   };
 
-  if (!pl.params_sharded) add(Buf::params_full, 0, P, c, Category::parameters, "full parameters");
+  if (pl.params_in_trainer) {
+    // (the trainer's arrays are the parameters: nothing of the engine's own)
+  } else if (!pl.params_sharded) add(Buf::params_full, 0, P, c, Category::parameters, "full parameters");
   else if (cfg.offload_params) add(Buf::param_shard, 0, S, c, Category::parameters, "parameter shard (offloaded)", Place::pinned_host);
   else add(Buf::param_shard, 0, S, c, Category::parameters, "parameter shard");
   const int nst = state_count(cfg.optimizer);
   if (!off) {
-    if (c != DType::fp32) add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights");
+    if (!pl.master_is_params) add(Buf::master, 0, n_state, DType::fp32, Category::master_weights, "master weights");
     for (int i = 0; i < nst; ++i) {
       const std::string name = "optimizer state " + std::to_string(i);
       switch (cfg.state_precision) {
@@ -191,9 +195,12 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
         add(Buf::param_ring, i, o.chunk_elems, c, Category::offload_staging, "parameter upload ring " + std::to_string(i),
             Place::pinned_host);
   }
-  if (pl.grads_borrowed)
-    add(Buf::grad_staging_unit, 0, U, c, Category::gradients, "gradient staging (1 unit)");
-  else if (pl.grads != GradFlow::bucketed)
+  // (Stage 0 borrowed: none, or one unit under offload, where each unit is reduced there and sent
+  // down.)
+  if (pl.grads_borrowed) {
+    if (pl.grads == GradFlow::reduce_scatter || pl.grads_to_host)
+      add(Buf::grad_staging_unit, 0, U, c, Category::gradients, "gradient staging (1 unit)");
+  } else if (pl.grads != GradFlow::bucketed)
     add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
   // Under offload (grads_to_host) the reduced gradient has no device copy beyond one unit: the
   // reduce buffer (reduce dtype != compute dtype) or the bucket itself, reduced in place.

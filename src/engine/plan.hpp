@@ -116,7 +116,8 @@ struct Placement {
   DType shard_grad_dtype = DType::fp32;  // the reduced gradient shard (fp32 when bucketed micro-steps accumulate)
   bool state_sharded = false;  // master and moments cover this rank's shard (else every element)
   Tier state_tier = Tier::device;
-  // The fp32 parameters are the master weights (fp32 compute, state on the device): no copy.
+  // The fp32 parameters (the engine's, or the trainer's with params_in_trainer) are the master
+  // weights (fp32 compute, state on the device): no copy.
   bool master_is_params = false;
   // After the update, the full parameters are re-assembled from every rank's updated slice.
   bool gather_after_update = false;
@@ -130,13 +131,28 @@ struct Placement {
   // micro-steps accumulate into). Stages 0-1 with reduce dtype == compute dtype still reduce in
   // place in the full gradients, which the trainer needs anyway.
   bool grads_to_host = false;
-  // Stage 1 with every tensor's gradient borrowed (Engine::borrow_gradients): the trainer's arrays
-  // are the full gradient (micro-steps summed there), so the engine keeps no full gradient buffer.
-  // At step(), unit by unit, the unit's borrowed tensors are copied into one unit-sized staging
-  // buffer (its alignment gaps zero) and reduce-scattered from there into the gradient shard (or,
-  // under offload, reduced in place there and sent down before the next unit reuses it): the
-  // values, and the one reduction per step, of the full-gradient path.
+  // Stages 0-1 with every tensor's gradient borrowed (Engine::borrow_gradients): the trainer's
+  // arrays are the full gradient (micro-steps summed there), so the engine keeps no full gradient
+  // buffer. Stage 1: at step(), unit by unit, the unit's borrowed tensors are copied into one
+  // unit-sized staging buffer (its alignment gaps zero) and reduce-scattered from there into the
+  // gradient shard (or, under offload, reduced in place there and sent down before the next unit
+  // reuses it): the values, and the one reduction per step, of the full-gradient path. Stage 0:
+  // each tensor is all-reduced in place in the trainer's array, and the update reads it there
+  // (grads_in_trainer); with a reduce dtype each tensor is cast into the all-reduced copy instead,
+  // and under offload the staging unit serves as at stage 1.
   bool grads_borrowed = false;
+  // Stage 0, grads_borrowed, no offload, reduce dtype == compute dtype: the update ranges follow
+  // the tensors and read the all-reduced gradient in the trainer's arrays.
+  bool grads_in_trainer = false;
+  // Stage 0 with every tensor's parameters borrowed (Engine::borrow_parameters): no full
+  // parameters of the engine's own; the update (or the offload engine's upload) writes the
+  // compute-dtype parameters straight into the trainer's arrays, and the update ranges follow the
+  // tensors. With master_is_params (fp32 compute, state on the device) the trainer's arrays are
+  // then the master weights themselves.
+  bool params_in_trainer = false;
+  // The update ranges are cut at every tensor and skip the alignment gaps between tensors (whose
+  // elements are zero everywhere and stay zero): they address the trainer's per-tensor memory.
+  bool ranges_follow_tensors() const noexcept { return grads_in_trainer || params_in_trainer; }
 };
 
 struct EnginePlan {
@@ -173,10 +189,10 @@ LayoutOptions layout_options(const Config& config, int world_size);
 // At stages 1-2 the engine then keeps no full parameters of its own: the update writes this
 // rank's slices into a parameter shard, and each unit is gathered into one slot and copied out
 // into the trainer's memory (stage 3's buffers: params_sharded, one slot, no persistent units).
+// At stage 0 the update writes the trainer's arrays instead (Placement::params_in_trainer).
 // grads_borrowed: every tensor with elements has borrowed gradients (Engine::borrow_gradients).
-// At stage 1 the engine then keeps no full gradient buffer (Placement::grads_borrowed); at the
-// other stages it changes nothing (stages 2-3 bucket anyway; stage 0 keeps its full gradient, see
-// Engine::borrow_gradients).
+// At stages 0-1 the engine then keeps no full gradient buffer (Placement::grads_borrowed); at
+// stages 2-3 it changes nothing (they bucket anyway).
 EnginePlan plan_engine(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
                        bool params_borrowed = false, bool grads_borrowed = false);
 

@@ -164,10 +164,12 @@ void encode_words(StatePrecision p, int i, const float* in, std::size_t B, std::
 // Device and pinned-host tiers: the fields are backend memory, copied on the side stream.
 class MemoryStateStore final : public StateStore {
  public:
-  MemoryStateStore(EngineContext& ctx, MasterAlias alias) : StateStore(ctx), alias_(std::move(alias)) {
-    // Field 0 through the parameters: each unit's owned run starts at this state offset.
-    for (std::size_t u = 0; u < alias_.size(); ++u)
-      alias_begin_.push_back(ctx.state_offset(static_cast<int>(u), ctx.owned_begin(static_cast<int>(u))));
+  MemoryStateStore(EngineContext& ctx, MasterAlias alias) : StateStore(ctx) {
+    // Field 0 through the parameters: run i starts at state offset alias_begin_[i].
+    for (const MasterRun& r : alias) {
+      alias_begin_.push_back(r.state_begin);
+      alias_.push_back(r.params);
+    }
   }
   void adopt(const BufferSpec& spec, Buffer b) {
     switch (spec.kind) {
@@ -192,11 +194,11 @@ class MemoryStateStore final : public StateStore {
     if (field > 0 && precision() != StatePrecision::fp32) return nullptr;
     if (field > 0) return states_[field - 1].as<float>() + offset;
     if (alias_.empty()) return master_.as<float>() + offset;
-    // The unit whose owned run holds `offset`: the last one starting at or before it (a unit this
-    // rank owns nothing of starts where the next one does, so taking the last skips it).
+    // The run holding `offset`: the last one starting at or before it (a unit this rank owns
+    // nothing of starts where the next one does, so taking the last skips it).
     const auto it = std::upper_bound(alias_begin_.begin(), alias_begin_.end(), offset);
-    const std::size_t u = static_cast<std::size_t>(it - alias_begin_.begin()) - 1;
-    return alias_[u] + (offset - alias_begin_[u]);
+    const std::size_t i = static_cast<std::size_t>(it - alias_begin_.begin()) - 1;
+    return alias_[i] + (offset - alias_begin_[i]);
   }
   void release() override {
     StateStore::release();
@@ -243,7 +245,7 @@ class MemoryStateStore final : public StateStore {
     ctx_.be.synchronize(*ctx_.side);
   }
   // f(address, done, count) for each contiguous run of [offset, offset + n): the whole range,
-  // except where field 0 is the parameters, whose units are not adjacent in memory.
+  // except where field 0 is the parameters, whose units (or tensors) are not adjacent in memory.
   template <class F>
   void for_each_run(int field, std::size_t offset, std::size_t n, F&& f) const {
     if (field > 0 || alias_.empty()) {
@@ -262,7 +264,7 @@ class MemoryStateStore final : public StateStore {
   float* offload_field(int field) const override { return address(field, 0); }
 
   Buffer master_, states_[2], scales_[2];
-  MasterAlias alias_;
+  std::vector<float*> alias_;
   std::vector<std::size_t> alias_begin_;
 };
 

@@ -87,9 +87,16 @@ class StateStore {
   std::unique_ptr<offload::OffloadEngine> offload_;
 };
 
-// Field 0 when the fp32 parameters are the master weights: where each unit's owned elements
-// start in the parameter buffers, indexed by unit.
-using MasterAlias = std::vector<float*>;
+// Field 0 when the fp32 parameters are the master weights: runs of state offsets and where each
+// starts in the parameters, in ascending order of state offset. A run lasts until the next one
+// starts: one per unit (its owned elements in the engine's parameter buffers), or one per tensor
+// when the parameters are the trainer's arrays (Placement::params_in_trainer; offsets in the
+// alignment gap after a tensor then have no address, and no caller asks for them).
+struct MasterRun {
+  std::size_t state_begin = 0;
+  float* params = nullptr;
+};
+using MasterAlias = std::vector<MasterRun>;
 
 // Allocates the store the placement names (its planned buffers, zero-filled, on side).
 std::unique_ptr<StateStore> make_state_store(EngineContext& ctx, const std::vector<BufferSpec>& specs,

@@ -74,6 +74,19 @@ void StepRunner::plan_ranges() {
       ranges_.push_back(rg);
       start = end;
     };
+    if (ctx_.placement.ranges_follow_tensors()) {
+      // The trainer's memory holds each tensor on its own: a range per tensor, none over the
+      // alignment gaps between them (zero in every buffer, and left zero by every rule).
+      for (int t = first; t < last; ++t) {
+        const std::size_t b = std::max(tensors[t].unit_offset, lo), e = std::min(tensors[t].unit_offset + tensors[t].numel, hi);
+        if (b >= e) continue;
+        group = tensors[t].group;
+        tensor = t;
+        start = b;
+        emit(e);
+      }
+      continue;
+    }
     for (int t = first; t < last; ++t) {
       const std::size_t off = tensors[t].unit_offset;
       if (off > lo && off < hi && (tensors[t].group != group || per_tensor)) {
