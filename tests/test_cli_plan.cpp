@@ -415,4 +415,265 @@ TEST(CliEstimateBorrowed, OwnedMatchesThePlanAndLentIsPrintedApart) {
   }
 }
 
+// ---- plan --borrowed: the trainer keeps its own arrays on the GPU and lends them -------------
+
+// The engine's device bytes for one of plan's rows (its stage, offload and state precision) and
+// what the trainer lends, both from plan_memory called here on `base` with that row's settings.
+struct RowPlan {
+  std::uint64_t engine = 0, lent = 0, host = 0;
+};
+RowPlan plan_row(const shardopt::Config& base, const std::vector<shardopt::BlockSpec>& blocks, int world, int stage,
+                 const std::string& offload, bool offload_params, const std::string& precision,
+                 const shardopt::Borrowing* borrowing) {
+  using namespace shardopt;
+  shardopt::Config c = base;  // (Config alone is this file's list of plan's configurations)
+  c.stage = stage;
+  c.offload_optimizer = offload == "none" ? OffloadKind::none : offload == "host" ? OffloadKind::host : OffloadKind::nvme;
+  if (c.offload_optimizer == OffloadKind::nvme) c.nvme_dir = "/nonexistent";  // planning does not touch it
+  c.offload_params = offload_params;
+  EXPECT_TRUE(parse_state_precision(precision, c.state_precision)) << precision;
+  const MemoryPlan p = borrowing ? plan_memory(c, blocks, world, *borrowing) : plan_memory(c, blocks, world);
+  const MemoryReport r = p.report();
+  RowPlan out;
+  out.engine = r.peak_total[int(Place::device)];
+  out.lent = p.borrowed[int(Place::device)];
+  out.host = r.peak_total[int(Place::pinned_host)] + r.peak_total[int(Place::host)];
+  return out;
+}
+RowPlan plan_row(const shardopt::Config& base, const std::vector<shardopt::BlockSpec>& blocks, int world,
+                 const json& row, const shardopt::Borrowing* borrowing) {
+  return plan_row(base, blocks, world, row["stage"].get<int>(), row["offload"].get<std::string>(),
+                  row["offload_params"].get<bool>(), row["state_precision"].get<std::string>(), borrowing);
+}
+
+// Every row plan printed against plan_memory here: the engine's bytes are its borrowed plan's, the
+// lent bytes are the model's full arrays (`lent`, counted by the caller from the parameter count),
+// and the need per GPU adds them, the activations and the context; the choice is the first row
+// whose need fits `usable` (no host or NVMe limit given, so the GPU decides).
+void expect_borrowed_rows(const json& j, const shardopt::Config& cfg, const std::vector<shardopt::BlockSpec>& blocks,
+                          int world, const shardopt::Borrowing& b, std::uint64_t lent, std::uint64_t act,
+                          std::uint64_t context, double usable) {
+  ASSERT_TRUE(j.contains("borrowed")) << j.dump();
+  EXPECT_EQ(j["borrowed"]["params"].get<bool>(), b.params);
+  EXPECT_EQ(j["borrowed"]["grads"].get<bool>(), b.grads);
+  EXPECT_EQ(j["borrowed"]["device_bytes"].get<std::uint64_t>(), lent);
+  int first_fit = -1;
+  int i = 0;
+  for (const json& row : j["stages"]) {
+    SCOPED_TRACE(row.dump());
+    const RowPlan p = plan_row(cfg, blocks, world, row, &b);
+    EXPECT_EQ(p.lent, lent);
+    EXPECT_EQ(row["device_bytes"].get<std::uint64_t>(), p.engine);
+    EXPECT_EQ(row["lent_bytes"].get<std::uint64_t>(), lent);
+    const std::uint64_t need = p.engine + lent + act + context;
+    EXPECT_EQ(row["need_per_gpu"].get<std::uint64_t>(), need);
+    EXPECT_EQ(row["fits"].get<bool>(), double(need) <= usable);
+    if (first_fit < 0 && double(need) <= usable) first_fit = i;
+    ++i;
+  }
+  EXPECT_EQ(j["fits"].get<bool>(), first_fit >= 0);
+  if (first_fit < 0) return;
+  const json& want = j["stages"][std::size_t(first_fit)];
+  const json& c = j["choice"];
+  EXPECT_EQ(c["stage"], want["stage"]);
+  EXPECT_EQ(c["offload"], want["offload"]);
+  EXPECT_EQ(c["offload_params"], want["offload_params"]);
+  EXPECT_EQ(c["state_precision"], want["state_precision"]);
+  EXPECT_EQ(c["need_per_gpu"], want["need_per_gpu"]);
+  EXPECT_EQ(c["lent_bytes"].get<std::uint64_t>(), lent);
+}
+
+// The example MLP (its activations counted here from its shape, the CUDA context the stated
+// default): with both arrays lent, each row's need is the borrowed plan's device total plus
+// 2 x 2 bytes per parameter (bf16) plus the activations and the context; with the parameters
+// alone, 2 bytes per parameter. A roomy GPU (stage 0 chosen) and one just too small for any stage
+// without offload (offload rows considered) are both checked.
+TEST(CliPlanBorrowed, EveryRowCountsTheBorrowedPlanTheLentArraysActivationsAndContext) {
+  using namespace shardopt;
+  const std::uint64_t L = 3, h = 64, B = 4;
+  const int gpus = 3;
+  cli::ModelArgs m;
+  m.layers = int(L);
+  m.hidden = int(h);
+  m.batch = int(B);
+  m.dtype = "bf16";
+  const cli::Model model = cli::build_model(m);
+  const shardopt::Config cfg = cli::build_config(m, model);
+  const std::uint64_t params = L * (8 * h * h + 5 * h);  // W1 [4h,h], b1 [4h], W2 [h,4h], b2 [h] per block
+  ASSERT_EQ(model.params, params);
+  const std::uint64_t act = mlp_expected(L, B, h, /*widened=*/true);
+  const std::uint64_t context = 512u << 20;
+  for (const std::string which : {"params,grads", "params"}) {
+    SCOPED_TRACE("--borrowed " + which);
+    Borrowing b;
+    b.params = true;
+    b.grads = which == "params,grads";
+    const std::uint64_t lent = (b.grads ? 2 : 1) * params * 2;
+    // One byte less than the smallest need of the four fp32-state rows without offload (of a model
+    // this small, not stage 3's: its gathered units outweigh the shards): offload is tried.
+    std::uint64_t smallest = UINT64_MAX;
+    for (int s = 0; s <= 3; ++s) {
+      const RowPlan p = plan_row(cfg, model.blocks, gpus, s, "none", false, "fp32", &b);
+      smallest = std::min(smallest, p.engine + p.lent + act + context);
+    }
+    const std::uint64_t tight = smallest - 1;
+    for (const std::uint64_t gpu_mem : {std::uint64_t(80) * GiB, tight}) {
+      SCOPED_TRACE("--gpu-mem " + std::to_string(gpu_mem));
+      const std::vector<std::string> args = {"plan", "--layers", std::to_string(L), "--hidden", std::to_string(h),
+                                             "--batch", std::to_string(B), "--gpus", std::to_string(gpus),
+                                             "--gpu-mem", std::to_string(gpu_mem), "--headroom", "0",
+                                             "--borrowed", which, "--json"};
+      const Result r = run(args);
+      ASSERT_TRUE(r.rc == 0 || r.rc == 3) << r.err;
+      const json j = last_json_line(r.out);
+      EXPECT_EQ(j["activation_bytes_per_gpu"].get<std::uint64_t>(), act);
+      EXPECT_EQ(j["cuda_context_bytes"].get<std::uint64_t>(), context);
+      expect_borrowed_rows(j, cfg, model.blocks, gpus, b, lent, act, context, double(gpu_mem));
+      EXPECT_EQ(r.rc, j["fits"].get<bool>() ? 0 : 3);
+      if (gpu_mem == tight) {
+        EXPECT_TRUE(j["offload_considered"].get<bool>()) << j.dump();
+      } else {
+        EXPECT_EQ(j["choice"]["stage"].get<int>(), 0) << j.dump();
+      }
+    }
+  }
+}
+
+// A GPU on which the plain plan picks a stage but the trainer's arrays leave no room for it: the
+// budget is the plain plan's need at some stage k (from plan_memory here, with no headroom), picked
+// so that no stage at or below k fits once the arrays are lent (checked here too). The borrowed plan
+// must then pick a higher stage, offload or compressed state, or nothing (exit 3); without
+// --borrowed the output has no borrowed figures at all.
+TEST(CliPlanBorrowed, TheLentArraysPushTheChoiceUp) {
+  using namespace shardopt;
+  const std::uint64_t n = 100000007, act = GiB, context = 512u << 20;
+  const int gpus = 4;
+  cli::ModelArgs m;
+  m.params = std::to_string(n);
+  m.dtype = "bf16";
+  const cli::Model model = cli::build_model(m);
+  const shardopt::Config cfg = cli::build_config(m, model);
+  ASSERT_EQ(model.params, n);
+  Borrowing b;
+  b.params = b.grads = true;
+  std::uint64_t plain[4], borrowed[4];
+  for (int s = 0; s <= 3; ++s) {
+    const RowPlan p = plan_row(cfg, model.blocks, gpus, s, "none", false, "fp32", nullptr);
+    const RowPlan q = plan_row(cfg, model.blocks, gpus, s, "none", false, "fp32", &b);
+    EXPECT_EQ(p.lent, 0u);
+    EXPECT_EQ(q.lent, 2 * n * 2);
+    plain[s] = p.engine + act + context;
+    borrowed[s] = q.engine + q.lent + act + context;
+  }
+  auto first_fit = [](const std::uint64_t (&need)[4], std::uint64_t budget) {
+    for (int s = 0; s <= 3; ++s)
+      if (need[s] <= budget) return s;
+    return 4;
+  };
+  int k = -1;
+  for (int s = 0; s <= 3 && k < 0; ++s)
+    if (first_fit(borrowed, plain[s]) > first_fit(plain, plain[s])) k = s;
+  ASSERT_GE(k, 0) << "no stage whose plain need leaves the borrowed plan without it";
+  const std::uint64_t budget = plain[k];
+  const int plain_stage = first_fit(plain, budget);
+  std::vector<std::string> args = {"plan", "--params", std::to_string(n), "--gpus", std::to_string(gpus),
+                                   "--gpu-mem", std::to_string(budget), "--headroom", "0", "--activations", "1GiB"};
+  const json pj = run_json(args);
+  ASSERT_TRUE(pj["fits"].get<bool>()) << pj.dump();
+  EXPECT_EQ(pj["choice"]["stage"].get<int>(), plain_stage);
+  EXPECT_EQ(pj["choice"]["offload"], "none");
+  EXPECT_EQ(pj["choice"]["need_per_gpu"].get<std::uint64_t>(), plain[plain_stage]);
+  EXPECT_FALSE(pj.contains("borrowed"));
+  EXPECT_FALSE(pj["choice"].contains("lent_bytes"));
+  for (const json& row : pj["stages"]) EXPECT_FALSE(row.contains("lent_bytes")) << row.dump();
+
+  args.insert(args.end(), {"--borrowed", "params,grads", "--json"});
+  const Result r = run(args);
+  ASSERT_TRUE(r.rc == 0 || r.rc == 3) << r.err;
+  const json bj = last_json_line(r.out);
+  expect_borrowed_rows(bj, cfg, model.blocks, gpus, b, 2 * n * 2, act, context, double(budget));
+  EXPECT_EQ(r.rc, bj["fits"].get<bool>() ? 0 : 3);
+  if (r.rc == 0) {
+    const json& c = bj["choice"];
+    EXPECT_TRUE(c["stage"].get<int>() > plain_stage || c["offload"] != "none" || c["state_precision"] != "fp32")
+        << c.dump();
+  }
+
+  // The text: the table has the lent column, the header says what is lent and how much; without
+  // --borrowed neither appears.
+  args.pop_back();
+  const Result text = run(args);
+  EXPECT_NE(text.out.find("lent/GPU"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("the trainer's own parameters and gradients lent to the engine (--borrowed) "),
+            std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("(" + std::to_string(4 * n) + " bytes;"), std::string::npos) << text.out;
+  args.resize(args.size() - 2);
+  const Result plain_text = run(args);
+  ASSERT_EQ(plain_text.rc, 0) << plain_text.err;
+  EXPECT_EQ(plain_text.out.find("lent"), std::string::npos) << plain_text.out;
+}
+
+// --largest with --borrowed searches with the same accounting: the size it names fits with its
+// configuration once the arrays are lent, one size more fits with none of plan's configurations
+// (each checked with plan_memory here), and lending the arrays never trains a larger model.
+TEST(CliPlanBorrowed, LargestUsesTheSameAccounting) {
+  using namespace shardopt;
+  const int gpus = 2;
+  const double gpu_mem = 4.0 * GiB, host_mem = 16.0 * GiB, usable = gpu_mem * 0.9;
+  const std::uint64_t context = 512u << 20;
+  const std::vector<std::string> base = {"plan", "--largest", "params", "--gpus", "2", "--gpu-mem", "4GiB",
+                                         "--host-mem", "16GiB"};
+  auto with = [&](std::vector<std::string> extra) {
+    auto args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_json(args);
+  };
+  const json plain = with({});
+  const json j = with({"--borrowed", "params,grads"});
+  ASSERT_TRUE(j["fits"].get<bool>()) << j.dump();
+  ASSERT_FALSE(j["at_search_limit"].get<bool>());
+  const std::uint64_t n = j["size"].get<std::uint64_t>();
+  EXPECT_LT(n, plain["size"].get<std::uint64_t>());
+  Borrowing b;
+  b.params = b.grads = true;
+  auto model_of = [](std::uint64_t size) {
+    cli::ModelArgs m;
+    m.params = std::to_string(size);
+    m.dtype = "bf16";
+    return m;
+  };
+  {
+    const cli::ModelArgs m = model_of(n);
+    const cli::Model model = cli::build_model(m);
+    const shardopt::Config cfg = cli::build_config(m, model);
+    EXPECT_EQ(j["borrowed"]["device_bytes"].get<std::uint64_t>(), 2 * n * 2);
+    const json& c = j["choice"];
+    const RowPlan p = plan_row(cfg, model.blocks, gpus, c, &b);
+    EXPECT_EQ(c["lent_bytes"].get<std::uint64_t>(), 2 * n * 2);
+    EXPECT_EQ(c["need_per_gpu"].get<std::uint64_t>(), p.engine + 2 * n * 2 + context);  // --params: no activations
+    EXPECT_LE(double(p.engine + p.lent + context), usable);
+    EXPECT_LE(double(p.host) * gpus, host_mem);
+  }
+  const cli::ModelArgs m = model_of(n + 1);
+  const cli::Model model = cli::build_model(m);
+  const shardopt::Config cfg = cli::build_config(m, model);
+  for (const Config& k : kAll) {
+    const RowPlan p = plan_row(cfg, model.blocks, gpus, k.stage, k.offload, k.params, k.precision, &b);
+    EXPECT_EQ(p.lent, 2 * (n + 1) * 2);
+    EXPECT_TRUE(double(p.engine + p.lent + context) > usable || double(p.host) * gpus > host_mem)
+        << "size " << n + 1 << " fits at stage " << k.stage << " offload " << k.offload << (k.params ? "+p" : "")
+        << " " << k.precision;
+  }
+}
+
+TEST(CliPlanBorrowed, BadValuesNameTheFlag) {
+  for (const char* bad : {"x", "params,x", "", "params,,grads", "grads,"}) {
+    const Result e = run({"plan", "--params", "1B", "--gpu-mem", "24GiB", "--borrowed", bad});
+    EXPECT_NE(e.rc, 0) << bad;
+    const std::string item = std::string(bad) == "params,x" || std::string(bad) == "x" ? "x" : "";
+    EXPECT_NE(e.err.find("--borrowed: unknown '" + item + "' (expected params, grads)"), std::string::npos)
+        << bad << ": " << e.err;
+  }
+}
+
 }  // namespace

@@ -260,6 +260,10 @@ struct PlanArgs {
   std::string cuda_context = kCudaContextDefault;
   std::string largest;  // "layers" or "params": search the largest model of the shape that fits
   double headroom = 0.10;
+  // --borrowed: "params", "grads" or both, comma-separated: the trainer keeps these arrays itself
+  // (on the GPU) and lends them to the engine; every configuration is planned with them borrowed.
+  std::string borrowed;
+  bool borrowed_given = false;  // (an empty --borrowed is an error, not "nothing borrowed")
   bool deepspeed = false;  // print DeepSpeed's estimator's figures for the same model
   bool json = false;
 };

@@ -384,6 +384,16 @@ CLI::App* add_plan(CLI::App& app, PlanArgs& a) {
                   "layers: the most layers of the example MLP at --hidden, or of the GPT at --preset's (or --hidden's) "
                   "width, that trains here; params: the largest --params model (32 equal blocks)")
       ->check(CLI::IsMember({"layers", "params"}));
+  sub->add_option_function<std::string>(
+         "--borrowed",
+         [&a](const std::string& v) {
+           a.borrowed = v;
+           a.borrowed_given = true;
+         },
+         "the trainer keeps its own memory for every tensor on the GPU and lends it to the engine "
+         "(Engine::borrow_parameters / borrow_gradients): params, grads, or params,grads. Every configuration is "
+         "planned with that memory borrowed, and what the trainer lends (the full compute-dtype arrays, on every "
+         "GPU) is counted in each GPU's need next to the activations and the CUDA context");
   sub->add_flag("--deepspeed", a.deepspeed,
                 "also print DeepSpeed's own estimator's figures for the same model (its published ZeRO-2/ZeRO-3 "
                 "formulas; always in --json)");
@@ -401,7 +411,11 @@ struct Row {
   OffloadKind offload = OffloadKind::none;
   bool offload_params = false;
   StatePrecision precision = StatePrecision::fp32;  // Config::state_precision of the row
-  std::uint64_t device = 0, host = 0, disk = 0, need = 0;  // need: device + activations + CUDA context
+  // need: device + lent + activations + CUDA context
+  std::uint64_t device = 0, host = 0, disk = 0, need = 0;
+  // With --borrowed: the trainer's own arrays the engine borrows (MemoryPlan::borrowed on the
+  // device). They are the trainer's, not in `device` (what the engine owns), but on the same GPU.
+  std::uint64_t lent = 0;
   bool fits_gpu = false, fits_host = true, fits_disk = true;
   bool fits() const { return fits_gpu && fits_host && fits_disk; }
 };
@@ -415,6 +429,9 @@ struct Budget {
   // Compressed optimizer state may be proposed: --state-precision was not given (an explicit one,
   // fp32 included, is kept, as --dtype is).
   bool compressed_allowed = true;
+  // --borrowed: every configuration is planned with this memory lent by the trainer.
+  bool borrows = false;
+  Borrowing borrowing;
 };
 
 // Every configuration plan considers for one model, in order of preference, and the first that
@@ -437,7 +454,8 @@ Row evaluate(const Config& base, const std::vector<BlockSpec>& blocks, std::uint
   c.offload_params = offload_params;
   if (offload == OffloadKind::nvme) c.nvme_dir = "(planned)";  // plan_memory does not touch it
   // The buffers' places are read from the plan, whatever buffers the engine makes.
-  const MemoryReport r = plan_memory(c, blocks, world).report();
+  const MemoryPlan plan = b.borrows ? plan_memory(c, blocks, world, b.borrowing) : plan_memory(c, blocks, world);
+  const MemoryReport r = plan.report();
   Row row;
   row.stage = stage;
   row.offload = offload;
@@ -446,12 +464,13 @@ Row evaluate(const Config& base, const std::vector<BlockSpec>& blocks, std::uint
   row.device = r.peak_total[int(Place::device)];
   row.host = r.peak_total[int(Place::pinned_host)] + r.peak_total[int(Place::host)];
   row.disk = r.peak_total[int(Place::disk)];
-  // need cannot wrap: the engine's bytes for at most 2^48 parameters stay below 2^53, the
-  // activations below 2^63 (parse_bytes, or the trainers' checked counts), the context below 2^50.
-  // The comparisons, and the products by the GPU count, are made in double all the same, so no
-  // rounding of a huge figure can make it look small.
-  row.need = row.device + act + b.context;
-  row.fits_gpu = double(row.device) + double(act) + double(b.context) <= b.usable;
+  row.lent = plan.borrowed[int(Place::device)];
+  // need cannot wrap: the engine's bytes (and the lent arrays, 2 x 4 bytes per parameter at most)
+  // for at most 2^48 parameters stay below 2^53, the activations below 2^63 (parse_bytes, or the
+  // trainers' checked counts), the context below 2^50. The comparisons, and the products by the GPU
+  // count, are made in double all the same, so no rounding of a huge figure can make it look small.
+  row.need = row.device + row.lent + act + b.context;
+  row.fits_gpu = double(row.device) + double(row.lent) + double(act) + double(b.context) <= b.usable;
   row.fits_host = !b.host_mem || double(row.host) * world <= double(*b.host_mem);
   row.fits_disk = !b.nvme || double(row.disk) * world <= double(*b.nvme);
   return row;
@@ -512,33 +531,56 @@ std::string flags_text(const Row& r) {
   return f;
 }
 
-Json rows_json(const Assessment& as) {
+// `borrows` (--borrowed): each row also carries the trainer's lent bytes per GPU (in its need).
+Json rows_json(const Assessment& as, bool borrows) {
   Json st = Json::array();
-  for (const auto& r : as.rows)
-    st.push_back({{"stage", r.stage}, {"offload", std::string(name_of(r.offload))},
-                  {"offload_params", r.offload_params}, {"state_precision", std::string(name_of(r.precision))},
-                  {"device_bytes", r.device}, {"host_bytes", r.host},
-                  {"disk_bytes", r.disk}, {"need_per_gpu", r.need}, {"fits", r.fits()}});
+  for (const auto& r : as.rows) {
+    Json row = {{"stage", r.stage}, {"offload", std::string(name_of(r.offload))},
+                {"offload_params", r.offload_params}, {"state_precision", std::string(name_of(r.precision))},
+                {"device_bytes", r.device}, {"host_bytes", r.host},
+                {"disk_bytes", r.disk}, {"need_per_gpu", r.need}, {"fits", r.fits()}};
+    if (borrows) row["lent_bytes"] = r.lent;
+    st.push_back(std::move(row));
+  }
   return st;
 }
 
-Json choice_json(const Row& c, const Config& cfg, int gpus) {
-  return {{"stage", c.stage}, {"offload", std::string(name_of(c.offload))}, {"offload_params", c.offload_params},
-          {"state_precision", std::string(name_of(c.precision))}, {"bucket_bytes", cfg.bucket_bytes}, {"prefetch_units", c.stage == 3 ? cfg.prefetch_units : 0},
-          {"need_per_gpu", c.need}, {"host_bytes_all_gpus", c.host * std::uint64_t(gpus)},
-          {"disk_bytes_all_gpus", c.disk * std::uint64_t(gpus)}};
+Json choice_json(const Row& c, const Config& cfg, int gpus, bool borrows) {
+  Json j = {{"stage", c.stage}, {"offload", std::string(name_of(c.offload))}, {"offload_params", c.offload_params},
+            {"state_precision", std::string(name_of(c.precision))}, {"bucket_bytes", cfg.bucket_bytes}, {"prefetch_units", c.stage == 3 ? cfg.prefetch_units : 0},
+            {"need_per_gpu", c.need}, {"host_bytes_all_gpus", c.host * std::uint64_t(gpus)},
+            {"disk_bytes_all_gpus", c.disk * std::uint64_t(gpus)}};
+  if (borrows) j["lent_bytes"] = c.lent;
+  return j;
 }
 
-void print_rows(std::ostream& os, const Assessment& as, int gpus) {
-  char line[220];
-  std::snprintf(line, sizeof line, "%-6s %-10s %14s %14s %14s %14s  %s\n", "stage", "offload", "engine/GPU", "need/GPU",
-                "host (all)", "nvme (all)", "fits");
+// --borrowed in --json: what the trainer lends and its bytes per GPU (the same for every row: the
+// full arrays of the model in the compute dtype, whatever the stage).
+Json borrowed_json(const Budget& b, std::uint64_t lent) {
+  return {{"params", b.borrowing.params}, {"grads", b.borrowing.grads}, {"device_bytes", lent}};
+}
+
+// `borrows`: a column for the trainer's lent bytes per GPU, which need/GPU includes.
+void print_rows(std::ostream& os, const Assessment& as, int gpus, bool borrows) {
+  char line[240];
+  if (borrows)
+    std::snprintf(line, sizeof line, "%-6s %-10s %14s %14s %14s %14s %14s  %s\n", "stage", "offload", "engine/GPU",
+                  "lent/GPU", "need/GPU", "host (all)", "nvme (all)", "fits");
+  else
+    std::snprintf(line, sizeof line, "%-6s %-10s %14s %14s %14s %14s  %s\n", "stage", "offload", "engine/GPU",
+                  "need/GPU", "host (all)", "nvme (all)", "fits");
   os << line;
   for (const auto& r : as.rows) {
     const char* verdict = r.fits() ? "yes" : !r.fits_gpu ? "no (GPU)" : !r.fits_host ? "no (host)" : "no (nvme)";
-    std::snprintf(line, sizeof line, "%-6d %-10s %14s %14s %14s %14s  %s\n", r.stage, offload_text(r).c_str(),
-                  format_bytes(double(r.device)).c_str(), format_bytes(double(r.need)).c_str(),
-                  format_bytes(double(r.host) * gpus).c_str(), format_bytes(double(r.disk) * gpus).c_str(), verdict);
+    if (borrows)
+      std::snprintf(line, sizeof line, "%-6d %-10s %14s %14s %14s %14s %14s  %s\n", r.stage, offload_text(r).c_str(),
+                    format_bytes(double(r.device)).c_str(), format_bytes(double(r.lent)).c_str(),
+                    format_bytes(double(r.need)).c_str(), format_bytes(double(r.host) * gpus).c_str(),
+                    format_bytes(double(r.disk) * gpus).c_str(), verdict);
+    else
+      std::snprintf(line, sizeof line, "%-6d %-10s %14s %14s %14s %14s  %s\n", r.stage, offload_text(r).c_str(),
+                    format_bytes(double(r.device)).c_str(), format_bytes(double(r.need)).c_str(),
+                    format_bytes(double(r.host) * gpus).c_str(), format_bytes(double(r.disk) * gpus).c_str(), verdict);
     os << line;
   }
 }
@@ -547,6 +589,7 @@ void print_choice(std::ostream& os, const Row& c, const Config& cfg, const Budge
   os << "-> stage " << c.stage << ", offload " << offload_text(c) << ", bucket " << format_bytes(double(cfg.bucket_bytes));
   if (c.stage == 3) os << ", prefetch " << cfg.prefetch_units << " units";
   os << ": " << format_bytes(double(c.need)) << " of " << format_bytes(b.usable) << " usable per GPU";
+  if (b.borrows) os << " (the trainer's lent " << format_bytes(double(c.lent)) << " included)";
   if (c.offload == OffloadKind::host) os << ", " << format_bytes(double(c.host) * b.gpus) << " of host memory";
   if (c.offload == OffloadKind::nvme) os << ", " << format_bytes(double(c.disk) * b.gpus) << " on NVMe";
   os << "\n   (" << (size_flags.empty() ? "" : size_flags + " ") << flags_text(c) << ")\n";
@@ -573,6 +616,7 @@ Json shortfall_json(const Row& r, const Budget& b) {
             {"need_per_gpu", r.need}, {"host_bytes_all_gpus", double(r.host) * b.gpus},
             {"disk_bytes_all_gpus", double(r.disk) * b.gpus}, {"fits_gpu", r.fits_gpu}, {"fits_host", r.fits_host},
             {"fits_disk", r.fits_disk}};
+  if (b.borrows) j["lent_bytes"] = r.lent;
   return j;
 }
 
@@ -595,6 +639,8 @@ int run_plan(const PlanArgs& a, Io& io) {
   b.context = context_arg(a.cuda_context);
   b.usable = double(b.gpu_mem) * (1.0 - a.headroom);
   b.compressed_allowed = !a.model.state_precision_given;
+  b.borrows = a.borrowed_given;
+  if (b.borrows) b.borrowing = borrowed_arg(a.borrowed);
   const std::optional<std::uint64_t> act_given =
       a.activations.empty() ? std::nullopt : size_arg(a.activations, "--activations");
   const int gpt_batch = a.gpt.batch_given ? a.model.batch : 4;
@@ -651,7 +697,8 @@ int run_plan(const PlanArgs& a, Io& io) {
       : a.largest != "params" && a.model.params.empty() ? "the example model's at --batch " + std::to_string(a.model.batch)
                                                         : "none allowed: pass --activations for your model";
 
-  auto print_header = [&](std::ostream& os, const Sized& m, std::uint64_t act) {
+  // `lent`: the trainer's lent bytes per GPU (--borrowed), the same in every row of the model.
+  auto print_header = [&](std::ostream& os, const Sized& m, std::uint64_t act, std::uint64_t lent) {
     os << "shardopt plan: " << m.model.description << " (" << format_count(m.model.params) << " params), "
        << a.model.dtype << ", " << a.model.optimizer << "\nbudget: " << a.gpus << " GPU(s) x "
        << format_bytes(double(b.gpu_mem)) << ", usable " << format_bytes(b.usable) << " each after "
@@ -659,7 +706,12 @@ int run_plan(const PlanArgs& a, Io& io) {
     if (b.host_mem) os << ", host " << format_bytes(double(*b.host_mem));
     if (b.nvme) os << ", nvme " << format_bytes(double(*b.nvme));
     os << "\nper GPU besides the engine: activations " << format_bytes(double(act)) << " (" << act_note
-       << "), CUDA context " << format_bytes(double(b.context)) << " (assumed, --cuda-context)\n\n";
+       << "), CUDA context " << format_bytes(double(b.context)) << " (assumed, --cuda-context)";
+    if (b.borrows)
+      os << ",\n  the trainer's own " << borrowed_text(b.borrowing) << " lent to the engine (--borrowed) "
+         << format_bytes(double(lent)) << " (" << lent
+         << " bytes; lent/GPU, counted in need/GPU; engine/GPU is the engine's plan with them borrowed)";
+    os << "\n\n";
   };
   auto deepspeed_of = [&](const Sized& m) {
     return deepspeed_estimate(double(m.model.params), largest_tensor(m.model.blocks), a.gpus);
@@ -713,11 +765,12 @@ int run_plan(const PlanArgs& a, Io& io) {
       if (b.nvme) j["budget"]["nvme"] = *b.nvme;
       j["activation_bytes_per_gpu"] = m.activations;
       j["cuda_context_bytes"] = b.context;
-      j["stages"] = rows_json(as);
+      if (b.borrows) j["borrowed"] = borrowed_json(b, as.rows[0].lent);
+      j["stages"] = rows_json(as, b.borrows);
       j["offload_considered"] = as.tried_offload;
       j["fits"] = choice != nullptr;
       if (choice) {
-        j["choice"] = choice_json(*choice, cfg, a.gpus);
+        j["choice"] = choice_json(*choice, cfg, a.gpus, b.borrows);
       } else {
         j["over_by"] = double(as.rows[3].need) - b.usable;
         if (min_gpus) j["min_gpus_stage3"] = *min_gpus;
@@ -727,8 +780,8 @@ int run_plan(const PlanArgs& a, Io& io) {
       return choice ? 0 : 3;
     }
     std::ostream& os = io.out;
-    print_header(os, m, m.activations);
-    print_rows(os, as, a.gpus);
+    print_header(os, m, m.activations, as.rows[0].lent);
+    print_rows(os, as, a.gpus, b.borrows);
     if (!as.tried_offload)
       os << "offload (host, nvme): not needed, a stage fits without it\n";
     else if (!b.host_mem || !b.nvme)
@@ -748,7 +801,10 @@ int run_plan(const PlanArgs& a, Io& io) {
       os << "stage 3 fits the GPUs but needs " << format_bytes(double(best.host) * a.gpus)
          << " of host memory, more than --host-mem. ";
     if (min_gpus && *min_gpus > a.gpus) os << "Stage 3 fits with " << *min_gpus << " GPUs.";
-    else if (!best.fits_gpu) os << "No GPU count helps: the gathered units, buckets and activations alone exceed it.";
+    else if (!best.fits_gpu)
+      os << "No GPU count helps: the gathered units, buckets"
+         << (b.borrows ? ", activations and the trainer's lent arrays (not sharded)" : " and activations")
+         << " alone exceed it.";
     os << "\n";
     return 3;
   }
@@ -801,15 +857,17 @@ int run_plan(const PlanArgs& a, Io& io) {
       j["largest"] = what;
       j["fits"] = false;
       j["model"] = p.m.model.description;
-      j["smallest_tried"] = {{"size", 1}, {"params", p.m.model.params}, {"stages", rows_json(p.as)}};
+      j["smallest_tried"] = {{"size", 1}, {"params", p.m.model.params}, {"stages", rows_json(p.as, b.borrows)}};
+      if (b.borrows) j["borrowed"] = borrowed_json(b, p.as.rows[0].lent);
       io.out << j.dump() << '\n';
       return 3;
     }
-    print_header(io.out, p.m, p.m.activations);
-    print_rows(io.out, p.as, a.gpus);
+    print_header(io.out, p.m, p.m.activations, p.as.rows[0].lent);
+    print_rows(io.out, p.as, a.gpus, b.borrows);
     io.out << "\nnothing of this shape trains here: not even 1 " << (what == "params" ? "parameter" : "layer")
-           << " fits (the activations and CUDA context alone: "
-           << format_bytes(double(p.m.activations) + double(b.context)) << " per GPU)\n";
+           << " fits (the activations" << (b.borrows ? ", CUDA context and the trainer's lent arrays" : " and CUDA context")
+           << " alone: " << format_bytes(double(p.m.activations) + double(b.context) + double(p.as.rows[0].lent))
+           << " per GPU)\n";
     return 3;
   }
   const Probe win = probe(*best);
@@ -840,13 +898,14 @@ int run_plan(const PlanArgs& a, Io& io) {
     j["params"] = win.m.model.params;
     j["model"] = win.m.model.description;
     j["activation_bytes_per_gpu"] = win.m.activations;
-    j["stages"] = rows_json(win.as);
-    j["choice"] = choice_json(c, win.cfg, a.gpus);
+    if (b.borrows) j["borrowed"] = borrowed_json(b, c.lent);
+    j["stages"] = rows_json(win.as, b.borrows);
+    j["choice"] = choice_json(c, win.cfg, a.gpus, b.borrows);
     j["flags"] = win.m.size_flags + " " + flags_text(c);
     if (next) {
       j["next"] = {{"size", *best + 1}, {"params", next->m.model.params},
                    {"activation_bytes_per_gpu", next->m.activations}, {"fits", next->as.choice >= 0},
-                   {"stages", rows_json(next->as)}};
+                   {"stages", rows_json(next->as, b.borrows)}};
       if (next_same) j["next"]["same_configuration"] = shortfall_json(*next_same, b);
     }
     j["deepspeed"] = ds;
@@ -855,10 +914,10 @@ int run_plan(const PlanArgs& a, Io& io) {
     return 0;
   }
   std::ostream& os = io.out;
-  print_header(os, win.m, win.m.activations);
+  print_header(os, win.m, win.m.activations, c.lent);
   os << "largest that trains here: " << win.m.size_text << " (" << format_count(win.m.model.params) << " params)"
      << (*best == limit ? ", the search's limit" : "") << "\n";
-  print_rows(os, win.as, a.gpus);
+  print_rows(os, win.as, a.gpus, b.borrows);
   os << '\n';
   print_choice(os, c, win.cfg, b, win.m.size_flags);
   if (next) {
