@@ -296,6 +296,24 @@ TEST(BorrowedMemory, StageZeroUsesTheTrainersArraysAndMatchesBitForBit) {
     }
 }
 
+// Stage 0 with compressed optimizer state: the update ranges follow the tensors in the trainer's
+// memory and leave out the alignment gaps, whose int8 block scales and codes stay zero, so the
+// state's bytes are those of the run in engine memory.
+TEST(BorrowedMemory, StageZeroCompressedStateMatchesBitForBit) {
+  for (StatePrecision precision : {StatePrecision::bf16, StatePrecision::int8})
+    for (int world : {1, 2}) {
+      SCOPED_TRACE(std::string(name_of(precision)) + " world " + std::to_string(world));
+      RunSpec spec = spec_for(0, world, {DType::bf16, DType::bf16, 2, OffloadKind::none});
+      spec.cfg.state_precision = precision;
+      spec.cfg.quant_block = 64;
+      const RunResult own = run_training(spec);
+      RunSpec other = spec;
+      other.borrow_gradients = true;
+      other.borrow_parameters = true;
+      expect_bitwise_equal(own, run_training(other), 2, "against the run in engine memory");
+    }
+}
+
 // Stage 0 with clipping: the norm is summed per tensor instead of per unit (a different grouping
 // of the same squares), so it may differ from the run in engine memory in its last bits; the
 // result is checked against the float64 oracle, with steps that clip.
