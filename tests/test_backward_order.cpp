@@ -128,9 +128,9 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
           for (const auto& t : b.tensors) own += numel(t.shape) * size_of(c.compute);
         if (other.borrow_parameters) own *= 2;
         // What the engine allocates: its plan for borrowed memory, byte for byte; the same as
-        // without borrowing, except at stages 1-2 with the parameters borrowed, where a shard and
-        // one slot replace the full parameters, the gradients at stage 1, and stage 0, where the
-        // trainer's arrays replace the engine's (see the stage 0 test below).
+        // without borrowing, except at stages 1-2 with the parameters borrowed, where one slot
+        // (none at world 1) replaces the full parameters, the gradients at stage 1, and stage 0,
+        // where the trainer's arrays replace the engine's (see the stage 0 test below).
         const MemoryReport planned =
             plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, other.borrow_gradients}).report();
         const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
@@ -151,7 +151,7 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
             }
           if (shard_only) {
             EXPECT_EQ(in_order.memory[r].current[params][dev], full * size_of(c.compute));
-            EXPECT_EQ(got.memory[r].current[params][dev], (L.shard_elems() + L.max_unit_elems()) * size_of(c.compute));
+            EXPECT_EQ(got.memory[r].current[params][dev], (world > 1 ? L.max_unit_elems() : 0) * size_of(c.compute));
           }
         }
       }
@@ -296,14 +296,15 @@ TEST(BorrowedMemory, StageZeroUsesTheTrainersArraysAndMatchesBitForBit) {
     }
 }
 
-// Stage 0 with compressed optimizer state: the update ranges follow the tensors in the trainer's
-// memory and leave out the alignment gaps, whose int8 block scales and codes stay zero, so the
-// state's bytes are those of the run in engine memory.
-TEST(BorrowedMemory, StageZeroCompressedStateMatchesBitForBit) {
+// Stages 0-2 with compressed optimizer state and every tensor borrowed: the update ranges follow
+// the tensors in the trainer's memory and leave out the alignment gaps, whose int8 block scales
+// and codes stay zero, so the state's bytes are those of the run in engine memory.
+TEST(BorrowedMemory, CompressedStateInTheTrainersArraysMatchesBitForBit) {
+  for (int stage : {0, 1, 2})
   for (StatePrecision precision : {StatePrecision::bf16, StatePrecision::int8})
     for (int world : {1, 2}) {
-      SCOPED_TRACE(std::string(name_of(precision)) + " world " + std::to_string(world));
-      RunSpec spec = spec_for(0, world, {DType::bf16, DType::bf16, 2, OffloadKind::none});
+      SCOPED_TRACE("stage " + std::to_string(stage) + " " + std::string(name_of(precision)) + " world " + std::to_string(world));
+      RunSpec spec = spec_for(stage, world, {DType::bf16, DType::bf16, 2, OffloadKind::none});
       spec.cfg.state_precision = precision;
       spec.cfg.quant_block = 64;
       const RunResult own = run_training(spec);

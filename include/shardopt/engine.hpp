@@ -215,9 +215,10 @@ class Engine {
   //     every tensor's gradient for this (checked at initialize()).
   //   stages 0-1 with some tensor not borrowed: the engine keeps its full gradient buffer, a copy
   //     of the borrowed tensors per micro-step.
-  // memory_report().borrowed counts the borrowed bytes, apart from what the engine owns. Every rank must borrow the same tensors' gradients and parameters (it
-  // decides which collectives run when): initialize() checks it with the configuration and fails
-  // every rank with Error(communication) otherwise. Throws Error(invalid_argument) for an unknown
+  // memory_report().borrowed counts the borrowed bytes, apart from what the engine owns. Every
+  // rank must borrow the same tensors' gradients and parameters (it decides which collectives run
+  // when): initialize() checks it with the configuration and fails every rank with
+  // Error(communication) otherwise. Throws Error(invalid_argument) for an unknown
   // tensor, and Error(invalid_state) after initialize().
   void borrow_gradients(int tensor, void* grads);
 
@@ -233,20 +234,21 @@ class Engine {
   // whose every tensor is borrowed is not gathered at acquire (stage 3 included) and takes no
   // slot, so such blocks may also be read without acquire(), between steps.
   // What it costs and saves, per stage:
-  //   stage 0 with every tensor's parameters borrowed: the engine keeps no compute-dtype
-  //     parameters of its own: the update (or, under offload, the upload of each updated cell)
-  //     writes the trainer's arrays directly. With fp32 compute and the state on the device the
-  //     trainer's arrays are the master weights themselves (the engine's state is then only the
-  //     optimizer moments): the trainer must not write them, or it changes the master weights.
-  //     Every rank must borrow every tensor.
+  //   stages 0-2 with every tensor's parameters borrowed: the engine keeps no compute-dtype
+  //     parameters of its own, full or sharded: the update (or, under offload, the upload of each
+  //     updated cell) writes this rank's elements straight into the trainer's arrays. Stage 0
+  //     updates every element; stages 1-2 (N > 1 ranks) update their slices and then all-gather
+  //     each unit through one unit-sized slot: this rank's elements are copied in from the
+  //     trainer's arrays, the slot is gathered in place, the other ranks' elements are copied
+  //     out (the stage's all-gather, plus a copy of the unit). Memory: one unit (none at stage 0
+  //     or on one rank) instead of the full parameters or a shard. With fp32 compute and the
+  //     state on the device the trainer's arrays are the master weights themselves (this rank's
+  //     elements of them; the engine's state is then only the optimizer moments): the trainer
+  //     must not write them, or it changes the master weights. Every rank must borrow every
+  //     tensor (the ranks check it at initialize()).
   //   some tensor not borrowed at stages 0-2: the engine still holds its own full compute-dtype
   //     parameters (the update writes them; stages 1-2 all-gather them in place); every step
   //     copies the borrowed tensors out of them (no communication beyond the stage's).
-  //   stages 1-2 with every tensor's parameters borrowed: the engine keeps no full parameters:
-  //     the update writes this rank's slices into a parameter shard (1/N), and each unit is
-  //     all-gathered into one unit-sized slot and copied out (the stage's all-gather, through one
-  //     slot instead of in place). Memory: shard + one unit instead of the full parameters. Every
-  //     rank must then borrow every tensor (the ranks check it at initialize()).
   //   stage 3: the engine holds its shard and slots as usual; every step gathers each unit that
   //     holds a borrowed tensor once (into slot 0, in turn) and copies it out: the all-gather a
   //     layer-by-layer stage-3 forward would do, once per step instead of once per acquire. The
@@ -255,8 +257,8 @@ class Engine {
   // So at every stage, with both parameters and gradients borrowed, the engine holds no
   // unsharded copy of either (buckets, slots and staging of one unit each aside; stage 0's
   // all-reduced copy when the reduce dtype differs); the trainer's own arrays are its only full
-  // copies, and stage 0 adds only the master weights and optimizer state to them. Holding a block across step() is allowed for fully borrowed blocks
-  // at every stage (their memory is the trainer's, rewritten when the step ends).
+  // copies. Holding a block across step() is allowed for fully borrowed blocks at every stage
+  // (their memory is the trainer's, rewritten when the step ends).
   // memory_report().borrowed counts these bytes too. Errors as borrow_gradients.
   void borrow_parameters(int tensor, void* params);
 

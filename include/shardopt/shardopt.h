@@ -176,13 +176,13 @@ SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients_strided(shardopt
  * life; NULL undoes it). The engine writes the current values there at the end of initialize, of
  * every applied step and of load (before step returns on the CPU backend); the caller only reads
  * them. acquire returns `params`; a block whose every tensor is borrowed is never gathered at
- * acquire (stage 3 included). Stage 0 with every tensor borrowed keeps no parameters of its own:
- * the update writes the caller's memory directly (with fp32 compute on the device it is the
- * master weights itself: do not write it).
- * Stages 1-2 with every tensor borrowed keep only a shard and one unit-sized slot to gather through
- * (every rank must borrow every tensor then); stages 0-2 with some tensor not borrowed keep the
- * engine's own full parameters too and copy them out; stage 3 gathers each borrowed unit once per
- * step to write it out. Details: engine.hpp, Engine::borrow_parameters. */
+ * acquire (stage 3 included). Stages 0-2 with every tensor borrowed (on every rank) keep no
+ * parameters of their own: the update writes this rank's elements into the caller's memory
+ * directly (with fp32 compute on the device that memory is the master weights: do not write it),
+ * and stages 1-2 gather the other ranks' elements through one unit-sized slot. Stages 0-2 with
+ * some tensor not borrowed keep the engine's own full parameters too and copy them out; stage 3
+ * gathers each borrowed unit once per step to write it out. Details: engine.hpp,
+ * Engine::borrow_parameters. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters(shardopt_engine* engine, int tensor, void* params);
 /* As shardopt_engine_borrow_gradients_strided, for parameters. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_parameters_strided(shardopt_engine* engine, int first_block,

@@ -70,9 +70,13 @@ void Engine::Impl::initialize(const InitFn& init) {
         alias.push_back({ctx.state_offset(u, ctx.owned_begin(u)), static_cast<float*>(gatherer->param_at(u, ctx.owned_begin(u)))});
         continue;
       }
-      for (int t : detail::tensors_of_unit(ctx.layout, u))  // the trainer's arrays are the master weights
-        if (ctx.layout.tensors()[t].numel)
-          alias.push_back({ctx.state_offset(u, ctx.layout.tensors()[t].unit_offset), static_cast<float*>(gatherer->borrowed(t))});
+      // The trainer's arrays are the master weights: a run per tensor's owned part.
+      for (int t : detail::tensors_of_unit(ctx.layout, u)) {
+        const auto& ti = ctx.layout.tensors()[t];
+        const std::size_t b = std::max(ti.unit_offset, ctx.owned_begin(u));
+        if (b < std::min(ti.unit_offset + ti.numel, ctx.owned_end(u)))
+          alias.push_back({ctx.state_offset(u, b), static_cast<float*>(gatherer->borrowed(t)) + (b - ti.unit_offset)});
+      }
     }
     store_ = detail::make_state_store(ctx, plan.buffers, std::move(alias));
     reducer = std::make_unique<detail::GradReducer>(ctx, plan.buffers, *store_);

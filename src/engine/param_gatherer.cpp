@@ -162,8 +162,44 @@ void ParamGatherer::gather_updated() {
     for (std::size_t u = 0; u < ctx_.layout.units().size(); ++u)
       if (persistent_[u]) gather_unit(static_cast<int>(u), persistent_[u].data());
   }
-  // (params_in_trainer: the update wrote the trainer's arrays itself)
-  if (!borrowed_.empty() && !ctx_.placement.params_in_trainer) write_borrowed();
+  // (params_in_trainer: the update wrote this rank's elements into the trainer's arrays itself)
+  if (ctx_.placement.params_in_trainer) {
+    if (ctx_.placement.state_sharded && ctx_.world > 1) gather_into_trainer();
+    return;
+  }
+  if (!borrowed_.empty()) write_borrowed();
+}
+
+// Stages 1-2 with every parameter in the trainer's arrays: each rank updated its slice of every
+// unit there. Unit by unit, on side: this rank's elements are copied into their place in slot 0,
+// the slot is all-gathered in place, and the other ranks' elements are copied out into the
+// trainer's arrays (the slot's alignment gaps carry stale values, which nothing copies out).
+void ParamGatherer::gather_into_trainer() {
+  const DType c = ctx_.compute_dtype;
+  const std::size_t es = size_of(c);
+  const Layout& L = ctx_.layout;
+  Stream& side = *ctx_.side;
+  std::byte* slot = static_cast<std::byte*>(slots_[0].buffer.data());
+  for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
+    const auto& info = L.units()[u];
+    const std::size_t lo = ctx_.slice_begin(u), hi = lo + info.slice_elems;
+    for (int t : tensors_of_unit(L, u)) {
+      const auto& ti = L.tensors()[t];
+      const std::size_t b = std::max(ti.unit_offset, lo), e = std::min(ti.unit_offset + ti.numel, hi);
+      if (b < e) ctx_.be.copy(slot + b * es, static_cast<std::byte*>(borrowed_[t]) + (b - ti.unit_offset) * es, (e - b) * es, side);
+    }
+    ctx_.comm.all_gather(slot + lo * es, slot, info.slice_elems, c, side);
+    for (int t : tensors_of_unit(L, u)) {
+      const auto& ti = L.tensors()[t];
+      std::byte* dst = static_cast<std::byte*>(borrowed_[t]);
+      const std::size_t end = ti.unit_offset + ti.numel;
+      // [start, lo) and [hi, end) of the tensor: the parts other ranks updated.
+      if (ti.unit_offset < std::min(lo, end))
+        ctx_.be.copy(dst, slot + ti.unit_offset * es, (std::min(lo, end) - ti.unit_offset) * es, side);
+      const std::size_t from = std::max(hi, ti.unit_offset);
+      if (from < end) ctx_.be.copy(dst + (from - ti.unit_offset) * es, slot + from * es, (end - from) * es, side);
+    }
+  }
 }
 
 void ParamGatherer::drop_gathered() { table_.forget_units(); }

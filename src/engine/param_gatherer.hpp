@@ -70,7 +70,8 @@ class ParamGatherer {
   // Borrowed parameter memory (Engine::borrow_parameters): per tensor, the trainer's buffer or
   // nullptr. gather_updated() ends by writing every borrowed tensor's current values there (on
   // side): from the full parameters, or at stage 3 from each unit gathered into slot 0 (or its
-  // persistent buffer).
+  // persistent buffer). With Placement::params_in_trainer the update wrote this rank's elements
+  // there itself, and at stages 1-2 gather_updated() gathers the rest through slot 0.
   void set_borrowed(std::vector<void*> params) { borrowed_ = std::move(params); }
   void* borrowed(int tensor) const { return borrowed_.empty() ? nullptr : borrowed_[tensor]; }
   // Borrowing is on and every tensor of the block with elements is borrowed (acquire needs no
@@ -83,6 +84,7 @@ class ParamGatherer {
  private:
   void start_gather(int u, int slot);
   void write_borrowed();
+  void gather_into_trainer();
   void gather_unit(int u, void* dst);
 
   struct Slot {

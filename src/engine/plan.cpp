@@ -64,11 +64,10 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   const bool off = cfg.offload_optimizer != OffloadKind::none;
   const bool nvme = cfg.offload_optimizer == OffloadKind::nvme;
   Placement& pl = p.placement;
-  // Stages 1-2 with the trainer's parameters borrowed: the trainer's arrays are the full
-  // parameters, the engine keeps only its shard (plus one slot to gather a unit into on its way
-  // out), as at stage 3.
-  const bool borrowed_shard = params_borrowed && (stage == 1 || stage == 2);
-  pl.params_sharded = stage == 3 || borrowed_shard;
+  // Stages 0-2 with the trainer's parameters borrowed: the trainer's arrays are the parameters;
+  // the update writes this rank's elements there, and stages 1-2 gather each unit through one slot.
+  pl.params_in_trainer = params_borrowed && stage <= 2;
+  pl.params_sharded = stage == 3;
   pl.params_tier = cfg.offload_params ? Tier::pinned_host : Tier::device;
   pl.grads = stage == 0 ? GradFlow::all_reduce : stage == 1 ? GradFlow::reduce_scatter : GradFlow::bucketed;
   pl.shard_grad_dtype = gs;
@@ -77,9 +76,8 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   for (const auto& info : L.units()) pl.grads_direct = pl.grads_direct && info.slice_elems == info.padded_elems;
   pl.state_sharded = stage >= 1;
   pl.state_tier = nvme ? Tier::nvme : off ? Tier::pinned_host : Tier::device;
-  pl.params_in_trainer = params_borrowed && stage == 0;
   pl.master_is_params = !off && c == DType::fp32;
-  pl.gather_after_update = (stage == 1 || stage == 2) && !borrowed_shard;
+  pl.gather_after_update = (stage == 1 || stage == 2) && !pl.params_in_trainer;
   pl.norm_across_ranks = pl.state_sharded && world > 1;
   pl.grads_to_host = off;
   pl.grads_borrowed = grads_borrowed && (stage == 0 || stage == 1);
@@ -219,7 +217,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
     if (cfg.accumulation_steps > 1 && !pl.grads_to_host)
       add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");
   }
-  if (borrowed_shard) {
+  if (pl.params_in_trainer && stage >= 1 && world > 1) {
     // Named for the estimate table: one unit gathered on its way out to the borrowed parameters.
     add(Buf::slot, 0, U, c, Category::parameters, "parameter out-slot (1 unit)");
   } else if (pl.params_sharded) {

@@ -144,11 +144,13 @@ struct Placement {
   // Stage 0, grads_borrowed, no offload, reduce dtype == compute dtype: the update ranges follow
   // the tensors and read the all-reduced gradient in the trainer's arrays.
   bool grads_in_trainer = false;
-  // Stage 0 with every tensor's parameters borrowed (Engine::borrow_parameters): no full
-  // parameters of the engine's own; the update (or the offload engine's upload) writes the
-  // compute-dtype parameters straight into the trainer's arrays, and the update ranges follow the
-  // tensors. With master_is_params (fp32 compute, state on the device) the trainer's arrays are
-  // then the master weights themselves.
+  // Stages 0-2 with every tensor's parameters borrowed (Engine::borrow_parameters): no parameters
+  // of the engine's own, full or sharded; the update (or the offload engine's upload) writes this
+  // rank's compute-dtype parameters straight into the trainer's arrays, and the update ranges
+  // follow the tensors. With master_is_params (fp32 compute, state on the device) the trainer's
+  // arrays are then the master weights themselves (this rank's elements of them). At stages 1-2
+  // (world > 1) each unit is then all-gathered through one unit-sized slot: this rank's elements
+  // copied in from the trainer's arrays, gathered in place, the others' copied out.
   bool params_in_trainer = false;
   // The update ranges are cut at every tensor and skip the alignment gaps between tensors (whose
   // elements are zero everywhere and stay zero): they address the trainer's per-tensor memory.
@@ -186,10 +188,7 @@ inline constexpr std::size_t kInitChunk = std::size_t(1) << 20;
 
 LayoutOptions layout_options(const Config& config, int world_size);
 // params_borrowed: every tensor with elements has borrowed parameters (Engine::borrow_parameters).
-// At stages 1-2 the engine then keeps no full parameters of its own: the update writes this
-// rank's slices into a parameter shard, and each unit is gathered into one slot and copied out
-// into the trainer's memory (stage 3's buffers: params_sharded, one slot, no persistent units).
-// At stage 0 the update writes the trainer's arrays instead (Placement::params_in_trainer).
+// At stages 0-2 the engine then keeps no parameters of its own (Placement::params_in_trainer).
 // grads_borrowed: every tensor with elements has borrowed gradients (Engine::borrow_gradients).
 // At stages 0-1 the engine then keeps no full gradient buffer (Placement::grads_borrowed); at
 // stages 2-3 it changes nothing (they bucket anyway).
