@@ -49,6 +49,15 @@ RunSpec spec_for(int stage, int world, const Case& c) {
   return spec;
 }
 
+// Stages 0-1 with borrowed gradients reduce at step(), from the sum of the micro-steps in the
+// trainer's arrays: each dtype pair with and without micro-steps, and under host offload.
+std::vector<Case> reduce_at_step_cases() {
+  return {{DType::fp32, DType::fp32, 1, OffloadKind::none}, {DType::fp32, DType::fp32, 3, OffloadKind::none},
+          {DType::bf16, DType::bf16, 1, OffloadKind::none}, {DType::bf16, DType::bf16, 3, OffloadKind::none},
+          {DType::bf16, DType::fp32, 3, OffloadKind::none}, {DType::fp32, DType::fp32, 3, OffloadKind::host},
+          {DType::bf16, DType::fp32, 1, OffloadKind::host}};
+}
+
 std::uint64_t reduce_scatters(const RunResult& r) {
   return r.comm_last_step[0].calls[static_cast<int>(CollectiveKind::reduce_scatter)];
 }
@@ -166,13 +175,7 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
 // writes to when the reduce dtype matches (the full-gradient run reduces in place there), and it
 // is what memory_report() shows byte for byte.
 TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
-  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
-                                   {DType::fp32, DType::fp32, 3, OffloadKind::none},
-                                   {DType::bf16, DType::bf16, 1, OffloadKind::none},
-                                   {DType::bf16, DType::bf16, 3, OffloadKind::none},
-                                   {DType::bf16, DType::fp32, 3, OffloadKind::none},
-                                   {DType::fp32, DType::fp32, 3, OffloadKind::host},
-                                   {DType::bf16, DType::fp32, 1, OffloadKind::host}};
+  const std::vector<Case> cases = reduce_at_step_cases();
   for (int world : {1, 2, 3})
     for (const Case& c : cases) {
       SCOPED_TRACE(case_name(1, world, c, BackwardOrder::reverse) + " borrowed gradients");
@@ -238,13 +241,7 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
 // oracle. The engine's device memory is lower by what the rules of Engine::borrow_gradients and
 // borrow_parameters promise, computed here from the layout, and is what memory_report() shows.
 TEST(BorrowedMemory, StageZeroUsesTheTrainersArraysAndMatchesBitForBit) {
-  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
-                                   {DType::fp32, DType::fp32, 3, OffloadKind::none},
-                                   {DType::bf16, DType::bf16, 1, OffloadKind::none},
-                                   {DType::bf16, DType::bf16, 3, OffloadKind::none},
-                                   {DType::bf16, DType::fp32, 3, OffloadKind::none},
-                                   {DType::fp32, DType::fp32, 3, OffloadKind::host},
-                                   {DType::bf16, DType::fp32, 1, OffloadKind::host}};
+  const std::vector<Case> cases = reduce_at_step_cases();
   for (int world : {1, 2, 3})
     for (const Case& c : cases) {
       SCOPED_TRACE(case_name(0, world, c, BackwardOrder::reverse) + " borrowed");

@@ -177,6 +177,17 @@ const char* deepspeed_row_for(int stage, bool offload, bool offload_params) {
   return offload_params ? "zero3_offload_all" : "zero3_offload_optimizer";
 }
 
+// --borrowed for estimate and plan: the text, kept for borrowed_arg, and that it was given.
+void add_borrowed_option(CLI::App* sub, std::string& text, bool& given, const std::string& help) {
+  sub->add_option_function<std::string>(
+      "--borrowed",
+      [&text, &given](const std::string& v) {
+        text = v;
+        given = true;
+      },
+      help);
+}
+
 }  // namespace
 
 CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
@@ -193,15 +204,10 @@ CLI::App* add_estimate(CLI::App& app, EstimateArgs& a) {
                   "device memory of the CUDA context and libraries per process, not allocated by the engine or the "
                   "trainer (an assumption, not measured)")
       ->capture_default_str();
-  sub->add_option_function<std::string>(
-         "--borrowed",
-         [&a](const std::string& v) {
-           a.borrowed = v;
-           a.borrowed_given = true;
-         },
-                  "the trainer lends its own memory for every tensor (Engine::borrow_parameters / borrow_gradients): "
-                  "params, grads, or params,grads. The plan is the engine's with that memory borrowed; what the "
-                  "trainer lends is printed apart from what the engine owns");
+  add_borrowed_option(sub, a.borrowed, a.borrowed_given,
+                      "the trainer lends its own memory for every tensor (Engine::borrow_parameters / "
+                      "borrow_gradients): params, grads, or params,grads. The plan is the engine's with that memory "
+                      "borrowed; what the trainer lends is printed apart from what the engine owns");
   sub->add_flag("--json", a.json, "print one JSON object as the last line");
   return sub;
 }
@@ -384,12 +390,7 @@ CLI::App* add_plan(CLI::App& app, PlanArgs& a) {
                   "layers: the most layers of the example MLP at --hidden, or of the GPT at --preset's (or --hidden's) "
                   "width, that trains here; params: the largest --params model (32 equal blocks)")
       ->check(CLI::IsMember({"layers", "params"}));
-  sub->add_option_function<std::string>(
-         "--borrowed",
-         [&a](const std::string& v) {
-           a.borrowed = v;
-           a.borrowed_given = true;
-         },
+  add_borrowed_option(sub, a.borrowed, a.borrowed_given,
          "the trainer keeps its own memory for every tensor on the GPU and lends it to the engine "
          "(Engine::borrow_parameters / borrow_gradients): params, grads, or params,grads. Every configuration is "
          "planned with that memory borrowed, and what the trainer lends (the full compute-dtype arrays, on every "
