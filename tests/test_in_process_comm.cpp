@@ -872,13 +872,16 @@ TEST(InProcessComm, ReduceScatterPiecesRefusesBadPiecesAndRanksThatDisagree) {
         },
         60s);
   }
-  // Ranks whose pieces differ (offsets or how many) fail every rank, naming it.
+  // Ranks whose pieces differ (offsets or how many) fail every rank, naming it. (The pieces stay
+  // valid until the collective has run, as the contract asks: it reads them in stream order.)
   std::vector<std::vector<float>> in(3, std::vector<float>(3 * c, 1.0f)), out(3, std::vector<float>(c));
+  std::vector<std::vector<SendPiece>> p(3);
+  for (int r = 0; r < 3; ++r) p[r] = {{0, 4, in[r].data()}, {r == 2 ? 6u : 5u, 4, in[r].data() + 8}};
   expect_group_failure(
       3,
       [&](World& w, int r) {
-        const std::vector<SendPiece> p = {{0, 4, in[r].data()}, {r == 2 ? 6u : 5u, 4, in[r].data() + 8}};
-        w.comm(r).reduce_scatter_pieces(p.data(), p.size(), out[r].data(), c, DType::fp32, ReduceOp::sum, w.stream(r));
+        w.comm(r).reduce_scatter_pieces(p[r].data(), p[r].size(), out[r].data(), c, DType::fp32, ReduceOp::sum,
+                                        w.stream(r));
       },
       "pieces mismatch", "different pieces");
 }
