@@ -151,6 +151,10 @@ class NcclCommunicator final : public comm::CommunicatorBase {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return world_; }
 
+  // reduce_scatter_pieces packs its input into the scratch (as fp32 for 16-bit sums and averages,
+  // else in its own dtype, which takes no more): the same size as reserve's.
+  void reserve_pieces(std::size_t count, DType) override { reserve(count, DType::bf16); }
+
   // 16-bit sums and averages go through the fp32 scratch: size it now, outside any capture.
   void reserve(std::size_t count, DType dtype) override {
     if (dtype == DType::fp32 || count == 0) return;
@@ -168,7 +172,7 @@ class NcclCommunicator final : public comm::CommunicatorBase {
   // The collectives, after CommunicatorBase packed and checked the call (and before it counts it).
   void run(const comm::Call& c, std::uint64_t, Stream& stream) override {
     switch (c.kind) {
-      case CollectiveKind::reduce_scatter: return run_reduce_scatter(c.send, c.recv, c.count, c.dtype, c.op, stream);
+      case CollectiveKind::reduce_scatter: return run_reduce_scatter(c, stream);
       case CollectiveKind::all_gather: return run_all_gather(c.send, c.recv, c.count, c.dtype, stream);
       case CollectiveKind::all_reduce: return run_all_reduce(c.send, c.recv, c.count, c.dtype, c.op, stream);
       case CollectiveKind::broadcast: return run_broadcast(c.send, c.recv, c.count, c.dtype, c.root, stream);
@@ -176,8 +180,14 @@ class NcclCommunicator final : public comm::CommunicatorBase {
     }
   }
 
-  void run_reduce_scatter(const void* send, void* recv, std::size_t recv_count, DType dtype, ReduceOp op,
-                          Stream& stream) {
+  // reduce_scatter_pieces (c.piecewise): the pieces are packed into the scratch first (zero where no
+  // piece lies), cast to fp32 on the way where the sum goes through fp32, then reduced as one input.
+  void run_reduce_scatter(const comm::Call& c, Stream& stream) {
+    const void* send = c.send;
+    void* recv = c.recv;
+    const std::size_t recv_count = c.count;
+    const DType dtype = c.dtype;
+    const ReduceOp op = c.op;
     const std::size_t total = static_cast<std::size_t>(world_) * recv_count;
     std::lock_guard<std::mutex> lock(mutex_);
     CudaStream& s = own(stream, "reduce_scatter");
@@ -186,9 +196,27 @@ class NcclCommunicator final : public comm::CommunicatorBase {
     if (recv_count == 0) return barrier_locked(s);
     const std::string doing = "reduce-scattering " + std::to_string(recv_count) + " " + std::string(name_of(dtype)) +
                               " elements per rank on stream '" + s.name() + "'";
+    if (c.piecewise && !needs_fp32(dtype, op)) {
+      const std::size_t es = size_of(dtype);
+      auto* a = reinterpret_cast<unsigned char*>(acquire_scratch((total * es + 3) / 4, s));
+      backend_.fill(a, dtype, total, 0.0f, s);
+      for (std::size_t i = 0; i < c.npieces; ++i)
+        backend_.copy(a + c.pieces[i].offset * es, c.pieces[i].data, c.pieces[i].count * es, s);
+      issue(s, ncclReduceScatter(a, recv, recv_count, nccl_type(dtype), nccl_op(op), comm_, s.handle()),
+            "ncclReduceScatter", doing);
+      finish_avg(recv, dtype, recv_count, op, s);
+      release_scratch(s);
+      return;
+    }
     if (needs_fp32(dtype, op)) {
       float* a = acquire_scratch(total, s);
-      backend_.cast(send, dtype, a, DType::fp32, total, s);
+      if (c.piecewise) {
+        backend_.fill(a, DType::fp32, total, 0.0f, s);
+        for (std::size_t i = 0; i < c.npieces; ++i)
+          backend_.cast(c.pieces[i].data, dtype, a + c.pieces[i].offset, DType::fp32, c.pieces[i].count, s);
+      } else {
+        backend_.cast(send, dtype, a, DType::fp32, total, s);
+      }
       float* mine = a + static_cast<std::size_t>(rank_) * recv_count;
       // In place in the scratch: NCCL allows recvbuff == sendbuff + rank*recvcount.
       issue(s, ncclReduceScatter(a, mine, recv_count, ncclFloat32, ncclSum, comm_, s.handle()),

@@ -138,8 +138,10 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         if (other.borrow_parameters) own *= 2;
         // What the engine allocates: its plan for borrowed memory, byte for byte; the same as
         // without borrowing, except at stages 1-2 with the parameters borrowed, where one slot
-        // (none at world 1) replaces the full parameters, the gradients at stage 1, and stage 0,
-        // where the trainer's arrays replace the engine's (see the stage 0 test below).
+        // (none at world 1) replaces the full parameters, the gradients at stage 1, stage 0,
+        // where the trainer's arrays replace the engine's (see the stage 0 test below), and at
+        // stages 2-3 without offload or a reduce dtype, where the units are reduce-scattered
+        // from the trainer's arrays and the two default buckets are gone.
         const MemoryReport planned =
             plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, other.borrow_gradients}).report();
         const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
@@ -147,17 +149,21 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         std::size_t full = 0;
         for (const auto& u : L.units()) full += u.padded_elems;
         const int params = static_cast<int>(Category::parameters), dev = static_cast<int>(Place::device);
+        const int grads = static_cast<int>(Category::gradients);
+        const bool from_trainer = stage >= 2 && c.compute == c.reduce && c.offload == OffloadKind::none;
         for (int r = 0; r < world; ++r) {
           EXPECT_EQ(got.memory[r].borrowed[dev], own);
           for (int k = 0; k < kCategoryCount; ++k)
             for (int p = 0; p < kPlaceCount; ++p) {
               EXPECT_EQ(got.memory[r].current[k][p], planned.current[k][p]);
               // (stage 1 with every gradient borrowed keeps no full gradient: see the test below)
-              if ((!shard_only || k != params) && (stage != 1 || k != static_cast<int>(Category::gradients)) &&
-                  stage != 0) {
+              if ((!shard_only || k != params) && ((stage != 1 && !from_trainer) || k != grads) && stage != 0) {
                 EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
               }
             }
+          if (from_trainer)
+            EXPECT_EQ(in_order.memory[r].current[grads][dev] - got.memory[r].current[grads][dev],
+                      2 * L.max_unit_elems() * size_of(c.compute));
           if (shard_only) {
             EXPECT_EQ(in_order.memory[r].current[params][dev], full * size_of(c.compute));
             EXPECT_EQ(got.memory[r].current[params][dev], (world > 1 ? L.max_unit_elems() : 0) * size_of(c.compute));
@@ -329,6 +335,47 @@ TEST(BorrowedMemory, StageZeroClipsAsTheOracle) {
       for (const auto& s : got.results[0]) clipped += s.grad_norm > spec.cfg.max_grad_norm;
       EXPECT_GT(clipped, 0) << "no step was clipped: the clip is not exercised";
     }
+}
+
+// Stages 2-3 with every gradient borrowed (no offload, the reduce dtype the compute dtype): no
+// buckets. When a unit's last block reports ready its tensors are reduce-scattered where the
+// trainer keeps them (Communicator::reduce_scatter_pieces) and zeroed there. Bit for bit the run
+// in engine memory (with clipping on, micro-steps, step_async()), the oracle, one reduce-scatter
+// per unit per micro-step as with buckets, and a plan without a bucket that memory_report() shows.
+TEST(BorrowedMemory, StagesTwoAndThreeReduceStraightFromTheTrainersArrays) {
+  const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
+                                   {DType::fp32, DType::fp32, 3, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 1, OffloadKind::none},
+                                   {DType::bf16, DType::bf16, 3, OffloadKind::none}};
+  for (int stage : {2, 3})
+    for (int world : {1, 2, 3})
+      for (const Case& c : cases) {
+        SCOPED_TRACE(case_name(stage, world, c, BackwardOrder::reverse) + " borrowed gradients");
+        RunSpec spec = spec_for(stage, world, c);
+        spec.cfg.max_grad_norm = 0.5f;
+        const RunResult own = run_training(spec);
+        RunSpec other = spec;
+        other.borrow_gradients = true;
+        other.borrow_parameters = world == 3;
+        const RunResult got = run_training(other);
+        expect_bitwise_equal(own, got, 2, "against the run with buckets in engine memory");
+        expect_matches_reference(other, got);
+        RunSpec async = other;
+        async.async = true;
+        expect_bitwise_equal(own, run_training(async), 2, "step_async() against step() in engine memory");
+        // (one rank without micro-steps: the run in engine memory adds straight into the shard
+        // and reduces nothing; from the trainer's arrays each unit is copied in by the collective)
+        if (world > 1 || c.accumulation > 1) EXPECT_EQ(reduce_scatters(got), reduce_scatters(own));
+        const detail::EnginePlan plan = detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters, true);
+        EXPECT_TRUE(plan.placement.grads_from_trainer);
+        for (const auto& b : plan.buffers) EXPECT_NE(b.kind, detail::Buf::bucket) << b.name;
+        const MemoryReport planned =
+            plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, true}).report();
+        for (int r = 0; r < world; ++r)
+          for (int k = 0; k < kCategoryCount; ++k)
+            for (int p = 0; p < kPlaceCount; ++p)
+              EXPECT_EQ(got.memory[r].peak[k][p], planned.peak[k][p]) << "category " << k << " place " << p;
+      }
 }
 
 TEST(BorrowedMemory, BadIndexAndLateCallAreErrors) {

@@ -357,7 +357,7 @@ TEST(CliPlanErrors, BadInputNamesTheFlag) {
 // What the engine owns is its plan with that memory borrowed (plan_memory called here with the
 // same borrowing, on the model the same flags give); what the trainer lends is every tensor's
 // compute-dtype bytes per kind, counted here from the parameter count; and the plan drops the full
-// copies the stage no longer needs.
+// copies (and, at stages 2-3, the gradient buckets) the stage no longer needs.
 TEST(CliEstimateBorrowed, OwnedMatchesThePlanAndLentIsPrintedApart) {
   using namespace shardopt;
   const std::uint64_t n = 1000003;
@@ -389,8 +389,13 @@ TEST(CliEstimateBorrowed, OwnedMatchesThePlanAndLentIsPrintedApart) {
         full_params = full_params || buf["name"] == "full parameters";
         full_grads = full_grads || buf["name"] == "full gradients";
       }
+      // (grads at stages 2-3: no buckets, the units reduced from the trainer's arrays)
       const bool drops_params = b.params && stage <= 2;
-      const bool drops_grads = b.grads && stage <= 1;
+      const bool drops_grads = b.grads;
+      bool buckets = false;
+      for (const auto& buf : j["buffers"])
+        buckets = buckets || buf["name"].get<std::string>().rfind("gradient bucket", 0) == 0;
+      EXPECT_EQ(buckets, stage >= 2 && !b.grads);
       EXPECT_EQ(full_params, stage < 3 && !drops_params);
       EXPECT_EQ(full_grads, stage < 2 && !drops_grads);
       if (drops_params || drops_grads) {

@@ -781,6 +781,111 @@ TEST(InProcessComm, BadArgumentsAreRejected) {
   });
 }
 
+// reduce_scatter_pieces against reduce_scatter of the same input packed into one buffer (zero
+// where no piece lies), bit for bit: worlds 1-5, every dtype and op, counts 1 to 37 per rank, and
+// piece layouts with gaps at the start, inside and at the end of blocks, pieces across block
+// boundaries, one piece over everything, and no piece at all. Each piece lives in its own array.
+TEST(InProcessComm, ReduceScatterPiecesEqualsThePackedReduceScatter) {
+  for (int n : {1, 2, 3, 5})
+    for (DType t : {DType::fp32, DType::bf16, DType::fp16})
+      for (ReduceOp op : {ReduceOp::sum, ReduceOp::avg, ReduceOp::max})
+        for (std::size_t c : {std::size_t(1), std::size_t(7), std::size_t(37)})
+          for (int layout = 0; layout < 4; ++layout) {
+            const std::string what = "world " + std::to_string(n) + " " + std::string(name_of(t)) + " op " +
+                                     std::to_string(static_cast<int>(op)) + " count " + std::to_string(c) +
+                                     " layout " + std::to_string(layout);
+            const std::size_t total = static_cast<std::size_t>(n) * c;
+            // The layout, the same on every rank: [offset, count) runs.
+            std::vector<std::pair<std::size_t, std::size_t>> runs;
+            if (layout == 1) runs.emplace_back(0, total);
+            for (std::size_t pos = 1, k = 0; layout >= 2 && pos < total; ++k) {
+              const std::size_t len = std::min(total - pos, 1 + (k * 5 + c) % (layout == 2 ? 4 : 13));
+              runs.emplace_back(pos, len);
+              pos += len + (k % 3);  // gaps of 0, 1 and 2 elements
+            }
+            World w(n);
+            std::vector<std::vector<std::uint32_t>> got(n), want(n);
+            run_ranks(n, [&](int r) {
+              Buf packed(t, total);
+              for (std::size_t i = 0; i < total; ++i) packed.set(i, 0.0);
+              std::vector<Buf> arrays;
+              std::vector<SendPiece> pieces;
+              arrays.reserve(runs.size());
+              for (std::size_t k = 0; k < runs.size(); ++k) {
+                arrays.emplace_back(t, runs[k].second);
+                for (std::size_t i = 0; i < runs[k].second; ++i) {
+                  const double v = static_cast<double>((static_cast<int>(runs[k].first + i) * 7 + r * 3) % 17 - 8) / 8.0;
+                  arrays.back().set(i, v);
+                  packed.set(runs[k].first + i, v);
+                }
+              }
+              for (std::size_t k = 0; k < runs.size(); ++k) pieces.push_back({runs[k].first, runs[k].second, arrays[k].data()});
+              Buf a(t, c), b(t, c);
+              w.comm(r).reduce_scatter(packed.data(), a.data(), c, t, op, w.stream(r));
+              w.comm(r).reduce_scatter_pieces(pieces.data(), pieces.size(), b.data(), c, t, op, w.stream(r));
+              w.backend(r).synchronize(w.stream(r));
+              EXPECT_TRUE(b.guard_intact()) << what;
+              for (std::size_t i = 0; i < c; ++i) {
+                want[r].push_back(a.bits(i));
+                got[r].push_back(b.bits(i));
+              }
+            });
+            for (int r = 0; r < n; ++r) ASSERT_EQ(got[r], want[r]) << what << " rank " << r;
+          }
+}
+
+TEST(InProcessComm, ReduceScatterPiecesRefusesBadPiecesAndRanksThatDisagree) {
+  const std::size_t c = 8;
+  std::vector<float> x(4 * c, 1.0f), y(c, 0.0f);
+  struct Bad {
+    const char* name;
+    std::vector<SendPiece> pieces;
+    const char* mention;
+  };
+  const Bad bad[] = {
+      {"descending", {{4, 2, x.data()}, {1, 2, x.data() + 4}}, "ascend"},
+      {"overlapping", {{0, 3, x.data()}, {2, 2, x.data() + 4}}, "ascend"},
+      {"past the end", {{2 * c - 1, 2, x.data()}}, "outside"},
+      {"no data", {{0, 2, nullptr}}, "no data"},
+      {"empty piece", {{0, 0, x.data()}}, "no elements"},
+      {"over recv", {{0, 4, y.data()}}, "overlaps recv"},
+  };
+  for (const Bad& b : bad) {
+    World w(2);
+    run_ranks(
+        2,
+        [&](int r) {
+          if (r == 0) {
+            try {
+              w.comm(0).reduce_scatter_pieces(b.pieces.data(), b.pieces.size(), y.data(), c, DType::fp32, ReduceOp::sum,
+                                              w.stream(0));
+              ADD_FAILURE() << b.name << ": accepted";
+            } catch (const Error& e) {
+              EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << b.name << ": " << e.what();
+              EXPECT_NE(e.message().find(b.mention), std::string::npos) << b.name << ": " << e.message();
+            }
+          } else {
+            std::vector<float> z(c);
+            expect_comm_failure([&] { w.comm(1).broadcast(z.data(), z.data(), c, DType::fp32, 0, w.stream(1)); },
+                                w.backend(1), w.stream(1), std::string("peer of ") + b.name);
+          }
+        },
+        60s);
+  }
+  // Ranks whose pieces differ (offsets or how many) fail every rank, naming it. (The pieces stay
+  // valid until the collective has run, as the contract asks: it reads them in stream order.)
+  std::vector<std::vector<float>> in(3, std::vector<float>(3 * c, 1.0f)), out(3, std::vector<float>(c));
+  std::vector<std::vector<SendPiece>> p(3);
+  for (int r = 0; r < 3; ++r) p[r] = {{0, 4, in[r].data()}, {r == 2 ? 6u : 5u, 4, in[r].data() + 8}};
+  expect_group_failure(
+      3,
+      [&](World& w, int r) {
+        w.comm(r).reduce_scatter_pieces(p[r].data(), p[r].size(), out[r].data(), c, DType::fp32, ReduceOp::sum,
+                                        w.stream(r));
+      },
+      "pieces mismatch", "different pieces");
+}
+
 TEST(InProcessComm, FailedStreamDropsCollectiveAndPeersDoNotHang) {
   // A task that fails before the collective makes the CPU stream skip what follows it. With
   // host_tasks that is the collective itself: the peers must get an error rather than wait for a

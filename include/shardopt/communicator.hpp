@@ -40,6 +40,14 @@ struct CommStats {
   std::uint64_t total_bytes() const noexcept;
 };
 
+// One run of a reduce_scatter input that does not lie in one buffer (reduce_scatter_pieces):
+// elements [offset, offset + count) of the size() * recv_count input elements are at `data`.
+struct SendPiece {
+  std::size_t offset = 0;
+  std::size_t count = 0;
+  const void* data = nullptr;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -58,6 +66,18 @@ class Communicator {
   virtual void broadcast(const void* send, void* recv, std::size_t count, DType dtype, int root,
                          Stream& stream) = 0;
   virtual void barrier(Stream& stream) = 0;
+  // reduce_scatter of an input that lies in pieces at separate addresses (a trainer's per-tensor
+  // gradient arrays, say) instead of one buffer; the elements no piece covers are zero. The
+  // pieces are in ascending order of offset, do not overlap, have elements, and lie inside
+  // size() * recv_count; every rank passes the same offsets and counts (with its own addresses).
+  // recv must not overlap a piece. `pieces` and what they point to must stay valid and unchanged
+  // until the collective has run in stream order. The result is reduce_scatter's of the same
+  // input packed into one buffer, bit for bit. The in-process communicator reads every piece where
+  // it is; the MPI, TCP and NCCL communicators pack them first (into their own scratch, in stream
+  // order: for NCCL one padded input of device memory, see reserve_pieces). Default:
+  // Error(unsupported).
+  virtual void reduce_scatter_pieces(const SendPiece* pieces, std::size_t npieces, void* recv,
+                                     std::size_t recv_count, DType dtype, ReduceOp op, Stream& stream);
 
   // Prepares for sum/avg reductions (reduce_scatter's full count, all_reduce's count) of up to
   // `count` elements of `dtype`, so that none of them allocates memory later: a communicator that
@@ -67,6 +87,9 @@ class Communicator {
   // the scratch's address (so it never moves once captured). Calls with smaller counts are
   // no-ops. Not thread-safe against collectives in flight on the host. Default: nothing to do.
   virtual void reserve(std::size_t /*count*/, DType /*dtype*/) {}
+  // The same for reduce_scatter_pieces of up to `count` input elements: a communicator that packs
+  // the pieces into scratch memory allocates it here. Default: nothing to do.
+  virtual void reserve_pieces(std::size_t /*count*/, DType /*dtype*/) {}
 
   CommStats stats() const;
   void reset_stats();

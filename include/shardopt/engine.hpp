@@ -62,6 +62,9 @@
 //     flushing: gradients() then throws Error(invalid_state) naming the blocks whose views are
 //     open. Set Config::gradient_buckets = 0 (one bucket per unit: the whole gradient, so stage 2
 //     keeps only stage 1's memory for gradients) or enough buckets for the units it holds.
+//   - Every tensor's gradient borrowed (borrow_gradients; no offload, no separate reduce dtype):
+//     no buckets, so no flushes either: each unit is reduce-scattered from the trainer's arrays
+//     once its last block reports ready, in whatever order the blocks come.
 //   The trainer writes a gradient view only between gradients(b) and grads_ready(b), and reads or
 //   writes a parameter view only between acquire(b) and release(b), even where the address is
 //   stable: outside those brackets the engine's streams may be reading or writing it.
@@ -179,10 +182,20 @@ class Engine {
   //     for a block whose every tensor is borrowed it takes no bucket: a backward may hold the
   //     views of every block at once (a single pass over the model) with the default buckets.
   //   grads_ready(b) reads the block's borrowed gradients, in order on compute_stream() (on the
-  //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3; any
-  //     backward order, see "Backward order") or the full gradient (stage 0, and stage 1 when
-  //     some tensor's gradient is not borrowed). At stages 0-1 with every tensor's gradient
-  //     borrowed grads_ready reads nothing: step() reads the trainer's arrays (below).
+  //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3 with
+  //     some tensor not borrowed, or under optimizer offload, or with a reduce dtype; any backward
+  //     order, see "Backward order") or the full gradient (stages 0-1 when some tensor's gradient
+  //     is not borrowed). At stages 0-1 with every tensor's gradient borrowed grads_ready reads
+  //     nothing: step() reads the trainer's arrays (below). At stages 2-3 with every tensor's
+  //     gradient borrowed (no offload, reduce dtype = compute dtype) nothing is copied: when the
+  //     last block of a unit reports ready, the unit's tensors are reduce-scattered where they
+  //     are into the gradient shard (Communicator::reduce_scatter_pieces: the in-process
+  //     communicator reads them in place; MPI, TCP and NCCL pack them into their own scratch
+  //     first) on the engine's side stream, after compute_stream(), and then zeroed there. The
+  //     trainer then writes a block's gradient for the next micro-step only after the last
+  //     grads_ready of this one: compute_stream() waits there for these reductions (on the CPU
+  //     backend the host does), so the next micro-step's forward does not overlap the last
+  //     unit's reduction.
   //   The contract of the gradient stays: the trainer ADDS into it. The engine zeroes borrowed
   //   memory at initialize(), after reading it at grads_ready (stages 2-3, where every micro-step
   //   starts from zero), at the end of step() (stages 0-1, which sum micro-steps there), and at
@@ -195,8 +208,11 @@ class Engine {
   //   computes in them: the all-reduce runs in place there, so between step() and its end they
   //   hold the averaged gradient, which the trainer must not read either.
   // Memory, per stage:
-  //   stages 2-3: no full gradient anywhere but in the trainer's memory (the engine's buckets and
-  //     shard as before; a bucket copy per block at grads_ready).
+  //   stages 2-3 with every tensor's gradient borrowed, no offload, reduce dtype = compute dtype:
+  //     no buckets at all (Config::gradient_buckets does not apply); the engine keeps the
+  //     gradient shard only. Otherwise at stages 2-3: no full gradient anywhere but in the
+  //     trainer's memory (the engine's buckets and shard as before; a bucket copy per block at
+  //     grads_ready).
   //   stage 1 with every tensor's gradient borrowed: no full gradient of the engine's own. The
   //     trainer's arrays are the full gradient (micro-steps summed there); step() copies each unit
   //     from them into one unit-sized staging buffer and reduce-scatters it into the gradient

@@ -152,17 +152,22 @@ SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine
  * life; the engine does not own it. NULL gives the tensor back to engine memory.
  * gradients() then returns `grads` for the tensor (a block whose every tensor is borrowed takes no
  * bucket, so a single-pass backward may write every block's gradient before any grads_ready with
- * the default buckets), and grads_ready(block) reads it (stages 2-3: into the unit's bucket,
- * reduce-scattered as usual, in any block order; stages 0-1 with some tensor not borrowed: into
- * the full gradient). The caller ADDS its gradient there; the engine zeroes borrowed memory at
- * initialize, after reading it at grads_ready (stages 2-3), at the end of step (stages 0-1) and at
- * zero_grad. Write it only between the end of a step and grads_ready(block) (stages 0-1 with every
- * tensor borrowed: and step, which reads it then). Memory: at stages 2-3 the only full gradient is
- * the caller's; at stages 0-1 with every tensor's gradient borrowed (on every rank) too: stage 1
- * copies it unit by unit into one unit-sized buffer to reduce-scatter it; stage 0 all-reduces each
- * tensor in place in the caller's memory and updates from there (so after grads_ready the memory
- * holds engine values until step returns). Stages 0-1 with some tensor not borrowed keep the
- * engine's own full gradient. Details: engine.hpp, Engine::borrow_gradients. */
+ * the default buckets), and grads_ready(block) reads it (stages 2-3: with every tensor borrowed,
+ * no offload and no separate reduce dtype, a unit is reduce-scattered straight from the caller's
+ * memory once its last block is ready, and the engine keeps no buckets; otherwise into the unit's
+ * bucket, reduce-scattered as usual; in any block order; stages 0-1 with some tensor not
+ * borrowed: into the full gradient). The caller ADDS its gradient there; the engine zeroes
+ * borrowed memory at initialize, after reading it at grads_ready (stages 2-3), at the end of step
+ * (stages 0-1) and at zero_grad. Write it only between the end of a step and grads_ready(block)
+ * (stages 0-1 with every tensor borrowed: and step, which reads it then; stages 2-3 reducing
+ * from the caller's memory: with micro-steps, write a block again only after the micro-step's last
+ * grads_ready, where the engine orders the compute stream after its reductions). Memory: at
+ * stages 2-3 the only full gradient is the caller's; at stages 0-1 with every tensor's gradient
+ * borrowed (on every rank) too: stage 1 copies it unit by unit into one unit-sized buffer to
+ * reduce-scatter it; stage 0 all-reduces each tensor in place in the caller's memory and updates
+ * from there (so after grads_ready the memory holds engine values until step returns). Stages 0-1
+ * with some tensor not borrowed keep the engine's own full gradient. Details: engine.hpp,
+ * Engine::borrow_gradients. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* engine, int tensor, void* grads);
 /* The same for a tensor-major array (every layer's tensor of one kind stored one after another,
  * [L, ...]): tensor `tensor_in_block` of blocks first_block .. first_block+nblocks-1 gets the

@@ -1,6 +1,7 @@
 #include "comm/collective.hpp"
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -78,6 +79,38 @@ std::string check_reduce(const void* const* srcs, int nsrc, void* const* dsts, i
   return {};
 }
 
+namespace {
+
+// reduce_scatter_pieces: what is wrong with the pieces, or "".
+std::string check_pieces(const Call& c, std::size_t world) {
+  const std::size_t es = size_of(c.dtype), total = world * c.count;
+  if (c.npieces && !c.pieces) return "pieces is null";
+  if (total && !c.recv) return "recv is null";
+  std::size_t end = 0;
+  for (std::size_t i = 0; i < c.npieces; ++i) {
+    const SendPiece& p = c.pieces[i];
+    const std::string at = "piece " + std::to_string(i) + " ";
+    if (!p.data) return at + "has no data";
+    if (p.count == 0) return at + "has no elements";
+    if (p.offset < end) return at + "starts at " + std::to_string(p.offset) + ", inside the piece before it (they must ascend)";
+    if (p.offset > total || p.count > total - p.offset)
+      return at + "[" + std::to_string(p.offset) + ", +" + std::to_string(p.count) + ") lies outside the " +
+             std::to_string(total) + " input elements";
+    if (overlap(c.recv, c.count * es, p.data, p.count * es)) return at + "overlaps recv";
+    end = p.offset + p.count;
+  }
+  return {};
+}
+
+}  // namespace
+
+void pack_pieces(const Call& c, int size, void* dst) noexcept {
+  const std::size_t es = size_of(c.dtype);
+  std::memset(dst, 0, static_cast<std::size_t>(size) * c.count * es);
+  for (std::size_t i = 0; i < c.npieces; ++i)
+    std::memcpy(bytes_of(dst) + c.pieces[i].offset * es, c.pieces[i].data, c.pieces[i].count * es);
+}
+
 std::string check_call(const Call& c, int rank, int size) {
   const std::size_t es = size_of(c.dtype);
   const auto world = static_cast<std::size_t>(size);
@@ -89,6 +122,7 @@ std::string check_call(const Call& c, int rank, int size) {
     return "count elements overflow the address space";
   switch (c.kind) {
     case CollectiveKind::reduce_scatter:
+      if (c.piecewise) return check_pieces(c, world);
       if (n == 0) return {};
       if (!c.send || !c.recv) return !c.send ? "send is null" : "recv is null";
       if (overlap(c.recv, n * es, c.send, world * n * es) && c.recv != bytes_of(c.send) + rank * n * es)

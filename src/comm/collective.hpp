@@ -25,7 +25,15 @@ struct Call {
   DType dtype = DType::fp32;
   ReduceOp op = ReduceOp::sum;
   int root = 0;
+  // reduce_scatter_pieces (piecewise): the input's pieces, possibly none (send is null then).
+  const SendPiece* pieces = nullptr;
+  std::size_t npieces = 0;
+  bool piecewise = false;
 };
+
+// reduce_scatter_pieces' input packed into `dst` (size * count elements, host memory): zero where
+// no piece lies. For the communicators that send one buffer (MPI, TCP).
+void pack_pieces(const Call& c, int size, void* dst) noexcept;
 
 const char* op_name(ReduceOp op) noexcept;
 bool reduces(CollectiveKind k) noexcept;
@@ -73,6 +81,10 @@ class CommunicatorBase : public Communicator {
     issue({CollectiveKind::broadcast, send, recv, count, dtype, ReduceOp::sum, root}, stream);
   }
   void barrier(Stream& stream) final { issue({}, stream); }
+  void reduce_scatter_pieces(const SendPiece* pieces, std::size_t npieces, void* recv, std::size_t recv_count,
+                             DType dtype, ReduceOp op, Stream& stream) final {
+    issue({CollectiveKind::reduce_scatter, nullptr, recv, recv_count, dtype, op, 0, pieces, npieces, true}, stream);
+  }
 
  protected:
   // `who` names this kind of rank in messages: "rank", "MPI rank", "NCCL rank".

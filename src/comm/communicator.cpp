@@ -1,5 +1,7 @@
 #include "shardopt/communicator.hpp"
 
+#include "shardopt/error.hpp"
+
 namespace shardopt {
 
 std::string_view name_of(CollectiveKind k) noexcept {
@@ -27,6 +29,10 @@ CommStats Communicator::stats() const {
 void Communicator::reset_stats() {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_ = CommStats{};
+}
+
+void Communicator::reduce_scatter_pieces(const SendPiece*, std::size_t, void*, std::size_t, DType, ReduceOp, Stream&) {
+  throw Error(ErrorCode::unsupported, "reduce_scatter_pieces: this communicator does not implement it");
 }
 
 void Communicator::count(CollectiveKind kind, std::uint64_t bytes) {

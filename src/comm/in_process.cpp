@@ -48,6 +48,30 @@ using comm::reduce;
 using comm::reduces;
 using comm::describe;
 
+// reduce_scatter_pieces: rank `rank`'s block of the input cut where pieces begin and end:
+// f(piece index, element of the input, length, element of recv) for each run, in order, with
+// kGap as the index of a run no piece covers. Every rank's pieces have the same offsets
+// (mismatch() checks it), so the runs are the same for every rank's input.
+constexpr std::size_t kGap = ~std::size_t(0);
+template <class F>
+void for_each_piece_run(int rank, const Call& me, F&& f) {
+  const std::size_t lo = static_cast<std::size_t>(rank) * me.count, hi = lo + me.count;
+  std::size_t pos = lo;
+  for (std::size_t i = 0; i < me.npieces && pos < hi; ++i) {
+    const SendPiece& p = me.pieces[i];
+    const std::size_t b = std::max(p.offset, lo), e = std::min(p.offset + p.count, hi);
+    if (b >= e) continue;
+    if (pos < b) f(kGap, pos, b - pos, pos - lo);
+    f(i, b, e - b, b - lo);
+    pos = e;
+  }
+  if (pos < hi) f(kGap, pos, hi - pos, pos - lo);
+}
+// Input element `at` of piece i of a rank's call (at lies in the piece).
+const unsigned char* piece_at(const Call& c, std::size_t i, std::size_t at) noexcept {
+  return bytes_of(c.pieces[i].data) + (at - c.pieces[i].offset) * size_of(c.dtype);
+}
+
 }  // namespace
 
 class InProcessGroup {
@@ -328,6 +352,18 @@ class InProcessGroup {
     void* dsts[Backend::kMaxReduceOperands];
     switch (me.kind) {
       case CollectiveKind::reduce_scatter: {
+        if (me.piecewise) {
+          for_each_piece_run(rank, me, [&](std::size_t i, std::size_t lo, std::size_t len, std::size_t at) {
+            if (i == kGap) {
+              be.fill(bytes_of(me.recv) + at * es, me.dtype, len, 0.0f, st);
+              return;
+            }
+            for (int q = 0; q < size_; ++q) srcs[q] = piece_at(calls[static_cast<std::size_t>(q)], i, lo);
+            dsts[0] = bytes_of(me.recv) + at * es;
+            be.reduce(srcs, size_, dsts, 1, len, me.dtype, me.op, st);
+          });
+          break;
+        }
         const std::size_t off = static_cast<std::size_t>(rank) * n * es;
         for (int q = 0; q < size_; ++q) srcs[q] = bytes_of(calls[static_cast<std::size_t>(q)].send) + off;
         dsts[0] = me.recv;
@@ -420,9 +456,15 @@ class InProcessGroup {
     const Call& a = s.calls[0];
     for (int q = 1; q < size_; ++q) {
       const Call& b = s.calls[static_cast<std::size_t>(q)];
-      const bool same = a.kind == b.kind && a.count == b.count && a.dtype == b.dtype &&
-                        (!reduces(a.kind) || a.op == b.op) &&
-                        (a.kind != CollectiveKind::broadcast || a.root == b.root);
+      bool same = a.kind == b.kind && a.count == b.count && a.dtype == b.dtype &&
+                  (!reduces(a.kind) || a.op == b.op) &&
+                  (a.kind != CollectiveKind::broadcast || a.root == b.root) &&
+                  a.piecewise == b.piecewise && a.npieces == b.npieces;
+      for (std::size_t i = 0; same && a.piecewise && i < a.npieces; ++i)
+        same = a.pieces[i].offset == b.pieces[i].offset && a.pieces[i].count == b.pieces[i].count;
+      if (!same && a.kind == b.kind && a.count == b.count && (a.piecewise || b.piecewise))
+        return "ranks disagree on collective #" + std::to_string(seq) + ": rank 0 and rank " + std::to_string(q) +
+               " issued reduce_scatter_pieces with different pieces (offsets and counts must be the same)";
       if (!same) {
         return "ranks disagree on collective #" + std::to_string(seq) + ": rank 0 issued " + describe(a) +
                " but rank " + std::to_string(q) + " issued " + describe(b);
@@ -439,6 +481,18 @@ class InProcessGroup {
     const auto& calls = s.calls;
     switch (me.kind) {
       case CollectiveKind::reduce_scatter: {
+        if (me.piecewise) {  // each rank's pieces where they are; zero where no piece lies
+          for_each_piece_run(rank, me, [&](std::size_t i, std::size_t lo, std::size_t len, std::size_t at) {
+            if (i == kGap) {
+              std::memset(bytes_of(me.recv) + at * es, 0, len * es);
+              return;
+            }
+            reduce(
+                size_, [&](int q) { return piece_at(calls[static_cast<std::size_t>(q)], i, lo); }, 1,
+                [&](int) { return bytes_of(me.recv) + at * es; }, len, me.dtype, me.op);
+          });
+          break;
+        }
         // Rank r reduces block r of every send into its own recv; blocks of different ranks are
         // disjoint, so the in-place form (recv inside this rank's send) only touches block r.
         const std::size_t off = static_cast<std::size_t>(rank) * n * es;
@@ -582,6 +636,14 @@ class InProcessCommunicator final : public comm::CommunicatorBase {
       // from the first operand and divides by 1), and a gather or broadcast of one slice is that
       // slice, so the result is the input: one stream-ordered copy, or nothing in place. The
       // reduction kernel would read and convert every element for the same bits.
+      if (c.piecewise) {
+        const std::size_t es = size_of(c.dtype);
+        for_each_piece_run(0, c, [&](std::size_t i, std::size_t lo, std::size_t len, std::size_t at) {
+          if (i == kGap) backend_.fill(bytes_of(c.recv) + at * es, c.dtype, len, 0.0f, stream);
+          else backend_.copy(bytes_of(c.recv) + at * es, piece_at(c, i, lo), len * es, stream);
+        });
+        return;
+      }
       if (c.kind != CollectiveKind::barrier && c.send != c.recv && c.count != 0)
         backend_.copy(c.recv, c.send, c.count * size_of(c.dtype), stream);
       return;

@@ -399,9 +399,15 @@ class MpiGroup {
     return buf;
   }
 
-  void reduce_scatter(std::uint64_t seq, const Call& c) {
+  void reduce_scatter(std::uint64_t seq, Call c) {
     const std::size_t bytes = c.count * size_of(c.dtype);
     if (bytes == 0) return;
+    if (c.piecewise) {  // reduce_scatter_pieces: the pieces packed into one input first
+      thread_local std::vector<unsigned char> packed;
+      if (packed.size() < bytes * static_cast<std::size_t>(size_)) packed.resize(bytes * static_cast<std::size_t>(size_));
+      comm::pack_pieces(c, size_, packed.data());
+      c.send = packed.data();
+    }
     unsigned char* tmp = scratch(bytes * static_cast<std::size_t>(size_ - 1)).data();
     Pending reqs;
     for (int q = 0; q < size_; ++q) {

@@ -120,6 +120,7 @@ class TcpGroup {
     std::vector<std::byte> out(sizeof h + (h.aborted ? reason.size() : data_bytes));
     std::memcpy(out.data(), &h, sizeof h);
     if (h.aborted) std::memcpy(out.data() + sizeof h, reason.data(), reason.size());
+    else if (c.piecewise && data_bytes) comm::pack_pieces(c, size_, out.data() + sizeof h);  // reduce_scatter_pieces
     else if (data_bytes) std::memcpy(out.data() + sizeof h, c.send, data_bytes);
 
     std::vector<std::vector<std::byte>> table;

@@ -97,6 +97,14 @@ void GradReducer::set_borrowed(std::vector<void*> grads) {
   }
   zero_borrowed(*ctx_.compute);
   ctx_.be.synchronize(*ctx_.compute);
+  if (!ctx_.placement.grads_from_trainer) return;
+  // Each unit's input, as reduce_scatter_pieces takes it: its tensors at their unit offsets.
+  pieces_.resize(ctx_.layout.units().size());
+  for (int u = 0; u < static_cast<int>(ctx_.layout.units().size()); ++u)
+    for (int t : tensors_of_unit(ctx_.layout, u))
+      if (ctx_.layout.tensors()[t].numel)
+        pieces_[static_cast<std::size_t>(u)].push_back(
+            {ctx_.layout.tensors()[t].unit_offset, ctx_.layout.tensors()[t].numel, borrowed_[t]});
 }
 
 bool GradReducer::block_borrowed(int b) const { return block_fully_borrowed(ctx_.layout, borrowed_, b); }
@@ -138,10 +146,12 @@ void GradReducer::block_ready(int b) {
   bool borrows = false;
   for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count && !borrowed_.empty(); ++t)
     borrows = borrows || (borrowed_[t] && ctx_.layout.tensors()[t].numel);
-  // (grads_borrowed: read at step(), where the trainer's arrays hold the sum of the micro-steps)
-  if (borrows && !ctx_.placement.grads_borrowed) copy_borrowed(b);
+  // (grads_borrowed: read at step(), where the trainer's arrays hold the sum of the micro-steps;
+  // grads_from_trainer: read where they are when the unit is complete)
+  const bool from_trainer = ctx_.placement.grads_from_trainer;
+  if (borrows && !ctx_.placement.grads_borrowed && !from_trainer) copy_borrowed(b);
   const int u = bi.unit;
-  const bool bucketed = ctx_.placement.grads == GradFlow::bucketed;
+  const bool bucketed = ctx_.placement.grads == GradFlow::bucketed && !from_trainer;
   bool has_elements = false;
   for (int t = bi.first_tensor; t < bi.first_tensor + bi.tensor_count; ++t)
     has_elements = has_elements || ctx_.layout.tensors()[t].numel != 0;
@@ -159,7 +169,15 @@ void GradReducer::block_ready(int b) {
   }
   ready_blocks_++;
   if (--unit_pending_[u] == 0 && bucketed) reduce_bucket(u);
+  if (unit_pending_[u] == 0 && from_trainer) reduce_from_trainer(u);
   if (ready_blocks_ == static_cast<int>(ctx_.layout.blocks().size())) {
+    // grads_from_trainer: the next micro-step's writes into the trainer's arrays come after the
+    // reductions that read (and zeroed) them.
+    if (from_trainer) {
+      ctx_.be.record(*reduced_, *ctx_.side);
+      ctx_.be.wait(*ctx_.compute, *reduced_);
+      if (ctx_.host_visible()) ctx_.be.synchronize(*ctx_.side);
+    }
     micro_steps_++;
     reset_pending();
   }
@@ -214,6 +232,27 @@ void GradReducer::reduce_bucket(int u) {
     be.record(*reduced_, side);
     store_.offload()->download(shard, ctx_.state_offset(u, ctx_.slice_begin(u)), info.slice_elems, *reduced_);
   }
+}
+
+// grads_from_trainer: unit u's tensors reduce-scattered where the trainer keeps them, into the
+// gradient shard (or, with micro-steps, the reduce-scatter slice added into it), on side after
+// what backward wrote on compute; then zeroed there for the next micro-step. The input is the
+// unit's padded layout with its gaps zero, as a bucket holds it: the same bits.
+void GradReducer::reduce_from_trainer(int u) {
+  const auto& info = ctx_.layout.units()[u];
+  const DType c = ctx_.compute_dtype, gs = ctx_.placement.shard_grad_dtype;
+  Stream& side = *ctx_.side;
+  ctx_.side_after_compute();
+  const std::vector<SendPiece>& pieces = pieces_[static_cast<std::size_t>(u)];
+  void* shard = at(grad_shard_, info.shard_offset, gs);
+  if (ctx_.cfg.accumulation_steps == 1) {
+    ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), shard, info.slice_elems, c, ReduceOp::avg, side);
+  } else {
+    ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), rs_tmp_.data(), info.slice_elems, c, ReduceOp::avg,
+                                    side);
+    ctx_.be.accumulate(rs_tmp_.data(), c, static_cast<float*>(shard), info.slice_elems, side);
+  }
+  for (const SendPiece& p : pieces) ctx_.be.fill(const_cast<void*>(p.data), c, p.count, 0.0f, side);
 }
 
 void GradReducer::reduce_partial(int u) {

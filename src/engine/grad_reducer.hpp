@@ -8,6 +8,9 @@
 //                   last block reports ready the bucket is reduce-scattered into the gradient
 //                   shard (summed over micro-steps in fp32) on side while backward goes on.
 //                   grads_direct: one rank, nothing to reduce: backward adds straight into the shard.
+//   grads_from_trainer (stages 2-3, every gradient in the trainer's memory) no buckets: when a
+//                   unit's last block reports ready, its tensors are reduce-scattered where they
+//                   are into the shard (Communicator::reduce_scatter_pieces) and zeroed there.
 //   grads_borrowed  (stages 0-1, every gradient in the trainer's memory) no full gradient of its
 //                   own: at step(), stage 1 copies each unit from the trainer's arrays into one
 //                   staging unit and reduce-scatters it from there (reduce_borrowed_units); stage 0
@@ -110,6 +113,7 @@ class GradReducer {
   void reduce_units_to_host();
   void reduce_borrowed_units();
   void reduce_borrowed_in_place();
+  void reduce_from_trainer(int u);
   // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
   void measure(int u, const void* unit, DType t);
   void zero_accumulators();
@@ -133,6 +137,7 @@ class GradReducer {
   std::unique_ptr<Event> reduce_buf_free_;
   std::vector<std::vector<NormRange>> norm_ranges_;
   std::vector<void*> borrowed_;  // per tensor (empty: nothing borrowed)
+  std::vector<std::vector<SendPiece>> pieces_;  // grads_from_trainer: per unit, its tensors' arrays
   std::vector<char> block_ready_;
   std::vector<int> unit_pending_;  // blocks of the unit not yet ready this micro-step
   // Any backward order (this micro-step): blocks holding a gradient view (gradients() without

@@ -71,8 +71,9 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   pl.params_tier = cfg.offload_params ? Tier::pinned_host : Tier::device;
   pl.grads = stage == 0 ? GradFlow::all_reduce : stage == 1 ? GradFlow::reduce_scatter : GradFlow::bucketed;
   pl.shard_grad_dtype = gs;
+  pl.grads_from_trainer = grads_borrowed && stage >= 2 && r == c && !off;
   pl.grads_direct = pl.grads == GradFlow::bucketed && world == 1 && cfg.accumulation_steps == 1 && r == c &&
-                    gs == c && !off;
+                    gs == c && !off && !pl.grads_from_trainer;
   for (const auto& info : L.units()) pl.grads_direct = pl.grads_direct && info.slice_elems == info.padded_elems;
   pl.state_sharded = stage >= 1;
   pl.state_tier = nvme ? Tier::nvme : off ? Tier::pinned_host : Tier::device;
@@ -211,8 +212,9 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
       (pl.grads == GradFlow::bucketed || (pl.grads == GradFlow::reduce_scatter && (r != c || pl.grads_borrowed))))
     add(Buf::grad_shard, 0, S, gs, Category::gradients, "gradient shard");
   if (pl.grads == GradFlow::bucketed) {
-    // Config::gradient_buckets of them (0: one per unit).
-    const int nb = cfg.gradient_buckets > 0 ? cfg.gradient_buckets : static_cast<int>(L.units().size());
+    // Config::gradient_buckets of them (0: one per unit); none when the gradients are reduced
+    // straight from the trainer's arrays.
+    const int nb = pl.grads_from_trainer ? 0 : cfg.gradient_buckets > 0 ? cfg.gradient_buckets : static_cast<int>(L.units().size());
     for (int i = 0; i < nb; ++i) add(Buf::bucket, i, U, c, Category::gradients, "gradient bucket " + std::to_string(i));
     if (cfg.accumulation_steps > 1 && !pl.grads_to_host)
       add(Buf::rs_tmp, 0, max_slice, r, Category::communication, "reduce-scatter slice");

@@ -144,6 +144,11 @@ struct Placement {
   // Stage 0, grads_borrowed, no offload, reduce dtype == compute dtype: the update ranges follow
   // the tensors and read the all-reduced gradient in the trainer's arrays.
   bool grads_in_trainer = false;
+  // Stages 2-3 with every tensor's gradient borrowed, no offload, reduce dtype == compute dtype:
+  // no buckets. When a unit's last block reports ready, its tensors are reduce-scattered straight
+  // from the trainer's arrays into the gradient shard (Communicator::reduce_scatter_pieces) and
+  // then zeroed there, on side.
+  bool grads_from_trainer = false;
   // Stages 0-2 with every tensor's parameters borrowed (Engine::borrow_parameters): no parameters
   // of the engine's own, full or sharded; the update (or the offload engine's upload) writes this
   // rank's compute-dtype parameters straight into the trainer's arrays, and the update ranges
@@ -191,7 +196,7 @@ LayoutOptions layout_options(const Config& config, int world_size);
 // At stages 0-2 the engine then keeps no parameters of its own (Placement::params_in_trainer).
 // grads_borrowed: every tensor with elements has borrowed gradients (Engine::borrow_gradients).
 // At stages 0-1 the engine then keeps no full gradient buffer (Placement::grads_borrowed); at
-// stages 2-3 it changes nothing (they bucket anyway).
+// stages 2-3 no buckets, when nothing needs them (Placement::grads_from_trainer).
 EnginePlan plan_engine(const Config& config, const std::vector<BlockSpec>& blocks, int world_size,
                        bool params_borrowed = false, bool grads_borrowed = false);
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "engine_harness.hpp"
+#include "pieces_check.hpp"
 #include "shardopt/bootstrap.hpp"
 #include "shardopt/error.hpp"
 #include "shardopt/mpi.hpp"
@@ -138,6 +139,11 @@ TEST_F(MpiTest, CollectivesMatchInProcessBitForBit) {
   EXPECT_EQ(st.bytes[static_cast<int>(CollectiveKind::reduce_scatter)], 8u * 4u * static_cast<unsigned>(n));
   EXPECT_EQ(st.bytes[static_cast<int>(CollectiveKind::all_reduce)], 2u * 8u * 4u);
   EXPECT_EQ(y[0], static_cast<float>(n * n));
+}
+
+// The pieces are packed before the exchange: the packed reduce_scatter's bits.
+TEST_F(MpiTest, ReduceScatterPiecesEqualsThePackedReduceScatter) {
+  EXPECT_EQ(shardopt::testing::reduce_scatter_pieces_mismatch(*comm, *backend, *stream), "");
 }
 
 // The synthetic trainer of run_training, one rank of it, over the given communicator; the

@@ -29,6 +29,7 @@
 #include "shardopt/communicator.hpp"
 #include "shardopt/dtype.hpp"
 #include "shardopt/error.hpp"
+#include "pieces_check.hpp"
 
 extern char** environ;
 
@@ -167,6 +168,10 @@ int child_main() {
       }
       be->synchronize(*s0);
       be->synchronize(*s1);
+      if (const std::string why = shardopt::testing::reduce_scatter_pieces_mismatch(*comm, *be, *s0); !why.empty()) {
+        std::fprintf(stderr, "%s\n", why.c_str());
+        return kFailed;
+      }
       for (std::size_t k = 0; k < kCases.size(); ++k) {
         const Case& c = kCases[k];
         if (recv[k] != expected[k]) {
