@@ -172,14 +172,15 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
       }
 }
 
-// Stage 1 with every gradient borrowed keeps no full gradient: at step() each unit is copied from
-// the trainer's arrays into one staging unit and reduce-scattered from there. The same numerics as
-// the full-gradient run (micro-steps summed in the trainer's memory, one reduction per step): bit
-// for bit equal to the run in engine memory, and to the float64 oracle, with clipping on.
-// Memory: the engine's plan has no full gradient; its device total is lower by P - U elements of
-// the compute dtype, computed here from the layout, less the gradient shard the reduction now
-// writes to when the reduce dtype matches (the full-gradient run reduces in place there), and it
-// is what memory_report() shows byte for byte.
+// Stage 1 with every gradient borrowed keeps no full gradient: at step() each unit is
+// reduce-scattered straight from the trainer's arrays (reduce dtype = compute dtype, no offload),
+// or copied from them into one staging unit and reduced from there. The same numerics as the
+// full-gradient run (micro-steps summed in the trainer's memory, one reduction per step): bit for
+// bit equal to the run in engine memory, and to the float64 oracle, with clipping on.
+// Memory: the engine's plan has no full gradient; its device total is lower by P elements of the
+// compute dtype, computed here from the layout, less the staging unit (U elements) where it is
+// needed, or else less the gradient shard the reduction now writes to (the full-gradient run
+// reduces in place there), and it is what memory_report() shows byte for byte.
 TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
   const std::vector<Case> cases = reduce_at_step_cases();
   for (int world : {1, 2, 3})
@@ -226,8 +227,9 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
         P += u.padded_elems;
         U = std::max(U, u.padded_elems);
       }
-      std::size_t saved = (P - U) * size_of(c.compute);
+      std::size_t saved = P * size_of(c.compute);
       if (c.compute == c.reduce && c.offload == OffloadKind::none) saved -= L.shard_elems() * size_of(c.reduce);
+      else saved -= U * size_of(c.compute);  // the staging unit
       EXPECT_EQ(device_total(plain) - device_total(borrowed), saved);
       const MemoryReport planned = plan_memory(other.cfg, other.model, world, Borrowing{false, true}).report();
       for (int r = 0; r < world; ++r)

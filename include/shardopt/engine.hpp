@@ -214,13 +214,13 @@ class Engine {
   //     trainer's memory (the engine's buckets and shard as before; a bucket copy per block at
   //     grads_ready).
   //   stage 1 with every tensor's gradient borrowed: no full gradient of the engine's own. The
-  //     trainer's arrays are the full gradient (micro-steps summed there); step() copies each unit
-  //     from them into one unit-sized staging buffer and reduce-scatters it into the gradient
-  //     shard (the stage's one reduction per step, the same bits as from the engine's full
-  //     gradient). Engine memory: one unit + the shard (1/N) instead of the full gradient (the
-  //     shard already exists when the reduce dtype differs, or is absent under optimizer offload,
-  //     where each unit is reduced in the staging buffer and sent down). Every rank must borrow
-  //     every tensor's gradient for this (checked at initialize()).
+  //     trainer's arrays are the full gradient (micro-steps summed there); step() reduce-scatters
+  //     each unit's tensors straight from them into the gradient shard (the stage's one reduction
+  //     per step, the same bits as from the engine's full gradient). Engine memory: the shard
+  //     (1/N) instead of the full gradient. With a reduce dtype other than the compute dtype, or
+  //     under optimizer offload, each unit is first copied into one unit-sized staging buffer
+  //     (cast from there; under offload reduced there and sent down, with no shard). Every rank
+  //     must borrow every tensor's gradient for this (checked at initialize()).
   //   stage 0 with every tensor's gradient borrowed: no full gradient of the engine's own. Each
   //     tensor is all-reduced in place in the trainer's array (one all-reduce per tensor instead
   //     of one per unit: more, smaller collectives), the norm is measured and the update reads it

@@ -163,8 +163,8 @@ SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine
  * from the caller's memory: with micro-steps, write a block again only after the micro-step's last
  * grads_ready, where the engine orders the compute stream after its reductions). Memory: at
  * stages 2-3 the only full gradient is the caller's; at stages 0-1 with every tensor's gradient
- * borrowed (on every rank) too: stage 1 copies it unit by unit into one unit-sized buffer to
- * reduce-scatter it; stage 0 all-reduces each tensor in place in the caller's memory and updates
+ * borrowed (on every rank) too: stage 1 reduce-scatters it unit by unit straight from the caller's
+ * memory at step (through one unit-sized buffer under offload or with a reduce dtype); stage 0 all-reduces each tensor in place in the caller's memory and updates
  * from there (so after grads_ready the memory holds engine values until step returns). Stages 0-1
  * with some tensor not borrowed keep the engine's own full gradient. Details: engine.hpp,
  * Engine::borrow_gradients. */

@@ -148,7 +148,7 @@ void GradReducer::block_ready(int b) {
     borrows = borrows || (borrowed_[t] && ctx_.layout.tensors()[t].numel);
   // (grads_borrowed: read at step(), where the trainer's arrays hold the sum of the micro-steps;
   // grads_from_trainer: read where they are when the unit is complete)
-  const bool from_trainer = ctx_.placement.grads_from_trainer;
+  const bool from_trainer = ctx_.placement.grads_from_trainer && !ctx_.placement.grads_borrowed;
   if (borrows && !ctx_.placement.grads_borrowed && !from_trainer) copy_borrowed(b);
   const int u = bi.unit;
   const bool bucketed = ctx_.placement.grads == GradFlow::bucketed && !from_trainer;
@@ -379,7 +379,9 @@ void GradReducer::reduce_units_to_host() {
 }
 
 // Stage 1 with every gradient borrowed (and stage 0 under offload, which all-reduces instead):
-// unit by unit, the trainer's tensors into the staging unit
+// unit by unit, with grads_from_trainer reduce-scattered where they are into the gradient shard
+// (the pieces are the unit's padded layout with its gaps zero: the same bits); otherwise the
+// trainer's tensors into the staging unit
 // (zeroed first: another unit's tensors may have left values where this one has alignment gaps),
 // then the reduction the full gradient would have had: cast into the reduce buffer if the reduce
 // dtype differs, reduce-scatter into the gradient shard. Under offload the reduction runs in place
@@ -396,6 +398,12 @@ void GradReducer::reduce_borrowed_units() {
   std::byte* red = r != c ? static_cast<std::byte*>(reduce_buf_.data()) : stage;
   for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
     const auto& info = L.units()[u];
+    if (ctx_.placement.grads_from_trainer) {
+      const std::vector<SendPiece>& pieces = pieces_[static_cast<std::size_t>(u)];
+      ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), at(grad_shard_, info.shard_offset, c),
+                                      info.slice_elems, c, ReduceOp::avg, side);
+      continue;
+    }
     if (off) be.wait(side, *reduce_buf_free_);  // the last download has read the buffer
     be.fill(stage, c, info.padded_elems, 0.0f, side);
     for (int b = info.first_block; b < info.first_block + info.block_count; ++b) {

@@ -71,7 +71,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   pl.params_tier = cfg.offload_params ? Tier::pinned_host : Tier::device;
   pl.grads = stage == 0 ? GradFlow::all_reduce : stage == 1 ? GradFlow::reduce_scatter : GradFlow::bucketed;
   pl.shard_grad_dtype = gs;
-  pl.grads_from_trainer = grads_borrowed && stage >= 2 && r == c && !off;
+  pl.grads_from_trainer = grads_borrowed && stage >= 1 && r == c && !off;
   pl.grads_direct = pl.grads == GradFlow::bucketed && world == 1 && cfg.accumulation_steps == 1 && r == c &&
                     gs == c && !off && !pl.grads_from_trainer;
   for (const auto& info : L.units()) pl.grads_direct = pl.grads_direct && info.slice_elems == info.padded_elems;
@@ -195,9 +195,9 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
             Place::pinned_host);
   }
   // (Stage 0 borrowed: none, or one unit under offload, where each unit is reduced there and sent
-  // down.)
+  // down. Stage 1 borrowed: none when it reduces straight from the trainer's arrays.)
   if (pl.grads_borrowed) {
-    if (pl.grads == GradFlow::reduce_scatter || pl.grads_to_host)
+    if ((pl.grads == GradFlow::reduce_scatter && !pl.grads_from_trainer) || pl.grads_to_host)
       add(Buf::grad_staging_unit, 0, U, c, Category::gradients, "gradient staging (1 unit)");
   } else if (pl.grads != GradFlow::bucketed)
     add(Buf::grads_full, 0, P, c, Category::gradients, "full gradients");
