@@ -140,8 +140,8 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         // without borrowing, except at stages 1-2 with the parameters borrowed, where one slot
         // (none at world 1) replaces the full parameters, the gradients at stage 1, stage 0,
         // where the trainer's arrays replace the engine's (see the stage 0 test below), and at
-        // stages 2-3 without offload or a reduce dtype, where the units are reduce-scattered
-        // from the trainer's arrays and the two default buckets are gone.
+        // stages 2-3 without offload, where the units are reduce-scattered from the trainer's
+        // arrays and the two default buckets are gone.
         const MemoryReport planned =
             plan_memory(other.cfg, other.model, world, Borrowing{other.borrow_parameters, other.borrow_gradients}).report();
         const bool shard_only = other.borrow_parameters && (stage == 1 || stage == 2);
@@ -150,7 +150,7 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
         for (const auto& u : L.units()) full += u.padded_elems;
         const int params = static_cast<int>(Category::parameters), dev = static_cast<int>(Place::device);
         const int grads = static_cast<int>(Category::gradients);
-        const bool from_trainer = stage >= 2 && c.compute == c.reduce && c.offload == OffloadKind::none;
+        const bool from_trainer = stage >= 2 && c.offload == OffloadKind::none;
         for (int r = 0; r < world; ++r) {
           EXPECT_EQ(got.memory[r].borrowed[dev], own);
           for (int k = 0; k < kCategoryCount; ++k)
@@ -161,9 +161,10 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
                 EXPECT_EQ(got.memory[r].current[k][p], in_order.memory[r].current[k][p]);
               }
             }
-          if (from_trainer)
+          if (from_trainer) {
             EXPECT_EQ(in_order.memory[r].current[grads][dev] - got.memory[r].current[grads][dev],
                       2 * L.max_unit_elems() * size_of(c.compute));
+          }
           if (shard_only) {
             EXPECT_EQ(in_order.memory[r].current[params][dev], full * size_of(c.compute));
             EXPECT_EQ(got.memory[r].current[params][dev], (world > 1 ? L.max_unit_elems() : 0) * size_of(c.compute));
@@ -173,14 +174,15 @@ TEST(BorrowedMemory, SinglePassEqualsInOrderBitForBitAndMatchesOracle) {
 }
 
 // Stage 1 with every gradient borrowed keeps no full gradient: at step() each unit is
-// reduce-scattered straight from the trainer's arrays (reduce dtype = compute dtype, no offload),
-// or copied from them into one staging unit and reduced from there. The same numerics as the
-// full-gradient run (micro-steps summed in the trainer's memory, one reduction per step): bit for
-// bit equal to the run in engine memory, and to the float64 oracle, with clipping on.
-// Memory: the engine's plan has no full gradient; its device total is lower by P elements of the
-// compute dtype, computed here from the layout, less the staging unit (U elements) where it is
-// needed, or else less the gradient shard the reduction now writes to (the full-gradient run
-// reduces in place there), and it is what memory_report() shows byte for byte.
+// reduce-scattered from the trainer's arrays (in place, or cast into the reduce buffer with a
+// reduce dtype), or, under offload, copied from them into one staging unit and reduced there. The
+// same numerics as the full-gradient run (micro-steps summed in the trainer's memory, one
+// reduction per step): bit for bit equal to the run in engine memory, and to the float64 oracle,
+// with clipping on. Memory: the engine's plan has no full gradient; its device total is lower by
+// P elements of the compute dtype, computed here from the layout, less the staging unit (U
+// elements) under offload, or, with matching dtypes, less the gradient shard the reduction now
+// writes to (the full-gradient run reduces in place there), and it is what memory_report() shows
+// byte for byte.
 TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
   const std::vector<Case> cases = reduce_at_step_cases();
   for (int world : {1, 2, 3})
@@ -228,8 +230,8 @@ TEST(BorrowedMemory, StageOneKeepsNoFullGradientAndMatchesBitForBit) {
         U = std::max(U, u.padded_elems);
       }
       std::size_t saved = P * size_of(c.compute);
-      if (c.compute == c.reduce && c.offload == OffloadKind::none) saved -= L.shard_elems() * size_of(c.reduce);
-      else saved -= U * size_of(c.compute);  // the staging unit
+      if (c.offload != OffloadKind::none) saved -= U * size_of(c.compute);  // the staging unit
+      else if (c.compute == c.reduce) saved -= L.shard_elems() * size_of(c.reduce);
       EXPECT_EQ(device_total(plain) - device_total(borrowed), saved);
       const MemoryReport planned = plan_memory(other.cfg, other.model, world, Borrowing{false, true}).report();
       for (int r = 0; r < world; ++r)
@@ -339,16 +341,19 @@ TEST(BorrowedMemory, StageZeroClipsAsTheOracle) {
     }
 }
 
-// Stages 2-3 with every gradient borrowed (no offload, the reduce dtype the compute dtype): no
-// buckets. When a unit's last block reports ready its tensors are reduce-scattered where the
-// trainer keeps them (Communicator::reduce_scatter_pieces) and zeroed there. Bit for bit the run
+// Stages 2-3 with every gradient borrowed (no offload): no buckets. When a unit's last block
+// reports ready its tensors are reduce-scattered where the trainer keeps them
+// (Communicator::reduce_scatter_pieces; with a reduce dtype, cast into the reduce buffer and
+// reduced there) and zeroed there. Bit for bit the run
 // in engine memory (with clipping on, micro-steps, step_async()), the oracle, one reduce-scatter
 // per unit per micro-step as with buckets, and a plan without a bucket that memory_report() shows.
 TEST(BorrowedMemory, StagesTwoAndThreeReduceStraightFromTheTrainersArrays) {
   const std::vector<Case> cases = {{DType::fp32, DType::fp32, 1, OffloadKind::none},
                                    {DType::fp32, DType::fp32, 3, OffloadKind::none},
                                    {DType::bf16, DType::bf16, 1, OffloadKind::none},
-                                   {DType::bf16, DType::bf16, 3, OffloadKind::none}};
+                                   {DType::bf16, DType::bf16, 3, OffloadKind::none},
+                                   {DType::bf16, DType::fp32, 1, OffloadKind::none},
+                                   {DType::bf16, DType::fp32, 3, OffloadKind::none}};
   for (int stage : {2, 3})
     for (int world : {1, 2, 3})
       for (const Case& c : cases) {
@@ -367,7 +372,9 @@ TEST(BorrowedMemory, StagesTwoAndThreeReduceStraightFromTheTrainersArrays) {
         expect_bitwise_equal(own, run_training(async), 2, "step_async() against step() in engine memory");
         // (one rank without micro-steps: the run in engine memory adds straight into the shard
         // and reduces nothing; from the trainer's arrays each unit is copied in by the collective)
-        if (world > 1 || c.accumulation > 1) EXPECT_EQ(reduce_scatters(got), reduce_scatters(own));
+        if (world > 1 || c.accumulation > 1) {
+          EXPECT_EQ(reduce_scatters(got), reduce_scatters(own));
+        }
         const detail::EnginePlan plan = detail::plan_engine(other.cfg, other.model, world, other.borrow_parameters, true);
         EXPECT_TRUE(plan.placement.grads_from_trainer);
         for (const auto& b : plan.buffers) EXPECT_NE(b.kind, detail::Buf::bucket) << b.name;

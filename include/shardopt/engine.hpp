@@ -62,7 +62,7 @@
 //     flushing: gradients() then throws Error(invalid_state) naming the blocks whose views are
 //     open. Set Config::gradient_buckets = 0 (one bucket per unit: the whole gradient, so stage 2
 //     keeps only stage 1's memory for gradients) or enough buckets for the units it holds.
-//   - Every tensor's gradient borrowed (borrow_gradients; no offload, no separate reduce dtype):
+//   - Every tensor's gradient borrowed (borrow_gradients; no optimizer offload):
 //     no buckets, so no flushes either: each unit is reduce-scattered from the trainer's arrays
 //     once its last block reports ready, in whatever order the blocks come.
 //   The trainer writes a gradient view only between gradients(b) and grads_ready(b), and reads or
@@ -183,15 +183,16 @@ class Engine {
   //     views of every block at once (a single pass over the model) with the default buckets.
   //   grads_ready(b) reads the block's borrowed gradients, in order on compute_stream() (on the
   //     CPU backend before it returns): it copies them into the unit's bucket (stages 2-3 with
-  //     some tensor not borrowed, or under optimizer offload, or with a reduce dtype; any backward
-  //     order, see "Backward order") or the full gradient (stages 0-1 when some tensor's gradient
-  //     is not borrowed). At stages 0-1 with every tensor's gradient borrowed grads_ready reads
-  //     nothing: step() reads the trainer's arrays (below). At stages 2-3 with every tensor's
-  //     gradient borrowed (no offload, reduce dtype = compute dtype) nothing is copied: when the
-  //     last block of a unit reports ready, the unit's tensors are reduce-scattered where they
-  //     are into the gradient shard (Communicator::reduce_scatter_pieces: the in-process
-  //     communicator reads them in place; MPI, TCP and NCCL pack them into their own scratch
-  //     first) on the engine's side stream, after compute_stream(), and then zeroed there. The
+  //     some tensor not borrowed, or under optimizer offload; any backward order, see "Backward
+  //     order") or the full gradient (stages 0-1 when some tensor's gradient is not borrowed). At
+  //     stages 0-1 with every tensor's gradient borrowed grads_ready reads nothing: step() reads
+  //     the trainer's arrays (below). At stages 2-3 with every tensor's gradient borrowed (no
+  //     optimizer offload) nothing is copied: when the last block of a unit reports ready, the
+  //     unit's tensors are reduce-scattered from where they are into the gradient shard
+  //     (Communicator::reduce_scatter_pieces: the in-process communicator reads them in place;
+  //     MPI, TCP and NCCL pack them into their own scratch first; with a reduce dtype other than
+  //     the compute dtype each tensor is cast into the one-unit reduce buffer instead, which is
+  //     reduced) on the engine's side stream, after compute_stream(), and then zeroed there. The
   //     trainer then writes a block's gradient for the next micro-step only after the last
   //     grads_ready of this one: compute_stream() waits there for these reductions (on the CPU
   //     backend the host does), so the next micro-step's forward does not overlap the last
@@ -208,19 +209,20 @@ class Engine {
   //   computes in them: the all-reduce runs in place there, so between step() and its end they
   //   hold the averaged gradient, which the trainer must not read either.
   // Memory, per stage:
-  //   stages 2-3 with every tensor's gradient borrowed, no offload, reduce dtype = compute dtype:
+  //   stages 2-3 with every tensor's gradient borrowed, no optimizer offload:
   //     no buckets at all (Config::gradient_buckets does not apply); the engine keeps the
-  //     gradient shard only. Otherwise at stages 2-3: no full gradient anywhere but in the
+  //     gradient shard only (and, with a reduce dtype, its one-unit reduce buffer). Otherwise at stages 2-3: no full gradient anywhere but in the
   //     trainer's memory (the engine's buckets and shard as before; a bucket copy per block at
   //     grads_ready).
   //   stage 1 with every tensor's gradient borrowed: no full gradient of the engine's own. The
   //     trainer's arrays are the full gradient (micro-steps summed there); step() reduce-scatters
   //     each unit's tensors straight from them into the gradient shard (the stage's one reduction
-  //     per step, the same bits as from the engine's full gradient). Engine memory: the shard
-  //     (1/N) instead of the full gradient. With a reduce dtype other than the compute dtype, or
-  //     under optimizer offload, each unit is first copied into one unit-sized staging buffer
-  //     (cast from there; under offload reduced there and sent down, with no shard). Every rank
-  //     must borrow every tensor's gradient for this (checked at initialize()).
+  //     per step, the same bits as from the engine's full gradient; with a reduce dtype other
+  //     than the compute dtype each tensor is cast into the one-unit reduce buffer, reduced
+  //     there). Engine memory: the shard (1/N) instead of the full gradient. Under optimizer
+  //     offload each unit is first copied into one unit-sized staging buffer, reduced there and
+  //     sent down (no shard). Every rank must borrow every tensor's gradient for this (checked at
+  //     initialize()).
   //   stage 0 with every tensor's gradient borrowed: no full gradient of the engine's own. Each
   //     tensor is all-reduced in place in the trainer's array (one all-reduce per tensor instead
   //     of one per unit: more, smaller collectives), the norm is measured and the update reads it

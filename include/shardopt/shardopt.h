@@ -152,8 +152,8 @@ SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine
  * life; the engine does not own it. NULL gives the tensor back to engine memory.
  * gradients() then returns `grads` for the tensor (a block whose every tensor is borrowed takes no
  * bucket, so a single-pass backward may write every block's gradient before any grads_ready with
- * the default buckets), and grads_ready(block) reads it (stages 2-3: with every tensor borrowed,
- * no offload and no separate reduce dtype, a unit is reduce-scattered straight from the caller's
+ * the default buckets), and grads_ready(block) reads it (stages 2-3: with every tensor borrowed
+ * and no optimizer offload, a unit is reduce-scattered straight from the caller's
  * memory once its last block is ready, and the engine keeps no buckets; otherwise into the unit's
  * bucket, reduce-scattered as usual; in any block order; stages 0-1 with some tensor not
  * borrowed: into the full gradient). The caller ADDS its gradient there; the engine zeroes
@@ -164,8 +164,8 @@ SHARDOPT_C_API shardopt_status shardopt_engine_set_group(shardopt_engine* engine
  * grads_ready, where the engine orders the compute stream after its reductions). Memory: at
  * stages 2-3 the only full gradient is the caller's; at stages 0-1 with every tensor's gradient
  * borrowed (on every rank) too: stage 1 reduce-scatters it unit by unit straight from the caller's
- * memory at step (through one unit-sized buffer under offload or with a reduce dtype); stage 0 all-reduces each tensor in place in the caller's memory and updates
- * from there (so after grads_ready the memory holds engine values until step returns). Stages 0-1
+ * memory at step (through one unit-sized buffer under offload); stage 0 all-reduces each tensor in
+ * place in the caller's memory and updates from there (so after grads_ready the memory holds engine values until step returns). Stages 0-1
  * with some tensor not borrowed keep the engine's own full gradient. Details: engine.hpp,
  * Engine::borrow_gradients. */
 SHARDOPT_C_API shardopt_status shardopt_engine_borrow_gradients(shardopt_engine* engine, int tensor, void* grads);

@@ -91,7 +91,8 @@ void Engine::Impl::initialize(const InitFn& init) {
     // Every gradient reduction is at most one padded unit of the reduce dtype: a communicator
     // that reduces through scratch memory sizes it now, never inside a step (or a capture).
     ctx.comm.reserve(ctx.layout.max_unit_elems(), ctx.reduce_dtype);
-    if (ctx.placement.grads_from_trainer) ctx.comm.reserve_pieces(ctx.layout.max_unit_elems(), ctx.reduce_dtype);
+    if (ctx.placement.grads_from_trainer && ctx.reduce_dtype == ctx.compute_dtype)
+      ctx.comm.reserve_pieces(ctx.layout.max_unit_elems(), ctx.reduce_dtype);
     // The zero-fills run on side; initial values are written by the host and, with offload, by
     // other streams, which must not race with (and be wiped by) those fills.
     ctx.be.synchronize(*ctx.side);

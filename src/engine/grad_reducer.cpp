@@ -234,25 +234,43 @@ void GradReducer::reduce_bucket(int u) {
   }
 }
 
-// grads_from_trainer: unit u's tensors reduce-scattered where the trainer keeps them, into the
-// gradient shard (or, with micro-steps, the reduce-scatter slice added into it), on side after
-// what backward wrote on compute; then zeroed there for the next micro-step. The input is the
-// unit's padded layout with its gaps zero, as a bucket holds it: the same bits.
+// grads_from_trainer: unit u's tensors in the trainer's arrays reduce-scattered into `out` (this
+// rank's slice, in the reduce dtype), on side. The input is the unit's padded layout with its gaps
+// zero, as a bucket (or a full gradient) holds it: the same bits. With the reduce dtype the compute
+// dtype the collective reads them where they are; otherwise each is cast into the reduce buffer
+// (its gaps zeroed first), as the bucket would have been, and reduced there.
+void GradReducer::reduce_trainer_unit(int u, void* out) {
+  const auto& info = ctx_.layout.units()[u];
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
+  Stream& side = *ctx_.side;
+  const std::vector<SendPiece>& pieces = pieces_[static_cast<std::size_t>(u)];
+  if (r == c) {
+    ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), out, info.slice_elems, c, ReduceOp::avg, side);
+    return;
+  }
+  std::byte* red = static_cast<std::byte*>(reduce_buf_.data());
+  ctx_.be.fill(red, r, info.padded_elems, 0.0f, side);
+  for (const SendPiece& p : pieces) ctx_.be.cast(p.data, c, red + p.offset * size_of(r), r, p.count, side);
+  ctx_.comm.reduce_scatter(red, out, info.slice_elems, r, ReduceOp::avg, side);
+}
+
+// Stages 2-3, grads_from_trainer: unit u reduced from the trainer's arrays into the gradient shard
+// (or, with micro-steps, the reduce-scatter slice added into it), on side after what backward
+// wrote on compute; then zeroed there for the next micro-step.
 void GradReducer::reduce_from_trainer(int u) {
   const auto& info = ctx_.layout.units()[u];
-  const DType c = ctx_.compute_dtype, gs = ctx_.placement.shard_grad_dtype;
+  const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype, gs = ctx_.placement.shard_grad_dtype;
   Stream& side = *ctx_.side;
   ctx_.side_after_compute();
-  const std::vector<SendPiece>& pieces = pieces_[static_cast<std::size_t>(u)];
   void* shard = at(grad_shard_, info.shard_offset, gs);
   if (ctx_.cfg.accumulation_steps == 1) {
-    ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), shard, info.slice_elems, c, ReduceOp::avg, side);
+    reduce_trainer_unit(u, shard);
   } else {
-    ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), rs_tmp_.data(), info.slice_elems, c, ReduceOp::avg,
-                                    side);
-    ctx_.be.accumulate(rs_tmp_.data(), c, static_cast<float*>(shard), info.slice_elems, side);
+    reduce_trainer_unit(u, rs_tmp_.data());
+    ctx_.be.accumulate(rs_tmp_.data(), r, static_cast<float*>(shard), info.slice_elems, side);
   }
-  for (const SendPiece& p : pieces) ctx_.be.fill(const_cast<void*>(p.data), c, p.count, 0.0f, side);
+  for (const SendPiece& p : pieces_[static_cast<std::size_t>(u)])
+    ctx_.be.fill(const_cast<void*>(p.data), c, p.count, 0.0f, side);
 }
 
 void GradReducer::reduce_partial(int u) {
@@ -379,9 +397,8 @@ void GradReducer::reduce_units_to_host() {
 }
 
 // Stage 1 with every gradient borrowed (and stage 0 under offload, which all-reduces instead):
-// unit by unit, with grads_from_trainer reduce-scattered where they are into the gradient shard
-// (the pieces are the unit's padded layout with its gaps zero: the same bits); otherwise the
-// trainer's tensors into the staging unit
+// unit by unit, with grads_from_trainer reduced from the trainer's arrays into the gradient shard
+// (reduce_trainer_unit); otherwise (under offload) the trainer's tensors into the staging unit
 // (zeroed first: another unit's tensors may have left values where this one has alignment gaps),
 // then the reduction the full gradient would have had: cast into the reduce buffer if the reduce
 // dtype differs, reduce-scatter into the gradient shard. Under offload the reduction runs in place
@@ -399,9 +416,7 @@ void GradReducer::reduce_borrowed_units() {
   for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
     const auto& info = L.units()[u];
     if (ctx_.placement.grads_from_trainer) {
-      const std::vector<SendPiece>& pieces = pieces_[static_cast<std::size_t>(u)];
-      ctx_.comm.reduce_scatter_pieces(pieces.data(), pieces.size(), at(grad_shard_, info.shard_offset, c),
-                                      info.slice_elems, c, ReduceOp::avg, side);
+      reduce_trainer_unit(u, at(grad_shard_, info.shard_offset, r));
       continue;
     }
     if (off) be.wait(side, *reduce_buf_free_);  // the last download has read the buffer

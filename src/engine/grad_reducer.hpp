@@ -8,13 +8,14 @@
 //                   last block reports ready the bucket is reduce-scattered into the gradient
 //                   shard (summed over micro-steps in fp32) on side while backward goes on.
 //                   grads_direct: one rank, nothing to reduce: backward adds straight into the shard.
-//   grads_from_trainer (stages 1-3, every gradient in the trainer's memory, matching dtypes, no
-//                   offload) each unit's tensors are reduce-scattered where they are into the
-//                   shard (Communicator::reduce_scatter_pieces). Stages 2-3: no buckets; when the
+//   grads_from_trainer (stages 1-3, every gradient in the trainer's memory, no offload) each
+//                   unit's tensors are reduce-scattered into the shard where they are
+//                   (Communicator::reduce_scatter_pieces), or cast into the reduce buffer first
+//                   with a reduce dtype (reduce_trainer_unit). Stages 2-3: no buckets; when the
 //                   unit's last block reports ready, and zeroed there. Stage 1: at step().
 //   grads_borrowed  (stages 0-1, every gradient in the trainer's memory) no full gradient of its
-//                   own: at step(), stage 1 reduces each unit from the trainer's arrays (straight,
-//                   or copied into one staging unit and cast there: reduce_borrowed_units); stage 0
+//                   own: at step(), stage 1 reduces each unit from the trainer's arrays (under
+//                   offload copied into one staging unit first: reduce_borrowed_units); stage 0
 //                   all-reduces each tensor in place in the trainer's array, where the update reads
 //                   it (reduce_borrowed_in_place; under offload the staging unit, all-reduced).
 // Any backward order (bucketed): when a unit opens and every bucket is taken, the least recently
@@ -115,6 +116,7 @@ class GradReducer {
   void reduce_borrowed_units();
   void reduce_borrowed_in_place();
   void reduce_from_trainer(int u);
+  void reduce_trainer_unit(int u, void* out);
   // Sums of squares of unit u's update ranges; `unit` holds unit element e at unit + e * size(t).
   void measure(int u, const void* unit, DType t);
   void zero_accumulators();
@@ -125,7 +127,7 @@ class GradReducer {
   EngineContext& ctx_;
   StateStore& store_;
   Buffer grads_full_, grads_reduced_, reduce_buf_, grad_shard_, rs_tmp_;
-  Buffer staging_;  // grads_borrowed but not from_trainer: one unit of the trainer's gradients, gathered at step()
+  Buffer staging_;  // grads_borrowed under offload: one unit of the trainer's gradients, gathered at step()
   struct Bucket {
     Buffer buffer;
     std::unique_ptr<Event> free;  // its last reduce-scatter finished and it is zero again

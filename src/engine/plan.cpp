@@ -71,7 +71,7 @@ EnginePlan plan_engine(const Config& cfg, const std::vector<BlockSpec>& blocks, 
   pl.params_tier = cfg.offload_params ? Tier::pinned_host : Tier::device;
   pl.grads = stage == 0 ? GradFlow::all_reduce : stage == 1 ? GradFlow::reduce_scatter : GradFlow::bucketed;
   pl.shard_grad_dtype = gs;
-  pl.grads_from_trainer = grads_borrowed && stage >= 1 && r == c && !off;
+  pl.grads_from_trainer = grads_borrowed && stage >= 1 && !off;
   pl.grads_direct = pl.grads == GradFlow::bucketed && world == 1 && cfg.accumulation_steps == 1 && r == c &&
                     gs == c && !off && !pl.grads_from_trainer;
   for (const auto& info : L.units()) pl.grads_direct = pl.grads_direct && info.slice_elems == info.padded_elems;

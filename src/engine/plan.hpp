@@ -20,7 +20,7 @@ enum class Buf : unsigned char {
   grads_reduced,  // stage 0 with reduce dtype != compute, no offload: the all-reduced gradient
   reduce_buf,     // one unit in the reduce dtype (cast before reducing; with offload also stage 0)
   grad_shard,     // stages 1-3 without offload: this rank's reduced gradient
-  grad_staging_unit,  // stages 0-1 with every gradient borrowed, a reduce dtype or offload: one unit from the trainer's arrays
+  grad_staging_unit,  // stages 0-1 with every gradient borrowed, under offload: one unit from the trainer's arrays
   bucket,         // stages 2-3: gradient bucket `index`
   rs_tmp,         // stages 2-3 with accumulation, no offload: one reduce-scatter slice
   slot,           // stage 3: gathered unit `index`
@@ -134,23 +134,23 @@ struct Placement {
   // Stages 0-1 with every tensor's gradient borrowed (Engine::borrow_gradients): the trainer's
   // arrays are the full gradient (micro-steps summed there), so the engine keeps no full gradient
   // buffer. Stage 1: at step(), unit by unit, the unit's borrowed tensors are reduce-scattered
-  // into the gradient shard: straight from the trainer's arrays (grads_from_trainer), or, with a
-  // reduce dtype or under offload, copied into one unit-sized staging buffer (its alignment gaps
-  // zero), cast, and reduce-scattered from there (under offload reduced in place there and sent
-  // down before the next unit reuses it): the values, and the one reduction per step, of the
-  // full-gradient path. Stage 0:
-  // each tensor is all-reduced in place in the trainer's array, and the update reads it there
+  // into the gradient shard from the trainer's arrays (grads_from_trainer), or, under offload,
+  // copied into one unit-sized staging buffer (its alignment gaps zero), cast into the reduce
+  // buffer if the dtypes differ, reduced in place there and sent down before the next unit reuses
+  // it: the values, and the one reduction per step, of the full-gradient path. Stage 0: each
+  // tensor is all-reduced in place in the trainer's array, and the update reads it there
   // (grads_in_trainer); with a reduce dtype each tensor is cast into the all-reduced copy instead,
   // and under offload the staging unit serves as at stage 1.
   bool grads_borrowed = false;
   // Stage 0, grads_borrowed, no offload, reduce dtype == compute dtype: the update ranges follow
   // the tensors and read the all-reduced gradient in the trainer's arrays.
   bool grads_in_trainer = false;
-  // Stages 1-3 with every tensor's gradient borrowed, no offload, reduce dtype == compute dtype:
-  // each unit's tensors are reduce-scattered straight from the trainer's arrays into the gradient
-  // shard (Communicator::reduce_scatter_pieces). Stages 2-3: no buckets; when a unit's last block
-  // reports ready, and the tensors are then zeroed there, on side. Stage 1: at step(), after the
-  // micro-steps summed there (grads_borrowed), with no staging unit.
+  // Stages 1-3 with every tensor's gradient borrowed, no offload: each unit's tensors are
+  // reduce-scattered from the trainer's arrays into the gradient shard, where they are
+  // (Communicator::reduce_scatter_pieces) or, with a reduce dtype, each cast into the one-unit
+  // reduce buffer (its gaps zero) and reduced there. Stages 2-3: no buckets; when a unit's last
+  // block reports ready, and the tensors are then zeroed there, on side. Stage 1: at step(),
+  // after the micro-steps summed there (grads_borrowed), with no staging unit.
   bool grads_from_trainer = false;
   // Stages 0-2 with every tensor's parameters borrowed (Engine::borrow_parameters): no parameters
   // of the engine's own, full or sharded; the update (or the offload engine's upload) writes this
