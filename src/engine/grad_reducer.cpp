@@ -396,30 +396,24 @@ void GradReducer::reduce_units_to_host() {
   }
 }
 
-// Stage 1 with every gradient borrowed (and stage 0 under offload, which all-reduces instead):
-// unit by unit, with grads_from_trainer reduced from the trainer's arrays into the gradient shard
-// (reduce_trainer_unit); otherwise (under offload) the trainer's tensors into the staging unit
-// (zeroed first: another unit's tensors may have left values where this one has alignment gaps),
-// then the reduction the full gradient would have had: cast into the reduce buffer if the reduce
-// dtype differs, reduce-scatter into the gradient shard. Under offload the reduction runs in place
-// (in the staging unit or the reduce buffer), the unit's partial norms are measured there and its
-// slice goes down, and the next unit waits for that download before it overwrites the buffer.
-// The same reduce_scatter of the same values as from the full gradient: the same bits.
+// Stages 0-1 with every gradient borrowed, under offload: unit by unit, the trainer's tensors into
+// the staging unit (zeroed first: another unit's tensors may have left values where this one has
+// alignment gaps), then the reduction the full gradient would have had, in place (in the staging
+// unit, or cast into the reduce buffer if the reduce dtype differs): a reduce-scatter at stage 1,
+// an all-reduce at stage 0. The unit's partial norms are measured there and its slice goes down,
+// and the next unit waits for that download before it overwrites the buffer. The same reduction
+// of the same values as from the full gradient: the same bits.
 void GradReducer::reduce_borrowed_units() {
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
   Backend& be = ctx_.be;
   Stream& side = *ctx_.side;
-  offload::OffloadEngine* off = store_.offload();
+  offload::OffloadEngine& off = *store_.offload();
   const Layout& L = ctx_.layout;
   std::byte* stage = static_cast<std::byte*>(staging_.data());
   std::byte* red = r != c ? static_cast<std::byte*>(reduce_buf_.data()) : stage;
   for (int u = 0; u < static_cast<int>(L.units().size()); ++u) {
     const auto& info = L.units()[u];
-    if (ctx_.placement.grads_from_trainer) {
-      reduce_trainer_unit(u, at(grad_shard_, info.shard_offset, r));
-      continue;
-    }
-    if (off) be.wait(side, *reduce_buf_free_);  // the last download has read the buffer
+    be.wait(side, *reduce_buf_free_);  // the last download has read the buffer
     be.fill(stage, c, info.padded_elems, 0.0f, side);
     for (int b = info.first_block; b < info.first_block + info.block_count; ++b) {
       const auto& bi = L.blocks()[b];
@@ -429,10 +423,6 @@ void GradReducer::reduce_borrowed_units() {
       }
     }
     if (r != c) be.cast(stage, c, red, r, info.padded_elems, side);
-    if (!off) {
-      ctx_.comm.reduce_scatter(red, at(grad_shard_, info.shard_offset, r), info.slice_elems, r, ReduceOp::avg, side);
-      continue;
-    }
     if (ctx_.placement.grads == GradFlow::all_reduce)  // stage 0: every rank updates the whole unit
       ctx_.comm.all_reduce(red, red, info.padded_elems, r, ReduceOp::avg, side);
     else
@@ -440,8 +430,8 @@ void GradReducer::reduce_borrowed_units() {
     measure(u, red, r);
     be.record(*reduced_, side);
     const std::size_t lo = ctx_.owned_begin(u);
-    off->download(red + lo * size_of(r), ctx_.state_offset(u, lo), ctx_.owned_end(u) - lo, *reduced_);
-    off->record_downloaded(*reduce_buf_free_, *reduced_);
+    off.download(red + lo * size_of(r), ctx_.state_offset(u, lo), ctx_.owned_end(u) - lo, *reduced_);
+    off.record_downloaded(*reduce_buf_free_, *reduced_);
   }
 }
 
@@ -473,8 +463,14 @@ void GradReducer::reduce_at_step() {
   const Placement& pl = ctx_.placement;
   if (pl.grads == GradFlow::bucketed) return;  // reduced as the units became ready
   if (pl.grads_borrowed) {
-    if (pl.grads == GradFlow::all_reduce && !pl.grads_to_host) reduce_borrowed_in_place();
-    else reduce_borrowed_units();
+    if (pl.grads_from_trainer) {  // stage 1
+      for (int u = 0; u < static_cast<int>(ctx_.layout.units().size()); ++u)
+        reduce_trainer_unit(u, at(grad_shard_, ctx_.layout.units()[u].shard_offset, ctx_.reduce_dtype));
+    } else if (pl.grads_to_host) {
+      reduce_borrowed_units();
+    } else {  // stage 0
+      reduce_borrowed_in_place();
+    }
     return;
   }
   const DType c = ctx_.compute_dtype, r = ctx_.reduce_dtype;
